@@ -1,0 +1,187 @@
+//! Fixed-order reductions (contract rule 5).
+//!
+//! A sum over `x[0..n]` is defined as:
+//! 1. split `x` into chunks of [`CHUNK`] = 32 consecutive elements (the last may be
+//!    shorter); each chunk's partial is `((0 + x0) + x1) + ...`, sequential, in f32;
+//! 2. the partials are combined by a fixed pairwise tree: each level adds neighbours
+//!    `p[2i] + p[2i+1]`, an odd last element passes up unchanged, until one remains.
+//!
+//! The empty sum is +0. A CUDA kernel follows the same order (one chunk per thread,
+//! then the same tree), whatever the launch shape; here chunks are computed in
+//! parallel and the result does not depend on the thread count.
+//!
+//! `max`/`amax` are order-free; any NaN in the input makes the result NaN.
+
+use rayon::prelude::*;
+
+/// Elements per sequential chunk.
+pub const CHUNK: usize = 32;
+
+/// Chunks per parallel task (a multiple of nothing in particular: order is fixed by
+/// the chunking above, not by the tasks).
+const CHUNKS_PER_TASK: usize = 512;
+
+fn chunk_partials(x: &[f32], term: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let chunk_sum = |c: &[f32]| c.iter().fold(0.0f32, |acc, &v| acc + term(v));
+    if x.len() <= CHUNK * CHUNKS_PER_TASK {
+        x.chunks(CHUNK).map(chunk_sum).collect()
+    } else {
+        x.par_chunks(CHUNK * CHUNKS_PER_TASK)
+            .flat_map_iter(|t| t.chunks(CHUNK).map(chunk_sum).collect::<Vec<_>>())
+            .collect()
+    }
+}
+
+/// Combine partials with the contract's pairwise tree (in place; returns the root).
+pub fn tree_sum(partials: &mut [f32]) -> f32 {
+    let mut n = partials.len();
+    if n == 0 {
+        return 0.0;
+    }
+    while n > 1 {
+        let half = n / 2;
+        for i in 0..half {
+            partials[i] = partials[2 * i] + partials[2 * i + 1];
+        }
+        if n % 2 == 1 {
+            partials[half] = partials[n - 1];
+            n = half + 1;
+        } else {
+            n = half;
+        }
+    }
+    partials[0]
+}
+
+/// Sum in the contract's order.
+pub fn sum(x: &[f32]) -> f32 {
+    tree_sum(&mut chunk_partials(x, |v| v))
+}
+
+/// Sum of squares in the contract's order; each square is one rounded multiply (no FMA).
+pub fn sum_sq(x: &[f32]) -> f32 {
+    tree_sum(&mut chunk_partials(x, |v| v * v))
+}
+
+fn fold_max(x: &[f32], f: impl Fn(f32) -> f32) -> (f32, bool) {
+    let mut m = f32::NEG_INFINITY;
+    let mut nan = false;
+    for &v in x {
+        let v = f(v);
+        nan |= v.is_nan();
+        m = if v > m { v } else { m };
+    }
+    (m, nan)
+}
+
+fn max_by(x: &[f32], empty: f32, f: impl Fn(f32) -> f32 + Sync + Send + Copy) -> f32 {
+    let (m, nan) = if x.len() <= crate::par::CHUNK {
+        fold_max(x, f)
+    } else {
+        x.par_chunks(crate::par::CHUNK)
+            .map(|c| fold_max(c, f))
+            .reduce(|| (f32::NEG_INFINITY, false), |a, b| (if b.0 > a.0 { b.0 } else { a.0 }, a.1 | b.1))
+    };
+    if nan {
+        f32::NAN
+    } else if x.is_empty() {
+        empty
+    } else {
+        m
+    }
+}
+
+/// Maximum; NaN if any element is NaN; -inf for an empty slice.
+pub fn max(x: &[f32]) -> f32 {
+    max_by(x, f32::NEG_INFINITY, |v| v)
+}
+
+/// Maximum absolute value; NaN if any element is NaN; 0 for an empty slice.
+pub fn amax(x: &[f32]) -> f32 {
+    max_by(x, 0.0, f32::abs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract written as plainly as possible.
+    fn sum_spec(x: &[f32]) -> f32 {
+        let mut level: Vec<f32> = x
+            .chunks(32)
+            .map(|c| {
+                let mut acc = 0.0f32;
+                for &v in c {
+                    acc += v;
+                }
+                acc
+            })
+            .collect();
+        if level.is_empty() {
+            return 0.0;
+        }
+        while level.len() > 1 {
+            let mut next = Vec::new();
+            let mut i = 0;
+            while i + 1 < level.len() {
+                next.push(level[i] + level[i + 1]);
+                i += 2;
+            }
+            if i < level.len() {
+                next.push(level[i]);
+            }
+            level = next;
+        }
+        level[0]
+    }
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                // wide dynamic range so the order matters
+                (s as f32 / u32::MAX as f32 - 0.5) * 2f32.powi((s % 24) as i32 - 8)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sum_follows_the_spec_for_any_length_and_thread_count() {
+        for n in [0, 1, 31, 32, 33, 95, 1000, 16_384, 16_385, 100_003, 1_000_001] {
+            let x = data(n, n as u32 + 7);
+            let want = sum_spec(&x);
+            let want_sq = sum_spec(&x.iter().map(|v| v * v).collect::<Vec<_>>());
+            for threads in [1, 2, 4] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let (s, sq) = pool.install(|| (sum(&x), sum_sq(&x)));
+                assert_eq!(s.to_bits(), want.to_bits(), "n={n} threads={threads}");
+                assert_eq!(sq.to_bits(), want_sq.to_bits(), "n={n} threads={threads}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_order_is_observable() {
+        // A naive left-to-right sum differs from the contract's on this input, so the
+        // test above would notice a change of order.
+        let x = data(100_003, 100_010);
+        let naive = x.iter().fold(0.0f32, |a, &v| a + v);
+        assert_ne!(naive.to_bits(), sum(&x).to_bits());
+    }
+
+    #[test]
+    fn max_and_amax() {
+        let mut x = data(50_000, 3);
+        x[1234] = -1e6;
+        assert_eq!(amax(&x), 1e6);
+        assert!(max(&x) < 1e6);
+        x[40_000] = f32::NAN;
+        assert!(amax(&x).is_nan() && max(&x).is_nan());
+        assert_eq!(amax(&[]), 0.0);
+        assert_eq!(max(&[]), f32::NEG_INFINITY);
+        assert_eq!(amax(&[-0.0, -3.0, f32::NEG_INFINITY]), f32::INFINITY);
+    }
+}

@@ -1,0 +1,67 @@
+//! FP8 encode/decode against the independent golden vectors (ml_dtypes) in
+//! `../shared/golden/` (beside the checkout; override with FP8TRAIN_SHARED).
+
+use fp8sim::fp8::{decode, encode, Fp8Format};
+use std::path::PathBuf;
+
+fn golden(name: &str) -> Vec<Vec<u32>> {
+    let dir = std::env::var_os("FP8TRAIN_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
+    let path = dir.join("golden").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file {} is required by this test: {e}", path.display()));
+    let rows: Vec<Vec<u32>> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| l.split_whitespace().map(|f| u32::from_str_radix(f, 16).expect("hex field")).collect())
+        .collect();
+    assert!(rows.iter().all(|r| r.len() == 3), "{name}: every row has 3 fields");
+    rows
+}
+
+#[test]
+fn decode_matches_every_golden_row() {
+    let rows = golden("fp8_decode.tsv");
+    assert_eq!(rows.len(), 256);
+    for r in rows {
+        let code = r[0] as u8;
+        assert_eq!(decode(Fp8Format::E4M3, code).to_bits(), r[1], "e4m3 code {code:#04x}");
+        assert_eq!(decode(Fp8Format::E5M2, code).to_bits(), r[2], "e5m2 code {code:#04x}");
+    }
+}
+
+fn is_nan_code(fmt: Fp8Format, code: u8) -> bool {
+    decode(fmt, code).is_nan()
+}
+
+#[test]
+fn encode_matches_every_golden_row() {
+    let rows = golden("fp8_encode.tsv");
+    assert!(rows.len() > 10_000, "golden encode file looks truncated ({} rows)", rows.len());
+    let mut checked = 0;
+    for r in &rows {
+        let x = f32::from_bits(r[0]);
+        for (fmt, want) in [(Fp8Format::E4M3, r[1] as u8), (Fp8Format::E5M2, r[2] as u8)] {
+            let got = encode(fmt, x, false);
+            if x.is_nan() {
+                assert!(is_nan_code(fmt, got), "{fmt}: NaN input {:#010x} gave {got:#04x}", r[0]);
+            } else {
+                assert_eq!(got, want, "{fmt}: input {:#010x} ({x:e})", r[0]);
+            }
+            // Saturating = the same rounding applied to the input clipped to +-max.
+            let sat = encode(fmt, x, true);
+            if x.is_nan() {
+                assert_eq!(sat, 0x7f);
+            } else {
+                let clipped = x.clamp(-fmt.max(), fmt.max());
+                assert_eq!(sat, encode(fmt, clipped, false), "{fmt} saturating: input {x:e}");
+                if x.abs() <= fmt.max() {
+                    assert_eq!(sat, want);
+                }
+            }
+            checked += 1;
+        }
+    }
+    eprintln!("checked {checked} encodings");
+}
