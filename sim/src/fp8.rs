@@ -246,7 +246,14 @@ mod tests {
         assert_eq!(decode(E5M2, 0x7c), f32::INFINITY);
         assert_eq!(decode(E5M2, 0xfc), f32::NEG_INFINITY);
         // MS-AMP vectors: 0x4A = 5, 0x50 = 8, 0x55 = 13, 0x58 = 16, 0x5C = 24, 0x62 = 40.
-        for (c, v) in [(0x4a, 5.0), (0x50, 8.0), (0x55, 13.0), (0x58, 16.0), (0x5c, 24.0), (0x62, 40.0)] {
+        for (c, v) in [
+            (0x4a, 5.0),
+            (0x50, 8.0),
+            (0x55, 13.0),
+            (0x58, 16.0),
+            (0x5c, 24.0),
+            (0x62, 40.0),
+        ] {
             assert_eq!(decode(E4M3, c), v);
             assert_eq!(encode(E4M3, v, false), c);
         }

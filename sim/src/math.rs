@@ -3,7 +3,7 @@
 //! libm's and CUDA's `expf`/`logf`/`tanhf` differ from each other in the last bits,
 //! so neither backend calls them. These functions use only f32 `+ - * /`, exact
 //! bit manipulation and `round_ties_even` (CUDA: `rintf`), written in one fixed
-//! operation order that `kernels/fp8train_math.cuh` repeats line for line. No FMA:
+//! operation order, which the CUDA header in `kernels/` repeats line for line. No FMA:
 //! the CUDA side compiles with `--fmad=false`. Constants are given by their bits.
 //!
 //! Algorithms: Cody-Waite range reduction with a rational correction for exp and a

@@ -25,8 +25,6 @@ pub fn for_chunks_mut<D: Send>(dst: &mut [D], f: impl Fn(usize, &mut [D]) + Sync
     if dst.len() <= CHUNK {
         f(0, dst);
     } else {
-        dst.par_chunks_mut(CHUNK)
-            .enumerate()
-            .for_each(|(i, d)| f(i * CHUNK, d));
+        dst.par_chunks_mut(CHUNK).enumerate().for_each(|(i, d)| f(i * CHUNK, d));
     }
 }

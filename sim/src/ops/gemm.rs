@@ -62,12 +62,24 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major `rows x cols` matrix.
     pub fn row_major(data: Operand<'a>, rows: usize, cols: usize) -> Self {
-        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
+        MatRef {
+            data,
+            rows,
+            cols,
+            row_stride: cols,
+            col_stride: 1,
+        }
     }
 
     /// The transpose (no copy).
     pub fn t(self) -> Self {
-        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
     }
 
     fn check_bounds(&self, name: &str) -> Result<(), GemmError> {
@@ -94,7 +106,9 @@ impl<'a> MatRef<'a> {
 pub enum GemmError {
     #[error("gemm shape error: {0}")]
     Shape(String),
-    #[error("gemm: unsupported operand types {0} x {1} (allowed: f32 x f32, bf16 x bf16, FP8 x FP8 except e5m2 x e5m2)")]
+    #[error(
+        "gemm: unsupported operand types {0} x {1} (allowed: f32 x f32, bf16 x bf16, FP8 x FP8 except e5m2 x e5m2)"
+    )]
     Types(&'static str, &'static str),
 }
 
@@ -253,7 +267,11 @@ pub fn gemm_exact_isa(isa: Isa, a: MatRef, b: MatRef, scale: f32, c: &mut [f32])
     }
     macro_rules! view {
         ($m:expr, $src:expr) => {
-            View { src: $src, rs: $m.row_stride, cs: $m.col_stride }
+            View {
+                src: $src,
+                rs: $m.row_stride,
+                cs: $m.col_stride,
+            }
         };
     }
     match (a.data, b.data) {
@@ -493,16 +511,40 @@ mod x86 {
 }
 
 /// Linear forward: `Y[m x n] = (X[m x k] x W[n x k]^T) * scale`.
-pub fn forward(x: Operand, w: Operand, m: usize, n: usize, k: usize, scale: f32, y: &mut [f32]) -> Result<(), GemmError> {
+pub fn forward(
+    x: Operand,
+    w: Operand,
+    m: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    y: &mut [f32],
+) -> Result<(), GemmError> {
     gemm_exact(MatRef::row_major(x, m, k), MatRef::row_major(w, n, k).t(), scale, y)
 }
 
 /// Linear data gradient: `dX[m x k] = (dY[m x n] x W[n x k]) * scale`.
-pub fn dgrad(dy: Operand, w: Operand, m: usize, n: usize, k: usize, scale: f32, dx: &mut [f32]) -> Result<(), GemmError> {
+pub fn dgrad(
+    dy: Operand,
+    w: Operand,
+    m: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    dx: &mut [f32],
+) -> Result<(), GemmError> {
     gemm_exact(MatRef::row_major(dy, m, n), MatRef::row_major(w, n, k), scale, dx)
 }
 
 /// Linear weight gradient: `dW[n x k] = (dY[m x n]^T x X[m x k]) * scale`.
-pub fn wgrad(dy: Operand, x: Operand, m: usize, n: usize, k: usize, scale: f32, dw: &mut [f32]) -> Result<(), GemmError> {
+pub fn wgrad(
+    dy: Operand,
+    x: Operand,
+    m: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    dw: &mut [f32],
+) -> Result<(), GemmError> {
     gemm_exact(MatRef::row_major(dy, m, n).t(), MatRef::row_major(x, m, k), scale, dw)
 }

@@ -1,0 +1,131 @@
+//! The command line (clap). Each subcommand's arguments live here; the work lives in
+//! the module named after it.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fp8train",
+    version,
+    about = "FP8 mixed-precision training of GPT-style models: mpirun + NCCL on GPUs, a bit-exact CPU simulator everywhere",
+    after_help = "Subcommands that are not built yet say so and exit with status 2."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Worker threads of the simulator backend (0 = one per core).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+
+    /// Log records as JSON lines (on stderr) instead of readable text.
+    #[arg(long, global = true)]
+    pub log_json: bool,
+
+    /// Lowest log level shown.
+    #[arg(long, global = true, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn to_slog(self) -> slog::Level {
+        match self {
+            LogLevel::Error => slog::Level::Error,
+            LogLevel::Warning => slog::Level::Warning,
+            LogLevel::Info => slog::Level::Info,
+            LogLevel::Debug => slog::Level::Debug,
+            LogLevel::Trace => slog::Level::Trace,
+        }
+    }
+}
+
+/// Where the numerics run.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// The CPU simulator (bit-exact reference).
+    Sim,
+    /// NVIDIA GPUs through CUDA.
+    Cuda,
+    /// CUDA when a GPU is usable, else the simulator.
+    Auto,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a GPT (with no arguments: a small model on the embedded corpus, in the simulator).
+    Train(Pending),
+    /// Print the validation loss of a checkpoint.
+    Eval(Pending),
+    /// Generate text from a checkpoint.
+    Sample(Pending),
+    /// Regenerate a run folder's report (loss-curve plot).
+    Report(Pending),
+    /// Show the machine's topology and the rank -> GPU -> CPU/memory placement plan.
+    Topo(Pending),
+    /// Benchmarks that print figures against a baseline measured in the same run.
+    Bench(BenchArgs),
+    /// Check the CUDA backend against the simulator, op by op.
+    Verify(Pending),
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Train(_) => "train",
+            Command::Eval(_) => "eval",
+            Command::Sample(_) => "sample",
+            Command::Report(_) => "report",
+            Command::Topo(_) => "topo",
+            Command::Bench(_) => "bench",
+            Command::Verify(_) => "verify",
+        }
+    }
+}
+
+/// Arguments of a subcommand that is not built yet (accepted so that the message is
+/// about the subcommand, not about its flags).
+#[derive(Args, Debug)]
+pub struct Pending {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchWhat {
+    /// The exact GEMM (f32, BF16, FP8 inputs) against an optimised f32 SGEMM (matrixmultiply).
+    Gemm(GemmBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct GemmBenchArgs {
+    /// Backend to measure.
+    #[arg(long, value_enum, default_value_t = Backend::Sim)]
+    pub backend: Backend,
+
+    /// Square sizes m = n = k, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![512, 1024, 2048])]
+    pub sizes: Vec<usize>,
+
+    /// Minimum measuring time per GEMM and size, in seconds (at least 3 runs each).
+    #[arg(long, default_value_t = 0.5)]
+    pub min_time: f64,
+
+    /// Print only the JSON document (no table).
+    #[arg(long)]
+    pub json: bool,
+}
