@@ -17,7 +17,10 @@ mod tests {
     #[test]
     fn links_the_system_mpi_and_hwloc() {
         let mpi = super::mpi_library_version();
-        assert!(mpi.contains("Open MPI") || mpi.contains("MPICH"), "unexpected MPI library: {mpi}");
+        assert!(
+            mpi.contains("Open MPI") || mpi.contains("MPICH"),
+            "unexpected MPI library: {mpi}"
+        );
         let hw = super::hwloc_api_version();
         assert!(hw.starts_with("2."), "hwloc API {hw}");
     }
