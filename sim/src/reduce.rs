@@ -102,6 +102,52 @@ pub fn amax(x: &[f32]) -> f32 {
     max_by(x, 0.0, f32::abs)
 }
 
+/// Column sums of a row-major `rows x cols` matrix, each column in the contract's
+/// order (chunks of 32 rows summed sequentially, then the pairwise tree over chunks).
+/// Used for bias and layernorm parameter gradients (a sum over all tokens).
+pub fn column_sums(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
+    assert_eq!(x.len(), rows * cols, "column_sums: data is not rows x cols");
+    assert_eq!(out.len(), cols, "column_sums: output length is not cols");
+    if rows == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let chunks = rows.div_ceil(CHUNK);
+    // partial[ch][c] = sequential sum over the chunk's rows
+    let mut partial = vec![0f32; chunks * cols];
+    let work = |ch: usize, p: &mut [f32]| {
+        for r in ch * CHUNK..((ch + 1) * CHUNK).min(rows) {
+            for (acc, &v) in p.iter_mut().zip(&x[r * cols..(r + 1) * cols]) {
+                *acc += v;
+            }
+        }
+    };
+    if rows * cols <= crate::par::CHUNK {
+        partial.chunks_mut(cols).enumerate().for_each(|(ch, p)| work(ch, p));
+    } else {
+        partial.par_chunks_mut(cols).enumerate().for_each(|(ch, p)| work(ch, p));
+    }
+    // Tree over chunks, elementwise across columns (same shape as tree_sum).
+    let mut n = chunks;
+    while n > 1 {
+        let half = n / 2;
+        for i in 0..half {
+            let (lo, hi) = partial.split_at_mut((2 * i + 1) * cols);
+            let right = &hi[..cols];
+            let left_src = &lo[2 * i * cols..];
+            let sum: Vec<f32> = left_src[..cols].iter().zip(right).map(|(a, b)| a + b).collect();
+            partial[i * cols..(i + 1) * cols].copy_from_slice(&sum);
+        }
+        if n % 2 == 1 {
+            partial.copy_within((n - 1) * cols..n * cols, half * cols);
+            n = half + 1;
+        } else {
+            n = half;
+        }
+    }
+    out.copy_from_slice(&partial[..cols]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +217,19 @@ mod tests {
         let x = data(100_003, 100_010);
         let naive = x.iter().fold(0.0f32, |a, &v| a + v);
         assert_ne!(naive.to_bits(), sum(&x).to_bits());
+    }
+
+    #[test]
+    fn column_sums_follow_the_spec() {
+        for (rows, cols) in [(1, 3), (31, 5), (33, 7), (1000, 64), (4097, 3)] {
+            let x = data(rows * cols, rows as u32);
+            let mut out = vec![0f32; cols];
+            column_sums(&x, rows, cols, &mut out);
+            for c in 0..cols {
+                let col: Vec<f32> = (0..rows).map(|r| x[r * cols + c]).collect();
+                assert_eq!(out[c].to_bits(), sum_spec(&col).to_bits(), "{rows}x{cols} column {c}");
+            }
+        }
     }
 
     #[test]

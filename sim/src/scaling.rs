@@ -46,10 +46,19 @@ pub fn pow2(e: i32) -> f32 {
 /// The contract's scale for `amax`, or `prev` when amax is 0 or not finite.
 /// The exponent is clamped to `[MIN_EXP, MAX_EXP]` so that `s` and `1/s` stay normal.
 pub fn scale_from_amax(fmt: Fp8Format, amax: f32, margin: i32, prev: f32) -> f32 {
+    scale_for_max(fmt.max(), amax, margin, prev)
+}
+
+/// Largest finite FP16 value: scaled FP16 tensors (master weights, Adam's second
+/// moment) use the same power-of-two rule with this maximum.
+pub const F16_MAX: f32 = 65504.0;
+
+/// The power-of-two scale that maps `amax` to at most `max_value` (see [`scale_from_amax`]).
+pub fn scale_for_max(max_value: f32, amax: f32, margin: i32, prev: f32) -> f32 {
     if !(amax.is_finite() && amax > 0.0) {
         return prev;
     }
-    let e = floor_log2_ratio(fmt.max(), amax) - margin;
+    let e = floor_log2_ratio(max_value, amax) - margin;
     pow2(e.clamp(MIN_EXP, MAX_EXP))
 }
 

@@ -1,0 +1,95 @@
+//! Fused softmax + cross-entropy over logits (`n x v`), the loss and its gradient.
+//!
+//! Per row: `m = max(logits)`, `e_j = exp(l_j - m)`, `z = sum(e)` (contract sum),
+//! `loss = (log(z) + m) - l_target`. Gradient: `dlogits_j = (e_j / z - [j == target])
+//! * dloss`, where `dloss` is the caller's factor (for a mean loss times the gradient
+//! scale mu: `mu / n`, computed once in f32). Mean loss = `sum(losses) / n` (contract sum).
+
+use crate::math::{exp, log};
+use crate::reduce;
+use rayon::prelude::*;
+
+/// Per-row losses into `losses`; when `dlogits` is given, also the gradient.
+pub fn crossentropy_forward_backward(
+    losses: &mut [f32],
+    dlogits: Option<&mut [f32]>,
+    logits: &[f32],
+    targets: &[u32],
+    dloss: f32,
+    n: usize,
+    v: usize,
+) {
+    assert!(
+        logits.len() == n * v && targets.len() == n && losses.len() == n,
+        "crossentropy: sizes"
+    );
+    assert!(
+        targets.iter().all(|&t| (t as usize) < v),
+        "crossentropy: target id out of range"
+    );
+    let row = |r: usize, dl: Option<&mut [f32]>| -> f32 {
+        let lr = &logits[r * v..(r + 1) * v];
+        let m = reduce::max(lr);
+        let e: Vec<f32> = lr.iter().map(|&x| exp(x - m)).collect();
+        let z = reduce::sum(&e);
+        let tgt = targets[r] as usize;
+        if let Some(d) = dl {
+            for j in 0..v {
+                let ind = if j == tgt { 1.0 } else { 0.0 };
+                d[j] = (e[j] / z - ind) * dloss;
+            }
+        }
+        (log(z) + m) - lr[tgt]
+    };
+    match dlogits {
+        Some(d) => {
+            assert_eq!(d.len(), n * v);
+            losses
+                .par_iter_mut()
+                .zip(d.par_chunks_mut(v))
+                .enumerate()
+                .for_each(|(r, (l, dr))| *l = row(r, Some(dr)));
+        }
+        None => losses.par_iter_mut().enumerate().for_each(|(r, l)| *l = row(r, None)),
+    }
+}
+
+/// Mean of per-row losses in the contract's order.
+pub fn mean_loss(losses: &[f32]) -> f32 {
+    reduce::sum(losses) / losses.len() as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gradcheck::*;
+
+    fn reference(logits: &[f64], targets: &[u32], v: usize) -> Vec<f64> {
+        logits
+            .chunks(v)
+            .zip(targets)
+            .map(|(r, &t)| {
+                let m = r.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                (r.iter().map(|x| (x - m).exp()).sum::<f64>()).ln() + m - r[t as usize]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn loss_and_gradient_match_f64() {
+        let (n, v) = (6, 50);
+        let logits = randn(n * v, 21, 3.0);
+        let targets: Vec<u32> = (0..n as u32).map(|i| i * 7 % v as u32).collect();
+        let mut losses = vec![0f32; n];
+        let mut d = vec![0f32; n * v];
+        crossentropy_forward_backward(&mut losses, Some(&mut d), &logits, &targets, 1.0, n, v);
+        let lref = reference(&f64s(&logits), &targets, v);
+        assert_close("loss", &losses, &lref, 1e-6);
+        let num = numeric_grad(&f64s(&logits), &vec![1.0; n], |x| reference(x, &targets, v));
+        assert_close("dlogits", &d, &num, 1e-5);
+        let mut only = vec![0f32; n];
+        crossentropy_forward_backward(&mut only, None, &logits, &targets, 1.0, n, v);
+        assert_eq!(only, losses);
+        assert!((mean_loss(&losses) as f64 - lref.iter().sum::<f64>() / n as f64).abs() < 1e-5);
+    }
+}
