@@ -62,13 +62,13 @@ pub enum Backend {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a GPT (with no arguments: a small model on the embedded corpus, in the simulator).
-    Train(Pending),
+    Train(TrainArgs),
     /// Print the validation loss of a checkpoint.
-    Eval(Pending),
+    Eval(EvalArgs),
     /// Generate text from a checkpoint.
-    Sample(Pending),
-    /// Regenerate a run folder's report (loss-curve plot).
-    Report(Pending),
+    Sample(SampleArgs),
+    /// Regenerate a run folder's report (loss-curve plot) and print its summary.
+    Report(ReportArgs),
     /// Show the machine's topology and the rank -> GPU -> CPU/memory placement plan.
     Topo(Pending),
     /// Benchmarks that print figures against a baseline measured in the same run.
@@ -99,6 +99,70 @@ pub struct Pending {
     pub args: Vec<String>,
 }
 
+#[derive(Args, Debug, Default)]
+pub struct TrainArgs {
+    /// TOML config file (any subset of the [model], [train], [data], [run] tables).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Override one setting, e.g. --set train.lr=1e-3 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Precision level: bf16, O1 or O2 (= --set train.level=...).
+    #[arg(long)]
+    pub level: Option<String>,
+    /// Training steps (= --set train.steps=...).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Backend (= --set train.backend=...).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// Folder for run folders (= --set run.out_dir=...).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Run folder name (= --set run.name=...).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Continue from a checkpoint folder or a run folder (its newest checkpoint).
+    #[arg(long)]
+    pub resume: Option<std::path::PathBuf>,
+    /// No progress bar even on a terminal.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Checkpoint folder or run folder.
+    pub checkpoint: std::path::PathBuf,
+    /// Validation batches (default: the run's train.eval_batches).
+    #[arg(long)]
+    pub batches: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// Checkpoint folder or run folder.
+    pub checkpoint: std::path::PathBuf,
+    /// Text to continue.
+    #[arg(long, default_value = "the ")]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Softmax temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f64,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Run folder.
+    pub run: std::path::PathBuf,
+}
+
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[command(subcommand)]
@@ -109,6 +173,24 @@ pub struct BenchArgs {
 pub enum BenchWhat {
     /// The exact GEMM (f32, BF16, FP8 inputs) against an optimised f32 SGEMM (matrixmultiply).
     Gemm(GemmBenchArgs),
+    /// Train the embedded default at every level; final validation loss and tokens/s side by side.
+    Train(TrainBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainBenchArgs {
+    /// Steps per level (default: the embedded default's).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Override settings of every run, e.g. --set train.batch_size=8 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Folder for the runs (default: a temporary folder, removed afterwards).
+    #[arg(long)]
+    pub out: Option<String>,
+    /// Print only the JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -2,6 +2,11 @@
 //! checkpoints, benchmarks and the command line. The numerics live in `fp8sim`,
 //! everything between processes and machines in `fp8cluster`.
 
+pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod commands;
+pub mod data;
 pub mod logging;
+pub mod model;
+pub mod train;

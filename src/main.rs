@@ -1,12 +1,12 @@
 use clap::Parser;
 use fp8train::cli::{BenchWhat, Cli, Command};
+use fp8train::commands;
 use fp8train::logging::{self, LogFormat};
 use std::process::ExitCode;
 
 /// What each unbuilt subcommand is waiting for.
 fn pending_reason(name: &str) -> &'static str {
     match name {
-        "train" | "eval" | "sample" | "report" => "GPT training in the simulator is the next milestone",
         "topo" => "hwloc discovery and the placement plan come with the topology work",
         "verify" => "it needs the CUDA backend",
         _ => "it is on the roadmap",
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
 
     let result = match &cli.command {
         Command::Bench(b) => match &b.what {
+            BenchWhat::Train(args) => commands::bench_train_cmd(args, &log),
             BenchWhat::Gemm(args) => fp8train::bench::gemm::run(args, &log).map(|report| {
                 let json = serde_json::to_string(&report).expect("report serialises");
                 if args.json {
@@ -43,6 +44,10 @@ fn main() -> ExitCode {
                 }
             }),
         },
+        Command::Train(a) => commands::train_cmd(a, &log),
+        Command::Eval(a) => commands::eval_cmd(a),
+        Command::Sample(a) => commands::sample_cmd(a),
+        Command::Report(a) => commands::report_cmd(a),
         other => {
             let name = other.name();
             eprintln!("fp8train {name}: not built yet ({})", pending_reason(name));

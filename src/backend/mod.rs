@@ -1,0 +1,215 @@
+//! The op interface every backend implements (candle-style: one interface, backends
+//! behind it). The model and the training loop are written once against [`Backend`];
+//! `sim` runs the ops on the CPU with `fp8sim` (the reference numerics), `cuda` will
+//! run the kernels of `kernels/` with the same names and the same contract.
+//!
+//! Buffers are the backend's own (`Vec<T>` in the simulator, device memory on GPUs).
+//! Scalars that steer the step (amax, loss, norms) come back to the host as f32.
+
+pub mod sim;
+
+use fp8sim::half16::{bf16, f16};
+use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::attention::AttnShape;
+use fp8sim::Fp8Format;
+
+/// Element types a buffer can hold.
+pub trait Elem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
+impl Elem for f32 {}
+impl Elem for u8 {}
+impl Elem for u32 {}
+impl Elem for f16 {}
+impl Elem for bf16 {}
+
+/// A GEMM operand held by backend `B`.
+pub enum Operand<'a, B: Backend + ?Sized> {
+    F32(&'a B::Buf<f32>),
+    Bf16(&'a B::Buf<bf16>),
+    /// FP8 codes (scales go into the GEMM's scale product).
+    Fp8(&'a B::Buf<u8>, Fp8Format),
+}
+
+/// The three products of a linear layer (row-major buffers; see `fp8sim::ops::gemm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Product {
+    /// `Y[m x n] = X[m x k] W[n x k]^T`
+    Forward,
+    /// `dX[m x k] = dY[m x n] W[n x k]`
+    Dgrad,
+    /// `dW[n x k] = dY[m x n]^T X[m x k]`
+    Wgrad,
+}
+
+/// What a saturating scaled FP8 cast saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CastStats {
+    /// amax of the input (NaN if it held a NaN).
+    pub amax: f32,
+    /// Elements whose scaled magnitude exceeded the format's max (clipped).
+    pub saturated: u64,
+}
+
+/// The optimizer state of one tensor, by level, as the backend holds it.
+pub enum AdamState<'a, B: Backend + ?Sized> {
+    /// `bf16` level: f32 master, f32 moments.
+    F32 {
+        master: &'a mut B::Buf<f32>,
+        m: &'a mut B::Buf<f32>,
+        v: &'a mut B::Buf<f32>,
+    },
+    /// `O1`: FP16 master with a scale, f32 moments.
+    O1 {
+        master: &'a mut B::Buf<f16>,
+        master_scale: &'a mut f32,
+        m: &'a mut B::Buf<f32>,
+        v: &'a mut B::Buf<f32>,
+    },
+    /// `O2`: FP16 master, E4M3 m, FP16 v, each with a scale.
+    O2 {
+        master: &'a mut B::Buf<f16>,
+        master_scale: &'a mut f32,
+        m: &'a mut B::Buf<u8>,
+        m_scale: &'a mut f32,
+        v: &'a mut B::Buf<f16>,
+        v_scale: &'a mut f32,
+    },
+}
+
+/// A gradient as the optimizer reads it.
+pub enum GradRef<'a, B: Backend + ?Sized> {
+    F32(&'a B::Buf<f32>),
+    /// E4M3 codes and their scale.
+    Fp8(&'a B::Buf<u8>, f32),
+}
+
+/// The ops of a training step. Shapes: `n` rows (tokens) of `c` channels, row-major.
+#[allow(clippy::too_many_arguments)]
+pub trait Backend: Send + Sync {
+    type Buf<T: Elem>: Send + Sync;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory
+    fn zeros<T: Elem>(&self, n: usize) -> Self::Buf<T>;
+    fn upload<T: Elem>(&self, data: &[T]) -> Self::Buf<T>;
+    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Vec<T>;
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    fn copy<T: Elem>(&self, dst: &mut Self::Buf<T>, src: &Self::Buf<T>);
+
+    // ---- casts and reductions
+    fn amax(&self, x: &Self::Buf<f32>) -> f32;
+    /// Saturating scaled cast `q = sat_encode(x * scale)`.
+    fn cast_fp8(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> CastStats;
+    /// `x = decode(q) * inv_scale`.
+    fn decode_fp8(&self, x: &mut Self::Buf<f32>, q: &Self::Buf<u8>, fmt: Fp8Format, inv_scale: f32);
+    fn cast_bf16(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>);
+    /// `y = to_f16(x * scale)`.
+    fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32);
+    /// `x = h * inv_scale`.
+    fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32);
+    /// Sum of squares in the contract's order.
+    fn sum_sq(&self, x: &Self::Buf<f32>) -> f32;
+    /// Mean in the contract's order.
+    fn mean(&self, x: &Self::Buf<f32>) -> f32;
+
+    // ---- GEMM (exact class) and its neighbours
+    fn matmul(
+        &self,
+        out: &mut Self::Buf<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    );
+    /// `x[r, :] += bias` for every row.
+    fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize);
+    /// Column sums (bias gradients) in the contract's order.
+    fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize);
+    /// `out = a + b`.
+    fn add(&self, out: &mut Self::Buf<f32>, a: &Self::Buf<f32>, b: &Self::Buf<f32>);
+    /// `acc += x`.
+    fn accumulate(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>);
+    /// Set element `i` (fault injection in tests).
+    fn set(&self, x: &mut Self::Buf<f32>, i: usize, v: f32);
+
+    // ---- layers
+    fn encoder_forward(
+        &self,
+        out: &mut Self::Buf<f32>,
+        tokens: &Self::Buf<u32>,
+        wte: &Self::Buf<f32>,
+        wpe: &Self::Buf<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    );
+    fn encoder_backward(
+        &self,
+        dwte: &mut Self::Buf<f32>,
+        dwpe: &mut Self::Buf<f32>,
+        dout: &Self::Buf<f32>,
+        tokens: &Self::Buf<u32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    );
+    fn layernorm_forward(
+        &self,
+        y: &mut Self::Buf<f32>,
+        mean: &mut Self::Buf<f32>,
+        rstd: &mut Self::Buf<f32>,
+        x: &Self::Buf<f32>,
+        w: &Self::Buf<f32>,
+        b: &Self::Buf<f32>,
+        n: usize,
+        c: usize,
+    );
+    fn layernorm_backward(
+        &self,
+        dx: &mut Self::Buf<f32>,
+        dw: &mut Self::Buf<f32>,
+        db: &mut Self::Buf<f32>,
+        dy: &Self::Buf<f32>,
+        x: &Self::Buf<f32>,
+        w: &Self::Buf<f32>,
+        mean: &Self::Buf<f32>,
+        rstd: &Self::Buf<f32>,
+        n: usize,
+        c: usize,
+    );
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf<f32>,
+        stats: &mut Self::Buf<f32>,
+        qkv: &Self::Buf<f32>,
+        shape: AttnShape,
+    );
+    fn attention_backward(
+        &self,
+        dqkv: &mut Self::Buf<f32>,
+        dout: &Self::Buf<f32>,
+        qkv: &Self::Buf<f32>,
+        out: &Self::Buf<f32>,
+        stats: &Self::Buf<f32>,
+        shape: AttnShape,
+    );
+    fn gelu_forward(&self, y: &mut Self::Buf<f32>, x: &Self::Buf<f32>);
+    fn gelu_backward(&self, dx: &mut Self::Buf<f32>, x: &Self::Buf<f32>, dy: &Self::Buf<f32>);
+    /// Per-row losses; with `dlogits`, also the gradient times `dloss`.
+    fn crossentropy(
+        &self,
+        losses: &mut Self::Buf<f32>,
+        dlogits: Option<&mut Self::Buf<f32>>,
+        logits: &Self::Buf<f32>,
+        targets: &Self::Buf<u32>,
+        dloss: f32,
+        n: usize,
+        v: usize,
+    );
+
+    // ---- optimizer
+    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep);
+}

@@ -1,0 +1,278 @@
+//! The simulator backend: every op is the `fp8sim` reference on host memory.
+
+use super::{AdamState, Backend, CastStats, Elem, GradRef, Operand, Product};
+use fp8sim::fp8::{self, Fp8Format};
+use fp8sim::half16::{self, bf16, f16};
+use fp8sim::ops::adamw::{self, AdamStep, Grad, ScaledE4m3, ScaledF16};
+use fp8sim::ops::attention::{self, AttnShape};
+use fp8sim::ops::gemm::{self, MatRef};
+use fp8sim::ops::{crossentropy, encoder, gelu, layernorm};
+use fp8sim::{par, reduce};
+
+/// The CPU simulator (uses rayon's current pool).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sim;
+
+fn op<'a>(o: &Operand<'a, Sim>) -> gemm::Operand<'a> {
+    match *o {
+        Operand::F32(b) => gemm::Operand::F32(b),
+        Operand::Bf16(b) => gemm::Operand::Bf16(b),
+        Operand::Fp8(b, f) => gemm::Operand::Fp8(b, f),
+    }
+}
+
+impl Backend for Sim {
+    type Buf<T: Elem> = Vec<T>;
+
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn zeros<T: Elem>(&self, n: usize) -> Vec<T> {
+        vec![T::default(); n]
+    }
+    fn upload<T: Elem>(&self, data: &[T]) -> Vec<T> {
+        data.to_vec()
+    }
+    fn download<T: Elem>(&self, buf: &Vec<T>) -> Vec<T> {
+        buf.clone()
+    }
+    fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
+        buf.len()
+    }
+    fn copy<T: Elem>(&self, dst: &mut Vec<T>, src: &Vec<T>) {
+        dst.copy_from_slice(src);
+    }
+
+    fn amax(&self, x: &Vec<f32>) -> f32 {
+        reduce::amax(x)
+    }
+    fn cast_fp8(&self, q: &mut Vec<u8>, x: &Vec<f32>, fmt: Fp8Format, scale: f32) -> CastStats {
+        fp8::encode_scaled(fmt, x, scale, q);
+        let max = fmt.max();
+        let saturated = x.iter().filter(|&&v| (v * scale).abs() > max).count() as u64;
+        CastStats {
+            amax: reduce::amax(x),
+            saturated,
+        }
+    }
+    fn decode_fp8(&self, x: &mut Vec<f32>, q: &Vec<u8>, fmt: Fp8Format, inv_scale: f32) {
+        fp8::decode_scaled(fmt, q, inv_scale, x);
+    }
+    fn cast_bf16(&self, y: &mut Vec<bf16>, x: &Vec<f32>) {
+        half16::to_bf16_slice(x, y);
+    }
+    fn cast_f16(&self, y: &mut Vec<f16>, x: &Vec<f32>, scale: f32) {
+        par::for_chunks2(x, y, |xs, ys| {
+            for (o, &v) in ys.iter_mut().zip(xs) {
+                *o = half16::to_f16(v * scale);
+            }
+        });
+    }
+    fn decode_f16(&self, x: &mut Vec<f32>, h: &Vec<f16>, inv_scale: f32) {
+        par::for_chunks2(h, x, |hs, xs| {
+            for (o, &v) in xs.iter_mut().zip(hs) {
+                *o = v.to_f32() * inv_scale;
+            }
+        });
+    }
+    fn sum_sq(&self, x: &Vec<f32>) -> f32 {
+        reduce::sum_sq(x)
+    }
+    fn mean(&self, x: &Vec<f32>) -> f32 {
+        crossentropy::mean_loss(x)
+    }
+
+    fn matmul(
+        &self,
+        out: &mut Vec<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) {
+        let (a, b) = (op(&a), op(&b));
+        let r = match product {
+            Product::Forward => {
+                gemm::gemm_exact(MatRef::row_major(a, m, k), MatRef::row_major(b, n, k).t(), scale, out)
+            }
+            Product::Dgrad => gemm::gemm_exact(MatRef::row_major(a, m, n), MatRef::row_major(b, n, k), scale, out),
+            Product::Wgrad => gemm::gemm_exact(MatRef::row_major(a, m, n).t(), MatRef::row_major(b, m, k), scale, out),
+        };
+        r.expect("model GEMM shapes are consistent");
+    }
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, c: usize) {
+        par::for_chunks_mut(x, |start, xs| {
+            for (i, v) in xs.iter_mut().enumerate() {
+                *v += bias[(start + i) % c];
+            }
+        });
+    }
+    fn column_sums(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: usize, cols: usize) {
+        reduce::column_sums(x, rows, cols, out);
+    }
+    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+        par::for_chunks_mut(out, |start, o| {
+            for (i, v) in o.iter_mut().enumerate() {
+                *v = a[start + i] + b[start + i];
+            }
+        });
+    }
+    fn accumulate(&self, acc: &mut Vec<f32>, x: &Vec<f32>) {
+        par::for_chunks_mut(acc, |start, o| {
+            for (i, v) in o.iter_mut().enumerate() {
+                *v += x[start + i];
+            }
+        });
+    }
+    fn set(&self, x: &mut Vec<f32>, i: usize, v: f32) {
+        x[i] = v;
+    }
+
+    fn encoder_forward(
+        &self,
+        out: &mut Vec<f32>,
+        tokens: &Vec<u32>,
+        wte: &Vec<f32>,
+        wpe: &Vec<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) {
+        encoder::encoder_forward(out, tokens, wte, wpe, b, t, c);
+    }
+    fn encoder_backward(
+        &self,
+        dwte: &mut Vec<f32>,
+        dwpe: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        tokens: &Vec<u32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) {
+        encoder::encoder_backward(dwte, dwpe, dout, tokens, b, t, c);
+    }
+    fn layernorm_forward(
+        &self,
+        y: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        b: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) {
+        layernorm::layernorm_forward(y, mean, rstd, x, w, b, n, c);
+    }
+    fn layernorm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dw: &mut Vec<f32>,
+        db: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        n: usize,
+        c: usize,
+    ) {
+        layernorm::layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, n, c);
+    }
+    fn attention_forward(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, shape: AttnShape) {
+        attention::attention_forward(out, stats, qkv, shape);
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        qkv: &Vec<f32>,
+        out: &Vec<f32>,
+        stats: &Vec<f32>,
+        shape: AttnShape,
+    ) {
+        attention::attention_backward(dqkv, dout, qkv, out, stats, shape);
+    }
+    fn gelu_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>) {
+        gelu::gelu_forward(y, x);
+    }
+    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dy: &Vec<f32>) {
+        gelu::gelu_backward(dx, x, dy);
+    }
+    fn crossentropy(
+        &self,
+        losses: &mut Vec<f32>,
+        dlogits: Option<&mut Vec<f32>>,
+        logits: &Vec<f32>,
+        targets: &Vec<u32>,
+        dloss: f32,
+        n: usize,
+        v: usize,
+    ) {
+        crossentropy::crossentropy_forward_backward(
+            losses,
+            dlogits.map(|d| d.as_mut_slice()),
+            logits,
+            targets,
+            dloss,
+            n,
+            v,
+        );
+    }
+
+    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
+        let g = match grad {
+            GradRef::F32(g) => Grad::F32(g),
+            GradRef::Fp8(codes, scale) => Grad::Fp8 {
+                codes,
+                inv_scale: 1.0 / scale,
+            },
+        };
+        match state {
+            AdamState::F32 { master, m, v } => adamw::adamw_f32(master, g, m, v, step),
+            AdamState::O1 {
+                master,
+                master_scale,
+                m,
+                v,
+            } => adamw::adamw_o1(
+                ScaledF16 {
+                    codes: master,
+                    scale: master_scale,
+                },
+                g,
+                m,
+                v,
+                step,
+            ),
+            AdamState::O2 {
+                master,
+                master_scale,
+                m,
+                m_scale,
+                v,
+                v_scale,
+            } => adamw::adamw_o2(
+                ScaledF16 {
+                    codes: master,
+                    scale: master_scale,
+                },
+                g,
+                ScaledE4m3 {
+                    codes: m,
+                    scale: m_scale,
+                },
+                ScaledF16 {
+                    codes: v,
+                    scale: v_scale,
+                },
+                step,
+            ),
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The subcommands that work on runs: train, eval, sample, report, bench train.
+
+use crate::backend::sim::Sim;
+use crate::backend::Backend;
+use crate::cli::{self, EvalArgs, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
+use crate::data::{self, Dataset};
+use crate::model::{Gpt, Level};
+use crate::train::config::Config;
+use crate::train::{self, checkpoint, report, Start};
+use fp8sim::rng;
+use serde_json::json;
+use slog::{info, Logger};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+/// The backend a config asks for, as built in this binary.
+fn backend(name: &str, log: &Logger) -> Result<Sim, String> {
+    match name {
+        "sim" => Ok(Sim),
+        "auto" => {
+            info!(
+                log,
+                "backend auto: this build has no CUDA backend yet, using the simulator (sim)"
+            );
+            Ok(Sim)
+        }
+        "cuda" => Err("backend cuda: the CUDA backend is not built yet (use --backend sim)".into()),
+        other => Err(format!("unknown backend '{other}' (allowed: sim, cuda, auto)")),
+    }
+}
+
+/// The overrides that `train`'s flags stand for, after the `--set` ones.
+fn flag_overrides(a: &TrainArgs) -> Vec<String> {
+    let mut sets = a.sets.clone();
+    if let Some(l) = &a.level {
+        sets.push(format!("train.level=\"{l}\""));
+    }
+    if let Some(s) = a.steps {
+        sets.push(format!("train.steps={s}"));
+    }
+    if let Some(b) = a.backend {
+        let name = match b {
+            cli::Backend::Sim => "sim",
+            cli::Backend::Cuda => "cuda",
+            cli::Backend::Auto => "auto",
+        };
+        sets.push(format!("train.backend=\"{name}\""));
+    }
+    if let Some(o) = &a.out {
+        sets.push(format!("run.out_dir={}", toml::Value::String(o.clone())));
+    }
+    if let Some(n) = &a.name {
+        sets.push(format!("run.name={}", toml::Value::String(n.clone())));
+    }
+    sets
+}
+
+fn new_run_dir(cfg: &Config) -> Result<PathBuf, String> {
+    let name = if cfg.run.name.is_empty() {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        format!("{}-s{}-{}", cfg.train.level, cfg.train.seed, secs)
+    } else {
+        cfg.run.name.clone()
+    };
+    let dir = Path::new(&cfg.run.out_dir).join(name);
+    if dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() {
+        return Err(format!(
+            "run folder {} already holds a run; continue it with --resume {} or choose another --name",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
+    let progress = !a.no_progress && std::io::stderr().is_terminal();
+    if let Some(path) = &a.resume {
+        let (ckpt_cfg, model, state) = checkpoint::load(&Sim, path)?;
+        let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
+        for (what, same) in [
+            ("model", cfg.model == ckpt_cfg.model),
+            ("train.level", cfg.train.level == ckpt_cfg.train.level),
+            ("train.seed", cfg.train.seed == ckpt_cfg.train.seed),
+            ("data", cfg.data == ckpt_cfg.data),
+        ] {
+            if !same {
+                return Err(format!("--resume: {what} cannot change when resuming a checkpoint"));
+            }
+        }
+        let be = backend(&cfg.train.backend, log)?;
+        let run_dir = if a.out.is_some() || a.name.is_some() {
+            new_run_dir(&cfg)?
+        } else {
+            // The run folder that holds the checkpoint.
+            let ck = checkpoint::resolve(path)?;
+            ck.parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .ok_or("--resume: cannot find the run folder")?
+        };
+        info!(log, "resuming"; "checkpoint" => path.display().to_string(), "step" => state.step);
+        train::train(
+            &be,
+            &cfg,
+            Start::Resume(Box::new(model), state),
+            &run_dir,
+            log,
+            progress,
+        )?;
+        return Ok(());
+    }
+    let base = match &a.config {
+        Some(p) => Config::from_toml(
+            &std::fs::read_to_string(p).map_err(|e| format!("--config {}: cannot read: {e}", p.display()))?,
+        )
+        .map_err(|e| format!("--config {}: {e}", p.display()))?,
+        None => Config::default(),
+    };
+    let cfg = base.with_overrides(&flag_overrides(a))?;
+    cfg.validate()?;
+    let be = backend(&cfg.train.backend, log)?;
+    let run_dir = new_run_dir(&cfg)?;
+    train::train(&be, &cfg, Start::Fresh, &run_dir, log, progress)?;
+    Ok(())
+}
+
+pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
+    let be = Sim;
+    let (cfg, mut model, state) = checkpoint::load(&be, &a.checkpoint)?;
+    let ds = Dataset::load(&cfg.data, cfg.train.seed)?;
+    ds.check_fits(cfg.model.seq_len)?;
+    let nb = a.batches.unwrap_or(cfg.train.eval_batches);
+    if nb == 0 {
+        return Err("eval --batches must be at least 1".into());
+    }
+    let mut ws = model.workspace(&be, cfg.train.batch_size, cfg.model.seq_len);
+    let batches = data::val_batches(&ds.val, cfg.train.batch_size, cfg.model.seq_len, nb);
+    let loss = train::val_loss(&be, &mut model, &mut ws, &batches);
+    println!(
+        "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {})",
+        state.step, nb, cfg.train.batch_size, cfg.model.seq_len, cfg.train.level
+    );
+    Ok(())
+}
+
+/// RNG stream tag of sampling.
+const SAMPLE_TAG: u16 = 4;
+
+pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        return Err(format!("sample --temperature must be >= 0, got {}", a.temperature));
+    }
+    let be = Sim;
+    let (cfg, mut model, _) = checkpoint::load(&be, &a.checkpoint)?;
+    let tok = cfg.data.tokenizer;
+    let (t, v) = (cfg.model.seq_len, cfg.model.vocab_size);
+    let mut tokens = tok.encode(&a.prompt);
+    if tokens.is_empty() {
+        return Err("sample --prompt must not be empty".into());
+    }
+    let mut ws = model.workspace(&be, 1, t);
+    model.prepare_weights(&be, &mut ws);
+    let prompt_len = tokens.len();
+    for i in 0..a.tokens {
+        let ctx: Vec<u32> = tokens[tokens.len().saturating_sub(t)..].to_vec();
+        let pos = ctx.len() - 1;
+        let mut x = ctx.clone();
+        x.resize(t, 0); // causal: padding after `pos` does not change its logits
+        model.eval_loss(&be, &mut ws, &x, &vec![0; t]);
+        let logits = be.download(&ws.logits);
+        let row = &logits[pos * v..(pos + 1) * v];
+        let next = if a.temperature == 0.0 {
+            row.iter()
+                .enumerate()
+                .fold((0, f32::NEG_INFINITY), |m, (j, &l)| if l > m.1 { (j, l) } else { m })
+                .0
+        } else {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let w: Vec<f64> = row.iter().map(|&l| ((l as f64 - m) / a.temperature).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let u = rng::uniform(a.seed, rng::stream(SAMPLE_TAG, i as u32, 0), 0) as f64 * total;
+            let mut acc = 0.0;
+            w.iter()
+                .position(|&p| {
+                    acc += p;
+                    u < acc
+                })
+                .unwrap_or(v - 1)
+        };
+        tokens.push(next as u32);
+    }
+    println!("{}{}", a.prompt, tok.decode(&tokens[prompt_len..]));
+    Ok(())
+}
+
+pub fn report_cmd(a: &ReportArgs) -> Result<(), String> {
+    let path = report::write_plot(&a.run)?;
+    println!("{}", report::summary(&a.run)?);
+    println!("loss curve: {}", path.display());
+    Ok(())
+}
+
+pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
+    let mut sets = a.sets.clone();
+    if let Some(s) = a.steps {
+        sets.push(format!("train.steps={s}"));
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix("fp8train-bench-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let out_dir = a
+        .out
+        .clone()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let mut rows = Vec::new();
+    for level in Level::ALL {
+        let mut cfg = Config::default().with_overrides(&sets)?;
+        cfg.train.level = level;
+        cfg.validate()?;
+        let run_dir = out_dir.join(format!("bench-{level}"));
+        if run_dir.exists() {
+            return Err(format!(
+                "bench train: {} exists already; choose another --out",
+                run_dir.display()
+            ));
+        }
+        info!(log, "bench train"; "level" => level.to_string(), "steps" => cfg.train.steps);
+        let o = train::train(&Sim, &cfg, Start::Fresh, &run_dir, log, false)?;
+        rows.push((level, o, cfg));
+    }
+    let base = rows[0].1.final_val_loss;
+    let ds = Dataset::load(&rows[0].2.data, rows[0].2.train.seed)?;
+    let mut table = format!(
+        "embedded default, {} steps each, simulator, {} threads; entropy floor {}, unigram entropy {:.4}\n",
+        rows[0].2.train.steps,
+        rayon::current_num_threads(),
+        ds.entropy_floor
+            .map(|f| format!("{f:.4}"))
+            .unwrap_or_else(|| "n/a".into()),
+        ds.unigram_entropy
+    );
+    table += "level | final val loss | vs bf16 | sim tok/s | bytes/param (+ scale bytes) | skipped steps\n";
+    table += "------|----------------|---------|-----------|-----------------------------|--------------\n";
+    let mut json_rows = Vec::new();
+    for (level, o, _) in &rows {
+        let rel = (o.final_val_loss - base) / base;
+        table += &format!(
+            "{:<5} | {:>14.4} | {:>+6.2}% | {:>9.0} | {:>10.2} (+ {} B) | {:>13}\n",
+            level.to_string(),
+            o.final_val_loss,
+            100.0 * rel,
+            o.tokens_per_s,
+            o.bytes_per_param,
+            o.meta_bytes,
+            o.skipped_steps
+        );
+        json_rows.push(
+            json!({"level": level.to_string(), "final_val_loss": o.final_val_loss, "rel_vs_bf16": rel,
+            "tok_s": o.tokens_per_s, "bytes_per_param": o.bytes_per_param, "scale_meta_bytes": o.meta_bytes,
+            "skipped_steps": o.skipped_steps}),
+        );
+    }
+    let doc = json!({"bench": "train", "steps": rows[0].2.train.steps, "entropy_floor": ds.entropy_floor,
+        "unigram_entropy": ds.unigram_entropy, "rows": json_rows});
+    if !a.json {
+        print!("{table}");
+    }
+    println!("{doc}");
+    Ok(())
+}
+
+/// Build a fresh model of `cfg` on the simulator (tests and tools).
+pub fn fresh_model(cfg: &Config) -> Gpt<Sim> {
+    Gpt::new(&Sim, &cfg.model, cfg.train.level, cfg.train.seed, cfg.train.amax_window)
+}

@@ -1,0 +1,108 @@
+//! Model shape and precision level.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// GPT-2 architecture sizes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub seq_len: usize,
+    pub vocab_size: usize,
+}
+
+impl Default for ModelConfig {
+    /// The embedded default: a small byte-level GPT that trains in the simulator.
+    fn default() -> Self {
+        ModelConfig {
+            n_layer: 2,
+            n_embd: 64,
+            n_head: 4,
+            seq_len: 64,
+            vocab_size: 256,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Check ranges; errors name the field and the allowed range.
+    pub fn validate(&self) -> Result<(), String> {
+        let range = |name: &str, v: usize, lo: usize, hi: usize| {
+            if v < lo || v > hi {
+                Err(format!("model.{name} = {v} is out of range (allowed {lo}..={hi})"))
+            } else {
+                Ok(())
+            }
+        };
+        range("n_layer", self.n_layer, 1, 256)?;
+        range("n_embd", self.n_embd, 8, 16384)?;
+        range("n_head", self.n_head, 1, 256)?;
+        range("seq_len", self.seq_len, 2, 65536)?;
+        range("vocab_size", self.vocab_size, 2, 1 << 20)?;
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(format!(
+                "model.n_embd = {} must be divisible by model.n_head = {}",
+                self.n_embd, self.n_head
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn head_size(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+}
+
+/// Precision level (what `--level` selects); see ARCHITECTURE.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Level {
+    #[serde(rename = "bf16")]
+    Bf16,
+    O1,
+    O2,
+}
+
+impl Level {
+    pub const ALL: [Level; 3] = [Level::Bf16, Level::O1, Level::O2];
+
+    /// FP8 linear layers?
+    pub fn fp8(self) -> bool {
+        self != Level::Bf16
+    }
+
+    /// Bytes per parameter of weights + gradients + optimizer state by the levels table.
+    pub fn nominal_bytes_per_param(self) -> usize {
+        match self {
+            Level::Bf16 => 16,
+            Level::O1 => 11,
+            Level::O2 => 6,
+        }
+    }
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Bf16 => "bf16",
+            Level::O1 => "O1",
+            Level::O2 => "O2",
+        })
+    }
+}
+
+impl FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bf16" | "BF16" => Ok(Level::Bf16),
+            "O1" | "o1" => Ok(Level::O1),
+            "O2" | "o2" => Ok(Level::O2),
+            "O3" | "o3" => Err("level O3 (FP8 ZeRO) needs data-parallel ranks, which are not built yet".into()),
+            other => Err(format!("unknown level '{other}' (allowed: bf16, O1, O2)")),
+        }
+    }
+}

@@ -1,0 +1,652 @@
+//! GPT-2 (pre-layernorm, learned positions, GELU-tanh, causal multi-head attention,
+//! tied LM head) written out layer by layer on the backend interface.
+//!
+//! Precision: the four linear layers of each block follow the level (see
+//! `linear.rs`); embeddings, layernorms, attention and the loss run in f32; the tied
+//! LM head is a BF16 x BF16 exact GEMM at every level (as MS-AMP / Transformer Engine
+//! keep it out of FP8).
+
+use super::config::{Level, ModelConfig};
+use super::linear::{self, Dims, GradCast, LinearScaling, Saved, WeightView};
+use super::params::{self, GradStore, Kind, Master, Moments, Param};
+use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
+use fp8sim::half16::bf16;
+use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::attention::AttnShape;
+use fp8sim::scaling::scale_from_amax;
+use fp8sim::Fp8Format;
+
+/// The linear layers of a block, in order.
+pub const LINEARS: [(usize, usize); 4] = [
+    (params::QKV_W, params::QKV_B),
+    (params::PROJ_W, params::PROJ_B),
+    (params::FC_W, params::FC_B),
+    (params::FCPROJ_W, params::FCPROJ_B),
+];
+
+/// Model: configuration, level, parameters with their state, FP8 scaling state.
+pub struct Gpt<B: Backend> {
+    pub cfg: ModelConfig,
+    pub level: Level,
+    pub params: Vec<Param<B>>,
+    /// 4 per layer (qkv, proj, fc, fcproj); unused at the bf16 level.
+    pub scaling: Vec<LinearScaling>,
+}
+
+/// Activations of one block.
+struct LayerActs<B: Backend> {
+    ln1_mean: B::Buf<f32>,
+    ln1_rstd: B::Buf<f32>,
+    qkv: B::Buf<f32>,
+    att: B::Buf<f32>,
+    att_stats: B::Buf<f32>,
+    res_mid: B::Buf<f32>,
+    ln2_mean: B::Buf<f32>,
+    ln2_rstd: B::Buf<f32>,
+    fc: B::Buf<f32>,
+    res_out: B::Buf<f32>,
+    saved: [Saved<B>; 4],
+}
+
+/// Everything sized by (batch, seq) and reused from step to step: activations, the
+/// weights as this step's GEMMs read them, and backward scratch (f32 gradients live
+/// here only until they are stored in their parameter's format).
+pub struct Workspace<B: Backend> {
+    pub b: usize,
+    pub t: usize,
+    work: Vec<Option<B::Buf<f32>>>,
+    views: Vec<WeightView<B>>,
+    wte_bf16: B::Buf<bf16>,
+    tokens: B::Buf<u32>,
+    targets: B::Buf<u32>,
+    encoded: B::Buf<f32>,
+    layers: Vec<LayerActs<B>>,
+    ln_out: B::Buf<f32>,
+    gelu_out: B::Buf<f32>,
+    lin_out: B::Buf<f32>,
+    lnf: B::Buf<f32>,
+    lnf_mean: B::Buf<f32>,
+    lnf_rstd: B::Buf<f32>,
+    lnf_bf16: B::Buf<bf16>,
+    pub logits: B::Buf<f32>,
+    losses: B::Buf<f32>,
+    dlogits: B::Buf<f32>,
+    dlogits_bf16: B::Buf<bf16>,
+    dres: B::Buf<f32>,
+    dtmp: B::Buf<f32>,
+    dln: B::Buf<f32>,
+    datt: B::Buf<f32>,
+    dqkv: B::Buf<f32>,
+    dgelu: B::Buf<f32>,
+    dfc: B::Buf<f32>,
+    dyq: [GradCast<B>; 4],
+    g_w: [B::Buf<f32>; 4],
+    g_b: [B::Buf<f32>; 4],
+    g_c: [B::Buf<f32>; 2],
+    g_wte: B::Buf<f32>,
+    g_wpe: B::Buf<f32>,
+}
+
+/// What forward + backward found.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BackwardStats {
+    pub loss: f32,
+    /// Some gradient held a NaN or infinity.
+    pub overflow: bool,
+    /// Output-gradient elements clipped by the E5M2 cast, and all cast elements.
+    pub saturated: u64,
+    pub cast_elements: u64,
+}
+
+impl<B: Backend> Gpt<B> {
+    /// A freshly initialised model (counter-based init keyed by `seed`).
+    pub fn new(be: &B, cfg: &ModelConfig, level: Level, seed: u64, amax_window: usize) -> Self {
+        let params = params::specs(cfg)
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let values = params::init_values(&spec, seed, i);
+                Param::new(be, spec, level, &values)
+            })
+            .collect();
+        Gpt {
+            cfg: cfg.clone(),
+            level,
+            params,
+            scaling: (0..4 * cfg.n_layer).map(|_| LinearScaling::new(amax_window)).collect(),
+        }
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.params.iter().map(|p| p.spec.numel()).sum()
+    }
+
+    /// (bytes of weights + gradients + optimizer state, bytes of scale metadata),
+    /// summed over the buffers the parameters hold.
+    pub fn state_bytes(&self, be: &B) -> (usize, usize) {
+        self.params
+            .iter()
+            .map(|p| p.bytes(be))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
+
+    pub fn workspace(&self, be: &B, b: usize, t: usize) -> Workspace<B> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let n = b * t;
+        let fp8 = self.level.fp8();
+        let z = |k: usize| be.zeros::<f32>(k);
+        let outs = [3 * c, c, 4 * c, c];
+        let ins = [c, c, c, 4 * c];
+        let layers = (0..self.cfg.n_layer)
+            .map(|_| LayerActs {
+                ln1_mean: z(n),
+                ln1_rstd: z(n),
+                qkv: z(n * 3 * c),
+                att: z(n * c),
+                att_stats: z(b * self.cfg.n_head * t * 2),
+                res_mid: z(n * c),
+                ln2_mean: z(n),
+                ln2_rstd: z(n),
+                fc: z(n * 4 * c),
+                res_out: z(n * c),
+                saved: std::array::from_fn(|i| Saved::new(be, fp8, n * ins[i])),
+            })
+            .collect();
+        let work = self
+            .params
+            .iter()
+            .map(|p| match p.master {
+                Master::F32(_) => None,
+                Master::F16 { .. } => Some(z(p.spec.numel())),
+            })
+            .collect();
+        let views = (0..4 * self.cfg.n_layer)
+            .map(|i| WeightView::new(be, fp8, outs[i % 4] * ins[i % 4]))
+            .collect();
+        Workspace {
+            b,
+            t,
+            work,
+            views,
+            wte_bf16: be.zeros(v * c),
+            tokens: be.zeros(n),
+            targets: be.zeros(n),
+            encoded: z(n * c),
+            layers,
+            ln_out: z(n * c),
+            gelu_out: z(n * 4 * c),
+            lin_out: z(n * c),
+            lnf: z(n * c),
+            lnf_mean: z(n),
+            lnf_rstd: z(n),
+            lnf_bf16: be.zeros(n * c),
+            logits: z(n * v),
+            losses: z(n),
+            dlogits: z(n * v),
+            dlogits_bf16: be.zeros(n * v),
+            dres: z(n * c),
+            dtmp: z(n * c),
+            dln: z(n * c),
+            datt: z(n * c),
+            dqkv: z(n * 3 * c),
+            dgelu: z(n * 4 * c),
+            dfc: z(n * 4 * c),
+            dyq: std::array::from_fn(|i| GradCast::new(be, fp8, n * outs[i])),
+            g_w: std::array::from_fn(|i| z(outs[i] * ins[i])),
+            g_b: std::array::from_fn(|i| z(outs[i])),
+            g_c: [z(c), z(c)],
+            g_wte: z(v * c),
+            g_wpe: z(self.cfg.seq_len * c),
+        }
+    }
+
+    /// The f32 weight of parameter `i` this step (master itself, or its decoded copy).
+    fn weight<'a>(params: &'a [Param<B>], work: &'a [Option<B::Buf<f32>>], i: usize) -> &'a B::Buf<f32> {
+        match (&params[i].master, &work[i]) {
+            (Master::F32(w), _) => w,
+            (Master::F16 { .. }, Some(w)) => w,
+            (Master::F16 { .. }, None) => unreachable!("workspace holds a decoded copy of every FP16 master"),
+        }
+    }
+
+    /// Derive this step's weights from the masters: decode FP16 masters, cast linear
+    /// weights to BF16 or E4M3 (just-in-time scale), the LM head to BF16.
+    pub fn prepare_weights(&self, be: &B, ws: &mut Workspace<B>) {
+        for (i, p) in self.params.iter().enumerate() {
+            if let (Master::F16 { codes, scale }, Some(w)) = (&p.master, &mut ws.work[i]) {
+                be.decode_f16(w, codes, 1.0 / scale);
+            }
+        }
+        for l in 0..self.cfg.n_layer {
+            for (j, (wi, _)) in LINEARS.iter().enumerate() {
+                let w = Self::weight(&self.params, &ws.work, params::layer_param(l, *wi));
+                ws.views[4 * l + j].update(be, w);
+            }
+        }
+        be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE));
+    }
+
+    /// Forward pass; returns the mean loss. `train`: record amax histories.
+    pub fn forward(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32], train: bool) -> f32 {
+        let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
+        let n = b * t;
+        assert!(
+            tokens.len() == n && targets.len() == n,
+            "forward: batch is not b x t tokens"
+        );
+        ws.tokens = be.upload(tokens);
+        ws.targets = be.upload(targets);
+        let (params, work) = (&self.params, &ws.work);
+        let w = |i: usize| Self::weight(params, work, i);
+        be.encoder_forward(&mut ws.encoded, &ws.tokens, w(params::WTE), w(params::WPE), b, t, c);
+        let shape = AttnShape {
+            b,
+            t,
+            c,
+            nh: self.cfg.n_head,
+        };
+        for l in 0..self.cfg.n_layer {
+            let p = |k: usize| w(params::layer_param(l, k));
+            let (done, rest) = ws.layers.split_at_mut(l);
+            let la = &mut rest[0];
+            let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
+            let sc = &mut self.scaling[4 * l..4 * l + 4];
+            let views = &ws.views[4 * l..4 * l + 4];
+            let [s0, s1, s2, s3] = &mut la.saved;
+            be.layernorm_forward(
+                &mut ws.ln_out,
+                &mut la.ln1_mean,
+                &mut la.ln1_rstd,
+                res_in,
+                p(params::LN1_W),
+                p(params::LN1_B),
+                n,
+                c,
+            );
+            linear::forward(
+                be,
+                &mut la.qkv,
+                &ws.ln_out,
+                &views[0],
+                p(params::QKV_B),
+                s0,
+                &mut sc[0],
+                train,
+                Dims { n, ic: c, oc: 3 * c },
+            );
+            be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape);
+            linear::forward(
+                be,
+                &mut ws.lin_out,
+                &la.att,
+                &views[1],
+                p(params::PROJ_B),
+                s1,
+                &mut sc[1],
+                train,
+                Dims { n, ic: c, oc: c },
+            );
+            be.add(&mut la.res_mid, res_in, &ws.lin_out);
+            be.layernorm_forward(
+                &mut ws.ln_out,
+                &mut la.ln2_mean,
+                &mut la.ln2_rstd,
+                &la.res_mid,
+                p(params::LN2_W),
+                p(params::LN2_B),
+                n,
+                c,
+            );
+            linear::forward(
+                be,
+                &mut la.fc,
+                &ws.ln_out,
+                &views[2],
+                p(params::FC_B),
+                s2,
+                &mut sc[2],
+                train,
+                Dims { n, ic: c, oc: 4 * c },
+            );
+            be.gelu_forward(&mut ws.gelu_out, &la.fc);
+            linear::forward(
+                be,
+                &mut ws.lin_out,
+                &ws.gelu_out,
+                &views[3],
+                p(params::FCPROJ_B),
+                s3,
+                &mut sc[3],
+                train,
+                Dims { n, ic: 4 * c, oc: c },
+            );
+            be.add(&mut la.res_out, &la.res_mid, &ws.lin_out);
+        }
+        let last = if self.cfg.n_layer == 0 {
+            &ws.encoded
+        } else {
+            &ws.layers[self.cfg.n_layer - 1].res_out
+        };
+        let lf = params::lnf_w(&self.cfg);
+        be.layernorm_forward(
+            &mut ws.lnf,
+            &mut ws.lnf_mean,
+            &mut ws.lnf_rstd,
+            last,
+            w(lf),
+            w(lf + 1),
+            n,
+            c,
+        );
+        be.cast_bf16(&mut ws.lnf_bf16, &ws.lnf);
+        be.matmul(
+            &mut ws.logits,
+            Operand::Bf16(&ws.lnf_bf16),
+            Operand::Bf16(&ws.wte_bf16),
+            Product::Forward,
+            n,
+            v,
+            c,
+            1.0,
+        );
+        be.crossentropy(&mut ws.losses, None, &ws.logits, &ws.targets, 0.0, n, v);
+        be.mean(&ws.losses)
+    }
+
+    /// Store parameter `i`'s f32 gradient in its level's format; returns false if it
+    /// held a NaN or infinity.
+    fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>) -> bool {
+        let amax = be.amax(g);
+        match &mut p.grad {
+            GradStore::F32(dst) => be.copy(dst, g),
+            GradStore::Fp8 { codes, scale } => {
+                *scale = scale_from_amax(Fp8Format::E4M3, amax, 0, *scale);
+                be.cast_fp8(codes, g, Fp8Format::E4M3, *scale);
+            }
+        }
+        amax.is_finite()
+    }
+
+    /// Forward and backward of one batch. The loss gradient is multiplied by `mu`, so
+    /// every stored gradient is mu times the true one. `inject_nan` poisons the
+    /// token-embedding gradient (fault tests).
+    pub fn forward_backward(
+        &mut self,
+        be: &B,
+        ws: &mut Workspace<B>,
+        tokens: &[u32],
+        targets: &[u32],
+        mu: f32,
+        inject_nan: bool,
+    ) -> BackwardStats {
+        let loss = self.forward(be, ws, tokens, targets, true);
+        let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
+        let n = b * t;
+        let mut st = BackwardStats {
+            loss,
+            ..Default::default()
+        };
+        let mut finite = true;
+        let Gpt {
+            params, scaling, cfg, ..
+        } = self;
+
+        // Loss and LM head.
+        let dloss = mu / n as f32;
+        be.crossentropy(
+            &mut ws.losses,
+            Some(&mut ws.dlogits),
+            &ws.logits,
+            &ws.targets,
+            dloss,
+            n,
+            v,
+        );
+        be.cast_bf16(&mut ws.dlogits_bf16, &ws.dlogits);
+        be.matmul(
+            &mut ws.dln,
+            Operand::Bf16(&ws.dlogits_bf16),
+            Operand::Bf16(&ws.wte_bf16),
+            Product::Dgrad,
+            n,
+            v,
+            c,
+            1.0,
+        );
+        be.matmul(
+            &mut ws.g_wte,
+            Operand::Bf16(&ws.dlogits_bf16),
+            Operand::Bf16(&ws.lnf_bf16),
+            Product::Wgrad,
+            n,
+            v,
+            c,
+            1.0,
+        );
+        let lf = params::lnf_w(cfg);
+        let last = if cfg.n_layer == 0 {
+            &ws.encoded
+        } else {
+            &ws.layers[cfg.n_layer - 1].res_out
+        };
+        {
+            let w = Self::weight(params, &ws.work, lf);
+            let [gc0, gc1] = &mut ws.g_c;
+            be.layernorm_backward(
+                &mut ws.dres,
+                gc0,
+                gc1,
+                &ws.dln,
+                last,
+                w,
+                &ws.lnf_mean,
+                &ws.lnf_rstd,
+                n,
+                c,
+            );
+        }
+        finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0]);
+        finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1]);
+
+        let shape = AttnShape {
+            b,
+            t,
+            c,
+            nh: cfg.n_head,
+        };
+        for l in (0..cfg.n_layer).rev() {
+            let idx = |k: usize| params::layer_param(l, k);
+            let (done, rest) = ws.layers.split_at(l);
+            let la = &rest[0];
+            let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
+            let sc = &mut scaling[4 * l..4 * l + 4];
+            let views = &ws.views[4 * l..4 * l + 4];
+            let work = &ws.work;
+            let dims = [
+                Dims { n, ic: c, oc: 3 * c },
+                Dims { n, ic: c, oc: c },
+                Dims { n, ic: c, oc: 4 * c },
+                Dims { n, ic: 4 * c, oc: c },
+            ];
+            let [q0, q1, q2, q3] = &mut ws.dyq;
+            let [gw0, gw1, gw2, gw3] = &mut ws.g_w;
+            let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
+
+            // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
+            st.saturated += linear::backward(
+                be,
+                &mut ws.dgelu,
+                gw3,
+                gb3,
+                &ws.dres,
+                &views[3],
+                &la.saved[3],
+                &mut sc[3],
+                q3,
+                dims[3],
+            );
+            finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_W)], gw3);
+            finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_B)], gb3);
+            be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu);
+            st.saturated += linear::backward(
+                be,
+                &mut ws.dln,
+                gw2,
+                gb2,
+                &ws.dfc,
+                &views[2],
+                &la.saved[2],
+                &mut sc[2],
+                q2,
+                dims[2],
+            );
+            finite &= Self::store_grad(be, &mut params[idx(params::FC_W)], gw2);
+            finite &= Self::store_grad(be, &mut params[idx(params::FC_B)], gb2);
+            {
+                let [gc0, gc1] = &mut ws.g_c;
+                let w2 = Self::weight(params, work, idx(params::LN2_W));
+                be.layernorm_backward(
+                    &mut ws.dtmp,
+                    gc0,
+                    gc1,
+                    &ws.dln,
+                    &la.res_mid,
+                    w2,
+                    &la.ln2_mean,
+                    &la.ln2_rstd,
+                    n,
+                    c,
+                );
+            }
+            finite &= Self::store_grad(be, &mut params[idx(params::LN2_W)], &ws.g_c[0]);
+            finite &= Self::store_grad(be, &mut params[idx(params::LN2_B)], &ws.g_c[1]);
+            be.accumulate(&mut ws.dres, &ws.dtmp);
+
+            // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
+            st.saturated += linear::backward(
+                be,
+                &mut ws.datt,
+                gw1,
+                gb1,
+                &ws.dres,
+                &views[1],
+                &la.saved[1],
+                &mut sc[1],
+                q1,
+                dims[1],
+            );
+            finite &= Self::store_grad(be, &mut params[idx(params::PROJ_W)], gw1);
+            finite &= Self::store_grad(be, &mut params[idx(params::PROJ_B)], gb1);
+            be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape);
+            st.saturated += linear::backward(
+                be,
+                &mut ws.dln,
+                gw0,
+                gb0,
+                &ws.dqkv,
+                &views[0],
+                &la.saved[0],
+                &mut sc[0],
+                q0,
+                dims[0],
+            );
+            finite &= Self::store_grad(be, &mut params[idx(params::QKV_W)], gw0);
+            finite &= Self::store_grad(be, &mut params[idx(params::QKV_B)], gb0);
+            {
+                let [gc0, gc1] = &mut ws.g_c;
+                let w1 = Self::weight(params, work, idx(params::LN1_W));
+                be.layernorm_backward(
+                    &mut ws.dtmp,
+                    gc0,
+                    gc1,
+                    &ws.dln,
+                    res_in,
+                    w1,
+                    &la.ln1_mean,
+                    &la.ln1_rstd,
+                    n,
+                    c,
+                );
+            }
+            finite &= Self::store_grad(be, &mut params[idx(params::LN1_W)], &ws.g_c[0]);
+            finite &= Self::store_grad(be, &mut params[idx(params::LN1_B)], &ws.g_c[1]);
+            be.accumulate(&mut ws.dres, &ws.dtmp);
+            if self.level.fp8() {
+                st.cast_elements += (n * (3 * c + c + 4 * c + c)) as u64;
+            }
+        }
+        be.encoder_backward(&mut ws.g_wte, &mut ws.g_wpe, &ws.dres, &ws.tokens, b, t, c);
+        if inject_nan {
+            be.set(&mut ws.g_wte, 0, f32::NAN);
+        }
+        finite &= Self::store_grad(be, &mut params[params::WTE], &ws.g_wte);
+        finite &= Self::store_grad(be, &mut params[params::WPE], &ws.g_wpe);
+        st.overflow = !finite;
+        st
+    }
+
+    /// Sum of squares of the stored gradients (mu-scaled), each tensor in the
+    /// contract's order, tensors added in parameter order.
+    pub fn grad_sum_sq(&self, be: &B) -> f32 {
+        let mut total = 0f32;
+        for p in &self.params {
+            total += match &p.grad {
+                GradStore::F32(g) => be.sum_sq(g),
+                GradStore::Fp8 { codes, scale } => {
+                    let mut tmp = be.zeros::<f32>(p.spec.numel());
+                    be.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, 1.0 / scale);
+                    be.sum_sq(&tmp)
+                }
+            };
+        }
+        total
+    }
+
+    /// One AdamW step on every parameter. `t` counts optimizer steps taken (1-based).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw_step(&mut self, be: &B, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64, grad_scale: f32) {
+        for p in &mut self.params {
+            let decay = if p.spec.decay { wd } else { 0.0 };
+            let h = AdamStep::new(lr, beta1, beta2, eps, decay, t, grad_scale);
+            let grad = match &p.grad {
+                GradStore::F32(g) => GradRef::F32(g),
+                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, *scale),
+            };
+            let state = match (&mut p.master, &mut p.moments) {
+                (Master::F32(master), Moments::F32 { m, v }) => AdamState::F32 { master, m, v },
+                (Master::F16 { codes, scale }, Moments::F32 { m, v }) => AdamState::O1 {
+                    master: codes,
+                    master_scale: scale,
+                    m,
+                    v,
+                },
+                (Master::F16 { codes, scale }, Moments::Scaled { m, m_scale, v, v_scale }) => AdamState::O2 {
+                    master: codes,
+                    master_scale: scale,
+                    m,
+                    m_scale,
+                    v,
+                    v_scale,
+                },
+                (Master::F32(_), Moments::Scaled { .. }) => {
+                    unreachable!("no level pairs f32 masters with scaled moments")
+                }
+            };
+            be.adamw(state, grad, &h);
+        }
+    }
+
+    /// Mean loss of a batch without touching any state that training keeps.
+    pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> f32 {
+        self.forward(be, ws, tokens, targets, false)
+    }
+
+    /// Linear weights count (FP8 in O1/O2).
+    pub fn fp8_params(&self) -> usize {
+        self.params
+            .iter()
+            .filter(|p| p.spec.kind == Kind::LinearWeight)
+            .map(|p| p.spec.numel())
+            .sum()
+    }
+}

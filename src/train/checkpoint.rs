@@ -1,0 +1,420 @@
+//! Checkpoints: one folder per saved step, `RUN/checkpoints/step-NNNNNN/`, holding
+//!
+//! - `model.safetensors`: the weights as f32 (exact values of the masters), loadable by
+//!   Python's `safetensors` + PyTorch; tensor names are listed in the README;
+//! - `state.safetensors`: everything else a bit-identical resume needs, in its stored
+//!   formats (FP16 masters, E4M3/FP16 or f32 Adam moments) with the scales, amax
+//!   histories, gradient scale mu, step counters and the run config in its metadata
+//!   (floats as their bit patterns);
+//! - `manifest.json`: size and SHA-256 of both files, written last.
+//!
+//! A checkpoint is written into a temporary folder, every file fsynced, then renamed
+//! into place (and the parent fsynced), so a crash leaves either the old state or the
+//! new one. Loading verifies sizes and checksums before parsing anything.
+
+use super::config::Config;
+use crate::backend::Backend;
+use crate::model::params::{GradStore, Master, Moments};
+use crate::model::{Gpt, Level};
+use fp8sim::half16::f16;
+use fp8sim::scaling::DelayedScaling;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Training-loop state that a resume restores besides the model.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoopState {
+    /// Steps completed (the next step to run, 0-based).
+    pub step: u64,
+    /// Optimizer steps taken (skipped steps excluded).
+    pub opt_steps: u64,
+    /// Gradient scale mu, as bits.
+    pub mu_bits: u32,
+    /// Clean steps since mu last changed.
+    pub good_steps: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ScalingRecord {
+    scale_bits: u32,
+    history_bits: Vec<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ParamScales {
+    master: u32,
+    grad: u32,
+    m: u32,
+    v: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StateMeta {
+    level: Level,
+    loop_state: LoopState,
+    params: Vec<ParamScales>,
+    act: Vec<ScalingRecord>,
+    grad: Vec<ScalingRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileEntry {
+    bytes: u64,
+    sha256: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    format: String,
+    step: u64,
+    files: BTreeMap<String, FileEntry>,
+}
+
+const FORMAT: &str = "fp8train-checkpoint-1";
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn bytes_f32(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+fn bytes_f16(v: &[f16]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()
+}
+
+fn record(ds: &DelayedScaling) -> ScalingRecord {
+    ScalingRecord {
+        scale_bits: ds.scale().to_bits(),
+        history_bits: ds.history().map(f32::to_bits).collect(),
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("checkpoint: cannot write {}: {e}", path.display());
+    let mut f = File::create(path).map_err(err)?;
+    f.write_all(data).map_err(err)?;
+    f.sync_all().map_err(err)
+}
+
+fn sync_dir(path: &Path) {
+    // Directory fsync makes the rename durable; not every filesystem supports it.
+    if let Ok(d) = File::open(path) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Write a checkpoint of `model` at `state.step` under `run_dir/checkpoints/`.
+pub fn save<B: Backend>(
+    be: &B,
+    run_dir: &Path,
+    model: &Gpt<B>,
+    cfg: &Config,
+    state: LoopState,
+) -> Result<PathBuf, String> {
+    let ckpts = run_dir.join("checkpoints");
+    std::fs::create_dir_all(&ckpts).map_err(|e| format!("checkpoint: cannot create {}: {e}", ckpts.display()))?;
+    let name = format!("step-{:06}", state.step);
+    let tmp = ckpts.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| format!("checkpoint: cannot create {}: {e}", tmp.display()))?;
+
+    // model.safetensors: f32 weights.
+    let weights: Vec<(String, Vec<f32>, Vec<usize>)> = model
+        .params
+        .iter()
+        .map(|p| (p.spec.name.clone(), p.master_f32(be), p.spec.shape.clone()))
+        .collect();
+    let wbytes: Vec<Vec<u8>> = weights.iter().map(|w| bytes_f32(&w.1)).collect();
+    let views: Vec<(String, TensorView)> = weights
+        .iter()
+        .zip(&wbytes)
+        .map(|(w, b)| {
+            (
+                w.0.clone(),
+                TensorView::new(Dtype::F32, w.2.clone(), b).expect("sizes match"),
+            )
+        })
+        .collect();
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("fp8train_config".to_string(), cfg.to_toml());
+    let model_bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))?;
+
+    // state.safetensors: stored formats, scales and loop state.
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut scales = Vec::new();
+    for p in &model.params {
+        let shape = p.spec.shape.clone();
+        let (master_scale, grad_scale, mut m_scale, mut v_scale) = (
+            match &p.master {
+                Master::F32(w) => {
+                    tensors.push((
+                        format!("master.{}", p.spec.name),
+                        Dtype::F32,
+                        shape.clone(),
+                        bytes_f32(&be.download(w)),
+                    ));
+                    1.0f32
+                }
+                Master::F16 { codes, scale } => {
+                    tensors.push((
+                        format!("master.{}", p.spec.name),
+                        Dtype::F16,
+                        shape.clone(),
+                        bytes_f16(&be.download(codes)),
+                    ));
+                    *scale
+                }
+            },
+            match &p.grad {
+                GradStore::F32(_) => 1.0f32,
+                GradStore::Fp8 { scale, .. } => *scale,
+            },
+            1.0f32,
+            1.0f32,
+        );
+        match &p.moments {
+            Moments::F32 { m, v } => {
+                tensors.push((
+                    format!("adam_m.{}", p.spec.name),
+                    Dtype::F32,
+                    shape.clone(),
+                    bytes_f32(&be.download(m)),
+                ));
+                tensors.push((
+                    format!("adam_v.{}", p.spec.name),
+                    Dtype::F32,
+                    shape.clone(),
+                    bytes_f32(&be.download(v)),
+                ));
+            }
+            Moments::Scaled {
+                m,
+                m_scale: ms,
+                v,
+                v_scale: vs,
+            } => {
+                tensors.push((
+                    format!("adam_m.{}", p.spec.name),
+                    Dtype::F8_E4M3,
+                    shape.clone(),
+                    be.download(m),
+                ));
+                tensors.push((
+                    format!("adam_v.{}", p.spec.name),
+                    Dtype::F16,
+                    shape.clone(),
+                    bytes_f16(&be.download(v)),
+                ));
+                m_scale = *ms;
+                v_scale = *vs;
+            }
+        }
+        scales.push(ParamScales {
+            master: master_scale.to_bits(),
+            grad: grad_scale.to_bits(),
+            m: m_scale.to_bits(),
+            v: v_scale.to_bits(),
+        });
+    }
+    let smeta = StateMeta {
+        level: model.level,
+        loop_state: state,
+        params: scales,
+        act: model.scaling.iter().map(|s| record(&s.act)).collect(),
+        grad: model.scaling.iter().map(|s| record(&s.grad)).collect(),
+    };
+    let mut meta = HashMap::new();
+    meta.insert(
+        "fp8train_state".to_string(),
+        serde_json::to_string(&smeta).expect("state serialises"),
+    );
+    meta.insert("fp8train_config".to_string(), cfg.to_toml());
+    let sviews: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("sizes match")))
+        .collect();
+    let state_bytes = safetensors::serialize(sviews, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))?;
+
+    let mut files = BTreeMap::new();
+    for (fname, data) in [("model.safetensors", &model_bytes), ("state.safetensors", &state_bytes)] {
+        write_synced(&tmp.join(fname), data)?;
+        files.insert(
+            fname.to_string(),
+            FileEntry {
+                bytes: data.len() as u64,
+                sha256: hex(&Sha256::digest(data)),
+            },
+        );
+    }
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        step: state.step,
+        files,
+    };
+    write_synced(
+        &tmp.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest).expect("json").as_bytes(),
+    )?;
+    sync_dir(&tmp);
+    let dest = ckpts.join(&name);
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| format!("checkpoint: cannot replace {}: {e}", dest.display()))?;
+    }
+    std::fs::rename(&tmp, &dest).map_err(|e| format!("checkpoint: cannot move into place {}: {e}", dest.display()))?;
+    sync_dir(&ckpts);
+    Ok(dest)
+}
+
+/// The checkpoint folder meant by `path`: a checkpoint itself, or a run folder (its
+/// newest checkpoint).
+pub fn resolve(path: &Path) -> Result<PathBuf, String> {
+    if path.join("manifest.json").is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let ckpts = path.join("checkpoints");
+    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ckpts)
+        .map_err(|_| {
+            format!(
+                "{}: not a checkpoint (no manifest.json) nor a run folder with checkpoints",
+                path.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    steps.sort();
+    steps
+        .pop()
+        .ok_or_else(|| format!("{}: the run folder has no checkpoints", path.display()))
+}
+
+/// Read and verify one file of a checkpoint against the manifest.
+fn read_verified(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>, String> {
+    let entry = manifest
+        .files
+        .get(name)
+        .ok_or_else(|| format!("checkpoint {}: manifest does not list {name}", dir.display()))?;
+    let data =
+        std::fs::read(dir.join(name)).map_err(|e| format!("checkpoint {}: cannot read {name}: {e}", dir.display()))?;
+    if data.len() as u64 != entry.bytes {
+        return Err(format!(
+            "checkpoint {}: {name} has {} bytes, the manifest says {} (truncated or replaced)",
+            dir.display(),
+            data.len(),
+            entry.bytes
+        ));
+    }
+    if hex(&Sha256::digest(&data)) != entry.sha256 {
+        return Err(format!(
+            "checkpoint {}: {name} fails its SHA-256 check (corrupt)",
+            dir.display()
+        ));
+    }
+    Ok(data)
+}
+
+fn tensor_bytes<'a>(st: &'a SafeTensors, name: &str, dtype: Dtype, numel: usize) -> Result<&'a [u8], String> {
+    let t = st.tensor(name).map_err(|e| format!("checkpoint: tensor {name}: {e}"))?;
+    let width = match dtype {
+        Dtype::F32 => 4,
+        Dtype::F16 => 2,
+        _ => 1,
+    };
+    if t.dtype() != dtype || t.data().len() != numel * width {
+        return Err(format!(
+            "checkpoint: tensor {name} has dtype {:?} and {} bytes, expected {dtype:?} x {numel}",
+            t.dtype(),
+            t.data().len()
+        ));
+    }
+    Ok(t.data())
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+fn f16s(b: &[u8]) -> Vec<f16> {
+    b.chunks_exact(2)
+        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+        .collect()
+}
+
+/// Load a checkpoint: its config, the model with all optimizer and scaling state,
+/// and the loop state.
+pub fn load<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, LoopState), String> {
+    let dir = resolve(path)?;
+    let mtext = std::fs::read_to_string(dir.join("manifest.json"))
+        .map_err(|e| format!("checkpoint {}: cannot read manifest.json: {e}", dir.display()))?;
+    let manifest: Manifest = serde_json::from_str(&mtext)
+        .map_err(|e| format!("checkpoint {}: manifest.json is not valid: {e}", dir.display()))?;
+    if manifest.format != FORMAT {
+        return Err(format!(
+            "checkpoint {}: unknown format '{}' (expected {FORMAT})",
+            dir.display(),
+            manifest.format
+        ));
+    }
+    let state_bytes = read_verified(&dir, &manifest, "state.safetensors")?;
+    read_verified(&dir, &manifest, "model.safetensors")?;
+    let (_, header) =
+        SafeTensors::read_metadata(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let cfg_text = meta
+        .get("fp8train_config")
+        .ok_or("checkpoint: state.safetensors has no config")?;
+    let cfg = Config::from_toml(cfg_text)?;
+    cfg.validate()?;
+    let smeta: StateMeta = serde_json::from_str(meta.get("fp8train_state").ok_or("checkpoint: no training state")?)
+        .map_err(|e| format!("checkpoint: training state is not valid: {e}"))?;
+    let st = SafeTensors::deserialize(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
+    let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window);
+    if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
+        return Err("checkpoint: parameter or layer count does not match its config".into());
+    }
+    for (p, sc) in model.params.iter_mut().zip(&smeta.params) {
+        let n = p.spec.numel();
+        let name = &p.spec.name;
+        match &mut p.master {
+            Master::F32(w) => *w = be.upload(&f32s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F32, n)?)),
+            Master::F16 { codes, scale } => {
+                *codes = be.upload(&f16s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F16, n)?));
+                *scale = f32::from_bits(sc.master);
+            }
+        }
+        if let GradStore::Fp8 { scale, .. } = &mut p.grad {
+            *scale = f32::from_bits(sc.grad);
+        }
+        match &mut p.moments {
+            Moments::F32 { m, v } => {
+                *m = be.upload(&f32s(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F32, n)?));
+                *v = be.upload(&f32s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F32, n)?));
+            }
+            Moments::Scaled { m, m_scale, v, v_scale } => {
+                *m = be.upload(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F8_E4M3, n)?);
+                *v = be.upload(&f16s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F16, n)?));
+                *m_scale = f32::from_bits(sc.m);
+                *v_scale = f32::from_bits(sc.v);
+            }
+        }
+    }
+    for (s, (a, g)) in model.scaling.iter_mut().zip(smeta.act.iter().zip(&smeta.grad)) {
+        let hist = |r: &ScalingRecord| r.history_bits.iter().map(|&b| f32::from_bits(b)).collect::<Vec<_>>();
+        s.act = DelayedScaling::restore(s.act.config, &hist(a), f32::from_bits(a.scale_bits));
+        s.grad = DelayedScaling::restore(s.grad.config, &hist(g), f32::from_bits(g.scale_bits));
+    }
+    Ok((cfg, model, smeta.loop_state))
+}

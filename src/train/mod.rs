@@ -1,0 +1,335 @@
+//! The training loop: one clear line per logged step, a run folder with the resolved
+//! config, metrics as JSON lines, checkpoints and a loss-curve plot.
+
+pub mod checkpoint;
+pub mod config;
+pub mod report;
+
+use crate::backend::Backend;
+use crate::data::{self, Dataset};
+use crate::model::gpt::Workspace;
+use crate::model::Gpt;
+use checkpoint::LoopState;
+use config::Config;
+use serde_json::json;
+use slog::{info, warn, Logger};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Learning rate of step `step` (0-based): linear warmup, then cosine decay to
+/// `lr * min_lr_frac`. Host-side scalar, computed in f64 with [`cos_pi`].
+pub fn lr_at(cfg: &config::TrainConfig, step: u64) -> f32 {
+    let lr = cfg.lr as f64;
+    if step < cfg.warmup_steps {
+        return (lr * (step + 1) as f64 / cfg.warmup_steps as f64) as f32;
+    }
+    let span = cfg.steps.saturating_sub(cfg.warmup_steps).max(1);
+    let frac = ((step - cfg.warmup_steps) as f64 / span as f64).min(1.0);
+    let min = lr * cfg.min_lr_frac as f64;
+    (min + (lr - min) * 0.5 * (1.0 + cos_pi(frac))) as f32
+}
+
+/// cos(pi * x) for x in [0, 1] by its Taylor series (plain arithmetic, so every
+/// machine computes the same schedule, whatever its libm).
+pub fn cos_pi(x: f64) -> f64 {
+    let a = std::f64::consts::PI * x.clamp(0.0, 1.0);
+    let a2 = a * a;
+    let (mut term, mut sum) = (1.0f64, 1.0f64);
+    for k in 1..30 {
+        term *= -a2 / ((2 * k - 1) * (2 * k)) as f64;
+        sum += term;
+    }
+    sum
+}
+
+/// Smallest and largest gradient scale mu (powers of two, so unscaling is exact).
+const MU_MIN: f32 = 1.0 / 16_777_216.0;
+const MU_MAX: f32 = 16_777_216.0;
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct RunOutcome {
+    pub run_dir: PathBuf,
+    pub final_val_loss: f32,
+    pub train_losses: Vec<f32>,
+    pub tokens_per_s: f64,
+    pub bytes_per_param: f64,
+    pub meta_bytes: usize,
+    pub num_params: usize,
+    pub skipped_steps: u64,
+    pub final_mu: f32,
+}
+
+/// Validation loss: mean over the fixed validation batches (batch means added in
+/// order, then divided by the count).
+pub fn val_loss<B: Backend>(
+    be: &B,
+    model: &mut Gpt<B>,
+    ws: &mut Workspace<B>,
+    batches: &[(Vec<u32>, Vec<u32>)],
+) -> f32 {
+    model.prepare_weights(be, ws);
+    let mut sum = 0f32;
+    for (x, y) in batches {
+        sum += model.eval_loss(be, ws, x, y);
+    }
+    sum / batches.len() as f32
+}
+
+/// Appends JSON lines to `metrics.jsonl`.
+struct Metrics(std::fs::File);
+
+impl Metrics {
+    fn open(run_dir: &Path, keep_up_to_step: Option<u64>) -> Result<Metrics, String> {
+        let path = run_dir.join("metrics.jsonl");
+        if let Some(limit) = keep_up_to_step {
+            // Resuming: keep the records up to the checkpoint; later steps run again.
+            let old = std::fs::read_to_string(&path).unwrap_or_default();
+            let kept: String = old
+                .lines()
+                .filter(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .and_then(|v| v["step"].as_u64())
+                        .is_none_or(|s| s <= limit)
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(&path, kept).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Ok(Metrics(f))
+    }
+    fn write(&mut self, v: serde_json::Value) {
+        let _ = writeln!(self.0, "{v}");
+    }
+}
+
+/// Where training starts: fresh, or from a checkpoint.
+pub enum Start<B: Backend> {
+    Fresh,
+    Resume(Box<Gpt<B>>, LoopState),
+}
+
+/// Train per `cfg` into `run_dir`. Prints one line per logged step on stdout (through
+/// the progress bar when there is one).
+pub fn train<B: Backend>(
+    be: &B,
+    cfg: &Config,
+    start: Start<B>,
+    run_dir: &Path,
+    log: &Logger,
+    progress: bool,
+) -> Result<RunOutcome, String> {
+    cfg.validate()?;
+    let tc = &cfg.train;
+    let ds = Dataset::load(&cfg.data, tc.seed)?;
+    ds.check_fits(cfg.model.seq_len)?;
+    std::fs::create_dir_all(run_dir).map_err(|e| format!("cannot create run folder {}: {e}", run_dir.display()))?;
+    let resumed = matches!(start, Start::Resume(..));
+    let (mut model, mut ls) = match start {
+        Start::Fresh => (
+            Gpt::new(be, &cfg.model, tc.level, tc.seed, tc.amax_window),
+            LoopState {
+                step: 0,
+                opt_steps: 0,
+                mu_bits: 1f32.to_bits(),
+                good_steps: 0,
+            },
+        ),
+        Start::Resume(m, s) => (*m, s),
+    };
+    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
+        .map_err(|e| format!("cannot write {}: {e}", run_dir.join("config.toml").display()))?;
+    let mut metrics = Metrics::open(run_dir, resumed.then_some(ls.step))?;
+    let (b, t) = (tc.batch_size, cfg.model.seq_len);
+    let mut ws = model.workspace(be, b, t);
+    let val = data::val_batches(&ds.val, b, t, tc.eval_batches);
+
+    let np = model.num_params();
+    let (data_bytes, meta_bytes) = model.state_bytes(be);
+    let bpp = data_bytes as f64 / np as f64;
+    info!(log, "run"; "dir" => run_dir.display().to_string(), "backend" => be.name(), "level" => tc.level.to_string(),
+          "params" => np, "data" => &ds.description, "resumed_at_step" => if resumed { ls.step } else { 0 });
+    println!(
+        "fp8train: {} parameters, level {}: {:.2} bytes/param in weights + gradients + optimizer state \
+         (measured from the buffers held; + {} bytes of scale metadata)",
+        np, tc.level, bpp, meta_bytes
+    );
+    if !resumed {
+        metrics.write(
+            json!({"kind": "data", "description": ds.description, "entropy_floor": ds.entropy_floor,
+            "unigram_entropy": ds.unigram_entropy, "level": tc.level.to_string(), "params": np,
+            "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes}),
+        );
+    }
+
+    let pb = progress.then(|| {
+        let pb = indicatif::ProgressBar::new(tc.steps);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps  {elapsed_precise} elapsed, ETA {eta}  {msg}",
+            )
+            .expect("template"),
+        );
+        pb.set_position(ls.step);
+        pb
+    });
+    let say = |line: String| match &pb {
+        Some(pb) => pb.println(line),
+        None => println!("{line}"),
+    };
+
+    let mut mu = f32::from_bits(ls.mu_bits);
+    let mut train_losses = Vec::new();
+    let mut skipped = 0u64;
+    let run_start = Instant::now();
+    let mut tokens_done = 0u64;
+    let mut last_val = f32::NAN;
+    while ls.step < tc.steps {
+        let step = ls.step;
+        let t0 = Instant::now();
+        let lr = lr_at(tc, step);
+        let (x, y) = data::train_batch(&ds.train, tc.seed, step, b, t);
+        model.prepare_weights(be, &mut ws);
+        let inject = tc.inject_nan_at_step == step + 1;
+        let st = model.forward_backward(be, &mut ws, &x, &y, mu, inject);
+        let mut norm = f32::NAN;
+        if st.overflow {
+            let old = mu;
+            mu = (mu * 0.5).max(MU_MIN);
+            ls.good_steps = 0;
+            skipped += 1;
+            warn!(log, "overflow: non-finite gradients, step skipped"; "step" => step + 1, "mu_old" => old, "mu_new" => mu);
+        } else {
+            norm = model.grad_sum_sq(be).sqrt() / mu;
+            let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip {
+                tc.grad_clip / norm
+            } else {
+                1.0
+            };
+            ls.opt_steps += 1;
+            model.adamw_step(
+                be,
+                lr,
+                tc.beta1,
+                tc.beta2,
+                tc.eps,
+                tc.weight_decay,
+                ls.opt_steps,
+                clip / mu,
+            );
+            // mu grows after a run of clean steps. (Saturation of the FP8 gradient
+            // reduction, the paper's other trigger, arises once gradients are summed
+            // across ranks; one rank's just-in-time weight gradients cannot saturate.)
+            ls.good_steps += 1;
+            if ls.good_steps >= tc.mu_growth_interval {
+                mu = (mu * 2.0).min(MU_MAX);
+                ls.good_steps = 0;
+            }
+        }
+        ls.step += 1;
+        ls.mu_bits = mu.to_bits();
+        let secs = t0.elapsed().as_secs_f64();
+        tokens_done += (b * t) as u64;
+        let tok_s = (b * t) as f64 / secs;
+        train_losses.push(st.loss);
+        metrics.write(
+            json!({"kind": "step", "step": ls.step, "loss": st.loss, "loss_bits": st.loss.to_bits(),
+            "grad_norm": norm, "lr": lr, "ms": secs * 1e3, "tok_s": tok_s, "mu": mu, "skipped": st.overflow,
+            "dy_saturated": st.saturated, "dy_elements": st.cast_elements}),
+        );
+        if ls.step == 1 || ls.step % tc.log_every == 0 || ls.step == tc.steps || st.overflow {
+            let mut line = format!(
+                "step {:>5}/{} | loss {:.4} | norm {:.4} | lr {:.2e} | {:.1} ms | {:.0} tok/s",
+                ls.step,
+                tc.steps,
+                st.loss,
+                norm,
+                lr,
+                secs * 1e3,
+                tok_s
+            );
+            if st.overflow {
+                line += &format!(" | skipped: non-finite gradients, mu -> {mu}");
+            }
+            say(line);
+        }
+        if let Some(pb) = &pb {
+            pb.set_position(ls.step);
+            pb.set_message(format!("loss {:.4}", st.loss));
+        }
+        let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step % tc.eval_every == 0);
+        if eval_now {
+            last_val = val_loss(be, &mut model, &mut ws, &val);
+            metrics.write(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
+            say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
+        }
+        if ls.step == tc.steps || (tc.checkpoint_every > 0 && ls.step % tc.checkpoint_every == 0) {
+            let dir = checkpoint::save(be, run_dir, &model, cfg, ls)?;
+            info!(log, "checkpoint written"; "dir" => dir.display().to_string());
+        }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let tokens_per_s = tokens_done as f64 / run_start.elapsed().as_secs_f64().max(1e-9);
+    metrics.write(json!({"kind": "final", "step": ls.step, "val_loss": last_val, "tok_s": tokens_per_s}));
+    drop(metrics);
+    match report::write_plot(run_dir) {
+        Ok(p) => info!(log, "loss curve"; "file" => p.display().to_string()),
+        Err(e) => warn!(log, "no loss curve"; "error" => e),
+    }
+    let floor = ds
+        .entropy_floor
+        .map(|f| format!(", entropy floor {f:.4}"))
+        .unwrap_or_default();
+    println!(
+        "fp8train: final val loss {:.4} (unigram entropy {:.4}{}) | {:.0} tok/s | run folder {}",
+        last_val,
+        ds.unigram_entropy,
+        floor,
+        tokens_per_s,
+        run_dir.display()
+    );
+    Ok(RunOutcome {
+        run_dir: run_dir.to_path_buf(),
+        final_val_loss: last_val,
+        train_losses,
+        tokens_per_s,
+        bytes_per_param: bpp,
+        meta_bytes,
+        num_params: np,
+        skipped_steps: skipped,
+        final_mu: mu,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_and_cosine() {
+        for x in [0.0, 0.1, 0.25, 0.5, 0.77, 1.0] {
+            assert!((cos_pi(x) - (std::f64::consts::PI * x).cos()).abs() < 1e-14);
+        }
+        let tc = config::TrainConfig {
+            steps: 100,
+            warmup_steps: 10,
+            lr: 1.0,
+            min_lr_frac: 0.1,
+            ..Default::default()
+        };
+        assert_eq!(lr_at(&tc, 0), 0.1);
+        assert_eq!(lr_at(&tc, 9), 1.0);
+        assert_eq!(lr_at(&tc, 10), 1.0);
+        assert!((lr_at(&tc, 99) - 0.1).abs() < 1e-3);
+        assert!(lr_at(&tc, 55) < 0.6 && lr_at(&tc, 55) > 0.5);
+    }
+}
