@@ -70,7 +70,7 @@ pub enum Command {
     /// Regenerate a run folder's report (loss-curve plot) and print its summary.
     Report(ReportArgs),
     /// Show the machine's topology and the rank -> GPU -> CPU/memory placement plan.
-    Topo(Pending),
+    Topo(TopoArgs),
     /// Benchmarks that print figures against a baseline measured in the same run.
     Bench(BenchArgs),
     /// Check the CUDA backend against the simulator, op by op.
@@ -128,6 +128,32 @@ pub struct TrainArgs {
     /// No progress bar even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+}
+
+#[derive(Args, Debug, Default, Clone)]
+pub struct TopoArgs {
+    /// Ranks on this node (default: one per GPU, or 1 without GPUs).
+    #[arg(long)]
+    pub ranks_per_node: Option<usize>,
+    /// Tensor-parallel size (groups of consecutive ranks, inside one NVLink island).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
+    /// Read the machine from an hwloc XML file instead of discovering it.
+    #[arg(long)]
+    pub topology_xml: Option<std::path::PathBuf>,
+    /// An NCCL topology file (NCCL_TOPO_FILE format): the machine when no hwloc XML is
+    /// given, and its NVLink entries for the islands.
+    #[arg(long)]
+    pub nccl_topo: Option<std::path::PathBuf>,
+    /// Declare NVLink islands, e.g. "0-7" or "0-3 4-7".
+    #[arg(long)]
+    pub islands: Option<String>,
+    /// Print JSON instead of the summary and table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write this machine's hwloc XML to a file (to make a fixture of a real machine).
+    #[arg(long)]
+    pub export_xml: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -9,4 +9,5 @@ pub mod commands;
 pub mod data;
 pub mod logging;
 pub mod model;
+pub mod topo_cmd;
 pub mod train;

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 /// What each unbuilt subcommand is waiting for.
 fn pending_reason(name: &str) -> &'static str {
     match name {
-        "topo" => "hwloc discovery and the placement plan come with the topology work",
         "verify" => "it needs the CUDA backend",
         _ => "it is on the roadmap",
     }
@@ -48,6 +47,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => commands::eval_cmd(a),
         Command::Sample(a) => commands::sample_cmd(a),
         Command::Report(a) => commands::report_cmd(a),
+        Command::Topo(a) => fp8train::topo_cmd::topo_cmd(a),
         other => {
             let name = other.name();
             eprintln!("fp8train {name}: not built yet ({})", pending_reason(name));
@@ -57,9 +57,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            slog::error!(log, "{}", e);
-            drop(_guard);
-            eprintln!("fp8train: error: {e}");
+            if cli.log_json {
+                slog::error!(log, "{}", e);
+            } else {
+                eprintln!("fp8train: error: {e}");
+            }
             ExitCode::FAILURE
         }
     }

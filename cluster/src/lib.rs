@@ -1,6 +1,8 @@
 //! `fp8cluster`: everything between processes and machines (MPI bootstrap,
 //! collectives, hwloc topology and pinning).
 
+pub mod topo;
+
 /// The MPI library's own version string (Open MPI, MPICH, ...), as linked.
 pub fn mpi_library_version() -> String {
     mpi::environment::library_version().unwrap_or_else(|_| "unknown MPI library".into())
