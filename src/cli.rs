@@ -128,6 +128,9 @@ pub struct TrainArgs {
     /// No progress bar even on a terminal.
     #[arg(long)]
     pub no_progress: bool,
+    /// Do not bind this process to the CPUs and memory of its placement.
+    #[arg(long)]
+    pub no_bind: bool,
 }
 
 #[derive(Args, Debug, Default, Clone)]

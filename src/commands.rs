@@ -78,6 +78,9 @@ fn new_run_dir(cfg: &Config) -> Result<PathBuf, String> {
 
 pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
     let progress = !a.no_progress && std::io::stderr().is_terminal();
+    if !a.no_bind {
+        crate::topo_cmd::bind_at_start(0, 1, log);
+    }
     if let Some(path) = &a.resume {
         let (ckpt_cfg, model, state) = checkpoint::load(&Sim, path)?;
         let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;

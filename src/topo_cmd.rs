@@ -1,7 +1,7 @@
 //! `fp8train topo`, and the placement used at training start.
 
 use crate::cli::TopoArgs;
-use fp8cluster::topo::{self, hwloc, islands, nccl, plan, Islands, Machine, Placement};
+use fp8cluster::topo::{self, hwloc, islands, nccl, nvml, plan, Islands, Machine, Placement};
 use serde_json::json;
 
 /// The machine and its islands as the flags describe them.
@@ -34,7 +34,22 @@ pub fn machine_and_islands(a: &TopoArgs) -> Result<(Machine, Islands), String> {
             m.nvlink_info = true;
         }
     }
-    let isl = islands::resolve(&m, a.islands.as_deref(), None)?;
+    // NVML describes the live machine only.
+    let live = a.topology_xml.is_none() && a.nccl_topo.is_none();
+    let nvml = if live && a.islands.is_none() && !m.gpus.is_empty() {
+        Some(nvml::nvlinks(&m))
+    } else {
+        None
+    };
+    let isl = match nvml {
+        Some(Ok(found)) => islands::resolve(&m, None, Some(found))?,
+        Some(Err(why)) => {
+            let mut isl = islands::resolve(&m, a.islands.as_deref(), None)?;
+            isl.detail = format!("{}; NVML: {why}", isl.detail);
+            isl
+        }
+        None => islands::resolve(&m, a.islands.as_deref(), None)?,
+    };
     Ok((m, isl))
 }
 
@@ -87,4 +102,28 @@ pub fn topo_cmd(a: &TopoArgs) -> Result<(), String> {
     );
     print!("{}", topo::plan::table(&p));
     Ok(())
+}
+
+/// Bind this process (local rank `local_rank` of `ranks_per_node`) per the live
+/// machine's plan and log what the operating system reports. Failures are warnings:
+/// training runs unbound rather than not at all.
+pub fn bind_at_start(local_rank: usize, ranks_per_node: usize, log: &slog::Logger) {
+    let args = TopoArgs {
+        ranks_per_node: Some(ranks_per_node),
+        ..Default::default()
+    };
+    let placed = placement(&args).and_then(|(_, _, p)| {
+        let me = p
+            .into_iter()
+            .nth(local_rank)
+            .ok_or_else(|| format!("no placement for local rank {local_rank}"))?;
+        let got = topo::bind::bind_self(&me)?;
+        Ok((me, got))
+    });
+    match placed {
+        Ok((me, got)) => {
+            slog::info!(log, "bound"; "local_rank" => local_rank, "gpu" => me.gpu.map(|g| g.to_string()).unwrap_or_else(|| "none".into()), "binding" => got.to_string())
+        }
+        Err(e) => slog::warn!(log, "running unbound"; "reason" => e),
+    }
 }

@@ -94,3 +94,109 @@ fn log_json_writes_json_lines() {
     assert_eq!(v["size"], 32);
     assert!(v["level"].is_string() && v["ts"].is_string());
 }
+
+fn shared_topology(name: &str) -> String {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/topologies")
+        .join(name);
+    assert!(p.is_file(), "fixture {} is required", p.display());
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn topo_explains_the_ndv5_fixture_as_json_and_table() {
+    let xml = concat!(env!("CARGO_MANIFEST_DIR"), "/cluster/fixtures/ndv5-synthetic.xml");
+    let out = stdout_of(fp8train().args(["topo", "--topology-xml", xml, "--islands", "0-7", "--tp", "8", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let plan = v["plan"].as_array().unwrap();
+    assert_eq!(plan.len(), 8);
+    assert_eq!(v["islands"]["source"], "declared");
+    let cpus: Vec<u64> = plan[7]["cpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert_eq!(cpus, (84..96).collect::<Vec<_>>());
+    assert_eq!(plan[7]["numa_nodes"], serde_json::json!([1]));
+    assert_eq!(plan[7]["bus_id"], "000c:00:00.0");
+    let table = stdout_of(fp8train().args([
+        "topo",
+        "--nccl-topo",
+        &shared_topology("ndv5-topo.xml"),
+        "--islands",
+        "0-7",
+    ]));
+    assert!(
+        table.contains("8 NVIDIA GPU(s)") && table.contains("NVLink islands (declared (--islands)): [0-7]"),
+        "{table}"
+    );
+    assert!(table.contains("   7 |   7 | 000c:00:00.0 | 84-95"), "{table}");
+}
+
+#[test]
+fn topo_bad_input_is_a_clear_error() {
+    let err_of = |args: &[&str]| {
+        let o = fp8train().arg("topo").args(args).output().unwrap();
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let ndv5 = shared_topology("ndv5-topo.xml");
+    assert!(err_of(&["--nccl-topo", &ndv5, "--tp", "8"]).contains("--islands 0-7"));
+    assert!(err_of(&["--nccl-topo", &ndv5, "--ranks-per-node", "9"]).contains("more than the 8 GPU(s)"));
+    assert!(err_of(&["--topology-xml", "/nonexistent.xml"]).contains("/nonexistent.xml: no such file"));
+    assert!(err_of(&[
+        "--nccl-topo",
+        &ndv5,
+        "--islands",
+        "0-5",
+        "--ranks-per-node",
+        "2",
+        "--tp",
+        "4"
+    ])
+    .contains("does not divide --ranks-per-node"));
+    assert!(err_of(&[
+        "--nccl-topo",
+        &ndv5,
+        "--islands",
+        "0-5",
+        "--ranks-per-node",
+        "4",
+        "--tp",
+        "4"
+    ])
+    .contains("--tp 4 does not divide NVLink island 0 (6 GPUs"));
+    // An NVLink entry naming a GPU bus id that the hwloc topology does not have.
+    let dir = tempfile::tempdir().unwrap();
+    let nccl = dir.path().join("links.xml");
+    std::fs::write(
+        &nccl,
+        r#"<system version="1"><cpu numaid="0" affinity="ffffffff"><pci busid="0000:99:00.0" class="0x030200"><nvlink target="0000:9a:00.0" count="4"/></pci><pci busid="0000:9a:00.0" class="0x030200"/></cpu></system>"#,
+    )
+    .unwrap();
+    let e = err_of(&[
+        "--topology-xml",
+        &shared_topology("g4dnmetal.xml"),
+        "--nccl-topo",
+        nccl.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("GPU 0000:99:00.0 or 0000:9a:00.0 is not in the hwloc topology"),
+        "{e}"
+    );
+}
+
+#[test]
+fn topo_exports_this_machine_as_a_fixture() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("me.xml");
+    let live = stdout_of(fp8train().args(["topo", "--json", "--export-xml", xml.to_str().unwrap()]));
+    let again = stdout_of(fp8train().args(["topo", "--json", "--topology-xml", xml.to_str().unwrap()]));
+    let (a, b): (serde_json::Value, serde_json::Value) = (
+        serde_json::from_str(live.trim()).unwrap(),
+        serde_json::from_str(again.trim()).unwrap(),
+    );
+    assert_eq!(a["machine"]["cores"], b["machine"]["cores"]);
+    assert_eq!(a["plan"], b["plan"]);
+}

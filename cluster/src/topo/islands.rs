@@ -96,8 +96,12 @@ pub fn parse_declared(spec: &str, n_gpus: usize) -> Result<Vec<Vec<usize>>, Stri
 }
 
 /// Decide the islands of `m`. `nvml`: NVLink links between GPU indices read from NVML
-/// on the live machine, when NVML could be read.
-pub fn resolve(m: &Machine, declared: Option<&str>, nvml: Option<Vec<(usize, usize)>>) -> Result<Islands, String> {
+/// on the live machine (with a note on how), when NVML could be read.
+pub fn resolve(
+    m: &Machine,
+    declared: Option<&str>,
+    nvml: Option<(Vec<(usize, usize)>, String)>,
+) -> Result<Islands, String> {
     let n = m.gpus.len();
     if let Some(spec) = declared {
         return Ok(Islands {
@@ -106,10 +110,10 @@ pub fn resolve(m: &Machine, declared: Option<&str>, nvml: Option<Vec<(usize, usi
             groups: parse_declared(spec, n)?,
         });
     }
-    if let Some(links) = nvml {
+    if let Some((links, detail)) = nvml {
         return Ok(Islands {
             source: IslandSource::Nvml,
-            detail: format!("{} NVLink connection(s)", links.len()),
+            detail,
             groups: components(n, &links),
         });
     }

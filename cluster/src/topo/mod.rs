@@ -13,6 +13,7 @@ pub mod hwloc;
 pub mod islands;
 pub mod machine;
 pub mod nccl;
+pub mod nvml;
 pub mod plan;
 
 pub use islands::{IslandSource, Islands};
