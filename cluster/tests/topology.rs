@@ -264,3 +264,13 @@ fn a_machine_without_gpus_splits_its_cores() {
         PlanError::MoreRanksThanCores { ranks: 11, cores: 10 }
     );
 }
+
+#[test]
+fn h200x2_exported_by_fp8train_topo_matches_the_lstopo_capture() {
+    // cluster/fixtures/h200x2-export.xml was written by `fp8train topo --export-xml` on
+    // the lent 2x H200 machine (2026-11-29); shared/topologies/h200x2-lstopo.xml by lstopo.
+    let ours = hwloc::machine(Some(&fixture("h200x2-export.xml"))).unwrap();
+    let theirs = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
+    assert_eq!(ours.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>(), theirs.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>());
+    assert_eq!(plan_of(&ours, Some("0-1"), 2, 2), plan_of(&theirs, Some("0-1"), 2, 2));
+}
