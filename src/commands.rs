@@ -7,6 +7,7 @@ use crate::data::{self, Dataset};
 use crate::model::{Gpt, Level};
 use crate::train::config::Config;
 use crate::train::{self, checkpoint, report, Start};
+use fp8cluster::world::{fnv1a, Collectives, World};
 use fp8sim::rng;
 use serde_json::json;
 use slog::{info, Logger};
@@ -55,7 +56,8 @@ fn flag_overrides(a: &TrainArgs) -> Vec<String> {
     sets
 }
 
-fn new_run_dir(cfg: &Config) -> Result<PathBuf, String> {
+/// The run folder for a new run; `check`: refuse one that already holds a run.
+fn new_run_dir(cfg: &Config, check: bool) -> Result<PathBuf, String> {
     let name = if cfg.run.name.is_empty() {
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -66,7 +68,7 @@ fn new_run_dir(cfg: &Config) -> Result<PathBuf, String> {
         cfg.run.name.clone()
     };
     let dir = Path::new(&cfg.run.out_dir).join(name);
-    if dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() {
+    if check && dir.join("metrics.jsonl").exists() || dir.join("checkpoints").exists() {
         return Err(format!(
             "run folder {} already holds a run; continue it with --resume {} or choose another --name",
             dir.display(),
@@ -76,11 +78,49 @@ fn new_run_dir(cfg: &Config) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
+/// Join the run (MPI under mpirun), bind per the node's plan, and agree on the binary.
+fn join(a: &TrainArgs, log: &Logger) -> Result<World, String> {
+    let world = World::init(1)?;
+    if !a.no_bind {
+        crate::topo_cmd::bind_at_start(world.local_rank, world.local_size, log);
+    }
+    let exe = std::env::current_exe()
+        .and_then(std::fs::read)
+        .map_err(|e| format!("cannot read this program's own file to check it against the other ranks: {e}"))?;
+    world.check_same("fp8train binary (different builds on different ranks?)", fnv1a(&exe))?;
+    Ok(world)
+}
+
+/// Rank 0's value of `s` on every rank.
+fn agree_string(world: &World, s: &str) -> String {
+    let mut len = [s.len() as u64];
+    world.broadcast(&mut len, 0);
+    let mut bytes = s.as_bytes().to_vec();
+    bytes.resize(len[0] as usize, 0);
+    world.broadcast(&mut bytes, 0);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Stop when the ranks were given different configs.
+fn check_config(world: &World, cfg: &Config) -> Result<(), String> {
+    world.check_same(
+        "config (every rank must get the same flags and config file)",
+        fnv1a(cfg.to_toml().as_bytes()),
+    )
+}
+
 pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
     let progress = !a.no_progress && std::io::stderr().is_terminal();
-    if !a.no_bind {
-        crate::topo_cmd::bind_at_start(0, 1, log);
-    }
+    let world = join(a, log)?;
+    world_train(a, log, progress, &world).inspect_err(|e| {
+        if world.size > 1 {
+            // One rank's error stops all of them rather than leaving them waiting.
+            world.abort(e);
+        }
+    })
+}
+
+fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
     if let Some(path) = &a.resume {
         let (ckpt_cfg, model, state) = checkpoint::load(&Sim, path)?;
         let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
@@ -95,8 +135,12 @@ pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
             }
         }
         let be = backend(&cfg.train.backend, log)?;
+        check_config(world, &cfg)?;
         let run_dir = if a.out.is_some() || a.name.is_some() {
-            new_run_dir(&cfg)?
+            PathBuf::from(agree_string(
+                world,
+                &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy(),
+            ))
         } else {
             // The run folder that holds the checkpoint.
             let ck = checkpoint::resolve(path)?;
@@ -113,6 +157,7 @@ pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
             &run_dir,
             log,
             progress,
+            world,
         )?;
         return Ok(());
     }
@@ -123,11 +168,20 @@ pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
         .map_err(|e| format!("--config {}: {e}", p.display()))?,
         None => Config::default(),
     };
-    let cfg = base.with_overrides(&flag_overrides(a))?;
+    let mut cfg = base.with_overrides(&flag_overrides(a))?;
     cfg.validate()?;
     let be = backend(&cfg.train.backend, log)?;
-    let run_dir = new_run_dir(&cfg)?;
-    train::train(&be, &cfg, Start::Fresh, &run_dir, log, progress)?;
+    // Rank 0 names the run folder (the default name holds the time).
+    let run_dir = PathBuf::from(agree_string(
+        world,
+        &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy(),
+    ));
+    cfg.run.name = run_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    check_config(world, &cfg)?;
+    train::train(&be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
     Ok(())
 }
 
@@ -234,7 +288,7 @@ pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
             ));
         }
         info!(log, "bench train"; "level" => level.to_string(), "steps" => cfg.train.steps);
-        let o = train::train(&Sim, &cfg, Start::Fresh, &run_dir, log, false)?;
+        let o = train::train(&Sim, &cfg, Start::Fresh, &run_dir, log, false, &World::single())?;
         rows.push((level, o, cfg));
     }
     let base = rows[0].1.final_val_loss;

@@ -1,7 +1,7 @@
 //! `fp8train topo`, and the placement used at training start.
 
 use crate::cli::TopoArgs;
-use fp8cluster::topo::{self, hwloc, islands, nccl, nvml, plan, Islands, Machine, Placement};
+use fp8cluster::topo::{self, cuda, hwloc, islands, nccl, nvml, plan, Islands, Machine, Placement};
 use serde_json::json;
 
 /// The machine and its islands as the flags describe them.
@@ -34,8 +34,17 @@ pub fn machine_and_islands(a: &TopoArgs) -> Result<(Machine, Islands), String> {
             m.nvlink_info = true;
         }
     }
-    // NVML describes the live machine only.
+    // CUDA and NVML describe the live machine only.
     let live = a.topology_xml.is_none() && a.nccl_topo.is_none();
+    if live && !m.gpus.is_empty() {
+        match cuda::bus_ids() {
+            Ok(ids) => {
+                cuda::apply_ordinals(&mut m, &ids)?;
+                m.source += ", GPUs in CUDA order";
+            }
+            Err(why) => m.source += &format!(", GPUs in bus-id order ({why})"),
+        }
+    }
     let nvml = if live && a.islands.is_none() && !m.gpus.is_empty() {
         Some(nvml::nvlinks(&m))
     } else {

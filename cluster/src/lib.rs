@@ -1,7 +1,9 @@
 //! `fp8cluster`: everything between processes and machines (MPI bootstrap,
 //! collectives, hwloc topology and pinning).
 
+pub mod reduce;
 pub mod topo;
+pub mod world;
 
 /// The MPI library's own version string (Open MPI, MPICH, ...), as linked.
 pub fn mpi_library_version() -> String {

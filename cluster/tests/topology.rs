@@ -271,6 +271,9 @@ fn h200x2_exported_by_fp8train_topo_matches_the_lstopo_capture() {
     // the lent 2x H200 machine (2026-11-29); shared/topologies/h200x2-lstopo.xml by lstopo.
     let ours = hwloc::machine(Some(&fixture("h200x2-export.xml"))).unwrap();
     let theirs = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
-    assert_eq!(ours.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>(), theirs.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>());
+    assert_eq!(
+        ours.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>(),
+        theirs.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>()
+    );
     assert_eq!(plan_of(&ours, Some("0-1"), 2, 2), plan_of(&theirs, Some("0-1"), 2, 2));
 }

@@ -216,11 +216,13 @@ fn windows(data: &[u32], offsets: impl Iterator<Item = usize>, t: usize) -> (Vec
     (x, y)
 }
 
-/// The training batch of `step`: row r starts at a uniform offset drawn from
-/// (seed, step, r), mapped to the range by a 32 x 32 -> 64-bit multiply (Lemire).
-pub fn train_batch(data: &[u32], seed: u64, step: u64, b: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
+/// Rows `first_row..first_row + b` of the global training batch of `step`: row r
+/// starts at a uniform offset drawn from (seed, step, r), mapped to the range by a
+/// 32 x 32 -> 64-bit multiply (Lemire). Data-parallel rank k takes rows k*b.., so N
+/// ranks of b rows see exactly the batch of one rank with N*b rows.
+pub fn train_batch(data: &[u32], seed: u64, step: u64, first_row: usize, b: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
     let range = (data.len() - t - 1) as u64;
-    let offs = (0..b).map(|r| {
+    let offs = (first_row..first_row + b).map(|r| {
         let bits = rng::bits(seed, rng::stream(DATA_TAG, step as u32, r as u32), 0) as u64;
         ((bits * range) >> 32) as usize
     });
@@ -243,15 +245,17 @@ mod tests {
     #[test]
     fn batches_are_windows_with_shifted_targets_and_deterministic() {
         let data: Vec<u32> = (0..1000).collect();
-        let (x, y) = train_batch(&data, 1, 5, 4, 16);
+        let (x, y) = train_batch(&data, 1, 5, 0, 4, 16);
         assert_eq!(x.len(), 64);
         for r in 0..4 {
             for i in 0..16 {
                 assert_eq!(y[r * 16 + i], x[r * 16 + i] + 1);
             }
         }
-        assert_eq!((x.clone(), y.clone()), train_batch(&data, 1, 5, 4, 16));
-        assert_ne!(x, train_batch(&data, 1, 6, 4, 16).0);
+        assert_eq!((x.clone(), y.clone()), train_batch(&data, 1, 5, 0, 4, 16));
+        assert_ne!(x, train_batch(&data, 1, 6, 0, 4, 16).0);
+        // Rows 2..4 alone are the second half of the same batch.
+        assert_eq!(train_batch(&data, 1, 5, 2, 2, 16).0, x[32..].to_vec());
         let v = val_batches(&data, 4, 16, 3);
         assert_eq!(v.len(), 3);
         assert!(v.iter().all(|(x, _)| x.iter().all(|&t| (t as usize) < 1000 - 1)));

@@ -42,6 +42,13 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Fault injection: poison the gradients of this step (1-based; 0 = never).
     pub inject_nan_at_step: u64,
+    /// Fault injection for distributed runs: rank `fault_rank` dies ("exit") or stops
+    /// answering ("hang") at step `fault_at_step` (1-based; 0 = never).
+    pub fault_rank: u64,
+    pub fault_at_step: u64,
+    pub fault_kind: String,
+    /// Seconds a silent peer is waited for before the run stops naming it.
+    pub peer_timeout_s: u64,
 }
 
 impl Default for TrainConfig {
@@ -68,6 +75,10 @@ impl Default for TrainConfig {
             saturation_threshold: 1e-5,
             checkpoint_every: 0,
             inject_nan_at_step: 0,
+            fault_rank: 0,
+            fault_at_step: 0,
+            fault_kind: "exit".into(),
+            peer_timeout_s: 30,
         }
     }
 }
@@ -133,6 +144,13 @@ impl Config {
         range("train.amax_window", t.amax_window, 1, 1024)?;
         range("train.mu_growth_interval", t.mu_growth_interval, 1, 10_000_000)?;
         range("train.saturation_threshold", t.saturation_threshold, 0.0, 1.0)?;
+        range("train.peer_timeout_s", t.peer_timeout_s, 1, 3600)?;
+        if !matches!(t.fault_kind.as_str(), "exit" | "hang") {
+            return Err(format!(
+                "train.fault_kind = \"{}\" is not one of \"exit\", \"hang\"",
+                t.fault_kind
+            ));
+        }
         if !t.lr.is_finite() || !t.eps.is_finite() {
             return Err("train.lr and train.eps must be finite".into());
         }

@@ -8,9 +8,12 @@ pub mod report;
 use crate::backend::Backend;
 use crate::data::{self, Dataset};
 use crate::model::gpt::Workspace;
+use crate::model::params::GradStore;
 use crate::model::Gpt;
 use checkpoint::LoopState;
 use config::Config;
+use fp8cluster::reduce::{reduce_f32, reduce_fp8, CommBytes};
+use fp8cluster::world::{Collectives, World};
 use serde_json::json;
 use slog::{info, warn, Logger};
 use std::io::Write;
@@ -125,12 +128,16 @@ pub fn train<B: Backend>(
     run_dir: &Path,
     log: &Logger,
     progress: bool,
+    world: &World,
 ) -> Result<RunOutcome, String> {
+    let lead = world.rank == 0;
     cfg.validate()?;
     let tc = &cfg.train;
     let ds = Dataset::load(&cfg.data, tc.seed)?;
     ds.check_fits(cfg.model.seq_len)?;
-    std::fs::create_dir_all(run_dir).map_err(|e| format!("cannot create run folder {}: {e}", run_dir.display()))?;
+    if lead {
+        std::fs::create_dir_all(run_dir).map_err(|e| format!("cannot create run folder {}: {e}", run_dir.display()))?;
+    }
     let resumed = matches!(start, Start::Resume(..));
     let (mut model, mut ls) = match start {
         Start::Fresh => (
@@ -144,9 +151,18 @@ pub fn train<B: Backend>(
         ),
         Start::Resume(m, s) => (*m, s),
     };
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
-        .map_err(|e| format!("cannot write {}: {e}", run_dir.join("config.toml").display()))?;
-    let mut metrics = Metrics::open(run_dir, resumed.then_some(ls.step))?;
+    let mut metrics = if lead {
+        std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
+            .map_err(|e| format!("cannot write {}: {e}", run_dir.join("config.toml").display()))?;
+        Some(Metrics::open(run_dir, resumed.then_some(ls.step))?)
+    } else {
+        None
+    };
+    let mut emit = |v: serde_json::Value| {
+        if let Some(m) = metrics.as_mut() {
+            m.write(v)
+        }
+    };
     let (b, t) = (tc.batch_size, cfg.model.seq_len);
     let mut ws = model.workspace(be, b, t);
     let val = data::val_batches(&ds.val, b, t, tc.eval_batches);
@@ -156,20 +172,32 @@ pub fn train<B: Backend>(
     let bpp = data_bytes as f64 / np as f64;
     info!(log, "run"; "dir" => run_dir.display().to_string(), "backend" => be.name(), "level" => tc.level.to_string(),
           "params" => np, "data" => &ds.description, "resumed_at_step" => if resumed { ls.step } else { 0 });
-    println!(
-        "fp8train: {} parameters, level {}: {:.2} bytes/param in weights + gradients + optimizer state \
-         (measured from the buffers held; + {} bytes of scale metadata)",
-        np, tc.level, bpp, meta_bytes
-    );
+    if lead {
+        println!(
+            "fp8train: {} parameters, level {}: {:.2} bytes/param in weights + gradients + optimizer state \
+             (measured from the buffers held; + {} bytes of scale metadata)",
+            np, tc.level, bpp, meta_bytes
+        );
+        if world.size > 1 {
+            println!(
+                "fp8train: {} ranks (data parallel {} x tensor parallel {}), {} rows per rank, {} rows per step",
+                world.size,
+                world.dp,
+                world.tp,
+                b,
+                b * world.size
+            );
+        }
+    }
     if !resumed {
-        metrics.write(
+        emit(
             json!({"kind": "data", "description": ds.description, "entropy_floor": ds.entropy_floor,
             "unigram_entropy": ds.unigram_entropy, "level": tc.level.to_string(), "params": np,
             "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes}),
         );
     }
 
-    let pb = progress.then(|| {
+    let pb = (progress && lead).then(|| {
         let pb = indicatif::ProgressBar::new(tc.steps);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
@@ -181,6 +209,7 @@ pub fn train<B: Backend>(
         pb
     });
     let say = |line: String| match &pb {
+        _ if !lead => {}
         Some(pb) => pb.println(line),
         None => println!("{line}"),
     };
@@ -193,13 +222,46 @@ pub fn train<B: Backend>(
     let mut last_val = f32::NAN;
     while ls.step < tc.steps {
         let step = ls.step;
+        let timeout = std::time::Duration::from_secs(tc.peer_timeout_s);
+        world.set_timeout(timeout);
+        world.heartbeat(step, timeout);
+        if tc.fault_rank == world.rank as u64 && tc.fault_at_step == step + 1 {
+            fault(&tc.fault_kind, world.rank);
+        }
         let t0 = Instant::now();
         let lr = lr_at(tc, step);
-        let (x, y) = data::train_batch(&ds.train, tc.seed, step, b, t);
+        let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
         model.prepare_weights(be, &mut ws);
-        let inject = tc.inject_nan_at_step == step + 1;
-        let st = model.forward_backward(be, &mut ws, &x, &y, mu, inject);
+        let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
+        let mut st = model.forward_backward(be, &mut ws, &x, &y, mu, inject);
+        // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
+        let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
+        world.all_reduce_max(&mut flags);
+        st.overflow = flags[0] > 0.0;
+        let mut losses = [st.loss];
+        world.all_reduce_sum(&mut losses);
+        st.loss = losses[0] / world.size as f32;
+        let ranks = world.size as f32;
+        let mut comm = CommBytes::default();
         let mut norm = f32::NAN;
+        if !st.overflow && world.size > 1 {
+            for p in model.params.iter_mut() {
+                comm += match &mut p.grad {
+                    GradStore::Fp8 { codes, scale } => {
+                        let mut host = be.download(codes);
+                        let c = reduce_fp8(world, &mut host, scale);
+                        *codes = be.upload(&host);
+                        c
+                    }
+                    GradStore::F32(g) => {
+                        let mut host = be.download(g);
+                        let c = reduce_f32(world, &mut host);
+                        *g = be.upload(&host);
+                        c
+                    }
+                };
+            }
+        }
         if st.overflow {
             let old = mu;
             mu = (mu * 0.5).max(MU_MIN);
@@ -207,7 +269,9 @@ pub fn train<B: Backend>(
             skipped += 1;
             warn!(log, "overflow: non-finite gradients, step skipped"; "step" => step + 1, "mu_old" => old, "mu_new" => mu);
         } else {
-            norm = model.grad_sum_sq(be).sqrt() / mu;
+            // Gradients hold mu times the sum over ranks of each rank's mean.
+            let unscale = mu * ranks;
+            norm = model.grad_sum_sq(be).sqrt() / unscale;
             let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip {
                 tc.grad_clip / norm
             } else {
@@ -222,7 +286,7 @@ pub fn train<B: Backend>(
                 tc.eps,
                 tc.weight_decay,
                 ls.opt_steps,
-                clip / mu,
+                clip / unscale,
             );
             // mu grows after a run of clean steps. (Saturation of the FP8 gradient
             // reduction, the paper's other trigger, arises once gradients are summed
@@ -236,13 +300,14 @@ pub fn train<B: Backend>(
         ls.step += 1;
         ls.mu_bits = mu.to_bits();
         let secs = t0.elapsed().as_secs_f64();
-        tokens_done += (b * t) as u64;
-        let tok_s = (b * t) as f64 / secs;
+        tokens_done += (b * t * world.size) as u64;
+        let tok_s = (b * t * world.size) as f64 / secs;
         train_losses.push(st.loss);
-        metrics.write(
+        emit(
             json!({"kind": "step", "step": ls.step, "loss": st.loss, "loss_bits": st.loss.to_bits(),
             "grad_norm": norm, "lr": lr, "ms": secs * 1e3, "tok_s": tok_s, "mu": mu, "skipped": st.overflow,
-            "dy_saturated": st.saturated, "dy_elements": st.cast_elements}),
+            "dy_saturated": st.saturated, "dy_elements": st.cast_elements,
+            "comm_bytes": comm.payload, "comm_meta_bytes": comm.meta}),
         );
         if ls.step == 1 || ls.step % tc.log_every == 0 || ls.step == tc.steps || st.overflow {
             let mut line = format!(
@@ -255,6 +320,9 @@ pub fn train<B: Backend>(
                 secs * 1e3,
                 tok_s
             );
+            if world.size > 1 {
+                line += &format!(" | grad comm {:.1} KiB/rank", comm.payload as f64 / 1024.0);
+            }
             if st.overflow {
                 line += &format!(" | skipped: non-finite gradients, mu -> {mu}");
             }
@@ -267,36 +335,41 @@ pub fn train<B: Backend>(
         let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step % tc.eval_every == 0);
         if eval_now {
             last_val = val_loss(be, &mut model, &mut ws, &val);
-            metrics.write(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
+            emit(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
         if ls.step == tc.steps || (tc.checkpoint_every > 0 && ls.step % tc.checkpoint_every == 0) {
-            let dir = checkpoint::save(be, run_dir, &model, cfg, ls)?;
-            info!(log, "checkpoint written"; "dir" => dir.display().to_string());
+            if lead {
+                let dir = checkpoint::save(be, run_dir, &model, cfg, ls)?;
+                info!(log, "checkpoint written"; "dir" => dir.display().to_string());
+            }
+            world.barrier();
         }
     }
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
     let tokens_per_s = tokens_done as f64 / run_start.elapsed().as_secs_f64().max(1e-9);
-    metrics.write(json!({"kind": "final", "step": ls.step, "val_loss": last_val, "tok_s": tokens_per_s}));
+    emit(json!({"kind": "final", "step": ls.step, "val_loss": last_val, "tok_s": tokens_per_s}));
     drop(metrics);
-    match report::write_plot(run_dir) {
-        Ok(p) => info!(log, "loss curve"; "file" => p.display().to_string()),
-        Err(e) => warn!(log, "no loss curve"; "error" => e),
+    if lead {
+        match report::write_plot(run_dir) {
+            Ok(p) => info!(log, "loss curve"; "file" => p.display().to_string()),
+            Err(e) => warn!(log, "no loss curve"; "error" => e),
+        }
+        let floor = ds
+            .entropy_floor
+            .map(|f| format!(", entropy floor {f:.4}"))
+            .unwrap_or_default();
+        println!(
+            "fp8train: final val loss {:.4} (unigram entropy {:.4}{}) | {:.0} tok/s | run folder {}",
+            last_val,
+            ds.unigram_entropy,
+            floor,
+            tokens_per_s,
+            run_dir.display()
+        );
     }
-    let floor = ds
-        .entropy_floor
-        .map(|f| format!(", entropy floor {f:.4}"))
-        .unwrap_or_default();
-    println!(
-        "fp8train: final val loss {:.4} (unigram entropy {:.4}{}) | {:.0} tok/s | run folder {}",
-        last_val,
-        ds.unigram_entropy,
-        floor,
-        tokens_per_s,
-        run_dir.display()
-    );
     Ok(RunOutcome {
         run_dir: run_dir.to_path_buf(),
         final_val_loss: last_val,
@@ -308,6 +381,24 @@ pub fn train<B: Backend>(
         skipped_steps: skipped,
         final_mu: mu,
     })
+}
+
+/// Fault injection for the fault tests: die or stop answering.
+fn fault(kind: &str, rank: usize) {
+    if kind == "hang" {
+        eprintln!("fp8train rank {rank}: injected fault: stop answering");
+    }
+    match kind {
+        "hang" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        // Die as a killed process does: no handler, no message of its own.
+        _ => {
+            // SAFETY: raising a signal on this process has no memory-safety preconditions.
+            unsafe { libc::raise(libc::SIGKILL) };
+            unreachable!("SIGKILL cannot be caught")
+        }
+    }
 }
 
 #[cfg(test)]

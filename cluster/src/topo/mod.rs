@@ -9,6 +9,7 @@
 //! `CUDA_DEVICE_ORDER=PCI_BUS_ID`; the CUDA backend maps ordinals by bus id).
 
 pub mod bind;
+pub mod cuda;
 pub mod hwloc;
 pub mod islands;
 pub mod machine;

@@ -85,28 +85,24 @@ pub fn nvlinks(m: &Machine) -> Result<(Vec<(usize, usize)>, String), String> {
             return Err("NVML: cannot count devices".into());
         }
         let index_of = |bus: &str| m.gpus.iter().position(|g| g.bus_id == bus);
+        // Every GPU NVML sees (also those hidden from CUDA), to tell GPUs from switches.
+        let mut devices = Vec::new();
+        for i in 0..n {
+            let mut dev: Device = std::ptr::null_mut();
+            let mut info: PciInfo = std::mem::zeroed();
+            if handle(i, &mut dev) == NVML_SUCCESS && pci(dev, &mut info) == NVML_SUCCESS {
+                devices.push((dev, bus_string(&info)));
+            }
+        }
         let mut cliques: BTreeMap<(u128, u32), Vec<usize>> = BTreeMap::new();
         let mut via_switch: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let mut links = Vec::new();
         let mut used_fabric = false;
-        for i in 0..n {
-            let mut dev: Device = std::ptr::null_mut();
-            if handle(i, &mut dev) != NVML_SUCCESS {
-                continue;
-            }
-            let mut info: PciInfo = std::mem::zeroed();
-            if pci(dev, &mut info) != NVML_SUCCESS {
-                continue;
-            }
-            let bus = bus_string(&info);
-            let Some(me) = index_of(&bus) else {
-                return Err(format!(
-                    "NVML reports GPU {bus}, which the topology does not have (unknown GPU bus id)"
-                ));
-            };
+        for (dev, bus) in &devices {
+            let Some(me) = index_of(bus) else { continue }; // not in the plan (hidden from CUDA)
             if let Some(f) = &fabric {
                 let mut fi: FabricInfo = std::mem::zeroed();
-                if f(dev, &mut fi) == NVML_SUCCESS && fi.status == NVML_SUCCESS && fi.state == FABRIC_STATE_COMPLETED {
+                if f(*dev, &mut fi) == NVML_SUCCESS && fi.status == NVML_SUCCESS && fi.state == FABRIC_STATE_COMPLETED {
                     cliques
                         .entry((u128::from_le_bytes(fi.cluster_uuid), fi.clique_id))
                         .or_default()
@@ -117,17 +113,18 @@ pub fn nvlinks(m: &Machine) -> Result<(Vec<(usize, usize)>, String), String> {
             }
             for l in 0..MAX_LINKS {
                 let mut active: c_int = 0;
-                if link_state(dev, l, &mut active) != NVML_SUCCESS || active == 0 {
+                if link_state(*dev, l, &mut active) != NVML_SUCCESS || active == 0 {
                     continue;
                 }
                 let mut r: PciInfo = std::mem::zeroed();
-                if remote(dev, l, &mut r) != NVML_SUCCESS {
+                if remote(*dev, l, &mut r) != NVML_SUCCESS {
                     continue;
                 }
                 let rb = bus_string(&r);
                 match index_of(&rb) {
                     Some(other) if other != me => links.push((me.min(other), me.max(other))),
                     Some(_) => {}
+                    None if devices.iter().any(|d| d.1 == rb) => {} // a GPU outside the plan
                     None => via_switch.entry(rb).or_default().push(me),
                 }
             }

@@ -1,0 +1,289 @@
+//! Data-parallel training under `mpirun` (Open MPI, as root in CI: --allow-run-as-root,
+//! --oversubscribe for more ranks than cores).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const TINY: &[&str] = &[
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_embd=32",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.seq_len=16",
+    "--set",
+    "data.corpus_bytes=20000",
+    "--set",
+    "train.eval_batches=2",
+    "--set",
+    "train.warmup_steps=2",
+    "--no-progress",
+];
+
+fn binary() -> PathBuf {
+    assert_cmd::cargo::cargo_bin("fp8train")
+}
+
+/// `mpirun -np N fp8train --threads 1 train TINY extra` into `out/name`.
+fn mpirun(np: usize, out: &Path, name: &str, extra: &[&str]) -> Output {
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+        .arg(binary())
+        .args([
+            "--threads",
+            "1",
+            "train",
+            "--out",
+            out.to_str().unwrap(),
+            "--name",
+            name,
+        ])
+        .args(TINY)
+        .args(extra)
+        .output()
+        .expect("mpirun is required for these tests (scripts/bootstrap installs openmpi-bin)");
+    o
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "run failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn steps(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "step")
+        .collect()
+}
+
+fn loss_bits(run: &Path) -> Vec<u64> {
+    steps(run).iter().map(|v| v["loss_bits"].as_u64().unwrap()).collect()
+}
+
+fn tensors(run: &Path, step: u64, name: &str) -> Vec<(String, Vec<u8>)> {
+    let bytes = std::fs::read(run.join(format!("checkpoints/step-{step:06}/{name}"))).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn n_rank_runs_repeat_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    for (np, level) in [(2, "O2"), (4, "O2"), (2, "bf16")] {
+        let b = ["--level", level, "--steps", "5", "--set", "train.batch_size=2"];
+        let out = ok(&mpirun(np, dir.path(), &format!("{level}-{np}-a"), &b));
+        assert!(
+            out.contains(&format!("{np} ranks (data parallel {np} x tensor parallel 1)")),
+            "{out}"
+        );
+        ok(&mpirun(np, dir.path(), &format!("{level}-{np}-b"), &b));
+        let (a, c) = (
+            loss_bits(&dir.path().join(format!("{level}-{np}-a"))),
+            loss_bits(&dir.path().join(format!("{level}-{np}-b"))),
+        );
+        assert_eq!(a.len(), 5);
+        assert_eq!(a, c, "{np} ranks, {level}: two runs differ");
+    }
+}
+
+#[test]
+fn fp8_gradient_traffic_is_a_quarter_of_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = |level: &str| {
+        ok(&mpirun(2, dir.path(), level, &["--level", level, "--steps", "1"]));
+        let s = &steps(&dir.path().join(level))[0];
+        (
+            s["comm_bytes"].as_u64().unwrap(),
+            s["comm_meta_bytes"].as_u64().unwrap(),
+        )
+    };
+    let (fp32, meta32) = bytes("bf16");
+    let (fp8, meta8) = bytes("O2");
+    assert!(fp8 > 0 && meta32 == 0 && meta8 > 0);
+    assert_eq!(fp8 * 4, fp32, "FP8 payload {fp8} B vs FP32 {fp32} B");
+    assert!((meta8 as f64) < 0.01 * fp8 as f64, "scale traffic {meta8} B");
+}
+
+#[test]
+fn two_ranks_of_b_track_one_rank_of_2b() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |np: usize, b: usize, name: &str| {
+        ok(&mpirun(
+            np,
+            dir.path(),
+            name,
+            &[
+                "--level",
+                "O2",
+                "--steps",
+                "30",
+                "--set",
+                &format!("train.batch_size={b}"),
+            ],
+        ));
+        steps(&dir.path().join(name))
+            .iter()
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let two = run(2, 4, "two");
+    let one = run(1, 8, "one");
+    // Step 1 sees the same 8 rows before any update: only the order of the mean differs.
+    assert!((two[0] - one[0]).abs() / one[0] < 1e-5, "{} vs {}", two[0], one[0]);
+    // Afterwards FP8 gradients are quantised per rank before the sum: the documented
+    // tolerance is 0.5% of the loss at every step of this run (measured: 3.0e-4).
+    let worst = two
+        .iter()
+        .zip(&one)
+        .map(|(a, b)| ((a - b) / b).abs())
+        .fold(0.0, f64::max);
+    eprintln!("2 ranks x 4 rows vs 1 rank x 8 rows: max relative loss difference {worst:.2e} over 30 steps");
+    assert!(worst < 0.005, "max relative difference {worst}");
+    assert!(two != one, "the comparison can fail: the runs are not bit-identical");
+}
+
+#[test]
+fn resume_at_the_same_world_size_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--level",
+        "O2",
+        "--steps",
+        "8",
+        "--set",
+        "train.checkpoint_every=4",
+        "--set",
+        "train.batch_size=2",
+    ];
+    ok(&mpirun(2, dir.path(), "straight", &args));
+    let ckpt = dir.path().join("straight/checkpoints/step-000004");
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(binary())
+        .args([
+            "--threads",
+            "1",
+            "train",
+            "--no-progress",
+            "--resume",
+            ckpt.to_str().unwrap(),
+        ])
+        .args(["--out", dir.path().to_str().unwrap(), "--name", "resumed"])
+        .output()
+        .unwrap();
+    ok(&o);
+    let a = loss_bits(&dir.path().join("straight"));
+    assert_eq!(&a[4..], &loss_bits(&dir.path().join("resumed"))[..]);
+    for f in ["model.safetensors", "state.safetensors"] {
+        assert!(
+            tensors(&dir.path().join("straight"), 8, f) == tensors(&dir.path().join("resumed"), 8, f),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn a_dead_rank_stops_every_rank_and_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let o = mpirun(
+        2,
+        dir.path(),
+        "dead",
+        &[
+            "--steps",
+            "50",
+            "--set",
+            "train.fault_rank=1",
+            "--set",
+            "train.fault_at_step=3",
+        ],
+    );
+    let took = t.elapsed();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!o.status.success(), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    // Rank 1 is killed (SIGKILL, no message of its own); the launcher names it.
+    assert!(
+        text.contains("process rank 1"),
+        "the message does not name rank 1:\n{text}"
+    );
+}
+
+#[test]
+fn a_silent_rank_is_named_and_the_run_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let o = mpirun(
+        2,
+        dir.path(),
+        "hang",
+        &[
+            "--steps",
+            "50",
+            "--set",
+            "train.fault_rank=1",
+            "--set",
+            "train.fault_at_step=3",
+            "--set",
+            "train.fault_kind=\"hang\"",
+            "--set",
+            "train.peer_timeout_s=5",
+        ],
+    );
+    let took = t.elapsed();
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{text}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    assert!(text.contains("rank 1 did not answer within 5 s"), "{text}");
+}
+
+#[test]
+fn ranks_with_different_configs_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let rank = |steps: &str| {
+        let mut v: Vec<String> = vec!["-np".into(), "1".into(), binary().to_string_lossy().into_owned()];
+        v.extend(
+            [
+                "train",
+                "--out",
+                dir.path().to_str().unwrap(),
+                "--name",
+                "mm",
+                "--steps",
+                steps,
+            ]
+            .map(String::from),
+        );
+        v.extend(TINY.iter().map(|s| s.to_string()));
+        v
+    };
+    let mut args: Vec<String> = vec!["--allow-run-as-root".into(), "--oversubscribe".into()];
+    args.extend(rank("2"));
+    args.push(":".into());
+    args.extend(rank("3"));
+    let o = Command::new("mpirun").args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success());
+    assert!(
+        text.contains("ranks disagree on the config") && text.contains("rank 1"),
+        "{text}"
+    );
+}
