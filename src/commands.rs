@@ -4,7 +4,7 @@ use crate::backend::sim::Sim;
 use crate::backend::Backend;
 use crate::cli::{self, EvalArgs, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
 use crate::data::{self, Dataset};
-use crate::model::{Gpt, Level};
+use crate::model::Level;
 use crate::train::config::Config;
 use crate::train::{self, checkpoint, report, Start};
 use fp8cluster::world::{fnv1a, Collectives, World};
@@ -19,10 +19,7 @@ fn backend(name: &str, log: &Logger) -> Result<Sim, String> {
     match name {
         "sim" => Ok(Sim),
         "auto" => {
-            info!(
-                log,
-                "backend auto: this build has no CUDA backend yet, using the simulator (sim)"
-            );
+            info!(log, "backend auto: this build has no CUDA backend yet, using the simulator (sim)");
             Ok(Sim)
         }
         "cuda" => Err("backend cuda: the CUDA backend is not built yet (use --backend sim)".into()),
@@ -59,10 +56,7 @@ fn flag_overrides(a: &TrainArgs) -> Vec<String> {
 /// The run folder for a new run; `check`: refuse one that already holds a run.
 fn new_run_dir(cfg: &Config, check: bool) -> Result<PathBuf, String> {
     let name = if cfg.run.name.is_empty() {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         format!("{}-s{}-{}", cfg.train.level, cfg.train.seed, secs)
     } else {
         cfg.run.name.clone()
@@ -103,10 +97,7 @@ fn agree_string(world: &World, s: &str) -> String {
 
 /// Stop when the ranks were given different configs.
 fn check_config(world: &World, cfg: &Config) -> Result<(), String> {
-    world.check_same(
-        "config (every rank must get the same flags and config file)",
-        fnv1a(cfg.to_toml().as_bytes()),
-    )
+    world.check_same("config (every rank must get the same flags and config file)", fnv1a(cfg.to_toml().as_bytes()))
 }
 
 pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
@@ -122,7 +113,7 @@ pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
 
 fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
     if let Some(path) = &a.resume {
-        let (ckpt_cfg, model, state) = checkpoint::load(&Sim, path)?;
+        let (ckpt_cfg, model, state) = checkpoint::load(&Sim, path, world.rank, world.size)?;
         let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
         for (what, same) in [
             ("model", cfg.model == ckpt_cfg.model),
@@ -137,28 +128,14 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
         let be = backend(&cfg.train.backend, log)?;
         check_config(world, &cfg)?;
         let run_dir = if a.out.is_some() || a.name.is_some() {
-            PathBuf::from(agree_string(
-                world,
-                &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy(),
-            ))
+            PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()))
         } else {
             // The run folder that holds the checkpoint.
             let ck = checkpoint::resolve(path)?;
-            ck.parent()
-                .and_then(Path::parent)
-                .map(Path::to_path_buf)
-                .ok_or("--resume: cannot find the run folder")?
+            ck.parent().and_then(Path::parent).map(Path::to_path_buf).ok_or("--resume: cannot find the run folder")?
         };
         info!(log, "resuming"; "checkpoint" => path.display().to_string(), "step" => state.step);
-        train::train(
-            &be,
-            &cfg,
-            Start::Resume(Box::new(model), state),
-            &run_dir,
-            log,
-            progress,
-            world,
-        )?;
+        train::train(&be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, progress, world)?;
         return Ok(());
     }
     let base = match &a.config {
@@ -172,14 +149,8 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
     cfg.validate()?;
     let be = backend(&cfg.train.backend, log)?;
     // Rank 0 names the run folder (the default name holds the time).
-    let run_dir = PathBuf::from(agree_string(
-        world,
-        &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy(),
-    ));
-    cfg.run.name = run_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let run_dir = PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()));
+    cfg.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     check_config(world, &cfg)?;
     train::train(&be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
     Ok(())
@@ -187,7 +158,7 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
 
 pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     let be = Sim;
-    let (cfg, mut model, state) = checkpoint::load(&be, &a.checkpoint)?;
+    let (cfg, mut model, state) = checkpoint::load(&be, &a.checkpoint, 0, 1)?;
     let ds = Dataset::load(&cfg.data, cfg.train.seed)?;
     ds.check_fits(cfg.model.seq_len)?;
     let nb = a.batches.unwrap_or(cfg.train.eval_batches);
@@ -196,7 +167,7 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     }
     let mut ws = model.workspace(&be, cfg.train.batch_size, cfg.model.seq_len);
     let batches = data::val_batches(&ds.val, cfg.train.batch_size, cfg.model.seq_len, nb);
-    let loss = train::val_loss(&be, &mut model, &mut ws, &batches);
+    let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &World::single());
     println!(
         "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {})",
         state.step, nb, cfg.train.batch_size, cfg.model.seq_len, cfg.train.level
@@ -212,7 +183,7 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
         return Err(format!("sample --temperature must be >= 0, got {}", a.temperature));
     }
     let be = Sim;
-    let (cfg, mut model, _) = checkpoint::load(&be, &a.checkpoint)?;
+    let (cfg, mut model, _) = checkpoint::load(&be, &a.checkpoint, 0, 1)?;
     let tok = cfg.data.tokenizer;
     let (t, v) = (cfg.model.seq_len, cfg.model.vocab_size);
     let mut tokens = tok.encode(&a.prompt);
@@ -220,7 +191,7 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
         return Err("sample --prompt must not be empty".into());
     }
     let mut ws = model.workspace(&be, 1, t);
-    model.prepare_weights(&be, &mut ws);
+    model.prepare_weights(&be, &mut ws, &World::single());
     let prompt_len = tokens.len();
     for i in 0..a.tokens {
         let ctx: Vec<u32> = tokens[tokens.len().saturating_sub(t)..].to_vec();
@@ -231,10 +202,7 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
         let logits = be.download(&ws.logits);
         let row = &logits[pos * v..(pos + 1) * v];
         let next = if a.temperature == 0.0 {
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |m, (j, &l)| if l > m.1 { (j, l) } else { m })
-                .0
+            row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (j, &l)| if l > m.1 { (j, l) } else { m }).0
         } else {
             let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
             let w: Vec<f64> = row.iter().map(|&l| ((l as f64 - m) / a.temperature).exp()).collect();
@@ -266,15 +234,8 @@ pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
     if let Some(s) = a.steps {
         sets.push(format!("train.steps={s}"));
     }
-    let tmp = tempfile::Builder::new()
-        .prefix("fp8train-bench-")
-        .tempdir()
-        .map_err(|e| e.to_string())?;
-    let out_dir = a
-        .out
-        .clone()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let tmp = tempfile::Builder::new().prefix("fp8train-bench-").tempdir().map_err(|e| e.to_string())?;
+    let out_dir = a.out.clone().map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
     let mut rows = Vec::new();
     for level in Level::ALL {
         let mut cfg = Config::default().with_overrides(&sets)?;
@@ -282,10 +243,7 @@ pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
         cfg.validate()?;
         let run_dir = out_dir.join(format!("bench-{level}"));
         if run_dir.exists() {
-            return Err(format!(
-                "bench train: {} exists already; choose another --out",
-                run_dir.display()
-            ));
+            return Err(format!("bench train: {} exists already; choose another --out", run_dir.display()));
         }
         info!(log, "bench train"; "level" => level.to_string(), "steps" => cfg.train.steps);
         let o = train::train(&Sim, &cfg, Start::Fresh, &run_dir, log, false, &World::single())?;
@@ -297,9 +255,7 @@ pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
         "embedded default, {} steps each, simulator, {} threads; entropy floor {}, unigram entropy {:.4}\n",
         rows[0].2.train.steps,
         rayon::current_num_threads(),
-        ds.entropy_floor
-            .map(|f| format!("{f:.4}"))
-            .unwrap_or_else(|| "n/a".into()),
+        ds.entropy_floor.map(|f| format!("{f:.4}")).unwrap_or_else(|| "n/a".into()),
         ds.unigram_entropy
     );
     table += "level | final val loss | vs bf16 | sim tok/s | bytes/param (+ scale bytes) | skipped steps\n";
@@ -317,11 +273,9 @@ pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
             o.meta_bytes,
             o.skipped_steps
         );
-        json_rows.push(
-            json!({"level": level.to_string(), "final_val_loss": o.final_val_loss, "rel_vs_bf16": rel,
+        json_rows.push(json!({"level": level.to_string(), "final_val_loss": o.final_val_loss, "rel_vs_bf16": rel,
             "tok_s": o.tokens_per_s, "bytes_per_param": o.bytes_per_param, "scale_meta_bytes": o.meta_bytes,
-            "skipped_steps": o.skipped_steps}),
-        );
+            "skipped_steps": o.skipped_steps}));
     }
     let doc = json!({"bench": "train", "steps": rows[0].2.train.steps, "entropy_floor": ds.entropy_floor,
         "unigram_entropy": ds.unigram_entropy, "rows": json_rows});
@@ -330,9 +284,4 @@ pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
     }
     println!("{doc}");
     Ok(())
-}
-
-/// Build a fresh model of `cfg` on the simulator (tests and tools).
-pub fn fresh_model(cfg: &Config) -> Gpt<Sim> {
-    Gpt::new(&Sim, &cfg.model, cfg.train.level, cfg.train.seed, cfg.train.amax_window)
 }

@@ -18,10 +18,7 @@ pub struct LogGuard(#[allow(dead_code)] Option<slog_async::AsyncGuard>);
 pub fn init(format: LogFormat, level: Level) -> (Logger, LogGuard) {
     let (drain, guard) = match format {
         LogFormat::Json => {
-            let json = slog_json::Json::new(std::io::stderr())
-                .add_default_keys()
-                .build()
-                .fuse();
+            let json = slog_json::Json::new(std::io::stderr()).add_default_keys().build().fuse();
             slog_async::Async::new(json).build_with_guard()
         }
         LogFormat::Text => {

@@ -14,11 +14,8 @@ fn pending_reason(name: &str) -> &'static str {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let threads = if cli.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-    } else {
-        cli.threads
-    };
+    let threads =
+        if cli.threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) } else { cli.threads };
     // The SGEMM baseline sizes its own pool from this variable: same threads as ours.
     if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
         std::env::set_var("MATMUL_NUM_THREADS", threads.to_string());

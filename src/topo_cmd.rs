@@ -45,11 +45,7 @@ pub fn machine_and_islands(a: &TopoArgs) -> Result<(Machine, Islands), String> {
             Err(why) => m.source += &format!(", GPUs in bus-id order ({why})"),
         }
     }
-    let nvml = if live && a.islands.is_none() && !m.gpus.is_empty() {
-        Some(nvml::nvlinks(&m))
-    } else {
-        None
-    };
+    let nvml = if live && a.islands.is_none() && !m.gpus.is_empty() { Some(nvml::nvlinks(&m)) } else { None };
     let isl = match nvml {
         Some(Ok(found)) => islands::resolve(&m, None, Some(found))?,
         Some(Err(why)) => {
@@ -77,38 +73,22 @@ pub fn topo_cmd(a: &TopoArgs) -> Result<(), String> {
     }
     let (m, isl, p) = placement(a)?;
     if a.json {
-        println!(
-            "{}",
-            json!({"machine": m, "islands": isl, "tp": a.tp.max(1), "plan": p})
-        );
+        println!("{}", json!({"machine": m, "islands": isl, "tp": a.tp.max(1), "plan": p}));
         return Ok(());
     }
     println!("{}", m.summary());
     let groups: Vec<String> = isl
         .groups
         .iter()
-        .map(|g| {
-            format!(
-                "[{}]",
-                topo::machine::ranges(&g.iter().map(|&x| x as u32).collect::<Vec<_>>())
-            )
-        })
+        .map(|g| format!("[{}]", topo::machine::ranges(&g.iter().map(|&x| x as u32).collect::<Vec<_>>())))
         .collect();
     println!(
         "NVLink islands ({}): {} — {}",
         isl.source,
-        if groups.is_empty() {
-            "none".into()
-        } else {
-            groups.join(" ")
-        },
+        if groups.is_empty() { "none".into() } else { groups.join(" ") },
         isl.detail
     );
-    println!(
-        "plan: {} rank(s) on this node, tensor parallel {}",
-        p.len(),
-        a.tp.max(1)
-    );
+    println!("plan: {} rank(s) on this node, tensor parallel {}", p.len(), a.tp.max(1));
     print!("{}", topo::plan::table(&p));
     Ok(())
 }
@@ -117,15 +97,9 @@ pub fn topo_cmd(a: &TopoArgs) -> Result<(), String> {
 /// machine's plan and log what the operating system reports. Failures are warnings:
 /// training runs unbound rather than not at all.
 pub fn bind_at_start(local_rank: usize, ranks_per_node: usize, log: &slog::Logger) {
-    let args = TopoArgs {
-        ranks_per_node: Some(ranks_per_node),
-        ..Default::default()
-    };
+    let args = TopoArgs { ranks_per_node: Some(ranks_per_node), ..Default::default() };
     let placed = placement(&args).and_then(|(_, _, p)| {
-        let me = p
-            .into_iter()
-            .nth(local_rank)
-            .ok_or_else(|| format!("no placement for local rank {local_rank}"))?;
+        let me = p.into_iter().nth(local_rank).ok_or_else(|| format!("no placement for local rank {local_rank}"))?;
         let got = topo::bind::bind_self(&me)?;
         Ok((me, got))
     });

@@ -16,10 +16,7 @@ fn stdout_of(cmd: &mut Command) -> String {
 fn help_lists_every_subcommand() {
     let help = stdout_of(fp8train().arg("--help"));
     for sub in ["train", "eval", "sample", "report", "topo", "bench", "verify"] {
-        assert!(
-            help.lines().any(|l| l.trim_start().starts_with(sub)),
-            "--help does not list {sub}:\n{help}"
-        );
+        assert!(help.lines().any(|l| l.trim_start().starts_with(sub)), "--help does not list {sub}:\n{help}");
     }
 }
 
@@ -45,13 +42,7 @@ fn bench_gemm_prints_table_and_json_with_the_ratio() {
     assert_eq!(v["threads"], 2);
     for (row, size) in rows.iter().zip([64, 96]) {
         assert_eq!(row["size"], size);
-        for key in [
-            "sgemm_gflops",
-            "exact_f32_gflops",
-            "exact_bf16_gflops",
-            "exact_e4m3_gflops",
-            "e4m3_over_sgemm",
-        ] {
+        for key in ["sgemm_gflops", "exact_f32_gflops", "exact_bf16_gflops", "exact_e4m3_gflops", "e4m3_over_sgemm"] {
             let x = row[key].as_f64().unwrap_or(0.0);
             assert!(x.is_finite() && x > 0.0, "{key} = {x}");
         }
@@ -70,10 +61,7 @@ fn bench_gemm_bad_input_is_a_clear_error() {
     let out = fp8train().args(["bench", "gemm", "--sizes", "0"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sizes"));
-    let out = fp8train()
-        .args(["bench", "gemm", "--backend", "cuda"])
-        .output()
-        .unwrap();
+    let out = fp8train().args(["bench", "gemm", "--backend", "cuda"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("CUDA backend is not built"));
     let out = fp8train().args(["bench", "gemm", "--sizes", "abc"]).output().unwrap();
@@ -82,10 +70,7 @@ fn bench_gemm_bad_input_is_a_clear_error() {
 
 #[test]
 fn log_json_writes_json_lines() {
-    let out = fp8train()
-        .args(["--log-json", "bench", "gemm", "--sizes", "32", "--min-time", "0"])
-        .output()
-        .unwrap();
+    let out = fp8train().args(["--log-json", "bench", "gemm", "--sizes", "32", "--min-time", "0"]).output().unwrap();
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let line = err.lines().find(|l| l.contains("bench gemm")).expect("a log record");
@@ -96,9 +81,7 @@ fn log_json_writes_json_lines() {
 }
 
 fn shared_topology(name: &str) -> String {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/topologies")
-        .join(name);
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/topologies").join(name);
     assert!(p.is_file(), "fixture {} is required", p.display());
     p.to_str().unwrap().to_string()
 }
@@ -111,22 +94,12 @@ fn topo_explains_the_ndv5_fixture_as_json_and_table() {
     let plan = v["plan"].as_array().unwrap();
     assert_eq!(plan.len(), 8);
     assert_eq!(v["islands"]["source"], "declared");
-    let cpus: Vec<u64> = plan[7]["cpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_u64().unwrap())
-        .collect();
+    let cpus: Vec<u64> = plan[7]["cpus"].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect();
     assert_eq!(cpus, (84..96).collect::<Vec<_>>());
     assert_eq!(plan[7]["numa_nodes"], serde_json::json!([1]));
     assert_eq!(plan[7]["bus_id"], "000c:00:00.0");
-    let table = stdout_of(fp8train().args([
-        "topo",
-        "--nccl-topo",
-        &shared_topology("ndv5-topo.xml"),
-        "--islands",
-        "0-7",
-    ]));
+    let table =
+        stdout_of(fp8train().args(["topo", "--nccl-topo", &shared_topology("ndv5-topo.xml"), "--islands", "0-7"]));
     assert!(
         table.contains("8 NVIDIA GPU(s)") && table.contains("NVLink islands (declared (--islands)): [0-7]"),
         "{table}"
@@ -145,28 +118,10 @@ fn topo_bad_input_is_a_clear_error() {
     assert!(err_of(&["--nccl-topo", &ndv5, "--tp", "8"]).contains("--islands 0-7"));
     assert!(err_of(&["--nccl-topo", &ndv5, "--ranks-per-node", "9"]).contains("more than the 8 GPU(s)"));
     assert!(err_of(&["--topology-xml", "/nonexistent.xml"]).contains("/nonexistent.xml: no such file"));
-    assert!(err_of(&[
-        "--nccl-topo",
-        &ndv5,
-        "--islands",
-        "0-5",
-        "--ranks-per-node",
-        "2",
-        "--tp",
-        "4"
-    ])
-    .contains("does not divide --ranks-per-node"));
-    assert!(err_of(&[
-        "--nccl-topo",
-        &ndv5,
-        "--islands",
-        "0-5",
-        "--ranks-per-node",
-        "4",
-        "--tp",
-        "4"
-    ])
-    .contains("--tp 4 does not divide NVLink island 0 (6 GPUs"));
+    assert!(err_of(&["--nccl-topo", &ndv5, "--islands", "0-5", "--ranks-per-node", "2", "--tp", "4"])
+        .contains("does not divide --ranks-per-node"));
+    assert!(err_of(&["--nccl-topo", &ndv5, "--islands", "0-5", "--ranks-per-node", "4", "--tp", "4"])
+        .contains("--tp 4 does not divide NVLink island 0 (6 GPUs"));
     // An NVLink entry naming a GPU bus id that the hwloc topology does not have.
     let dir = tempfile::tempdir().unwrap();
     let nccl = dir.path().join("links.xml");
@@ -175,16 +130,8 @@ fn topo_bad_input_is_a_clear_error() {
         r#"<system version="1"><cpu numaid="0" affinity="ffffffff"><pci busid="0000:99:00.0" class="0x030200"><nvlink target="0000:9a:00.0" count="4"/></pci><pci busid="0000:9a:00.0" class="0x030200"/></cpu></system>"#,
     )
     .unwrap();
-    let e = err_of(&[
-        "--topology-xml",
-        &shared_topology("g4dnmetal.xml"),
-        "--nccl-topo",
-        nccl.to_str().unwrap(),
-    ]);
-    assert!(
-        e.contains("GPU 0000:99:00.0 or 0000:9a:00.0 is not in the hwloc topology"),
-        "{e}"
-    );
+    let e = err_of(&["--topology-xml", &shared_topology("g4dnmetal.xml"), "--nccl-topo", nccl.to_str().unwrap()]);
+    assert!(e.contains("GPU 0000:99:00.0 or 0000:9a:00.0 is not in the hwloc topology"), "{e}");
 }
 
 #[test]
@@ -193,10 +140,8 @@ fn topo_exports_this_machine_as_a_fixture() {
     let xml = dir.path().join("me.xml");
     let live = stdout_of(fp8train().args(["topo", "--json", "--export-xml", xml.to_str().unwrap()]));
     let again = stdout_of(fp8train().args(["topo", "--json", "--topology-xml", xml.to_str().unwrap()]));
-    let (a, b): (serde_json::Value, serde_json::Value) = (
-        serde_json::from_str(live.trim()).unwrap(),
-        serde_json::from_str(again.trim()).unwrap(),
-    );
+    let (a, b): (serde_json::Value, serde_json::Value) =
+        (serde_json::from_str(live.trim()).unwrap(), serde_json::from_str(again.trim()).unwrap());
     assert_eq!(a["machine"]["cores"], b["machine"]["cores"]);
     assert_eq!(a["plan"], b["plan"]);
 }

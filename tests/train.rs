@@ -31,22 +31,10 @@ fn fp8train() -> Command {
 /// Run `train` with TINY + `extra` into `out/name`; returns stdout.
 fn train(out: &Path, name: &str, threads: usize, extra: &[&str]) -> String {
     let mut cmd = fp8train();
-    cmd.args([
-        "--threads",
-        &threads.to_string(),
-        "train",
-        "--out",
-        out.to_str().unwrap(),
-        "--name",
-        name,
-    ]);
+    cmd.args(["--threads", &threads.to_string(), "train", "--out", out.to_str().unwrap(), "--name", name]);
     cmd.args(TINY).args(extra);
     let o = cmd.output().unwrap();
-    assert!(
-        o.status.success(),
-        "train failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -60,10 +48,7 @@ fn records(run: &Path, kind: &str) -> Vec<serde_json::Value> {
 }
 
 fn loss_bits(run: &Path) -> Vec<(u64, u64)> {
-    records(run, "step")
-        .iter()
-        .map(|v| (v["step"].as_u64().unwrap(), v["loss_bits"].as_u64().unwrap()))
-        .collect()
+    records(run, "step").iter().map(|v| (v["step"].as_u64().unwrap(), v["loss_bits"].as_u64().unwrap())).collect()
 }
 
 fn file(run: &Path, step: u64, name: &str) -> Vec<u8> {
@@ -75,11 +60,8 @@ fn file(run: &Path, step: u64, name: &str) -> Vec<u8> {
 fn tensors(run: &Path, step: u64, name: &str) -> Vec<(String, String, Vec<u8>)> {
     let bytes = file(run, step, name);
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, t)| (n, format!("{:?}", t.dtype()), t.data().to_vec()))
-        .collect();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, format!("{:?}", t.dtype()), t.data().to_vec())).collect();
     v.sort();
     v
 }
@@ -101,12 +83,7 @@ fn same_seed_same_loss_bits_whatever_the_thread_count() {
         assert_eq!(runs[0], runs[2], "{level}: 1 vs 4 threads");
         // A different seed changes the bits (the comparison above can fail).
         let other = format!("{level}-seed");
-        train(
-            dir.path(),
-            &other,
-            2,
-            &["--level", level, "--steps", "6", "--set", "train.seed=99"],
-        );
+        train(dir.path(), &other, 2, &["--level", level, "--steps", "6", "--set", "train.seed=99"]);
         assert_ne!(loss_bits(&dir.path().join(other)), runs[0]);
     }
 }
@@ -116,25 +93,13 @@ fn resume_is_bit_identical_at_every_level() {
     let dir = tempfile::tempdir().unwrap();
     for level in ["bf16", "O1", "O2"] {
         let straight = format!("{level}-straight");
-        train(
-            dir.path(),
-            &straight,
-            2,
-            &["--level", level, "--steps", "8", "--set", "train.checkpoint_every=4"],
-        );
+        train(dir.path(), &straight, 2, &["--level", level, "--steps", "8", "--set", "train.checkpoint_every=4"]);
         let a = dir.path().join(&straight);
         // Resume from the step-4 checkpoint into a new run folder.
         let resumed = format!("{level}-resumed");
         let ckpt = a.join("checkpoints/step-000004");
         let o = fp8train()
-            .args([
-                "--threads",
-                "2",
-                "train",
-                "--no-progress",
-                "--resume",
-                ckpt.to_str().unwrap(),
-            ])
+            .args(["--threads", "2", "train", "--no-progress", "--resume", ckpt.to_str().unwrap()])
             .args(["--out", dir.path().to_str().unwrap(), "--name", &resumed])
             .output()
             .unwrap();
@@ -145,25 +110,13 @@ fn resume_is_bit_identical_at_every_level() {
         assert_eq!(tail_b.len(), 4, "{level}");
         assert_eq!(tail_a, tail_b, "{level}: losses after resume");
         for f in ["model.safetensors", "state.safetensors"] {
-            assert!(
-                tensors(&a, 8, f) == tensors(&b, 8, f),
-                "{level}: {f} differs after resume"
-            );
+            assert!(tensors(&a, 8, f) == tensors(&b, 8, f), "{level}: {f} differs after resume");
         }
     }
     // Resuming in place (no --name) continues the same run folder to a later step.
     let run = dir.path().join("O2-straight");
     let o = fp8train()
-        .args([
-            "--threads",
-            "2",
-            "train",
-            "--no-progress",
-            "--steps",
-            "10",
-            "--resume",
-            run.to_str().unwrap(),
-        ])
+        .args(["--threads", "2", "train", "--no-progress", "--steps", "10", "--resume", run.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -187,21 +140,9 @@ fn injected_nan_skips_the_step_and_backs_off_mu() {
         dir.path(),
         "nan",
         2,
-        &[
-            "--level",
-            "O2",
-            "--steps",
-            "5",
-            "--set",
-            "train.inject_nan_at_step=3",
-            "--set",
-            "train.checkpoint_every=1",
-        ],
+        &["--level", "O2", "--steps", "5", "--set", "train.inject_nan_at_step=3", "--set", "train.checkpoint_every=1"],
     );
-    assert!(
-        out.contains("step     3/5") && out.contains("skipped: non-finite gradients, mu -> 0.5"),
-        "{out}"
-    );
+    assert!(out.contains("step     3/5") && out.contains("skipped: non-finite gradients, mu -> 0.5"), "{out}");
     let run = dir.path().join("nan");
     let steps = records(&run, "step");
     let skipped: Vec<bool> = steps.iter().map(|v| v["skipped"].as_bool().unwrap()).collect();
@@ -251,24 +192,10 @@ fn learns_below_the_unigram_entropy_and_writes_a_run_folder() {
     let last_val = records(&run, "eval").last().unwrap()["val_loss"].as_f64().unwrap();
     let first = records(&run, "step")[0]["loss"].as_f64().unwrap();
     assert!(first > 5.0, "initial loss {first} should be near ln(256)");
-    assert!(
-        last_val < 0.9 * unigram && last_val > floor,
-        "val {last_val}, unigram {unigram}, floor {floor}"
-    );
+    assert!(last_val < 0.9 * unigram && last_val > floor, "val {last_val}, unigram {unigram}, floor {floor}");
     // One line per logged step, the run folder's files.
-    assert_eq!(
-        out.lines()
-            .filter(|l| l.starts_with("step ") && l.contains("tok/s"))
-            .count(),
-        7,
-        "{out}"
-    );
-    for f in [
-        "config.toml",
-        "metrics.jsonl",
-        "loss.svg",
-        "checkpoints/step-000300/manifest.json",
-    ] {
+    assert_eq!(out.lines().filter(|l| l.starts_with("step ") && l.contains("tok/s")).count(), 7, "{out}");
+    for f in ["config.toml", "metrics.jsonl", "loss.svg", "checkpoints/step-000300/manifest.json"] {
         assert!(run.join(f).exists(), "{f} missing");
     }
     // report regenerates the plot; eval and sample use the checkpoint.
@@ -282,15 +209,9 @@ fn learns_below_the_unigram_entropy_and_writes_a_run_folder() {
     assert!(o.status.success() && text.starts_with("val loss "), "{text}");
     let v: f64 = text.split_whitespace().nth(2).unwrap().parse().unwrap();
     assert!((v - last_val).abs() < 1e-3, "eval {v} vs training's {last_val}");
-    let o = fp8train()
-        .args(["sample", run.to_str().unwrap(), "--prompt", "the ", "--tokens", "40"])
-        .output()
-        .unwrap();
+    let o = fp8train().args(["sample", run.to_str().unwrap(), "--prompt", "the ", "--tokens", "40"]).output().unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success() && text.starts_with("the ") && text.len() > 30,
-        "{text}"
-    );
+    assert!(o.status.success() && text.starts_with("the ") && text.len() > 30, "{text}");
 }
 
 #[test]
@@ -304,10 +225,7 @@ fn corrupt_or_truncated_checkpoints_are_clear_errors() {
         let o = fp8train().args(["eval", ck.to_str().unwrap()]).output().unwrap();
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{err}");
-        assert!(
-            err.contains(needle) && !err.contains("panicked"),
-            "want '{needle}' in: {err}"
-        );
+        assert!(err.contains(needle) && !err.contains("panicked"), "want '{needle}' in: {err}");
     };
     std::fs::write(&state, &good[..good.len() / 2]).unwrap();
     expect_err("truncated");
@@ -354,14 +272,7 @@ fn trains_on_text_files_and_llmc_shards() {
         dir.path(),
         "bytes",
         2,
-        &[
-            "--steps",
-            "3",
-            "--set",
-            "data.source=\"text\"",
-            "--set",
-            &format!("data.path=\"{t}\""),
-        ],
+        &["--steps", "3", "--set", "data.source=\"text\"", "--set", &format!("data.path=\"{t}\"")],
     );
     assert!(out.contains("final val loss"), "{out}");
     // GPT-2 BPE: the vocabulary needs a model that holds it.

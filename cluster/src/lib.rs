@@ -4,6 +4,7 @@
 pub mod reduce;
 pub mod topo;
 pub mod world;
+pub mod zero;
 
 /// The MPI library's own version string (Open MPI, MPICH, ...), as linked.
 pub fn mpi_library_version() -> String {
@@ -21,10 +22,7 @@ mod tests {
     #[test]
     fn links_the_system_mpi_and_hwloc() {
         let mpi = super::mpi_library_version();
-        assert!(
-            mpi.contains("Open MPI") || mpi.contains("MPICH"),
-            "unexpected MPI library: {mpi}"
-        );
+        assert!(mpi.contains("Open MPI") || mpi.contains("MPICH"), "unexpected MPI library: {mpi}");
         let hw = super::hwloc_api_version();
         assert!(hw.starts_with("2."), "hwloc API {hw}");
     }

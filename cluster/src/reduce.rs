@@ -68,10 +68,7 @@ pub fn reduce_fp8<C: Collectives>(c: &C, codes: &mut [u8], scale: &mut f32) -> C
     codes.copy_from_slice(&recv[..n]);
     *scale = shared;
     let peers = (ranks - 1) as u64;
-    CommBytes {
-        payload: 2 * peers * k as u64,
-        meta: 2 * peers * 4,
-    }
+    CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
 }
 
 /// Reduce an f32 gradient across ranks (sum in rank order); every rank ends with it.
@@ -98,10 +95,7 @@ pub fn reduce_f32<C: Collectives>(c: &C, g: &mut [f32]) -> CommBytes {
     c.all_gather(&sums, &mut recv);
     g.copy_from_slice(&recv[..n]);
     let peers = (ranks - 1) as u64;
-    CommBytes {
-        payload: 2 * peers * 4 * k as u64,
-        meta: 0,
-    }
+    CommBytes { payload: 2 * peers * 4 * k as u64, meta: 0 }
 }
 
 #[cfg(test)]

@@ -15,15 +15,9 @@ use std::time::{Duration, Instant};
 
 /// Was this process started by an MPI launcher?
 pub fn launched_by_mpi() -> bool {
-    [
-        "OMPI_COMM_WORLD_SIZE",
-        "PMI_SIZE",
-        "PMIX_RANK",
-        "MV2_COMM_WORLD_SIZE",
-        "MPI_LOCALNRANKS",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some())
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
 }
 
 struct Mpi {
@@ -78,10 +72,7 @@ impl World {
                 local_size: local.size() as usize,
                 tp: 1,
                 dp: 1,
-                mpi: Some(Mpi {
-                    _universe: universe,
-                    world,
-                }),
+                mpi: Some(Mpi { _universe: universe, world }),
                 timeout: Cell::new(Duration::from_secs(30)),
                 step: Cell::new(0),
             }
@@ -131,20 +122,12 @@ impl World {
     /// version, ...); the error names the ranks that differ from rank 0.
     pub fn check_same(&self, what: &str, value: u64) -> Result<(), String> {
         let all = self.all_gather_vec(&[value]);
-        let odd: Vec<String> = all
-            .iter()
-            .enumerate()
-            .filter(|(_, &v)| v != all[0])
-            .map(|(r, v)| format!("rank {r} ({v:016x})"))
-            .collect();
+        let odd: Vec<String> =
+            all.iter().enumerate().filter(|(_, &v)| v != all[0]).map(|(r, v)| format!("rank {r} ({v:016x})")).collect();
         if odd.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "ranks disagree on the {what}: rank 0 has {:016x}, but {}",
-                all[0],
-                odd.join(", ")
-            ))
+            Err(format!("ranks disagree on the {what}: rank 0 has {:016x}, but {}", all[0], odd.join(", ")))
         }
     }
 
@@ -176,13 +159,7 @@ impl World {
                 .enumerate()
                 .filter(|(r, _)| *r != self.rank)
                 .map(|(r, slot)| {
-                    (
-                        r,
-                        Some(
-                            c.process_at_rank(r as i32)
-                                .immediate_receive_into_with_tag(scope, slot, tag),
-                        ),
-                    )
+                    (r, Some(c.process_at_rank(r as i32).immediate_receive_into_with_tag(scope, slot, tag)))
                 })
                 .collect();
             let mut sends: Vec<_> = (0..self.size)
@@ -206,11 +183,7 @@ impl World {
                 }
                 if Instant::now() > deadline {
                     let names: Vec<String> = waiting.iter().map(|r| format!("rank {r}")).collect();
-                    let who = if names.is_empty() {
-                        "a peer".to_string()
-                    } else {
-                        names.join(", ")
-                    };
+                    let who = if names.is_empty() { "a peer".to_string() } else { names.join(", ") };
                     self.abort(&format!(
                         "{who} did not answer within {} s ({context}); stopping the run",
                         self.timeout.get().as_secs()
@@ -237,12 +210,7 @@ impl World {
                 // Every live rank stuck here joins this roll call when its own wait
                 // times out; whoever does not is named.
                 let window = self.timeout.get().min(Duration::from_secs(10));
-                self.roll_call(
-                    78,
-                    self.step.get(),
-                    window,
-                    &format!("{what}, step {}", self.step.get() + 1),
-                );
+                self.roll_call(78, self.step.get(), window, &format!("{what}, step {}", self.step.get() + 1));
                 self.abort(&format!("{what} at step {} made no progress", self.step.get() + 1));
             }
             spins += 1;
@@ -301,10 +269,7 @@ impl Collectives for World {
     fn broadcast<T: Equivalence + Copy>(&self, buf: &mut [T], root: usize) {
         if let Some(c) = self.comm() {
             mpi::request::scope(|sc| {
-                self.wait(
-                    c.process_at_rank(root as i32).immediate_broadcast_into(sc, buf),
-                    "broadcast",
-                )
+                self.wait(c.process_at_rank(root as i32).immediate_broadcast_into(sc, buf), "broadcast")
             });
         }
     }
@@ -316,10 +281,7 @@ impl Collectives for World {
         }
     }
     fn all_to_all<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]) {
-        assert!(
-            send.len() == recv.len() && send.len().is_multiple_of(self.size),
-            "all_to_all: buffer sizes"
-        );
+        assert!(send.len() == recv.len() && send.len().is_multiple_of(self.size), "all_to_all: buffer sizes");
         match self.comm() {
             Some(c) => mpi::request::scope(|sc| self.wait(c.immediate_all_to_all_into(sc, send, recv), "all-to-all")),
             None => recv.copy_from_slice(send),
@@ -329,10 +291,7 @@ impl Collectives for World {
         if let Some(c) = self.comm() {
             let send = buf.to_vec();
             mpi::request::scope(|sc| {
-                self.wait(
-                    c.immediate_all_reduce_into(sc, &send[..], buf, SystemOperation::max()),
-                    "all-reduce max",
-                )
+                self.wait(c.immediate_all_reduce_into(sc, &send[..], buf, SystemOperation::max()), "all-reduce max")
             });
         }
     }
@@ -363,9 +322,6 @@ mod tests {
         assert_eq!(w.all_gather_vec(&[7u8]), vec![7]);
         w.check_same("config", 5).unwrap();
         w.heartbeat(3, Duration::from_secs(1));
-        assert!(World::init(2)
-            .err()
-            .expect("tp 2 on one rank fails")
-            .contains("does not divide"));
+        assert!(World::init(2).err().expect("tp 2 on one rank fails").contains("does not divide"));
     }
 }

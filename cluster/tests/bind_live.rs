@@ -8,11 +8,7 @@ fn bind_to_the_plan_and_read_it_back() {
     let before = bind::current_cpus().unwrap();
     let m = hwloc::machine(None).unwrap();
     let isl = islands::resolve(&m, None, None).unwrap();
-    let ranks = if m.gpus.is_empty() {
-        m.cores.len().min(2)
-    } else {
-        m.gpus.len().min(2)
-    };
+    let ranks = if m.gpus.is_empty() { m.cores.len().min(2) } else { m.gpus.len().min(2) };
     let p = plan(&m, &isl, ranks, 1).unwrap();
     let last = p.last().unwrap();
     let got = bind::bind_self(last).unwrap();
@@ -23,10 +19,6 @@ fn bind_to_the_plan_and_read_it_back() {
     }
     eprintln!("bound to {got}");
     // Restore the original binding.
-    let all = fp8cluster::topo::Placement {
-        cpus: before.clone(),
-        numa_nodes: vec![],
-        ..last.clone()
-    };
+    let all = fp8cluster::topo::Placement { cpus: before.clone(), numa_nodes: vec![], ..last.clone() };
     assert_eq!(bind::bind_self(&all).unwrap().cpus, before);
 }

@@ -37,10 +37,7 @@ fn plan_of(m: &Machine, declared: Option<&str>, ranks: usize, tp: usize) -> Vec<
 #[test]
 fn g4dn_metal_8_gpus_on_2_numa_nodes() {
     let m = hwloc::machine(Some(&shared("g4dnmetal.xml"))).unwrap();
-    assert_eq!(
-        (m.cores.len(), m.pus(), m.numa_nodes.len(), m.gpus.len()),
-        (48, 96, 2, 8)
-    );
+    assert_eq!((m.cores.len(), m.pus(), m.numa_nodes.len(), m.gpus.len()), (48, 96, 2, 8));
     for g in &m.gpus[..4] {
         assert_eq!(g.local_pus, r("0-23,48-71"), "GPU {} locality", g.index);
         assert_eq!(g.numa_nodes, vec![0]);
@@ -73,10 +70,7 @@ fn g4dn_metal_8_gpus_on_2_numa_nodes() {
     assert_eq!(p[1].0, r("12-23,60-71"));
     // Tensor parallel over PCIe-only GPUs crosses islands unless declared.
     let isl = islands::resolve(&m, None, None).unwrap();
-    assert!(matches!(
-        plan(&m, &isl, 8, 2),
-        Err(PlanError::GroupCrossesIslands { .. })
-    ));
+    assert!(matches!(plan(&m, &isl, 8, 2), Err(PlanError::GroupCrossesIslands { .. })));
     let p = plan_of(&m, Some("0-3 4-7"), 8, 4);
     assert_eq!(
         p.iter().map(|x| (x.3, x.4)).collect::<Vec<_>>(),
@@ -99,30 +93,21 @@ fn dgx2_16_gpus_one_nvswitch_island() {
     let p = plan_of(&m, None, 2, 2);
     assert_eq!(p, vec![(vec![0], vec![0], 0, 0, 0), (vec![1], vec![0], 1, 0, 0)]);
     // 16 ranks: 8 ranks would share 2 cores near each package.
-    assert!(matches!(
-        plan(&m, &isl, 16, 8),
-        Err(PlanError::TooFewCores { cores: 2, ranks: 8, .. })
-    ));
+    assert!(matches!(plan(&m, &isl, 16, 8), Err(PlanError::TooFewCores { cores: 2, ranks: 8, .. })));
 }
 
 #[test]
 fn h200x2_two_gpus_one_numa_node() {
     let m = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
     assert_eq!((m.cores.len(), m.numa_nodes.len()), (32, 1));
-    assert_eq!(
-        m.gpus.iter().map(|g| g.bus_id.as_str()).collect::<Vec<_>>(),
-        vec!["0000:00:06.0", "0000:00:07.0"]
-    );
+    assert_eq!(m.gpus.iter().map(|g| g.bus_id.as_str()).collect::<Vec<_>>(), vec!["0000:00:06.0", "0000:00:07.0"]);
     assert_eq!(m.gpus[0].pci_id, "10de:2335");
     let p = plan_of(&m, None, 2, 1);
     assert_eq!(p, vec![(r("0-15"), vec![0], 0, 0, 0), (r("16-31"), vec![0], 1, 1, 1)]);
     // NV18 between the two is not visible to hwloc: tp 2 needs NVML or a declaration.
     let isl = islands::resolve(&m, None, None).unwrap();
     let e = plan(&m, &isl, 2, 2).unwrap_err().to_string();
-    assert!(
-        e.contains("would cross NVLink islands") && e.contains("--islands 0-1"),
-        "{e}"
-    );
+    assert!(e.contains("would cross NVLink islands") && e.contains("--islands 0-1"), "{e}");
     let p = plan_of(&m, Some("0-1"), 2, 2);
     assert_eq!((p[0].3, p[1].3, p[1].4), (0, 0, 0));
 }
@@ -185,20 +170,14 @@ fn nvlink_entries_of_an_nccl_file_make_islands() {
     let e = plan(&m, &isl, 4, 4).unwrap_err();
     assert!(matches!(e, PlanError::GroupCrossesIslands { .. }), "{e}");
     assert_eq!(
-        plan(&m, &isl, 4, 2)
-            .unwrap()
-            .iter()
-            .map(|p| p.island)
-            .collect::<Vec<_>>(),
+        plan(&m, &isl, 4, 2).unwrap().iter().map(|p| p.island).collect::<Vec<_>>(),
         vec![Some(0), Some(0), Some(1), Some(1)]
     );
 }
 
 #[test]
 fn bad_inputs_are_clear_errors() {
-    let e = hwloc::machine(Some(&PathBuf::from("/nonexistent/topo.xml")))
-        .unwrap_err()
-        .to_string();
+    let e = hwloc::machine(Some(&PathBuf::from("/nonexistent/topo.xml"))).unwrap_err().to_string();
     assert!(e.contains("no such file"), "{e}");
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.xml");
@@ -211,25 +190,14 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("expected <system>"), "{e}");
     let m = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
     let isl = islands::resolve(&m, None, None).unwrap();
-    assert_eq!(
-        plan(&m, &isl, 3, 1).unwrap_err(),
-        PlanError::MoreRanksThanGpus { ranks: 3, gpus: 2 }
-    );
+    assert_eq!(plan(&m, &isl, 3, 1).unwrap_err(), PlanError::MoreRanksThanGpus { ranks: 3, gpus: 2 });
     assert_eq!(plan(&m, &isl, 0, 1).unwrap_err(), PlanError::NoRanks);
     let g4 = hwloc::machine(Some(&shared("g4dnmetal.xml"))).unwrap();
     let isl = islands::resolve(&g4, Some("0-2 3-7"), None).unwrap();
     let e = plan(&g4, &isl, 2, 2).unwrap_err();
-    assert!(
-        matches!(e, PlanError::TpDoesNotDivideIsland { tp: 2, size: 3, .. }),
-        "{e}"
-    );
-    assert!(plan(&g4, &isl, 3, 2)
-        .unwrap_err()
-        .to_string()
-        .contains("--tp 2 does not divide --ranks-per-node 3"));
-    assert!(islands::resolve(&g4, Some("0-9"), None)
-        .unwrap_err()
-        .contains("GPU 8 does not exist"));
+    assert!(matches!(e, PlanError::TpDoesNotDivideIsland { tp: 2, size: 3, .. }), "{e}");
+    assert!(plan(&g4, &isl, 3, 2).unwrap_err().to_string().contains("--tp 2 does not divide --ranks-per-node 3"));
+    assert!(islands::resolve(&g4, Some("0-9"), None).unwrap_err().contains("GPU 8 does not exist"));
 }
 
 #[test]
@@ -238,14 +206,8 @@ fn a_machine_without_gpus_splits_its_cores() {
         source: "test".into(),
         cores: (0..10).map(|c| vec![c]).collect(),
         numa_nodes: vec![
-            fp8cluster::topo::machine::NumaNode {
-                os_index: 0,
-                pus: (0..5).collect(),
-            },
-            fp8cluster::topo::machine::NumaNode {
-                os_index: 1,
-                pus: (5..10).collect(),
-            },
+            fp8cluster::topo::machine::NumaNode { os_index: 0, pus: (0..5).collect() },
+            fp8cluster::topo::machine::NumaNode { os_index: 1, pus: (5..10).collect() },
         ],
         gpus: vec![],
         nvswitches: 0,
@@ -254,15 +216,9 @@ fn a_machine_without_gpus_splits_its_cores() {
     };
     let isl = islands::resolve(&m, None, None).unwrap();
     let p = plan(&m, &isl, 3, 1).unwrap();
-    assert_eq!(
-        p.iter().map(|x| x.cpus.clone()).collect::<Vec<_>>(),
-        vec![r("0-3"), r("4-6"), r("7-9")]
-    );
+    assert_eq!(p.iter().map(|x| x.cpus.clone()).collect::<Vec<_>>(), vec![r("0-3"), r("4-6"), r("7-9")]);
     assert_eq!(p[1].numa_nodes, vec![0, 1]);
-    assert_eq!(
-        plan(&m, &isl, 11, 1).unwrap_err(),
-        PlanError::MoreRanksThanCores { ranks: 11, cores: 10 }
-    );
+    assert_eq!(plan(&m, &isl, 11, 1).unwrap_err(), PlanError::MoreRanksThanCores { ranks: 11, cores: 10 });
 }
 
 #[test]

@@ -96,11 +96,7 @@ const fn decode_bits(e5m2: bool, code: u8) -> u32 {
     let man = c & ((1 << m) - 1);
     let exp_all_ones = (1u32 << (7 - m)) - 1;
     if e5m2 && exp == exp_all_ones {
-        return if man == 0 {
-            sign | 0x7f80_0000
-        } else {
-            sign | 0x7fc0_0000
-        };
+        return if man == 0 { sign | 0x7f80_0000 } else { sign | 0x7fc0_0000 };
     }
     if !e5m2 && exp == exp_all_ones && man == (1 << m) - 1 {
         return sign | 0x7fc0_0000;
@@ -149,11 +145,7 @@ fn round_to_code(fmt: Fp8Format, abs_bits: u32) -> u32 {
     let exp_field = (abs_bits >> 23) as i32;
     let frac = abs_bits & 0x7f_ffff;
     // value = sig * 2^(e - 23)
-    let (sig, e) = if exp_field == 0 {
-        (frac, -126)
-    } else {
-        (frac | 0x80_0000, exp_field - 127)
-    };
+    let (sig, e) = if exp_field == 0 { (frac, -126) } else { (frac | 0x80_0000, exp_field - 127) };
     let (q, rem, shift) = if e >= emin {
         let shift = 23 - m;
         let q = (((e + fmt.bias()) as u32) << m) | (frac >> shift);
@@ -246,14 +238,7 @@ mod tests {
         assert_eq!(decode(E5M2, 0x7c), f32::INFINITY);
         assert_eq!(decode(E5M2, 0xfc), f32::NEG_INFINITY);
         // MS-AMP vectors: 0x4A = 5, 0x50 = 8, 0x55 = 13, 0x58 = 16, 0x5C = 24, 0x62 = 40.
-        for (c, v) in [
-            (0x4a, 5.0),
-            (0x50, 8.0),
-            (0x55, 13.0),
-            (0x58, 16.0),
-            (0x5c, 24.0),
-            (0x62, 40.0),
-        ] {
+        for (c, v) in [(0x4a, 5.0), (0x50, 8.0), (0x55, 13.0), (0x58, 16.0), (0x5c, 24.0), (0x62, 40.0)] {
             assert_eq!(decode(E4M3, c), v);
             assert_eq!(encode(E4M3, v, false), c);
         }

@@ -14,9 +14,7 @@ pub fn for_chunks2<S: Sync, D: Send>(src: &[S], dst: &mut [D], f: impl Fn(&[S], 
     if src.len() <= CHUNK {
         f(src, dst);
     } else {
-        src.par_chunks(CHUNK)
-            .zip(dst.par_chunks_mut(CHUNK))
-            .for_each(|(s, d)| f(s, d));
+        src.par_chunks(CHUNK).zip(dst.par_chunks_mut(CHUNK)).for_each(|(s, d)| f(s, d));
     }
 }
 

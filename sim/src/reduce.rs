@@ -78,10 +78,9 @@ fn max_by(x: &[f32], empty: f32, f: impl Fn(f32) -> f32 + Sync + Send + Copy) ->
     let (m, nan) = if x.len() <= crate::par::CHUNK {
         fold_max(x, f)
     } else {
-        x.par_chunks(crate::par::CHUNK).map(|c| fold_max(c, f)).reduce(
-            || (f32::NEG_INFINITY, false),
-            |a, b| (if b.0 > a.0 { b.0 } else { a.0 }, a.1 | b.1),
-        )
+        x.par_chunks(crate::par::CHUNK)
+            .map(|c| fold_max(c, f))
+            .reduce(|| (f32::NEG_INFINITY, false), |a, b| (if b.0 > a.0 { b.0 } else { a.0 }, a.1 | b.1))
     };
     if nan {
         f32::NAN

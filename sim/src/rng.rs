@@ -146,9 +146,7 @@ pub fn fill_uniform(seed: u64, stream: u64, offset: u64, out: &mut [f32]) {
 /// Fill with `mean + std * normal` draws of elements `offset..offset + out.len()`
 /// (one multiply, then one add).
 pub fn fill_normal(seed: u64, stream: u64, offset: u64, mean: f32, std: f32, out: &mut [f32]) {
-    fill_with(seed, stream, offset, out, |r| {
-        mean + std * normal_quantile(uniform_open_from_bits(r))
-    });
+    fill_with(seed, stream, offset, out, |r| mean + std * normal_quantile(uniform_open_from_bits(r)));
 }
 
 #[cfg(test)]
@@ -158,19 +156,10 @@ mod tests {
     #[test]
     fn random123_known_answers() {
         // Known-answer vectors of Philox4x32-10 from the Random123 distribution.
+        assert_eq!(philox4x32_10([0; 4], [0; 2]), [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]);
+        assert_eq!(philox4x32_10([u32::MAX; 4], [u32::MAX; 2]), [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]);
         assert_eq!(
-            philox4x32_10([0; 4], [0; 2]),
-            [0x6627_e8d5, 0xe169_c58d, 0xbc57_ac4c, 0x9b00_dbd8]
-        );
-        assert_eq!(
-            philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
-            [0x408f_276d, 0x41c8_3b0e, 0xa20b_c7c6, 0x6d54_51fd]
-        );
-        assert_eq!(
-            philox4x32_10(
-                [0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344],
-                [0xa409_3822, 0x299f_31d0]
-            ),
+            philox4x32_10([0x243f_6a88, 0x85a3_08d3, 0x1319_8a2e, 0x0370_7344], [0xa409_3822, 0x299f_31d0]),
             [0xd16c_fe09, 0x94fd_cceb, 0x5001_e420, 0x2412_6ea1]
         );
     }
@@ -186,10 +175,7 @@ mod tests {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut got = vec![0f32; n];
             pool.install(|| fill_normal(42, stream(1, 7, 3), 1000, 0.5, 0.02, &mut got));
-            assert!(
-                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "threads={threads}"
-            );
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "threads={threads}");
         }
         // A sub-range drawn on its own equals the same elements of the whole.
         let mut part = vec![0f32; 10];
@@ -221,17 +207,9 @@ mod tests {
 
     #[test]
     fn quantile_values() {
-        for (p, want) in [
-            (0.975f32, 1.959_964f32),
-            (0.5, 0.0),
-            (0.001, -3.090_232),
-            (0.999_9, 3.719_016),
-        ] {
+        for (p, want) in [(0.975f32, 1.959_964f32), (0.5, 0.0), (0.001, -3.090_232), (0.999_9, 3.719_016)] {
             let got = normal_quantile(p);
-            assert!(
-                (got - want).abs() < 2e-4 * want.abs().max(1.0),
-                "p={p}: {got} vs {want}"
-            );
+            assert!((got - want).abs() < 2e-4 * want.abs().max(1.0), "p={p}: {got} vs {want}");
         }
         let extreme = normal_quantile(uniform_open_from_bits(0));
         assert!(extreme.is_finite() && extreme < -5.0);

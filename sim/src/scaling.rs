@@ -85,21 +85,11 @@ pub struct ScalingConfig {
 impl ScalingConfig {
     /// Activations / output gradients: delayed, window 16, max (FP8-LM, TE defaults).
     pub fn delayed(fmt: Fp8Format) -> Self {
-        ScalingConfig {
-            fmt,
-            margin: 0,
-            window: 16,
-            algo: AmaxAlgo::Max,
-        }
+        ScalingConfig { fmt, margin: 0, window: 16, algo: AmaxAlgo::Max }
     }
     /// Weights / weight gradients: just-in-time.
     pub fn just_in_time(fmt: Fp8Format) -> Self {
-        ScalingConfig {
-            fmt,
-            margin: 0,
-            window: 1,
-            algo: AmaxAlgo::MostRecent,
-        }
+        ScalingConfig { fmt, margin: 0, window: 1, algo: AmaxAlgo::MostRecent }
     }
 }
 
@@ -116,11 +106,7 @@ impl DelayedScaling {
     /// Starts with scale 1 and an empty history.
     pub fn new(config: ScalingConfig) -> Self {
         assert!(config.window >= 1, "amax history window must be at least 1");
-        DelayedScaling {
-            config,
-            history: VecDeque::with_capacity(config.window),
-            scale: 1.0,
-        }
+        DelayedScaling { config, history: VecDeque::with_capacity(config.window), scale: 1.0 }
     }
 
     /// The scale to quantize with now.
@@ -160,11 +146,7 @@ impl DelayedScaling {
     /// Restore a saved state (checkpoints).
     pub fn restore(config: ScalingConfig, history: &[f32], scale: f32) -> Self {
         let start = history.len().saturating_sub(config.window);
-        DelayedScaling {
-            config,
-            history: history[start..].iter().copied().collect(),
-            scale,
-        }
+        DelayedScaling { config, history: history[start..].iter().copied().collect(), scale }
     }
 }
 
@@ -180,19 +162,10 @@ pub struct ScaledTensor {
 impl ScaledTensor {
     /// Quantize with a given scale (saturating cast of `x * scale`).
     pub fn quantize(x: &[f32], shape: &[usize], fmt: Fp8Format, scale: f32) -> Self {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            x.len(),
-            "ScaledTensor: shape does not match data length"
-        );
+        assert_eq!(shape.iter().product::<usize>(), x.len(), "ScaledTensor: shape does not match data length");
         let mut codes = vec![0u8; x.len()];
         fp8::encode_scaled(fmt, x, scale, &mut codes);
-        ScaledTensor {
-            codes,
-            fmt,
-            scale,
-            shape: shape.to_vec(),
-        }
+        ScaledTensor { codes, fmt, scale, shape: shape.to_vec() }
     }
 
     /// Quantize just-in-time: the scale comes from this tensor's own amax
@@ -253,15 +226,9 @@ mod tests {
                     let k = floor_log2_ratio(fmt.max(), amax);
                     if (MIN_EXP..=MAX_EXP).contains(&k) {
                         assert!((amax as f64) * (s as f64) <= fmt.max() as f64, "{fmt} amax {amax:e}");
-                        assert!(
-                            2.0 * (amax as f64) * (s as f64) > fmt.max() as f64,
-                            "{fmt} amax {amax:e}"
-                        );
+                        assert!(2.0 * (amax as f64) * (s as f64) > fmt.max() as f64, "{fmt} amax {amax:e}");
                     }
-                    assert_eq!(
-                        scale_from_amax(fmt, amax, 2, 1.0),
-                        pow2((k - 2).clamp(MIN_EXP, MAX_EXP))
-                    );
+                    assert_eq!(scale_from_amax(fmt, amax, 2, 1.0), pow2((k - 2).clamp(MIN_EXP, MAX_EXP)));
                 }
             }
         }
@@ -279,10 +246,7 @@ mod tests {
 
     #[test]
     fn delayed_scaling_window_and_algorithms() {
-        let mut d = DelayedScaling::new(ScalingConfig {
-            window: 3,
-            ..ScalingConfig::delayed(E4M3)
-        });
+        let mut d = DelayedScaling::new(ScalingConfig { window: 3, ..ScalingConfig::delayed(E4M3) });
         assert_eq!(d.scale(), 1.0);
         d.record(10.0); // -> 32
         assert_eq!(d.scale(), 32.0);
@@ -296,10 +260,7 @@ mod tests {
         assert_eq!(d.scale(), 256.0);
         assert_eq!(d.history().collect::<Vec<_>>(), vec![1.0, 1.0, 1.0]);
 
-        let mut r = DelayedScaling::new(ScalingConfig {
-            algo: AmaxAlgo::MostRecent,
-            ..ScalingConfig::delayed(E4M3)
-        });
+        let mut r = DelayedScaling::new(ScalingConfig { algo: AmaxAlgo::MostRecent, ..ScalingConfig::delayed(E4M3) });
         r.record(10.0);
         r.record(1.0);
         assert_eq!(r.scale(), 256.0);

@@ -26,14 +26,8 @@ impl Store {
         match kind {
             "f32" => Store::F32(x),
             "bf16" => Store::Bf16(x.iter().map(|&v| to_bf16(v)).collect()),
-            "e4m3" => Store::Fp8(
-                x.iter().map(|&v| encode(Fp8Format::E4M3, v * 64.0, true)).collect(),
-                Fp8Format::E4M3,
-            ),
-            "e5m2" => Store::Fp8(
-                x.iter().map(|&v| encode(Fp8Format::E5M2, v * 64.0, true)).collect(),
-                Fp8Format::E5M2,
-            ),
+            "e4m3" => Store::Fp8(x.iter().map(|&v| encode(Fp8Format::E4M3, v * 64.0, true)).collect(), Fp8Format::E4M3),
+            "e5m2" => Store::Fp8(x.iter().map(|&v| encode(Fp8Format::E5M2, v * 64.0, true)).collect(), Fp8Format::E5M2),
             _ => unreachable!(),
         }
     }
@@ -61,28 +55,12 @@ fn bits(v: &[f32]) -> Vec<u32> {
 
 #[test]
 fn blocked_equals_naive_for_every_type_layout_kernel_and_thread_count() {
-    let pools: Vec<_> = [1, 2, 4]
-        .iter()
-        .map(|&t| (t, rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap()))
-        .collect();
+    let pools: Vec<_> =
+        [1, 2, 4].iter().map(|&t| (t, rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap())).collect();
     // (m, n, k): not multiples of any tile or block, k crossing the k-block of 256,
     // n crossing several slivers, and degenerate ones.
-    let shapes = [
-        (1, 1, 1),
-        (7, 13, 5),
-        (33, 65, 300),
-        (97, 47, 513),
-        (130, 200, 64),
-        (5, 300, 257),
-        (3, 4, 0),
-    ];
-    let type_pairs = [
-        ("f32", "f32"),
-        ("bf16", "bf16"),
-        ("e4m3", "e4m3"),
-        ("e5m2", "e4m3"),
-        ("e4m3", "e5m2"),
-    ];
+    let shapes = [(1, 1, 1), (7, 13, 5), (33, 65, 300), (97, 47, 513), (130, 200, 64), (5, 300, 257), (3, 4, 0)];
+    let type_pairs = [("f32", "f32"), ("bf16", "bf16"), ("e4m3", "e4m3"), ("e5m2", "e4m3"), ("e4m3", "e5m2")];
     let mut cases = 0;
     for (si, &(m, n, k)) in shapes.iter().enumerate() {
         for (ti, &(ta, tb)) in type_pairs.iter().enumerate() {
@@ -109,10 +87,7 @@ fn blocked_equals_naive_for_every_type_layout_kernel_and_thread_count() {
             }
         }
     }
-    eprintln!(
-        "{cases} GEMM cases bit-identical to the naive loop (kernels {:?})",
-        Isa::available()
-    );
+    eprintln!("{cases} GEMM cases bit-identical to the naive loop (kernels {:?})", Isa::available());
 }
 
 #[test]
@@ -122,19 +97,13 @@ fn the_fma_chain_is_observable() {
     let (m, n, k) = (16, 16, 300);
     let a = normals(m * k, 1, 1.0);
     let b = normals(k * n, 2, 1.0);
-    let c = gemm_naive(
-        MatRef::row_major(Operand::F32(&a), m, k),
-        MatRef::row_major(Operand::F32(&b), k, n),
-        1.0,
-    )
-    .unwrap();
+    let c =
+        gemm_naive(MatRef::row_major(Operand::F32(&a), m, k), MatRef::row_major(Operand::F32(&b), k, n), 1.0).unwrap();
     let mut differs = 0;
     for i in 0..m {
         for j in 0..n {
             let unfused = (0..k).fold(0f32, |acc, p| acc + a[i * k + p] * b[p * n + j]);
-            let reversed = (0..k)
-                .rev()
-                .fold(0f32, |acc, p| a[i * k + p].mul_add(b[p * n + j], acc));
+            let reversed = (0..k).rev().fold(0f32, |acc, p| a[i * k + p].mul_add(b[p * n + j], acc));
             differs += usize::from(unfused.to_bits() != c[i * n + j].to_bits());
             differs += usize::from(reversed.to_bits() != c[i * n + j].to_bits());
         }
@@ -185,15 +154,9 @@ fn bad_inputs_are_errors() {
     let mut c = vec![0f32; 4];
     let f = |d| MatRef::row_major(Operand::F32(d), 2, 3);
     let err = gemm_exact_isa(Isa::Portable, f(&a), f(&a), 1.0, &mut c).unwrap_err();
-    assert!(
-        matches!(err, GemmError::Shape(ref s) if s.contains("inner dimensions")),
-        "{err}"
-    );
+    assert!(matches!(err, GemmError::Shape(ref s) if s.contains("inner dimensions")), "{err}");
     let err = gemm_exact_isa(Isa::Portable, f(&a), f(&a).t(), 1.0, &mut c[..3]).unwrap_err();
-    assert!(
-        matches!(err, GemmError::Shape(ref s) if s.contains("output has 3")),
-        "{err}"
-    );
+    assert!(matches!(err, GemmError::Shape(ref s) if s.contains("output has 3")), "{err}");
     let e5 = MatRef::row_major(Operand::Fp8(&e, Fp8Format::E5M2), 2, 3);
     let err = gemm_exact_isa(Isa::Portable, e5, e5.t(), 1.0, &mut c).unwrap_err();
     assert_eq!(err, GemmError::Types("e5m2", "e5m2"));

@@ -14,11 +14,7 @@ fn golden(name: &str) -> Vec<Vec<u32>> {
     let rows: Vec<Vec<u32>> = text
         .lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            l.split_whitespace()
-                .map(|f| u32::from_str_radix(f, 16).expect("hex field"))
-                .collect()
-        })
+        .map(|l| l.split_whitespace().map(|f| u32::from_str_radix(f, 16).expect("hex field")).collect())
         .collect();
     assert!(rows.iter().all(|r| r.len() == 3), "{name}: every row has 3 fields");
     rows
@@ -42,11 +38,7 @@ fn is_nan_code(fmt: Fp8Format, code: u8) -> bool {
 #[test]
 fn encode_matches_every_golden_row() {
     let rows = golden("fp8_encode.tsv");
-    assert!(
-        rows.len() > 10_000,
-        "golden encode file looks truncated ({} rows)",
-        rows.len()
-    );
+    assert!(rows.len() > 10_000, "golden encode file looks truncated ({} rows)", rows.len());
     let mut checked = 0;
     for r in &rows {
         let x = f32::from_bits(r[0]);

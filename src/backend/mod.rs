@@ -52,18 +52,9 @@ pub struct CastStats {
 /// The optimizer state of one tensor, by level, as the backend holds it.
 pub enum AdamState<'a, B: Backend + ?Sized> {
     /// `bf16` level: f32 master, f32 moments.
-    F32 {
-        master: &'a mut B::Buf<f32>,
-        m: &'a mut B::Buf<f32>,
-        v: &'a mut B::Buf<f32>,
-    },
+    F32 { master: &'a mut B::Buf<f32>, m: &'a mut B::Buf<f32>, v: &'a mut B::Buf<f32> },
     /// `O1`: FP16 master with a scale, f32 moments.
-    O1 {
-        master: &'a mut B::Buf<f16>,
-        master_scale: &'a mut f32,
-        m: &'a mut B::Buf<f32>,
-        v: &'a mut B::Buf<f32>,
-    },
+    O1 { master: &'a mut B::Buf<f16>, master_scale: &'a mut f32, m: &'a mut B::Buf<f32>, v: &'a mut B::Buf<f32> },
     /// `O2`: FP16 master, E4M3 m, FP16 v, each with a scale.
     O2 {
         master: &'a mut B::Buf<f16>,

@@ -51,10 +51,7 @@ impl Backend for Sim {
         fp8::encode_scaled(fmt, x, scale, q);
         let max = fmt.max();
         let saturated = x.iter().filter(|&&v| (v * scale).abs() > max).count() as u64;
-        CastStats {
-            amax: reduce::amax(x),
-            saturated,
-        }
+        CastStats { amax: reduce::amax(x), saturated }
     }
     fn decode_fp8(&self, x: &mut Vec<f32>, q: &Vec<u8>, fmt: Fp8Format, inv_scale: f32) {
         fp8::decode_scaled(fmt, q, inv_scale, x);
@@ -228,49 +225,18 @@ impl Backend for Sim {
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
         let g = match grad {
             GradRef::F32(g) => Grad::F32(g),
-            GradRef::Fp8(codes, scale) => Grad::Fp8 {
-                codes,
-                inv_scale: 1.0 / scale,
-            },
+            GradRef::Fp8(codes, scale) => Grad::Fp8 { codes, inv_scale: 1.0 / scale },
         };
         match state {
             AdamState::F32 { master, m, v } => adamw::adamw_f32(master, g, m, v, step),
-            AdamState::O1 {
-                master,
-                master_scale,
-                m,
-                v,
-            } => adamw::adamw_o1(
-                ScaledF16 {
-                    codes: master,
-                    scale: master_scale,
-                },
+            AdamState::O1 { master, master_scale, m, v } => {
+                adamw::adamw_o1(ScaledF16 { codes: master, scale: master_scale }, g, m, v, step)
+            }
+            AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => adamw::adamw_o2(
+                ScaledF16 { codes: master, scale: master_scale },
                 g,
-                m,
-                v,
-                step,
-            ),
-            AdamState::O2 {
-                master,
-                master_scale,
-                m,
-                m_scale,
-                v,
-                v_scale,
-            } => adamw::adamw_o2(
-                ScaledF16 {
-                    codes: master,
-                    scale: master_scale,
-                },
-                g,
-                ScaledE4m3 {
-                    codes: m,
-                    scale: m_scale,
-                },
-                ScaledF16 {
-                    codes: v,
-                    scale: v_scale,
-                },
+                ScaledE4m3 { codes: m, scale: m_scale },
+                ScaledF16 { codes: v, scale: v_scale },
                 step,
             ),
         }

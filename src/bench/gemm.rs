@@ -45,16 +45,10 @@ pub fn run(args: &GemmBenchArgs, log: &Logger) -> Result<GemmReport, String> {
         Backend::Sim => {}
     }
     if args.sizes.is_empty() || args.sizes.iter().any(|&s| s == 0 || s > 16384) {
-        return Err(format!(
-            "bench gemm --sizes: each size must be in 1..=16384, got {:?}",
-            args.sizes
-        ));
+        return Err(format!("bench gemm --sizes: each size must be in 1..=16384, got {:?}", args.sizes));
     }
     if !(args.min_time.is_finite() && args.min_time >= 0.0) {
-        return Err(format!(
-            "bench gemm --min-time: must be a non-negative number of seconds, got {}",
-            args.min_time
-        ));
+        return Err(format!("bench gemm --min-time: must be a non-negative number of seconds, got {}", args.min_time));
     }
     let min_time = Duration::from_secs_f64(args.min_time);
     let threads = rayon::current_num_threads();
@@ -91,22 +85,13 @@ pub fn run(args: &GemmBenchArgs, log: &Logger) -> Result<GemmReport, String> {
         });
         let mut exact = |a: Operand, b: Operand, scale: f32| {
             median_time(3, min_time, || {
-                gemm_exact(
-                    MatRef::row_major(a, n, n),
-                    MatRef::row_major(b, n, n).t(),
-                    scale,
-                    &mut c,
-                )
-                .expect("benchmark shapes are valid");
+                gemm_exact(MatRef::row_major(a, n, n), MatRef::row_major(b, n, n).t(), scale, &mut c)
+                    .expect("benchmark shapes are valid");
             })
         };
         let t_f32 = exact(Operand::F32(&x), Operand::F32(&w), 1.0);
         let t_bf16 = exact(Operand::Bf16(&xb), Operand::Bf16(&wb), 1.0);
-        let t_e4m3 = exact(
-            Operand::Fp8(&x8, Fp8Format::E4M3),
-            Operand::Fp8(&w8, Fp8Format::E4M3),
-            1.0 / 4096.0,
-        );
+        let t_e4m3 = exact(Operand::Fp8(&x8, Fp8Format::E4M3), Operand::Fp8(&w8, Fp8Format::E4M3), 1.0 / 4096.0);
         let row = GemmRow {
             size: n,
             sgemm_gflops: gflops(n, t_sgemm),

@@ -15,9 +15,8 @@
 use fp8sim::rng;
 
 const DET: &[&str] = &["the", "a", "every", "some", "this", "that"];
-const ADJ: &[&str] = &[
-    "small", "red", "quiet", "old", "bright", "heavy", "green", "quick", "strange", "warm", "tall", "calm",
-];
+const ADJ: &[&str] =
+    &["small", "red", "quiet", "old", "bright", "heavy", "green", "quick", "strange", "warm", "tall", "calm"];
 const NOUN: &[&str] = &[
     "cat", "dog", "river", "stone", "house", "bird", "tree", "road", "child", "horse", "lamp", "garden", "engine",
     "cloud", "letter", "window", "boat", "field", "king", "song", "bridge", "forest", "door", "star",
@@ -87,11 +86,7 @@ impl Grammar {
                 words.push(*w);
             }
         }
-        let cat_of: Vec<usize> = CATS
-            .iter()
-            .enumerate()
-            .flat_map(|(c, l)| std::iter::repeat_n(c, l.len()))
-            .collect();
+        let cat_of: Vec<usize> = CATS.iter().enumerate().flat_map(|(c, l)| std::iter::repeat_n(c, l.len())).collect();
         let trans = (0..words.len())
             .map(|w| {
                 let mut row = Vec::new();
@@ -133,12 +128,7 @@ impl Grammar {
             .trans
             .iter()
             .zip(&pi)
-            .map(|(row, &pw)| {
-                pw * row
-                    .iter()
-                    .map(|&(_, p)| if p > 0.0 { -p * p.ln() } else { 0.0 })
-                    .sum::<f64>()
-            })
+            .map(|(row, &pw)| pw * row.iter().map(|&(_, p)| if p > 0.0 { -p * p.ln() } else { 0.0 }).sum::<f64>())
             .sum();
         let bytes_per_word: f64 = pi.iter().zip(&self.words).map(|(&p, w)| p * (w.len() + 1) as f64).sum();
         h_words / bytes_per_word
@@ -214,11 +204,7 @@ mod tests {
         // Empirical word-level check: -mean log p(next | current) over the sample
         // matches the exact rate within sampling noise.
         let idx = |w: &str| g.words.iter().position(|x| *x == w).unwrap();
-        let words: Vec<usize> = std::str::from_utf8(&text)
-            .unwrap()
-            .split_whitespace()
-            .map(idx)
-            .collect();
+        let words: Vec<usize> = std::str::from_utf8(&text).unwrap().split_whitespace().map(idx).collect();
         let mut nll = 0.0;
         for pair in words.windows(2) {
             let p = g.trans[pair[0]].iter().find(|r| r.0 == pair[1]).unwrap().1;

@@ -97,11 +97,7 @@ impl DataConfig {
                     return Err(format!("data.path is required for data.source = \"{}\"", self.source));
                 }
             }
-            other => {
-                return Err(format!(
-                    "data.source = \"{other}\" is not one of \"embedded\", \"text\", \"bin\""
-                ))
-            }
+            other => return Err(format!("data.source = \"{other}\" is not one of \"embedded\", \"text\", \"bin\"")),
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
             return Err(format!(
@@ -133,32 +129,18 @@ impl Dataset {
                 let g = grammar::Grammar::new();
                 let text = g.generate(seed, cfg.corpus_bytes);
                 let toks: Vec<u32> = text.iter().map(|&b| b as u32).collect();
-                (
-                    toks,
-                    None,
-                    format!("embedded grammar corpus, {} bytes", cfg.corpus_bytes),
-                    Some(g.entropy_per_byte()),
-                )
+                (toks, None, format!("embedded grammar corpus, {} bytes", cfg.corpus_bytes), Some(g.entropy_per_byte()))
             }
             "text" => {
                 let text = std::fs::read_to_string(&cfg.path)
                     .map_err(|e| format!("data.path: cannot read text file {}: {e}", cfg.path))?;
                 let toks = cfg.tokenizer.encode(&text);
-                let d = format!(
-                    "text file {} ({} tokens, {:?} tokenizer)",
-                    cfg.path,
-                    toks.len(),
-                    cfg.tokenizer
-                );
+                let d = format!("text file {} ({} tokens, {:?} tokenizer)", cfg.path, toks.len(), cfg.tokenizer);
                 (toks, None, d, None)
             }
             _ => {
                 let toks = shards::read_many(&cfg.path)?;
-                let val = if cfg.val_path.is_empty() {
-                    None
-                } else {
-                    Some(shards::read_many(&cfg.val_path)?)
-                };
+                let val = if cfg.val_path.is_empty() { None } else { Some(shards::read_many(&cfg.val_path)?) };
                 (toks, val, format!("llm.c shards {}", cfg.path), None)
             }
         };
@@ -172,20 +154,10 @@ impl Dataset {
         };
         let vocab = cfg.tokenizer.vocab_size();
         if let Some(bad) = train.iter().chain(&val).find(|&&t| t as usize >= vocab) {
-            return Err(format!(
-                "data: token id {bad} does not fit the {:?} vocabulary of {vocab}",
-                cfg.tokenizer
-            ));
+            return Err(format!("data: token id {bad} does not fit the {:?} vocabulary of {vocab}", cfg.tokenizer));
         }
         let unigram_entropy = grammar::unigram_entropy(&train);
-        Ok(Dataset {
-            train,
-            val,
-            tokenizer: cfg.tokenizer,
-            description,
-            entropy_floor: floor,
-            unigram_entropy,
-        })
+        Ok(Dataset { train, val, tokenizer: cfg.tokenizer, description, entropy_floor: floor, unigram_entropy })
     }
 
     /// Check both splits hold at least one window of `t + 1` tokens.
@@ -233,9 +205,7 @@ pub fn train_batch(data: &[u32], seed: u64, step: u64, first_row: usize, b: usiz
 pub fn val_batches(data: &[u32], b: usize, t: usize, nb: usize) -> Vec<(Vec<u32>, Vec<u32>)> {
     let range = data.len() - t - 1;
     let total = b * nb;
-    (0..nb)
-        .map(|k| windows(data, (0..b).map(|r| (k * b + r) * range / total.max(1)), t))
-        .collect()
+    (0..nb).map(|k| windows(data, (0..b).map(|r| (k * b + r) * range / total.max(1)), t)).collect()
 }
 
 #[cfg(test)]

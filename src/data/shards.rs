@@ -9,26 +9,16 @@ const HEADER_BYTES: usize = 256 * 4;
 pub fn read(path: &str) -> Result<Vec<u32>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("token shard {path}: cannot read: {e}"))?;
     if bytes.len() < HEADER_BYTES {
-        return Err(format!(
-            "token shard {path}: {} bytes is shorter than the 1024-byte header",
-            bytes.len()
-        ));
+        return Err(format!("token shard {path}: {} bytes is shorter than the 1024-byte header", bytes.len()));
     }
     let h = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"));
     if h(0) != MAGIC {
-        return Err(format!(
-            "token shard {path}: bad magic {} (expected {MAGIC}; not an llm.c .bin file?)",
-            h(0)
-        ));
+        return Err(format!("token shard {path}: bad magic {} (expected {MAGIC}; not an llm.c .bin file?)", h(0)));
     }
     let width = match h(1) {
         1 => 2,
         2 => 4,
-        v => {
-            return Err(format!(
-                "token shard {path}: unsupported version {v} (supported: 1 = uint16, 2 = uint32)"
-            ))
-        }
+        v => return Err(format!("token shard {path}: unsupported version {v} (supported: 1 = uint16, 2 = uint32)")),
     };
     let n = usize::try_from(h(2)).map_err(|_| format!("token shard {path}: negative token count {}", h(2)))?;
     let want = HEADER_BYTES + n * width;
@@ -40,13 +30,9 @@ pub fn read(path: &str) -> Result<Vec<u32>, String> {
     }
     let body = &bytes[HEADER_BYTES..];
     Ok(if width == 2 {
-        body.chunks_exact(2)
-            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-            .collect()
+        body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect()
     } else {
-        body.chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
+        body.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     })
 }
 

@@ -18,13 +18,7 @@ pub struct ModelConfig {
 impl Default for ModelConfig {
     /// The embedded default: a small byte-level GPT that trains in the simulator.
     fn default() -> Self {
-        ModelConfig {
-            n_layer: 2,
-            n_embd: 64,
-            n_head: 4,
-            seq_len: 64,
-            vocab_size: 256,
-        }
+        ModelConfig { n_layer: 2, n_embd: 64, n_head: 4, seq_len: 64, vocab_size: 256 }
     }
 }
 
@@ -44,10 +38,7 @@ impl ModelConfig {
         range("seq_len", self.seq_len, 2, 65536)?;
         range("vocab_size", self.vocab_size, 2, 1 << 20)?;
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(format!(
-                "model.n_embd = {} must be divisible by model.n_head = {}",
-                self.n_embd, self.n_head
-            ));
+            return Err(format!("model.n_embd = {} must be divisible by model.n_head = {}", self.n_embd, self.n_head));
         }
         Ok(())
     }
@@ -64,9 +55,12 @@ pub enum Level {
     Bf16,
     O1,
     O2,
+    /// O2 with masters and optimizer state sharded over data-parallel ranks (ZeRO).
+    O3,
 }
 
 impl Level {
+    /// The levels a single process runs (O3 needs several ranks to mean anything).
     pub const ALL: [Level; 3] = [Level::Bf16, Level::O1, Level::O2];
 
     /// FP8 linear layers?
@@ -79,7 +73,7 @@ impl Level {
         match self {
             Level::Bf16 => 16,
             Level::O1 => 11,
-            Level::O2 => 6,
+            Level::O2 | Level::O3 => 6,
         }
     }
 }
@@ -90,6 +84,7 @@ impl fmt::Display for Level {
             Level::Bf16 => "bf16",
             Level::O1 => "O1",
             Level::O2 => "O2",
+            Level::O3 => "O3",
         })
     }
 }
@@ -101,8 +96,8 @@ impl FromStr for Level {
             "bf16" | "BF16" => Ok(Level::Bf16),
             "O1" | "o1" => Ok(Level::O1),
             "O2" | "o2" => Ok(Level::O2),
-            "O3" | "o3" => Err("level O3 (FP8 ZeRO) needs data-parallel ranks, which are not built yet".into()),
-            other => Err(format!("unknown level '{other}' (allowed: bf16, O1, O2)")),
+            "O3" | "o3" => Ok(Level::O3),
+            other => Err(format!("unknown level '{other}' (allowed: bf16, O1, O2, O3)")),
         }
     }
 }

@@ -10,6 +10,7 @@ use super::config::{Level, ModelConfig};
 use super::linear::{self, Dims, GradCast, LinearScaling, Saved, WeightView};
 use super::params::{self, GradStore, Kind, Master, Moments, Param};
 use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
+use fp8cluster::world::Collectives;
 use fp8sim::half16::bf16;
 use fp8sim::ops::adamw::AdamStep;
 use fp8sim::ops::attention::AttnShape;
@@ -99,14 +100,30 @@ pub struct BackwardStats {
 }
 
 impl<B: Backend> Gpt<B> {
-    /// A freshly initialised model (counter-based init keyed by `seed`).
-    pub fn new(be: &B, cfg: &ModelConfig, level: Level, seed: u64, amax_window: usize) -> Self {
-        let params = params::specs(cfg)
+    /// A freshly initialised model (counter-based init keyed by `seed`) for data-parallel
+    /// rank `rank` of `ranks` (at O3 each rank keeps the masters and optimizer state of
+    /// the tensors the ZeRO partition gives it).
+    pub fn new(
+        be: &B,
+        cfg: &ModelConfig,
+        level: Level,
+        seed: u64,
+        amax_window: usize,
+        rank: usize,
+        ranks: usize,
+    ) -> Self {
+        let specs = params::specs(cfg);
+        let owners = if level == Level::O3 {
+            fp8cluster::zero::partition(&specs.iter().map(|s| s.numel()).collect::<Vec<_>>(), ranks)
+        } else {
+            vec![rank; specs.len()]
+        };
+        let params = specs
             .into_iter()
             .enumerate()
             .map(|(i, spec)| {
                 let values = params::init_values(&spec, seed, i);
-                Param::new(be, spec, level, &values)
+                Param::new(be, spec, level, &values, owners[i], rank)
             })
             .collect();
         Gpt {
@@ -124,10 +141,7 @@ impl<B: Backend> Gpt<B> {
     /// (bytes of weights + gradients + optimizer state, bytes of scale metadata),
     /// summed over the buffers the parameters hold.
     pub fn state_bytes(&self, be: &B) -> (usize, usize) {
-        self.params
-            .iter()
-            .map(|p| p.bytes(be))
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        self.params.iter().map(|p| p.bytes(be)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
     pub fn workspace(&self, be: &B, b: usize, t: usize) -> Workspace<B> {
@@ -157,12 +171,10 @@ impl<B: Backend> Gpt<B> {
             .iter()
             .map(|p| match p.master {
                 Master::F32(_) => None,
-                Master::F16 { .. } => Some(z(p.spec.numel())),
+                Master::F16 { .. } | Master::Remote => Some(z(p.spec.numel())),
             })
             .collect();
-        let views = (0..4 * self.cfg.n_layer)
-            .map(|i| WeightView::new(be, fp8, outs[i % 4] * ins[i % 4]))
-            .collect();
+        let views = (0..4 * self.cfg.n_layer).map(|i| WeightView::new(be, fp8, outs[i % 4] * ins[i % 4])).collect();
         Workspace {
             b,
             t,
@@ -204,14 +216,17 @@ impl<B: Backend> Gpt<B> {
     fn weight<'a>(params: &'a [Param<B>], work: &'a [Option<B::Buf<f32>>], i: usize) -> &'a B::Buf<f32> {
         match (&params[i].master, &work[i]) {
             (Master::F32(w), _) => w,
-            (Master::F16 { .. }, Some(w)) => w,
-            (Master::F16 { .. }, None) => unreachable!("workspace holds a decoded copy of every FP16 master"),
+            (_, Some(w)) => w,
+            (_, None) => unreachable!("workspace holds a decoded copy of every FP16 or remote master"),
         }
     }
 
     /// Derive this step's weights from the masters: decode FP16 masters, cast linear
-    /// weights to BF16 or E4M3 (just-in-time scale), the LM head to BF16.
-    pub fn prepare_weights(&self, be: &B, ws: &mut Workspace<B>) {
+    /// weights to BF16 or E4M3 (just-in-time scale), the LM head to BF16. At O3 each
+    /// tensor's owner then sends its compute form to every rank (FP8 codes and scale
+    /// for linear weights, FP16 codes and scale for the others), so every rank computes
+    /// with exactly the weights O2 would.
+    pub fn prepare_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) {
         for (i, p) in self.params.iter().enumerate() {
             if let (Master::F16 { codes, scale }, Some(w)) = (&p.master, &mut ws.work[i]) {
                 be.decode_f16(w, codes, 1.0 / scale);
@@ -219,32 +234,74 @@ impl<B: Backend> Gpt<B> {
         }
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
-                let w = Self::weight(&self.params, &ws.work, params::layer_param(l, *wi));
-                ws.views[4 * l + j].update(be, w);
+                let idx = params::layer_param(l, *wi);
+                if !matches!(self.params[idx].master, Master::Remote) {
+                    let w = Self::weight(&self.params, &ws.work, idx);
+                    ws.views[4 * l + j].update(be, w);
+                }
             }
         }
+        if self.level == Level::O3 && world.size() > 1 {
+            self.share_weights(be, ws, world);
+        }
         be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE));
+    }
+
+    /// O3: every tensor's owner broadcasts its compute form.
+    fn share_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) {
+        let mut view_of = vec![None; self.params.len()];
+        for l in 0..self.cfg.n_layer {
+            for (j, (wi, _)) in LINEARS.iter().enumerate() {
+                view_of[params::layer_param(l, *wi)] = Some(4 * l + j);
+            }
+        }
+        for (i, p) in self.params.iter().enumerate() {
+            let mine = p.owner == world.rank();
+            if let Some(v) = view_of[i] {
+                let WeightView::Fp8 { codes, scale } = &mut ws.views[v] else {
+                    unreachable!("O3 linear weights are FP8")
+                };
+                let mut host = if mine { be.download(codes) } else { vec![0u8; p.spec.numel()] };
+                let mut s = [*scale];
+                world.broadcast(&mut host, p.owner);
+                world.broadcast(&mut s, p.owner);
+                if !mine {
+                    *codes = be.upload(&host);
+                    *scale = s[0];
+                }
+            } else {
+                let (mut host, mut s) = match &p.master {
+                    Master::F16 { codes, scale } => (be.download(codes), [*scale]),
+                    _ => (vec![fp8sim::half16::f16::ZERO; p.spec.numel()], [1.0f32]),
+                };
+                let mut bits: Vec<u16> = host.iter().map(|h| h.to_bits()).collect();
+                world.broadcast(&mut bits, p.owner);
+                world.broadcast(&mut s, p.owner);
+                if !mine {
+                    host = bits.into_iter().map(fp8sim::half16::f16::from_bits).collect();
+                    let w = ws.work[i].as_mut().expect("remote parameters have a decoded copy");
+                    be.decode_f16(w, &be.upload(&host), 1.0 / s[0]);
+                }
+            }
+        }
+    }
+
+    /// Bytes of masters + optimizer moments this rank holds (what ZeRO shards).
+    pub fn optimizer_bytes(&self, be: &B) -> usize {
+        self.params.iter().map(|p| p.optimizer_bytes(be)).sum()
     }
 
     /// Forward pass; returns the mean loss. `train`: record amax histories.
     pub fn forward(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32], train: bool) -> f32 {
         let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
         let n = b * t;
-        assert!(
-            tokens.len() == n && targets.len() == n,
-            "forward: batch is not b x t tokens"
-        );
+        assert!(tokens.len() == n && targets.len() == n, "forward: batch is not b x t tokens");
         ws.tokens = be.upload(tokens);
         ws.targets = be.upload(targets);
         let (params, work) = (&self.params, &ws.work);
         let w = |i: usize| Self::weight(params, work, i);
         be.encoder_forward(&mut ws.encoded, &ws.tokens, w(params::WTE), w(params::WPE), b, t, c);
-        let shape = AttnShape {
-            b,
-            t,
-            c,
-            nh: self.cfg.n_head,
-        };
+        let shape = AttnShape { b, t, c, nh: self.cfg.n_head };
         for l in 0..self.cfg.n_layer {
             let p = |k: usize| w(params::layer_param(l, k));
             let (done, rest) = ws.layers.split_at_mut(l);
@@ -322,22 +379,9 @@ impl<B: Backend> Gpt<B> {
             );
             be.add(&mut la.res_out, &la.res_mid, &ws.lin_out);
         }
-        let last = if self.cfg.n_layer == 0 {
-            &ws.encoded
-        } else {
-            &ws.layers[self.cfg.n_layer - 1].res_out
-        };
+        let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
         let lf = params::lnf_w(&self.cfg);
-        be.layernorm_forward(
-            &mut ws.lnf,
-            &mut ws.lnf_mean,
-            &mut ws.lnf_rstd,
-            last,
-            w(lf),
-            w(lf + 1),
-            n,
-            c,
-        );
+        be.layernorm_forward(&mut ws.lnf, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c);
         be.cast_bf16(&mut ws.lnf_bf16, &ws.lnf);
         be.matmul(
             &mut ws.logits,
@@ -382,26 +426,13 @@ impl<B: Backend> Gpt<B> {
         let loss = self.forward(be, ws, tokens, targets, true);
         let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
         let n = b * t;
-        let mut st = BackwardStats {
-            loss,
-            ..Default::default()
-        };
+        let mut st = BackwardStats { loss, ..Default::default() };
         let mut finite = true;
-        let Gpt {
-            params, scaling, cfg, ..
-        } = self;
+        let Gpt { params, scaling, cfg, .. } = self;
 
         // Loss and LM head.
         let dloss = mu / n as f32;
-        be.crossentropy(
-            &mut ws.losses,
-            Some(&mut ws.dlogits),
-            &ws.logits,
-            &ws.targets,
-            dloss,
-            n,
-            v,
-        );
+        be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits), &ws.logits, &ws.targets, dloss, n, v);
         be.cast_bf16(&mut ws.dlogits_bf16, &ws.dlogits);
         be.matmul(
             &mut ws.dln,
@@ -424,36 +455,16 @@ impl<B: Backend> Gpt<B> {
             1.0,
         );
         let lf = params::lnf_w(cfg);
-        let last = if cfg.n_layer == 0 {
-            &ws.encoded
-        } else {
-            &ws.layers[cfg.n_layer - 1].res_out
-        };
+        let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[cfg.n_layer - 1].res_out };
         {
             let w = Self::weight(params, &ws.work, lf);
             let [gc0, gc1] = &mut ws.g_c;
-            be.layernorm_backward(
-                &mut ws.dres,
-                gc0,
-                gc1,
-                &ws.dln,
-                last,
-                w,
-                &ws.lnf_mean,
-                &ws.lnf_rstd,
-                n,
-                c,
-            );
+            be.layernorm_backward(&mut ws.dres, gc0, gc1, &ws.dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, n, c);
         }
         finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0]);
         finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1]);
 
-        let shape = AttnShape {
-            b,
-            t,
-            c,
-            nh: cfg.n_head,
-        };
+        let shape = AttnShape { b, t, c, nh: cfg.n_head };
         for l in (0..cfg.n_layer).rev() {
             let idx = |k: usize| params::layer_param(l, k);
             let (done, rest) = ws.layers.split_at(l);
@@ -488,18 +499,8 @@ impl<B: Backend> Gpt<B> {
             finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_W)], gw3);
             finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_B)], gb3);
             be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu);
-            st.saturated += linear::backward(
-                be,
-                &mut ws.dln,
-                gw2,
-                gb2,
-                &ws.dfc,
-                &views[2],
-                &la.saved[2],
-                &mut sc[2],
-                q2,
-                dims[2],
-            );
+            st.saturated +=
+                linear::backward(be, &mut ws.dln, gw2, gb2, &ws.dfc, &views[2], &la.saved[2], &mut sc[2], q2, dims[2]);
             finite &= Self::store_grad(be, &mut params[idx(params::FC_W)], gw2);
             finite &= Self::store_grad(be, &mut params[idx(params::FC_B)], gb2);
             {
@@ -538,35 +539,14 @@ impl<B: Backend> Gpt<B> {
             finite &= Self::store_grad(be, &mut params[idx(params::PROJ_W)], gw1);
             finite &= Self::store_grad(be, &mut params[idx(params::PROJ_B)], gb1);
             be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape);
-            st.saturated += linear::backward(
-                be,
-                &mut ws.dln,
-                gw0,
-                gb0,
-                &ws.dqkv,
-                &views[0],
-                &la.saved[0],
-                &mut sc[0],
-                q0,
-                dims[0],
-            );
+            st.saturated +=
+                linear::backward(be, &mut ws.dln, gw0, gb0, &ws.dqkv, &views[0], &la.saved[0], &mut sc[0], q0, dims[0]);
             finite &= Self::store_grad(be, &mut params[idx(params::QKV_W)], gw0);
             finite &= Self::store_grad(be, &mut params[idx(params::QKV_B)], gb0);
             {
                 let [gc0, gc1] = &mut ws.g_c;
                 let w1 = Self::weight(params, work, idx(params::LN1_W));
-                be.layernorm_backward(
-                    &mut ws.dtmp,
-                    gc0,
-                    gc1,
-                    &ws.dln,
-                    res_in,
-                    w1,
-                    &la.ln1_mean,
-                    &la.ln1_rstd,
-                    n,
-                    c,
-                );
+                be.layernorm_backward(&mut ws.dtmp, gc0, gc1, &ws.dln, res_in, w1, &la.ln1_mean, &la.ln1_rstd, n, c);
             }
             finite &= Self::store_grad(be, &mut params[idx(params::LN1_W)], &ws.g_c[0]);
             finite &= Self::store_grad(be, &mut params[idx(params::LN1_B)], &ws.g_c[1]);
@@ -614,23 +594,14 @@ impl<B: Backend> Gpt<B> {
             };
             let state = match (&mut p.master, &mut p.moments) {
                 (Master::F32(master), Moments::F32 { m, v }) => AdamState::F32 { master, m, v },
-                (Master::F16 { codes, scale }, Moments::F32 { m, v }) => AdamState::O1 {
-                    master: codes,
-                    master_scale: scale,
-                    m,
-                    v,
-                },
-                (Master::F16 { codes, scale }, Moments::Scaled { m, m_scale, v, v_scale }) => AdamState::O2 {
-                    master: codes,
-                    master_scale: scale,
-                    m,
-                    m_scale,
-                    v,
-                    v_scale,
-                },
-                (Master::F32(_), Moments::Scaled { .. }) => {
-                    unreachable!("no level pairs f32 masters with scaled moments")
+                (Master::F16 { codes, scale }, Moments::F32 { m, v }) => {
+                    AdamState::O1 { master: codes, master_scale: scale, m, v }
                 }
+                (Master::F16 { codes, scale }, Moments::Scaled { m, m_scale, v, v_scale }) => {
+                    AdamState::O2 { master: codes, master_scale: scale, m, m_scale, v, v_scale }
+                }
+                (Master::Remote, _) => continue, // O3: the owner updates it
+                _ => unreachable!("no level pairs these masters and moments"),
             };
             be.adamw(state, grad, &h);
         }
@@ -643,10 +614,6 @@ impl<B: Backend> Gpt<B> {
 
     /// Linear weights count (FP8 in O1/O2).
     pub fn fp8_params(&self) -> usize {
-        self.params
-            .iter()
-            .filter(|p| p.spec.kind == Kind::LinearWeight)
-            .map(|p| p.spec.numel())
-            .sum()
+        self.params.iter().filter(|p| p.spec.kind == Kind::LinearWeight).map(|p| p.spec.numel()).sum()
     }
 }

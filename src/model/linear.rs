@@ -28,14 +28,8 @@ pub struct LinearScaling {
 impl LinearScaling {
     pub fn new(window: usize) -> Self {
         LinearScaling {
-            act: DelayedScaling::new(ScalingConfig {
-                window,
-                ..ScalingConfig::delayed(E4M3)
-            }),
-            grad: DelayedScaling::new(ScalingConfig {
-                window,
-                ..ScalingConfig::delayed(E5M2)
-            }),
+            act: DelayedScaling::new(ScalingConfig { window, ..ScalingConfig::delayed(E4M3) }),
+            grad: DelayedScaling::new(ScalingConfig { window, ..ScalingConfig::delayed(E5M2) }),
         }
     }
 }
@@ -58,10 +52,7 @@ pub enum WeightView<B: Backend> {
 impl<B: Backend> WeightView<B> {
     pub fn new(be: &B, fp8: bool, numel: usize) -> Self {
         if fp8 {
-            WeightView::Fp8 {
-                codes: be.zeros(numel),
-                scale: 1.0,
-            }
+            WeightView::Fp8 { codes: be.zeros(numel), scale: 1.0 }
         } else {
             WeightView::Bf16(be.zeros(numel))
         }
@@ -95,10 +86,7 @@ pub enum Saved<B: Backend> {
 impl<B: Backend> Saved<B> {
     pub fn new(be: &B, fp8: bool, numel: usize) -> Self {
         if fp8 {
-            Saved::Fp8 {
-                codes: be.zeros(numel),
-                scale: 1.0,
-            }
+            Saved::Fp8 { codes: be.zeros(numel), scale: 1.0 }
         } else {
             Saved::Bf16(be.zeros(numel))
         }

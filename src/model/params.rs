@@ -67,13 +67,7 @@ pub fn specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
     let (c, v, t) = (cfg.n_embd, cfg.vocab_size, cfg.seq_len);
     let std = 0.02f32;
     let resid_std = std / ((2 * cfg.n_layer) as f32).sqrt();
-    let p = |name: String, shape: Vec<usize>, kind, decay, init| ParamSpec {
-        name,
-        shape,
-        kind,
-        decay,
-        init,
-    };
+    let p = |name: String, shape: Vec<usize>, kind, decay, init| ParamSpec { name, shape, kind, decay, init };
     let mut s = vec![
         p("wte".into(), vec![v, c], Kind::Other, true, Init::Normal(std)),
         p("wpe".into(), vec![t, c], Kind::Other, true, Init::Normal(std)),
@@ -82,39 +76,15 @@ pub fn specs(cfg: &ModelConfig) -> Vec<ParamSpec> {
         let n = |x: &str| format!("h.{l}.{x}");
         s.push(p(n("ln_1.weight"), vec![c], Kind::Other, false, Init::Ones));
         s.push(p(n("ln_1.bias"), vec![c], Kind::Other, false, Init::Zeros));
-        s.push(p(
-            n("attn.qkv.weight"),
-            vec![3 * c, c],
-            Kind::LinearWeight,
-            true,
-            Init::Normal(std),
-        ));
+        s.push(p(n("attn.qkv.weight"), vec![3 * c, c], Kind::LinearWeight, true, Init::Normal(std)));
         s.push(p(n("attn.qkv.bias"), vec![3 * c], Kind::Other, false, Init::Zeros));
-        s.push(p(
-            n("attn.proj.weight"),
-            vec![c, c],
-            Kind::LinearWeight,
-            true,
-            Init::Normal(resid_std),
-        ));
+        s.push(p(n("attn.proj.weight"), vec![c, c], Kind::LinearWeight, true, Init::Normal(resid_std)));
         s.push(p(n("attn.proj.bias"), vec![c], Kind::Other, false, Init::Zeros));
         s.push(p(n("ln_2.weight"), vec![c], Kind::Other, false, Init::Ones));
         s.push(p(n("ln_2.bias"), vec![c], Kind::Other, false, Init::Zeros));
-        s.push(p(
-            n("mlp.fc.weight"),
-            vec![4 * c, c],
-            Kind::LinearWeight,
-            true,
-            Init::Normal(std),
-        ));
+        s.push(p(n("mlp.fc.weight"), vec![4 * c, c], Kind::LinearWeight, true, Init::Normal(std)));
         s.push(p(n("mlp.fc.bias"), vec![4 * c], Kind::Other, false, Init::Zeros));
-        s.push(p(
-            n("mlp.proj.weight"),
-            vec![c, 4 * c],
-            Kind::LinearWeight,
-            true,
-            Init::Normal(resid_std),
-        ));
+        s.push(p(n("mlp.proj.weight"), vec![c, 4 * c], Kind::LinearWeight, true, Init::Normal(resid_std)));
         s.push(p(n("mlp.proj.bias"), vec![c], Kind::Other, false, Init::Zeros));
     }
     s.push(p("ln_f.weight".into(), vec![c], Kind::Other, false, Init::Ones));
@@ -139,7 +109,13 @@ pub fn init_values(spec: &ParamSpec, seed: u64, idx: usize) -> Vec<f32> {
 /// Master weights.
 pub enum Master<B: Backend> {
     F32(B::Buf<f32>),
-    F16 { codes: B::Buf<f16>, scale: f32 },
+    F16 {
+        codes: B::Buf<f16>,
+        scale: f32,
+    },
+    /// O3, owned by another rank: this rank holds only the compute copy it receives
+    /// each step (FP8 for linear weights, FP16 for the others).
+    Remote,
 }
 
 /// Stored gradient (between backward and the optimizer step).
@@ -165,23 +141,37 @@ pub enum Moments<B: Backend> {
         v: B::Buf<f16>,
         v_scale: f32,
     },
+    /// O3, owned by another rank.
+    Remote,
 }
 
 /// One parameter: spec + all its persistent state.
 pub struct Param<B: Backend> {
     pub spec: ParamSpec,
+    /// Rank holding the master and optimizer state (O3); this rank otherwise.
+    pub owner: usize,
     pub master: Master<B>,
     pub grad: GradStore<B>,
     pub moments: Moments<B>,
 }
 
 impl<B: Backend> Param<B> {
-    /// Allocate the storage of `level` holding `values` as master weights.
-    pub fn new(be: &B, spec: ParamSpec, level: Level, values: &[f32]) -> Self {
+    /// Allocate the storage of `level` holding `values` as master weights; with O3 a
+    /// parameter owned by another rank holds no master and no optimizer state.
+    pub fn new(be: &B, spec: ParamSpec, level: Level, values: &[f32], owner: usize, rank: usize) -> Self {
         let n = spec.numel();
+        if level == Level::O3 && owner != rank {
+            return Param {
+                spec,
+                owner,
+                master: Master::Remote,
+                grad: GradStore::Fp8 { codes: be.zeros(n), scale: 1.0 },
+                moments: Moments::Remote,
+            };
+        }
         let master = match level {
             Level::Bf16 => Master::F32(be.upload(values)),
-            Level::O1 | Level::O2 => {
+            Level::O1 | Level::O2 | Level::O3 => {
                 let x = be.upload(values);
                 let scale = fp8sim::scaling::scale_for_max(fp8sim::scaling::F16_MAX, be.amax(&x), 0, 1.0);
                 let mut codes = be.zeros::<f16>(n);
@@ -191,36 +181,26 @@ impl<B: Backend> Param<B> {
         };
         let grad = match level {
             Level::Bf16 => GradStore::F32(be.zeros(n)),
-            _ => GradStore::Fp8 {
-                codes: be.zeros(n),
-                scale: 1.0,
-            },
+            _ => GradStore::Fp8 { codes: be.zeros(n), scale: 1.0 },
         };
         let moments = match level {
-            Level::Bf16 | Level::O1 => Moments::F32 {
-                m: be.zeros(n),
-                v: be.zeros(n),
-            },
-            Level::O2 => Moments::Scaled {
-                m: be.zeros(n),
-                m_scale: 1.0,
-                v: be.zeros(n),
-                v_scale: 1.0,
-            },
+            Level::Bf16 | Level::O1 => Moments::F32 { m: be.zeros(n), v: be.zeros(n) },
+            Level::O2 | Level::O3 => Moments::Scaled { m: be.zeros(n), m_scale: 1.0, v: be.zeros(n), v_scale: 1.0 },
         };
-        Param {
-            spec,
-            master,
-            grad,
-            moments,
-        }
+        Param { spec, owner, master, grad, moments }
     }
 
     /// Bytes of persistent state (weights + gradient + optimizer) and of scale metadata.
+    /// A remote (O3) parameter counts its compute copy: 1 byte per element for FP8
+    /// linear weights, 2 for the FP16 others.
     pub fn bytes(&self, be: &B) -> (usize, usize) {
         let mut data = 0;
         let mut meta = 0;
         match &self.master {
+            Master::Remote => {
+                data += self.spec.numel() * if self.spec.kind == Kind::LinearWeight { 1 } else { 2 };
+                meta += 4;
+            }
             Master::F32(b) => data += 4 * be.len(b),
             Master::F16 { codes, .. } => {
                 data += 2 * be.len(codes);
@@ -240,18 +220,35 @@ impl<B: Backend> Param<B> {
                 data += be.len(m) + 2 * be.len(v);
                 meta += 8;
             }
+            Moments::Remote => {}
         }
         (data, meta)
     }
 
-    /// The master weights as f32 values.
-    pub fn master_f32(&self, be: &B) -> Vec<f32> {
+    /// Bytes of optimizer state alone (masters + moments), the part ZeRO shards.
+    pub fn optimizer_bytes(&self, be: &B) -> usize {
+        let master = match &self.master {
+            Master::F32(b) => 4 * be.len(b),
+            Master::F16 { codes, .. } => 2 * be.len(codes),
+            Master::Remote => 0,
+        };
+        master
+            + match &self.moments {
+                Moments::F32 { m, v } => 4 * (be.len(m) + be.len(v)),
+                Moments::Scaled { m, v, .. } => be.len(m) + 2 * be.len(v),
+                Moments::Remote => 0,
+            }
+    }
+
+    /// The master weights as f32 values (None for a remote O3 parameter).
+    pub fn master_f32(&self, be: &B) -> Option<Vec<f32>> {
         match &self.master {
-            Master::F32(b) => be.download(b),
+            Master::F32(b) => Some(be.download(b)),
             Master::F16 { codes, scale } => {
                 let inv = 1.0 / scale;
-                be.download(codes).iter().map(|h| h.to_f32() * inv).collect()
+                Some(be.download(codes).iter().map(|h| h.to_f32() * inv).collect())
             }
+            Master::Remote => None,
         }
     }
 }

@@ -16,6 +16,7 @@ use super::config::Config;
 use crate::backend::Backend;
 use crate::model::params::{GradStore, Master, Moments};
 use crate::model::{Gpt, Level};
+use fp8cluster::world::Collectives;
 use fp8sim::half16::f16;
 use fp8sim::scaling::DelayedScaling;
 use safetensors::tensor::{Dtype, TensorView};
@@ -73,7 +74,14 @@ struct FileEntry {
 struct Manifest {
     format: String,
     step: u64,
+    /// Ranks of the run that wrote it (O3 shards need the same number to resume).
+    #[serde(default = "one")]
+    world_size: usize,
     files: BTreeMap<String, FileEntry>,
+}
+
+fn one() -> usize {
+    1
 }
 
 const FORMAT: &str = "fp8train-checkpoint-1";
@@ -90,10 +98,7 @@ fn bytes_f16(v: &[f16]) -> Vec<u8> {
 }
 
 fn record(ds: &DelayedScaling) -> ScalingRecord {
-    ScalingRecord {
-        scale_bits: ds.scale().to_bits(),
-        history_bits: ds.history().map(f32::to_bits).collect(),
-    }
+    ScalingRecord { scale_bits: ds.scale().to_bits(), history_bits: ds.history().map(f32::to_bits).collect() }
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), String> {
@@ -110,119 +115,54 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// Write a checkpoint of `model` at `state.step` under `run_dir/checkpoints/`.
-pub fn save<B: Backend>(
-    be: &B,
-    run_dir: &Path,
-    model: &Gpt<B>,
-    cfg: &Config,
-    state: LoopState,
-) -> Result<PathBuf, String> {
-    let ckpts = run_dir.join("checkpoints");
-    std::fs::create_dir_all(&ckpts).map_err(|e| format!("checkpoint: cannot create {}: {e}", ckpts.display()))?;
-    let name = format!("step-{:06}", state.step);
-    let tmp = ckpts.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| format!("checkpoint: cannot create {}: {e}", tmp.display()))?;
-
-    // model.safetensors: f32 weights.
-    let weights: Vec<(String, Vec<f32>, Vec<usize>)> = model
-        .params
-        .iter()
-        .map(|p| (p.spec.name.clone(), p.master_f32(be), p.spec.shape.clone()))
-        .collect();
+/// `model.safetensors`: named f32 weights.
+fn model_file(weights: &[(String, Vec<f32>, Vec<usize>)], cfg: &Config) -> Result<Vec<u8>, String> {
     let wbytes: Vec<Vec<u8>> = weights.iter().map(|w| bytes_f32(&w.1)).collect();
     let views: Vec<(String, TensorView)> = weights
         .iter()
         .zip(&wbytes)
-        .map(|(w, b)| {
-            (
-                w.0.clone(),
-                TensorView::new(Dtype::F32, w.2.clone(), b).expect("sizes match"),
-            )
-        })
+        .map(|(w, b)| (w.0.clone(), TensorView::new(Dtype::F32, w.2.clone(), b).expect("sizes match")))
         .collect();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert("fp8train_config".to_string(), cfg.to_toml());
-    let model_bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))?;
+    safetensors::serialize(views, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))
+}
 
-    // state.safetensors: stored formats, scales and loop state.
+/// The state file of the parameters this rank holds (all of them below O3).
+fn state_file<B: Backend>(be: &B, model: &Gpt<B>, cfg: &Config, state: LoopState) -> Result<Vec<u8>, String> {
     let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut scales = Vec::new();
     for p in &model.params {
-        let shape = p.spec.shape.clone();
-        let (master_scale, grad_scale, mut m_scale, mut v_scale) = (
-            match &p.master {
-                Master::F32(w) => {
-                    tensors.push((
-                        format!("master.{}", p.spec.name),
-                        Dtype::F32,
-                        shape.clone(),
-                        bytes_f32(&be.download(w)),
-                    ));
-                    1.0f32
-                }
-                Master::F16 { codes, scale } => {
-                    tensors.push((
-                        format!("master.{}", p.spec.name),
-                        Dtype::F16,
-                        shape.clone(),
-                        bytes_f16(&be.download(codes)),
-                    ));
-                    *scale
-                }
-            },
-            match &p.grad {
-                GradStore::F32(_) => 1.0f32,
-                GradStore::Fp8 { scale, .. } => *scale,
-            },
-            1.0f32,
-            1.0f32,
-        );
+        let (shape, name) = (p.spec.shape.clone(), &p.spec.name);
+        let mut sc = ParamScales { master: 1f32.to_bits(), grad: 1f32.to_bits(), m: 1f32.to_bits(), v: 1f32.to_bits() };
+        match &p.master {
+            Master::F32(w) => {
+                tensors.push((format!("master.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(w))))
+            }
+            Master::F16 { codes, scale } => {
+                tensors.push((format!("master.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(codes))));
+                sc.master = scale.to_bits();
+            }
+            Master::Remote => {}
+        }
+        if let GradStore::Fp8 { scale, .. } = &p.grad {
+            sc.grad = scale.to_bits();
+        }
         match &p.moments {
             Moments::F32 { m, v } => {
-                tensors.push((
-                    format!("adam_m.{}", p.spec.name),
-                    Dtype::F32,
-                    shape.clone(),
-                    bytes_f32(&be.download(m)),
-                ));
-                tensors.push((
-                    format!("adam_v.{}", p.spec.name),
-                    Dtype::F32,
-                    shape.clone(),
-                    bytes_f32(&be.download(v)),
-                ));
+                tensors.push((format!("adam_m.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(m))));
+                tensors.push((format!("adam_v.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(v))));
             }
-            Moments::Scaled {
-                m,
-                m_scale: ms,
-                v,
-                v_scale: vs,
-            } => {
-                tensors.push((
-                    format!("adam_m.{}", p.spec.name),
-                    Dtype::F8_E4M3,
-                    shape.clone(),
-                    be.download(m),
-                ));
-                tensors.push((
-                    format!("adam_v.{}", p.spec.name),
-                    Dtype::F16,
-                    shape.clone(),
-                    bytes_f16(&be.download(v)),
-                ));
-                m_scale = *ms;
-                v_scale = *vs;
+            Moments::Scaled { m, m_scale, v, v_scale } => {
+                tensors.push((format!("adam_m.{name}"), Dtype::F8_E4M3, shape.clone(), be.download(m)));
+                tensors.push((format!("adam_v.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(v))));
+                sc.m = m_scale.to_bits();
+                sc.v = v_scale.to_bits();
             }
+            Moments::Remote => {}
         }
-        scales.push(ParamScales {
-            master: master_scale.to_bits(),
-            grad: grad_scale.to_bits(),
-            m: m_scale.to_bits(),
-            v: v_scale.to_bits(),
-        });
+        scales.push(sc);
     }
     let smeta = StateMeta {
         level: model.level,
@@ -232,44 +172,100 @@ pub fn save<B: Backend>(
         grad: model.scaling.iter().map(|s| record(&s.grad)).collect(),
     };
     let mut meta = HashMap::new();
-    meta.insert(
-        "fp8train_state".to_string(),
-        serde_json::to_string(&smeta).expect("state serialises"),
-    );
+    meta.insert("fp8train_state".to_string(), serde_json::to_string(&smeta).expect("state serialises"));
     meta.insert("fp8train_config".to_string(), cfg.to_toml());
-    let sviews: Vec<(String, TensorView)> = tensors
+    let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("sizes match")))
         .collect();
-    let state_bytes = safetensors::serialize(sviews, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))?;
+    safetensors::serialize(views, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))
+}
 
-    let mut files = BTreeMap::new();
-    for (fname, data) in [("model.safetensors", &model_bytes), ("state.safetensors", &state_bytes)] {
-        write_synced(&tmp.join(fname), data)?;
-        files.insert(
-            fname.to_string(),
-            FileEntry {
-                bytes: data.len() as u64,
-                sha256: hex(&Sha256::digest(data)),
-            },
-        );
-    }
-    let manifest = Manifest {
-        format: FORMAT.into(),
-        step: state.step,
-        files,
-    };
-    write_synced(
-        &tmp.join("manifest.json"),
-        serde_json::to_string_pretty(&manifest).expect("json").as_bytes(),
-    )?;
-    sync_dir(&tmp);
-    let dest = ckpts.join(&name);
+fn entry(data: &[u8]) -> FileEntry {
+    FileEntry { bytes: data.len() as u64, sha256: hex(&Sha256::digest(data)) }
+}
+
+/// Write the manifest, then move the folder into place.
+fn finish(tmp: &Path, ckpts: &Path, name: &str, manifest: &Manifest) -> Result<PathBuf, String> {
+    write_synced(&tmp.join("manifest.json"), serde_json::to_string_pretty(manifest).expect("json").as_bytes())?;
+    sync_dir(tmp);
+    let dest = ckpts.join(name);
     if dest.exists() {
         std::fs::remove_dir_all(&dest).map_err(|e| format!("checkpoint: cannot replace {}: {e}", dest.display()))?;
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| format!("checkpoint: cannot move into place {}: {e}", dest.display()))?;
-    sync_dir(&ckpts);
+    std::fs::rename(tmp, &dest).map_err(|e| format!("checkpoint: cannot move into place {}: {e}", dest.display()))?;
+    sync_dir(ckpts);
+    Ok(dest)
+}
+
+/// Write a checkpoint of `model` at `state.step` under `run_dir/checkpoints/`. Below
+/// O3 every rank holds the same state and rank 0 writes it; at O3 with several ranks
+/// each rank writes its shard (`state-rank{r}.safetensors`) into the same folder and
+/// rank 0 writes the weights and the manifest. Returns the folder on rank 0.
+pub fn save<B: Backend, C: Collectives>(
+    be: &B,
+    run_dir: &Path,
+    model: &Gpt<B>,
+    cfg: &Config,
+    state: LoopState,
+    world: &C,
+) -> Result<Option<PathBuf>, String> {
+    let ckpts = run_dir.join("checkpoints");
+    let name = format!("step-{:06}", state.step);
+    let lead = world.rank() == 0;
+    let sharded = model.level == Level::O3 && world.size() > 1;
+    if !sharded && !lead {
+        return Ok(None);
+    }
+    // Weights as f32: each owner sends its masters (all local below O3).
+    let mut weights = Vec::new();
+    for p in &model.params {
+        let mut v = p.master_f32(be).unwrap_or_else(|| vec![0f32; p.spec.numel()]);
+        if sharded {
+            world.broadcast(&mut v, p.owner);
+        }
+        weights.push((p.spec.name.clone(), v, p.spec.shape.clone()));
+    }
+    let tmp = ckpts.join(format!(".{name}.tmp"));
+    if lead {
+        std::fs::create_dir_all(&ckpts).map_err(|e| format!("checkpoint: cannot create {}: {e}", ckpts.display()))?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(|e| format!("checkpoint: cannot create {}: {e}", tmp.display()))?;
+    }
+    if sharded {
+        world.barrier();
+    }
+    let state_name =
+        if sharded { format!("state-rank{}.safetensors", world.rank()) } else { "state.safetensors".to_string() };
+    let state_bytes = state_file(be, model, cfg, state)?;
+    write_synced(&tmp.join(&state_name), &state_bytes)?;
+    let mine = entry(&state_bytes);
+    let mut files = BTreeMap::new();
+    if sharded {
+        // Every shard's size and digest to rank 0.
+        let mut digest = [0u8; 40];
+        digest[..8].copy_from_slice(&mine.bytes.to_le_bytes());
+        digest[8..].copy_from_slice(&Sha256::digest(&state_bytes));
+        let mut all = vec![0u8; 40 * world.size()];
+        world.all_gather(&digest, &mut all);
+        for (r, d) in all.chunks(40).enumerate() {
+            let bytes = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+            files.insert(format!("state-rank{r}.safetensors"), FileEntry { bytes, sha256: hex(&d[8..]) });
+        }
+    } else {
+        files.insert(state_name, mine);
+    }
+    let mut dest = None;
+    if lead {
+        let model_bytes = model_file(&weights, cfg)?;
+        write_synced(&tmp.join("model.safetensors"), &model_bytes)?;
+        files.insert("model.safetensors".to_string(), entry(&model_bytes));
+        let manifest = Manifest { format: FORMAT.into(), step: state.step, world_size: world.size(), files };
+        dest = Some(finish(&tmp, &ckpts, &name, &manifest)?);
+    }
+    if sharded {
+        world.barrier();
+    }
     Ok(dest)
 }
 
@@ -282,22 +278,13 @@ pub fn resolve(path: &Path) -> Result<PathBuf, String> {
     let ckpts = path.join("checkpoints");
     let mut steps: Vec<PathBuf> = std::fs::read_dir(&ckpts)
         .map_err(|_| {
-            format!(
-                "{}: not a checkpoint (no manifest.json) nor a run folder with checkpoints",
-                path.display()
-            )
+            format!("{}: not a checkpoint (no manifest.json) nor a run folder with checkpoints", path.display())
         })?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("step-"))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
         .collect();
     steps.sort();
-    steps
-        .pop()
-        .ok_or_else(|| format!("{}: the run folder has no checkpoints", path.display()))
+    steps.pop().ok_or_else(|| format!("{}: the run folder has no checkpoints", path.display()))
 }
 
 /// Read and verify one file of a checkpoint against the manifest.
@@ -317,10 +304,7 @@ fn read_verified(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>,
         ));
     }
     if hex(&Sha256::digest(&data)) != entry.sha256 {
-        return Err(format!(
-            "checkpoint {}: {name} fails its SHA-256 check (corrupt)",
-            dir.display()
-        ));
+        return Err(format!("checkpoint {}: {name} fails its SHA-256 check (corrupt)", dir.display()));
     }
     Ok(data)
 }
@@ -343,45 +327,49 @@ fn tensor_bytes<'a>(st: &'a SafeTensors, name: &str, dtype: Dtype, numel: usize)
 }
 
 fn f32s(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 fn f16s(b: &[u8]) -> Vec<f16> {
-    b.chunks_exact(2)
-        .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
-        .collect()
+    b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
 }
 
 /// Load a checkpoint: its config, the model with all optimizer and scaling state,
 /// and the loop state.
-pub fn load<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, LoopState), String> {
+pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Result<(Config, Gpt<B>, LoopState), String> {
     let dir = resolve(path)?;
     let mtext = std::fs::read_to_string(dir.join("manifest.json"))
         .map_err(|e| format!("checkpoint {}: cannot read manifest.json: {e}", dir.display()))?;
     let manifest: Manifest = serde_json::from_str(&mtext)
         .map_err(|e| format!("checkpoint {}: manifest.json is not valid: {e}", dir.display()))?;
     if manifest.format != FORMAT {
-        return Err(format!(
-            "checkpoint {}: unknown format '{}' (expected {FORMAT})",
-            dir.display(),
-            manifest.format
-        ));
+        return Err(format!("checkpoint {}: unknown format '{}' (expected {FORMAT})", dir.display(), manifest.format));
     }
-    let state_bytes = read_verified(&dir, &manifest, "state.safetensors")?;
+    let state_name = if manifest.files.contains_key("state.safetensors") {
+        "state.safetensors".to_string()
+    } else {
+        if manifest.world_size != ranks {
+            return Err(format!(
+                "checkpoint {}: written by {} ranks as O3 shards; resume it with {} ranks (mpirun -np {})",
+                dir.display(),
+                manifest.world_size,
+                manifest.world_size,
+                manifest.world_size
+            ));
+        }
+        format!("state-rank{rank}.safetensors")
+    };
+    let state_bytes = read_verified(&dir, &manifest, &state_name)?;
     read_verified(&dir, &manifest, "model.safetensors")?;
     let (_, header) =
         SafeTensors::read_metadata(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
     let meta = header.metadata().clone().unwrap_or_default();
-    let cfg_text = meta
-        .get("fp8train_config")
-        .ok_or("checkpoint: state.safetensors has no config")?;
+    let cfg_text = meta.get("fp8train_config").ok_or("checkpoint: state.safetensors has no config")?;
     let cfg = Config::from_toml(cfg_text)?;
     cfg.validate()?;
     let smeta: StateMeta = serde_json::from_str(meta.get("fp8train_state").ok_or("checkpoint: no training state")?)
         .map_err(|e| format!("checkpoint: training state is not valid: {e}"))?;
     let st = SafeTensors::deserialize(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
-    let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window);
+    let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks);
     if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
         return Err("checkpoint: parameter or layer count does not match its config".into());
     }
@@ -394,6 +382,7 @@ pub fn load<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, LoopStat
                 *codes = be.upload(&f16s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F16, n)?));
                 *scale = f32::from_bits(sc.master);
             }
+            Master::Remote => {}
         }
         if let GradStore::Fp8 { scale, .. } = &mut p.grad {
             *scale = f32::from_bits(sc.grad);
@@ -409,6 +398,7 @@ pub fn load<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, LoopStat
                 *m_scale = f32::from_bits(sc.m);
                 *v_scale = f32::from_bits(sc.v);
             }
+            Moments::Remote => {}
         }
     }
     for (s, (a, g)) in model.scaling.iter_mut().zip(smeta.act.iter().zip(&smeta.grad)) {

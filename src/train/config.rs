@@ -94,10 +94,7 @@ pub struct RunConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig {
-            out_dir: "runs".into(),
-            name: String::new(),
-        }
+        RunConfig { out_dir: "runs".into(), name: String::new() }
     }
 }
 
@@ -124,10 +121,7 @@ impl Config {
         self.data.validate()?;
         let t = &self.train;
         if !matches!(t.backend.as_str(), "sim" | "auto" | "cuda") {
-            return Err(format!(
-                "train.backend = \"{}\" is not one of \"sim\", \"cuda\", \"auto\"",
-                t.backend
-            ));
+            return Err(format!("train.backend = \"{}\" is not one of \"sim\", \"cuda\", \"auto\"", t.backend));
         }
         range("train.steps", t.steps, 1, 10_000_000)?;
         range("train.batch_size", t.batch_size, 1, 65536)?;
@@ -146,10 +140,7 @@ impl Config {
         range("train.saturation_threshold", t.saturation_threshold, 0.0, 1.0)?;
         range("train.peer_timeout_s", t.peer_timeout_s, 1, 3600)?;
         if !matches!(t.fault_kind.as_str(), "exit" | "hang") {
-            return Err(format!(
-                "train.fault_kind = \"{}\" is not one of \"exit\", \"hang\"",
-                t.fault_kind
-            ));
+            return Err(format!("train.fault_kind = \"{}\" is not one of \"exit\", \"hang\"", t.fault_kind));
         }
         if !t.lr.is_finite() || !t.eps.is_finite() {
             return Err("train.lr and train.eps must be finite".into());
@@ -179,9 +170,8 @@ impl Config {
     pub fn with_overrides(&self, sets: &[String]) -> Result<Config, String> {
         let mut tree: toml::Value = toml::Value::try_from(self).expect("config serialises");
         for set in sets {
-            let (key, raw) = set
-                .split_once('=')
-                .ok_or_else(|| format!("--set {set}: expected key=value (e.g. train.lr=1e-3)"))?;
+            let (key, raw) =
+                set.split_once('=').ok_or_else(|| format!("--set {set}: expected key=value (e.g. train.lr=1e-3)"))?;
             let key = key.trim();
             let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {}", raw.trim()))
                 .ok()
@@ -208,8 +198,7 @@ impl Config {
             };
             table.insert(last.to_string(), value);
         }
-        tree.try_into()
-            .map_err(|e: toml::de::Error| format!("config: {}", e.message()).replace('\n', " "))
+        tree.try_into().map_err(|e: toml::de::Error| format!("config: {}", e.message()).replace('\n', " "))
     }
 }
 
@@ -227,33 +216,19 @@ mod tests {
     #[test]
     fn overrides_and_errors_name_the_field() {
         let c = Config::default()
-            .with_overrides(&[
-                "train.lr=0.01".into(),
-                "train.level=O1".into(),
-                "model.n_layer=3".into(),
-            ])
+            .with_overrides(&["train.lr=0.01".into(), "train.level=O1".into(), "model.n_layer=3".into()])
             .unwrap();
         assert_eq!((c.train.lr, c.train.level, c.model.n_layer), (0.01, Level::O1, 3));
         let e = Config::default().with_overrides(&["train.lrr=1".into()]).unwrap_err();
         assert!(e.contains("unknown field 'lrr'"), "{e}");
-        let e = Config::default()
-            .with_overrides(&["train.steps=abc".into()])
-            .unwrap_err();
+        let e = Config::default().with_overrides(&["train.steps=abc".into()]).unwrap_err();
         assert!(e.contains("steps") || e.contains("invalid type"), "{e}");
-        let e = Config::default()
-            .with_overrides(&["train.level=O7".into()])
-            .unwrap_err();
+        let e = Config::default().with_overrides(&["train.level=O7".into()]).unwrap_err();
         assert!(e.contains("O7") || e.contains("unknown variant"), "{e}");
         let bad = Config::default().with_overrides(&["model.n_head=5".into()]).unwrap();
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .contains("model.n_embd = 64 must be divisible by model.n_head = 5"));
+        assert!(bad.validate().unwrap_err().contains("model.n_embd = 64 must be divisible by model.n_head = 5"));
         let bad = Config::default().with_overrides(&["train.beta1=1.5".into()]).unwrap();
-        assert!(bad
-            .validate()
-            .unwrap_err()
-            .contains("train.beta1 = 1.5 is out of range"));
+        assert!(bad.validate().unwrap_err().contains("train.beta1 = 1.5 is out of range"));
         let e = Config::from_toml("[train]\nstepz = 3\n").unwrap_err();
         assert!(e.contains("stepz"), "{e}");
     }

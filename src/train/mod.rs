@@ -66,13 +66,14 @@ pub struct RunOutcome {
 
 /// Validation loss: mean over the fixed validation batches (batch means added in
 /// order, then divided by the count).
-pub fn val_loss<B: Backend>(
+pub fn val_loss<B: Backend, C: Collectives>(
     be: &B,
     model: &mut Gpt<B>,
     ws: &mut Workspace<B>,
     batches: &[(Vec<u32>, Vec<u32>)],
+    world: &C,
 ) -> f32 {
-    model.prepare_weights(be, ws);
+    model.prepare_weights(be, ws, world);
     let mut sum = 0f32;
     for (x, y) in batches {
         sum += model.eval_loss(be, ws, x, y);
@@ -141,13 +142,8 @@ pub fn train<B: Backend>(
     let resumed = matches!(start, Start::Resume(..));
     let (mut model, mut ls) = match start {
         Start::Fresh => (
-            Gpt::new(be, &cfg.model, tc.level, tc.seed, tc.amax_window),
-            LoopState {
-                step: 0,
-                opt_steps: 0,
-                mu_bits: 1f32.to_bits(),
-                good_steps: 0,
-            },
+            Gpt::new(be, &cfg.model, tc.level, tc.seed, tc.amax_window, world.rank, world.size),
+            LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 },
         ),
         Start::Resume(m, s) => (*m, s),
     };
@@ -168,6 +164,7 @@ pub fn train<B: Backend>(
     let val = data::val_batches(&ds.val, b, t, tc.eval_batches);
 
     let np = model.num_params();
+    let opt_bytes = world.all_gather_vec(&[model.optimizer_bytes(be) as u64]);
     let (data_bytes, meta_bytes) = model.state_bytes(be);
     let bpp = data_bytes as f64 / np as f64;
     info!(log, "run"; "dir" => run_dir.display().to_string(), "backend" => be.name(), "level" => tc.level.to_string(),
@@ -180,6 +177,11 @@ pub fn train<B: Backend>(
         );
         if world.size > 1 {
             println!(
+                "fp8train: optimizer state (masters + moments) per rank: {} bytes (ranks 0..{})",
+                opt_bytes.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(" / "),
+                world.size - 1
+            );
+            println!(
                 "fp8train: {} ranks (data parallel {} x tensor parallel {}), {} rows per rank, {} rows per step",
                 world.size,
                 world.dp,
@@ -190,11 +192,9 @@ pub fn train<B: Backend>(
         }
     }
     if !resumed {
-        emit(
-            json!({"kind": "data", "description": ds.description, "entropy_floor": ds.entropy_floor,
+        emit(json!({"kind": "data", "description": ds.description, "entropy_floor": ds.entropy_floor,
             "unigram_entropy": ds.unigram_entropy, "level": tc.level.to_string(), "params": np,
-            "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes}),
-        );
+            "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes}));
     }
 
     let pb = (progress && lead).then(|| {
@@ -231,7 +231,7 @@ pub fn train<B: Backend>(
         let t0 = Instant::now();
         let lr = lr_at(tc, step);
         let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
-        model.prepare_weights(be, &mut ws);
+        model.prepare_weights(be, &mut ws, world);
         let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
         let mut st = model.forward_backward(be, &mut ws, &x, &y, mu, inject);
         // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
@@ -272,22 +272,9 @@ pub fn train<B: Backend>(
             // Gradients hold mu times the sum over ranks of each rank's mean.
             let unscale = mu * ranks;
             norm = model.grad_sum_sq(be).sqrt() / unscale;
-            let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip {
-                tc.grad_clip / norm
-            } else {
-                1.0
-            };
+            let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip { tc.grad_clip / norm } else { 1.0 };
             ls.opt_steps += 1;
-            model.adamw_step(
-                be,
-                lr,
-                tc.beta1,
-                tc.beta2,
-                tc.eps,
-                tc.weight_decay,
-                ls.opt_steps,
-                clip / unscale,
-            );
+            model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, ls.opt_steps, clip / unscale);
             // mu grows after a run of clean steps. (Saturation of the FP8 gradient
             // reduction, the paper's other trigger, arises once gradients are summed
             // across ranks; one rank's just-in-time weight gradients cannot saturate.)
@@ -303,12 +290,10 @@ pub fn train<B: Backend>(
         tokens_done += (b * t * world.size) as u64;
         let tok_s = (b * t * world.size) as f64 / secs;
         train_losses.push(st.loss);
-        emit(
-            json!({"kind": "step", "step": ls.step, "loss": st.loss, "loss_bits": st.loss.to_bits(),
+        emit(json!({"kind": "step", "step": ls.step, "loss": st.loss, "loss_bits": st.loss.to_bits(),
             "grad_norm": norm, "lr": lr, "ms": secs * 1e3, "tok_s": tok_s, "mu": mu, "skipped": st.overflow,
             "dy_saturated": st.saturated, "dy_elements": st.cast_elements,
-            "comm_bytes": comm.payload, "comm_meta_bytes": comm.meta}),
-        );
+            "comm_bytes": comm.payload, "comm_meta_bytes": comm.meta}));
         if ls.step == 1 || ls.step % tc.log_every == 0 || ls.step == tc.steps || st.overflow {
             let mut line = format!(
                 "step {:>5}/{} | loss {:.4} | norm {:.4} | lr {:.2e} | {:.1} ms | {:.0} tok/s",
@@ -334,13 +319,12 @@ pub fn train<B: Backend>(
         }
         let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step % tc.eval_every == 0);
         if eval_now {
-            last_val = val_loss(be, &mut model, &mut ws, &val);
+            last_val = val_loss(be, &mut model, &mut ws, &val, world);
             emit(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
         if ls.step == tc.steps || (tc.checkpoint_every > 0 && ls.step % tc.checkpoint_every == 0) {
-            if lead {
-                let dir = checkpoint::save(be, run_dir, &model, cfg, ls)?;
+            if let Some(dir) = checkpoint::save(be, run_dir, &model, cfg, ls, world)? {
                 info!(log, "checkpoint written"; "dir" => dir.display().to_string());
             }
             world.barrier();
@@ -357,10 +341,7 @@ pub fn train<B: Backend>(
             Ok(p) => info!(log, "loss curve"; "file" => p.display().to_string()),
             Err(e) => warn!(log, "no loss curve"; "error" => e),
         }
-        let floor = ds
-            .entropy_floor
-            .map(|f| format!(", entropy floor {f:.4}"))
-            .unwrap_or_default();
+        let floor = ds.entropy_floor.map(|f| format!(", entropy floor {f:.4}")).unwrap_or_default();
         println!(
             "fp8train: final val loss {:.4} (unigram entropy {:.4}{}) | {:.0} tok/s | run folder {}",
             last_val,
@@ -410,13 +391,7 @@ mod tests {
         for x in [0.0, 0.1, 0.25, 0.5, 0.77, 1.0] {
             assert!((cos_pi(x) - (std::f64::consts::PI * x).cos()).abs() < 1e-14);
         }
-        let tc = config::TrainConfig {
-            steps: 100,
-            warmup_steps: 10,
-            lr: 1.0,
-            min_lr_frac: 0.1,
-            ..Default::default()
-        };
+        let tc = config::TrainConfig { steps: 100, warmup_steps: 10, lr: 1.0, min_lr_frac: 0.1, ..Default::default() };
         assert_eq!(lr_at(&tc, 0), 0.1);
         assert_eq!(lr_at(&tc, 9), 1.0);
         assert_eq!(lr_at(&tc, 10), 1.0);

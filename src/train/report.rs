@@ -52,13 +52,7 @@ pub fn read_series(run_dir: &Path) -> Result<Series, String> {
 pub fn svg(s: &Series, title: &str) -> String {
     let (w, h, ml, mr, mt, mb) = (800.0, 480.0, 70.0, 20.0, 40.0, 50.0);
     let xmax = s.steps.iter().map(|p| p.0).fold(1.0, f64::max);
-    let mut ys: Vec<f64> = s
-        .steps
-        .iter()
-        .chain(&s.evals)
-        .map(|p| p.1)
-        .filter(|v| v.is_finite())
-        .collect();
+    let mut ys: Vec<f64> = s.steps.iter().chain(&s.evals).map(|p| p.1).filter(|v| v.is_finite()).collect();
     ys.extend(s.entropy_floor);
     ys.extend(s.unigram_entropy);
     let ymin = ys.iter().cloned().fold(f64::INFINITY, f64::min).min(0.0);
@@ -71,45 +65,16 @@ pub fn svg(s: &Series, title: &str) -> String {
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
     );
     let _ = writeln!(o, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        o,
-        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{title}</text>"#,
-        w / 2.0
-    );
-    let _ = writeln!(
-        o,
-        r#"<line x1="{ml}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#,
-        h - mb,
-        w - mr,
-        h - mb
-    );
-    let _ = writeln!(
-        o,
-        r#"<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{}" stroke="black"/>"#,
-        h - mb
-    );
+    let _ = writeln!(o, r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{title}</text>"#, w / 2.0);
+    let _ = writeln!(o, r#"<line x1="{ml}" y1="{}" x2="{}" y2="{}" stroke="black"/>"#, h - mb, w - mr, h - mb);
+    let _ = writeln!(o, r#"<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{}" stroke="black"/>"#, h - mb);
     for i in 0..=5 {
         let yv = ymin + (ymax - ymin) * i as f64 / 5.0;
         let xv = xmax * i as f64 / 5.0;
-        let _ = writeln!(
-            o,
-            r#"<text x="{}" y="{}" text-anchor="end">{yv:.2}</text>"#,
-            ml - 6.0,
-            py(yv) + 4.0
-        );
-        let _ = writeln!(
-            o,
-            r#"<text x="{}" y="{}" text-anchor="middle">{xv:.0}</text>"#,
-            px(xv),
-            h - mb + 18.0
-        );
+        let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="end">{yv:.2}</text>"#, ml - 6.0, py(yv) + 4.0);
+        let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="middle">{xv:.0}</text>"#, px(xv), h - mb + 18.0);
     }
-    let _ = writeln!(
-        o,
-        r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#,
-        (ml + w - mr) / 2.0,
-        h - 10.0
-    );
+    let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#, (ml + w - mr) / 2.0, h - 10.0);
     let _ = writeln!(
         o,
         r#"<text x="16" y="{}" transform="rotate(-90 16 {})" text-anchor="middle">loss (nats/token)</text>"#,
@@ -123,34 +88,18 @@ pub fn svg(s: &Series, title: &str) -> String {
             .collect::<Vec<_>>()
             .join(" ")
     };
-    let _ = writeln!(
-        o,
-        r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##,
-        poly(&s.steps)
-    );
+    let _ = writeln!(o, r##"<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{}"/>"##, poly(&s.steps));
     if !s.evals.is_empty() {
-        let _ = writeln!(
-            o,
-            r##"<polyline fill="none" stroke="#d62728" stroke-width="2" points="{}"/>"##,
-            poly(&s.evals)
-        );
+        let _ =
+            writeln!(o, r##"<polyline fill="none" stroke="#d62728" stroke-width="2" points="{}"/>"##, poly(&s.evals));
         for p in &s.evals {
-            let _ = writeln!(
-                o,
-                r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>"##,
-                px(p.0),
-                py(p.1)
-            );
+            let _ = writeln!(o, r##"<circle cx="{:.1}" cy="{:.1}" r="3" fill="#d62728"/>"##, px(p.0), py(p.1));
         }
     }
-    let mut legend = vec![
-        ("#1f77b4", "train loss".to_string()),
-        ("#d62728", "validation loss".to_string()),
-    ];
-    for (val, color, name) in [
-        (s.unigram_entropy, "#7f7f7f", "unigram entropy"),
-        (s.entropy_floor, "#2ca02c", "entropy floor (exact)"),
-    ] {
+    let mut legend = vec![("#1f77b4", "train loss".to_string()), ("#d62728", "validation loss".to_string())];
+    for (val, color, name) in
+        [(s.unigram_entropy, "#7f7f7f", "unigram entropy"), (s.entropy_floor, "#2ca02c", "entropy floor (exact)")]
+    {
         if let Some(v) = val {
             let _ = writeln!(
                 o,
@@ -193,13 +142,8 @@ pub fn write_plot(run_dir: &Path) -> Result<PathBuf, String> {
 pub fn summary(run_dir: &Path) -> Result<String, String> {
     let s = read_series(run_dir)?;
     let last = s.steps.last().expect("non-empty");
-    let mut out = format!(
-        "run {}: level {}, {} steps, last train loss {:.4}",
-        run_dir.display(),
-        s.level,
-        last.0,
-        last.1
-    );
+    let mut out =
+        format!("run {}: level {}, {} steps, last train loss {:.4}", run_dir.display(), s.level, last.0, last.1);
     if let Some(v) = s.evals.last() {
         let _ = write!(out, ", val loss {:.4} at step {}", v.1, v.0);
     }

@@ -34,9 +34,7 @@ impl std::fmt::Display for Binding {
 /// The CPUs this process may run on now.
 pub fn current_cpus() -> Result<Vec<u32>, String> {
     let topo = Topology::new().map_err(|e| format!("hwloc: {e}"))?;
-    let set = topo
-        .cpu_binding(CpuBindingFlags::PROCESS)
-        .map_err(|e| format!("cannot read the CPU binding: {e}"))?;
+    let set = topo.cpu_binding(CpuBindingFlags::PROCESS).map_err(|e| format!("cannot read the CPU binding: {e}"))?;
     Ok(set.iter_set().map(|i| usize::from(i) as u32).collect())
 }
 

@@ -20,32 +20,23 @@ pub fn load(xml: Option<&Path>) -> Result<Topology, TopoError> {
         if !p.is_file() {
             return Err(err(format!("topology XML {}: no such file", p.display())));
         }
-        b = b
-            .from_xml_file(p)
-            .map_err(|e| err(format!("topology XML {}: cannot load: {e}", p.display())))?;
+        b = b.from_xml_file(p).map_err(|e| err(format!("topology XML {}: cannot load: {e}", p.display())))?;
     }
-    let b = b
-        .with_io_type_filter(TypeFilter::KeepAll)
-        .map_err(|e| err(format!("hwloc: {e}")))?;
+    let b = b.with_io_type_filter(TypeFilter::KeepAll).map_err(|e| err(format!("hwloc: {e}")))?;
     b.build().map_err(|e| match xml {
-        Some(p) => err(format!(
-            "topology XML {}: hwloc cannot load it (malformed or not hwloc XML?): {e}",
-            p.display()
-        )),
+        Some(p) => {
+            err(format!("topology XML {}: hwloc cannot load it (malformed or not hwloc XML?): {e}", p.display()))
+        }
         None => err(format!("hwloc: cannot discover this machine: {e}")),
     })
 }
 
 fn pus_of(obj: &TopologyObject) -> Vec<u32> {
-    obj.cpuset()
-        .map(|s| s.iter_set().map(|i| usize::from(i) as u32).collect())
-        .unwrap_or_default()
+    obj.cpuset().map(|s| s.iter_set().map(|i| usize::from(i) as u32).collect()).unwrap_or_default()
 }
 
 fn nodes_of(obj: &TopologyObject) -> Vec<u32> {
-    obj.nodeset()
-        .map(|s| s.iter_set().map(|i| usize::from(i) as u32).collect())
-        .unwrap_or_default()
+    obj.nodeset().map(|s| s.iter_set().map(|i| usize::from(i) as u32).collect()).unwrap_or_default()
 }
 
 /// Describe a loaded hwloc topology.
@@ -57,10 +48,7 @@ pub fn describe(topo: &Topology, source: String) -> Machine {
     cores.sort();
     let numa_nodes = topo
         .objects_with_type(ObjectType::NUMANode)
-        .map(|n| NumaNode {
-            os_index: n.os_index().unwrap_or(0) as u32,
-            pus: pus_of(n),
-        })
+        .map(|n| NumaNode { os_index: n.os_index().unwrap_or(0) as u32, pus: pus_of(n) })
         .collect();
     let mut gpus = Vec::new();
     let mut nvswitches = 0;
@@ -81,22 +69,10 @@ pub fn describe(topo: &Topology, source: String) -> Machine {
         let anc = obj.first_non_io_ancestor();
         gpus.push(Gpu {
             index: 0,
-            bus_id: format!(
-                "{:04x}:{:02x}:{:02x}.{:x}",
-                pci.domain(),
-                pci.bus_id(),
-                pci.bus_device(),
-                pci.function()
-            ),
+            bus_id: format!("{:04x}:{:02x}:{:02x}.{:x}", pci.domain(), pci.bus_id(), pci.bus_device(), pci.function()),
             pci_id: format!("{:04x}:{:04x}", pci.vendor_id(), pci.device_id()),
             locality: anc
-                .map(|a| {
-                    format!(
-                        "{} {}",
-                        a.object_type(),
-                        a.os_index().map(|i| i.to_string()).unwrap_or_default()
-                    )
-                })
+                .map(|a| format!("{} {}", a.object_type(), a.os_index().map(|i| i.to_string()).unwrap_or_default()))
                 .unwrap_or_else(|| "Machine".into())
                 .trim()
                 .to_string(),
@@ -108,15 +84,7 @@ pub fn describe(topo: &Topology, source: String) -> Machine {
     for (i, g) in gpus.iter_mut().enumerate() {
         g.index = i;
     }
-    Machine {
-        source,
-        cores,
-        numa_nodes,
-        gpus,
-        nvswitches,
-        nvlinks: Vec::new(),
-        nvlink_info: false,
-    }
+    Machine { source, cores, numa_nodes, gpus, nvswitches, nvlinks: Vec::new(), nvlink_info: false }
 }
 
 /// The live machine, or an hwloc XML file.

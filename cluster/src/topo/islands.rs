@@ -78,9 +78,7 @@ pub fn parse_declared(spec: &str, n_gpus: usize) -> Result<Vec<Vec<usize>>, Stri
         for id in ids {
             let id = id as usize;
             if id >= n_gpus {
-                return Err(format!(
-                    "--islands '{spec}': GPU {id} does not exist (the machine has {n_gpus} GPU(s))"
-                ));
+                return Err(format!("--islands '{spec}': GPU {id} does not exist (the machine has {n_gpus} GPU(s))"));
             }
             if seen[id] {
                 return Err(format!("--islands '{spec}': GPU {id} is in two islands"));
@@ -111,11 +109,7 @@ pub fn resolve(
         });
     }
     if let Some((links, detail)) = nvml {
-        return Ok(Islands {
-            source: IslandSource::Nvml,
-            detail,
-            groups: components(n, &links),
-        });
+        return Ok(Islands { source: IslandSource::Nvml, detail, groups: components(n, &links) });
     }
     if m.nvlink_info {
         return Ok(Islands {
@@ -134,10 +128,7 @@ pub fn resolve(
     Ok(Islands {
         source: IslandSource::Unknown,
         detail: if n > 0 {
-            format!(
-                "no NVLink information; each GPU is its own island (declare them, e.g. --islands 0-{})",
-                n - 1
-            )
+            format!("no NVLink information; each GPU is its own island (declare them, e.g. --islands 0-{})", n - 1)
         } else {
             "no GPUs".into()
         },
@@ -151,18 +142,10 @@ mod tests {
 
     #[test]
     fn declared_and_components() {
-        assert_eq!(
-            parse_declared("0-3 4-7", 8).unwrap(),
-            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
-        );
+        assert_eq!(parse_declared("0-3 4-7", 8).unwrap(), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
         assert_eq!(parse_declared("0-1", 4).unwrap(), vec![vec![0, 1], vec![2], vec![3]]);
         assert!(parse_declared("0-8", 8).unwrap_err().contains("GPU 8 does not exist"));
-        assert!(parse_declared("0-3;2-5", 8)
-            .unwrap_err()
-            .contains("GPU 2 is in two islands"));
-        assert_eq!(
-            components(5, &[(0, 1), (3, 4), (1, 2)]),
-            vec![vec![0, 1, 2], vec![3, 4]]
-        );
+        assert!(parse_declared("0-3;2-5", 8).unwrap_err().contains("GPU 2 is in two islands"));
+        assert_eq!(components(5, &[(0, 1), (3, 4), (1, 2)]), vec![vec![0, 1, 2], vec![3, 4]]);
     }
 }

@@ -49,11 +49,7 @@ impl Machine {
 
     /// The NUMA nodes holding any of `pus`.
     pub fn numa_of(&self, pus: &[u32]) -> Vec<u32> {
-        self.numa_nodes
-            .iter()
-            .filter(|n| n.pus.iter().any(|p| pus.contains(p)))
-            .map(|n| n.os_index)
-            .collect()
+        self.numa_nodes.iter().filter(|n| n.pus.iter().any(|p| pus.contains(p))).map(|n| n.os_index).collect()
     }
 
     /// One-paragraph human summary.
@@ -99,11 +95,7 @@ pub fn ranges(v: &[u32]) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        out.push(if i == j {
-            v[i].to_string()
-        } else {
-            format!("{}-{}", v[i], v[j])
-        });
+        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
         i = j + 1;
     }
     if out.is_empty() {

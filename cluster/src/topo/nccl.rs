@@ -30,10 +30,7 @@ fn norm_bus_id(b: &str) -> String {
 pub fn machine(path: &Path) -> Result<Machine, TopoError> {
     let err = |m: String| TopoError::Read(format!("NCCL topology {}: {m}", path.display()));
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let opts = roxmltree::ParsingOptions {
-        allow_dtd: true,
-        ..Default::default()
-    };
+    let opts = roxmltree::ParsingOptions { allow_dtd: true, ..Default::default() };
     let doc = roxmltree::Document::parse_with_options(&text, opts).map_err(|e| err(format!("malformed XML: {e}")))?;
     let root = doc.root_element();
     if root.tag_name().name() != "system" {
@@ -53,8 +50,7 @@ pub fn machine(path: &Path) -> Result<Machine, TopoError> {
             .parse()
             .map_err(|_| err("a <cpu> numaid is not a number".into()))?;
         let pus = parse_affinity(
-            cpu.attribute("affinity")
-                .ok_or_else(|| err(format!("<cpu numaid=\"{numa}\"> has no affinity")))?,
+            cpu.attribute("affinity").ok_or_else(|| err(format!("<cpu numaid=\"{numa}\"> has no affinity")))?,
         )
         .map_err(&err)?;
         for pci in cpu.descendants().filter(|n| n.has_tag_name("pci")) {
@@ -62,10 +58,7 @@ pub fn machine(path: &Path) -> Result<Machine, TopoError> {
             if !class.to_ascii_lowercase().starts_with("0x03") {
                 continue;
             }
-            let bus = norm_bus_id(
-                pci.attribute("busid")
-                    .ok_or_else(|| err("a GPU <pci> has no busid".into()))?,
-            );
+            let bus = norm_bus_id(pci.attribute("busid").ok_or_else(|| err("a GPU <pci> has no busid".into()))?);
             for l in pci.children().filter(|n| n.has_tag_name("nvlink")) {
                 nvlink_info = true;
                 if let Some(t) = l.attribute("target") {
@@ -125,14 +118,8 @@ mod tests {
 
     #[test]
     fn affinity_masks() {
-        assert_eq!(
-            parse_affinity("00000000,0000ffff,ffffffff").unwrap(),
-            (0..48).collect::<Vec<_>>()
-        );
-        assert_eq!(
-            parse_affinity("ffffffff,ffff0000,00000000").unwrap(),
-            (48..96).collect::<Vec<_>>()
-        );
+        assert_eq!(parse_affinity("00000000,0000ffff,ffffffff").unwrap(), (0..48).collect::<Vec<_>>());
+        assert_eq!(parse_affinity("ffffffff,ffff0000,00000000").unwrap(), (48..96).collect::<Vec<_>>());
         assert!(parse_affinity("zz").is_err());
     }
 }

@@ -72,9 +72,8 @@ pub fn nvlinks(m: &Machine) -> Result<(Vec<(usize, usize)>, String), String> {
             lib.get(b"nvmlDeviceGetPciInfo_v3").map_err(|e| e.to_string())?;
         let link_state: Symbol<unsafe extern "C" fn(Device, c_uint, *mut c_int) -> c_int> =
             lib.get(b"nvmlDeviceGetNvLinkState").map_err(|e| e.to_string())?;
-        let remote: Symbol<unsafe extern "C" fn(Device, c_uint, *mut PciInfo) -> c_int> = lib
-            .get(b"nvmlDeviceGetNvLinkRemotePciInfo_v2")
-            .map_err(|e| e.to_string())?;
+        let remote: Symbol<unsafe extern "C" fn(Device, c_uint, *mut PciInfo) -> c_int> =
+            lib.get(b"nvmlDeviceGetNvLinkRemotePciInfo_v2").map_err(|e| e.to_string())?;
         let fabric: Option<Symbol<unsafe extern "C" fn(Device, *mut FabricInfo) -> c_int>> =
             lib.get(b"nvmlDeviceGetGpuFabricInfo").ok();
         if init() != NVML_SUCCESS {
@@ -103,10 +102,7 @@ pub fn nvlinks(m: &Machine) -> Result<(Vec<(usize, usize)>, String), String> {
             if let Some(f) = &fabric {
                 let mut fi: FabricInfo = std::mem::zeroed();
                 if f(*dev, &mut fi) == NVML_SUCCESS && fi.status == NVML_SUCCESS && fi.state == FABRIC_STATE_COMPLETED {
-                    cliques
-                        .entry((u128::from_le_bytes(fi.cluster_uuid), fi.clique_id))
-                        .or_default()
-                        .push(me);
+                    cliques.entry((u128::from_le_bytes(fi.cluster_uuid), fi.clique_id)).or_default().push(me);
                     used_fabric = true;
                     continue;
                 }
@@ -136,11 +132,7 @@ pub fn nvlinks(m: &Machine) -> Result<(Vec<(usize, usize)>, String), String> {
         }
         links.sort();
         links.dedup();
-        let how = if used_fabric {
-            "fabric clique ids"
-        } else {
-            "NVLink remote PCI ids"
-        };
+        let how = if used_fabric { "fabric clique ids" } else { "NVLink remote PCI ids" };
         let note = format!("{} NVLink connection(s) from {how}", links.len());
         Ok((links, note))
     }

@@ -40,28 +40,13 @@ pub enum PlanError {
     #[error("--tp {tp} does not divide --ranks-per-node {ranks}")]
     TpDoesNotDivideRanks { tp: usize, ranks: usize },
     #[error("--tp {tp} does not divide NVLink island {island} ({size} GPUs: {gpus}); tensor-parallel groups must tile the islands")]
-    TpDoesNotDivideIsland {
-        tp: usize,
-        island: usize,
-        size: usize,
-        gpus: String,
-    },
+    TpDoesNotDivideIsland { tp: usize, island: usize, size: usize, gpus: String },
     #[error(
         "tensor-parallel group {group} (GPUs {gpus}) would cross NVLink islands; islands: {islands} ({source_name})"
     )]
-    GroupCrossesIslands {
-        group: usize,
-        gpus: String,
-        islands: String,
-        source_name: String,
-    },
+    GroupCrossesIslands { group: usize, gpus: String, islands: String, source_name: String },
     #[error("only {cores} whole core(s) near GPU {gpu} ({locality}) for {ranks} rank(s)")]
-    TooFewCores {
-        gpu: usize,
-        locality: String,
-        cores: usize,
-        ranks: usize,
-    },
+    TooFewCores { gpu: usize, locality: String, cores: usize, ranks: usize },
 }
 
 /// Split `cores` into `k` consecutive blocks whose sizes differ by at most one.
@@ -87,10 +72,7 @@ pub fn plan(m: &Machine, islands: &Islands, ranks: usize, tp: usize) -> Result<V
     }
     if m.gpus.is_empty() {
         if ranks > m.cores.len() {
-            return Err(PlanError::MoreRanksThanCores {
-                ranks,
-                cores: m.cores.len(),
-            });
+            return Err(PlanError::MoreRanksThanCores { ranks, cores: m.cores.len() });
         }
         return Ok(split(&m.cores, ranks)
             .into_iter()
@@ -112,10 +94,7 @@ pub fn plan(m: &Machine, islands: &Islands, ranks: usize, tp: usize) -> Result<V
             .collect());
     }
     if ranks > m.gpus.len() {
-        return Err(PlanError::MoreRanksThanGpus {
-            ranks,
-            gpus: m.gpus.len(),
-        });
+        return Err(PlanError::MoreRanksThanGpus { ranks, gpus: m.gpus.len() });
     }
     // Tensor-parallel groups inside islands, tiling them.
     let list = |v: &[usize]| ranges(&v.iter().map(|&x| x as u32).collect::<Vec<_>>());
@@ -126,24 +105,14 @@ pub fn plan(m: &Machine, islands: &Islands, ranks: usize, tp: usize) -> Result<V
             return Err(PlanError::GroupCrossesIslands {
                 group: g,
                 gpus: list(&gpus),
-                islands: islands
-                    .groups
-                    .iter()
-                    .map(|i| format!("[{}]", list(i)))
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                islands: islands.groups.iter().map(|i| format!("[{}]", list(i))).collect::<Vec<_>>().join(" "),
                 source_name: format!("{}: {}", islands.source, islands.detail),
             });
         }
         if let Some(i) = isl {
             let size = islands.groups[i].len();
             if !size.is_multiple_of(tp) {
-                return Err(PlanError::TpDoesNotDivideIsland {
-                    tp,
-                    island: i,
-                    size,
-                    gpus: list(&islands.groups[i]),
-                });
+                return Err(PlanError::TpDoesNotDivideIsland { tp, island: i, size, gpus: list(&islands.groups[i]) });
             }
         }
     }
@@ -155,12 +124,7 @@ pub fn plan(m: &Machine, islands: &Islands, ranks: usize, tp: usize) -> Result<V
         }
         let loc = &m.gpus[r].local_pus;
         let sharing: Vec<usize> = (r..ranks).filter(|&q| &m.gpus[q].local_pus == loc).collect();
-        let cores: Vec<Vec<u32>> = m
-            .cores
-            .iter()
-            .filter(|c| c.iter().all(|p| loc.contains(p)))
-            .cloned()
-            .collect();
+        let cores: Vec<Vec<u32>> = m.cores.iter().filter(|c| c.iter().all(|p| loc.contains(p))).cloned().collect();
         if cores.len() < sharing.len() {
             return Err(PlanError::TooFewCores {
                 gpu: r,

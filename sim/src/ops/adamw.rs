@@ -105,19 +105,13 @@ impl Grad<'_> {
 
 /// `bf16` level: f32 parameters and moments, updated in place.
 pub fn adamw_f32(p: &mut [f32], g: Grad, m: &mut [f32], v: &mut [f32], h: &AdamStep) {
-    assert!(
-        g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
-        "adamw_f32: sizes"
-    );
-    p.par_iter_mut()
-        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
-        .enumerate()
-        .for_each(|(i, (pi, (mi, vi)))| {
-            let (np, nm, nv) = h.update(*pi, g.get(i), *mi, *vi);
-            *pi = np;
-            *mi = nm;
-            *vi = nv;
-        });
+    assert!(g.len() == p.len() && m.len() == p.len() && v.len() == p.len(), "adamw_f32: sizes");
+    p.par_iter_mut().zip(m.par_iter_mut().zip(v.par_iter_mut())).enumerate().for_each(|(i, (pi, (mi, vi)))| {
+        let (np, nm, nv) = h.update(*pi, g.get(i), *mi, *vi);
+        *pi = np;
+        *mi = nm;
+        *vi = nv;
+    });
 }
 
 /// An FP16 tensor with a power-of-two scale: value = code * (1 / scale).
@@ -136,10 +130,7 @@ pub struct ScaledE4m3<'a> {
 pub fn encode_f16_jit(vals: &[f32], codes: &mut [f16], scale: &mut f32) {
     *scale = scale_for_max(F16_MAX, reduce::amax(vals), 0, *scale);
     let s = *scale;
-    codes
-        .par_iter_mut()
-        .zip(vals.par_iter())
-        .for_each(|(c, &x)| *c = to_f16(x * s));
+    codes.par_iter_mut().zip(vals.par_iter()).for_each(|(c, &x)| *c = to_f16(x * s));
 }
 
 fn encode_e4m3_jit(vals: &[f32], codes: &mut [u8], scale: &mut f32) {
@@ -153,39 +144,30 @@ pub fn adamw_o1(master: ScaledF16, g: Grad, m: &mut [f32], v: &mut [f32], h: &Ad
     assert!(g.len() == n && m.len() == n && v.len() == n, "adamw_o1: sizes");
     let inv = 1.0 / *master.scale;
     let mut newp = vec![0f32; n];
-    newp.par_iter_mut()
-        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
-        .enumerate()
-        .for_each(|(i, (np, (mi, vi)))| {
-            let (p1, m1, v1) = h.update(master.codes[i].to_f32() * inv, g.get(i), *mi, *vi);
-            *np = p1;
-            *mi = m1;
-            *vi = v1;
-        });
+    newp.par_iter_mut().zip(m.par_iter_mut().zip(v.par_iter_mut())).enumerate().for_each(|(i, (np, (mi, vi)))| {
+        let (p1, m1, v1) = h.update(master.codes[i].to_f32() * inv, g.get(i), *mi, *vi);
+        *np = p1;
+        *mi = m1;
+        *vi = v1;
+    });
     encode_f16_jit(&newp, master.codes, master.scale);
 }
 
 /// `O2`: FP16 master, E4M3 first moment, FP16 second moment, each with a scale.
 pub fn adamw_o2(master: ScaledF16, g: Grad, m: ScaledE4m3, v: ScaledF16, h: &AdamStep) {
     let n = master.codes.len();
-    assert!(
-        g.len() == n && m.codes.len() == n && v.codes.len() == n,
-        "adamw_o2: sizes"
-    );
+    assert!(g.len() == n && m.codes.len() == n && v.codes.len() == n, "adamw_o2: sizes");
     let (ip, im, iv) = (1.0 / *master.scale, 1.0 / *m.scale, 1.0 / *v.scale);
     let (mut np, mut nm, mut nv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-    np.par_iter_mut()
-        .zip(nm.par_iter_mut().zip(nv.par_iter_mut()))
-        .enumerate()
-        .for_each(|(i, (a, (b, c)))| {
-            let p0 = master.codes[i].to_f32() * ip;
-            let m0 = fp8::decode(Fp8Format::E4M3, m.codes[i]) * im;
-            let v0 = v.codes[i].to_f32() * iv;
-            let (p1, m1, v1) = h.update(p0, g.get(i), m0, v0);
-            *a = p1;
-            *b = m1;
-            *c = v1;
-        });
+    np.par_iter_mut().zip(nm.par_iter_mut().zip(nv.par_iter_mut())).enumerate().for_each(|(i, (a, (b, c)))| {
+        let p0 = master.codes[i].to_f32() * ip;
+        let m0 = fp8::decode(Fp8Format::E4M3, m.codes[i]) * im;
+        let v0 = v.codes[i].to_f32() * iv;
+        let (p1, m1, v1) = h.update(p0, g.get(i), m0, v0);
+        *a = p1;
+        *b = m1;
+        *c = v1;
+    });
     encode_f16_jit(&np, master.codes, master.scale);
     encode_e4m3_jit(&nm, m.codes, m.scale);
     encode_f16_jit(&nv, v.codes, v.scale);
@@ -230,37 +212,16 @@ mod tests {
                 let h = AdamStep::new(1e-3, 0.9, 0.95, 1e-8, 0.0, t, 1.0);
                 match level {
                     0 => adamw_f32(&mut p32, Grad::F32(&g), &mut m32, &mut v32, &h),
-                    1 => adamw_o1(
-                        ScaledF16 {
-                            codes: &mut ph,
-                            scale: &mut ps,
-                        },
-                        Grad::F32(&g),
-                        &mut m32,
-                        &mut v32,
-                        &h,
-                    ),
+                    1 => adamw_o1(ScaledF16 { codes: &mut ph, scale: &mut ps }, Grad::F32(&g), &mut m32, &mut v32, &h),
                     _ => {
                         let gs = scale_from_amax(Fp8Format::E4M3, reduce::amax(&g), 0, 1.0);
                         let mut gq = vec![0u8; n];
                         fp8::encode_scaled(Fp8Format::E4M3, &g, gs, &mut gq);
                         adamw_o2(
-                            ScaledF16 {
-                                codes: &mut ph,
-                                scale: &mut ps,
-                            },
-                            Grad::Fp8 {
-                                codes: &gq,
-                                inv_scale: 1.0 / gs,
-                            },
-                            ScaledE4m3 {
-                                codes: &mut m8,
-                                scale: &mut ms,
-                            },
-                            ScaledF16 {
-                                codes: &mut vh,
-                                scale: &mut vs,
-                            },
+                            ScaledF16 { codes: &mut ph, scale: &mut ps },
+                            Grad::Fp8 { codes: &gq, inv_scale: 1.0 / gs },
+                            ScaledE4m3 { codes: &mut m8, scale: &mut ms },
+                            ScaledF16 { codes: &mut vh, scale: &mut vs },
                             &h,
                         )
                     }

@@ -45,14 +45,8 @@ impl AttnShape {
     }
     fn check(&self, qkv: usize, out: usize, stats: usize) {
         let AttnShape { b, t, c, nh } = *self;
-        assert!(
-            nh > 0 && c % nh == 0,
-            "attention: channels {c} not divisible by heads {nh}"
-        );
-        assert!(
-            qkv == b * t * 3 * c && out == b * t * c && stats == b * nh * t * 2,
-            "attention: buffer sizes"
-        );
+        assert!(nh > 0 && c % nh == 0, "attention: channels {c} not divisible by heads {nh}");
+        assert!(qkv == b * t * 3 * c && out == b * t * c && stats == b * nh * t * 2, "attention: buffer sizes");
     }
     /// Offset of head h of part `part` (0 = q, 1 = k, 2 = v) of row (bb, i) in qkv.
     fn at(&self, bb: usize, i: usize, part: usize, h: usize) -> usize {
@@ -188,13 +182,7 @@ mod tests {
                 for i in 0..s.t {
                     let q = &qkv[s.at(bb, i, 0, h)..][..hs];
                     let sc: Vec<f64> = (0..=i)
-                        .map(|j| {
-                            q.iter()
-                                .zip(&qkv[s.at(bb, j, 1, h)..][..hs])
-                                .map(|(a, b)| a * b)
-                                .sum::<f64>()
-                                * scale
-                        })
+                        .map(|j| q.iter().zip(&qkv[s.at(bb, j, 1, h)..][..hs]).map(|(a, b)| a * b).sum::<f64>() * scale)
                         .collect();
                     let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let e: Vec<f64> = sc.iter().map(|v| (v - m).exp()).collect();
@@ -226,30 +214,12 @@ mod tests {
 
     #[test]
     fn forward_and_gradient_match_f64() {
-        run(
-            AttnShape {
-                b: 2,
-                t: 7,
-                c: 12,
-                nh: 3,
-            },
-            1e-5,
-            true,
-        );
+        run(AttnShape { b: 2, t: 7, c: 12, nh: 3 }, 1e-5, true);
     }
 
     #[test]
     fn several_key_blocks() {
         // t > KEY_BLOCK exercises the online rescaling across blocks.
-        run(
-            AttnShape {
-                b: 1,
-                t: KEY_BLOCK * 2 + 5,
-                c: 8,
-                nh: 2,
-            },
-            1e-5,
-            false,
-        );
+        run(AttnShape { b: 1, t: KEY_BLOCK * 2 + 5, c: 8, nh: 2 }, 1e-5, false);
     }
 }

@@ -73,18 +73,8 @@ pub fn cast_transpose(x: &[f32], rows: usize, cols: usize, fmt: Fp8Format, scale
     };
     let amax = if amax_nan.1 { f32::NAN } else { amax_nan.0 };
     CastTransposed {
-        q: ScaledTensor {
-            codes: q,
-            fmt,
-            scale,
-            shape: vec![rows, cols],
-        },
-        qt: ScaledTensor {
-            codes: qt,
-            fmt,
-            scale,
-            shape: vec![cols, rows],
-        },
+        q: ScaledTensor { codes: q, fmt, scale, shape: vec![rows, cols] },
+        qt: ScaledTensor { codes: qt, fmt, scale, shape: vec![cols, rows] },
         amax,
     }
 }

@@ -19,14 +19,8 @@ pub fn crossentropy_forward_backward(
     n: usize,
     v: usize,
 ) {
-    assert!(
-        logits.len() == n * v && targets.len() == n && losses.len() == n,
-        "crossentropy: sizes"
-    );
-    assert!(
-        targets.iter().all(|&t| (t as usize) < v),
-        "crossentropy: target id out of range"
-    );
+    assert!(logits.len() == n * v && targets.len() == n && losses.len() == n, "crossentropy: sizes");
+    assert!(targets.iter().all(|&t| (t as usize) < v), "crossentropy: target id out of range");
     let row = |r: usize, dl: Option<&mut [f32]>| -> f32 {
         let lr = &logits[r * v..(r + 1) * v];
         let m = reduce::max(lr);
@@ -44,11 +38,7 @@ pub fn crossentropy_forward_backward(
     match dlogits {
         Some(d) => {
             assert_eq!(d.len(), n * v);
-            losses
-                .par_iter_mut()
-                .zip(d.par_chunks_mut(v))
-                .enumerate()
-                .for_each(|(r, (l, dr))| *l = row(r, Some(dr)));
+            losses.par_iter_mut().zip(d.par_chunks_mut(v)).enumerate().for_each(|(r, (l, dr))| *l = row(r, Some(dr)));
         }
         None => losses.par_iter_mut().enumerate().for_each(|(r, l)| *l = row(r, None)),
     }

@@ -47,10 +47,7 @@ pub fn encoder_backward(
 ) {
     assert!(tokens.len() == b * t && dout.len() == b * t * c && dwpe.len() >= t * c);
     let vocab = dwte.len() / c;
-    assert!(
-        tokens.iter().all(|&k| (k as usize) < vocab),
-        "encoder_backward: token id out of range"
-    );
+    assert!(tokens.iter().all(|&k| (k as usize) < vocab), "encoder_backward: token id out of range");
     let (pte, ppe) = (Ptr(dwte.as_mut_ptr()), Ptr(dwpe.as_mut_ptr()));
     (0..c.div_ceil(CB)).into_par_iter().for_each(|blk| {
         let (c0, c1) = (blk * CB, ((blk + 1) * CB).min(c));
@@ -86,10 +83,7 @@ mod tests {
         let wpe = randn(t * c, 2, 1.0);
         let mut out = vec![0f32; b * t * c];
         encoder_forward(&mut out, &tokens, &wte, &wpe, b, t, c);
-        assert_eq!(
-            out[(t + 2) * c + 3],
-            wte[tokens[t + 2] as usize * c + 3] + wpe[2 * c + 3]
-        );
+        assert_eq!(out[(t + 2) * c + 3], wte[tokens[t + 2] as usize * c + 3] + wpe[2 * c + 3]);
         let dout = randn(b * t * c, 3, 1.0);
         let mut dwte = vec![0.5f32; v * c];
         let mut dwpe = vec![0f32; t * c];
@@ -105,9 +99,6 @@ mod tests {
                 assert_eq!(dwte[tok * c + i].to_bits(), want.to_bits());
             }
         }
-        assert_eq!(
-            dwpe[c + 1],
-            dout[c + 1] + dout[(t + 1) * c + 1] + dout[(2 * t + 1) * c + 1]
-        );
+        assert_eq!(dwpe[c + 1], dout[c + 1] + dout[(t + 1) * c + 1] + dout[(2 * t + 1) * c + 1]);
     }
 }

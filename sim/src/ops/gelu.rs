@@ -28,10 +28,7 @@ pub fn gelu_forward(y: &mut [f32], x: &[f32]) {
 
 /// `dx = dy * gelu'(x)`.
 pub fn gelu_backward(dx: &mut [f32], x: &[f32], dy: &[f32]) {
-    assert!(
-        x.len() == dx.len() && dy.len() == dx.len(),
-        "gelu_backward: lengths differ"
-    );
+    assert!(x.len() == dx.len() && dy.len() == dx.len(), "gelu_backward: lengths differ");
     crate::par::for_chunks_mut(dx, |start, out| {
         for (i, o) in out.iter_mut().enumerate() {
             let v = x[start + i];
@@ -49,9 +46,7 @@ mod tests {
 
     fn reference(x: &[f64]) -> Vec<f64> {
         let k = (2.0 / std::f64::consts::PI).sqrt();
-        x.iter()
-            .map(|&v| 0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh()))
-            .collect()
+        x.iter().map(|&v| 0.5 * v * (1.0 + (k * (v + 0.044715 * v * v * v)).tanh())).collect()
     }
 
     #[test]

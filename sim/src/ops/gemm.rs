@@ -62,24 +62,12 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major `rows x cols` matrix.
     pub fn row_major(data: Operand<'a>, rows: usize, cols: usize) -> Self {
-        MatRef {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
+        MatRef { data, rows, cols, row_stride: cols, col_stride: 1 }
     }
 
     /// The transpose (no copy).
     pub fn t(self) -> Self {
-        MatRef {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
+        MatRef { rows: self.cols, cols: self.rows, row_stride: self.col_stride, col_stride: self.row_stride, ..self }
     }
 
     fn check_bounds(&self, name: &str) -> Result<(), GemmError> {
@@ -267,24 +255,15 @@ pub fn gemm_exact_isa(isa: Isa, a: MatRef, b: MatRef, scale: f32, c: &mut [f32])
     }
     macro_rules! view {
         ($m:expr, $src:expr) => {
-            View {
-                src: $src,
-                rs: $m.row_stride,
-                cs: $m.col_stride,
-            }
+            View { src: $src, rs: $m.row_stride, cs: $m.col_stride }
         };
     }
     match (a.data, b.data) {
         (Operand::F32(x), Operand::F32(y)) => run(isa, &a, view!(a, SrcF32(x)), &b, view!(b, SrcF32(y)), c),
         (Operand::Bf16(x), Operand::Bf16(y)) => run(isa, &a, view!(a, SrcBf16(x)), &b, view!(b, SrcBf16(y)), c),
-        (Operand::Fp8(x, fx), Operand::Fp8(y, fy)) => run(
-            isa,
-            &a,
-            view!(a, SrcFp8(x, fx.decode_table())),
-            &b,
-            view!(b, SrcFp8(y, fy.decode_table())),
-            c,
-        ),
+        (Operand::Fp8(x, fx), Operand::Fp8(y, fy)) => {
+            run(isa, &a, view!(a, SrcFp8(x, fx.decode_table())), &b, view!(b, SrcFp8(y, fy.decode_table())), c)
+        }
         _ => unreachable!("validated above"),
     }
     if scale != 1.0 {

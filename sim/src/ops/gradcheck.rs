@@ -24,10 +24,7 @@ pub fn assert_close(name: &str, got: &[f32], want: &[f64], tol: f64) {
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs() / scale;
-        assert!(
-            err < tol,
-            "{name}[{i}]: analytic {g} vs numeric {w} (rel err {err:.2e})"
-        );
+        assert!(err < tol, "{name}[{i}]: analytic {g} vs numeric {w} (rel err {err:.2e})");
     }
 }
 

@@ -27,21 +27,18 @@ pub fn layernorm_forward(
 ) {
     assert!(x.len() == n * c && y.len() == n * c && mean.len() == n && rstd.len() == n);
     assert!(w.len() == c && b.len() == c);
-    y.par_chunks_mut(c)
-        .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
-        .enumerate()
-        .for_each(|(r, (yr, (m, rs)))| {
-            let xr = &x[r * c..(r + 1) * c];
-            let mu = reduce::sum(xr) / c as f32;
-            let d: Vec<f32> = xr.iter().map(|&v| v - mu).collect();
-            let var = reduce::sum_sq(&d) / c as f32;
-            let s = 1.0 / (var + EPS).sqrt();
-            for i in 0..c {
-                yr[i] = (d[i] * s) * w[i] + b[i];
-            }
-            *m = mu;
-            *rs = s;
-        });
+    y.par_chunks_mut(c).zip(mean.par_iter_mut().zip(rstd.par_iter_mut())).enumerate().for_each(|(r, (yr, (m, rs)))| {
+        let xr = &x[r * c..(r + 1) * c];
+        let mu = reduce::sum(xr) / c as f32;
+        let d: Vec<f32> = xr.iter().map(|&v| v - mu).collect();
+        let var = reduce::sum_sq(&d) / c as f32;
+        let s = 1.0 / (var + EPS).sqrt();
+        for i in 0..c {
+            yr[i] = (d[i] * s) * w[i] + b[i];
+        }
+        *m = mu;
+        *rs = s;
+    });
 }
 
 /// `dx` (overwritten), `dw` and `db` (overwritten) from `dy`.
@@ -59,21 +56,18 @@ pub fn layernorm_backward(
     c: usize,
 ) {
     let mut dyn_ = vec![0f32; n * c]; // dy * normalized, for dw
-    dx.par_chunks_mut(c)
-        .zip(dyn_.par_chunks_mut(c))
-        .enumerate()
-        .for_each(|(r, (dxr, pr))| {
-            let (xr, dyr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
-            let nrm: Vec<f32> = xr.iter().map(|&v| (v - mean[r]) * rstd[r]).collect();
-            let g: Vec<f32> = w.iter().zip(dyr).map(|(&wi, &d)| wi * d).collect();
-            let gn: Vec<f32> = g.iter().zip(&nrm).map(|(&a, &b)| a * b).collect();
-            let s1 = reduce::sum(&g) / c as f32;
-            let s2 = reduce::sum(&gn) / c as f32;
-            for i in 0..c {
-                dxr[i] = ((g[i] - s1) - nrm[i] * s2) * rstd[r];
-                pr[i] = dyr[i] * nrm[i];
-            }
-        });
+    dx.par_chunks_mut(c).zip(dyn_.par_chunks_mut(c)).enumerate().for_each(|(r, (dxr, pr))| {
+        let (xr, dyr) = (&x[r * c..(r + 1) * c], &dy[r * c..(r + 1) * c]);
+        let nrm: Vec<f32> = xr.iter().map(|&v| (v - mean[r]) * rstd[r]).collect();
+        let g: Vec<f32> = w.iter().zip(dyr).map(|(&wi, &d)| wi * d).collect();
+        let gn: Vec<f32> = g.iter().zip(&nrm).map(|(&a, &b)| a * b).collect();
+        let s1 = reduce::sum(&g) / c as f32;
+        let s2 = reduce::sum(&gn) / c as f32;
+        for i in 0..c {
+            dxr[i] = ((g[i] - s1) - nrm[i] * s2) * rstd[r];
+            pr[i] = dyr[i] * nrm[i];
+        }
+    });
     reduce::column_sums(&dyn_, n, c, dw);
     reduce::column_sums(dy, n, c, db);
 }
@@ -110,23 +104,8 @@ mod tests {
         let (mut dx, mut dw, mut db) = (vec![0f32; n * c], vec![0f32; c], vec![0f32; c]);
         layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c);
         let (xd, wd, bd, dyd) = (f64s(&x), f64s(&w), f64s(&b), f64s(&dy));
-        assert_close(
-            "dx",
-            &dx,
-            &numeric_grad(&xd, &dyd, |v| reference(v, &wd, &bd, n, c)),
-            1e-4,
-        );
-        assert_close(
-            "dw",
-            &dw,
-            &numeric_grad(&wd, &dyd, |v| reference(&xd, v, &bd, n, c)),
-            1e-4,
-        );
-        assert_close(
-            "db",
-            &db,
-            &numeric_grad(&bd, &dyd, |v| reference(&xd, &wd, v, n, c)),
-            1e-4,
-        );
+        assert_close("dx", &dx, &numeric_grad(&xd, &dyd, |v| reference(v, &wd, &bd, n, c)), 1e-4);
+        assert_close("dw", &dw, &numeric_grad(&wd, &dyd, |v| reference(&xd, v, &bd, n, c)), 1e-4);
+        assert_close("db", &db, &numeric_grad(&bd, &dyd, |v| reference(&xd, &wd, v, n, c)), 1e-4);
     }
 }
