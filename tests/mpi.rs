@@ -275,3 +275,29 @@ fn o3_sharded_checkpoints_resume_bit_identically_at_the_same_world_size() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("written by 2 ranks as O3 shards; resume it with 2 ranks"));
 }
+
+#[test]
+fn collectives_and_gradient_reductions_match_their_definitions() {
+    // The example is built by `cargo test` next to this test's binary.
+    let exe = binary().parent().unwrap().join("examples/collectives_check");
+    if !exe.is_file() {
+        let release = binary().parent().unwrap().ends_with("release");
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args(["build", "-p", "fp8cluster", "--example", "collectives_check"]);
+        if release {
+            cmd.arg("--release");
+        }
+        let st = cmd.status().unwrap();
+        assert!(st.success());
+    }
+    assert!(exe.is_file(), "{} was not built", exe.display());
+    for np in [2, 3, 4] {
+        let o = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+            .arg(&exe)
+            .output()
+            .unwrap();
+        let out = ok(&o);
+        assert!(out.contains(&format!("collectives ok on {np} ranks")), "{out}");
+    }
+}

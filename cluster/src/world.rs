@@ -236,6 +236,21 @@ pub trait Collectives {
     fn all_to_all<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]);
     /// Elementwise maximum (order-free).
     fn all_reduce_max(&self, buf: &mut [f32]);
+    /// Chunk r of `send` summed over ranks in rank order lands on rank r (`recv` is
+    /// one chunk): all-to-all, then add ranks 0, 1, ...
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) {
+        let k = recv.len();
+        assert_eq!(send.len(), k * self.size(), "reduce_scatter_sum: buffer sizes");
+        let mut all = vec![0f32; send.len()];
+        self.all_to_all(send, &mut all);
+        for (i, out) in recv.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for r in 0..self.size() {
+                acc += all[r * k + i];
+            }
+            *out = acc;
+        }
+    }
     /// Elementwise sum in rank order (deterministic): all-gather, then add ranks 0, 1, ...
     fn all_reduce_sum(&self, buf: &mut [f32]) {
         let all = {
@@ -319,6 +334,9 @@ mod tests {
         w.all_reduce_sum(&mut v);
         w.all_reduce_max(&mut v);
         assert_eq!(v, vec![1.0, 2.0]);
+        let mut one = [0f32; 2];
+        w.reduce_scatter_sum(&[3.0, 4.0], &mut one);
+        assert_eq!(one, [3.0, 4.0]);
         assert_eq!(w.all_gather_vec(&[7u8]), vec![7]);
         w.check_same("config", 5).unwrap();
         w.heartbeat(3, Duration::from_secs(1));
