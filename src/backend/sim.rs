@@ -242,3 +242,90 @@ impl Backend for Sim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Gradient checks of the linear layer (the three GEMM products plus bias) and the
+    //! embedding, through the backend interface, against f64 references.
+    use super::*;
+
+    fn randn(n: usize, seed: u64) -> Vec<f32> {
+        let mut v = vec![0f32; n];
+        fp8sim::rng::fill_normal(seed, 5, 0, 0.0, 1.0, &mut v);
+        v
+    }
+
+    fn numeric(x: &[f64], w: &[f64], f: impl Fn(&[f64]) -> Vec<f64>) -> Vec<f64> {
+        let mut xp = x.to_vec();
+        (0..x.len())
+            .map(|i| {
+                let h = 1e-6;
+                xp[i] = x[i] + h;
+                let up: f64 = f(&xp).iter().zip(w).map(|(a, b)| a * b).sum();
+                xp[i] = x[i] - h;
+                let dn: f64 = f(&xp).iter().zip(w).map(|(a, b)| a * b).sum();
+                xp[i] = x[i];
+                (up - dn) / (2.0 * h)
+            })
+            .collect()
+    }
+
+    fn close(name: &str, got: &[f32], want: &[f64]) {
+        let scale = want.iter().fold(1e-12f64, |m, v| m.max(v.abs()));
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!((g as f64 - w).abs() / scale < 1e-5, "{name}[{i}]: {g} vs {w}");
+        }
+    }
+
+    #[test]
+    fn linear_layer_gradients_match_f64() {
+        let (n, ic, oc) = (5, 7, 6);
+        let (x, w, b, dy) = (randn(n * ic, 1), randn(oc * ic, 2), randn(oc, 3), randn(n * oc, 4));
+        let be = Sim;
+        let f = |xv: &[f64], wv: &[f64], bv: &[f64]| {
+            let mut y = vec![0f64; n * oc];
+            for r in 0..n {
+                for o in 0..oc {
+                    y[r * oc + o] = (0..ic).map(|k| xv[r * ic + k] * wv[o * ic + k]).sum::<f64>() + bv[o];
+                }
+            }
+            y
+        };
+        let d = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (xd, wd, bd, dyd) = (d(&x), d(&w), d(&b), d(&dy));
+        let mut y = vec![0f32; n * oc];
+        be.matmul(&mut y, Operand::F32(&x), Operand::F32(&w), Product::Forward, n, oc, ic, 1.0);
+        be.add_bias(&mut y, &b, oc);
+        close("y", &y, &f(&xd, &wd, &bd));
+        let (mut dx, mut dw, mut db) = (vec![0f32; n * ic], vec![0f32; oc * ic], vec![0f32; oc]);
+        be.matmul(&mut dx, Operand::F32(&dy), Operand::F32(&w), Product::Dgrad, n, oc, ic, 1.0);
+        be.matmul(&mut dw, Operand::F32(&dy), Operand::F32(&x), Product::Wgrad, n, oc, ic, 1.0);
+        be.column_sums(&mut db, &dy, n, oc);
+        close("dx", &dx, &numeric(&xd, &dyd, |v| f(v, &wd, &bd)));
+        close("dw", &dw, &numeric(&wd, &dyd, |v| f(&xd, v, &bd)));
+        close("db", &db, &numeric(&bd, &dyd, |v| f(&xd, &wd, v)));
+    }
+
+    #[test]
+    fn embedding_gradients_match_f64() {
+        let (b, t, c, v) = (2, 3, 4, 5);
+        let tokens: Vec<u32> = vec![1, 4, 1, 0, 1, 3];
+        let (wte, wpe, dout) = (randn(v * c, 5), randn(t * c, 6), randn(b * t * c, 7));
+        let be = Sim;
+        let f = |te: &[f64], pe: &[f64]| {
+            let mut o = vec![0f64; b * t * c];
+            for nn in 0..b * t {
+                for i in 0..c {
+                    o[nn * c + i] = te[tokens[nn] as usize * c + i] + pe[(nn % t) * c + i];
+                }
+            }
+            o
+        };
+        let d = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<f64>>();
+        let (ted, ped, dd) = (d(&wte), d(&wpe), d(&dout));
+        let (mut dwte, mut dwpe) = (vec![0f32; v * c], vec![0f32; t * c]);
+        be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c);
+        close("dwte", &dwte, &numeric(&ted, &dd, |x| f(x, &ped)));
+        close("dwpe", &dwpe, &numeric(&ped, &dd, |x| f(&ted, x)));
+    }
+}
