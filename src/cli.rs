@@ -7,8 +7,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[command(
     name = "fp8train",
     version,
-    about = "FP8 mixed-precision training of GPT-style models: mpirun + NCCL on GPUs, a bit-exact CPU simulator everywhere",
-    after_help = "Subcommands that are not built yet say so and exit with status 2."
+    about = "FP8 mixed-precision training of GPT-style models: mpirun + NCCL on GPUs, a bit-exact CPU simulator everywhere"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -74,7 +73,7 @@ pub enum Command {
     /// Benchmarks that print figures against a baseline measured in the same run.
     Bench(BenchArgs),
     /// Check the CUDA backend against the simulator, op by op.
-    Verify(Pending),
+    Verify(VerifyArgs),
 }
 
 impl Command {
@@ -89,14 +88,6 @@ impl Command {
             Command::Verify(_) => "verify",
         }
     }
-}
-
-/// Arguments of a subcommand that is not built yet (accepted so that the message is
-/// about the subcommand, not about its flags).
-#[derive(Args, Debug)]
-pub struct Pending {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
 }
 
 #[derive(Args, Debug, Default)]
@@ -157,6 +148,19 @@ pub struct TopoArgs {
     /// Write this machine's hwloc XML to a file (to make a fixture of a real machine).
     #[arg(long)]
     pub export_xml: Option<std::path::PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Backend to check against the simulator.
+    #[arg(long, value_enum, default_value_t = Backend::Cuda)]
+    pub backend: Backend,
+    /// Sweep 2^28 instead of all 2^32 f32 inputs.
+    #[arg(long)]
+    pub quick: bool,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -11,3 +11,4 @@ pub mod logging;
 pub mod model;
 pub mod topo_cmd;
 pub mod train;
+pub mod verify;

@@ -6,6 +6,7 @@
 //! Buffers are the backend's own (`Vec<T>` in the simulator, device memory on GPUs).
 //! Scalars that steer the step (amax, loss, norms) come back to the host as f32.
 
+pub mod cuda;
 pub mod sim;
 
 use fp8sim::half16::{bf16, f16};

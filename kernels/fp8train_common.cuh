@@ -1,0 +1,107 @@
+// fp8train: the shared header of every kernel. FP8 conversions through PTX (so kernels
+// need only the NVRTC library, no cuda_fp8.h) and the project's own exp/log/tanh in the
+// operation order of sim/src/math.rs. Compiled with --fmad=false --prec-div=true
+// --prec-sqrt=true --ftz=false: no contraction, correctly rounded division and sqrt.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define FP8TRAIN_NAN __int_as_float(0x7fc00000)
+
+// Saturating round-to-nearest-even casts (the contract's scaled cast): |x| > max and
+// infinities -> +-max, NaN -> 0x7f. cvt packs its first source into the upper byte.
+__device__ __forceinline__ u8 fp8train_e4m3_sat(float x) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x));
+    return (u8)(r & 0xff);
+}
+__device__ __forceinline__ u8 fp8train_e5m2_sat(float x) {
+    u16 r;
+    asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x));
+    return (u8)(r & 0xff);
+}
+
+__device__ __forceinline__ float fp8train_bits(u32 b) { return __uint_as_float(b); }
+
+// ---- exp (sim/src/math.rs: exp)
+__device__ __forceinline__ float fp8train_scale_pow2(float y, int k) {
+    if (k > 127) return y * 2.0f * fp8train_bits((u32)(k - 1 + 127) << 23);
+    if (k < -126) return y * fp8train_bits((u32)(k + 64 + 127) << 23) * fp8train_bits((u32)(-64 + 127) << 23);
+    return y * fp8train_bits((u32)(k + 127) << 23);
+}
+
+__device__ float fp8train_exp(float x) {
+    const float INV_LN2 = fp8train_bits(0x3fb8aa3bu);
+    const float LN2_HI = fp8train_bits(0x3f317200u);
+    const float LN2_LO = fp8train_bits(0x35bfbe8eu);
+    const float P1 = fp8train_bits(0x3e2aaa8fu);
+    const float P2 = fp8train_bits(0xbb355215u);
+    if (isnan(x)) return FP8TRAIN_NAN;
+    if (x > fp8train_bits(0x42b17218u)) return __int_as_float(0x7f800000);
+    if (x < fp8train_bits(0xc2cff1b5u)) return 0.0f;
+    float kf = rintf(x * INV_LN2);
+    float hi = x - kf * LN2_HI;
+    float lo = kf * LN2_LO;
+    float r = hi - lo;
+    float rr = r * r;
+    float cc = r - rr * (P1 + rr * P2);
+    float y = 1.0f + ((r * cc / (2.0f - cc) - lo) + hi);
+    return fp8train_scale_pow2(y, (int)kf);
+}
+
+// ---- log (sim/src/math.rs: log)
+__device__ float fp8train_log(float x) {
+    const float LN2_HI = fp8train_bits(0x3f317180u);
+    const float LN2_LO = fp8train_bits(0x3717f7d1u);
+    const float LG1 = fp8train_bits(0x3f2aaaaau);
+    const float LG2 = fp8train_bits(0x3eccce13u);
+    const float LG3 = fp8train_bits(0x3e91e9eeu);
+    const float LG4 = fp8train_bits(0x3e789e26u);
+    const u32 SQRT_HALF = 0x3f3504f3u;
+    if (isnan(x) || x < 0.0f) return FP8TRAIN_NAN;
+    if (x == 0.0f) return __int_as_float(0xff800000);
+    if (isinf(x)) return x;
+    u32 ix = __float_as_uint(x);
+    int k = 0;
+    if (ix < 0x00800000u) {
+        k = -25;
+        ix = __float_as_uint(x * fp8train_bits(0x4c000000u));
+    }
+    ix += 0x3f800000u - SQRT_HALF;
+    k += (int)(ix >> 23) - 127;
+    ix = (ix & 0x007fffffu) + SQRT_HALF;
+    float f = fp8train_bits(ix) - 1.0f;
+    float s = f / (2.0f + f);
+    float z = s * s;
+    float w = z * z;
+    float t1 = w * (LG2 + w * LG4);
+    float t2 = z * (LG1 + w * LG3);
+    float r = t2 + t1;
+    float hfsq = 0.5f * f * f;
+    float dk = (float)k;
+    return (((s * (hfsq + r) + dk * LN2_LO) - hfsq) + f) + dk * LN2_HI;
+}
+
+// ---- tanh (sim/src/math.rs: tanh)
+__device__ float fp8train_tanh(float x) {
+    const float T1 = fp8train_bits(0xbeaaaaa5u);
+    const float T2 = fp8train_bits(0x3e088685u);
+    const float T3 = fp8train_bits(0xbd5c9221u);
+    const float T4 = fp8train_bits(0x3cac8eb2u);
+    const float T5 = fp8train_bits(0xbbcd4554u);
+    if (isnan(x)) return FP8TRAIN_NAN;
+    float ax = fabsf(x);
+    float r;
+    if (ax < 0.55f) {
+        float z = ax * ax;
+        float p = (((T5 * z + T4) * z + T3) * z + T2) * z + T1;
+        r = ax + ax * z * p;
+    } else if (ax < 10.0f) {
+        r = 1.0f - 2.0f / (fp8train_exp(ax + ax) + 1.0f);
+    } else {
+        r = 1.0f;
+    }
+    return signbit(x) ? -r : r;
+}

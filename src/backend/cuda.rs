@@ -1,0 +1,100 @@
+//! The CUDA device layer (the start of the CUDA backend): the device chosen by
+//! node-local rank, a stream, and the kernels of `kernels/` compiled once per process by
+//! NVRTC for the device's architecture with the contract's flags. Libraries are loaded
+//! at run time (cudarc `dynamic-loading`), so the binary builds and runs without CUDA.
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
+use std::sync::Arc;
+
+/// Every kernel source, the shared header first (NVRTC then needs no include path).
+const SOURCES: &[(&str, &str)] = &[
+    ("fp8train_common.cuh", include_str!("../../kernels/fp8train_common.cuh")),
+    ("fp8.cu", include_str!("../../kernels/fp8.cu")),
+    ("math.cu", include_str!("../../kernels/math.cu")),
+];
+
+/// One GPU with the project's kernels loaded.
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub module: Arc<CudaModule>,
+    pub name: String,
+    pub arch: String,
+    pub compile_ms: f64,
+}
+
+/// Whether the CUDA driver and NVRTC libraries can be loaded here.
+pub fn available() -> Result<(), String> {
+    // SAFETY: these only try to load the shared libraries.
+    let driver = unsafe { cudarc::driver::sys::is_culib_present() };
+    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
+    match (driver, nvrtc) {
+        (true, true) => Ok(()),
+        (false, _) => Err("the CUDA driver library (libcuda.so.1) is not present".into()),
+        (true, false) => Err("NVRTC (libnvrtc.so) is not present; put CUDA's lib64 on LD_LIBRARY_PATH".into()),
+    }
+}
+
+/// The contract's compile flags for `arch` (e.g. `sm_90`).
+pub fn compile_options(arch: &'static str) -> CompileOptions {
+    CompileOptions {
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        use_fast_math: Some(false),
+        arch: Some(arch),
+        ..Default::default()
+    }
+}
+
+impl Gpu {
+    /// Open CUDA device `ordinal` and compile the kernels for it.
+    pub fn open(ordinal: usize) -> Result<Gpu, String> {
+        available()?;
+        let n = CudaContext::device_count().map_err(|e| format!("CUDA: cannot count devices: {e}"))?;
+        if ordinal >= n.max(0) as usize {
+            return Err(format!("CUDA device {ordinal} does not exist ({n} visible)"));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| format!("CUDA: {e}"))?;
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let src: String = SOURCES
+            .iter()
+            .map(|(file, text)| {
+                let body = text.replace("#pragma once", "");
+                format!("// ---- {file}\n{body}\n")
+            })
+            .collect();
+        let t = std::time::Instant::now();
+        let ptx = compile_ptx_with_opts(src, compile_options(arch)).map_err(|e| format!("NVRTC: {e}"))?;
+        let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+        let module = ctx.load_module(ptx).map_err(|e| format!("CUDA: cannot load the kernels: {e}"))?;
+        let stream = ctx.default_stream();
+        Ok(Gpu { ctx, stream, module, name, arch: arch.to_string(), compile_ms })
+    }
+
+    pub fn function(&self, name: &str) -> Result<CudaFunction, String> {
+        self.module.load_function(name).map_err(|e| format!("CUDA: kernel {name}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn flags_are_the_contracts() {
+        let o = super::compile_options("sm_90");
+        assert_eq!(
+            (o.fmad, o.prec_div, o.prec_sqrt, o.ftz, o.use_fast_math),
+            (Some(false), Some(true), Some(true), Some(false), Some(false))
+        );
+    }
+
+    #[test]
+    fn kernel_sources_are_embedded() {
+        assert!(super::SOURCES.iter().any(|(_, s)| s.contains("cvt.rn.satfinite.e4m3x2.f32")));
+        assert!(super::SOURCES.iter().any(|(_, s)| s.contains("fp8_encode_sweep")));
+    }
+}
