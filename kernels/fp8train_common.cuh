@@ -105,3 +105,96 @@ __device__ float fp8train_tanh(float x) {
     }
     return signbit(x) ? -r : r;
 }
+
+// ---- FP8 decode (sim/src/fp8.rs: decode_bits), exact
+__device__ __forceinline__ float fp8train_decode(u8 code, int e5m2) {
+    u32 c = code, m = e5m2 ? 2u : 3u;
+    int bias = e5m2 ? 15 : 7;
+    u32 sign = (c & 0x80u) << 24;
+    u32 ex = (c & 0x7fu) >> m;
+    u32 man = c & ((1u << m) - 1u);
+    u32 ones = (1u << (7u - m)) - 1u;
+    if (e5m2 && ex == ones) return __uint_as_float(man == 0 ? (sign | 0x7f800000u) : (sign | 0x7fc00000u));
+    if (!e5m2 && ex == ones && man == (1u << m) - 1u) return __uint_as_float(sign | 0x7fc00000u);
+    if (ex == 0) {
+        if (man == 0) return __uint_as_float(sign);
+        u32 p = 31u - __clz(man);
+        int e = 1 - bias - (int)m + (int)p;
+        u32 frac = (man - (1u << p)) << (23u - p);
+        return __uint_as_float(sign | ((u32)(e + 127) << 23) | frac);
+    }
+    return __uint_as_float(sign | ((u32)((int)ex - bias + 127) << 23) | (man << (23u - m)));
+}
+
+__device__ __forceinline__ u8 fp8train_encode_sat(float x, int e5m2) {
+    return e5m2 ? fp8train_e5m2_sat(x) : fp8train_e4m3_sat(x);
+}
+
+// ---- BF16 / FP16 (sim/src/half16.rs): RNE, one canonical NaN
+__device__ __forceinline__ u16 fp8train_to_bf16(float x) {
+    if (isnan(x)) return 0x7fc0;
+    u32 b = __float_as_uint(x);
+    return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ float fp8train_from_bf16(u16 h) { return __uint_as_float((u32)h << 16); }
+__device__ __forceinline__ u16 fp8train_to_f16(float x) {
+    if (isnan(x)) return 0x7e00;
+    u16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return r;
+}
+__device__ __forceinline__ float fp8train_from_f16(u16 h) {
+    float r;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+    return r;
+}
+
+// ---- the contract's sum (sim/src/reduce.rs): chunks of 32 summed sequentially from
+// +0, then a pairwise tree over the chunk partials (an odd last one passes up).
+#define FP8TRAIN_MAX_PARTIALS 2048
+template <typename F>
+__device__ float fp8train_csum(int n, F term) {
+    float part[FP8TRAIN_MAX_PARTIALS];
+    int chunks = (n + 31) / 32;
+    if (chunks == 0) return 0.0f;
+    for (int ch = 0; ch < chunks; ch++) {
+        float acc = 0.0f;
+        int end = min(n, (ch + 1) * 32);
+        for (int i = ch * 32; i < end; i++) acc = acc + term(i);
+        part[ch] = acc;
+    }
+    int m = chunks;
+    while (m > 1) {
+        int half = m / 2;
+        for (int i = 0; i < half; i++) part[i] = part[2 * i] + part[2 * i + 1];
+        if (m % 2 == 1) { part[half] = part[m - 1]; m = half + 1; } else { m = half; }
+    }
+    return part[0];
+}
+
+// Tree over `chunks` partials stored with `stride` in global memory (in place).
+__device__ float fp8train_tree(float* part, int chunks, int stride) {
+    if (chunks == 0) return 0.0f;
+    int m = chunks;
+    while (m > 1) {
+        int half = m / 2;
+        for (int i = 0; i < half; i++) part[i * stride] = part[2 * i * stride] + part[(2 * i + 1) * stride];
+        if (m % 2 == 1) { part[half * stride] = part[(m - 1) * stride]; m = half + 1; } else { m = half; }
+    }
+    return part[0];
+}
+
+// reduce::max semantics: any NaN -> NaN, empty -> -inf.
+template <typename F>
+__device__ float fp8train_cmax(int n, F term) {
+    float mx = __int_as_float(0xff800000);
+    bool nan = false;
+    for (int i = 0; i < n; i++) {
+        float v = term(i);
+        nan |= isnan(v);
+        mx = v > mx ? v : mx;
+    }
+    return nan ? FP8TRAIN_NAN : mx;
+}
+
+__device__ __forceinline__ u32 fp8train_tid() { return blockIdx.x * blockDim.x + threadIdx.x; }

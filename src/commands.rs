@@ -1,5 +1,6 @@
 //! The subcommands that work on runs: train, eval, sample, report, bench train.
 
+use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
 use crate::backend::Backend;
 use crate::cli::{self, EvalArgs, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
@@ -13,19 +14,6 @@ use serde_json::json;
 use slog::{info, Logger};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-
-/// The backend a config asks for, as built in this binary.
-fn backend(name: &str, log: &Logger) -> Result<Sim, String> {
-    match name {
-        "sim" => Ok(Sim),
-        "auto" => {
-            info!(log, "backend auto: this build has no CUDA backend yet, using the simulator (sim)");
-            Ok(Sim)
-        }
-        "cuda" => Err("backend cuda: the CUDA backend is not built yet (use --backend sim)".into()),
-        other => Err(format!("unknown backend '{other}' (allowed: sim, cuda, auto)")),
-    }
-}
 
 /// The overrides that `train`'s flags stand for, after the `--set` ones.
 fn flag_overrides(a: &TrainArgs) -> Vec<String> {
@@ -111,9 +99,44 @@ pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
     })
 }
 
+/// The config a fresh run starts from: the file (if any), then the flags.
+fn fresh_config(a: &TrainArgs) -> Result<Config, String> {
+    let base = match &a.config {
+        Some(p) => Config::from_toml(
+            &std::fs::read_to_string(p).map_err(|e| format!("--config {}: cannot read: {e}", p.display()))?,
+        )
+        .map_err(|e| format!("--config {}: {e}", p.display()))?,
+        None => Config::default(),
+    };
+    let cfg = base.with_overrides(&flag_overrides(a))?;
+    cfg.validate()?;
+    Ok(cfg)
+}
+
 fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
+    let name = match &a.resume {
+        Some(path) => checkpoint::peek_config(path)?.with_overrides(&flag_overrides(a))?.train.backend,
+        None => fresh_config(a)?.train.backend,
+    };
+    match name.as_str() {
+        "sim" => run_on(&Sim, a, log, progress, world),
+        "cuda" => run_on(&Cuda::new(world.local_rank)?, a, log, progress, world),
+        _ => match Cuda::new(world.local_rank) {
+            Ok(c) => {
+                info!(log, "backend auto: using CUDA"; "gpu" => &c.gpu().name, "arch" => &c.gpu().arch);
+                run_on(&c, a, log, progress, world)
+            }
+            Err(why) => {
+                info!(log, "backend auto: no usable GPU, using the simulator"; "reason" => why);
+                run_on(&Sim, a, log, progress, world)
+            }
+        },
+    }
+}
+
+fn run_on<B: Backend>(be: &B, a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
     if let Some(path) = &a.resume {
-        let (ckpt_cfg, model, state) = checkpoint::load(&Sim, path, world.rank, world.size)?;
+        let (ckpt_cfg, model, state) = checkpoint::load(be, path, world.rank, world.size)?;
         let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
         for (what, same) in [
             ("model", cfg.model == ckpt_cfg.model),
@@ -125,7 +148,6 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
                 return Err(format!("--resume: {what} cannot change when resuming a checkpoint"));
             }
         }
-        let be = backend(&cfg.train.backend, log)?;
         check_config(world, &cfg)?;
         let run_dir = if a.out.is_some() || a.name.is_some() {
             PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()))
@@ -135,24 +157,15 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
             ck.parent().and_then(Path::parent).map(Path::to_path_buf).ok_or("--resume: cannot find the run folder")?
         };
         info!(log, "resuming"; "checkpoint" => path.display().to_string(), "step" => state.step);
-        train::train(&be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, progress, world)?;
+        train::train(be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, progress, world)?;
         return Ok(());
     }
-    let base = match &a.config {
-        Some(p) => Config::from_toml(
-            &std::fs::read_to_string(p).map_err(|e| format!("--config {}: cannot read: {e}", p.display()))?,
-        )
-        .map_err(|e| format!("--config {}: {e}", p.display()))?,
-        None => Config::default(),
-    };
-    let mut cfg = base.with_overrides(&flag_overrides(a))?;
-    cfg.validate()?;
-    let be = backend(&cfg.train.backend, log)?;
+    let mut cfg = fresh_config(a)?;
     // Rank 0 names the run folder (the default name holds the time).
     let run_dir = PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()));
     cfg.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     check_config(world, &cfg)?;
-    train::train(&be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
+    train::train(be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
     Ok(())
 }
 

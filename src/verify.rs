@@ -2,11 +2,17 @@
 //! the saturating E4M3/E5M2 casts and the project's exp, log and tanh, each over every
 //! one of the 2^32 f32 bit patterns (exact class: 0 mismatches required).
 
-use crate::backend::cuda::Gpu;
-use crate::cli::{Backend, VerifyArgs};
+use crate::backend::cuda::{Cuda, Gpu};
+use crate::backend::sim::Sim;
+use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
+use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use fp8sim::fp8::{encode, Fp8Format};
+use fp8sim::half16::{bf16, f16, to_bf16, to_f16};
 use fp8sim::math;
+use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::attention::AttnShape;
+use fp8sim::rng;
 use rayon::prelude::*;
 use serde::Serialize;
 use slog::{info, Logger};
@@ -125,27 +131,338 @@ fn sweep_math(gpu: &Gpu, total: u64, op: i32) -> Result<Row, String> {
     })
 }
 
+/// One op on fresh random inputs.
+#[derive(Clone, Debug)]
+enum Case {
+    Gemm { ta: &'static str, tb: &'static str, product: Product, m: usize, n: usize, k: usize },
+    LayerNorm { n: usize, c: usize },
+    Gelu { n: usize },
+    Encoder { b: usize, t: usize, c: usize, v: usize },
+    Attention { b: usize, t: usize, c: usize, nh: usize },
+    CrossEntropy { n: usize, v: usize },
+    ColumnSums { rows: usize, cols: usize },
+    Casts { n: usize },
+    Reductions { n: usize },
+    Adam { level: &'static str, n: usize, fp8_grad: bool },
+}
+
+impl Case {
+    fn describe(&self) -> (String, String) {
+        match self {
+            Case::Gemm { ta, tb, product, m, n, k } => {
+                (format!("gemm exact {ta} x {tb} {product:?}"), format!("{m}x{n}x{k}"))
+            }
+            Case::LayerNorm { n, c } => ("layernorm fwd+bwd".into(), format!("{n}x{c}")),
+            Case::Gelu { n } => ("gelu fwd+bwd".into(), format!("{n}")),
+            Case::Encoder { b, t, c, v } => ("encoder fwd+bwd".into(), format!("b{b} t{t} c{c} v{v}")),
+            Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
+            Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
+            Case::ColumnSums { rows, cols } => ("column sums (bias grad)".into(), format!("{rows}x{cols}")),
+            Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode".into(), format!("{n}")),
+            Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
+            Case::Adam { level, n, fp8_grad } => {
+                (format!("adamw {level}{}", if *fp8_grad { " (e4m3 grad)" } else { "" }), format!("{n}"))
+            }
+        }
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let mut v = Vec::new();
+    for (ta, tb) in [("f32", "f32"), ("bf16", "bf16"), ("e4m3", "e4m3"), ("e5m2", "e4m3")] {
+        for product in [Product::Forward, Product::Dgrad, Product::Wgrad] {
+            for (m, n, k) in [(7, 13, 5), (64, 96, 130), (33, 65, 300)] {
+                v.push(Case::Gemm { ta, tb, product, m, n, k });
+            }
+        }
+    }
+    v.extend([(5, 40), (64, 64), (33, 257)].map(|(n, c)| Case::LayerNorm { n, c }));
+    v.extend([1000, 4097].map(|n| Case::Gelu { n }));
+    v.extend([(2, 5, 20, 7), (4, 16, 64, 256)].map(|(b, t, c, v)| Case::Encoder { b, t, c, v }));
+    v.extend([(2, 7, 12, 3), (1, 70, 32, 2), (4, 64, 64, 4)].map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }));
+    v.extend([(6, 50), (64, 256), (3, 5000)].map(|(n, v)| Case::CrossEntropy { n, v }));
+    v.extend([(1000, 64), (33, 7)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
+    v.push(Case::Casts { n: 100_003 });
+    v.push(Case::Reductions { n: 100_003 });
+    for level in ["f32", "O1", "O2"] {
+        for fp8_grad in [false, true] {
+            v.push(Case::Adam { level, n: 5001, fp8_grad });
+        }
+    }
+    v
+}
+
+/// One operand's storage: exactly one buffer is present.
+type Bufs<B> =
+    (Option<<B as Backend>::Buf<f32>>, Option<<B as Backend>::Buf<bf16>>, Option<<B as Backend>::Buf<u8>>, Fp8Format);
+
+/// The operand among the one present buffer.
+fn pick<'a, B: Backend>(
+    f: &'a Option<B::Buf<f32>>,
+    h: &'a Option<B::Buf<bf16>>,
+    q: &'a Option<B::Buf<u8>>,
+    fmt: Fp8Format,
+) -> Operand<'a, B> {
+    if let Some(x) = f.as_ref() {
+        Operand::F32(x)
+    } else if let Some(x) = h.as_ref() {
+        Operand::Bf16(x)
+    } else {
+        Operand::Fp8(q.as_ref().expect("one operand buffer"), fmt)
+    }
+}
+
+fn randn(n: usize, seed: u64, std: f32) -> Vec<f32> {
+    let mut x = vec![0f32; n];
+    rng::fill_normal(seed, 11, 0, 0.0, std, &mut x);
+    x
+}
+
+fn bits<B: Backend>(be: &B, x: &B::Buf<f32>) -> Vec<u32> {
+    be.download(x).iter().map(|v| v.to_bits()).collect()
+}
+
+/// Run one case on backend `be`; named outputs as bit patterns.
+fn run_case<B: Backend>(be: &B, case: &Case) -> Vec<(&'static str, Vec<u32>)> {
+    let e8 = |x: &[f32], f: Fp8Format| x.iter().map(|&v| encode(f, v * 64.0, true)).collect::<Vec<u8>>();
+    match *case {
+        Case::Gemm { ta, tb, product, m, n, k } => {
+            let (ra, ca, rb, cb) = match product {
+                Product::Forward => (m, k, n, k),
+                Product::Dgrad => (m, n, n, k),
+                Product::Wgrad => (m, n, m, k),
+            };
+            let (xa, xb) = (randn(ra * ca, 1, 1.0), randn(rb * cb, 2, 1.0));
+            let out_len = match product {
+                Product::Forward => m * n,
+                Product::Dgrad => m * k,
+                Product::Wgrad => n * k,
+            };
+            let mut out = be.zeros::<f32>(out_len);
+            let up = |x: &[f32], t: &str| -> Bufs<B> {
+                match t {
+                    "f32" => (Some(be.upload(x)), None, None, Fp8Format::E4M3),
+                    "bf16" => (
+                        None,
+                        Some(be.upload(&x.iter().map(|&v| to_bf16(v)).collect::<Vec<_>>())),
+                        None,
+                        Fp8Format::E4M3,
+                    ),
+                    "e5m2" => (None, None, Some(be.upload(&e8(x, Fp8Format::E5M2))), Fp8Format::E5M2),
+                    _ => (None, None, Some(be.upload(&e8(x, Fp8Format::E4M3))), Fp8Format::E4M3),
+                }
+            };
+            let (a32, a16, a8, fa) = up(&xa, ta);
+            let (b32, b16, b8, fb) = up(&xb, tb);
+            let op = pick::<B>;
+            let scale = if ta == "f32" { 1.0 } else { 1.0 / 4096.0 };
+            be.matmul(&mut out, op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb), product, m, n, k, scale);
+            vec![("out", bits(be, &out))]
+        }
+        Case::LayerNorm { n, c } => {
+            let (x, w, b, dy) = (
+                be.upload(&randn(n * c, 3, 2.0)),
+                be.upload(&randn(c, 4, 1.0)),
+                be.upload(&randn(c, 5, 1.0)),
+                be.upload(&randn(n * c, 6, 1.0)),
+            );
+            let (mut y, mut mean, mut rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+            be.layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, n, c);
+            let (mut dx, mut dw, mut db) = (be.zeros(n * c), be.zeros(c), be.zeros(c));
+            be.layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c);
+            vec![
+                ("y", bits(be, &y)),
+                ("mean", bits(be, &mean)),
+                ("rstd", bits(be, &rstd)),
+                ("dx", bits(be, &dx)),
+                ("dw", bits(be, &dw)),
+                ("db", bits(be, &db)),
+            ]
+        }
+        Case::Gelu { n } => {
+            let (x, dy) = (be.upload(&randn(n, 7, 3.0)), be.upload(&randn(n, 8, 1.0)));
+            let (mut y, mut dx) = (be.zeros(n), be.zeros(n));
+            be.gelu_forward(&mut y, &x);
+            be.gelu_backward(&mut dx, &x, &dy);
+            vec![("y", bits(be, &y)), ("dx", bits(be, &dx))]
+        }
+        Case::Encoder { b, t, c, v } => {
+            let toks: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % v) as u32).collect();
+            let tokens = be.upload(&toks);
+            let (wte, wpe, dout) = (
+                be.upload(&randn(v * c, 9, 1.0)),
+                be.upload(&randn(t * c, 10, 1.0)),
+                be.upload(&randn(b * t * c, 11, 1.0)),
+            );
+            let mut out = be.zeros(b * t * c);
+            be.encoder_forward(&mut out, &tokens, &wte, &wpe, b, t, c);
+            let (mut dwte, mut dwpe) = (be.upload(&randn(v * c, 12, 1.0)), be.zeros(t * c));
+            be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c);
+            vec![("out", bits(be, &out)), ("dwte", bits(be, &dwte)), ("dwpe", bits(be, &dwpe))]
+        }
+        Case::Attention { b, t, c, nh } => {
+            let s = AttnShape { b, t, c, nh };
+            let qkv = be.upload(&randn(b * t * 3 * c, 13, 1.0));
+            let dout = be.upload(&randn(b * t * c, 14, 1.0));
+            let (mut out, mut stats) = (be.zeros(b * t * c), be.zeros(b * nh * t * 2));
+            be.attention_forward(&mut out, &mut stats, &qkv, s);
+            let mut dqkv = be.zeros(b * t * 3 * c);
+            be.attention_backward(&mut dqkv, &dout, &qkv, &out, &stats, s);
+            vec![("out", bits(be, &out)), ("stats", bits(be, &stats)), ("dqkv", bits(be, &dqkv))]
+        }
+        Case::CrossEntropy { n, v } => {
+            let logits = be.upload(&randn(n * v, 15, 3.0));
+            let targets = be.upload(&(0..n).map(|i| ((i * 13) % v) as u32).collect::<Vec<_>>());
+            let (mut losses, mut d) = (be.zeros(n), be.zeros(n * v));
+            be.crossentropy(&mut losses, Some(&mut d), &logits, &targets, 0.125, n, v);
+            let mut only = be.zeros(n);
+            be.crossentropy(&mut only, None, &logits, &targets, 0.0, n, v);
+            vec![("losses", bits(be, &losses)), ("dlogits", bits(be, &d)), ("losses (no grad)", bits(be, &only))]
+        }
+        Case::ColumnSums { rows, cols } => {
+            let x = be.upload(&randn(rows * cols, 16, 1.0));
+            let mut out = be.zeros(cols);
+            be.column_sums(&mut out, &x, rows, cols);
+            vec![("sums", bits(be, &out))]
+        }
+        Case::Casts { n } => {
+            let mut host = randn(n, 17, 100.0);
+            host[5] = f32::NAN;
+            host[6] = 1e30;
+            host[7] = -f32::INFINITY;
+            let x = be.upload(&host);
+            let mut outs = Vec::new();
+            for (name, fmt) in [("e4m3", Fp8Format::E4M3), ("e5m2", Fp8Format::E5M2)] {
+                let mut q = be.zeros::<u8>(n);
+                let st = be.cast_fp8(&mut q, &x, fmt, 4.0);
+                let mut back = be.zeros::<f32>(n);
+                be.decode_fp8(&mut back, &q, fmt, 0.25);
+                outs.push((name, be.download(&q).iter().map(|&c| c as u32).collect()));
+                outs.push(("decoded", bits(be, &back)));
+                outs.push(("amax, saturated", vec![st.amax.to_bits(), st.saturated as u32]));
+            }
+            let mut hb = be.zeros::<bf16>(n);
+            be.cast_bf16(&mut hb, &x);
+            outs.push(("bf16", be.download(&hb).iter().map(|h| h.to_bits() as u32).collect()));
+            let mut hh = be.zeros::<f16>(n);
+            be.cast_f16(&mut hh, &x, 8.0);
+            let mut back = be.zeros::<f32>(n);
+            be.decode_f16(&mut back, &hh, 0.125);
+            outs.push(("f16", be.download(&hh).iter().map(|h| h.to_bits() as u32).collect()));
+            outs.push(("f16 decoded", bits(be, &back)));
+            outs
+        }
+        Case::Reductions { n } => {
+            let x = be.upload(&randn(n, 18, 5.0));
+            vec![("sum_sq, mean, amax", vec![be.sum_sq(&x).to_bits(), be.mean(&x).to_bits(), be.amax(&x).to_bits()])]
+        }
+        Case::Adam { level, n, fp8_grad } => {
+            let h = AdamStep::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5);
+            let g = randn(n, 19, 0.01);
+            let gq: Vec<u8> = g.iter().map(|&v| encode(Fp8Format::E4M3, v * 8192.0, true)).collect();
+            let (g32, g8) = (be.upload(&g), be.upload(&gq));
+            let grad = || if fp8_grad { GradRef::Fp8(&g8, 8192.0) } else { GradRef::F32(&g32) };
+            let p0 = randn(n, 20, 0.02);
+            let (m0, v0) = (randn(n, 21, 0.001), randn(n, 22, 1e-6).iter().map(|x| x.abs()).collect::<Vec<_>>());
+            match level {
+                "f32" => {
+                    let (mut p, mut m, mut v) = (be.upload(&p0), be.upload(&m0), be.upload(&v0));
+                    be.adamw(AdamState::F32 { master: &mut p, m: &mut m, v: &mut v }, grad(), &h);
+                    vec![("p", bits(be, &p)), ("m", bits(be, &m)), ("v", bits(be, &v))]
+                }
+                "O1" => {
+                    let mut p = be.upload(&p0.iter().map(|&x| to_f16(x * 1024.0)).collect::<Vec<_>>());
+                    let (mut ps, mut m, mut v) = (1024.0f32, be.upload(&m0), be.upload(&v0));
+                    be.adamw(AdamState::O1 { master: &mut p, master_scale: &mut ps, m: &mut m, v: &mut v }, grad(), &h);
+                    let pb: Vec<u32> = be.download(&p).iter().map(|x| x.to_bits() as u32).collect();
+                    vec![("p", pb), ("scale", vec![ps.to_bits()]), ("m", bits(be, &m)), ("v", bits(be, &v))]
+                }
+                _ => {
+                    let mut p = be.upload(&p0.iter().map(|&x| to_f16(x * 1024.0)).collect::<Vec<_>>());
+                    let mut m =
+                        be.upload(&m0.iter().map(|&x| encode(Fp8Format::E4M3, x * 65536.0, true)).collect::<Vec<_>>());
+                    let mut v = be.upload(&v0.iter().map(|&x| to_f16(x * 1e9)).collect::<Vec<_>>());
+                    let (mut ps, mut ms, mut vs) = (1024.0f32, 65536.0f32, 1e9f32);
+                    be.adamw(
+                        AdamState::O2 {
+                            master: &mut p,
+                            master_scale: &mut ps,
+                            m: &mut m,
+                            m_scale: &mut ms,
+                            v: &mut v,
+                            v_scale: &mut vs,
+                        },
+                        grad(),
+                        &h,
+                    );
+                    let pb: Vec<u32> = be.download(&p).iter().map(|x| x.to_bits() as u32).collect();
+                    let mb: Vec<u32> = be.download(&m).iter().map(|&x| x as u32).collect();
+                    let vb: Vec<u32> = be.download(&v).iter().map(|x| x.to_bits() as u32).collect();
+                    vec![("p", pb), ("m", mb), ("v", vb), ("scales", vec![ps.to_bits(), ms.to_bits(), vs.to_bits()])]
+                }
+            }
+        }
+    }
+}
+
+/// Every op on both backends: rows of (op, shape, outputs, mismatching elements).
+fn verify_ops(gpu: &Cuda) -> Vec<Row> {
+    cases()
+        .iter()
+        .map(|case| {
+            let t = std::time::Instant::now();
+            let (op, shape) = case.describe();
+            let (want, got) = (run_case(&Sim, case), run_case(gpu, case));
+            let mut mismatches = 0u64;
+            let mut first = None;
+            let mut inputs = 0u64;
+            for ((name, w), (_, g)) in want.iter().zip(&got) {
+                inputs += w.len() as u64;
+                for (i, (a, b)) in w.iter().zip(g).enumerate() {
+                    if a != b {
+                        mismatches += 1;
+                        first.get_or_insert_with(|| format!("{name}[{i}]: gpu {b:#010x}, sim {a:#010x}"));
+                    }
+                }
+                if w.len() != g.len() {
+                    mismatches += 1;
+                }
+            }
+            Row {
+                op: format!("{op} [{shape}]"),
+                inputs,
+                class: "exact",
+                mismatches,
+                first,
+                seconds: t.elapsed().as_secs_f64(),
+            }
+        })
+        .collect()
+}
+
 pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
-    if a.backend == Backend::Sim {
+    if a.backend == CliBackend::Sim {
         return Err("verify compares the CUDA backend with the simulator: use --backend cuda".into());
     }
-    let gpu = Gpu::open(0).map_err(|e| format!("verify --backend cuda: no usable GPU: {e}"))?;
+    let cuda = Cuda::new(0).map_err(|e| format!("verify --backend cuda: no usable GPU: {e}"))?;
+    let gpu: &Gpu = cuda.gpu();
     info!(log, "verify"; "gpu" => &gpu.name, "arch" => &gpu.arch, "nvrtc_ms" => format!("{:.0}", gpu.compile_ms));
     let total: u64 = if a.quick { 1 << 28 } else { 1 << 32 };
-    let mut rows: Vec<Row> = sweep_fp8(&gpu, total)?.into_iter().collect();
+    let mut rows: Vec<Row> = verify_ops(&cuda);
+    rows.extend(sweep_fp8(gpu, total)?);
     for op in 0..3 {
-        rows.push(sweep_math(&gpu, total, op)?);
+        rows.push(sweep_math(gpu, total, op)?);
     }
     let failed = rows.iter().filter(|r| r.mismatches > 0).count();
     if a.json {
         println!("{}", serde_json::json!({"gpu": gpu.name, "arch": gpu.arch, "rows": rows}));
     } else {
         println!("fp8train verify: {} ({}), kernels compiled by NVRTC in {:.0} ms", gpu.name, gpu.arch, gpu.compile_ms);
-        println!("op                            | inputs        | class | mismatches | seconds | first mismatch");
-        println!("------------------------------|---------------|-------|------------|---------|---------------");
+        println!("{:<58} | outputs/inputs | class | mismatches | seconds | first mismatch", "op [shape]");
+        println!("{}|----------------|-------|------------|---------|---------------", "-".repeat(59));
         for r in &rows {
             println!(
-                "{:<29} | {:>13} | {:<5} | {:>10} | {:>7.1} | {}",
+                "{:<58} | {:>14} | {:<5} | {:>10} | {:>7.2} | {}",
                 r.op,
                 r.inputs,
                 r.class,
@@ -159,5 +476,20 @@ pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
         Err(format!("verify: {failed} op(s) differ between the GPU and the simulator"))
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_case_runs_on_the_simulator() {
+        for case in cases() {
+            let out = run_case(&Sim, &case);
+            assert!(!out.is_empty() && out.iter().all(|(_, v)| !v.is_empty()), "{case:?}");
+            // Deterministic: the comparison with the GPU is meaningful.
+            assert_eq!(out, run_case(&Sim, &case), "{case:?}");
+        }
     }
 }

@@ -14,11 +14,15 @@ use fp8sim::ops::adamw::AdamStep;
 use fp8sim::ops::attention::AttnShape;
 use fp8sim::Fp8Format;
 
-/// Element types a buffer can hold.
-pub trait Elem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {}
+/// Element types a buffer can hold (on the host and in GPU memory).
+pub trait Elem:
+    Copy + Default + Send + Sync + std::fmt::Debug + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + 'static
+{
+}
 impl Elem for f32 {}
 impl Elem for u8 {}
 impl Elem for u32 {}
+impl Elem for u64 {}
 impl Elem for f16 {}
 impl Elem for bf16 {}
 

@@ -287,6 +287,21 @@ pub fn resolve(path: &Path) -> Result<PathBuf, String> {
     steps.pop().ok_or_else(|| format!("{}: the run folder has no checkpoints", path.display()))
 }
 
+/// The config a checkpoint was written with (from its weights file's metadata).
+pub fn peek_config(path: &Path) -> Result<Config, String> {
+    let dir = resolve(path)?;
+    let bytes = std::fs::read(dir.join("model.safetensors"))
+        .map_err(|e| format!("checkpoint {}: cannot read model.safetensors: {e}", dir.display()))?;
+    let (_, header) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| format!("checkpoint {}: model.safetensors: {e}", dir.display()))?;
+    let text = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("fp8train_config").cloned())
+        .ok_or_else(|| format!("checkpoint {}: model.safetensors carries no config", dir.display()))?;
+    Config::from_toml(&text)
+}
+
 /// Read and verify one file of a checkpoint against the manifest.
 fn read_verified(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>, String> {
     let entry = manifest

@@ -9,9 +9,18 @@ use std::sync::Arc;
 
 /// Every kernel source, the shared header first (NVRTC then needs no include path).
 const SOURCES: &[(&str, &str)] = &[
-    ("fp8train_common.cuh", include_str!("../../kernels/fp8train_common.cuh")),
-    ("fp8.cu", include_str!("../../kernels/fp8.cu")),
-    ("math.cu", include_str!("../../kernels/math.cu")),
+    ("fp8train_common.cuh", include_str!("../../../kernels/fp8train_common.cuh")),
+    ("fp8.cu", include_str!("../../../kernels/fp8.cu")),
+    ("math.cu", include_str!("../../../kernels/math.cu")),
+    ("reduce.cu", include_str!("../../../kernels/reduce.cu")),
+    ("elementwise.cu", include_str!("../../../kernels/elementwise.cu")),
+    ("gemm.cu", include_str!("../../../kernels/gemm.cu")),
+    ("layernorm.cu", include_str!("../../../kernels/layernorm.cu")),
+    ("gelu.cu", include_str!("../../../kernels/gelu.cu")),
+    ("encoder.cu", include_str!("../../../kernels/encoder.cu")),
+    ("crossentropy.cu", include_str!("../../../kernels/crossentropy.cu")),
+    ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
 ];
 
 /// One GPU with the project's kernels loaded.
@@ -80,6 +89,9 @@ impl Gpu {
         self.module.load_function(name).map_err(|e| format!("CUDA: kernel {name}: {e}"))
     }
 }
+
+mod ops;
+pub use ops::Cuda;
 
 #[cfg(test)]
 mod tests {

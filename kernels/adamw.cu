@@ -1,0 +1,50 @@
+// AdamW of every level (sim/src/ops/adamw.rs): the same per-element operation order.
+// Scaled states are updated in two passes: these kernels write the new f32 values;
+// the host takes their amax, picks the power-of-two scales and re-encodes.
+
+struct AdamStep { float lr, beta1, beta2, eps, omb1, omb2, bc1, bc2, decay, grad_scale; };
+
+__device__ __forceinline__ void adam_update(const AdamStep& h, float& p, float g, float& m, float& v) {
+    g = g * h.grad_scale;
+    m = h.beta1 * m + h.omb1 * g;
+    v = h.beta2 * v + h.omb2 * (g * g);
+    p = p * h.decay;
+    p = p - h.lr * ((m / h.bc1) / (sqrtf(v / h.bc2) + h.eps));
+}
+
+// gradient: f32 (gq == null) or E4M3 codes with 1/scale
+__device__ __forceinline__ float adam_grad(const float* g32, const u8* gq, float ginv, u32 i) {
+    return gq ? fp8train_decode(gq[i], 0) * ginv : g32[i];
+}
+
+extern "C" __global__ void adamw_f32(float* p, const float* g32, const u8* gq, float ginv, float* m, float* v, u32 n,
+                                     AdamStep h) {
+    u32 i = fp8train_tid();
+    if (i >= n) return;
+    float pi = p[i], mi = m[i], vi = v[i];
+    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    p[i] = pi; m[i] = mi; v[i] = vi;
+}
+
+// O1: FP16 master (value = code / scale), f32 moments; new master values to `newp`.
+extern "C" __global__ void adamw_o1(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                    float* m, float* v, float* newp, u32 n, AdamStep h) {
+    u32 i = fp8train_tid();
+    if (i >= n) return;
+    float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
+    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    newp[i] = pi; m[i] = mi; v[i] = vi;
+}
+
+// O2: FP16 master, E4M3 m, FP16 v (each with 1/scale); new values to newp/nm/nv.
+extern "C" __global__ void adamw_o2(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                    const u8* m8, float minv, const u16* vh, float vinv, float* newp, float* nm,
+                                    float* nv, u32 n, AdamStep h) {
+    u32 i = fp8train_tid();
+    if (i >= n) return;
+    float pi = fp8train_from_f16(master[i]) * pinv;
+    float mi = fp8train_decode(m8[i], 0) * minv;
+    float vi = fp8train_from_f16(vh[i]) * vinv;
+    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    newp[i] = pi; nm[i] = mi; nv[i] = vi;
+}

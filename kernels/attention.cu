@@ -1,0 +1,90 @@
+// Causal multi-head attention (sim/src/ops/attention.rs): the online softmax over key
+// blocks of 64, fma chains for every product, one thread per (batch, head, query).
+#define KEY_BLOCK 64
+
+__device__ __forceinline__ float attn_dot(const float* a, const float* b, u32 hs) {
+    float acc = 0.0f;
+    for (u32 d = 0; d < hs; d++) acc = fmaf(a[d], b[d], acc);
+    return acc;
+}
+__device__ __forceinline__ size_t attn_at(u32 bb, u32 i, u32 part, u32 h, u32 t, u32 c, u32 hs) {
+    return ((size_t)bb * t + i) * 3 * c + (size_t)part * c + (size_t)h * hs;
+}
+
+extern "C" __global__ void attention_forward(float* out, float* stats, const float* qkv, u32 b, u32 t, u32 c, u32 nh) {
+    u32 idx = fp8train_tid();
+    if (idx >= b * nh * t) return;
+    u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
+    float scale = 1.0f / sqrtf((float)hs);
+    const float* q = qkv + attn_at(bb, i, 0, h, t, c, hs);
+    float* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
+    for (u32 d = 0; d < hs; d++) o[d] = 0.0f;
+    float m = __int_as_float(0xff800000), l = 0.0f;
+    float sc[KEY_BLOCK];
+    for (u32 j0 = 0; j0 <= i; j0 += KEY_BLOCK) {
+        u32 j1 = min(j0 + KEY_BLOCK, i + 1), w = j1 - j0;
+        for (u32 jj = 0; jj < w; jj++) sc[jj] = attn_dot(q, qkv + attn_at(bb, j0 + jj, 1, h, t, c, hs), hs) * scale;
+        float m_new = fmaxf(m, fp8train_cmax((int)w, [&](int jj) { return sc[jj]; }));
+        float alpha = fp8train_exp(m - m_new);
+        for (u32 jj = 0; jj < w; jj++) sc[jj] = fp8train_exp(sc[jj] - m_new);
+        l = l * alpha + fp8train_csum((int)w, [&](int jj) { return sc[jj]; });
+        for (u32 d = 0; d < hs; d++) {
+            float acc = o[d] * alpha;
+            for (u32 jj = 0; jj < w; jj++) acc = fmaf(sc[jj], qkv[attn_at(bb, j0 + jj, 2, h, t, c, hs) + d], acc);
+            o[d] = acc;
+        }
+        m = m_new;
+    }
+    for (u32 d = 0; d < hs; d++) o[d] /= l;
+    stats[((size_t)bh * t + i) * 2] = m;
+    stats[((size_t)bh * t + i) * 2 + 1] = l;
+}
+
+// Backward, step 1: P and dS rows (scratch of b*nh*t*t each), one thread per query.
+extern "C" __global__ void attention_backward_scores(float* pm, float* ds, const float* dout, const float* qkv,
+                                                     const float* out, const float* stats, u32 b, u32 t, u32 c, u32 nh) {
+    u32 idx = fp8train_tid();
+    if (idx >= b * nh * t) return;
+    u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
+    float scale = 1.0f / sqrtf((float)hs);
+    float m = stats[((size_t)bh * t + i) * 2], l = stats[((size_t)bh * t + i) * 2 + 1];
+    const float* d_o = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
+    const float* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
+    float di = fp8train_csum((int)hs, [&](int d) { return d_o[d] * o[d]; });
+    const float* q = qkv + attn_at(bb, i, 0, h, t, c, hs);
+    for (u32 j = 0; j <= i; j++) {
+        float sij = attn_dot(q, qkv + attn_at(bb, j, 1, h, t, c, hs), hs) * scale;
+        float p = fp8train_exp(sij - m) / l;
+        float dp = attn_dot(d_o, qkv + attn_at(bb, j, 2, h, t, c, hs), hs);
+        size_t at = ((size_t)bh * t + i) * t + j;
+        pm[at] = p;
+        ds[at] = p * (dp - di);
+    }
+}
+
+// Step 2: dq (one thread per (query, channel)) and dk, dv (one per (key, channel)).
+extern "C" __global__ void attention_backward_grads(float* dqkv, const float* pm, const float* ds, const float* dout,
+                                                    const float* qkv, u32 b, u32 t, u32 c, u32 nh) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    u32 hs = c / nh;
+    if (idx >= (size_t)b * nh * t * hs) return;
+    u32 d = idx % hs;
+    size_t rest = idx / hs;
+    u32 i = rest % t;
+    u32 bh = rest / t, bb = bh / nh, h = bh % nh;
+    float scale = 1.0f / sqrtf((float)hs);
+    const float* P = pm + (size_t)bh * t * t;
+    const float* S = ds + (size_t)bh * t * t;
+    // i as a query: dq
+    float acc = 0.0f;
+    for (u32 j = 0; j <= i; j++) acc = fmaf(S[(size_t)i * t + j], qkv[attn_at(bb, j, 1, h, t, c, hs) + d], acc);
+    dqkv[attn_at(bb, i, 0, h, t, c, hs) + d] = acc * scale;
+    // i as a key (j = i): dk, dv over queries i2 >= i
+    float ak = 0.0f, av = 0.0f;
+    for (u32 i2 = i; i2 < t; i2++) {
+        ak = fmaf(S[(size_t)i2 * t + i], qkv[attn_at(bb, i2, 0, h, t, c, hs) + d], ak);
+        av = fmaf(P[(size_t)i2 * t + i], dout[((size_t)bb * t + i2) * c + (size_t)h * hs + d], av);
+    }
+    dqkv[attn_at(bb, i, 1, h, t, c, hs) + d] = ak * scale;
+    dqkv[attn_at(bb, i, 2, h, t, c, hs) + d] = av;
+}

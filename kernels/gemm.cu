@@ -1,0 +1,22 @@
+// The exact GEMM (sim/src/ops/gemm.rs), SIMT: one thread per output element runs the
+// fma chain over k in ascending order from +0, then multiplies by the scale product.
+// Operand types: 0 = f32, 1 = bf16, 2 = e4m3, 3 = e5m2; element (i, j) of a strided
+// operand is p[i * rs + j * cs].
+
+__device__ __forceinline__ float gemm_load(const void* p, size_t idx, int ty) {
+    if (ty == 0) return ((const float*)p)[idx];
+    if (ty == 1) return fp8train_from_bf16(((const u16*)p)[idx]);
+    return fp8train_decode(((const u8*)p)[idx], ty == 3);
+}
+
+extern "C" __global__ void gemm_exact(float* c, const void* a, int ta, u32 ars, u32 acs, const void* b, int tb,
+                                      u32 brs, u32 bcs, u32 m, u32 n, u32 k, float scale) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)m * n) return;
+    size_t i = t / n, j = t % n;
+    float acc = 0.0f;
+    for (u32 p = 0; p < k; p++) {
+        acc = fmaf(gemm_load(a, i * ars + (size_t)p * acs, ta), gemm_load(b, (size_t)p * brs + j * bcs, tb), acc);
+    }
+    c[t] = acc * scale;
+}

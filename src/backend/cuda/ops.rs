@@ -1,0 +1,391 @@
+//! The CUDA backend: every op of the [`Backend`] interface as a kernel of `kernels/`
+//! (same names, same operation order as the simulator). Buffers are device memory;
+//! the steering scalars (amax, sums, loss) come back to the host. Kernels are written
+//! for bit-identity first (one thread per row, per output element or per chunk).
+
+use super::Gpu;
+use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, Operand, Product};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use fp8sim::half16::{bf16, f16};
+use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::attention::AttnShape;
+use fp8sim::scaling::{scale_for_max, scale_from_amax, F16_MAX};
+use fp8sim::Fp8Format;
+
+/// The kernels' `AdamStep` (same field order).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct KAdamStep {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    omb1: f32,
+    omb2: f32,
+    bc1: f32,
+    bc2: f32,
+    decay: f32,
+    grad_scale: f32,
+}
+// SAFETY: plain old data with C layout, as the kernels declare it.
+unsafe impl DeviceRepr for KAdamStep {}
+
+impl From<&AdamStep> for KAdamStep {
+    fn from(h: &AdamStep) -> Self {
+        KAdamStep {
+            lr: h.lr,
+            beta1: h.beta1,
+            beta2: h.beta2,
+            eps: h.eps,
+            omb1: h.omb1,
+            omb2: h.omb2,
+            bc1: h.bc1,
+            bc2: h.bc2,
+            decay: h.decay,
+            grad_scale: h.grad_scale,
+        }
+    }
+}
+
+/// One GPU as a backend.
+pub struct Cuda {
+    gpu: Gpu,
+}
+
+// SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
+// from one thread at a time (the training loop).
+unsafe impl Sync for Cuda {}
+unsafe impl Send for Cuda {}
+
+fn cfg(n: usize) -> LaunchConfig {
+    let n = n.max(1) as u32;
+    LaunchConfig { grid_dim: (n.div_ceil(128), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Launch kernel `$name` over `$n` threads with the given arguments.
+macro_rules! launch {
+    ($self:expr, $name:expr, $n:expr, [$($arg:expr),* $(,)?]) => {{
+        let f = $self.gpu.function($name).unwrap_or_else(|e| panic!("{e}"));
+        let mut b = $self.gpu.stream.launch_builder(&f);
+        $( b.arg($arg); )*
+        // SAFETY: every kernel checks its index against the sizes it is given.
+        unsafe { b.launch(cfg($n)) }.unwrap_or_else(|e| panic!("CUDA kernel {}: {e}", $name));
+    }};
+}
+
+fn e5(fmt: Fp8Format) -> i32 {
+    i32::from(fmt == Fp8Format::E5M2)
+}
+
+impl Cuda {
+    /// The GPU of node-local rank `ordinal`.
+    pub fn new(ordinal: usize) -> Result<Cuda, String> {
+        Ok(Cuda { gpu: Gpu::open(ordinal)? })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    fn alloc<T: Elem>(&self, n: usize) -> CudaSlice<T> {
+        self.gpu.stream.alloc_zeros::<T>(n.max(1)).expect("CUDA allocation")
+    }
+
+    fn scalar(&self, d: &CudaSlice<f32>) -> f32 {
+        self.gpu.stream.clone_dtoh(d).expect("CUDA copy")[0]
+    }
+
+    /// The contract's sum (mode 0) or sum of squares (mode 1).
+    fn csum(&self, x: &CudaSlice<f32>, mode: i32) -> f32 {
+        let n = x.len() as u32;
+        let chunks = n.div_ceil(32);
+        let mut part = self.alloc::<f32>(chunks as usize);
+        let mut out = self.alloc::<f32>(1);
+        launch!(self, "reduce_chunk_sums", chunks as usize, [x, &mut part, &n, &mode]);
+        launch!(self, "reduce_tree", 1, [&mut part, &chunks, &mut out]);
+        self.scalar(&out)
+    }
+
+    fn operand(&self, o: &Operand<'_, Self>) -> (u64, i32) {
+        use cudarc::driver::DevicePtr;
+        let s = &self.gpu.stream;
+        match o {
+            Operand::F32(b) => (b.device_ptr(s).0, 0),
+            Operand::Bf16(b) => (b.device_ptr(s).0, 1),
+            Operand::Fp8(b, f) => (b.device_ptr(s).0, 2 + e5(*f)),
+        }
+    }
+}
+
+impl Backend for Cuda {
+    type Buf<T: Elem> = CudaSlice<T>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn zeros<T: Elem>(&self, n: usize) -> CudaSlice<T> {
+        self.gpu.stream.alloc_zeros::<T>(n).expect("CUDA allocation")
+    }
+    fn upload<T: Elem>(&self, data: &[T]) -> CudaSlice<T> {
+        self.gpu.stream.clone_htod(data).expect("CUDA copy")
+    }
+    fn download<T: Elem>(&self, buf: &CudaSlice<T>) -> Vec<T> {
+        self.gpu.stream.clone_dtoh(buf).expect("CUDA copy")
+    }
+    fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
+        buf.len()
+    }
+    fn copy<T: Elem>(&self, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) {
+        self.gpu.stream.memcpy_dtod(src, dst).expect("CUDA copy");
+    }
+
+    fn amax(&self, x: &CudaSlice<f32>) -> f32 {
+        let n = x.len() as u32;
+        let chunks = n.div_ceil(32);
+        let mut part = self.alloc::<f32>(2 * chunks as usize);
+        let mut out = self.alloc::<f32>(1);
+        launch!(self, "reduce_chunk_amax", chunks as usize, [x, &mut part, &n]);
+        launch!(self, "reduce_amax_final", 1, [&part, &chunks, &mut out]);
+        self.scalar(&out)
+    }
+    fn cast_fp8(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> CastStats {
+        let n = x.len() as u32;
+        let mut sat = self.alloc::<u64>(1);
+        let f = e5(fmt);
+        launch!(self, "cast_fp8", n as usize, [x, q, &scale, &n, &f, &mut sat]);
+        let saturated = self.gpu.stream.clone_dtoh(&sat).expect("CUDA copy")[0];
+        CastStats { amax: self.amax(x), saturated }
+    }
+    fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) {
+        let (n, f) = (q.len() as u32, e5(fmt));
+        launch!(self, "decode_fp8", n as usize, [q, x, &inv_scale, &n, &f]);
+    }
+    fn cast_bf16(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>) {
+        let n = x.len() as u32;
+        launch!(self, "cast_bf16", n as usize, [x, y, &n]);
+    }
+    fn cast_f16(&self, y: &mut CudaSlice<f16>, x: &CudaSlice<f32>, scale: f32) {
+        let n = x.len() as u32;
+        launch!(self, "cast_f16", n as usize, [x, y, &scale, &n]);
+    }
+    fn decode_f16(&self, x: &mut CudaSlice<f32>, h: &CudaSlice<f16>, inv_scale: f32) {
+        let n = h.len() as u32;
+        launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
+    }
+    fn sum_sq(&self, x: &CudaSlice<f32>) -> f32 {
+        self.csum(x, 1)
+    }
+    fn mean(&self, x: &CudaSlice<f32>) -> f32 {
+        self.csum(x, 0) / x.len() as f32
+    }
+
+    fn matmul(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) {
+        // (rows, cols, row stride, col stride) of the logical A and B.
+        let (ma, na, ka) = (m as u32, n as u32, k as u32);
+        let (dims, a_s, b_s) = match product {
+            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
+            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
+            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
+        };
+        let (pa, ta) = self.operand(&a);
+        let (pb, tb) = self.operand(&b);
+        let (mm, nn, kk) = dims;
+        launch!(
+            self,
+            "gemm_exact",
+            (mm as usize) * (nn as usize),
+            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
+        );
+    }
+    fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) {
+        let (n, c) = (x.len() as u32, c as u32);
+        launch!(self, "add_bias", n as usize, [x, bias, &n, &c]);
+    }
+    fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) {
+        let (r, c) = (rows as u32, cols as u32);
+        let chunks = r.div_ceil(32);
+        let mut part = self.alloc::<f32>((chunks * c) as usize);
+        launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
+        launch!(self, "column_tree", cols, [&mut part, out, &chunks, &c]);
+    }
+    fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
+        let n = out.len() as u32;
+        launch!(self, "add", n as usize, [out, a, b, &n]);
+    }
+    fn accumulate(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
+        let n = acc.len() as u32;
+        launch!(self, "accumulate", n as usize, [acc, x, &n]);
+    }
+    fn set(&self, x: &mut CudaSlice<f32>, i: usize, v: f32) {
+        let mut host = self.download(x);
+        host[i] = v;
+        *x = self.upload(&host);
+    }
+
+    fn encoder_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        wte: &CudaSlice<f32>,
+        wpe: &CudaSlice<f32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) {
+        let (bb, tt, cc) = (b as u32, t as u32, c as u32);
+        launch!(self, "encoder_forward", b * t * c, [out, tokens, wte, wpe, &bb, &tt, &cc]);
+    }
+    fn encoder_backward(
+        &self,
+        dwte: &mut CudaSlice<f32>,
+        dwpe: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        tokens: &CudaSlice<u32>,
+        b: usize,
+        t: usize,
+        c: usize,
+    ) {
+        let (bb, tt, cc) = (b as u32, t as u32, c as u32);
+        launch!(self, "encoder_backward", c, [dwte, dwpe, dout, tokens, &bb, &tt, &cc]);
+    }
+    fn layernorm_forward(
+        &self,
+        y: &mut CudaSlice<f32>,
+        mean: &mut CudaSlice<f32>,
+        rstd: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+    ) {
+        let (nn, cc) = (n as u32, c as u32);
+        launch!(self, "layernorm_forward", n, [y, mean, rstd, x, w, b, &nn, &cc]);
+    }
+    fn layernorm_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        dw: &mut CudaSlice<f32>,
+        db: &mut CudaSlice<f32>,
+        dy: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        w: &CudaSlice<f32>,
+        mean: &CudaSlice<f32>,
+        rstd: &CudaSlice<f32>,
+        n: usize,
+        c: usize,
+    ) {
+        let (nn, cc) = (n as u32, c as u32);
+        let mut pr = self.alloc::<f32>(n * c);
+        launch!(self, "layernorm_backward_rows", n, [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        self.column_sums(dw, &pr, n, c);
+        self.column_sums(db, dy, n, c);
+    }
+    fn attention_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        stats: &mut CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        s: AttnShape,
+    ) {
+        let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
+        launch!(self, "attention_forward", s.b * s.nh * s.t, [out, stats, qkv, &b, &t, &c, &nh]);
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaSlice<f32>,
+        dout: &CudaSlice<f32>,
+        qkv: &CudaSlice<f32>,
+        out: &CudaSlice<f32>,
+        stats: &CudaSlice<f32>,
+        s: AttnShape,
+    ) {
+        let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
+        let mut pm = self.alloc::<f32>(s.b * s.nh * s.t * s.t);
+        let mut ds = self.alloc::<f32>(s.b * s.nh * s.t * s.t);
+        launch!(
+            self,
+            "attention_backward_scores",
+            s.b * s.nh * s.t,
+            [&mut pm, &mut ds, dout, qkv, out, stats, &b, &t, &c, &nh]
+        );
+        launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
+    }
+    fn gelu_forward(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
+        let n = x.len() as u32;
+        launch!(self, "gelu_forward", n as usize, [y, x, &n]);
+    }
+    fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) {
+        let n = x.len() as u32;
+        launch!(self, "gelu_backward", n as usize, [dx, x, dy, &n]);
+    }
+    fn crossentropy(
+        &self,
+        losses: &mut CudaSlice<f32>,
+        dlogits: Option<&mut CudaSlice<f32>>,
+        logits: &CudaSlice<f32>,
+        targets: &CudaSlice<u32>,
+        dloss: f32,
+        n: usize,
+        v: usize,
+    ) {
+        let (nn, vv) = (n as u32, v as u32);
+        let with = i32::from(dlogits.is_some());
+        let mut dummy = self.alloc::<f32>(1);
+        let d = dlogits.unwrap_or(&mut dummy);
+        launch!(self, "crossentropy", n, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+    }
+
+    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
+        use cudarc::driver::DevicePtr;
+        let h = KAdamStep::from(step);
+        let s = &self.gpu.stream;
+        let (g32, gq, ginv) = match grad {
+            GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 1.0f32),
+            GradRef::Fp8(q, scale) => (0u64, q.device_ptr(s).0, 1.0 / scale),
+        };
+        match state {
+            AdamState::F32 { master, m, v } => {
+                let n = master.len() as u32;
+                launch!(self, "adamw_f32", n as usize, [master, &g32, &gq, &ginv, m, v, &n, &h]);
+            }
+            AdamState::O1 { master, master_scale, m, v } => {
+                let n = master.len() as u32;
+                let mut newp = self.alloc::<f32>(n as usize);
+                let pinv = 1.0 / *master_scale;
+                launch!(self, "adamw_o1", n as usize, [&*master, &pinv, &g32, &gq, &ginv, m, v, &mut newp, &n, &h]);
+                *master_scale = scale_for_max(F16_MAX, self.amax(&newp), 0, *master_scale);
+                self.cast_f16(master, &newp, *master_scale);
+            }
+            AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
+                let n = master.len() as u32;
+                let (mut np, mut nm, mut nv) =
+                    (self.alloc::<f32>(n as usize), self.alloc::<f32>(n as usize), self.alloc::<f32>(n as usize));
+                let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
+                launch!(
+                    self,
+                    "adamw_o2",
+                    n as usize,
+                    [&*master, &pinv, &g32, &gq, &ginv, &*m, &minv, &*v, &vinv, &mut np, &mut nm, &mut nv, &n, &h]
+                );
+                *master_scale = scale_for_max(F16_MAX, self.amax(&np), 0, *master_scale);
+                self.cast_f16(master, &np, *master_scale);
+                *m_scale = scale_from_amax(Fp8Format::E4M3, self.amax(&nm), 0, *m_scale);
+                self.cast_fp8(m, &nm, Fp8Format::E4M3, *m_scale);
+                *v_scale = scale_for_max(F16_MAX, self.amax(&nv), 0, *v_scale);
+                self.cast_f16(v, &nv, *v_scale);
+            }
+        }
+    }
+}
