@@ -10,7 +10,9 @@ extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, i
 }
 extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();
-    if (i < n) x[i] = fp8train_decode(q[i], e5m2) * inv_scale;
+    if (i >= n) return;
+    float v = fp8train_decode(q[i], e5m2);
+    x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;  // one canonical NaN, as the simulator
 }
 extern "C" __global__ void cast_bf16(const float* x, u16* y, u32 n) {
     u32 i = fp8train_tid();
@@ -22,7 +24,9 @@ extern "C" __global__ void cast_f16(const float* x, u16* y, float scale, u32 n) 
 }
 extern "C" __global__ void decode_f16(const u16* h, float* x, float inv_scale, u32 n) {
     u32 i = fp8train_tid();
-    if (i < n) x[i] = fp8train_from_f16(h[i]) * inv_scale;
+    if (i >= n) return;
+    float v = fp8train_from_f16(h[i]);
+    x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
 extern "C" __global__ void add_bias(float* x, const float* b, u32 n, u32 c) {
     u32 i = fp8train_tid();
