@@ -48,3 +48,25 @@ extern "C" __global__ void column_tree(float* part, float* out, u32 chunks, u32 
     if (j >= cols) return;
     out[j] = chunks == 0 ? 0.0f : fp8train_tree(part + j, (int)chunks, (int)cols);
 }
+
+// The gradient reduction's sum (sim: fp8cluster/src/reduce.rs): this rank's shard of
+// every rank's codes (`recv`, rank-major, k per rank), summed per element in rank order
+// in f32; entries past `mine` (padding) are zero.
+extern "C" __global__ void fp8_reduce_sum(const u8* recv, const float* inv, u32 ranks, u32 k, u32 mine, float* sums) {
+    u32 i = fp8train_tid();
+    if (i >= k) return;
+    float acc = 0.0f;
+    if (i < mine) {
+        for (u32 r = 0; r < ranks; r++) acc += fp8train_decode(recv[(size_t)r * k + i], 0) * inv[r];
+    }
+    sums[i] = acc;
+}
+extern "C" __global__ void f32_reduce_sum(const float* recv, u32 ranks, u32 k, u32 mine, float* sums) {
+    u32 i = fp8train_tid();
+    if (i >= k) return;
+    float acc = 0.0f;
+    if (i < mine) {
+        for (u32 r = 0; r < ranks; r++) acc += recv[(size_t)r * k + i];
+    }
+    sums[i] = acc;
+}

@@ -9,6 +9,8 @@
 pub mod cuda;
 pub mod sim;
 
+use fp8cluster::reduce::CommBytes;
+use fp8cluster::world::World;
 use fp8sim::half16::{bf16, f16};
 use fp8sim::ops::adamw::AdamStep;
 use fp8sim::ops::attention::AttnShape;
@@ -208,4 +210,21 @@ pub trait Backend: Send + Sync {
 
     // ---- optimizer
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep);
+
+    // ---- data-parallel gradient reduction (numerics contract, rule 8)
+    /// Reduce an E4M3 gradient and its scale across the ranks of `world`. The default
+    /// runs the contract's algorithm on host copies over MPI.
+    fn reduce_grad_fp8(&self, world: &World, codes: &mut Self::Buf<u8>, scale: &mut f32) -> CommBytes {
+        let mut host = self.download(codes);
+        let c = fp8cluster::reduce::reduce_fp8(world, &mut host, scale);
+        *codes = self.upload(&host);
+        c
+    }
+    /// Reduce an f32 gradient across the ranks of `world` (bf16 level).
+    fn reduce_grad_f32(&self, world: &World, g: &mut Self::Buf<f32>) -> CommBytes {
+        let mut host = self.download(g);
+        let c = fp8cluster::reduce::reduce_f32(world, &mut host);
+        *g = self.upload(&host);
+        c
+    }
 }

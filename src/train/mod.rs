@@ -12,7 +12,7 @@ use crate::model::params::GradStore;
 use crate::model::Gpt;
 use checkpoint::LoopState;
 use config::Config;
-use fp8cluster::reduce::{reduce_f32, reduce_fp8, CommBytes};
+use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
 use serde_json::json;
 use slog::{info, warn, Logger};
@@ -247,18 +247,8 @@ pub fn train<B: Backend>(
         if !st.overflow && world.size > 1 {
             for p in model.params.iter_mut() {
                 comm += match &mut p.grad {
-                    GradStore::Fp8 { codes, scale } => {
-                        let mut host = be.download(codes);
-                        let c = reduce_fp8(world, &mut host, scale);
-                        *codes = be.upload(&host);
-                        c
-                    }
-                    GradStore::F32(g) => {
-                        let mut host = be.download(g);
-                        let c = reduce_f32(world, &mut host);
-                        *g = be.upload(&host);
-                        c
-                    }
+                    GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale),
+                    GradStore::F32(g) => be.reduce_grad_f32(world, g),
                 };
             }
         }

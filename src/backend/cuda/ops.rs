@@ -6,6 +6,9 @@
 use super::Gpu;
 use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, Operand, Product};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::nccl::{Comm, Id, NcclType};
+use fp8cluster::reduce::CommBytes;
+use fp8cluster::world::{Collectives, World};
 use fp8sim::half16::{bf16, f16};
 use fp8sim::ops::adamw::AdamStep;
 use fp8sim::ops::attention::AttnShape;
@@ -50,6 +53,8 @@ impl From<&AdamStep> for KAdamStep {
 /// One GPU as a backend.
 pub struct Cuda {
     gpu: Gpu,
+    /// NCCL communicator over the data-parallel ranks, made at the first reduction.
+    nccl: std::cell::OnceCell<Comm>,
 }
 
 // SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
@@ -80,7 +85,7 @@ fn e5(fmt: Fp8Format) -> i32 {
 impl Cuda {
     /// The GPU of node-local rank `ordinal`.
     pub fn new(ordinal: usize) -> Result<Cuda, String> {
-        Ok(Cuda { gpu: Gpu::open(ordinal)? })
+        Ok(Cuda { gpu: Gpu::open(ordinal)?, nccl: std::cell::OnceCell::new() })
     }
 
     pub fn gpu(&self) -> &Gpu {
@@ -89,6 +94,38 @@ impl Cuda {
 
     fn alloc<T: Elem>(&self, n: usize) -> CudaSlice<T> {
         self.gpu.stream.alloc_zeros::<T>(n.max(1)).expect("CUDA allocation")
+    }
+
+    /// The NCCL communicator of `world`: rank 0 makes the id, MPI broadcasts its bytes.
+    fn comm(&self, world: &World) -> &Comm {
+        self.nccl.get_or_init(|| {
+            let mut internal = [0 as std::ffi::c_char; 128];
+            if world.rank == 0 {
+                let id = Id::new().unwrap_or_else(|e| panic!("NCCL: cannot make a communicator id: {e:?}"));
+                internal = *id.internal();
+            }
+            world.broadcast(&mut internal, 0);
+            Comm::from_rank(self.gpu.stream.clone(), world.rank, world.size, Id::uninit(internal))
+                .unwrap_or_else(|e| panic!("NCCL: cannot join the communicator: {e:?}"))
+        })
+    }
+
+    /// All-to-all of equal chunks over NCCL (grouped sends and receives).
+    fn all_to_all<T: Elem + NcclType>(&self, comm: &Comm, send: &CudaSlice<T>, k: usize) -> CudaSlice<T> {
+        let ranks = comm.world_size();
+        let mut parts: Vec<CudaSlice<T>> = (0..ranks).map(|_| self.alloc::<T>(k)).collect();
+        {
+            let mut g = comm.group();
+            for (r, part) in parts.iter_mut().enumerate() {
+                g.send(send.slice(r * k..(r + 1) * k), r as i32).expect("NCCL send");
+                g.recv(part.slice_mut(..), r as i32).expect("NCCL recv");
+            }
+        }
+        let mut recv = self.alloc::<T>(k * ranks);
+        for (r, part) in parts.iter().enumerate() {
+            self.gpu.stream.memcpy_dtod(part, &mut recv.slice_mut(r * k..(r + 1) * k)).expect("CUDA copy");
+        }
+        recv
     }
 
     fn scalar(&self, d: &CudaSlice<f32>) -> f32 {
@@ -345,6 +382,59 @@ impl Backend for Cuda {
         let mut dummy = self.alloc::<f32>(1);
         let d = dlogits.unwrap_or(&mut dummy);
         launch!(self, "crossentropy", n, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+    }
+
+    /// The contract's reduction with NCCL moving the bytes and kernels doing the sums.
+    fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> CommBytes {
+        let ranks = world.size;
+        if ranks == 1 {
+            return CommBytes::default();
+        }
+        let comm = self.comm(world);
+        let n = codes.len();
+        let k = n.div_ceil(ranks).max(1);
+        let mut send = self.alloc::<u8>(k * ranks);
+        self.gpu.stream.memcpy_dtod(codes, &mut send.slice_mut(0..n)).expect("CUDA copy");
+        let recv = self.all_to_all(comm, &send, k);
+        let scales = world.all_gather_vec(&[*scale]);
+        let inv = self.upload(&scales.iter().map(|s| 1.0 / s).collect::<Vec<f32>>());
+        let mine = n.saturating_sub(world.rank * k).min(k) as u32;
+        let (rr, kk) = (ranks as u32, k as u32);
+        let mut sums = self.alloc::<f32>(k);
+        launch!(self, "fp8_reduce_sum", k, [&recv, &inv, &rr, &kk, &mine, &mut sums]);
+        let mut a = [self.amax(&sums)];
+        world.all_reduce_max(&mut a);
+        let shared = scale_from_amax(Fp8Format::E4M3, a[0], 0, 1.0);
+        let mut q = self.alloc::<u8>(k);
+        self.cast_fp8(&mut q, &sums, Fp8Format::E4M3, shared);
+        let mut all = self.alloc::<u8>(k * ranks);
+        comm.all_gather(&q, &mut all).expect("NCCL all-gather");
+        self.gpu.stream.memcpy_dtod(&all.slice(0..n), codes).expect("CUDA copy");
+        *scale = shared;
+        let peers = (ranks - 1) as u64;
+        CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
+    }
+
+    fn reduce_grad_f32(&self, world: &World, g: &mut CudaSlice<f32>) -> CommBytes {
+        let ranks = world.size;
+        if ranks == 1 {
+            return CommBytes::default();
+        }
+        let comm = self.comm(world);
+        let n = g.len();
+        let k = n.div_ceil(ranks).max(1);
+        let mut send = self.alloc::<f32>(k * ranks);
+        self.gpu.stream.memcpy_dtod(g, &mut send.slice_mut(0..n)).expect("CUDA copy");
+        let recv = self.all_to_all(comm, &send, k);
+        let mine = n.saturating_sub(world.rank * k).min(k) as u32;
+        let (rr, kk) = (ranks as u32, k as u32);
+        let mut sums = self.alloc::<f32>(k);
+        launch!(self, "f32_reduce_sum", k, [&recv, &rr, &kk, &mine, &mut sums]);
+        let mut all = self.alloc::<f32>(k * ranks);
+        comm.all_gather(&sums, &mut all).expect("NCCL all-gather");
+        self.gpu.stream.memcpy_dtod(&all.slice(0..n), g).expect("CUDA copy");
+        let peers = (ranks - 1) as u64;
+        CommBytes { payload: 2 * peers * 4 * k as u64, meta: 0 }
     }
 
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
