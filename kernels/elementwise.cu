@@ -44,3 +44,17 @@ extern "C" __global__ void scale_inplace(float* x, float s, u32 n) {
     u32 i = fp8train_tid();
     if (i < n) x[i] *= s;
 }
+
+// Row-major [rows x cols] -> [cols x rows] (K-major copies for the fast GEMM).
+extern "C" __global__ void transpose_u8(const u8* src, u8* dst, u32 rows, u32 cols) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)rows * cols) return;
+    size_t r = t / cols, c = t % cols;
+    dst[c * rows + r] = src[t];
+}
+extern "C" __global__ void transpose_u16(const u16* src, u16* dst, u32 rows, u32 cols) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)rows * cols) return;
+    size_t r = t / cols, c = t % cols;
+    dst[c * rows + r] = src[t];
+}

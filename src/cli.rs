@@ -107,6 +107,9 @@ pub struct TrainArgs {
     /// Backend (= --set train.backend=...).
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
+    /// GEMM class on GPUs: exact (bit-identical to the simulator) or fast (cuBLASLt) (= --set train.gemm=...).
+    #[arg(long, value_parser = ["exact", "fast"])]
+    pub gemm: Option<String>,
     /// Folder for run folders (= --set run.out_dir=...).
     #[arg(long)]
     pub out: Option<String>,

@@ -32,6 +32,9 @@ fn flag_overrides(a: &TrainArgs) -> Vec<String> {
         };
         sets.push(format!("train.backend=\"{name}\""));
     }
+    if let Some(g) = &a.gemm {
+        sets.push(format!("train.gemm=\"{g}\""));
+    }
     if let Some(o) = &a.out {
         sets.push(format!("run.out_dir={}", toml::Value::String(o.clone())));
     }
@@ -114,14 +117,15 @@ fn fresh_config(a: &TrainArgs) -> Result<Config, String> {
 }
 
 fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
-    let name = match &a.resume {
-        Some(path) => checkpoint::peek_config(path)?.with_overrides(&flag_overrides(a))?.train.backend,
-        None => fresh_config(a)?.train.backend,
+    let tc = match &a.resume {
+        Some(path) => checkpoint::peek_config(path)?.with_overrides(&flag_overrides(a))?.train,
+        None => fresh_config(a)?.train,
     };
-    match name.as_str() {
+    let gpu = |rank: usize| if tc.gemm == "fast" { Cuda::new_fast(rank) } else { Cuda::new(rank) };
+    match tc.backend.as_str() {
         "sim" => run_on(&Sim, a, log, progress, world),
-        "cuda" => run_on(&Cuda::new(world.local_rank)?, a, log, progress, world),
-        _ => match Cuda::new(world.local_rank) {
+        "cuda" => run_on(&gpu(world.local_rank)?, a, log, progress, world),
+        _ => match gpu(world.local_rank) {
             Ok(c) => {
                 info!(log, "backend auto: using CUDA"; "gpu" => &c.gpu().name, "arch" => &c.gpu().arch);
                 run_on(&c, a, log, progress, world)

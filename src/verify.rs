@@ -440,6 +440,48 @@ fn verify_ops(gpu: &Cuda) -> Vec<Row> {
         .collect()
 }
 
+/// Relative Frobenius error bound of the fast class (cuBLASLt, fast accumulation off)
+/// against the exact class. Measured on an H200: see the README.
+pub const FAST_BOUND: f64 = 1e-3;
+
+/// The fast GEMM (cuBLASLt) against the exact one: relative Frobenius error.
+fn verify_fast(fast: &Cuda) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (ta, tb, product) in [
+        ("e4m3", "e4m3", Product::Forward),
+        ("e5m2", "e4m3", Product::Dgrad),
+        ("e5m2", "e4m3", Product::Wgrad),
+        ("bf16", "bf16", Product::Forward),
+        ("bf16", "bf16", Product::Dgrad),
+        ("bf16", "bf16", Product::Wgrad),
+    ] {
+        for (m, n, k) in [(1024, 256, 64), (1024, 768, 3072)] {
+            let t = std::time::Instant::now();
+            let case = Case::Gemm { ta, tb, product, m, n, k };
+            let exact: Vec<f32> = run_case(&Sim, &case)[0].1.iter().map(|&b| f32::from_bits(b)).collect();
+            let before = fast.fast_fallbacks();
+            let got: Vec<f32> = run_case(fast, &case)[0].1.iter().map(|&b| f32::from_bits(b)).collect();
+            let fell_back = fast.fast_fallbacks() > before;
+            let num: f64 = exact.iter().zip(&got).map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2)).sum();
+            let den: f64 = exact.iter().map(|a| (*a as f64).powi(2)).sum();
+            let rel = (num / den.max(1e-300)).sqrt();
+            rows.push(Row {
+                op: format!("gemm fast (cuBLASLt) {ta} x {tb} {product:?} [{m}x{n}x{k}]"),
+                inputs: exact.len() as u64,
+                class: "fast",
+                mismatches: u64::from(fell_back || rel.is_nan() || rel > FAST_BOUND),
+                first: Some(if fell_back {
+                    "cuBLASLt had no algorithm: ran the exact kernel".to_string()
+                } else {
+                    format!("relative Frobenius error {rel:.2e} (bound {FAST_BOUND:.0e})")
+                }),
+                seconds: t.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    rows
+}
+
 pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
     if a.backend == CliBackend::Sim {
         return Err("verify compares the CUDA backend with the simulator: use --backend cuda".into());
@@ -449,6 +491,17 @@ pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
     info!(log, "verify"; "gpu" => &gpu.name, "arch" => &gpu.arch, "nvrtc_ms" => format!("{:.0}", gpu.compile_ms));
     let total: u64 = if a.quick { 1 << 28 } else { 1 << 32 };
     let mut rows: Vec<Row> = verify_ops(&cuda);
+    match Cuda::new_fast(0) {
+        Ok(fast) => rows.extend(verify_fast(&fast)),
+        Err(e) => rows.push(Row {
+            op: "gemm fast (cuBLASLt)".into(),
+            inputs: 0,
+            class: "fast",
+            mismatches: 1,
+            first: Some(format!("cuBLASLt unavailable: {e}")),
+            seconds: 0.0,
+        }),
+    }
     rows.extend(sweep_fp8(gpu, total)?);
     for op in 0..3 {
         rows.push(sweep_math(gpu, total, op)?);

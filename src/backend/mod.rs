@@ -25,6 +25,7 @@ impl Elem for f32 {}
 impl Elem for u8 {}
 impl Elem for u32 {}
 impl Elem for u64 {}
+impl Elem for u16 {}
 impl Elem for f16 {}
 impl Elem for bf16 {}
 

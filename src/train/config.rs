@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 pub struct TrainConfig {
     /// Precision level: "bf16", "O1" or "O2".
     pub level: Level,
-    /// Backend: "sim" (the CPU simulator) or "auto".
+    /// Backend: "sim" (the CPU simulator), "cuda" or "auto".
     pub backend: String,
+    /// GEMM class on GPUs: "exact" (bit-identical to the simulator) or "fast" (cuBLASLt).
+    pub gemm: String,
     pub steps: u64,
     pub batch_size: usize,
     /// Peak learning rate (after warmup); cosine decay to lr * min_lr_frac.
@@ -56,6 +58,7 @@ impl Default for TrainConfig {
         TrainConfig {
             level: Level::O2,
             backend: "sim".into(),
+            gemm: "exact".into(),
             steps: 1200,
             batch_size: 16,
             lr: 3e-3,
@@ -122,6 +125,12 @@ impl Config {
         let t = &self.train;
         if !matches!(t.backend.as_str(), "sim" | "auto" | "cuda") {
             return Err(format!("train.backend = \"{}\" is not one of \"sim\", \"cuda\", \"auto\"", t.backend));
+        }
+        if !matches!(t.gemm.as_str(), "exact" | "fast") {
+            return Err(format!("train.gemm = \"{}\" is not one of \"exact\", \"fast\"", t.gemm));
+        }
+        if t.gemm == "fast" && t.backend == "sim" {
+            return Err("train.gemm = \"fast\" needs a GPU (--backend cuda); the simulator is exact only".into());
         }
         range("train.steps", t.steps, 1, 10_000_000)?;
         range("train.batch_size", t.batch_size, 1, 65536)?;

@@ -90,6 +90,7 @@ impl Gpu {
     }
 }
 
+mod lt;
 mod ops;
 pub use ops::Cuda;
 

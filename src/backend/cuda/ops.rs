@@ -3,6 +3,7 @@
 //! the steering scalars (amax, sums, loss) come back to the host. Kernels are written
 //! for bit-identity first (one thread per row, per output element or per chunk).
 
+use super::lt::{Lt, LtType};
 use super::Gpu;
 use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, Operand, Product};
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -55,6 +56,10 @@ pub struct Cuda {
     gpu: Gpu,
     /// NCCL communicator over the data-parallel ranks, made at the first reduction.
     nccl: std::cell::OnceCell<Comm>,
+    /// cuBLASLt for the `fast` GEMM class (None: every GEMM is exact).
+    lt: std::cell::RefCell<Option<Lt>>,
+    /// Fast-class GEMMs that fell back to the exact kernel (no cuBLASLt algorithm).
+    fallbacks: std::cell::Cell<u64>,
 }
 
 // SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
@@ -85,11 +90,87 @@ fn e5(fmt: Fp8Format) -> i32 {
 impl Cuda {
     /// The GPU of node-local rank `ordinal`.
     pub fn new(ordinal: usize) -> Result<Cuda, String> {
-        Ok(Cuda { gpu: Gpu::open(ordinal)?, nccl: std::cell::OnceCell::new() })
+        Ok(Cuda {
+            gpu: Gpu::open(ordinal)?,
+            nccl: std::cell::OnceCell::new(),
+            lt: std::cell::RefCell::new(None),
+            fallbacks: std::cell::Cell::new(0),
+        })
+    }
+
+    /// The GPU with the `fast` GEMM class: FP8 and BF16 products on cuBLASLt.
+    pub fn new_fast(ordinal: usize) -> Result<Cuda, String> {
+        let c = Cuda::new(ordinal)?;
+        *c.lt.borrow_mut() = Some(Lt::new(&c.gpu.stream)?);
+        Ok(c)
+    }
+
+    /// `fast` class: K-major copies, then cuBLASLt. Err: no algorithm (use exact).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_fast(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: &Operand<'_, Self>,
+        b: &Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) -> Result<(), String> {
+        let mut guard = self.lt.borrow_mut();
+        let lt = guard.as_mut().ok_or("exact mode")?;
+        let kind = |o: &Operand<'_, Self>| match o {
+            Operand::Fp8(_, Fp8Format::E4M3) => Some(LtType::E4M3),
+            Operand::Fp8(_, Fp8Format::E5M2) => Some(LtType::E5M2),
+            Operand::Bf16(_) => Some(LtType::Bf16),
+            Operand::F32(_) => None,
+        };
+        let (ta, tb) = (kind(a).ok_or("f32 operands")?, kind(b).ok_or("f32 operands")?);
+        let (pa, _) = self.operand(a);
+        let (pb, _) = self.operand(b);
+        // Transposed copy of a row-major rows x cols operand, as (pointer, buffer).
+        let tr = |p: u64, ty: LtType, rows: usize, cols: usize| -> (u64, Box<dyn std::any::Any>) {
+            use cudarc::driver::DevicePtr;
+            let (r, c) = (rows as u32, cols as u32);
+            if ty == LtType::Bf16 {
+                let mut dst = self.alloc::<u16>(rows * cols);
+                launch!(self, "transpose_u16", rows * cols, [&p, &mut dst, &r, &c]);
+                let ptr = dst.device_ptr(&self.gpu.stream).0;
+                (ptr, Box::new(dst))
+            } else {
+                let mut dst = self.alloc::<u8>(rows * cols);
+                launch!(self, "transpose_u8", rows * cols, [&p, &mut dst, &r, &c]);
+                let ptr = dst.device_ptr(&self.gpu.stream).0;
+                (ptr, Box::new(dst))
+            }
+        };
+        // (A K-major, its type, B K-major, its type, M, N, K) of the logical product.
+        let (a_km, ak, b_km, bk, mm, nn, kk, _keep) = match product {
+            Product::Forward => (pa, ta, pb, tb, m, n, k, Vec::new()),
+            Product::Dgrad => {
+                let (wt, hold) = tr(pb, tb, n, k); // W[n x k] -> W^T[k x n]
+                (pa, ta, wt, tb, m, k, n, vec![hold])
+            }
+            Product::Wgrad => {
+                let (dyt, h1) = tr(pa, ta, m, n); // dY[m x n] -> dY^T[n x m]
+                let (xt, h2) = tr(pb, tb, m, k); // X[m x k] -> X^T[k x m]
+                (dyt, ta, xt, tb, n, k, m, vec![h1, h2])
+            }
+        };
+        let scale_dev = self.upload(&[scale]);
+        let one_dev = self.upload(&[1.0f32]);
+        lt.matmul(&self.gpu.stream, out, a_km, ak, b_km, bk, mm, nn, kk, &scale_dev, &one_dev)
     }
 
     pub fn gpu(&self) -> &Gpu {
         &self.gpu
+    }
+
+    /// How many fast-class GEMMs ran the exact kernel instead (f32 operands, or no
+    /// cuBLASLt algorithm for the shape).
+    pub fn fast_fallbacks(&self) -> u64 {
+        self.fallbacks.get()
     }
 
     fn alloc<T: Elem>(&self, n: usize) -> CudaSlice<T> {
@@ -228,6 +309,12 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) {
+        if self.lt.borrow().is_some() {
+            match self.matmul_fast(out, &a, &b, product, m, n, k, scale) {
+                Ok(()) => return,
+                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
+            }
+        }
         // (rows, cols, row stride, col stride) of the logical A and B.
         let (ma, na, ka) = (m as u32, n as u32, k as u32);
         let (dims, a_s, b_s) = match product {

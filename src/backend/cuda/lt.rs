@@ -1,0 +1,152 @@
+//! The `fast` GEMM class: cuBLASLt (FP8 E4M3 x E4M3 forward, E5M2 x E4M3 backward,
+//! BF16 x BF16), fast accumulation off, with the scale product applied through the A
+//! scale pointer. Both operands are passed K-major ("TN", what Hopper's FP8 tensor cores
+//! take), so the data and weight gradients use transposed copies. Held to a measured
+//! error bound against the exact class (see `fp8train verify`), never to bits.
+
+use cudarc::cublaslt::{result, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use std::ffi::c_void;
+use std::sync::Arc;
+
+pub struct Lt {
+    handle: sys::cublasLtHandle_t,
+    workspace: CudaSlice<u8>,
+}
+
+const WORKSPACE: usize = 32 << 20;
+
+/// Element type of an operand as cuBLASLt names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LtType {
+    E4M3,
+    E5M2,
+    Bf16,
+}
+
+impl LtType {
+    fn cuda(self) -> sys::cudaDataType {
+        match self {
+            LtType::E4M3 => sys::cudaDataType::CUDA_R_8F_E4M3,
+            LtType::E5M2 => sys::cudaDataType::CUDA_R_8F_E5M2,
+            LtType::Bf16 => sys::cudaDataType::CUDA_R_16BF,
+        }
+    }
+}
+
+impl Lt {
+    pub fn new(stream: &Arc<CudaStream>) -> Result<Lt, String> {
+        // SAFETY: only tries to load the library.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("cuBLASLt (libcublasLt.so) is not present; put its folder on LD_LIBRARY_PATH".into());
+        }
+        let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
+        let workspace = stream.alloc_zeros::<u8>(WORKSPACE).map_err(|e| format!("CUDA: {e}"))?;
+        Ok(Lt { handle, workspace })
+    }
+
+    /// Row-major `C[m x n] = (A[m x k] x B[k x n]) * scale` with A given K-major
+    /// (`a_km`: row-major m x k) and B given K-major (`b_km`: row-major n x k).
+    /// Returns Err when cuBLASLt has no algorithm for the shape (the caller falls back).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        c: &mut CudaSlice<f32>,
+        a_km: u64,
+        ta: LtType,
+        b_km: u64,
+        tb: LtType,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale_dev: &CudaSlice<f32>,
+        one_dev: &CudaSlice<f32>,
+    ) -> Result<(), String> {
+        let err = |e: cudarc::cublaslt::result::CublasError| format!("cuBLASLt: {e:?}");
+        // Column-major: D[n x m] = op(A')[n x k] * op(B')[k x m], A' = b_km (k x n, ld k,
+        // transposed), B' = a_km (k x m, ld k).
+        unsafe {
+            let desc =
+                result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+                    .map_err(err)?;
+            let set = |attr, v: *const c_void, size: usize| result::set_matmul_desc_attribute(desc, attr, v, size);
+            let t: i32 = 1;
+            let nop: i32 = 0;
+            let fast: i8 = 0;
+            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &t as *const i32 as _, 4)
+                .map_err(err)?;
+            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &nop as *const i32 as _, 4)
+                .map_err(err)?;
+            let fp8 = ta != LtType::Bf16;
+            if fp8 {
+                set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const i8 as _, 1)
+                    .map_err(err)?;
+                let (sp, _) = scale_dev.device_ptr(stream);
+                let (op, _) = one_dev.device_ptr(stream);
+                set(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                    &sp as *const u64 as _,
+                    8,
+                )
+                .map_err(err)?;
+                set(
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                    &op as *const u64 as _,
+                    8,
+                )
+                .map_err(err)?;
+            }
+            let la = result::create_matrix_layout(tb.cuda(), k as u64, n as u64, k as i64).map_err(err)?;
+            let lb = result::create_matrix_layout(ta.cuda(), k as u64, m as u64, k as i64).map_err(err)?;
+            let ld = result::create_matrix_layout(sys::cudaDataType::CUDA_R_32F, n as u64, m as u64, n as i64)
+                .map_err(err)?;
+            let pref = result::create_matmul_pref().map_err(err)?;
+            let ws = WORKSPACE as u64;
+            result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const u64 as _,
+                8,
+            )
+            .map_err(err)?;
+            let outcome = (|| {
+                let heur = result::get_matmul_algo_heuristic(self.handle, desc, la, lb, ld, ld, pref).map_err(err)?;
+                // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
+                let alpha: f32 = if fp8 { 1.0 } else { scale_host(stream, scale_dev) };
+                let beta: f32 = 0.0;
+                let (dptr, _) = c.device_ptr_mut(stream);
+                let (wptr, _) = self.workspace.device_ptr_mut(stream);
+                result::matmul(
+                    self.handle,
+                    desc,
+                    &alpha as *const f32 as _,
+                    &beta as *const f32 as _,
+                    b_km as *const c_void,
+                    la,
+                    a_km as *const c_void,
+                    lb,
+                    dptr as *const c_void,
+                    ld,
+                    dptr as *mut c_void,
+                    ld,
+                    &heur.algo,
+                    wptr as *mut c_void,
+                    WORKSPACE,
+                    stream.cu_stream() as _,
+                )
+                .map_err(err)
+            })();
+            let _ = result::destroy_matmul_pref(pref);
+            let _ = result::destroy_matrix_layout(la);
+            let _ = result::destroy_matrix_layout(lb);
+            let _ = result::destroy_matrix_layout(ld);
+            let _ = result::destroy_matmul_desc(desc);
+            outcome
+        }
+    }
+}
+
+fn scale_host(stream: &Arc<CudaStream>, d: &CudaSlice<f32>) -> f32 {
+    stream.clone_dtoh(d).map(|v| v[0]).unwrap_or(1.0)
+}
