@@ -405,39 +405,65 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> Vec<(&'static str, Vec<u32>)> {
     }
 }
 
-/// Every op on both backends: rows of (op, shape, outputs, mismatching elements).
-fn verify_ops(gpu: &Cuda) -> Vec<Row> {
-    cases()
-        .iter()
-        .map(|case| {
+/// The fused cast + transpose against the simulator's.
+fn verify_cast_transpose(gpu: &Cuda) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (r, c) in [(1, 1), (100, 33), (257, 129), (1024, 768)] {
+        for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
             let t = std::time::Instant::now();
-            let (op, shape) = case.describe();
-            let (want, got) = (run_case(&Sim, case), run_case(gpu, case));
-            let mut mismatches = 0u64;
-            let mut first = None;
-            let mut inputs = 0u64;
-            for ((name, w), (_, g)) in want.iter().zip(&got) {
-                inputs += w.len() as u64;
-                for (i, (a, b)) in w.iter().zip(g).enumerate() {
-                    if a != b {
-                        mismatches += 1;
-                        first.get_or_insert_with(|| format!("{name}[{i}]: gpu {b:#010x}, sim {a:#010x}"));
-                    }
-                }
-                if w.len() != g.len() {
-                    mismatches += 1;
-                }
-            }
-            Row {
-                op: format!("{op} [{shape}]"),
-                inputs,
+            let mut x = randn(r * c, 23, 50.0);
+            x[0] = f32::NAN;
+            let want = fp8sim::ops::cast_transpose::cast_transpose(&x, r, c, fmt, 4.0);
+            let (q, qt, amax) = gpu.cast_transpose(&gpu.upload(&x), r, c, fmt, 4.0);
+            let (q, qt) = (gpu.download(&q), gpu.download(&qt));
+            let mut mismatches = q.iter().zip(&want.q.codes).filter(|(a, b)| a != b).count() as u64;
+            mismatches += qt.iter().zip(&want.qt.codes).filter(|(a, b)| a != b).count() as u64;
+            mismatches += u64::from(amax.to_bits() != want.amax.to_bits());
+            rows.push(Row {
+                op: format!("cast-transpose {fmt} [{r}x{c}]"),
+                inputs: 2 * q.len() as u64 + 1,
                 class: "exact",
                 mismatches,
-                first,
+                first: None,
                 seconds: t.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    rows
+}
+
+/// Every op on both backends: rows of (op, shape, outputs, mismatching elements).
+fn verify_ops(gpu: &Cuda) -> Vec<Row> {
+    let mut rows = verify_cast_transpose(gpu);
+    rows.extend(cases().iter().map(|case| {
+        let t = std::time::Instant::now();
+        let (op, shape) = case.describe();
+        let (want, got) = (run_case(&Sim, case), run_case(gpu, case));
+        let mut mismatches = 0u64;
+        let mut first = None;
+        let mut inputs = 0u64;
+        for ((name, w), (_, g)) in want.iter().zip(&got) {
+            inputs += w.len() as u64;
+            for (i, (a, b)) in w.iter().zip(g).enumerate() {
+                if a != b {
+                    mismatches += 1;
+                    first.get_or_insert_with(|| format!("{name}[{i}]: gpu {b:#010x}, sim {a:#010x}"));
+                }
             }
-        })
-        .collect()
+            if w.len() != g.len() {
+                mismatches += 1;
+            }
+        }
+        Row {
+            op: format!("{op} [{shape}]"),
+            inputs,
+            class: "exact",
+            mismatches,
+            first,
+            seconds: t.elapsed().as_secs_f64(),
+        }
+    }));
+    rows
 }
 
 /// Relative Frobenius error bound of the fast class (cuBLASLt, fast accumulation off)

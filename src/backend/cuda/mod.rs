@@ -21,6 +21,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("crossentropy.cu", include_str!("../../../kernels/crossentropy.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
+    ("cast_transpose.cu", include_str!("../../../kernels/cast_transpose.cu")),
 ];
 
 /// One GPU with the project's kernels loaded.

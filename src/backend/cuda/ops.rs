@@ -167,6 +167,21 @@ impl Cuda {
         &self.gpu
     }
 
+    /// Fused cast + transpose into FP8 (both layouts) and the input's amax.
+    pub fn cast_transpose(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        fmt: Fp8Format,
+        scale: f32,
+    ) -> (CudaSlice<u8>, CudaSlice<u8>, f32) {
+        let (mut q, mut qt) = (self.alloc::<u8>(rows * cols), self.alloc::<u8>(rows * cols));
+        let (r, c, f) = (rows as u32, cols as u32, e5(fmt));
+        launch!(self, "cast_transpose", rows * cols, [x, &mut q, &mut qt, &scale, &r, &c, &f]);
+        (q, qt, self.amax(x))
+    }
+
     /// How many fast-class GEMMs ran the exact kernel instead (f32 operands, or no
     /// cuBLASLt algorithm for the shape).
     pub fn fast_fallbacks(&self) -> u64 {
