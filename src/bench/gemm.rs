@@ -40,8 +40,11 @@ fn gflops(n: usize, t: Duration) -> f64 {
 
 pub fn run(args: &GemmBenchArgs, log: &Logger) -> Result<GemmReport, String> {
     match args.backend {
-        Backend::Cuda => return Err("bench gemm --backend cuda: the CUDA backend is not built yet".into()),
-        Backend::Auto => info!(log, "backend auto: no CUDA backend in this build, using the simulator"),
+        Backend::Cuda => return Err(
+            "bench gemm --backend cuda: the GPU GEMM benchmark is not built yet (fp8train verify checks the GPU GEMMs)"
+                .into(),
+        ),
+        Backend::Auto => info!(log, "backend auto: the GEMM benchmark measures the simulator"),
         Backend::Sim => {}
     }
     if args.sizes.is_empty() || args.sizes.iter().any(|&s| s == 0 || s > 16384) {
