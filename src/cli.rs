@@ -161,6 +161,10 @@ pub struct VerifyArgs {
     /// Sweep 2^28 instead of all 2^32 f32 inputs.
     #[arg(long)]
     pub quick: bool,
+    /// Only check the collectives and the gradient reductions (run under mpirun):
+    /// over MPI, and over NCCL when the ranks have GPUs.
+    #[arg(long)]
+    pub collectives: bool,
     /// Print JSON instead of the table.
     #[arg(long)]
     pub json: bool,

@@ -509,6 +509,21 @@ fn verify_fast(fast: &Cuda) -> Vec<Row> {
 }
 
 pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
+    if a.collectives {
+        let world = fp8cluster::world::World::init(1)?;
+        fp8cluster::check::check_collectives(&world).map_err(|e| format!("MPI: {e}"))?;
+        let mut over = "MPI".to_string();
+        if a.backend != CliBackend::Sim {
+            let cuda = Cuda::new(world.local_rank).map_err(|e| format!("verify --collectives: no usable GPU: {e}"))?;
+            let nccl = crate::backend::cuda::nccl::NcclCollectives { cuda: &cuda, world: &world };
+            fp8cluster::check::check_collectives(&nccl).map_err(|e| format!("NCCL: {e}"))?;
+            over += " and NCCL";
+        }
+        if world.rank == 0 {
+            println!("collectives ok on {} ranks over {over}", world.size);
+        }
+        return Ok(());
+    }
     if a.backend == CliBackend::Sim {
         return Err("verify compares the CUDA backend with the simulator: use --backend cuda".into());
     }

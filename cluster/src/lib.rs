@@ -1,6 +1,7 @@
 //! `fp8cluster`: everything between processes and machines (MPI bootstrap,
 //! collectives, hwloc topology and pinning).
 
+pub mod check;
 pub mod reduce;
 pub mod topo;
 pub mod world;

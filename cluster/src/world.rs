@@ -7,7 +7,7 @@
 //! simulator's on GPUs.
 
 use mpi::collective::SystemOperation;
-use mpi::datatype::Equivalence;
+pub use mpi::datatype::Equivalence;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::traits::*;
 use std::cell::Cell;

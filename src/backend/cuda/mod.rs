@@ -92,6 +92,7 @@ impl Gpu {
 }
 
 mod lt;
+pub mod nccl;
 mod ops;
 pub use ops::Cuda;
 

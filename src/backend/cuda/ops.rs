@@ -193,7 +193,7 @@ impl Cuda {
     }
 
     /// The NCCL communicator of `world`: rank 0 makes the id, MPI broadcasts its bytes.
-    fn comm(&self, world: &World) -> &Comm {
+    pub(crate) fn comm(&self, world: &World) -> &Comm {
         self.nccl.get_or_init(|| {
             let mut internal = [0 as std::ffi::c_char; 128];
             if world.rank == 0 {
@@ -207,7 +207,7 @@ impl Cuda {
     }
 
     /// All-to-all of equal chunks over NCCL (grouped sends and receives).
-    fn all_to_all<T: Elem + NcclType>(&self, comm: &Comm, send: &CudaSlice<T>, k: usize) -> CudaSlice<T> {
+    pub(crate) fn all_to_all<T: Elem + NcclType>(&self, comm: &Comm, send: &CudaSlice<T>, k: usize) -> CudaSlice<T> {
         let ranks = comm.world_size();
         let mut parts: Vec<CudaSlice<T>> = (0..ranks).map(|_| self.alloc::<T>(k)).collect();
         {

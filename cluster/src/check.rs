@@ -1,0 +1,96 @@
+//! A self-check of a [`Collectives`] implementation and of the gradient reductions
+//! on it, against values every rank computes locally (each rank can recompute every
+//! other rank's inputs: they are counter-based random numbers). Run under mpirun by
+//! the tests (MPI) and by `fp8train verify --collectives` (MPI and NCCL on GPUs).
+
+use crate::reduce::{reduce_f32, reduce_fp8};
+use crate::world::Collectives;
+use fp8sim::fp8::{self, Fp8Format};
+use fp8sim::rng;
+use fp8sim::scaling::scale_from_amax;
+
+fn grad(r: usize, n: usize) -> Vec<f32> {
+    let mut g = vec![0f32; n];
+    rng::fill_normal(7, r as u64, 0, 0.0, 0.01 * (r + 1) as f32, &mut g);
+    for (i, v) in g.iter_mut().enumerate() {
+        if i % 97 == 0 {
+            *v = 0.0;
+        }
+    }
+    g
+}
+
+fn check(ok: bool, what: &str) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("collectives check failed: {what}"))
+    }
+}
+
+fn gather<C: Collectives, T: mpi::datatype::Equivalence + Copy + Default>(w: &C, send: &[T]) -> Vec<T> {
+    let mut out = vec![T::default(); send.len() * w.size()];
+    w.all_gather(send, &mut out);
+    out
+}
+
+/// Every collective and both reductions on `w`; the first failing check as the error.
+pub fn check_collectives<C: Collectives>(w: &C) -> Result<(), String> {
+    let (me, n) = (w.rank(), w.size());
+    // all_gather / broadcast / all_reduce_max / all_reduce_sum / all_to_all / reduce_scatter
+    let gathered = gather(w, &[me as u32 * 10, me as u32 * 10 + 1]);
+    check(gathered == (0..n as u32).flat_map(|r| [r * 10, r * 10 + 1]).collect::<Vec<_>>(), "all_gather")?;
+    let mut b = [if me == n - 1 { 42u64 } else { 0 }];
+    w.broadcast(&mut b, n - 1);
+    check(b[0] == 42, "broadcast")?;
+    let mut m = [me as f32, -(me as f32)];
+    w.all_reduce_max(&mut m);
+    check(m == [(n - 1) as f32, 0.0], "all_reduce_max")?;
+    let vals = |r: usize| [0.1f32 * (r + 1) as f32, 1e8 + r as f32];
+    let mut s = vals(me);
+    w.all_reduce_sum(&mut s);
+    let want: Vec<f32> = (0..2).map(|i| (0..n).fold(0f32, |a, r| a + vals(r)[i])).collect();
+    check(s.to_vec() == want, "all_reduce_sum in rank order")?;
+    let send: Vec<u32> = (0..n as u32).map(|dst| me as u32 * 100 + dst).collect();
+    let mut recv = vec![0u32; n];
+    w.all_to_all(&send, &mut recv);
+    check(recv == (0..n as u32).map(|src| src * 100 + me as u32).collect::<Vec<_>>(), "all_to_all")?;
+    let rs_send: Vec<f32> = (0..n).map(|c| (me * n + c) as f32).collect();
+    let mut rs = [0f32];
+    w.reduce_scatter_sum(&rs_send, &mut rs);
+    check(rs[0] == (0..n).fold(0f32, |a, r| a + (r * n + me) as f32), "reduce_scatter_sum")?;
+
+    // The contract's FP8 reduction: every rank ends with the same codes and scale, equal
+    // to sat_encode(sum_r decode(q_r)/s_r * s) with s from the amax of the sum.
+    let len = 1001; // not a multiple of the rank count
+    let quant = |r: usize| {
+        let g = grad(r, len);
+        let s = scale_from_amax(Fp8Format::E4M3, fp8sim::reduce::amax(&g), 0, 1.0);
+        let mut q = vec![0u8; len];
+        fp8::encode_scaled(Fp8Format::E4M3, &g, s, &mut q);
+        (q, s)
+    };
+    let (mut codes, mut scale) = quant(me);
+    let bytes = reduce_fp8(w, &mut codes, &mut scale);
+    let sum: Vec<f32> = (0..len)
+        .map(|i| {
+            (0..n).fold(0f32, |a, r| {
+                let (q, s) = quant(r);
+                a + fp8::decode(Fp8Format::E4M3, q[i]) * (1.0 / s)
+            })
+        })
+        .collect();
+    let shared = scale_from_amax(Fp8Format::E4M3, fp8sim::reduce::amax(&sum), 0, 1.0);
+    let mut want = vec![0u8; len];
+    fp8::encode_scaled(Fp8Format::E4M3, &sum, shared, &mut want);
+    check(scale == shared && codes == want, "reduce_fp8 equals the rank-order f32 sum, requantised")?;
+    check(bytes.payload == 2 * (n as u64 - 1) * len.div_ceil(n) as u64, "reduce_fp8 bytes")?;
+    let mut g = grad(me, len);
+    let b32 = reduce_f32(w, &mut g);
+    let want32: Vec<f32> = (0..len).map(|i| (0..n).fold(0f32, |a, r| a + grad(r, len)[i])).collect();
+    check(g == want32, "reduce_f32 equals the rank-order sum")?;
+    check(b32.payload == 4 * bytes.payload, "FP32 traffic is 4x FP8")?;
+    let all = gather(w, &[crate::world::fnv1a(&codes)]);
+    check(all.iter().all(|&h| h == all[0]), "every rank holds the same reduced codes")?;
+    Ok(())
+}
