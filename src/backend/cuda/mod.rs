@@ -78,8 +78,20 @@ impl Gpu {
                 format!("// ---- {file}\n{body}\n")
             })
             .collect();
+        // Compiled once per process and architecture (a second device or backend
+        // instance reuses the PTX).
+        static PTX: std::sync::Mutex<Vec<(String, cudarc::nvrtc::Ptx)>> = std::sync::Mutex::new(Vec::new());
         let t = std::time::Instant::now();
-        let ptx = compile_ptx_with_opts(src, compile_options(arch)).map_err(|e| format!("NVRTC: {e}"))?;
+        let cached =
+            PTX.lock().map_err(|_| "PTX cache poisoned")?.iter().find(|(a, _)| a == arch).map(|(_, p)| p.clone());
+        let ptx = match cached {
+            Some(p) => p,
+            None => {
+                let p = compile_ptx_with_opts(src, compile_options(arch)).map_err(|e| format!("NVRTC: {e}"))?;
+                PTX.lock().map_err(|_| "PTX cache poisoned")?.push((arch.to_string(), p.clone()));
+                p
+            }
+        };
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
         let module = ctx.load_module(ptx).map_err(|e| format!("CUDA: cannot load the kernels: {e}"))?;
         let stream = ctx.default_stream();
