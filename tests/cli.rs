@@ -22,8 +22,9 @@ fn help_lists_every_subcommand() {
 
 #[test]
 fn verify_without_a_gpu_says_why_and_fails() {
-    // CI machines have no GPU (and no CUDA driver library): a clear error, no panic.
-    let out = fp8train().args(["verify", "--backend", "cuda", "--quick"]).output().unwrap();
+    // No GPU (CI has none; elsewhere CUDA_VISIBLE_DEVICES hides them): a clear error, no panic.
+    let out =
+        fp8train().env("CUDA_VISIBLE_DEVICES", "").args(["verify", "--backend", "cuda", "--quick"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("verify --backend cuda: no usable GPU") && !err.contains("panicked"), "{err}");
