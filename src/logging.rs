@@ -30,8 +30,3 @@ pub fn init(format: LogFormat, level: Level) -> (Logger, LogGuard) {
     let drain = drain.filter_level(level).fuse();
     (Logger::root(drain, o!()), LogGuard(Some(guard)))
 }
-
-/// A logger that drops everything (library use, tests).
-pub fn discard() -> Logger {
-    Logger::root(slog::Discard, o!())
-}

@@ -101,10 +101,6 @@ impl World {
         self.step.set(s);
     }
 
-    pub fn is_mpi(&self) -> bool {
-        self.mpi.is_some()
-    }
-
     fn comm(&self) -> Option<&SimpleCommunicator> {
         self.mpi.as_ref().map(|m| &m.world)
     }

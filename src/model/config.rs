@@ -67,15 +67,6 @@ impl Level {
     pub fn fp8(self) -> bool {
         self != Level::Bf16
     }
-
-    /// Bytes per parameter of weights + gradients + optimizer state by the levels table.
-    pub fn nominal_bytes_per_param(self) -> usize {
-        match self {
-            Level::Bf16 => 16,
-            Level::O1 => 11,
-            Level::O2 | Level::O3 => 6,
-        }
-    }
 }
 
 impl fmt::Display for Level {

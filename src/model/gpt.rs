@@ -8,7 +8,7 @@
 
 use super::config::{Level, ModelConfig};
 use super::linear::{self, Dims, GradCast, LinearScaling, Saved, WeightView};
-use super::params::{self, GradStore, Kind, Master, Moments, Param};
+use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::bf16;
@@ -610,10 +610,5 @@ impl<B: Backend> Gpt<B> {
     /// Mean loss of a batch without touching any state that training keeps.
     pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> f32 {
         self.forward(be, ws, tokens, targets, false)
-    }
-
-    /// Linear weights count (FP8 in O1/O2).
-    pub fn fp8_params(&self) -> usize {
-        self.params.iter().filter(|p| p.spec.kind == Kind::LinearWeight).map(|p| p.spec.numel()).sum()
     }
 }
