@@ -488,6 +488,13 @@ fn verify_fast(fast: &Cuda) -> Vec<Row> {
             let before = fast.fast_fallbacks();
             let got: Vec<f32> = run_case(fast, &case)[0].1.iter().map(|&b| f32::from_bits(b)).collect();
             let fell_back = fast.fast_fallbacks() > before;
+            let out_amax = got.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let amax_note = match fast.last_fast_amax() {
+                Some(a) if ta != "bf16" => format!("; output amax from cuBLASLt {a:.6e} vs {out_amax:.6e}"),
+                _ => String::new(),
+            };
+            let amax_bad =
+                matches!(fast.last_fast_amax(), Some(a) if ta != "bf16" && a.to_bits() != out_amax.to_bits());
             let num: f64 = exact.iter().zip(&got).map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2)).sum();
             let den: f64 = exact.iter().map(|a| (*a as f64).powi(2)).sum();
             let rel = (num / den.max(1e-300)).sqrt();
@@ -495,11 +502,11 @@ fn verify_fast(fast: &Cuda) -> Vec<Row> {
                 op: format!("gemm fast (cuBLASLt) {ta} x {tb} {product:?} [{m}x{n}x{k}]"),
                 inputs: exact.len() as u64,
                 class: "fast",
-                mismatches: u64::from(fell_back || rel.is_nan() || rel > FAST_BOUND),
+                mismatches: u64::from(fell_back || amax_bad || rel.is_nan() || rel > FAST_BOUND),
                 first: Some(if fell_back {
                     "cuBLASLt had no algorithm: ran the exact kernel".to_string()
                 } else {
-                    format!("relative Frobenius error {rel:.2e} (bound {FAST_BOUND:.0e})")
+                    format!("relative Frobenius error {rel:.2e} (bound {FAST_BOUND:.0e}){amax_note}")
                 }),
                 seconds: t.elapsed().as_secs_f64(),
             });

@@ -12,6 +12,9 @@ use std::sync::Arc;
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
+    /// cuBLASLt refused the output amax once (it does for f32 outputs on CUDA 13 /
+    /// H200): stop asking.
+    amax_refused: bool,
 }
 
 const WORKSPACE: usize = 32 << 20;
@@ -42,12 +45,14 @@ impl Lt {
         }
         let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE).map_err(|e| format!("CUDA: {e}"))?;
-        Ok(Lt { handle, workspace })
+        Ok(Lt { handle, workspace, amax_refused: false })
     }
 
     /// Row-major `C[m x n] = (A[m x k] x B[k x n]) * scale` with A given K-major
     /// (`a_km`: row-major m x k) and B given K-major (`b_km`: row-major n x k).
     /// Returns Err when cuBLASLt has no algorithm for the shape (the caller falls back).
+    /// With `amax_dev`, FP8 products also ask cuBLASLt for the output's amax; if that
+    /// combination is refused, the product runs without it (Ok(false)).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &mut self,
@@ -62,6 +67,33 @@ impl Lt {
         k: usize,
         scale_dev: &CudaSlice<f32>,
         one_dev: &CudaSlice<f32>,
+        amax_dev: Option<&mut CudaSlice<f32>>,
+    ) -> Result<bool, String> {
+        if let Some(a) = amax_dev.filter(|_| !self.amax_refused) {
+            let (ap, _) = a.device_ptr_mut(stream);
+            if self.run(stream, c, a_km, ta, b_km, tb, m, n, k, scale_dev, one_dev, Some(ap)).is_ok() {
+                return Ok(true);
+            }
+            self.amax_refused = true;
+        }
+        self.run(stream, c, a_km, ta, b_km, tb, m, n, k, scale_dev, one_dev, None).map(|_| false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        c: &mut CudaSlice<f32>,
+        a_km: u64,
+        ta: LtType,
+        b_km: u64,
+        tb: LtType,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale_dev: &CudaSlice<f32>,
+        one_dev: &CudaSlice<f32>,
+        amax_ptr: Option<u64>,
     ) -> Result<(), String> {
         let err = |e: cudarc::cublaslt::result::CublasError| format!("cuBLASLt: {e:?}");
         // Column-major: D[n x m] = op(A')[n x k] * op(B')[k x m], A' = b_km (k x n, ld k,
@@ -96,6 +128,14 @@ impl Lt {
                     8,
                 )
                 .map_err(err)?;
+                if let Some(ap) = amax_ptr {
+                    set(
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_AMAX_D_POINTER,
+                        &ap as *const u64 as _,
+                        8,
+                    )
+                    .map_err(err)?;
+                }
             }
             let la = result::create_matrix_layout(tb.cuda(), k as u64, n as u64, k as i64).map_err(err)?;
             let lb = result::create_matrix_layout(ta.cuda(), k as u64, m as u64, k as i64).map_err(err)?;

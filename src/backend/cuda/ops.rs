@@ -60,6 +60,8 @@ pub struct Cuda {
     lt: std::cell::RefCell<Option<Lt>>,
     /// Fast-class GEMMs that fell back to the exact kernel (no cuBLASLt algorithm).
     fallbacks: std::cell::Cell<u64>,
+    /// The output amax cuBLASLt reported for the last fast FP8 GEMM (None: not offered).
+    last_amax: std::cell::Cell<Option<f32>>,
 }
 
 // SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
@@ -95,6 +97,7 @@ impl Cuda {
             nccl: std::cell::OnceCell::new(),
             lt: std::cell::RefCell::new(None),
             fallbacks: std::cell::Cell::new(0),
+            last_amax: std::cell::Cell::new(None),
         })
     }
 
@@ -160,7 +163,16 @@ impl Cuda {
         };
         let scale_dev = self.upload(&[scale]);
         let one_dev = self.upload(&[1.0f32]);
-        lt.matmul(&self.gpu.stream, out, a_km, ak, b_km, bk, mm, nn, kk, &scale_dev, &one_dev)
+        let mut amax = self.alloc::<f32>(1);
+        let got =
+            lt.matmul(&self.gpu.stream, out, a_km, ak, b_km, bk, mm, nn, kk, &scale_dev, &one_dev, Some(&mut amax))?;
+        self.last_amax.set((got && ak != LtType::Bf16).then(|| self.scalar(&amax)));
+        Ok(())
+    }
+
+    /// The output amax cuBLASLt computed for the last fast FP8 GEMM, if it offered one.
+    pub fn last_fast_amax(&self) -> Option<f32> {
+        self.last_amax.get()
     }
 
     pub fn gpu(&self) -> &Gpu {
