@@ -117,28 +117,39 @@ fn fresh_config(a: &TrainArgs) -> Result<Config, String> {
 }
 
 fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
-    let tc = match &a.resume {
-        Some(path) => checkpoint::peek_config(path)?.with_overrides(&flag_overrides(a))?.train,
-        None => fresh_config(a)?.train,
+    // A fresh run's config is read once here and handed on; a resume reads it from the
+    // checkpoint it loads.
+    let fresh = if a.resume.is_none() { Some(fresh_config(a)?) } else { None };
+    let tc = match (&a.resume, &fresh) {
+        (Some(path), _) => checkpoint::peek_config(path)?.with_overrides(&flag_overrides(a))?.train,
+        (None, Some(cfg)) => cfg.train.clone(),
+        (None, None) => unreachable!("a fresh run has its config"),
     };
     let gpu = |rank: usize| if tc.gemm == "fast" { Cuda::new_fast(rank) } else { Cuda::new(rank) };
     match tc.backend.as_str() {
-        "sim" => run_on(&Sim, a, log, progress, world),
-        "cuda" => run_on(&gpu(world.local_rank)?, a, log, progress, world),
+        "sim" => run_on(&Sim, a, fresh.clone(), log, progress, world),
+        "cuda" => run_on(&gpu(world.local_rank)?, a, fresh.clone(), log, progress, world),
         _ => match gpu(world.local_rank) {
             Ok(c) => {
                 info!(log, "backend auto: using CUDA"; "gpu" => &c.gpu().name, "arch" => &c.gpu().arch);
-                run_on(&c, a, log, progress, world)
+                run_on(&c, a, fresh.clone(), log, progress, world)
             }
             Err(why) => {
                 info!(log, "backend auto: no usable GPU, using the simulator"; "reason" => why);
-                run_on(&Sim, a, log, progress, world)
+                run_on(&Sim, a, fresh.clone(), log, progress, world)
             }
         },
     }
 }
 
-fn run_on<B: Backend>(be: &B, a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
+fn run_on<B: Backend>(
+    be: &B,
+    a: &TrainArgs,
+    fresh: Option<Config>,
+    log: &Logger,
+    progress: bool,
+    world: &World,
+) -> Result<(), String> {
     if let Some(path) = &a.resume {
         let (ckpt_cfg, model, state) = checkpoint::load(be, path, world.rank, world.size)?;
         let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
@@ -164,7 +175,10 @@ fn run_on<B: Backend>(be: &B, a: &TrainArgs, log: &Logger, progress: bool, world
         train::train(be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, progress, world)?;
         return Ok(());
     }
-    let mut cfg = fresh_config(a)?;
+    let mut cfg = match fresh {
+        Some(c) => c,
+        None => fresh_config(a)?,
+    };
     // Rank 0 names the run folder (the default name holds the time).
     let run_dir = PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()));
     cfg.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -1,27 +1,12 @@
 //! Data-parallel training under `mpirun` (Open MPI, as root in CI: --allow-run-as-root,
 //! --oversubscribe for more ranks than cores).
 
+mod common;
+
+use common::{records, tensors, TINY};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-
-const TINY: &[&str] = &[
-    "--set",
-    "model.n_layer=1",
-    "--set",
-    "model.n_embd=32",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.seq_len=16",
-    "--set",
-    "data.corpus_bytes=20000",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "train.warmup_steps=2",
-    "--no-progress",
-];
 
 fn binary() -> PathBuf {
     assert_cmd::cargo::cargo_bin("fp8train")
@@ -51,24 +36,11 @@ fn ok(o: &Output) -> String {
 }
 
 fn steps(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == "step")
-        .collect()
+    records(run, "step")
 }
 
 fn loss_bits(run: &Path) -> Vec<u64> {
     steps(run).iter().map(|v| v["loss_bits"].as_u64().unwrap()).collect()
-}
-
-fn tensors(run: &Path, step: u64, name: &str) -> Vec<(String, Vec<u8>)> {
-    let bytes = std::fs::read(run.join(format!("checkpoints/step-{step:06}/{name}"))).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
-    v.sort();
-    v
 }
 
 #[test]

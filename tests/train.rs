@@ -1,28 +1,10 @@
 //! Training in the simulator, through the binary as a user runs it.
 
-use assert_cmd::Command;
-use std::path::Path;
+mod common;
 
-/// A tiny model and corpus so each run takes a fraction of a second.
-const TINY: &[&str] = &[
-    "--set",
-    "model.n_layer=1",
-    "--set",
-    "model.n_embd=32",
-    "--set",
-    "model.n_head=2",
-    "--set",
-    "model.seq_len=16",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "data.corpus_bytes=20000",
-    "--set",
-    "train.eval_batches=2",
-    "--set",
-    "train.warmup_steps=2",
-    "--no-progress",
-];
+use assert_cmd::Command;
+use common::{records, tensors, TINY};
+use std::path::Path;
 
 fn fp8train() -> Command {
     Command::cargo_bin("fp8train").expect("binary is built")
@@ -32,38 +14,14 @@ fn fp8train() -> Command {
 fn train(out: &Path, name: &str, threads: usize, extra: &[&str]) -> String {
     let mut cmd = fp8train();
     cmd.args(["--threads", &threads.to_string(), "train", "--out", out.to_str().unwrap(), "--name", name]);
-    cmd.args(TINY).args(extra);
+    cmd.args(TINY).args(["--set", "train.batch_size=4"]).args(extra);
     let o = cmd.output().unwrap();
     assert!(o.status.success(), "train failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
 }
 
-fn records(run: &Path, kind: &str) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["kind"] == kind)
-        .collect()
-}
-
 fn loss_bits(run: &Path) -> Vec<(u64, u64)> {
     records(run, "step").iter().map(|v| (v["step"].as_u64().unwrap(), v["loss_bits"].as_u64().unwrap())).collect()
-}
-
-fn file(run: &Path, step: u64, name: &str) -> Vec<u8> {
-    std::fs::read(run.join(format!("checkpoints/step-{step:06}/{name}"))).unwrap()
-}
-
-/// Every tensor of a checkpoint file (name, dtype, bytes); metadata (which names the
-/// run folder) left out.
-fn tensors(run: &Path, step: u64, name: &str) -> Vec<(String, String, Vec<u8>)> {
-    let bytes = file(run, step, name);
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> =
-        st.tensors().into_iter().map(|(n, t)| (n, format!("{:?}", t.dtype()), t.data().to_vec())).collect();
-    v.sort();
-    v
 }
 
 #[test]
