@@ -1,12 +1,25 @@
 // Element-wise ops and casts (sim/src/fp8.rs, half16.rs, backend glue).
 
-extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, int e5m2, unsigned long long* saturated) {
-    u32 i = fp8train_tid();
-    if (i >= n) return;
-    float v = x[i] * scale;
+// The scaled cast and what it saw: stats[0] = max |x| as a bit pattern (atomicMax, so
+// order-free; above 0x7f800000 = a NaN was seen), stats[1] = elements clipped. Both must
+// be zero before the launch. Grid-stride, so any grid size gives the same result.
+extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, int e5m2, unsigned long long* stats) {
     float mx = e5m2 ? 57344.0f : 448.0f;
-    if (fabsf(v) > mx) atomicAdd(saturated, 1ull);
-    q[i] = fp8train_encode_sat(v, e5m2);
+    u32 amax = 0, sat = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float xv = x[i];
+        u32 b = __float_as_uint(xv) & 0x7fffffffu;
+        amax = b > amax ? b : amax;
+        float v = xv * scale;
+        sat += fabsf(v) > mx ? 1u : 0u;
+        q[i] = fp8train_encode_sat(v, e5m2);
+    }
+    amax = fp8train_warp_max_u32(amax);
+    for (int o = 16; o > 0; o >>= 1) sat += __shfl_xor_sync(0xffffffffu, sat, o);
+    if ((threadIdx.x & 31) == 0) {
+        if (amax) atomicMax(&stats[0], (unsigned long long)amax);
+        if (sat) atomicAdd(&stats[1], (unsigned long long)sat);
+    }
 }
 extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();

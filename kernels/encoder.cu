@@ -18,3 +18,26 @@ extern "C" __global__ void encoder_backward(float* dwte, float* dwpe, const floa
         dwpe[(size_t)p * c + i] = acc;
     }
 }
+
+// The same sums in parallel. The host groups positions by token (`order`: positions
+// sorted by token, stable, so ascending within a token; segment s holds
+// order[seg[s] .. seg[s+1]) of token segtok[s]); one thread per (segment, channel) adds
+// its rows in ascending order, as the one-thread version does. Grid: (segments, ceil(c/128)).
+extern "C" __global__ void encoder_backward_wte(float* dwte, const float* dout, const u32* order, const u32* seg,
+                                                const u32* segtok, u32 c) {
+    u32 i = blockIdx.y * blockDim.x + threadIdx.x, s = blockIdx.x;
+    if (i >= c) return;
+    float* dst = dwte + (size_t)segtok[s] * c + i;
+    float acc = *dst;
+    for (u32 k = seg[s]; k < seg[s + 1]; k++) acc += dout[(size_t)order[k] * c + i];
+    *dst = acc;
+}
+// One thread per (position, channel): batches in ascending order.
+extern "C" __global__ void encoder_backward_wpe(float* dwpe, const float* dout, u32 b, u32 t, u32 c) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)t * c) return;
+    u32 p = idx / c, i = idx % c;
+    float acc = 0.0f;
+    for (u32 bb = 0; bb < b; bb++) acc += dout[((size_t)bb * t + p) * c + i];
+    dwpe[idx] = acc;
+}

@@ -198,3 +198,43 @@ __device__ float fp8train_cmax(int n, F term) {
 }
 
 __device__ __forceinline__ u32 fp8train_tid() { return blockIdx.x * blockDim.x + threadIdx.x; }
+
+// ---- the same tree, parallel: `a` holds m partials (shared memory, written and made
+// visible by the caller), `b` is scratch of at least m/2 + 1. Level by level, partial i
+// of the next level is a[2i] + a[2i+1] and an odd last one passes up, exactly as
+// fp8train_tree; only who computes each addition changes. Every thread of the block
+// (or warp, for the _warp variant) must call it; all get the root.
+__device__ float fp8train_block_tree(float* a, float* b, int m) {
+    while (m > 1) {
+        int half = m / 2;
+        for (int i = threadIdx.x; i < half; i += blockDim.x) b[i] = a[2 * i] + a[2 * i + 1];
+        if ((m & 1) && threadIdx.x == 0) b[half] = a[m - 1];
+        __syncthreads();
+        m = half + (m & 1);
+        float* t = a; a = b; b = t;
+    }
+    float r = a[0];
+    __syncthreads();
+    return r;
+}
+__device__ float fp8train_warp_tree(float* a, float* b, int m) {
+    int lane = threadIdx.x & 31;
+    while (m > 1) {
+        int half = m / 2;
+        for (int i = lane; i < half; i += 32) b[i] = a[2 * i] + a[2 * i + 1];
+        if ((m & 1) && lane == 0) b[half] = a[m - 1];
+        __syncwarp();
+        m = half + (m & 1);
+        float* t = a; a = b; b = t;
+    }
+    float r = a[0];
+    __syncwarp();
+    return r;
+}
+
+// Order-free max of non-negative float bit patterns over a warp (NaN patterns sort
+// above infinity, so a NaN anywhere wins).
+__device__ __forceinline__ u32 fp8train_warp_max_u32(u32 v) {
+    for (int o = 16; o > 0; o >>= 1) { u32 w = __shfl_xor_sync(0xffffffffu, v, o); v = w > v ? w : v; }
+    return v;
+}

@@ -1,36 +1,57 @@
 // Reductions (sim/src/reduce.rs) in the contract's order, whatever the launch shape:
-// one thread per 32-element chunk writes its sequential partial; one thread then runs
-// the pairwise tree. amax: one thread per chunk, then one thread combines (order-free).
+// chunks of 32 summed sequentially, then the pairwise tree over chunk partials. The
+// tree is cut into aligned sub-trees of 256 (first pass) and 1024 (later passes)
+// partials: an aligned sub-tree of the contract's tree is computed the same way
+// wherever it sits, so the root is the same bits as one thread running the whole tree.
+// amax is order-free: atomicMax on the bit pattern of |x|.
 
+// One block: 256 chunks (8192 elements) staged through shared memory (row padded by
+// one float so each thread's chunk reads hit distinct banks), then their tree.
 // mode 0: x, 1: x*x
-extern "C" __global__ void reduce_chunk_sums(const float* x, float* part, u32 n, int mode) {
-    u32 ch = fp8train_tid();
-    u32 chunks = (n + 31) / 32;
-    if (ch >= chunks) return;
-    float acc = 0.0f;
-    u32 end = min(n, (ch + 1) * 32);
-    for (u32 i = ch * 32; i < end; i++) { float v = x[i]; acc = acc + (mode == 1 ? v * v : v); }
-    part[ch] = acc;
+#define RS_CHUNKS 256
+extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks(const float* x, u32 n, int mode, float* out) {
+    __shared__ float stage[RS_CHUNKS * 33];
+    __shared__ float pa[RS_CHUNKS], pb[RS_CHUNKS / 2 + 1];
+    size_t base = (size_t)blockIdx.x * RS_CHUNKS * 32;
+    for (u32 e = threadIdx.x; e < RS_CHUNKS * 32; e += RS_CHUNKS) {
+        size_t g = base + e;
+        stage[e + e / 32] = g < n ? x[g] : 0.0f;
+    }
+    __syncthreads();
+    u32 chunks_total = (n + 31) / 32;
+    u32 ch = blockIdx.x * RS_CHUNKS + threadIdx.x;
+    if (ch < chunks_total) {
+        u32 len = min(32u, n - ch * 32);
+        const float* s = stage + threadIdx.x * 33;
+        float acc = 0.0f;
+        for (u32 i = 0; i < len; i++) { float v = s[i]; acc = acc + (mode == 1 ? v * v : v); }
+        pa[threadIdx.x] = acc;
+    }
+    __syncthreads();
+    int m = (int)min((u32)RS_CHUNKS, chunks_total - blockIdx.x * RS_CHUNKS);
+    float r = fp8train_block_tree(pa, pb, m);
+    if (threadIdx.x == 0) out[blockIdx.x] = r;
 }
-extern "C" __global__ void reduce_tree(float* part, u32 chunks, float* out) {
-    if (fp8train_tid() != 0) return;
-    out[0] = fp8train_tree(part, (int)chunks, 1);
+// The tree over `n` partials, 1024 aligned partials per block.
+extern "C" __global__ void __launch_bounds__(512) reduce_tree_blocks(const float* in, u32 n, float* out) {
+    __shared__ float pa[1024], pb[513];
+    size_t base = (size_t)blockIdx.x * 1024;
+    for (u32 e = threadIdx.x; e < 1024; e += blockDim.x) if (base + e < n) pa[e] = in[base + e];
+    __syncthreads();
+    int m = (int)min((size_t)1024, n - base);
+    float r = fp8train_block_tree(pa, pb, m);
+    if (threadIdx.x == 0) out[blockIdx.x] = r;
 }
-// part[2*ch] = max |x| of the chunk, part[2*ch+1] = 1 if it held a NaN
-extern "C" __global__ void reduce_chunk_amax(const float* x, float* part, u32 n) {
-    u32 ch = fp8train_tid();
-    u32 chunks = (n + 31) / 32;
-    if (ch >= chunks) return;
-    float m = 0.0f; float nan = 0.0f;
-    u32 end = min(n, (ch + 1) * 32);
-    for (u32 i = ch * 32; i < end; i++) { float a = fabsf(x[i]); if (isnan(a)) nan = 1.0f; m = a > m ? a : m; }
-    part[2 * ch] = m; part[2 * ch + 1] = nan;
-}
-extern "C" __global__ void reduce_amax_final(const float* part, u32 chunks, float* out) {
-    if (fp8train_tid() != 0) return;
-    float m = 0.0f; bool nan = false;
-    for (u32 c = 0; c < chunks; c++) { nan |= part[2 * c + 1] != 0.0f; m = part[2 * c] > m ? part[2 * c] : m; }
-    out[0] = nan ? FP8TRAIN_NAN : m;
+// amax as a bit pattern: out[0] must be zero before the launch. Bits above 0x7f800000
+// mean a NaN was seen (the host turns them into the canonical NaN).
+extern "C" __global__ void amax_bits(const float* x, u32 n, unsigned long long* out) {
+    u32 m = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        u32 b = __float_as_uint(x[i]) & 0x7fffffffu;
+        m = b > m ? b : m;
+    }
+    m = fp8train_warp_max_u32(m);
+    if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(out, (unsigned long long)m);
 }
 // Column sums of rows x cols: partial per (row chunk, column), then a tree per column.
 extern "C" __global__ void column_chunk_sums(const float* x, float* part, u32 rows, u32 cols) {

@@ -215,6 +215,43 @@ pub enum BenchWhat {
     Gemm(GemmBenchArgs),
     /// Train the embedded default at every level; final validation loss and tokens/s side by side.
     Train(TrainBenchArgs),
+    /// Time whole training steps of a GPT shape (tok/s, MFU, peak memory, phases).
+    Step(StepBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct StepBenchArgs {
+    /// Model shape: gpt2-124m, gpt-1.3b, gpt-6.7b, gpt-13b, or `default` (the embedded
+    /// default); --set model.*=... changes any of it.
+    #[arg(long, default_value = "gpt2-124m")]
+    pub model: String,
+    /// Override model settings, e.g. --set model.n_layer=2 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Precision level: bf16, O1, O2.
+    #[arg(long, default_value = "O2")]
+    pub level: String,
+    /// Rows per step (default: the shape's usual batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Sequence length (default: the shape's).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Backend to measure.
+    #[arg(long, value_enum, default_value_t = Backend::Cuda)]
+    pub backend: Backend,
+    /// GEMM class: exact or fast.
+    #[arg(long, default_value = "fast")]
+    pub gemm: String,
+    /// Steps run before timing.
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Print only the JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

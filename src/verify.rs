@@ -176,14 +176,21 @@ fn cases() -> Vec<Case> {
             }
         }
     }
-    v.extend([(5, 40), (64, 64), (33, 257)].map(|(n, c)| Case::LayerNorm { n, c }));
+    v.extend([(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048)].map(|(n, c)| Case::LayerNorm { n, c }));
     v.extend([1000, 4097].map(|n| Case::Gelu { n }));
-    v.extend([(2, 5, 20, 7), (4, 16, 64, 256)].map(|(b, t, c, v)| Case::Encoder { b, t, c, v }));
-    v.extend([(2, 7, 12, 3), (1, 70, 32, 2), (4, 64, 64, 4)].map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }));
-    v.extend([(6, 50), (64, 256), (3, 5000)].map(|(n, v)| Case::CrossEntropy { n, v }));
+    v.extend([(2, 5, 20, 7), (4, 16, 64, 256), (8, 128, 96, 37)].map(|(b, t, c, v)| Case::Encoder { b, t, c, v }));
+    // Head sizes 4 (one thread per query), 16, 64 and 128 (tiled, several key blocks).
+    v.extend(
+        [(2, 7, 12, 3), (1, 70, 32, 2), (4, 64, 64, 4), (2, 130, 128, 2), (1, 200, 256, 2)]
+            .map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }),
+    );
+    v.extend([(6, 50), (64, 256), (3, 5000), (5, 50304)].map(|(n, v)| Case::CrossEntropy { n, v }));
     v.extend([(1000, 64), (33, 7)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
     v.push(Case::Casts { n: 100_003 });
-    v.push(Case::Reductions { n: 100_003 });
+    // One block, several blocks, and more than 1024 blocks (two tree passes).
+    for n in [100_003, 9_000_001] {
+        v.push(Case::Reductions { n });
+    }
     for level in ["f32", "O1", "O2"] {
         for fp8_grad in [false, true] {
             v.push(Case::Adam { level, n: 5001, fp8_grad });
@@ -353,8 +360,12 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> Vec<(&'static str, Vec<u32>)> {
             outs
         }
         Case::Reductions { n } => {
-            let x = be.upload(&randn(n, 18, 5.0));
-            vec![("sum_sq, mean, amax", vec![be.sum_sq(&x).to_bits(), be.mean(&x).to_bits(), be.amax(&x).to_bits()])]
+            let mut host = randn(n, 18, 5.0);
+            let x = be.upload(&host);
+            let sums = vec![be.sum_sq(&x).to_bits(), be.mean(&x).to_bits(), be.amax(&x).to_bits()];
+            host[n / 2] = f32::NAN;
+            let with_nan = be.upload(&host);
+            vec![("sum_sq, mean, amax", sums), ("amax with a NaN", vec![be.amax(&with_nan).to_bits()])]
         }
         Case::Adam { level, n, fp8_grad } => {
             let h = AdamStep::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5);

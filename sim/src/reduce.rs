@@ -151,6 +151,32 @@ pub fn column_sums(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// What the GPU kernels rely on (kernels/reduce.cu): cutting the partials into
+    /// aligned groups of a power of two, taking each group's tree, then the tree over
+    /// the group roots (again in groups) gives the root of the whole tree, bit for bit.
+    #[test]
+    fn aligned_subtrees_compose() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            // values of mixed magnitude so that the order of additions shows in the bits
+            ((seed >> 11) as f32 / (1u64 << 53) as f32 - 0.5) * 2f32.powi((seed % 40) as i32 - 20)
+        };
+        for n in [1usize, 2, 3, 255, 256, 257, 1023, 1024, 1025, 4097, 70_001, 300_000] {
+            let parts: Vec<f32> = (0..n).map(|_| next()).collect();
+            let whole = tree_sum(&mut parts.clone());
+            for (first, later) in [(256usize, 1024usize), (4, 2), (1024, 256)] {
+                let mut level: Vec<f32> = parts.chunks(first).map(|g| tree_sum(&mut g.to_vec())).collect();
+                while level.len() > 1 {
+                    level = level.chunks(later).map(|g| tree_sum(&mut g.to_vec())).collect();
+                }
+                assert_eq!(level[0].to_bits(), whole.to_bits(), "n = {n}, groups {first} then {later}");
+            }
+        }
+    }
+
     /// The contract written as plainly as possible.
     fn sum_spec(x: &[f32]) -> f32 {
         let mut level: Vec<f32> = x

@@ -81,12 +81,54 @@ pub enum GradRef<'a, B: Backend + ?Sized> {
     Fp8(&'a B::Buf<u8>, f32),
 }
 
+/// Where device time goes, for `bench step`'s breakdown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Matrix products (linear layers and the LM head).
+    Matmul,
+    /// Attention (both products and the softmax).
+    Attention,
+    /// The optimizer step.
+    Optimizer,
+    /// Gradient reduction between ranks.
+    Communication,
+    /// Everything else: casts, reductions, layernorm, GELU, loss, embeddings.
+    Other,
+}
+
+/// Device memory as a backend sees it.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct MemoryStats {
+    /// Most bytes the backend's pool held in buffers at once.
+    pub pool_high_water: u64,
+    /// Bytes of the device in use by every process (total - free), now.
+    pub device_used: u64,
+    pub device_total: u64,
+}
+
 /// The ops of a training step. Shapes: `n` rows (tokens) of `c` channels, row-major.
 #[allow(clippy::too_many_arguments)]
 pub trait Backend: Send + Sync {
     type Buf<T: Elem>: Send + Sync;
 
     fn name(&self) -> &'static str;
+
+    // ---- measurement (no effect on results)
+    /// Wait for all queued work.
+    fn synchronize(&self) {}
+    /// Start (or stop) attributing device time to phases.
+    fn set_profiling(&self, _on: bool) {}
+    /// Milliseconds of device time per phase since profiling started; restarts the count.
+    fn take_profile(&self) -> Vec<(Phase, f64)> {
+        Vec::new()
+    }
+    /// Device memory figures, where the backend has a device.
+    fn memory(&self) -> Option<MemoryStats> {
+        None
+    }
+    /// Restart the pool's high-water mark from what is in use now.
+    fn reset_memory_peak(&self) {}
 
     // ---- memory
     fn zeros<T: Elem>(&self, n: usize) -> Self::Buf<T>;

@@ -1,6 +1,7 @@
 //! Benchmarks: each prints its figures next to a baseline measured in the same run.
 
 pub mod gemm;
+pub mod step;
 
 use std::time::{Duration, Instant};
 

@@ -231,48 +231,12 @@ pub fn train<B: Backend>(
         let t0 = Instant::now();
         let lr = lr_at(tc, step);
         let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
-        model.prepare_weights(be, &mut ws, world);
         let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
-        let mut st = model.forward_backward(be, &mut ws, &x, &y, mu, inject);
-        // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
-        let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
-        world.all_reduce_max(&mut flags);
-        st.overflow = flags[0] > 0.0;
-        let mut losses = [st.loss];
-        world.all_reduce_sum(&mut losses);
-        st.loss = losses[0] / world.size as f32;
-        let ranks = world.size as f32;
-        let mut comm = CommBytes::default();
-        let mut norm = f32::NAN;
-        if !st.overflow && world.size > 1 {
-            for p in model.params.iter_mut() {
-                comm += match &mut p.grad {
-                    GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale),
-                    GradStore::F32(g) => be.reduce_grad_f32(world, g),
-                };
-            }
-        }
+        let so = train_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &mut mu, &mut ls, world, inject);
+        let (st, comm, norm) = (so.stats, so.comm, so.norm);
         if st.overflow {
-            let old = mu;
-            mu = (mu * 0.5).max(MU_MIN);
-            ls.good_steps = 0;
             skipped += 1;
-            warn!(log, "overflow: non-finite gradients, step skipped"; "step" => step + 1, "mu_old" => old, "mu_new" => mu);
-        } else {
-            // Gradients hold mu times the sum over ranks of each rank's mean.
-            let unscale = mu * ranks;
-            norm = model.grad_sum_sq(be).sqrt() / unscale;
-            let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip { tc.grad_clip / norm } else { 1.0 };
-            ls.opt_steps += 1;
-            model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, ls.opt_steps, clip / unscale);
-            // mu grows after a run of clean steps. (Saturation of the FP8 gradient
-            // reduction, the paper's other trigger, arises once gradients are summed
-            // across ranks; one rank's just-in-time weight gradients cannot saturate.)
-            ls.good_steps += 1;
-            if ls.good_steps >= tc.mu_growth_interval {
-                mu = (mu * 2.0).min(MU_MAX);
-                ls.good_steps = 0;
-            }
+            warn!(log, "overflow: non-finite gradients, step skipped"; "step" => step + 1, "mu_old" => so.mu_before, "mu_new" => mu);
         }
         ls.step += 1;
         ls.mu_bits = mu.to_bits();
@@ -352,6 +316,75 @@ pub fn train<B: Backend>(
         skipped_steps: skipped,
         final_mu: mu,
     })
+}
+
+/// What one training step did.
+pub struct StepOutcome {
+    pub stats: crate::model::gpt::BackwardStats,
+    /// Gradient norm (NaN on a skipped step).
+    pub norm: f32,
+    pub comm: CommBytes,
+    /// mu before the step.
+    pub mu_before: f32,
+}
+
+/// One optimizer step on batch `(x, y)`: weights for this step, forward and backward,
+/// the overflow decision and the loss agreed by every rank, gradient reduction, clipping,
+/// AdamW, and mu's update. The training loop and `bench step` both run exactly this.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step<B: Backend>(
+    be: &B,
+    model: &mut Gpt<B>,
+    ws: &mut Workspace<B>,
+    tc: &config::TrainConfig,
+    (x, y): (&[u32], &[u32]),
+    lr: f32,
+    mu: &mut f32,
+    ls: &mut LoopState,
+    world: &World,
+    inject: bool,
+) -> StepOutcome {
+    let mu_before = *mu;
+    model.prepare_weights(be, ws, world);
+    let mut st = model.forward_backward(be, ws, x, y, *mu, inject);
+    // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
+    let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
+    world.all_reduce_max(&mut flags);
+    st.overflow = flags[0] > 0.0;
+    let mut losses = [st.loss];
+    world.all_reduce_sum(&mut losses);
+    st.loss = losses[0] / world.size as f32;
+    let ranks = world.size as f32;
+    let mut comm = CommBytes::default();
+    let mut norm = f32::NAN;
+    if !st.overflow && world.size > 1 {
+        for p in model.params.iter_mut() {
+            comm += match &mut p.grad {
+                GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale),
+                GradStore::F32(g) => be.reduce_grad_f32(world, g),
+            };
+        }
+    }
+    if st.overflow {
+        *mu = (*mu * 0.5).max(MU_MIN);
+        ls.good_steps = 0;
+    } else {
+        // Gradients hold mu times the sum over ranks of each rank's mean.
+        let unscale = *mu * ranks;
+        norm = model.grad_sum_sq(be).sqrt() / unscale;
+        let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip { tc.grad_clip / norm } else { 1.0 };
+        ls.opt_steps += 1;
+        model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, ls.opt_steps, clip / unscale);
+        // mu grows after a run of clean steps. (Saturation of the FP8 gradient
+        // reduction, the paper's other trigger, arises once gradients are summed
+        // across ranks; one rank's just-in-time weight gradients cannot saturate.)
+        ls.good_steps += 1;
+        if ls.good_steps >= tc.mu_growth_interval {
+            *mu = (*mu * 2.0).min(MU_MAX);
+            ls.good_steps = 0;
+        }
+    }
+    StepOutcome { stats: st, norm, comm, mu_before }
 }
 
 /// Fault injection for the fault tests: die or stop answering.

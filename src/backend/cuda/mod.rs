@@ -32,6 +32,8 @@ pub struct Gpu {
     pub name: String,
     pub arch: String,
     pub compile_ms: f64,
+    /// The stream-ordered pool every buffer comes from.
+    pub pool: pool::Pool,
 }
 
 /// Whether the CUDA driver and NVRTC libraries can be loaded here.
@@ -94,8 +96,12 @@ impl Gpu {
         };
         let compile_ms = t.elapsed().as_secs_f64() * 1e3;
         let module = ctx.load_module(ptx).map_err(|e| format!("CUDA: cannot load the kernels: {e}"))?;
+        // One stream: cudarc's per-buffer event tracking (for several streams) only costs.
+        // SAFETY: every buffer of this backend is used on this one stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, module, name, arch: arch.to_string(), compile_ms })
+        let pool = pool::Pool::of_device(&ctx)?;
+        Ok(Gpu { ctx, stream, module, name, arch: arch.to_string(), compile_ms, pool })
     }
 
     pub fn function(&self, name: &str) -> Result<CudaFunction, String> {
@@ -106,6 +112,7 @@ impl Gpu {
 mod lt;
 pub mod nccl;
 mod ops;
+pub mod pool;
 pub use ops::Cuda;
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 
 use super::lt::{Lt, LtType};
 use super::Gpu;
-use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, Operand, Product};
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, MemoryStats, Operand, Phase, Product};
+use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
@@ -62,6 +62,10 @@ pub struct Cuda {
     fallbacks: std::cell::Cell<u64>,
     /// The output amax cuBLASLt reported for the last fast FP8 GEMM (None: not offered).
     last_amax: std::cell::Cell<Option<f32>>,
+    /// Kernels looked up once by name (with the dynamic shared memory they were opened for).
+    functions: std::cell::RefCell<std::collections::HashMap<&'static str, (CudaFunction, u32)>>,
+    /// With profiling on: an event at every phase change, and the phase that follows it.
+    profile: std::cell::RefCell<Option<Vec<(Phase, cudarc::driver::CudaEvent)>>>,
 }
 
 // SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
@@ -74,15 +78,65 @@ fn cfg(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(128), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Launch kernel `$name` over `$n` threads with the given arguments.
+/// Launch kernel `$name` over `$n` threads (or with the launch configuration `with $c`)
+/// with the given arguments.
 macro_rules! launch {
-    ($self:expr, $name:expr, $n:expr, [$($arg:expr),* $(,)?]) => {{
-        let f = $self.gpu.function($name).unwrap_or_else(|e| panic!("{e}"));
+    ($self:expr, $name:expr, $n:expr, [$($arg:expr),* $(,)?]) => {
+        launch!($self, $name, with cfg($n), [$($arg),*])
+    };
+    ($self:expr, $name:expr, with $c:expr, [$($arg:expr),* $(,)?]) => {{
+        let c: LaunchConfig = $c;
+        let f = $self.function($name, c.shared_mem_bytes);
         let mut b = $self.gpu.stream.launch_builder(&f);
         $( b.arg($arg); )*
         // SAFETY: every kernel checks its index against the sizes it is given.
-        unsafe { b.launch(cfg($n)) }.unwrap_or_else(|e| panic!("CUDA kernel {}: {e}", $name));
+        unsafe { b.launch(c) }.unwrap_or_else(|e| panic!("CUDA kernel {}: {e}", $name));
     }};
+}
+
+/// Ends a phase (see [`Cuda::phase`]).
+struct PhaseGuard<'a>(&'a Cuda);
+impl Drop for PhaseGuard<'_> {
+    fn drop(&mut self) {
+        self.0.mark(Phase::Other);
+    }
+}
+
+/// Blocks for a grid-stride kernel over `n` elements (any count gives the same result).
+fn stride_cfg(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 132 * 8) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// amax from the bit pattern a kernel's atomicMax left (NaN bit patterns sort above infinity).
+fn amax_from_bits(bits: u64) -> f32 {
+    if bits > 0x7f80_0000 {
+        f32::NAN
+    } else {
+        f32::from_bits(bits as u32)
+    }
+}
+
+/// One warp per row, 4 rows per block, 2 x chunks floats of shared memory per warp.
+fn ln_cfg(n: usize, c: usize) -> LaunchConfig {
+    let warps = 4usize;
+    let shared = (warps * 2 * c.div_ceil(32) * 4) as u32;
+    LaunchConfig {
+        grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: shared,
+    }
+}
+
+/// The tiled attention kernels (forward, backward scores) for head size `hs`, if built.
+fn tiled_attention(hs: usize) -> Option<(&'static str, &'static str)> {
+    match hs {
+        16 => Some(("attention_forward_hs16", "attention_backward_scores_hs16")),
+        32 => Some(("attention_forward_hs32", "attention_backward_scores_hs32")),
+        64 => Some(("attention_forward_hs64", "attention_backward_scores_hs64")),
+        128 => Some(("attention_forward_hs128", "attention_backward_scores_hs128")),
+        _ => None,
+    }
 }
 
 fn e5(fmt: Fp8Format) -> i32 {
@@ -98,7 +152,54 @@ impl Cuda {
             lt: std::cell::RefCell::new(None),
             fallbacks: std::cell::Cell::new(0),
             last_amax: std::cell::Cell::new(None),
+            functions: Default::default(),
+            profile: Default::default(),
         })
+    }
+
+    /// Kernel `name`, opened for `shared` bytes of dynamic shared memory (above the
+    /// default 48 KiB the kernel must be allowed more first).
+    fn function(&self, name: &'static str, shared: u32) -> CudaFunction {
+        let mut cache = self.functions.borrow_mut();
+        let entry =
+            cache.entry(name).or_insert_with(|| (self.gpu.function(name).unwrap_or_else(|e| panic!("{e}")), 48 << 10));
+        if shared > entry.1 {
+            use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
+            // SAFETY: the function exists (it was just loaded from the module).
+            unsafe {
+                cudarc::driver::result::function::set_function_attribute(entry.0.cu_function(), MAX_SMEM, shared as i32)
+            }
+            .unwrap_or_else(|e| panic!("CUDA kernel {name}: cannot allow {shared} bytes of shared memory: {e}"));
+            entry.1 = shared;
+        }
+        entry.0.clone()
+    }
+
+    /// Work queued until the guard drops belongs to `phase` (then to `Other` again).
+    fn phase(&self, phase: Phase) -> PhaseGuard<'_> {
+        self.mark(phase);
+        PhaseGuard(self)
+    }
+
+    /// With profiling on, the work queued from now on belongs to `phase`.
+    fn mark(&self, phase: Phase) {
+        if let Some(marks) = self.profile.borrow_mut().as_mut() {
+            if marks.last().map(|m| m.0) != Some(phase) {
+                let ev = self
+                    .gpu
+                    .stream
+                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .expect("CUDA event");
+                marks.push((phase, ev));
+            }
+        }
+    }
+
+    /// A device buffer whose contents are not initialised (scratch every element of
+    /// which is written before it is read).
+    fn scratch<T: Elem>(&self, n: usize) -> CudaSlice<T> {
+        // SAFETY: callers write every element they later read.
+        unsafe { self.gpu.stream.alloc::<T>(n.max(1)) }.expect("CUDA allocation")
     }
 
     /// The GPU with the `fast` GEMM class: FP8 and BF16 products on cuBLASLt.
@@ -168,6 +269,42 @@ impl Cuda {
             lt.matmul(&self.gpu.stream, out, a_km, ak, b_km, bk, mm, nn, kk, &scale_dev, &one_dev, Some(&mut amax))?;
         self.last_amax.set((got && ak != LtType::Bf16).then(|| self.scalar(&amax)));
         Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_any(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) {
+        if self.lt.borrow().is_some() {
+            match self.matmul_fast(out, &a, &b, product, m, n, k, scale) {
+                Ok(()) => return,
+                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
+            }
+        }
+        // (rows, cols, row stride, col stride) of the logical A and B.
+        let (ma, na, ka) = (m as u32, n as u32, k as u32);
+        let (dims, a_s, b_s) = match product {
+            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
+            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
+            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
+        };
+        let (pa, ta) = self.operand(&a);
+        let (pb, tb) = self.operand(&b);
+        let (mm, nn, kk) = dims;
+        launch!(
+            self,
+            "gemm_exact",
+            (mm as usize) * (nn as usize),
+            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
+        );
     }
 
     /// The output amax cuBLASLt computed for the last fast FP8 GEMM, if it offered one.
@@ -240,15 +377,27 @@ impl Cuda {
         self.gpu.stream.clone_dtoh(d).expect("CUDA copy")[0]
     }
 
-    /// The contract's sum (mode 0) or sum of squares (mode 1).
+    /// The contract's sum (mode 0) or sum of squares (mode 1): blocks of 256 chunks,
+    /// then aligned sub-trees of 1024 partials until one is left (see reduce.cu).
     fn csum(&self, x: &CudaSlice<f32>, mode: i32) -> f32 {
         let n = x.len() as u32;
-        let chunks = n.div_ceil(32);
-        let mut part = self.alloc::<f32>(chunks as usize);
-        let mut out = self.alloc::<f32>(1);
-        launch!(self, "reduce_chunk_sums", chunks as usize, [x, &mut part, &n, &mode]);
-        launch!(self, "reduce_tree", 1, [&mut part, &chunks, &mut out]);
-        self.scalar(&out)
+        if n == 0 {
+            return 0.0;
+        }
+        let blocks = n.div_ceil(32 * 256);
+        let mut part = self.scratch::<f32>(blocks as usize);
+        let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, &mut part]);
+        let mut m = blocks;
+        while m > 1 {
+            let next = m.div_ceil(1024);
+            let mut out = self.scratch::<f32>(next as usize);
+            let c = LaunchConfig { grid_dim: (next, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "reduce_tree_blocks", with c, [&part, &m, &mut out]);
+            part = out;
+            m = next;
+        }
+        self.scalar(&part)
     }
 
     fn operand(&self, o: &Operand<'_, Self>) -> (u64, i32) {
@@ -269,6 +418,36 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn synchronize(&self) {
+        self.gpu.stream.synchronize().expect("CUDA synchronize");
+    }
+    fn set_profiling(&self, on: bool) {
+        *self.profile.borrow_mut() = on.then(Vec::new);
+        self.mark(Phase::Other);
+    }
+    fn take_profile(&self) -> Vec<(Phase, f64)> {
+        self.mark(Phase::Other);
+        let Some(marks) = self.profile.borrow_mut().replace(Vec::new()) else { return Vec::new() };
+        self.synchronize();
+        let mut per: std::collections::BTreeMap<Phase, f64> = Default::default();
+        for w in marks.windows(2) {
+            *per.entry(w[0].0).or_default() += f64::from(w[0].1.elapsed_ms(&w[1].1).unwrap_or(0.0));
+        }
+        self.mark(Phase::Other);
+        per.into_iter().collect()
+    }
+    fn memory(&self) -> Option<MemoryStats> {
+        let (free, total) = self.gpu.ctx.mem_get_info().ok()?;
+        Some(MemoryStats {
+            pool_high_water: self.gpu.pool.high_water(),
+            device_used: (total - free) as u64,
+            device_total: total as u64,
+        })
+    }
+    fn reset_memory_peak(&self) {
+        self.gpu.pool.reset_high_water();
+    }
+
     fn zeros<T: Elem>(&self, n: usize) -> CudaSlice<T> {
         self.gpu.stream.alloc_zeros::<T>(n).expect("CUDA allocation")
     }
@@ -287,20 +466,17 @@ impl Backend for Cuda {
 
     fn amax(&self, x: &CudaSlice<f32>) -> f32 {
         let n = x.len() as u32;
-        let chunks = n.div_ceil(32);
-        let mut part = self.alloc::<f32>(2 * chunks as usize);
-        let mut out = self.alloc::<f32>(1);
-        launch!(self, "reduce_chunk_amax", chunks as usize, [x, &mut part, &n]);
-        launch!(self, "reduce_amax_final", 1, [&part, &chunks, &mut out]);
-        self.scalar(&out)
+        let mut out = self.alloc::<u64>(1);
+        launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &mut out]);
+        amax_from_bits(self.gpu.stream.clone_dtoh(&out).expect("CUDA copy")[0])
     }
     fn cast_fp8(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> CastStats {
         let n = x.len() as u32;
-        let mut sat = self.alloc::<u64>(1);
+        let mut stats = self.alloc::<u64>(2);
         let f = e5(fmt);
-        launch!(self, "cast_fp8", n as usize, [x, q, &scale, &n, &f, &mut sat]);
-        let saturated = self.gpu.stream.clone_dtoh(&sat).expect("CUDA copy")[0];
-        CastStats { amax: self.amax(x), saturated }
+        launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
+        let st = self.gpu.stream.clone_dtoh(&stats).expect("CUDA copy");
+        CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
     }
     fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) {
         let (n, f) = (q.len() as u32, e5(fmt));
@@ -336,28 +512,8 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) {
-        if self.lt.borrow().is_some() {
-            match self.matmul_fast(out, &a, &b, product, m, n, k, scale) {
-                Ok(()) => return,
-                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
-            }
-        }
-        // (rows, cols, row stride, col stride) of the logical A and B.
-        let (ma, na, ka) = (m as u32, n as u32, k as u32);
-        let (dims, a_s, b_s) = match product {
-            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
-            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
-            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
-        };
-        let (pa, ta) = self.operand(&a);
-        let (pb, tb) = self.operand(&b);
-        let (mm, nn, kk) = dims;
-        launch!(
-            self,
-            "gemm_exact",
-            (mm as usize) * (nn as usize),
-            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
-        );
+        let _phase = self.phase(Phase::Matmul);
+        self.matmul_any(out, a, b, product, m, n, k, scale);
     }
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) {
         let (n, c) = (x.len() as u32, c as u32);
@@ -407,8 +563,29 @@ impl Backend for Cuda {
         t: usize,
         c: usize,
     ) {
+        // Positions grouped by token on the host (stable, so ascending within a token).
+        let toks = self.download(tokens);
+        let mut order: Vec<u32> = (0..toks.len() as u32).collect();
+        order.sort_by_key(|&i| toks[i as usize]);
+        let (mut seg, mut segtok) = (Vec::new(), Vec::new());
+        for (k, &i) in order.iter().enumerate() {
+            if k == 0 || toks[i as usize] != toks[order[k - 1] as usize] {
+                seg.push(k as u32);
+                segtok.push(toks[i as usize]);
+            }
+        }
+        seg.push(order.len() as u32);
         let (bb, tt, cc) = (b as u32, t as u32, c as u32);
-        launch!(self, "encoder_backward", c, [dwte, dwpe, dout, tokens, &bb, &tt, &cc]);
+        if !segtok.is_empty() {
+            let (order, seg, segtok) = (self.upload(&order), self.upload(&seg), self.upload(&segtok));
+            let cf = LaunchConfig {
+                grid_dim: ((seg.len() - 1) as u32, cc.div_ceil(128), 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launch!(self, "encoder_backward_wte", with cf, [&mut *dwte, dout, &order, &seg, &segtok, &cc]);
+        }
+        launch!(self, "encoder_backward_wpe", t * c, [dwpe, dout, &bb, &tt, &cc]);
     }
     fn layernorm_forward(
         &self,
@@ -422,7 +599,7 @@ impl Backend for Cuda {
         c: usize,
     ) {
         let (nn, cc) = (n as u32, c as u32);
-        launch!(self, "layernorm_forward", n, [y, mean, rstd, x, w, b, &nn, &cc]);
+        launch!(self, "layernorm_forward", with ln_cfg(n, c), [y, mean, rstd, x, w, b, &nn, &cc]);
     }
     fn layernorm_backward(
         &self,
@@ -438,8 +615,8 @@ impl Backend for Cuda {
         c: usize,
     ) {
         let (nn, cc) = (n as u32, c as u32);
-        let mut pr = self.alloc::<f32>(n * c);
-        launch!(self, "layernorm_backward_rows", n, [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        let mut pr = self.scratch::<f32>(n * c);
+        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c), [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         self.column_sums(dw, &pr, n, c);
         self.column_sums(db, dy, n, c);
     }
@@ -450,7 +627,19 @@ impl Backend for Cuda {
         qkv: &CudaSlice<f32>,
         s: AttnShape,
     ) {
+        let _phase = self.phase(Phase::Attention);
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
+        if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
+            let hs = s.c / s.nh;
+            let shared = ((64 * (hs + 1) + 64 * hs + 64 * 65) * 4) as u32;
+            let cf = LaunchConfig {
+                grid_dim: (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            launch!(self, fwd, with cf, [out, stats, qkv, &t, &c, &nh]);
+            return;
+        }
         launch!(self, "attention_forward", s.b * s.nh * s.t, [out, stats, qkv, &b, &t, &c, &nh]);
     }
     fn attention_backward(
@@ -462,7 +651,23 @@ impl Backend for Cuda {
         stats: &CudaSlice<f32>,
         s: AttnShape,
     ) {
+        let _phase = self.phase(Phase::Attention);
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
+        if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
+            // Entries above the diagonal are neither written nor read: no zeroing.
+            let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t);
+            let mut ds = self.scratch::<f32>(s.b * s.nh * s.t * s.t);
+            let hs = s.c / s.nh;
+            let shared = ((2 * 64 * (hs + 1) + 2 * 64 * hs + 2 * 64 * 65) * 4) as u32;
+            let cf = LaunchConfig {
+                grid_dim: (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1),
+                block_dim: (64, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            launch!(self, bwd, with cf, [&mut pm, &mut ds, dout, qkv, out, stats, &t, &c, &nh]);
+            launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
+            return;
+        }
         let mut pm = self.alloc::<f32>(s.b * s.nh * s.t * s.t);
         let mut ds = self.alloc::<f32>(s.b * s.nh * s.t * s.t);
         launch!(
@@ -495,11 +700,14 @@ impl Backend for Cuda {
         let with = i32::from(dlogits.is_some());
         let mut dummy = self.alloc::<f32>(1);
         let d = dlogits.unwrap_or(&mut dummy);
-        launch!(self, "crossentropy", n, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+        let shared = ((2 * v.div_ceil(32) + 64) * 4) as u32;
+        let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+        launch!(self, "crossentropy", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
     }
 
     /// The contract's reduction with NCCL moving the bytes and kernels doing the sums.
     fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> CommBytes {
+        let _phase = self.phase(Phase::Communication);
         let ranks = world.size;
         if ranks == 1 {
             return CommBytes::default();
@@ -530,6 +738,7 @@ impl Backend for Cuda {
     }
 
     fn reduce_grad_f32(&self, world: &World, g: &mut CudaSlice<f32>) -> CommBytes {
+        let _phase = self.phase(Phase::Communication);
         let ranks = world.size;
         if ranks == 1 {
             return CommBytes::default();
@@ -552,6 +761,7 @@ impl Backend for Cuda {
     }
 
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
+        let _phase = self.phase(Phase::Optimizer);
         use cudarc::driver::DevicePtr;
         let h = KAdamStep::from(step);
         let s = &self.gpu.stream;

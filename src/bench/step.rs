@@ -1,0 +1,281 @@
+//! `fp8train bench step`: whole training steps of a GPT shape on one device, exactly as
+//! `train` runs them (`train::train_step`), on random tokens. Prints tokens/s, the
+//! median step time, achieved TFLOP/s and MFU against the chip's dense BF16 and FP8
+//! peaks, peak device memory (the pool's high-water mark and the device total in use),
+//! and where the device time of one profiled step went (CUDA events per phase).
+//!
+//! FLOPs per token follow the PaLM / nanoGPT convention: 6 N (N = all parameters,
+//! the tied LM head counted once) + 12 L d T for attention (causal masking not
+//! discounted), times 1 token; MFU = achieved / peak.
+
+use crate::backend::cuda::Cuda;
+use crate::backend::sim::Sim;
+use crate::backend::{Backend, MemoryStats, Phase};
+use crate::cli::{Backend as CliBackend, StepBenchArgs};
+use crate::model::config::ModelConfig;
+use crate::model::{Gpt, Level};
+use crate::train::checkpoint::LoopState;
+use crate::train::config::TrainConfig;
+use fp8cluster::world::World;
+use fp8sim::rng;
+use serde::Serialize;
+use slog::{info, Logger};
+use std::time::Instant;
+
+/// Dense peaks of an H100/H200 SXM (NVIDIA datasheet), TFLOP/s.
+pub const PEAK_BF16_TFLOPS: f64 = 989.4;
+pub const PEAK_FP8_TFLOPS: f64 = 1978.9;
+
+/// A named model shape and its usual (batch, seq).
+pub fn preset(name: &str) -> Result<(ModelConfig, usize), String> {
+    let m = |n_layer, n_embd, n_head, seq_len| ModelConfig { n_layer, n_embd, n_head, seq_len, vocab_size: 50304 };
+    Ok(match name {
+        "gpt2-124m" => (m(12, 768, 12, 1024), 16),
+        "gpt-1.3b" => (m(24, 2048, 16, 2048), 8),
+        "gpt-6.7b" => (m(32, 4096, 32, 2048), 1),
+        "gpt-13b" => (m(40, 5120, 40, 2048), 1),
+        "default" => (ModelConfig::default(), 16),
+        other => {
+            return Err(format!(
+                "--model {other}: unknown shape (allowed: gpt2-124m, gpt-1.3b, gpt-6.7b, gpt-13b, default)"
+            ))
+        }
+    })
+}
+
+#[derive(Serialize, Debug)]
+pub struct StepReport {
+    pub bench: &'static str,
+    pub model: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub vocab_size: usize,
+    pub params: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub level: String,
+    pub gemm: String,
+    pub backend: &'static str,
+    pub device: String,
+    pub warmup_steps: usize,
+    pub timed_steps: usize,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    pub tokens_per_s: f64,
+    pub flops_per_token: f64,
+    pub tflops: f64,
+    pub mfu_bf16: f64,
+    pub mfu_fp8: f64,
+    pub memory: Option<MemoryStats>,
+    /// Device milliseconds of one profiled step, per phase.
+    pub phases_ms: Vec<(Phase, f64)>,
+    pub final_loss: f32,
+    pub fast_fallbacks: u64,
+}
+
+pub fn flops_per_token(cfg: &ModelConfig, params: usize) -> f64 {
+    6.0 * params as f64 + 12.0 * (cfg.n_layer * cfg.n_embd * cfg.seq_len) as f64
+}
+
+pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
+    let (base, batch) = preset(&a.model)?;
+    let mut cfg = crate::train::config::Config { model: base, ..Default::default() };
+    cfg = cfg.with_overrides(&a.sets)?;
+    if let Some(t) = a.seq {
+        cfg.model.seq_len = t;
+    }
+    cfg.model.validate()?;
+    let level: Level = a.level.parse()?;
+    if level == Level::O3 {
+        return Err("bench step: O3 shards over ranks; measure it under mpirun with train (one rank is O2)".into());
+    }
+    if !matches!(a.gemm.as_str(), "exact" | "fast") {
+        return Err(format!("--gemm {}: allowed exact, fast", a.gemm));
+    }
+    if a.steps == 0 {
+        return Err("--steps must be at least 1".into());
+    }
+    let batch = a.batch.unwrap_or(batch);
+    if batch == 0 {
+        return Err("--batch must be at least 1".into());
+    }
+    match a.backend {
+        CliBackend::Sim => {
+            if a.gemm == "fast" {
+                return Err("bench step --gemm fast needs --backend cuda (the simulator is exact only)".into());
+            }
+            measure(&Sim, "cpu".into(), &cfg.model, level, batch, a, log, 0)
+        }
+        CliBackend::Cuda | CliBackend::Auto => {
+            let gpu = if a.gemm == "fast" { Cuda::new_fast(0) } else { Cuda::new(0) }
+                .map_err(|e| format!("bench step: no usable GPU: {e}"))?;
+            let name = gpu.gpu().name.clone();
+            let r = measure(&gpu, name, &cfg.model, level, batch, a, log, 0);
+            let fb = gpu.fast_fallbacks();
+            if fb > 0 {
+                info!(log, "fast GEMMs that ran the exact kernel"; "count" => fb);
+            }
+            r
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure<B: Backend>(
+    be: &B,
+    device: String,
+    model_cfg: &ModelConfig,
+    level: Level,
+    batch: usize,
+    a: &StepBenchArgs,
+    log: &Logger,
+    fast_fallbacks: u64,
+) -> Result<(), String> {
+    let world = World::single();
+    let tc = TrainConfig { level, ..Default::default() };
+    let t = model_cfg.seq_len;
+    let n = batch * t;
+    let t0 = Instant::now();
+    let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1);
+    let mut ws = model.workspace(be, batch, t);
+    be.synchronize();
+    info!(log, "model ready"; "params" => model.num_params(), "seconds" => t0.elapsed().as_secs_f64());
+    let tokens = |step: u64| -> (Vec<u32>, Vec<u32>) {
+        let v = model_cfg.vocab_size as u64;
+        let r: Vec<u32> =
+            (0..=n as u64).map(|i| (rng::bits(7, rng::stream(9, step as u32, 0), i) as u64 % v) as u32).collect();
+        (r[..n].to_vec(), r[1..].to_vec())
+    };
+    let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
+    let mut mu = 1.0f32;
+    let lr = 1e-4f32;
+    let mut loss = f32::NAN;
+    let mut step = |k: u64, ls: &mut LoopState, mu: &mut f32| {
+        let (x, y) = tokens(k);
+        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, mu, ls, &world, false);
+        be.synchronize();
+        so.stats.loss
+    };
+    for k in 0..a.warmup {
+        let s = Instant::now();
+        loss = step(k as u64, &mut ls, &mut mu);
+        info!(log, "warm-up step"; "step" => k + 1, "ms" => s.elapsed().as_secs_f64() * 1e3, "loss" => loss);
+    }
+    let mut times = Vec::new();
+    for k in 0..a.steps {
+        let s = Instant::now();
+        loss = step((a.warmup + k) as u64, &mut ls, &mut mu);
+        times.push(s.elapsed().as_secs_f64() * 1e3);
+    }
+    be.set_profiling(true);
+    step((a.warmup + a.steps) as u64, &mut ls, &mut mu);
+    let phases = be.take_profile();
+    be.set_profiling(false);
+    let memory = be.memory();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let params = model.num_params();
+    let fpt = flops_per_token(model_cfg, params);
+    let tok_s = n as f64 / (median / 1e3);
+    let tflops = fpt * tok_s / 1e12;
+    let r = StepReport {
+        bench: "step",
+        model: a.model.clone(),
+        n_layer: model_cfg.n_layer,
+        n_embd: model_cfg.n_embd,
+        n_head: model_cfg.n_head,
+        vocab_size: model_cfg.vocab_size,
+        params,
+        batch,
+        seq: t,
+        level: level.to_string(),
+        gemm: a.gemm.clone(),
+        backend: be.name(),
+        device,
+        warmup_steps: a.warmup,
+        timed_steps: a.steps,
+        step_ms_median: median,
+        step_ms_min: sorted[0],
+        tokens_per_s: tok_s,
+        flops_per_token: fpt,
+        tflops,
+        mfu_bf16: tflops / PEAK_BF16_TFLOPS,
+        mfu_fp8: tflops / PEAK_FP8_TFLOPS,
+        memory,
+        phases_ms: phases,
+        final_loss: loss,
+        fast_fallbacks,
+    };
+    let json = serde_json::to_string(&r).map_err(|e| e.to_string())?;
+    if !a.json {
+        print!("{}", table(&r));
+    }
+    println!("{json}");
+    Ok(())
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// The human-readable report.
+pub fn table(r: &StepReport) -> String {
+    let mut s = format!(
+        "bench step: {} ({}L d{} h{} v{}, {:.1}M params), batch {} x seq {}, level {}, gemm {}, {} ({})\n",
+        r.model,
+        r.n_layer,
+        r.n_embd,
+        r.n_head,
+        r.vocab_size,
+        r.params as f64 / 1e6,
+        r.batch,
+        r.seq,
+        r.level,
+        r.gemm,
+        r.backend,
+        r.device
+    );
+    s += &format!(
+        "tok/s {:.0} | step {:.2} ms (median of {}, min {:.2}) | {:.1} TFLOP/s | MFU {:.1}% of BF16 peak, {:.1}% of FP8 peak\n",
+        r.tokens_per_s,
+        r.step_ms_median,
+        r.timed_steps,
+        r.step_ms_min,
+        r.tflops,
+        100.0 * r.mfu_bf16,
+        100.0 * r.mfu_fp8
+    );
+    if let Some(m) = &r.memory {
+        s += &format!(
+            "memory: pool high-water {:.2} GiB | device in use {:.2} of {:.2} GiB\n",
+            gib(m.pool_high_water),
+            gib(m.device_used),
+            gib(m.device_total)
+        );
+    }
+    let total: f64 = r.phases_ms.iter().map(|p| p.1).sum();
+    if total > 0.0 {
+        s += "phase          |       ms |     %\n";
+        for (p, ms) in &r.phases_ms {
+            s += &format!("{:<14} | {:>8.2} | {:>5.1}\n", format!("{p:?}").to_lowercase(), ms, 100.0 * ms / total);
+        }
+        s += &format!("{:<14} | {:>8.2} |\n", "profiled step", total);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_and_flops() {
+        let (m, b) = preset("gpt2-124m").unwrap();
+        assert_eq!((m.n_layer, m.n_embd, m.n_head, m.seq_len, b), (12, 768, 12, 1024, 16));
+        assert!(preset("gpt-7").unwrap_err().contains("unknown shape"));
+        // 6N + 12 L d T
+        assert_eq!(flops_per_token(&m, 1000), 6000.0 + 12.0 * 12.0 * 768.0 * 1024.0);
+    }
+}
