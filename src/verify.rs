@@ -526,6 +526,40 @@ fn verify_fast(fast: &Cuda) -> Vec<Row> {
     rows
 }
 
+/// Relative Frobenius error bound of flash attention (BF16 operands and probabilities,
+/// f32 accumulation) against the exact kernels. Measured on an H200: see the README.
+pub const FLASH_BOUND: f64 = 2e-2;
+
+/// Flash attention (fast mode, head sizes 64 and 128) against the simulator's exact
+/// attention: relative Frobenius error of the output, the softmax statistics and dqkv.
+fn verify_flash(fast: &Cuda) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (b, t, c, nh) in [(2, 256, 128, 2), (1, 300, 256, 2), (2, 1024, 768, 12)] {
+        let t0 = std::time::Instant::now();
+        let case = Case::Attention { b, t, c, nh };
+        let exact = run_case(&Sim, &case);
+        let got = run_case(fast, &case);
+        for ((name, e), (_, g)) in exact.iter().zip(&got) {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (x, y) in e.iter().zip(g) {
+                let (x, y) = (f32::from_bits(*x) as f64, f32::from_bits(*y) as f64);
+                num += (x - y).powi(2);
+                den += x * x;
+            }
+            let rel = (num / den.max(1e-300)).sqrt();
+            rows.push(Row {
+                op: format!("attention fast (flash, bf16) {name} [b{b} t{t} c{c} h{nh}]"),
+                inputs: e.len() as u64,
+                class: "fast",
+                mismatches: u64::from(rel.is_nan() || rel > FLASH_BOUND),
+                first: Some(format!("relative Frobenius error {rel:.2e} (bound {FLASH_BOUND:.0e})")),
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    rows
+}
+
 pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
     if a.collectives {
         let world = fp8cluster::world::World::init(1)?;
@@ -551,7 +585,10 @@ pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
     let total: u64 = if a.quick { 1 << 28 } else { 1 << 32 };
     let mut rows: Vec<Row> = verify_ops(&cuda);
     match Cuda::new_fast(0) {
-        Ok(fast) => rows.extend(verify_fast(&fast)),
+        Ok(fast) => {
+            rows.extend(verify_fast(&fast));
+            rows.extend(verify_flash(&fast));
+        }
         Err(e) => rows.push(Row {
             op: "gemm fast (cuBLASLt)".into(),
             inputs: 0,

@@ -9,8 +9,32 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use std::ffi::c_void;
 use std::sync::Arc;
 
+/// How a product's operand is laid out in memory (row-major): K-major (rows of K
+/// elements: `A[m x k]`, `B[n x k]`) or the transpose of that.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Major {
+    K,
+    /// `A` stored as `[k x m]`, `B` stored as `[k x n]`.
+    Outer,
+}
+
+/// What selects an algorithm: the problem, not the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    ta: LtType,
+    tb: LtType,
+    ma: Major,
+    mb: Major,
+    m: usize,
+    n: usize,
+    k: usize,
+    amax: bool,
+}
+
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
+    /// The heuristic's first algorithm, asked once per problem.
+    algos: std::collections::HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
     workspace: CudaSlice<u8>,
     /// cuBLASLt refused the output amax once (it does for f32 outputs on CUDA 13 /
     /// H200): stop asking.
@@ -20,7 +44,7 @@ pub struct Lt {
 const WORKSPACE: usize = 32 << 20;
 
 /// Element type of an operand as cuBLASLt names it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum LtType {
     E4M3,
     E5M2,
@@ -45,11 +69,12 @@ impl Lt {
         }
         let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE).map_err(|e| format!("CUDA: {e}"))?;
-        Ok(Lt { handle, workspace, amax_refused: false })
+        Ok(Lt { handle, workspace, amax_refused: false, algos: Default::default() })
     }
 
-    /// Row-major `C[m x n] = (A[m x k] x B[k x n]) * scale` with A given K-major
-    /// (`a_km`: row-major m x k) and B given K-major (`b_km`: row-major n x k).
+    /// Row-major `C[m x n] = (A x B^T) * scale` for A (m x k) and B (n x k) laid out as
+    /// `ma`, `mb` say. FP8 operands must be K-major (what Hopper's FP8 tensor cores take);
+    /// BF16 ones may be either. `scale` is the host value of `scale_dev`.
     /// Returns Err when cuBLASLt has no algorithm for the shape (the caller falls back).
     /// With `amax_dev`, FP8 products also ask cuBLASLt for the output's amax; if that
     /// combination is refused, the product runs without it (Ok(false)).
@@ -58,25 +83,21 @@ impl Lt {
         &mut self,
         stream: &Arc<CudaStream>,
         c: &mut CudaSlice<f32>,
-        a_km: u64,
-        ta: LtType,
-        b_km: u64,
-        tb: LtType,
-        m: usize,
-        n: usize,
-        k: usize,
-        scale_dev: &CudaSlice<f32>,
+        a: (u64, LtType, Major),
+        b: (u64, LtType, Major),
+        (m, n, k): (usize, usize, usize),
+        scale: (f32, &CudaSlice<f32>),
         one_dev: &CudaSlice<f32>,
         amax_dev: Option<&mut CudaSlice<f32>>,
     ) -> Result<bool, String> {
-        if let Some(a) = amax_dev.filter(|_| !self.amax_refused) {
-            let (ap, _) = a.device_ptr_mut(stream);
-            if self.run(stream, c, a_km, ta, b_km, tb, m, n, k, scale_dev, one_dev, Some(ap)).is_ok() {
+        if let Some(am) = amax_dev.filter(|_| !self.amax_refused) {
+            let (ap, _) = am.device_ptr_mut(stream);
+            if self.run(stream, c, a, b, (m, n, k), scale, one_dev, Some(ap)).is_ok() {
                 return Ok(true);
             }
             self.amax_refused = true;
         }
-        self.run(stream, c, a_km, ta, b_km, tb, m, n, k, scale_dev, one_dev, None).map(|_| false)
+        self.run(stream, c, a, b, (m, n, k), scale, one_dev, None).map(|_| false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -84,31 +105,28 @@ impl Lt {
         &mut self,
         stream: &Arc<CudaStream>,
         c: &mut CudaSlice<f32>,
-        a_km: u64,
-        ta: LtType,
-        b_km: u64,
-        tb: LtType,
-        m: usize,
-        n: usize,
-        k: usize,
-        scale_dev: &CudaSlice<f32>,
+        (a_ptr, ta, ma): (u64, LtType, Major),
+        (b_ptr, tb, mb): (u64, LtType, Major),
+        (m, n, k): (usize, usize, usize),
+        (scale, scale_dev): (f32, &CudaSlice<f32>),
         one_dev: &CudaSlice<f32>,
         amax_ptr: Option<u64>,
     ) -> Result<(), String> {
         let err = |e: cudarc::cublaslt::result::CublasError| format!("cuBLASLt: {e:?}");
-        // Column-major: D[n x m] = op(A')[n x k] * op(B')[k x m], A' = b_km (k x n, ld k,
-        // transposed), B' = a_km (k x m, ld k).
+        // Column-major: D[n x m] = op(A')[n x k] * op(B')[k x m] with A' = our B and
+        // B' = our A. K-major B is column-major k x n (ld k), used transposed; K-major A
+        // is column-major k x m (ld k), used as is; the outer-major forms the other way.
         unsafe {
             let desc =
                 result::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
                     .map_err(err)?;
             let set = |attr, v: *const c_void, size: usize| result::set_matmul_desc_attribute(desc, attr, v, size);
-            let t: i32 = 1;
-            let nop: i32 = 0;
+            let trans_a: i32 = i32::from(mb == Major::K);
+            let trans_b: i32 = i32::from(ma == Major::Outer);
             let fast: i8 = 0;
-            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &t as *const i32 as _, 4)
+            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &trans_a as *const i32 as _, 4)
                 .map_err(err)?;
-            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &nop as *const i32 as _, 4)
+            set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, &trans_b as *const i32 as _, 4)
                 .map_err(err)?;
             let fp8 = ta != LtType::Bf16;
             if fp8 {
@@ -137,8 +155,16 @@ impl Lt {
                     .map_err(err)?;
                 }
             }
-            let la = result::create_matrix_layout(tb.cuda(), k as u64, n as u64, k as i64).map_err(err)?;
-            let lb = result::create_matrix_layout(ta.cuda(), k as u64, m as u64, k as i64).map_err(err)?;
+            let la = match mb {
+                Major::K => result::create_matrix_layout(tb.cuda(), k as u64, n as u64, k as i64),
+                Major::Outer => result::create_matrix_layout(tb.cuda(), n as u64, k as u64, n as i64),
+            }
+            .map_err(err)?;
+            let lb = match ma {
+                Major::K => result::create_matrix_layout(ta.cuda(), k as u64, m as u64, k as i64),
+                Major::Outer => result::create_matrix_layout(ta.cuda(), m as u64, k as u64, m as i64),
+            }
+            .map_err(err)?;
             let ld = result::create_matrix_layout(sys::cudaDataType::CUDA_R_32F, n as u64, m as u64, n as i64)
                 .map_err(err)?;
             let pref = result::create_matmul_pref().map_err(err)?;
@@ -150,10 +176,19 @@ impl Lt {
                 8,
             )
             .map_err(err)?;
+            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some() };
             let outcome = (|| {
-                let heur = result::get_matmul_algo_heuristic(self.handle, desc, la, lb, ld, ld, pref).map_err(err)?;
+                let algo = match self.algos.get(&key) {
+                    Some(a) => *a,
+                    None => {
+                        let heur =
+                            result::get_matmul_algo_heuristic(self.handle, desc, la, lb, ld, ld, pref).map_err(err)?;
+                        self.algos.insert(key, heur.algo);
+                        heur.algo
+                    }
+                };
                 // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
-                let alpha: f32 = if fp8 { 1.0 } else { scale_host(stream, scale_dev) };
+                let alpha: f32 = if fp8 { 1.0 } else { scale };
                 let beta: f32 = 0.0;
                 let (dptr, _) = c.device_ptr_mut(stream);
                 let (wptr, _) = self.workspace.device_ptr_mut(stream);
@@ -162,15 +197,15 @@ impl Lt {
                     desc,
                     &alpha as *const f32 as _,
                     &beta as *const f32 as _,
-                    b_km as *const c_void,
+                    b_ptr as *const c_void,
                     la,
-                    a_km as *const c_void,
+                    a_ptr as *const c_void,
                     lb,
                     dptr as *const c_void,
                     ld,
                     dptr as *mut c_void,
                     ld,
-                    &heur.algo,
+                    &algo,
                     wptr as *mut c_void,
                     WORKSPACE,
                     stream.cu_stream() as _,
@@ -185,8 +220,4 @@ impl Lt {
             outcome
         }
     }
-}
-
-fn scale_host(stream: &Arc<CudaStream>, d: &CudaSlice<f32>) -> f32 {
-    stream.clone_dtoh(d).map(|v| v[0]).unwrap_or(1.0)
 }

@@ -20,6 +20,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("encoder.cu", include_str!("../../../kernels/encoder.cu")),
     ("crossentropy.cu", include_str!("../../../kernels/crossentropy.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
+    ("flash_attention.cu", include_str!("../../../kernels/flash_attention.cu")),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
     ("cast_transpose.cu", include_str!("../../../kernels/cast_transpose.cu")),
 ];

@@ -3,7 +3,7 @@
 //! the steering scalars (amax, sums, loss) come back to the host. Kernels are written
 //! for bit-identity first (one thread per row, per output element or per chunk).
 
-use super::lt::{Lt, LtType};
+use super::lt::{Lt, LtType, Major};
 use super::Gpu;
 use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, MemoryStats, Operand, Phase, Product};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -128,6 +128,37 @@ fn ln_cfg(n: usize, c: usize) -> LaunchConfig {
     }
 }
 
+/// The flash-attention kernels of one head size (fast class).
+struct Flash {
+    forward: &'static str,
+    kv: &'static str,
+    q: &'static str,
+    forward_smem: u32,
+    kv_smem: u32,
+    q_smem: u32,
+}
+
+impl Flash {
+    fn for_head_size(hs: usize) -> Option<Flash> {
+        let (forward, kv, q) = match hs {
+            64 => ("flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_q_hs64"),
+            128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_q_hs128"),
+            _ => return None,
+        };
+        // BF16 tiles: rows of hs + 8, transposed tiles of 64 + 8 (see flash_attention.cu).
+        let (ld, lt) = (hs + 8, 64 + 8);
+        let bytes = |u16s: usize, floats: usize| (2 * u16s + 4 * floats) as u32;
+        Some(Flash {
+            forward,
+            kv,
+            q,
+            forward_smem: bytes(2 * 64 * ld + hs * lt, 0),
+            kv_smem: bytes(2 * 64 * ld + 2 * hs * lt, 3 * 64),
+            q_smem: bytes(2 * 64 * ld + hs * lt, 0),
+        })
+    }
+}
+
 /// The tiled attention kernels (forward, backward scores) for head size `hs`, if built.
 fn tiled_attention(hs: usize) -> Option<(&'static str, &'static str)> {
     match hs {
@@ -173,6 +204,15 @@ impl Cuda {
             entry.1 = shared;
         }
         entry.0.clone()
+    }
+
+    /// The flash-attention kernels, in fast mode, for head size `hs` (64 or 128).
+    fn flash(&self, hs: usize) -> Option<Flash> {
+        if self.lt.borrow().is_some() {
+            Flash::for_head_size(hs)
+        } else {
+            None
+        }
     }
 
     /// Work queued until the guard drops belongs to `phase` (then to `Other` again).
@@ -237,37 +277,55 @@ impl Cuda {
         let tr = |p: u64, ty: LtType, rows: usize, cols: usize| -> (u64, Box<dyn std::any::Any>) {
             use cudarc::driver::DevicePtr;
             let (r, c) = (rows as u32, cols as u32);
+            let tiles = LaunchConfig {
+                grid_dim: (c.div_ceil(32), r.div_ceil(32), 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
             if ty == LtType::Bf16 {
-                let mut dst = self.alloc::<u16>(rows * cols);
-                launch!(self, "transpose_u16", rows * cols, [&p, &mut dst, &r, &c]);
+                let mut dst = self.scratch::<u16>(rows * cols);
+                launch!(self, "transpose_u16", with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 (ptr, Box::new(dst))
             } else {
-                let mut dst = self.alloc::<u8>(rows * cols);
-                launch!(self, "transpose_u8", rows * cols, [&p, &mut dst, &r, &c]);
+                let mut dst = self.scratch::<u8>(rows * cols);
+                launch!(self, "transpose_u8", with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 (ptr, Box::new(dst))
             }
         };
-        // (A K-major, its type, B K-major, its type, M, N, K) of the logical product.
-        let (a_km, ak, b_km, bk, mm, nn, kk, _keep) = match product {
-            Product::Forward => (pa, ta, pb, tb, m, n, k, Vec::new()),
+        // BF16 operands are read in place (cuBLASLt transposes them); FP8 ones must be
+        // K-major, so the data and weight gradients read transposed copies.
+        let bf16 = ta == LtType::Bf16 && tb == LtType::Bf16;
+        let (a_op, b_op, mm, nn, kk, _keep) = match product {
+            Product::Forward => ((pa, ta, Major::K), (pb, tb, Major::K), m, n, k, Vec::new()),
+            Product::Dgrad if bf16 => ((pa, ta, Major::K), (pb, tb, Major::Outer), m, k, n, Vec::new()),
+            Product::Wgrad if bf16 => ((pa, ta, Major::Outer), (pb, tb, Major::Outer), n, k, m, Vec::new()),
             Product::Dgrad => {
                 let (wt, hold) = tr(pb, tb, n, k); // W[n x k] -> W^T[k x n]
-                (pa, ta, wt, tb, m, k, n, vec![hold])
+                ((pa, ta, Major::K), (wt, tb, Major::K), m, k, n, vec![hold])
             }
             Product::Wgrad => {
                 let (dyt, h1) = tr(pa, ta, m, n); // dY[m x n] -> dY^T[n x m]
                 let (xt, h2) = tr(pb, tb, m, k); // X[m x k] -> X^T[k x m]
-                (dyt, ta, xt, tb, n, k, m, vec![h1, h2])
+                ((dyt, ta, Major::K), (xt, tb, Major::K), n, k, m, vec![h1, h2])
             }
         };
         let scale_dev = self.upload(&[scale]);
         let one_dev = self.upload(&[1.0f32]);
+        let fp8 = ta != LtType::Bf16;
         let mut amax = self.alloc::<f32>(1);
-        let got =
-            lt.matmul(&self.gpu.stream, out, a_km, ak, b_km, bk, mm, nn, kk, &scale_dev, &one_dev, Some(&mut amax))?;
-        self.last_amax.set((got && ak != LtType::Bf16).then(|| self.scalar(&amax)));
+        let got = lt.matmul(
+            &self.gpu.stream,
+            out,
+            a_op,
+            b_op,
+            (mm, nn, kk),
+            (scale, &scale_dev),
+            &one_dev,
+            fp8.then_some(&mut amax),
+        )?;
+        self.last_amax.set((got && fp8).then(|| self.scalar(&amax)));
         Ok(())
     }
 
@@ -629,6 +687,15 @@ impl Backend for Cuda {
     ) {
         let _phase = self.phase(Phase::Attention);
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
+        if let Some(k) = self.flash(s.c / s.nh) {
+            let cf = LaunchConfig {
+                grid_dim: (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: k.forward_smem,
+            };
+            launch!(self, k.forward, with cf, [out, stats, qkv, &t, &c, &nh]);
+            return;
+        }
         if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
             let hs = s.c / s.nh;
             let shared = ((64 * (hs + 1) + 64 * hs + 64 * 65) * 4) as u32;
@@ -653,6 +720,16 @@ impl Backend for Cuda {
     ) {
         let _phase = self.phase(Phase::Attention);
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
+        if let Some(k) = self.flash(s.c / s.nh) {
+            let mut dsum = self.scratch::<f32>(s.b * s.nh * s.t);
+            launch!(self, "flash_backward_rowdot", s.b * s.nh * s.t, [&mut dsum, dout, out, &b, &t, &c, &nh]);
+            let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
+            let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
+            launch!(self, k.kv, with kv, [&mut *dqkv, dout, qkv, stats, &dsum, &t, &c, &nh]);
+            let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.q_smem };
+            launch!(self, k.q, with qc, [&mut *dqkv, dout, qkv, stats, &dsum, &t, &c, &nh]);
+            return;
+        }
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
             // Entries above the diagonal are neither written nor read: no zeroing.
             let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t);
