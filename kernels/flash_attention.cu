@@ -1,8 +1,11 @@
 // Flash attention on tensor cores: the `fast` class of attention (contract rule 6:
 // products with unspecified accumulation, held to a measured bound against the exact
-// kernels of attention.cu by `fp8train verify`). BF16 operands (q, k, v, dout and the
-// probabilities rounded to BF16), f32 accumulation (mma.sync m16n8k16), an online
-// softmax over key tiles of 64 using the project's exp, causal tiles skipped. Backward
+// kernels of attention.cu by `fp8train verify`). BF16 operands (q, k, v, dout are cast
+// to BF16 once by the host side; the probabilities are rounded to BF16), f32
+// accumulation (mma.sync m16n8k16), an online softmax over key tiles of 64 using the
+// project's fast exp (fp8train_exp_fast), causal tiles skipped, masks only on the
+// diagonal tile. Tiles are staged row-major with 16-byte copies; the operands that
+// are needed transposed come out of shared memory through ldmatrix.trans. Backward
 // recomputes the probabilities from the saved row max and sum; dK/dV and dQ come from
 // two kernels so that no sum is split across blocks (no atomics: run-to-run
 // deterministic). Layouts as the exact kernels: qkv [b, t, 3c] f32, out [b, t, c] f32,
@@ -50,31 +53,69 @@ __device__ __forceinline__ void fa_c_to_a(u32* a, const float* c0, const float* 
 __device__ __forceinline__ size_t fa_at(u32 bb, u32 i, u32 part, u32 h, u32 t, u32 c, u32 hs) {
     return ((size_t)bb * t + i) * 3 * c + (size_t)part * c + (size_t)h * hs;
 }
-// Stage rows r0..r0+63 of one part (0 q, 1 k, 2 v) of qkv as BF16: row-major into `rm`
-// (row stride ld) and/or transposed into `tr` (row = channel, stride FA_TILE + 8).
+// Stage rows r0..r0+63 (zero past t) of a BF16 matrix with `row_stride` elements per
+// row, HS columns from `src`, into `dst` (row stride HS + 8), 16 bytes per copy.
 template <int HS>
-__device__ void fa_stage(u16* rm, u16* tr, const float* src, size_t row_stride, u32 r0, u32 t, int ld) {
-    for (u32 e = threadIdx.x; e < FA_TILE * HS; e += blockDim.x) {
-        u32 r = e / HS, d = e % HS;
-        u16 v = r0 + r < t ? fp8train_to_bf16(src[(size_t)(r0 + r) * row_stride + d]) : 0;
-        if (rm) rm[r * ld + d] = v;
-        if (tr) tr[d * (FA_TILE + 8) + r] = v;
+__device__ __forceinline__ void fa_stage(u16* dst, const u16* src, size_t row_stride, u32 r0, u32 t) {
+    constexpr int V = HS / 8;  // 16-byte vectors per row
+    for (u32 e = threadIdx.x; e < FA_TILE * V; e += blockDim.x) {
+        u32 r = e / V, v = e % V;
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (r0 + r < t) w = *(const uint4*)(src + (size_t)(r0 + r) * row_stride + 8 * v);
+        *(uint4*)(dst + r * (HS + 8) + 8 * v) = w;
+    }
+}
+// B fragment (k0..k0+15 x n0..n0+7) from a tile holding B row-major (row = k, col = n).
+__device__ __forceinline__ void fa_frag_b_trans(u32& b0, u32& b1, const u16* s, int ld, int k0, int n0, int lane) {
+    const u16* p = s + (k0 + (lane & 15)) * ld + n0;
+    u32 addr = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
+}
+
+// Scores of this warp's 16 rows against 64 columns: s[n] = A (16 x HS) x B^T for the
+// B tile held row-major (row = column index of s, stride HS + 8).
+template <int HS>
+__device__ __forceinline__ void fa_scores(float (*s)[4], const u32 (*a)[4], const u16* bt, int g, int q) {
+#pragma unroll
+    for (int n = 0; n < 8; n++) {
+        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HS / 16; kk++) {
+            u32 b0, b1;
+            fa_frag_bt(b0, b1, bt, HS + 8, 8 * n, 16 * kk, g, q);
+            fa_mma(s[n], a[kk], b0, b1);
+        }
+    }
+}
+// acc (16 x HS) += P (16 x 64, as C fragments) x B (64 x HS, row-major tile).
+template <int HS>
+__device__ __forceinline__ void fa_accumulate(float (*acc)[4], float (*p)[4], const u16* b, int lane) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        u32 pa[4];
+        fa_c_to_a(pa, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++) {
+            u32 b0, b1;
+            fa_frag_b_trans(b0, b1, b, HS + 8, 16 * kk, 8 * n, lane);
+            fa_mma(acc[n], pa, b0, b1);
+        }
     }
 }
 
 template <int HS>
-__device__ void flash_forward(float* out, float* stats, const float* qkv, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8, LT = FA_TILE + 8;
-    extern __shared__ u16 fa_sh[];
-    u16* Qs = fa_sh;             // [64][LD]
-    u16* Ks = Qs + FA_TILE * LD; // [64][LD]
-    u16* Vt = Ks + FA_TILE * LD; // [HS][LT]
+__device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
+    constexpr int LD = HS + 8;
+    extern __shared__ __align__(16) u16 fa_sh[];
+    u16* Qs = fa_sh;              // [64][LD]
+    u16* Ks = Qs + FA_TILE * LD;  // [64][LD]
+    u16* Vs = Ks + FA_TILE * LD;  // [64][LD]
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     u32 qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_TILE;  // longest tiles first
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     size_t rs = 3 * (size_t)c;
-    const float* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
-    fa_stage<HS>(Qs, nullptr, base, rs, q0, t, LD);
+    const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
+    fa_stage<HS>(Qs, base, rs, q0, t);
     __syncthreads();
     u32 qa[HS / 16][4];
 #pragma unroll
@@ -88,27 +129,20 @@ __device__ void flash_forward(float* out, float* stats, const float* qkv, u32 t,
     for (u32 kt = 0; kt <= qt; kt++) {
         u32 k0 = kt * FA_TILE;
         __syncthreads();
-        fa_stage<HS>(Ks, nullptr, base + c, rs, k0, t, LD);
-        fa_stage<HS>(nullptr, Vt, base + 2 * (size_t)c, rs, k0, t, LD);
+        fa_stage<HS>(Ks, base + c, rs, k0, t);
+        fa_stage<HS>(Vs, base + 2 * (size_t)c, rs, k0, t);
         __syncthreads();
         float s[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++) {
-                u32 b0, b1;
-                fa_frag_bt(b0, b1, Ks, LD, 8 * n, 16 * kk, g, q);
-                fa_mma(s[n], qa[kk], b0, b1);
-            }
-        }
+        fa_scores<HS>(s, qa, Ks, g, q);
+        bool edge = kt == qt || k0 + FA_TILE > t;
         float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
-                float v = (col > r || col >= t) ? FA_NEG_INF : s[n][e] * scale;
+                float v = s[n][e] * scale;
+                if (edge && (col > r || col >= t)) v = FA_NEG_INF;
                 s[n][e] = v;
                 tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
             }
@@ -119,7 +153,7 @@ __device__ void flash_forward(float* out, float* stats, const float* qkv, u32 t,
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
             float mnew = fmaxf(mrow[r], tmax[r]);
             float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
-            alpha[r] = fp8train_exp(mrow[r] - safe);
+            alpha[r] = fp8train_exp_fast(mrow[r] - safe);
             mrow[r] = mnew;
             tmax[r] = safe;
         }
@@ -128,7 +162,7 @@ __device__ void flash_forward(float* out, float* stats, const float* qkv, u32 t,
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                float p = fp8train_exp(s[n][e] - tmax[e >> 1]);
+                float p = fp8train_exp_fast(s[n][e] - tmax[e >> 1]);
                 s[n][e] = p;
                 psum[e >> 1] += p;
             }
@@ -138,17 +172,7 @@ __device__ void flash_forward(float* out, float* stats, const float* qkv, u32 t,
         for (int n = 0; n < HS / 8; n++) {
             o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
         }
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            u32 pa[4];
-            fa_c_to_a(pa, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < HS / 8; n++) {
-                u32 b0, b1;
-                fa_frag_bt(b0, b1, Vt, LT, 8 * n, 16 * kk, g, q);
-                fa_mma(o[n], pa, b0, b1);
-            }
-        }
+        fa_accumulate<HS>(o, s, Vs, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -159,11 +183,10 @@ __device__ void flash_forward(float* out, float* stats, const float* qkv, u32 t,
     for (int r = 0; r < 2; r++) {
         if (row[r] >= t) continue;
         float* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
+        float inv = 1.0f / lrow[r];
 #pragma unroll
-        for (int n = 0; n < HS / 8; n++) {
-            orow[8 * n + 2 * q] = o[n][2 * r] / lrow[r];
-            orow[8 * n + 2 * q + 1] = o[n][2 * r + 1] / lrow[r];
-        }
+        for (int n = 0; n < HS / 8; n++)
+            *(float2*)(orow + 8 * n + 2 * q) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
         if (q == 0) {
             stats[((size_t)bh * t + row[r]) * 2] = mrow[r];
             stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
@@ -184,44 +207,42 @@ extern "C" __global__ void flash_backward_rowdot(float* dsum, const float* dout,
     dsum[idx] = acc;
 }
 
-// Probabilities of a 16 x 64 block (rows `row[]`, columns col0 + ...), in place.
+// Probabilities of a 16 x 64 block in place. Not transposed: rows are queries (m, linv
+// per row); transposed: rows are keys, columns queries (m, linv per column, shared).
 __device__ __forceinline__ void fa_probs(float (*s)[4], float scale, const u32* row, u32 col0, u32 t, const float* m,
-                                         const float* linv, int q, bool transposed) {
+                                         const float* linv, int q, bool transposed, bool edge) {
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            // not transposed: rows are queries; transposed: rows are keys, columns queries
             u32 r = row[e >> 1], col = col0 + 8 * n + 2 * q + (e & 1);
             u32 qi = transposed ? col : r, kj = transposed ? r : col;
             int si = transposed ? (8 * n + 2 * q + (e & 1)) : (e >> 1);
-            bool live = kj <= qi && qi < t && kj < t;
-            s[n][e] = live ? fp8train_exp(s[n][e] * scale - m[si]) * linv[si] : 0.0f;
+            bool live = !edge || (kj <= qi && qi < t && kj < t);
+            s[n][e] = live ? fp8train_exp_fast(s[n][e] * scale - m[si]) * linv[si] : 0.0f;
         }
 }
 
 // dK and dV for 64 keys per block (16 per warp), over the query tiles at or after them.
 template <int HS>
-__device__ void flash_backward_kv(float* dqkv, const float* dout, const float* qkv, const float* stats,
+__device__ void flash_backward_kv(float* dqkv, const u16* dout, const u16* qkv, const float* stats,
                                   const float* dsum, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8, LT = FA_TILE + 8;
-    extern __shared__ u16 fa_sh[];
-    u16* Qs = fa_sh;                // [64][LD] queries, row-major
-    u16* Gs = Qs + FA_TILE * LD;    // dout rows [64][LD]
-    u16* Qt = Gs + FA_TILE * LD;    // [HS][LT]
-    u16* Gt = Qt + HS * LT;         // [HS][LT]
-    float* Ms = (float*)(Gt + HS * LT);  // m, 1/l, D of the 64 queries
+    constexpr int LD = HS + 8;
+    extern __shared__ __align__(16) u16 fa_sh[];
+    u16* Qs = fa_sh;              // [64][LD] queries
+    u16* Gs = Qs + FA_TILE * LD;  // [64][LD] dout rows
+    float* Ms = (float*)(Gs + FA_TILE * LD);  // m, 1/l, D of the 64 queries
     float* Li = Ms + FA_TILE;
     float* Ds = Li + FA_TILE;
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     u32 kt = blockIdx.x, k0 = kt * FA_TILE;
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     size_t rs = 3 * (size_t)c;
-    const float* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
-    const float* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
+    const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
+    const u16* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
     // K and V of this block's keys as A fragments (staged through Qs / Gs).
-    fa_stage<HS>(Qs, nullptr, base + c, rs, k0, t, LD);
-    fa_stage<HS>(Gs, nullptr, base + 2 * (size_t)c, rs, k0, t, LD);
+    fa_stage<HS>(Qs, base + c, rs, k0, t);
+    fa_stage<HS>(Gs, base + 2 * (size_t)c, rs, k0, t);
     __syncthreads();
     u32 ka[HS / 16][4], va[HS / 16][4];
 #pragma unroll
@@ -240,8 +261,8 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
     for (u32 qt = kt; qt < tiles; qt++) {
         u32 q0 = qt * FA_TILE;
         __syncthreads();
-        fa_stage<HS>(Qs, Qt, base, rs, q0, t, LD);
-        fa_stage<HS>(Gs, Gt, gbase, c, q0, t, LD);
+        fa_stage<HS>(Qs, base, rs, q0, t);
+        fa_stage<HS>(Gs, gbase, c, q0, t);
         for (u32 r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
             bool in = q0 + r < t;
             Ms[r] = in ? stats[((size_t)bh * t + q0 + r) * 2] : 0.0f;
@@ -249,42 +270,19 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
             Ds[r] = in ? dsum[(size_t)bh * t + q0 + r] : 0.0f;
         }
         __syncthreads();
-        // S^T = K Q^T (16 keys x 64 queries), then P^T.
+        // S^T = K Q^T and dP^T = V dO^T (16 keys x 64 queries).
         float p[8][4], dp[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
-            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++) {
-                u32 b0, b1;
-                fa_frag_bt(b0, b1, Qs, LD, 8 * n, 16 * kk, g, q);
-                fa_mma(p[n], ka[kk], b0, b1);
-                fa_frag_bt(b0, b1, Gs, LD, 8 * n, 16 * kk, g, q);
-                fa_mma(dp[n], va[kk], b0, b1);  // dP^T = V dO^T
-            }
-        }
-        fa_probs(p, scale, row, q0, t, Ms, Li, q, true);
-        // dS^T = P^T (dP^T - D)
+        fa_scores<HS>(p, ka, Qs, g, q);
+        fa_scores<HS>(dp, va, Gs, g, q);
+        bool edge = qt == kt || q0 + FA_TILE > t;
+        fa_probs(p, scale, row, q0, t, Ms, Li, q, true, edge);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - Ds[8 * n + 2 * q + (e & 1)]);
         // dV += P^T dO, dK += dS^T Q (k = queries)
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            u32 pa[4], sa[4];
-            fa_c_to_a(pa, p[2 * kk], p[2 * kk + 1]);
-            fa_c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < HS / 8; n++) {
-                u32 b0, b1;
-                fa_frag_bt(b0, b1, Gt, LT, 8 * n, 16 * kk, g, q);
-                fa_mma(dv[n], pa, b0, b1);
-                fa_frag_bt(b0, b1, Qt, LT, 8 * n, 16 * kk, g, q);
-                fa_mma(dk[n], sa, b0, b1);
-            }
-        }
+        fa_accumulate<HS>(dv, p, Gs, lane);
+        fa_accumulate<HS>(dk, dp, Qs, lane);
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -293,31 +291,28 @@ __device__ void flash_backward_kv(float* dqkv, const float* dout, const float* q
         float* vd = dqkv + fa_at(bb, row[r], 2, h, t, c, HS);
 #pragma unroll
         for (int n = 0; n < HS / 8; n++) {
-            kd[8 * n + 2 * q] = dk[n][2 * r] * scale;
-            kd[8 * n + 2 * q + 1] = dk[n][2 * r + 1] * scale;
-            vd[8 * n + 2 * q] = dv[n][2 * r];
-            vd[8 * n + 2 * q + 1] = dv[n][2 * r + 1];
+            *(float2*)(kd + 8 * n + 2 * q) = make_float2(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
+            *(float2*)(vd + 8 * n + 2 * q) = make_float2(dv[n][2 * r], dv[n][2 * r + 1]);
         }
     }
 }
 
 // dQ for 64 queries per block (16 per warp), over the key tiles at or before them.
 template <int HS>
-__device__ void flash_backward_q(float* dqkv, const float* dout, const float* qkv, const float* stats,
+__device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, const float* stats,
                                  const float* dsum, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8, LT = FA_TILE + 8;
-    extern __shared__ u16 fa_sh[];
-    u16* Ks = fa_sh;               // [64][LD]
-    u16* Vs = Ks + FA_TILE * LD;   // [64][LD]
-    u16* Kt = Vs + FA_TILE * LD;   // [HS][LT]
+    constexpr int LD = HS + 8;
+    extern __shared__ __align__(16) u16 fa_sh[];
+    u16* Ks = fa_sh;              // [64][LD]
+    u16* Vs = Ks + FA_TILE * LD;  // [64][LD]
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     u32 qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_TILE;
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     size_t rs = 3 * (size_t)c;
-    const float* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
-    const float* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
-    fa_stage<HS>(Ks, nullptr, base, rs, q0, t, LD);
-    fa_stage<HS>(Vs, nullptr, gbase, c, q0, t, LD);
+    const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
+    const u16* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
+    fa_stage<HS>(Ks, base, rs, q0, t);
+    fa_stage<HS>(Vs, gbase, c, q0, t);
     __syncthreads();
     u32 qa[HS / 16][4], ga[HS / 16][4];
 #pragma unroll
@@ -341,64 +336,42 @@ __device__ void flash_backward_q(float* dqkv, const float* dout, const float* qk
     for (u32 kt = 0; kt <= qt; kt++) {
         u32 k0 = kt * FA_TILE;
         __syncthreads();
-        fa_stage<HS>(Ks, Kt, base + c, rs, k0, t, LD);
-        fa_stage<HS>(Vs, nullptr, base + 2 * (size_t)c, rs, k0, t, LD);
+        fa_stage<HS>(Ks, base + c, rs, k0, t);
+        fa_stage<HS>(Vs, base + 2 * (size_t)c, rs, k0, t);
         __syncthreads();
         float p[8][4], dp[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; n++) {
-            p[n][0] = p[n][1] = p[n][2] = p[n][3] = 0.0f;
-            dp[n][0] = dp[n][1] = dp[n][2] = dp[n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++) {
-                u32 b0, b1;
-                fa_frag_bt(b0, b1, Ks, LD, 8 * n, 16 * kk, g, q);
-                fa_mma(p[n], qa[kk], b0, b1);
-                fa_frag_bt(b0, b1, Vs, LD, 8 * n, 16 * kk, g, q);
-                fa_mma(dp[n], ga[kk], b0, b1);  // dP = dO V^T
-            }
-        }
-        fa_probs(p, scale, row, k0, t, m, linv, q, false);
+        fa_scores<HS>(p, qa, Ks, g, q);   // S = Q K^T
+        fa_scores<HS>(dp, ga, Vs, g, q);  // dP = dO V^T
+        bool edge = kt == qt || k0 + FA_TILE > t;
+        fa_probs(p, scale, row, k0, t, m, linv, q, false, edge);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - dd[e >> 1]);
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) {
-            u32 sa[4];
-            fa_c_to_a(sa, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-            for (int n = 0; n < HS / 8; n++) {
-                u32 b0, b1;
-                fa_frag_bt(b0, b1, Kt, LT, 8 * n, 16 * kk, g, q);
-                fa_mma(dq[n], sa, b0, b1);
-            }
-        }
+        fa_accumulate<HS>(dq, dp, Ks, lane);  // dQ += dS K
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (row[r] >= t) continue;
         float* qd = dqkv + fa_at(bb, row[r], 0, h, t, c, HS);
 #pragma unroll
-        for (int n = 0; n < HS / 8; n++) {
-            qd[8 * n + 2 * q] = dq[n][2 * r] * scale;
-            qd[8 * n + 2 * q + 1] = dq[n][2 * r + 1] * scale;
-        }
+        for (int n = 0; n < HS / 8; n++)
+            *(float2*)(qd + 8 * n + 2 * q) = make_float2(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
     }
 }
 
 #define FA_INSTANCE(HS)                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) flash_forward_hs##HS(float* out, float* stats,              \
-                                                                           const float* qkv, u32 t, u32 c, u32 nh) { \
+                                                                           const u16* qkv, u32 t, u32 c, u32 nh) {   \
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_backward_kv_hs##HS(                                    \
-        float* dqkv, const float* dout, const float* qkv, const float* stats, const float* dsum, u32 t, u32 c,     \
+        float* dqkv, const u16* dout, const u16* qkv, const float* stats, const float* dsum, u32 t, u32 c,         \
         u32 nh) {                                                                                                  \
         flash_backward_kv<HS>(dqkv, dout, qkv, stats, dsum, t, c, nh);                                            \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(128) flash_backward_q_hs##HS(                                     \
-        float* dqkv, const float* dout, const float* qkv, const float* stats, const float* dsum, u32 t, u32 c,     \
+        float* dqkv, const u16* dout, const u16* qkv, const float* stats, const float* dsum, u32 t, u32 c,         \
         u32 nh) {                                                                                                  \
         flash_backward_q<HS>(dqkv, dout, qkv, stats, dsum, t, c, nh);                                             \
     }

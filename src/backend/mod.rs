@@ -95,6 +95,17 @@ pub enum Phase {
     Communication,
     /// Everything else: casts, reductions, layernorm, GELU, loss, embeddings.
     Other,
+    /// Nothing queued: the GPU waited for the host (launches, read-backs, host work).
+    Idle,
+}
+
+/// Device time of one op (all its calls) in a profiled stretch.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpTime {
+    pub phase: Phase,
+    pub op: &'static str,
+    pub ms: f64,
+    pub calls: u64,
 }
 
 /// Device memory as a backend sees it.
@@ -119,8 +130,8 @@ pub trait Backend: Send + Sync {
     fn synchronize(&self) {}
     /// Start (or stop) attributing device time to phases.
     fn set_profiling(&self, _on: bool) {}
-    /// Milliseconds of device time per phase since profiling started; restarts the count.
-    fn take_profile(&self) -> Vec<(Phase, f64)> {
+    /// Device time per op since profiling started; restarts the count.
+    fn take_profile(&self) -> Vec<OpTime> {
         Vec::new()
     }
     /// Device memory figures, where the backend has a device.

@@ -10,7 +10,7 @@
 
 use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
-use crate::backend::{Backend, MemoryStats, Phase};
+use crate::backend::{Backend, MemoryStats, OpTime, Phase};
 use crate::cli::{Backend as CliBackend, StepBenchArgs};
 use crate::model::config::ModelConfig;
 use crate::model::{Gpt, Level};
@@ -68,8 +68,10 @@ pub struct StepReport {
     pub mfu_bf16: f64,
     pub mfu_fp8: f64,
     pub memory: Option<MemoryStats>,
-    /// Device milliseconds of one profiled step, per phase.
+    /// Device milliseconds of one profiled step, per phase (`idle`: nothing queued).
     pub phases_ms: Vec<(Phase, f64)>,
+    /// The same step per op, longest first.
+    pub ops: Vec<OpTime>,
     pub final_loss: f32,
     pub fast_fallbacks: u64,
 }
@@ -170,8 +172,14 @@ fn measure<B: Backend>(
     }
     be.set_profiling(true);
     step((a.warmup + a.steps) as u64, &mut ls, &mut mu);
-    let phases = be.take_profile();
+    let mut ops = be.take_profile();
     be.set_profiling(false);
+    ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
+    let mut per: std::collections::BTreeMap<Phase, f64> = Default::default();
+    for o in &ops {
+        *per.entry(o.phase).or_default() += o.ms;
+    }
+    let phases: Vec<(Phase, f64)> = per.into_iter().collect();
     let memory = be.memory();
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
@@ -205,6 +213,7 @@ fn measure<B: Backend>(
         mfu_fp8: tflops / PEAK_FP8_TFLOPS,
         memory,
         phases_ms: phases,
+        ops,
         final_loss: loss,
         fast_fallbacks,
     };
@@ -261,7 +270,12 @@ pub fn table(r: &StepReport) -> String {
         for (p, ms) in &r.phases_ms {
             s += &format!("{:<14} | {:>8.2} | {:>5.1}\n", format!("{p:?}").to_lowercase(), ms, 100.0 * ms / total);
         }
-        s += &format!("{:<14} | {:>8.2} |\n", "profiled step", total);
+        s += &format!("{:<14} | {:>8.2} |  (one step with an event around every op)\n", "profiled step", total);
+        s += "top ops: ";
+        let top: Vec<String> =
+            r.ops.iter().take(10).map(|o| format!("{} {:.2} ms ({} calls)", o.op, o.ms, o.calls)).collect();
+        s += &top.join(", ");
+        s += "\n";
     }
     s
 }

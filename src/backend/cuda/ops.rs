@@ -5,7 +5,7 @@
 
 use super::lt::{Lt, LtType, Major};
 use super::Gpu;
-use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, MemoryStats, Operand, Phase, Product};
+use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase, Product};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
 use fp8cluster::reduce::CommBytes;
@@ -64,8 +64,8 @@ pub struct Cuda {
     last_amax: std::cell::Cell<Option<f32>>,
     /// Kernels looked up once by name (with the dynamic shared memory they were opened for).
     functions: std::cell::RefCell<std::collections::HashMap<&'static str, (CudaFunction, u32)>>,
-    /// With profiling on: an event at every phase change, and the phase that follows it.
-    profile: std::cell::RefCell<Option<Vec<(Phase, cudarc::driver::CudaEvent)>>>,
+    /// With profiling on: an event where each op starts and ends (see [`Prof`]).
+    profile: std::cell::RefCell<Option<Prof>>,
 }
 
 // SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
@@ -98,8 +98,18 @@ macro_rules! launch {
 struct PhaseGuard<'a>(&'a Cuda);
 impl Drop for PhaseGuard<'_> {
     fn drop(&mut self) {
-        self.0.mark(Phase::Other);
+        self.0.leave();
     }
+}
+
+/// Events in stream order: where each outermost op starts (with its phase and name) and
+/// where it ends (`Phase::Idle`): the device time between an op's end and the next op's
+/// start is time the GPU had nothing queued (launch and host gaps). Ops called inside
+/// an op (adamw's casts) count as the outer op.
+#[derive(Default)]
+struct Prof {
+    marks: Vec<(Phase, &'static str, cudarc::driver::CudaEvent)>,
+    depth: usize,
 }
 
 /// Blocks for a grid-stride kernel over `n` elements (any count gives the same result).
@@ -145,16 +155,16 @@ impl Flash {
             128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_q_hs128"),
             _ => return None,
         };
-        // BF16 tiles: rows of hs + 8, transposed tiles of 64 + 8 (see flash_attention.cu).
-        let (ld, lt) = (hs + 8, 64 + 8);
+        // BF16 tiles of 64 rows of hs + 8 (see flash_attention.cu).
+        let ld = hs + 8;
         let bytes = |u16s: usize, floats: usize| (2 * u16s + 4 * floats) as u32;
         Some(Flash {
             forward,
             kv,
             q,
-            forward_smem: bytes(2 * 64 * ld + hs * lt, 0),
-            kv_smem: bytes(2 * 64 * ld + 2 * hs * lt, 3 * 64),
-            q_smem: bytes(2 * 64 * ld + hs * lt, 0),
+            forward_smem: bytes(3 * 64 * ld, 0),
+            kv_smem: bytes(2 * 64 * ld, 3 * 64),
+            q_smem: bytes(2 * 64 * ld, 0),
         })
     }
 }
@@ -206,6 +216,14 @@ impl Cuda {
         entry.0.clone()
     }
 
+    /// `x` rounded to BF16 (the flash kernels' operands).
+    fn bf16_copy(&self, x: &CudaSlice<f32>) -> CudaSlice<u16> {
+        let n = x.len() as u32;
+        let mut y = self.scratch::<u16>(x.len());
+        launch!(self, "cast_bf16", n as usize, [x, &mut y, &n]);
+        y
+    }
+
     /// The flash-attention kernels, in fast mode, for head size `hs` (64 or 128).
     fn flash(&self, hs: usize) -> Option<Flash> {
         if self.lt.borrow().is_some() {
@@ -215,24 +233,28 @@ impl Cuda {
         }
     }
 
-    /// Work queued until the guard drops belongs to `phase` (then to `Other` again).
-    fn phase(&self, phase: Phase) -> PhaseGuard<'_> {
-        self.mark(phase);
+    /// Work queued until the guard drops belongs to op `name` of `phase`.
+    fn op(&self, phase: Phase, name: &'static str) -> PhaseGuard<'_> {
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            p.depth += 1;
+            if p.depth == 1 {
+                p.marks.push((phase, name, self.event()));
+            }
+        }
         PhaseGuard(self)
     }
 
-    /// With profiling on, the work queued from now on belongs to `phase`.
-    fn mark(&self, phase: Phase) {
-        if let Some(marks) = self.profile.borrow_mut().as_mut() {
-            if marks.last().map(|m| m.0) != Some(phase) {
-                let ev = self
-                    .gpu
-                    .stream
-                    .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .expect("CUDA event");
-                marks.push((phase, ev));
+    fn leave(&self) {
+        if let Some(p) = self.profile.borrow_mut().as_mut() {
+            p.depth = p.depth.saturating_sub(1);
+            if p.depth == 0 {
+                p.marks.push((Phase::Idle, "idle (launch and host gaps)", self.event()));
             }
         }
+    }
+
+    fn event(&self) -> cudarc::driver::CudaEvent {
+        self.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("CUDA event")
     }
 
     /// A device buffer whose contents are not initialised (scratch every element of
@@ -480,19 +502,21 @@ impl Backend for Cuda {
         self.gpu.stream.synchronize().expect("CUDA synchronize");
     }
     fn set_profiling(&self, on: bool) {
-        *self.profile.borrow_mut() = on.then(Vec::new);
-        self.mark(Phase::Other);
+        *self.profile.borrow_mut() = on.then(Prof::default);
+        self.leave();
     }
-    fn take_profile(&self) -> Vec<(Phase, f64)> {
-        self.mark(Phase::Other);
-        let Some(marks) = self.profile.borrow_mut().replace(Vec::new()) else { return Vec::new() };
+    fn take_profile(&self) -> Vec<OpTime> {
+        self.leave();
+        let Some(prof) = self.profile.borrow_mut().replace(Prof::default()) else { return Vec::new() };
         self.synchronize();
-        let mut per: std::collections::BTreeMap<Phase, f64> = Default::default();
-        for w in marks.windows(2) {
-            *per.entry(w[0].0).or_default() += f64::from(w[0].1.elapsed_ms(&w[1].1).unwrap_or(0.0));
+        let mut per: std::collections::BTreeMap<(Phase, &'static str), (f64, u64)> = Default::default();
+        for w in prof.marks.windows(2) {
+            let e = per.entry((w[0].0, w[0].1)).or_default();
+            e.0 += f64::from(w[0].2.elapsed_ms(&w[1].2).unwrap_or(0.0));
+            e.1 += u64::from(w[0].0 != Phase::Idle);
         }
-        self.mark(Phase::Other);
-        per.into_iter().collect()
+        self.leave();
+        per.into_iter().map(|((phase, op), (ms, calls))| OpTime { phase, op, ms, calls }).collect()
     }
     fn memory(&self) -> Option<MemoryStats> {
         let (free, total) = self.gpu.ctx.mem_get_info().ok()?;
@@ -519,16 +543,19 @@ impl Backend for Cuda {
         buf.len()
     }
     fn copy<T: Elem>(&self, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) {
+        let _op = self.op(Phase::Other, "copy");
         self.gpu.stream.memcpy_dtod(src, dst).expect("CUDA copy");
     }
 
     fn amax(&self, x: &CudaSlice<f32>) -> f32 {
+        let _op = self.op(Phase::Other, "amax");
         let n = x.len() as u32;
         let mut out = self.alloc::<u64>(1);
         launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &mut out]);
         amax_from_bits(self.gpu.stream.clone_dtoh(&out).expect("CUDA copy")[0])
     }
     fn cast_fp8(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> CastStats {
+        let _op = self.op(Phase::Other, "cast_fp8");
         let n = x.len() as u32;
         let mut stats = self.alloc::<u64>(2);
         let f = e5(fmt);
@@ -537,25 +564,31 @@ impl Backend for Cuda {
         CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
     }
     fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) {
+        let _op = self.op(Phase::Other, "decode_fp8");
         let (n, f) = (q.len() as u32, e5(fmt));
         launch!(self, "decode_fp8", n as usize, [q, x, &inv_scale, &n, &f]);
     }
     fn cast_bf16(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>) {
+        let _op = self.op(Phase::Other, "cast_bf16");
         let n = x.len() as u32;
         launch!(self, "cast_bf16", n as usize, [x, y, &n]);
     }
     fn cast_f16(&self, y: &mut CudaSlice<f16>, x: &CudaSlice<f32>, scale: f32) {
+        let _op = self.op(Phase::Other, "cast_f16");
         let n = x.len() as u32;
         launch!(self, "cast_f16", n as usize, [x, y, &scale, &n]);
     }
     fn decode_f16(&self, x: &mut CudaSlice<f32>, h: &CudaSlice<f16>, inv_scale: f32) {
+        let _op = self.op(Phase::Other, "decode_f16");
         let n = h.len() as u32;
         launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
     }
     fn sum_sq(&self, x: &CudaSlice<f32>) -> f32 {
+        let _op = self.op(Phase::Other, "sum_sq");
         self.csum(x, 1)
     }
     fn mean(&self, x: &CudaSlice<f32>) -> f32 {
+        let _op = self.op(Phase::Other, "mean");
         self.csum(x, 0) / x.len() as f32
     }
 
@@ -570,14 +603,16 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) {
-        let _phase = self.phase(Phase::Matmul);
+        let _op = self.op(Phase::Matmul, "matmul");
         self.matmul_any(out, a, b, product, m, n, k, scale);
     }
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) {
+        let _op = self.op(Phase::Other, "add_bias");
         let (n, c) = (x.len() as u32, c as u32);
         launch!(self, "add_bias", n as usize, [x, bias, &n, &c]);
     }
     fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) {
+        let _op = self.op(Phase::Other, "column_sums");
         let (r, c) = (rows as u32, cols as u32);
         let chunks = r.div_ceil(32);
         let mut part = self.alloc::<f32>((chunks * c) as usize);
@@ -585,14 +620,17 @@ impl Backend for Cuda {
         launch!(self, "column_tree", cols, [&mut part, out, &chunks, &c]);
     }
     fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
+        let _op = self.op(Phase::Other, "add");
         let n = out.len() as u32;
         launch!(self, "add", n as usize, [out, a, b, &n]);
     }
     fn accumulate(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
+        let _op = self.op(Phase::Other, "accumulate");
         let n = acc.len() as u32;
         launch!(self, "accumulate", n as usize, [acc, x, &n]);
     }
     fn set(&self, x: &mut CudaSlice<f32>, i: usize, v: f32) {
+        let _op = self.op(Phase::Other, "set");
         let mut host = self.download(x);
         host[i] = v;
         *x = self.upload(&host);
@@ -608,6 +646,7 @@ impl Backend for Cuda {
         t: usize,
         c: usize,
     ) {
+        let _op = self.op(Phase::Other, "encoder_forward");
         let (bb, tt, cc) = (b as u32, t as u32, c as u32);
         launch!(self, "encoder_forward", b * t * c, [out, tokens, wte, wpe, &bb, &tt, &cc]);
     }
@@ -621,6 +660,7 @@ impl Backend for Cuda {
         t: usize,
         c: usize,
     ) {
+        let _op = self.op(Phase::Other, "encoder_backward");
         // Positions grouped by token on the host (stable, so ascending within a token).
         let toks = self.download(tokens);
         let mut order: Vec<u32> = (0..toks.len() as u32).collect();
@@ -656,6 +696,7 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) {
+        let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
         launch!(self, "layernorm_forward", with ln_cfg(n, c), [y, mean, rstd, x, w, b, &nn, &cc]);
     }
@@ -672,6 +713,7 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) {
+        let _op = self.op(Phase::Other, "layernorm_backward");
         let (nn, cc) = (n as u32, c as u32);
         let mut pr = self.scratch::<f32>(n * c);
         launch!(self, "layernorm_backward_rows", with ln_cfg(n, c), [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
@@ -685,7 +727,7 @@ impl Backend for Cuda {
         qkv: &CudaSlice<f32>,
         s: AttnShape,
     ) {
-        let _phase = self.phase(Phase::Attention);
+        let _op = self.op(Phase::Attention, "attention_forward");
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
         if let Some(k) = self.flash(s.c / s.nh) {
             let cf = LaunchConfig {
@@ -693,7 +735,8 @@ impl Backend for Cuda {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: k.forward_smem,
             };
-            launch!(self, k.forward, with cf, [out, stats, qkv, &t, &c, &nh]);
+            let qkv16 = self.bf16_copy(qkv);
+            launch!(self, k.forward, with cf, [out, stats, &qkv16, &t, &c, &nh]);
             return;
         }
         if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
@@ -718,16 +761,17 @@ impl Backend for Cuda {
         stats: &CudaSlice<f32>,
         s: AttnShape,
     ) {
-        let _phase = self.phase(Phase::Attention);
+        let _op = self.op(Phase::Attention, "attention_backward");
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
         if let Some(k) = self.flash(s.c / s.nh) {
             let mut dsum = self.scratch::<f32>(s.b * s.nh * s.t);
             launch!(self, "flash_backward_rowdot", s.b * s.nh * s.t, [&mut dsum, dout, out, &b, &t, &c, &nh]);
+            let (qkv16, dout16) = (self.bf16_copy(qkv), self.bf16_copy(dout));
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
-            launch!(self, k.kv, with kv, [&mut *dqkv, dout, qkv, stats, &dsum, &t, &c, &nh]);
+            launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, &qkv16, stats, &dsum, &t, &c, &nh]);
             let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.q_smem };
-            launch!(self, k.q, with qc, [&mut *dqkv, dout, qkv, stats, &dsum, &t, &c, &nh]);
+            launch!(self, k.q, with qc, [&mut *dqkv, &dout16, &qkv16, stats, &dsum, &t, &c, &nh]);
             return;
         }
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
@@ -756,10 +800,12 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
     }
     fn gelu_forward(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
+        let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
         launch!(self, "gelu_forward", n as usize, [y, x, &n]);
     }
     fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) {
+        let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
         launch!(self, "gelu_backward", n as usize, [dx, x, dy, &n]);
     }
@@ -773,6 +819,7 @@ impl Backend for Cuda {
         n: usize,
         v: usize,
     ) {
+        let _op = self.op(Phase::Other, "crossentropy");
         let (nn, vv) = (n as u32, v as u32);
         let with = i32::from(dlogits.is_some());
         let mut dummy = self.alloc::<f32>(1);
@@ -784,7 +831,7 @@ impl Backend for Cuda {
 
     /// The contract's reduction with NCCL moving the bytes and kernels doing the sums.
     fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> CommBytes {
-        let _phase = self.phase(Phase::Communication);
+        let _op = self.op(Phase::Communication, "reduce_grad_fp8");
         let ranks = world.size;
         if ranks == 1 {
             return CommBytes::default();
@@ -815,7 +862,7 @@ impl Backend for Cuda {
     }
 
     fn reduce_grad_f32(&self, world: &World, g: &mut CudaSlice<f32>) -> CommBytes {
-        let _phase = self.phase(Phase::Communication);
+        let _op = self.op(Phase::Communication, "reduce_grad_f32");
         let ranks = world.size;
         if ranks == 1 {
             return CommBytes::default();
@@ -838,7 +885,7 @@ impl Backend for Cuda {
     }
 
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
-        let _phase = self.phase(Phase::Optimizer);
+        let _op = self.op(Phase::Optimizer, "adamw");
         use cudarc::driver::DevicePtr;
         let h = KAdamStep::from(step);
         let s = &self.gpu.stream;
