@@ -1,6 +1,13 @@
 // AdamW of every level (sim/src/ops/adamw.rs): the same per-element operation order.
-// Scaled states are updated in two passes: these kernels write the new f32 values;
-// the host takes their amax, picks the power-of-two scales and re-encodes.
+// Scaled states are updated in two passes: these kernels write the new f32 values and
+// their amax (atomicMax on the bit patterns, order-free: amax[0] master, [1] m, [2] v,
+// zero before the launch); the host picks the power-of-two scales and re-encodes.
+// Grid-stride, so any grid gives the same values.
+__device__ __forceinline__ void adam_amax(unsigned long long* amax, int k, u32 bits) {
+    bits = fp8train_warp_max_u32(bits);
+    if ((threadIdx.x & 31) == 0 && bits) atomicMax(&amax[k], (unsigned long long)bits);
+}
+__device__ __forceinline__ u32 adam_abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
 struct AdamStep { float lr, beta1, beta2, eps, omb1, omb2, bc1, bc2, decay, grad_scale; };
 
@@ -28,23 +35,33 @@ extern "C" __global__ void adamw_f32(float* p, const float* g32, const u8* gq, f
 
 // O1: FP16 master (value = code / scale), f32 moments; new master values to `newp`.
 extern "C" __global__ void adamw_o1(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
-                                    float* m, float* v, float* newp, u32 n, AdamStep h) {
-    u32 i = fp8train_tid();
-    if (i >= n) return;
-    float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
-    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
-    newp[i] = pi; m[i] = mi; v[i] = vi;
+                                    float* m, float* v, float* newp, u32 n, AdamStep h, unsigned long long* amax) {
+    u32 ap = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
+        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+        newp[i] = pi; m[i] = mi; v[i] = vi;
+        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
+    }
+    adam_amax(amax, 0, ap);
 }
 
 // O2: FP16 master, E4M3 m, FP16 v (each with 1/scale); new values to newp/nm/nv.
 extern "C" __global__ void adamw_o2(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
                                     const u8* m8, float minv, const u16* vh, float vinv, float* newp, float* nm,
-                                    float* nv, u32 n, AdamStep h) {
-    u32 i = fp8train_tid();
-    if (i >= n) return;
-    float pi = fp8train_from_f16(master[i]) * pinv;
-    float mi = fp8train_decode(m8[i], 0) * minv;
-    float vi = fp8train_from_f16(vh[i]) * vinv;
-    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
-    newp[i] = pi; nm[i] = mi; nv[i] = vi;
+                                    float* nv, u32 n, AdamStep h, unsigned long long* amax) {
+    u32 ap = 0, am = 0, av = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pi = fp8train_from_f16(master[i]) * pinv;
+        float mi = fp8train_decode(m8[i], 0) * minv;
+        float vi = fp8train_from_f16(vh[i]) * vinv;
+        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+        newp[i] = pi; nm[i] = mi; nv[i] = vi;
+        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
+        b = adam_abs_bits(mi); am = b > am ? b : am;
+        b = adam_abs_bits(vi); av = b > av ? b : av;
+    }
+    adam_amax(amax, 0, ap);
+    adam_amax(amax, 1, am);
+    adam_amax(amax, 2, av);
 }

@@ -41,9 +41,10 @@ extern "C" __global__ void decode_f16(const u16* h, float* x, float inv_scale, u
     float v = fp8train_from_f16(h[i]);
     x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
-extern "C" __global__ void add_bias(float* x, const float* b, u32 n, u32 c) {
-    u32 i = fp8train_tid();
-    if (i < n) x[i] += b[i % c];
+// x[r, :] += b: grid (ceil(c / 256), rows), no division per element.
+extern "C" __global__ void add_bias(float* x, const float* b, u32 rows, u32 c) {
+    u32 j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (j < c && r < rows) x[(size_t)r * c + j] += b[j];
 }
 extern "C" __global__ void add(float* out, const float* a, const float* b, u32 n) {
     u32 i = fp8train_tid();

@@ -64,6 +64,27 @@ extern "C" __global__ void column_chunk_sums(const float* x, float* part, u32 ro
     for (u32 r = ch * 32; r < end; r++) acc = acc + x[(size_t)r * cols + j];
     part[(size_t)ch * cols + j] = acc;
 }
+// The same tree for 32 columns per block (block (32, 8)), level by level in shared
+// memory: dynamic shared memory (chunks + chunks / 2 + 1) * 32 floats.
+extern "C" __global__ void column_tree_block(const float* part, float* out, u32 chunks, u32 cols) {
+    extern __shared__ float ct_sh[];
+    float* a = ct_sh;
+    float* b = ct_sh + (size_t)chunks * 32;
+    u32 tx = threadIdx.x, ty = threadIdx.y, j = blockIdx.x * 32 + tx;
+    bool in = j < cols;
+    for (u32 ch = ty; ch < chunks; ch += blockDim.y) a[ch * 32 + tx] = in ? part[(size_t)ch * cols + j] : 0.0f;
+    __syncthreads();
+    int m = (int)chunks;
+    while (m > 1) {
+        int half = m / 2;
+        for (int i = ty; i < half; i += blockDim.y) b[i * 32 + tx] = a[2 * i * 32 + tx] + a[(2 * i + 1) * 32 + tx];
+        if ((m & 1) && ty == 0) b[half * 32 + tx] = a[(m - 1) * 32 + tx];
+        __syncthreads();
+        m = half + (m & 1);
+        float* t = a; a = b; b = t;
+    }
+    if (in && ty == 0) out[j] = chunks == 0 ? 0.0f : a[tx];
+}
 extern "C" __global__ void column_tree(float* part, float* out, u32 chunks, u32 cols) {
     u32 j = fp8train_tid();
     if (j >= cols) return;

@@ -291,7 +291,8 @@ impl<B: Backend> Gpt<B> {
         self.params.iter().map(|p| p.optimizer_bytes(be)).sum()
     }
 
-    /// Forward pass; returns the mean loss. `train`: record amax histories.
+    /// Forward pass; returns the mean loss. `train`: record amax histories, and leave the
+    /// loss to `forward_backward` (returns NaN).
     pub fn forward(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32], train: bool) -> f32 {
         let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
         let n = b * t;
@@ -393,6 +394,11 @@ impl<B: Backend> Gpt<B> {
             c,
             1.0,
         );
+        if train {
+            // forward_backward takes the losses from the cross-entropy that also makes
+            // the gradient (the same per-row losses, one pass over the logits less).
+            return f32::NAN;
+        }
         be.crossentropy(&mut ws.losses, None, &ws.logits, &ws.targets, 0.0, n, v);
         be.mean(&ws.losses)
     }
@@ -423,16 +429,17 @@ impl<B: Backend> Gpt<B> {
         mu: f32,
         inject_nan: bool,
     ) -> BackwardStats {
-        let loss = self.forward(be, ws, tokens, targets, true);
+        self.forward(be, ws, tokens, targets, true);
         let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
         let n = b * t;
-        let mut st = BackwardStats { loss, ..Default::default() };
+        let mut st = BackwardStats::default();
         let mut finite = true;
         let Gpt { params, scaling, cfg, .. } = self;
 
         // Loss and LM head.
         let dloss = mu / n as f32;
         be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits), &ws.logits, &ws.targets, dloss, n, v);
+        st.loss = be.mean(&ws.losses);
         be.cast_bf16(&mut ws.dlogits_bf16, &ws.dlogits);
         be.matmul(
             &mut ws.dln,

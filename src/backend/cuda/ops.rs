@@ -608,16 +608,35 @@ impl Backend for Cuda {
     }
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) {
         let _op = self.op(Phase::Other, "add_bias");
-        let (n, c) = (x.len() as u32, c as u32);
-        launch!(self, "add_bias", n as usize, [x, bias, &n, &c]);
+        let (rows, cc) = ((x.len() / c.max(1)) as u32, c as u32);
+        // rows may exceed the grid's y limit (65535): cut into slabs of rows.
+        let slab = 65535u32;
+        let mut r0 = 0u32;
+        while r0 < rows {
+            let rn = slab.min(rows - r0);
+            let cf = LaunchConfig { grid_dim: (cc.div_ceil(256), rn, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let mut part = x.slice_mut(r0 as usize * c..(r0 + rn) as usize * c);
+            launch!(self, "add_bias", with cf, [&mut part, bias, &rn, &cc]);
+            r0 += rn;
+        }
     }
     fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) {
         let _op = self.op(Phase::Other, "column_sums");
         let (r, c) = (rows as u32, cols as u32);
         let chunks = r.div_ceil(32);
-        let mut part = self.alloc::<f32>((chunks * c) as usize);
+        let mut part = self.scratch::<f32>((chunks * c) as usize);
         launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
-        launch!(self, "column_tree", cols, [&mut part, out, &chunks, &c]);
+        let shared = ((chunks as usize + chunks as usize / 2 + 1) * 32 * 4) as u32;
+        if shared <= 200 << 10 {
+            let cf = LaunchConfig {
+                grid_dim: (c.div_ceil(32).max(1), 1, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: shared,
+            };
+            launch!(self, "column_tree_block", with cf, [&part, out, &chunks, &c]);
+        } else {
+            launch!(self, "column_tree", cols, [&mut part, out, &chunks, &c]);
+        }
     }
     fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
         let _op = self.op(Phase::Other, "add");
@@ -900,28 +919,39 @@ impl Backend for Cuda {
             }
             AdamState::O1 { master, master_scale, m, v } => {
                 let n = master.len() as u32;
-                let mut newp = self.alloc::<f32>(n as usize);
+                let mut newp = self.scratch::<f32>(n as usize);
                 let pinv = 1.0 / *master_scale;
-                launch!(self, "adamw_o1", n as usize, [&*master, &pinv, &g32, &gq, &ginv, m, v, &mut newp, &n, &h]);
-                *master_scale = scale_for_max(F16_MAX, self.amax(&newp), 0, *master_scale);
+                let mut amax = self.alloc::<u64>(3);
+                launch!(
+                    self,
+                    "adamw_o1",
+                    with stride_cfg(n as usize),
+                    [&*master, &pinv, &g32, &gq, &ginv, m, v, &mut newp, &n, &h, &mut amax]
+                );
+                let a = self.download(&amax);
+                *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[0]), 0, *master_scale);
                 self.cast_f16(master, &newp, *master_scale);
             }
             AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
                 let n = master.len() as u32;
                 let (mut np, mut nm, mut nv) =
-                    (self.alloc::<f32>(n as usize), self.alloc::<f32>(n as usize), self.alloc::<f32>(n as usize));
+                    (self.scratch::<f32>(n as usize), self.scratch::<f32>(n as usize), self.scratch::<f32>(n as usize));
                 let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
+                let mut amax = self.alloc::<u64>(3);
                 launch!(
                     self,
                     "adamw_o2",
-                    n as usize,
-                    [&*master, &pinv, &g32, &gq, &ginv, &*m, &minv, &*v, &vinv, &mut np, &mut nm, &mut nv, &n, &h]
+                    with stride_cfg(n as usize),
+                    [&*master, &pinv, &g32, &gq, &ginv, &*m, &minv, &*v, &vinv, &mut np, &mut nm, &mut nv, &n, &h, &mut amax]
                 );
-                *master_scale = scale_for_max(F16_MAX, self.amax(&np), 0, *master_scale);
+                let a = self.download(&amax);
+                *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[0]), 0, *master_scale);
                 self.cast_f16(master, &np, *master_scale);
-                *m_scale = scale_from_amax(Fp8Format::E4M3, self.amax(&nm), 0, *m_scale);
-                self.cast_fp8(m, &nm, Fp8Format::E4M3, *m_scale);
-                *v_scale = scale_for_max(F16_MAX, self.amax(&nv), 0, *v_scale);
+                *m_scale = scale_from_amax(Fp8Format::E4M3, amax_from_bits(a[1]), 0, *m_scale);
+                let (nn, e4) = (n, 0i32);
+                let mut unused = self.alloc::<u64>(2);
+                launch!(self, "cast_fp8", with stride_cfg(n as usize), [&nm, &mut *m, &*m_scale, &nn, &e4, &mut unused]);
+                *v_scale = scale_for_max(F16_MAX, amax_from_bits(a[2]), 0, *v_scale);
                 self.cast_f16(v, &nv, *v_scale);
             }
         }
