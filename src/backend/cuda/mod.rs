@@ -90,7 +90,21 @@ impl Gpu {
         let ptx = match cached {
             Some(p) => p,
             None => {
-                let p = compile_ptx_with_opts(src, compile_options(arch)).map_err(|e| format!("NVRTC: {e}"))?;
+                // NVRTC takes tens of seconds for the whole set (the flash and tiled
+                // attention kernels unroll a lot): the PTX is kept on disk, keyed by the
+                // sources, the flags and the architecture.
+                let key = ptx_cache_key(&src, arch);
+                let file = ptx_cache_dir().map(|d| d.join(format!("kernels-{arch}-{key:016x}.ptx")));
+                let p = match file.as_ref().and_then(|f| std::fs::read_to_string(f).ok()) {
+                    Some(text) if text.contains(".entry") => cudarc::nvrtc::Ptx::from_src(text),
+                    _ => {
+                        let p = compile_ptx_with_opts(src, compile_options(arch)).map_err(|e| format!("NVRTC: {e}"))?;
+                        if let Some(f) = &file {
+                            store_ptx(f, &p.to_src());
+                        }
+                        p
+                    }
+                };
                 PTX.lock().map_err(|_| "PTX cache poisoned")?.push((arch.to_string(), p.clone()));
                 p
             }
@@ -110,6 +124,37 @@ impl Gpu {
     }
 }
 
+/// Where compiled kernels are kept: `$FP8TRAIN_CACHE`, else `$XDG_CACHE_HOME/fp8train`,
+/// else `~/.cache/fp8train` (None: no cache).
+pub fn ptx_cache_dir() -> Option<std::path::PathBuf> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    env("FP8TRAIN_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("fp8train")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache").join("fp8train")))
+}
+
+/// The cache key: the kernel sources, the compile flags and the architecture.
+pub fn ptx_cache_key(src: &str, arch: &str) -> u64 {
+    let o = compile_options("sm_90");
+    let flags = format!("{:?}{:?}{:?}{:?}{:?}", o.fmad, o.prec_div, o.prec_sqrt, o.ftz, o.use_fast_math);
+    fp8cluster::world::fnv1a(format!("{src}\0{flags}\0{arch}").as_bytes())
+}
+
+/// Write `text` to `file` atomically (temporary file, then rename); a failure only
+/// means the next run compiles again.
+fn store_ptx(file: &std::path::Path, text: &str) {
+    let Some(dir) = file.parent() else { return };
+    if std::fs::create_dir_all(dir).is_err() {
+        return;
+    }
+    if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) {
+        use std::io::Write;
+        if tmp.write_all(text.as_bytes()).is_ok() {
+            let _ = tmp.persist(file);
+        }
+    }
+}
+
 mod lt;
 pub mod nccl;
 mod ops;
@@ -125,6 +170,22 @@ mod tests {
             (o.fmad, o.prec_div, o.prec_sqrt, o.ftz, o.use_fast_math),
             (Some(false), Some(true), Some(true), Some(false), Some(false))
         );
+    }
+
+    #[test]
+    fn ptx_cache_key_follows_sources_and_arch() {
+        let k = super::ptx_cache_key("a", "sm_90");
+        assert_eq!(k, super::ptx_cache_key("a", "sm_90"));
+        assert_ne!(k, super::ptx_cache_key("b", "sm_90"));
+        assert_ne!(k, super::ptx_cache_key("a", "sm_80"));
+    }
+
+    #[test]
+    fn stored_ptx_is_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("sub").join("k.ptx");
+        super::store_ptx(&f, ".entry x");
+        assert_eq!(std::fs::read_to_string(&f).unwrap(), ".entry x");
     }
 
     #[test]
