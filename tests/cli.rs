@@ -148,3 +148,47 @@ fn topo_exports_this_machine_as_a_fixture() {
     assert_eq!(a["machine"]["cores"], b["machine"]["cores"]);
     assert_eq!(a["plan"], b["plan"]);
 }
+
+#[test]
+fn bench_step_times_training_steps_on_the_simulator() {
+    // The same step as `train` (train::train_step) on random tokens; the record says what ran.
+    let out = stdout_of(fp8train().args([
+        "--threads",
+        "2",
+        "bench",
+        "step",
+        "--model",
+        "default",
+        "--backend",
+        "sim",
+        "--gemm",
+        "exact",
+        "--level",
+        "O2",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]));
+    let r: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON document");
+    assert_eq!(r["params"], 120576);
+    assert_eq!((r["batch"].as_u64(), r["seq"].as_u64(), r["level"].as_str()), (Some(4), Some(64), Some("O2")));
+    assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0 && r["step_ms_median"].as_f64().unwrap() > 0.0);
+    // 6 N + 12 L d T FLOPs per token
+    assert_eq!(r["flops_per_token"].as_f64().unwrap(), 6.0 * 120576.0 + 12.0 * 2.0 * 64.0 * 64.0);
+    let loss = r["final_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    for (args, says) in [
+        (vec!["--model", "gpt-7"], "unknown shape"),
+        (vec!["--model", "default", "--backend", "sim", "--gemm", "fast"], "needs --backend cuda"),
+        (vec!["--model", "default", "--backend", "sim", "--gemm", "exact", "--level", "O3"], "O3"),
+        (vec!["--model", "default", "--backend", "sim", "--gemm", "exact", "--steps", "0"], "--steps"),
+    ] {
+        let out = fp8train().args(["bench", "step"]).args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(says) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
