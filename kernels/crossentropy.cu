@@ -1,7 +1,7 @@
 // Fused softmax + cross-entropy (sim/src/ops/crossentropy.rs): one block per row. The
 // max is order-free (NaN wins); the sum of exponentials is the contract's sum: thread t
 // sums chunks t, t + blockDim, ... sequentially, the block runs the tree over the chunk
-// partials (dynamic shared memory: 2 * chunks floats + 64).
+// partials (dynamic shared memory: chunks + chunks / 2 + 1 + 64 floats; 2^20 classes fit).
 extern "C" __global__ void crossentropy(float* losses, float* dlogits, const float* logits, const u32* targets,
                                         float dloss, u32 n, u32 v, int with_grad) {
     extern __shared__ float ce_sh[];
@@ -9,8 +9,8 @@ extern "C" __global__ void crossentropy(float* losses, float* dlogits, const flo
     if (r >= n) return;  // whole block
     int chunks = ((int)v + 31) / 32;
     float* pa = ce_sh;
-    float* pb = ce_sh + chunks;
-    float* wmax = ce_sh + 2 * chunks;  // 32 maxima + 32 NaN flags
+    float* pb = ce_sh + chunks;                 // the tree's scratch: chunks / 2 + 1
+    float* wmax = pb + chunks / 2 + 1;          // 32 maxima + 32 NaN flags
     const float* lr = logits + (size_t)r * v;
     float mx = __int_as_float(0xff800000);
     bool nan = false;

@@ -843,7 +843,8 @@ impl Backend for Cuda {
         let with = i32::from(dlogits.is_some());
         let mut dummy = self.alloc::<f32>(1);
         let d = dlogits.unwrap_or(&mut dummy);
-        let shared = ((2 * v.div_ceil(32) + 64) * 4) as u32;
+        let chunks = v.div_ceil(32);
+        let shared = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
         let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: shared };
         launch!(self, "crossentropy", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
     }
