@@ -184,7 +184,7 @@ fn cases() -> Vec<Case> {
         [(2, 7, 12, 3), (1, 70, 32, 2), (4, 64, 64, 4), (2, 130, 128, 2), (1, 200, 256, 2)]
             .map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }),
     );
-    v.extend([(6, 50), (64, 256), (3, 5000), (5, 50304)].map(|(n, v)| Case::CrossEntropy { n, v }));
+    v.extend([(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000)].map(|(n, v)| Case::CrossEntropy { n, v }));
     v.extend([(1000, 64), (33, 7)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
     v.push(Case::Casts { n: 100_003 });
     // One block, several blocks, and more than 1024 blocks (two tree passes).
