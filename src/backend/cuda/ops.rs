@@ -351,42 +351,6 @@ impl Cuda {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_any(
-        &self,
-        out: &mut CudaSlice<f32>,
-        a: Operand<'_, Self>,
-        b: Operand<'_, Self>,
-        product: Product,
-        m: usize,
-        n: usize,
-        k: usize,
-        scale: f32,
-    ) {
-        if self.lt.borrow().is_some() {
-            match self.matmul_fast(out, &a, &b, product, m, n, k, scale) {
-                Ok(()) => return,
-                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
-            }
-        }
-        // (rows, cols, row stride, col stride) of the logical A and B.
-        let (ma, na, ka) = (m as u32, n as u32, k as u32);
-        let (dims, a_s, b_s) = match product {
-            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
-            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
-            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
-        };
-        let (pa, ta) = self.operand(&a);
-        let (pb, tb) = self.operand(&b);
-        let (mm, nn, kk) = dims;
-        launch!(
-            self,
-            "gemm_exact",
-            (mm as usize) * (nn as usize),
-            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
-        );
-    }
-
     /// The output amax cuBLASLt computed for the last fast FP8 GEMM, if it offered one.
     pub fn last_fast_amax(&self) -> Option<f32> {
         self.last_amax.get()
@@ -604,7 +568,28 @@ impl Backend for Cuda {
         scale: f32,
     ) {
         let _op = self.op(Phase::Matmul, "matmul");
-        self.matmul_any(out, a, b, product, m, n, k, scale);
+        if self.lt.borrow().is_some() {
+            match self.matmul_fast(out, &a, &b, product, m, n, k, scale) {
+                Ok(()) => return,
+                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
+            }
+        }
+        // (rows, cols, row stride, col stride) of the logical A and B.
+        let (ma, na, ka) = (m as u32, n as u32, k as u32);
+        let (dims, a_s, b_s) = match product {
+            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
+            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
+            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
+        };
+        let (pa, ta) = self.operand(&a);
+        let (pb, tb) = self.operand(&b);
+        let (mm, nn, kk) = dims;
+        launch!(
+            self,
+            "gemm_exact",
+            (mm as usize) * (nn as usize),
+            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
+        );
     }
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) {
         let _op = self.op(Phase::Other, "add_bias");
