@@ -2,14 +2,15 @@
 // products with unspecified accumulation, held to a measured bound against the exact
 // kernels of attention.cu by `fp8train verify`). BF16 operands (q, k, v, dout are cast
 // to BF16 once by the host side; the probabilities are rounded to BF16), f32
-// accumulation (mma.sync m16n8k16), an online softmax over key tiles of 64 using the
-// project's fast exp (fp8train_exp_fast), causal tiles skipped, masks only on the
-// diagonal tile. Tiles are staged row-major with 16-byte copies; the operands that
-// are needed transposed come out of shared memory through ldmatrix.trans. Backward
-// recomputes the probabilities from the saved row max and sum; dK/dV and dQ come from
-// two kernels so that no sum is split across blocks (no atomics: run-to-run
-// deterministic). Layouts as the exact kernels: qkv [b, t, 3c] f32, out [b, t, c] f32,
-// stats [b*nh, t, 2] = (max of the scaled scores, sum of exponentials).
+// accumulation (mma.sync m16n8k16), an online softmax over key tiles of 64 in base 2
+// (scores pre-multiplied by log2(e) / sqrt(hs), exponentials by fa_exp2), causal tiles
+// skipped, masks only on the diagonal tile. Tiles stream through shared memory with
+// cp.async, double-buffered: the next tile is in flight while this one is multiplied.
+// Fragments come out of shared memory through ldmatrix (.trans for the operands needed
+// transposed). Backward recomputes the probabilities from the saved row max and sum;
+// dK/dV and dQ come from two kernels so that no sum is split across blocks (no atomics:
+// run-to-run deterministic). Layouts as the exact kernels: qkv [b, t, 3c] f32, out
+// [b, t, c] f32, stats [b*nh, t, 2] = (max of the scaled scores, sum of exponentials).
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, q = lane % 4):
 //   A 16x16 row-major: a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..)
@@ -18,7 +19,10 @@
 // A pair of BF16 values is one 32-bit word, the lower index in the low half.
 
 #define FA_TILE 64
+#define FA_THREADS 128
 #define FA_NEG_INF __int_as_float(0xff800000)
+#define FA_LOG2E 1.44269504088896341f
+#define FA_LN2 0.69314718055994531f
 
 __device__ __forceinline__ void fa_mma(float* d, const u32* a, u32 b0, u32 b1) {
     asm volatile(
@@ -27,113 +31,174 @@ __device__ __forceinline__ void fa_mma(float* d, const u32* a, u32 b0, u32 b1) {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ u32 fa_ld(const u16* p) { return *(const u32*)p; }
+// Two f32 rounded to nearest-even BF16 in one instruction (lo in the low half).
 __device__ __forceinline__ u32 fa_pack(float lo, float hi) {
-    return (u32)fp8train_to_bf16(lo) | ((u32)fp8train_to_bf16(hi) << 16);
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
-// A fragment (rows r0..r0+15, cols k0..k0+15) of a row-major BF16 tile with row stride ld.
-__device__ __forceinline__ void fa_frag_a(u32* a, const u16* s, int ld, int r0, int k0, int g, int q) {
-    a[0] = fa_ld(s + (r0 + g) * ld + k0 + 2 * q);
-    a[1] = fa_ld(s + (r0 + g + 8) * ld + k0 + 2 * q);
-    a[2] = fa_ld(s + (r0 + g) * ld + k0 + 2 * q + 8);
-    a[3] = fa_ld(s + (r0 + g + 8) * ld + k0 + 2 * q + 8);
+__device__ __forceinline__ u32 fa_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void fa_ldsm4(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem(p)));
 }
-// B fragment (k0..k0+15 x n0..n0+7) from a tile holding B^T row-major (row = n, col = k).
-__device__ __forceinline__ void fa_frag_bt(u32& b0, u32& b1, const u16* s, int ld, int n0, int k0, int g, int q) {
-    b0 = fa_ld(s + (n0 + g) * ld + k0 + 2 * q);
-    b1 = fa_ld(s + (n0 + g) * ld + k0 + 2 * q + 8);
+__device__ __forceinline__ void fa_ldsm4_trans(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(fa_smem(p)));
 }
-// The A fragment for keys 16kk..16kk+15 from the f32 C fragments of n-tiles 2kk, 2kk+1.
-__device__ __forceinline__ void fa_c_to_a(u32* a, const float* c0, const float* c1) {
-    a[0] = fa_pack(c0[0], c0[1]);
-    a[1] = fa_pack(c0[2], c0[3]);
-    a[2] = fa_pack(c1[0], c1[1]);
-    a[3] = fa_pack(c1[2], c1[3]);
+// A fragment (rows r0..r0+15, cols k0..k0+15) of a row-major BF16 tile with row stride ld:
+// lanes 8m..8m+7 address the rows of 8x8 matrix m = (rows +8 if m odd, cols +8 if m >= 2).
+__device__ __forceinline__ void fa_frag_a(u32* a, const u16* s, int ld, int r0, int k0, int lane) {
+    fa_ldsm4(a, s + (r0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + k0 + 8 * (lane >> 4));
+}
+// B fragments of n-tiles n0 and n0+8 (b[0..1], b[2..3]) for k0..k0+15, from a tile
+// holding B^T row-major (row = n, col = k).
+__device__ __forceinline__ void fa_frag_bt2(u32* b, const u16* s, int ld, int n0, int k0, int lane) {
+    fa_ldsm4(b, s + (n0 + (lane & 7) + 8 * (lane >> 4)) * ld + k0 + 8 * ((lane >> 3) & 1));
+}
+// The same from a tile holding B row-major (row = k, col = n), transposed by ldmatrix.
+__device__ __forceinline__ void fa_frag_b2_trans(u32* b, const u16* s, int ld, int k0, int n0, int lane) {
+    fa_ldsm4_trans(b, s + (k0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + n0 + 8 * (lane >> 4));
+}
+
+// 16 bytes global -> shared without passing through registers; zero-filled when !valid
+// (src must still be a mapped address).
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(fa_smem(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void fa_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void fa_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 __device__ __forceinline__ size_t fa_at(u32 bb, u32 i, u32 part, u32 h, u32 t, u32 c, u32 hs) {
     return ((size_t)bb * t + i) * 3 * c + (size_t)part * c + (size_t)h * hs;
 }
-// Stage rows r0..r0+63 (zero past t) of a BF16 matrix with `row_stride` elements per
-// row, HS columns from `src`, into `dst` (row stride HS + 8), 16 bytes per copy.
+// Start copying rows r0..r0+63 (zero past t) of a BF16 matrix with `row_stride`
+// elements per row, HS columns from `src`, into `dst` (row stride HS + 8).
 template <int HS>
 __device__ __forceinline__ void fa_stage(u16* dst, const u16* src, size_t row_stride, u32 r0, u32 t) {
     constexpr int V = HS / 8;  // 16-byte vectors per row
-    for (u32 e = threadIdx.x; e < FA_TILE * V; e += blockDim.x) {
+#pragma unroll
+    for (u32 e = threadIdx.x; e < FA_TILE * V; e += FA_THREADS) {
         u32 r = e / V, v = e % V;
-        uint4 w = make_uint4(0, 0, 0, 0);
-        if (r0 + r < t) w = *(const uint4*)(src + (size_t)(r0 + r) * row_stride + 8 * v);
-        *(uint4*)(dst + r * (HS + 8) + 8 * v) = w;
+        bool in = r0 + r < t;
+        fa_cp16(dst + r * (HS + 8) + 8 * v, src + (size_t)(in ? r0 + r : 0) * row_stride + 8 * v, in);
     }
-}
-// B fragment (k0..k0+15 x n0..n0+7) from a tile holding B row-major (row = k, col = n).
-__device__ __forceinline__ void fa_frag_b_trans(u32& b0, u32& b1, const u16* s, int ld, int k0, int n0, int lane) {
-    const u16* p = s + (k0 + (lane & 15)) * ld + n0;
-    u32 addr = (u32)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n" : "=r"(b0), "=r"(b1) : "r"(addr));
 }
 
-// Scores of this warp's 16 rows against 64 columns: s[n] = A (16 x HS) x B^T for the
-// B tile held row-major (row = column index of s, stride HS + 8).
+// 2^y for the softmax (y <= 0 up to rounding): 2^k times a degree-6 polynomial of the
+// fraction, as fp8train_exp_fast after its multiplication by log2(e); NaN stays NaN.
+__device__ __forceinline__ float fa_exp2(float y) {
+    float c = fminf(fmaxf(y, -127.0f), 127.0f);
+    float k = rintf(c);
+    float f = c - k;
+    float p = 1.5403530393381606e-4f;
+    p = fmaf(p, f, 1.3333558146428443e-3f);
+    p = fmaf(p, f, 9.618129107628477e-3f);
+    p = fmaf(p, f, 5.550410866482158e-2f);
+    p = fmaf(p, f, 2.402265069591007e-1f);
+    p = fmaf(p, f, 6.931471805599453e-1f);
+    p = fmaf(p, f, 1.0f);
+    int ki = (int)k;
+    float r = __int_as_float(__float_as_int(p) + (ki << 23));
+    return y != y ? y : (ki <= -126 ? 0.0f : r);
+}
+
+// s[n] (16 x 64) = A x B^T, A = rows r0.. of the row-major tile `as` (16 x HS), B^T the
+// row-major tile `bt` (row = column index of s), both with row stride HS + 8.
 template <int HS>
-__device__ __forceinline__ void fa_scores(float (*s)[4], const u32 (*a)[4], const u16* bt, int g, int q) {
+__device__ __forceinline__ void fa_scores(float (*s)[4], const u16* as, int r0, const u16* bt, int lane) {
 #pragma unroll
-    for (int n = 0; n < 8; n++) {
-        s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++) {
-            u32 b0, b1;
-            fa_frag_bt(b0, b1, bt, HS + 8, 8 * n, 16 * kk, g, q);
-            fa_mma(s[n], a[kk], b0, b1);
+    for (int kk = 0; kk < HS / 16; kk++) {
+        u32 a[4];
+        fa_frag_a(a, as, HS + 8, r0, 16 * kk, lane);
+#pragma unroll
+        for (int np = 0; np < 4; np++) {
+            u32 b[4];
+            fa_frag_bt2(b, bt, HS + 8, 16 * np, 16 * kk, lane);
+            fa_mma(s[2 * np], a, b[0], b[1]);
+            fa_mma(s[2 * np + 1], a, b[2], b[3]);
         }
     }
+}
+// The same with A held in registers (a[kk] = fragment of columns 16kk..16kk+15).
+template <int HS>
+__device__ __forceinline__ void fa_scores_reg(float (*s)[4], const u32 (*a)[4], const u16* bt, int lane) {
+#pragma unroll
+    for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < HS / 16; kk++)
+#pragma unroll
+        for (int np = 0; np < 4; np++) {
+            u32 b[4];
+            fa_frag_bt2(b, bt, HS + 8, 16 * np, 16 * kk, lane);
+            fa_mma(s[2 * np], a[kk], b[0], b[1]);
+            fa_mma(s[2 * np + 1], a[kk], b[2], b[3]);
+        }
 }
 // acc (16 x HS) += P (16 x 64, as C fragments) x B (64 x HS, row-major tile).
 template <int HS>
 __device__ __forceinline__ void fa_accumulate(float (*acc)[4], float (*p)[4], const u16* b, int lane) {
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        u32 pa[4];
-        fa_c_to_a(pa, p[2 * kk], p[2 * kk + 1]);
+        u32 pa[4] = {fa_pack(p[2 * kk][0], p[2 * kk][1]), fa_pack(p[2 * kk][2], p[2 * kk][3]),
+                     fa_pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), fa_pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
-        for (int n = 0; n < HS / 8; n++) {
-            u32 b0, b1;
-            fa_frag_b_trans(b0, b1, b, HS + 8, 16 * kk, 8 * n, lane);
-            fa_mma(acc[n], pa, b0, b1);
+        for (int np = 0; np < HS / 16; np++) {
+            u32 bb[4];
+            fa_frag_b2_trans(bb, b, HS + 8, 16 * kk, 16 * np, lane);
+            fa_mma(acc[2 * np], pa, bb[0], bb[1]);
+            fa_mma(acc[2 * np + 1], pa, bb[2], bb[3]);
         }
     }
 }
 
 template <int HS>
 __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8;
-    extern __shared__ __align__(16) u16 fa_sh[];
-    u16* Qs = fa_sh;              // [64][LD]
-    u16* Ks = Qs + FA_TILE * LD;  // [64][LD]
-    u16* Vs = Ks + FA_TILE * LD;  // [64][LD]
+    constexpr int LD = HS + 8, TILE = FA_TILE * LD;
+    extern __shared__ __align__(16) u16 fa_sh[];  // [K0][V0][K1][V1]; Q passes through K1
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     u32 qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_TILE;  // longest tiles first
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     size_t rs = 3 * (size_t)c;
     const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
-    fa_stage<HS>(Qs, base, rs, q0, t);
+    fa_stage<HS>(fa_sh + 2 * TILE, base, rs, q0, t);
+    fa_stage<HS>(fa_sh, base + c, rs, 0, t);
+    fa_stage<HS>(fa_sh + TILE, base + 2 * (size_t)c, rs, 0, t);
+    fa_commit();
+    fa_wait<0>();
     __syncthreads();
     u32 qa[HS / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < HS / 16; kk++) fa_frag_a(qa[kk], Qs, LD, 16 * warp, 16 * kk, g, q);
+    for (int kk = 0; kk < HS / 16; kk++) fa_frag_a(qa[kk], fa_sh + 2 * TILE, LD, 16 * warp, 16 * kk, lane);
+    __syncthreads();  // Q is in registers everywhere before K1 is refilled
     float o[HS / 8][4];
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
     float mrow[2] = {FA_NEG_INF, FA_NEG_INF}, lrow[2] = {0.0f, 0.0f};
-    float scale = 1.0f / sqrtf((float)HS);
+    float sl2 = FA_LOG2E / sqrtf((float)HS);
     u32 row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
     for (u32 kt = 0; kt <= qt; kt++) {
+        const u16* Ks = fa_sh + (kt & 1) * 2 * TILE;
+        const u16* Vs = Ks + TILE;
+        if (kt < qt) {
+            u16* next = fa_sh + ((kt + 1) & 1) * 2 * TILE;
+            fa_stage<HS>(next, base + c, rs, (kt + 1) * FA_TILE, t);
+            fa_stage<HS>(next + TILE, base + 2 * (size_t)c, rs, (kt + 1) * FA_TILE, t);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
         u32 k0 = kt * FA_TILE;
-        __syncthreads();
-        fa_stage<HS>(Ks, base + c, rs, k0, t);
-        fa_stage<HS>(Vs, base + 2 * (size_t)c, rs, k0, t);
-        __syncthreads();
         float s[8][4];
-        fa_scores<HS>(s, qa, Ks, g, q);
+        fa_scores_reg<HS>(s, qa, Ks, lane);
         bool edge = kt == qt || k0 + FA_TILE > t;
         float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
 #pragma unroll
@@ -141,7 +206,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
-                float v = s[n][e] * scale;
+                float v = s[n][e] * sl2;
                 if (edge && (col > r || col >= t)) v = FA_NEG_INF;
                 s[n][e] = v;
                 tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
@@ -153,7 +218,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
             float mnew = fmaxf(mrow[r], tmax[r]);
             float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
-            alpha[r] = fp8train_exp_fast(mrow[r] - safe);
+            alpha[r] = fa_exp2(mrow[r] - safe);
             mrow[r] = mnew;
             tmax[r] = safe;
         }
@@ -162,7 +227,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                float p = fp8train_exp_fast(s[n][e] - tmax[e >> 1]);
+                float p = fa_exp2(s[n][e] - tmax[e >> 1]);
                 s[n][e] = p;
                 psum[e >> 1] += p;
             }
@@ -173,6 +238,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
             o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
         }
         fa_accumulate<HS>(o, s, Vs, lane);
+        __syncthreads();  // this buffer is refilled two tiles on
     }
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -188,102 +254,121 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
         for (int n = 0; n < HS / 8; n++)
             *(float2*)(orow + 8 * n + 2 * q) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
         if (q == 0) {
-            stats[((size_t)bh * t + row[r]) * 2] = mrow[r];
+            stats[((size_t)bh * t + row[r]) * 2] = mrow[r] * FA_LN2;  // back to natural units
             stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
         }
     }
 }
 
-// D[bh, i] = sum_d dout[i, d] * out[i, d] (one thread per row).
-extern "C" __global__ void flash_backward_rowdot(float* dsum, const float* dout, const float* out, u32 b, u32 t, u32 c,
-                                                 u32 nh) {
-    u32 idx = fp8train_tid();
-    if (idx >= b * nh * t) return;
-    u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
-    const float* g = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
-    const float* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
+// Per query row of every head, what both backward kernels need: aux[bh, i] = (row max
+// in base-2 units, 1 / row sum, D = sum_d dout[i, d] * out[i, d], 0). 8 threads per row.
+extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, const float* out, const float* stats,
+                                               u32 b, u32 t, u32 c, u32 nh) {
+    u32 gid = blockIdx.x * blockDim.x + threadIdx.x, idx = gid / 8, part = gid % 8;
+    bool in = idx < b * nh * t;
     float acc = 0.0f;
-    for (u32 d = 0; d < hs; d++) acc = fmaf(g[d], o[d], acc);
-    dsum[idx] = acc;
+    if (in) {
+        u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
+        const float* g = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
+        const float* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
+        for (u32 d = 4 * part; d < hs; d += 32) {
+            float4 x = *(const float4*)(g + d), y = *(const float4*)(o + d);
+            acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+        }
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    if (in && part == 0)
+        aux[idx] = make_float4(stats[(size_t)idx * 2] * FA_LOG2E, 1.0f / stats[(size_t)idx * 2 + 1], acc, 0.0f);
 }
 
-// Probabilities of a 16 x 64 block in place. Not transposed: rows are queries (m, linv
-// per row); transposed: rows are keys, columns queries (m, linv per column, shared).
-__device__ __forceinline__ void fa_probs(float (*s)[4], float scale, const u32* row, u32 col0, u32 t, const float* m,
-                                         const float* linv, int q, bool transposed, bool edge) {
+// Probabilities of a 16 x 64 block in place: p = 2^(s * sl2 - m) / l. Not transposed:
+// rows are queries (m, linv per row); transposed: rows are keys, columns queries (m,
+// linv per column, from `cols`).
+__device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* row, u32 col0, u32 t, const float* m,
+                                         const float* linv, const float4* cols, int q, bool transposed, bool edge) {
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            u32 r = row[e >> 1], col = col0 + 8 * n + 2 * q + (e & 1);
+            u32 r = row[e >> 1], cl = 8 * n + 2 * q + (e & 1), col = col0 + cl;
             u32 qi = transposed ? col : r, kj = transposed ? r : col;
-            int si = transposed ? (8 * n + 2 * q + (e & 1)) : (e >> 1);
+            float mm = transposed ? cols[cl].x : m[e >> 1], li = transposed ? cols[cl].y : linv[e >> 1];
             bool live = !edge || (kj <= qi && qi < t && kj < t);
-            s[n][e] = live ? fp8train_exp_fast(s[n][e] * scale - m[si]) * linv[si] : 0.0f;
+            s[n][e] = live ? fa_exp2(s[n][e] * sl2 - mm) * li : 0.0f;
         }
 }
 
 // dK and dV for 64 keys per block (16 per warp), over the query tiles at or after them.
+// Shared memory: K, V of the block's keys (A operands), then two buffers of (Q tile,
+// dO tile, aux of its 64 queries).
 template <int HS>
-__device__ void flash_backward_kv(float* dqkv, const u16* dout, const u16* qkv, const float* stats,
-                                  const float* dsum, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8;
+__device__ void flash_backward_kv(float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c,
+                                  u32 nh) {
+    constexpr int LD = HS + 8, TILE = FA_TILE * LD, BUF = 2 * TILE + FA_TILE * 8;  // u16 units
     extern __shared__ __align__(16) u16 fa_sh[];
-    u16* Qs = fa_sh;              // [64][LD] queries
-    u16* Gs = Qs + FA_TILE * LD;  // [64][LD] dout rows
-    float* Ms = (float*)(Gs + FA_TILE * LD);  // m, 1/l, D of the 64 queries
-    float* Li = Ms + FA_TILE;
-    float* Ds = Li + FA_TILE;
+    const u16* Ks = fa_sh;
+    const u16* Vs = fa_sh + TILE;
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
-    u32 kt = blockIdx.x, k0 = kt * FA_TILE;
-    int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    u32 kt = gridDim.x - 1 - blockIdx.x, k0 = kt * FA_TILE;  // shortest loops last
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31, q = lane & 3;
     size_t rs = 3 * (size_t)c;
     const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
     const u16* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
-    // K and V of this block's keys as A fragments (staged through Qs / Gs).
-    fa_stage<HS>(Qs, base + c, rs, k0, t);
-    fa_stage<HS>(Gs, base + 2 * (size_t)c, rs, k0, t);
-    __syncthreads();
-    u32 ka[HS / 16][4], va[HS / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HS / 16; kk++) {
-        fa_frag_a(ka[kk], Qs, LD, 16 * warp, 16 * kk, g, q);
-        fa_frag_a(va[kk], Gs, LD, 16 * warp, 16 * kk, g, q);
-    }
+    const float4* abase = aux + (size_t)bh * t;
+    auto stage = [&](u32 qt) {
+        u16* buf = fa_sh + 2 * TILE + ((qt - kt) & 1) * BUF;
+        u32 q0 = qt * FA_TILE;
+        fa_stage<HS>(buf, base, rs, q0, t);
+        fa_stage<HS>(buf + TILE, gbase, c, q0, t);
+        if (threadIdx.x < FA_TILE) {
+            bool in = q0 + threadIdx.x < t;
+            fa_cp16(buf + 2 * TILE + 8 * threadIdx.x, abase + (in ? q0 + threadIdx.x : 0), in);
+        }
+    };
+    fa_stage<HS>(fa_sh, base + c, rs, k0, t);
+    fa_stage<HS>(fa_sh + TILE, base + 2 * (size_t)c, rs, k0, t);
+    stage(kt);
+    fa_commit();
     float dk[HS / 8][4], dv[HS / 8][4];
 #pragma unroll
     for (int n = 0; n < HS / 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) dk[n][e] = dv[n][e] = 0.0f;
-    float scale = 1.0f / sqrtf((float)HS);
-    u32 row[2] = {k0 + 16 * warp + g, k0 + 16 * warp + g + 8};
+    float sl2 = FA_LOG2E / sqrtf((float)HS);
+    u32 row[2] = {k0 + 16 * warp + (lane >> 2), k0 + 16 * warp + (lane >> 2) + 8};
     u32 tiles = (t + FA_TILE - 1) / FA_TILE;
     for (u32 qt = kt; qt < tiles; qt++) {
-        u32 q0 = qt * FA_TILE;
-        __syncthreads();
-        fa_stage<HS>(Qs, base, rs, q0, t);
-        fa_stage<HS>(Gs, gbase, c, q0, t);
-        for (u32 r = threadIdx.x; r < FA_TILE; r += blockDim.x) {
-            bool in = q0 + r < t;
-            Ms[r] = in ? stats[((size_t)bh * t + q0 + r) * 2] : 0.0f;
-            Li[r] = in ? 1.0f / stats[((size_t)bh * t + q0 + r) * 2 + 1] : 0.0f;
-            Ds[r] = in ? dsum[(size_t)bh * t + q0 + r] : 0.0f;
+        if (qt + 1 < tiles) {
+            stage(qt + 1);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
         }
         __syncthreads();
+        const u16* buf = fa_sh + 2 * TILE + ((qt - kt) & 1) * BUF;
+        const u16* Qs = buf;
+        const u16* Gs = buf + TILE;
+        const float4* As = (const float4*)(buf + 2 * TILE);
+        u32 q0 = qt * FA_TILE;
         // S^T = K Q^T and dP^T = V dO^T (16 keys x 64 queries).
         float p[8][4], dp[8][4];
-        fa_scores<HS>(p, ka, Qs, g, q);
-        fa_scores<HS>(dp, va, Gs, g, q);
+        fa_scores<HS>(p, Ks, 16 * warp, Qs, lane);
+        fa_scores<HS>(dp, Vs, 16 * warp, Gs, lane);
         bool edge = qt == kt || q0 + FA_TILE > t;
-        fa_probs(p, scale, row, q0, t, Ms, Li, q, true, edge);
+        fa_probs(p, sl2, row, q0, t, nullptr, nullptr, As, q, true, edge);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - Ds[8 * n + 2 * q + (e & 1)]);
+            for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - As[8 * n + 2 * q + (e & 1)].z);
         // dV += P^T dO, dK += dS^T Q (k = queries)
         fa_accumulate<HS>(dv, p, Gs, lane);
         fa_accumulate<HS>(dk, dp, Qs, lane);
+        __syncthreads();  // this buffer is refilled two tiles on
     }
+    float scale = 1.0f / sqrtf((float)HS);
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (row[r] >= t) continue;
@@ -298,58 +383,65 @@ __device__ void flash_backward_kv(float* dqkv, const u16* dout, const u16* qkv, 
 }
 
 // dQ for 64 queries per block (16 per warp), over the key tiles at or before them.
+// Shared memory: Q and dO of the block's queries, then two buffers of (K tile, V tile).
 template <int HS>
-__device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, const float* stats,
-                                 const float* dsum, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8;
+__device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c,
+                                 u32 nh) {
+    constexpr int LD = HS + 8, TILE = FA_TILE * LD;
     extern __shared__ __align__(16) u16 fa_sh[];
-    u16* Ks = fa_sh;              // [64][LD]
-    u16* Vs = Ks + FA_TILE * LD;  // [64][LD]
+    const u16* Qs = fa_sh;
+    const u16* Gs = fa_sh + TILE;
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
     u32 qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_TILE;
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     size_t rs = 3 * (size_t)c;
     const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
     const u16* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
-    fa_stage<HS>(Ks, base, rs, q0, t);
-    fa_stage<HS>(Vs, gbase, c, q0, t);
-    __syncthreads();
-    u32 qa[HS / 16][4], ga[HS / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < HS / 16; kk++) {
-        fa_frag_a(qa[kk], Ks, LD, 16 * warp, 16 * kk, g, q);
-        fa_frag_a(ga[kk], Vs, LD, 16 * warp, 16 * kk, g, q);
-    }
+    fa_stage<HS>(fa_sh, base, rs, q0, t);
+    fa_stage<HS>(fa_sh + TILE, gbase, c, q0, t);
+    fa_stage<HS>(fa_sh + 2 * TILE, base + c, rs, 0, t);
+    fa_stage<HS>(fa_sh + 3 * TILE, base + 2 * (size_t)c, rs, 0, t);
+    fa_commit();
     u32 row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
     float m[2], linv[2], dd[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
-        bool in = row[r] < t;
-        m[r] = in ? stats[((size_t)bh * t + row[r]) * 2] : 0.0f;
-        linv[r] = in ? 1.0f / stats[((size_t)bh * t + row[r]) * 2 + 1] : 0.0f;
-        dd[r] = in ? dsum[(size_t)bh * t + row[r]] : 0.0f;
+        float4 a = row[r] < t ? aux[(size_t)bh * t + row[r]] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        m[r] = a.x;
+        linv[r] = a.y;
+        dd[r] = a.z;
     }
     float dq[HS / 8][4];
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
-    float scale = 1.0f / sqrtf((float)HS);
+    float sl2 = FA_LOG2E / sqrtf((float)HS);
     for (u32 kt = 0; kt <= qt; kt++) {
+        const u16* Ks = fa_sh + 2 * TILE + (kt & 1) * 2 * TILE;
+        const u16* Vs = Ks + TILE;
+        if (kt < qt) {
+            u16* next = fa_sh + 2 * TILE + ((kt + 1) & 1) * 2 * TILE;
+            fa_stage<HS>(next, base + c, rs, (kt + 1) * FA_TILE, t);
+            fa_stage<HS>(next + TILE, base + 2 * (size_t)c, rs, (kt + 1) * FA_TILE, t);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
         u32 k0 = kt * FA_TILE;
-        __syncthreads();
-        fa_stage<HS>(Ks, base + c, rs, k0, t);
-        fa_stage<HS>(Vs, base + 2 * (size_t)c, rs, k0, t);
-        __syncthreads();
         float p[8][4], dp[8][4];
-        fa_scores<HS>(p, qa, Ks, g, q);   // S = Q K^T
-        fa_scores<HS>(dp, ga, Vs, g, q);  // dP = dO V^T
+        fa_scores<HS>(p, Qs, 16 * warp, Ks, lane);   // S = Q K^T
+        fa_scores<HS>(dp, Gs, 16 * warp, Vs, lane);  // dP = dO V^T
         bool edge = kt == qt || k0 + FA_TILE > t;
-        fa_probs(p, scale, row, k0, t, m, linv, q, false, edge);
+        fa_probs(p, sl2, row, k0, t, m, linv, nullptr, q, false, edge);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - dd[e >> 1]);
         fa_accumulate<HS>(dq, dp, Ks, lane);  // dQ += dS K
+        __syncthreads();  // this buffer is refilled two tiles on
     }
+    float scale = 1.0f / sqrtf((float)HS);
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (row[r] >= t) continue;
@@ -361,19 +453,17 @@ __device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, c
 }
 
 #define FA_INSTANCE(HS)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) flash_forward_hs##HS(float* out, float* stats,              \
-                                                                           const u16* qkv, u32 t, u32 c, u32 nh) {   \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_forward_hs##HS(                                 \
+        float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                          \
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_backward_kv_hs##HS(                                    \
-        float* dqkv, const u16* dout, const u16* qkv, const float* stats, const float* dsum, u32 t, u32 c,         \
-        u32 nh) {                                                                                                  \
-        flash_backward_kv<HS>(dqkv, dout, qkv, stats, dsum, t, c, nh);                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_kv_hs##HS(                             \
+        float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {                   \
+        flash_backward_kv<HS>(dqkv, dout, qkv, aux, t, c, nh);                                                    \
     }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(128) flash_backward_q_hs##HS(                                     \
-        float* dqkv, const u16* dout, const u16* qkv, const float* stats, const float* dsum, u32 t, u32 c,         \
-        u32 nh) {                                                                                                  \
-        flash_backward_q<HS>(dqkv, dout, qkv, stats, dsum, t, c, nh);                                             \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_q_hs##HS(                              \
+        float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {                   \
+        flash_backward_q<HS>(dqkv, dout, qkv, aux, t, c, nh);                                                     \
     }
 FA_INSTANCE(64)
 FA_INSTANCE(128)

@@ -155,16 +155,16 @@ impl Flash {
             128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_q_hs128"),
             _ => return None,
         };
-        // BF16 tiles of 64 rows of hs + 8 (see flash_attention.cu).
-        let ld = hs + 8;
-        let bytes = |u16s: usize, floats: usize| (2 * u16s + 4 * floats) as u32;
+        // BF16 tiles of 64 rows of hs + 8, double-buffered (see flash_attention.cu):
+        // forward 2 x (K, V); kv: K, V + 2 x (Q, dO, 64 aux rows of 16 bytes); q: Q, dO + 2 x (K, V).
+        let tile = 2 * 64 * (hs + 8);
         Some(Flash {
             forward,
             kv,
             q,
-            forward_smem: bytes(3 * 64 * ld, 0),
-            kv_smem: bytes(2 * 64 * ld, 3 * 64),
-            q_smem: bytes(2 * 64 * ld, 0),
+            forward_smem: (4 * tile) as u32,
+            kv_smem: (6 * tile + 2 * 64 * 16) as u32,
+            q_smem: (6 * tile) as u32,
         })
     }
 }
@@ -768,14 +768,15 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Attention, "attention_backward");
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
         if let Some(k) = self.flash(s.c / s.nh) {
-            let mut dsum = self.scratch::<f32>(s.b * s.nh * s.t);
-            launch!(self, "flash_backward_rowdot", s.b * s.nh * s.t, [&mut dsum, dout, out, &b, &t, &c, &nh]);
+            // Per query row: (max in base-2 units, 1 / sum, D = dout . out, 0); 8 threads a row.
+            let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t);
+            launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
             let (qkv16, dout16) = (self.bf16_copy(qkv), self.bf16_copy(dout));
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
-            launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, &qkv16, stats, &dsum, &t, &c, &nh]);
+            launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
             let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.q_smem };
-            launch!(self, k.q, with qc, [&mut *dqkv, &dout16, &qkv16, stats, &dsum, &t, &c, &nh]);
+            launch!(self, k.q, with qc, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
             return;
         }
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
