@@ -83,8 +83,8 @@ fn log_json_writes_json_lines() {
     assert!(v["level"].is_string() && v["ts"].is_string());
 }
 
-fn shared_topology(name: &str) -> String {
-    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/topologies").join(name);
+fn fixture_topology(name: &str) -> String {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("cluster/fixtures").join(name);
     assert!(p.is_file(), "fixture {} is required", p.display());
     p.to_str().unwrap().to_string()
 }
@@ -102,7 +102,7 @@ fn topo_explains_the_ndv5_fixture_as_json_and_table() {
     assert_eq!(plan[7]["numa_nodes"], serde_json::json!([1]));
     assert_eq!(plan[7]["bus_id"], "000c:00:00.0");
     let table =
-        stdout_of(fp8train().args(["topo", "--nccl-topo", &shared_topology("ndv5-topo.xml"), "--islands", "0-7"]));
+        stdout_of(fp8train().args(["topo", "--nccl-topo", &fixture_topology("ndv5-topo.xml"), "--islands", "0-7"]));
     assert!(
         table.contains("8 NVIDIA GPU(s)") && table.contains("NVLink islands (declared (--islands)): [0-7]"),
         "{table}"
@@ -117,7 +117,7 @@ fn topo_bad_input_is_a_clear_error() {
         assert_eq!(o.status.code(), Some(1), "{args:?}");
         String::from_utf8_lossy(&o.stderr).into_owned()
     };
-    let ndv5 = shared_topology("ndv5-topo.xml");
+    let ndv5 = fixture_topology("ndv5-topo.xml");
     assert!(err_of(&["--nccl-topo", &ndv5, "--tp", "8"]).contains("--islands 0-7"));
     assert!(err_of(&["--nccl-topo", &ndv5, "--ranks-per-node", "9"]).contains("more than the 8 GPU(s)"));
     assert!(err_of(&["--topology-xml", "/nonexistent.xml"]).contains("/nonexistent.xml: no such file"));
@@ -133,7 +133,7 @@ fn topo_bad_input_is_a_clear_error() {
         r#"<system version="1"><cpu numaid="0" affinity="ffffffff"><pci busid="0000:99:00.0" class="0x030200"><nvlink target="0000:9a:00.0" count="4"/></pci><pci busid="0000:9a:00.0" class="0x030200"/></cpu></system>"#,
     )
     .unwrap();
-    let e = err_of(&["--topology-xml", &shared_topology("g4dnmetal.xml"), "--nccl-topo", nccl.to_str().unwrap()]);
+    let e = err_of(&["--topology-xml", &fixture_topology("g4dnmetal.xml"), "--nccl-topo", nccl.to_str().unwrap()]);
     assert!(e.contains("GPU 0000:99:00.0 or 0000:9a:00.0 is not in the hwloc topology"), "{e}");
 }
 

@@ -1,18 +1,9 @@
-//! Placement plans on real topologies (read in place from `../shared/topologies/`,
-//! see SOURCES.md there) and on the project's synthetic NDv5 hwloc XML.
+//! Placement plans on real topologies and on the project's synthetic NDv5 hwloc XML,
+//! all committed under `cluster/fixtures/` (SOURCES.md there says where each came from).
 
 use fp8cluster::topo::machine::{parse_ranges, Machine};
 use fp8cluster::topo::{hwloc, islands, nccl, plan, IslandSource, PlanError};
 use std::path::PathBuf;
-
-fn shared(name: &str) -> PathBuf {
-    let dir = std::env::var_os("FP8TRAIN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let p = dir.join("topologies").join(name);
-    assert!(p.is_file(), "fixture {} is required by this test", p.display());
-    p
-}
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
@@ -36,7 +27,7 @@ fn plan_of(m: &Machine, declared: Option<&str>, ranks: usize, tp: usize) -> Vec<
 
 #[test]
 fn g4dn_metal_8_gpus_on_2_numa_nodes() {
-    let m = hwloc::machine(Some(&shared("g4dnmetal.xml"))).unwrap();
+    let m = hwloc::machine(Some(&fixture("g4dnmetal.xml"))).unwrap();
     assert_eq!((m.cores.len(), m.pus(), m.numa_nodes.len(), m.gpus.len()), (48, 96, 2, 8));
     for g in &m.gpus[..4] {
         assert_eq!(g.local_pus, r("0-23,48-71"), "GPU {} locality", g.index);
@@ -80,7 +71,7 @@ fn g4dn_metal_8_gpus_on_2_numa_nodes() {
 
 #[test]
 fn dgx2_16_gpus_one_nvswitch_island() {
-    let m = hwloc::machine(Some(&shared("nvidiaDGX2.xml"))).unwrap();
+    let m = hwloc::machine(Some(&fixture("nvidiaDGX2.xml"))).unwrap();
     assert_eq!(m.gpus.len(), 16);
     assert!(m.nvswitches > 0);
     assert!(m.gpus.iter().all(|g| g.pci_id == "10de:1db8"));
@@ -98,7 +89,7 @@ fn dgx2_16_gpus_one_nvswitch_island() {
 
 #[test]
 fn h200x2_two_gpus_one_numa_node() {
-    let m = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
+    let m = hwloc::machine(Some(&fixture("h200x2-lstopo.xml"))).unwrap();
     assert_eq!((m.cores.len(), m.numa_nodes.len()), (32, 1));
     assert_eq!(m.gpus.iter().map(|g| g.bus_id.as_str()).collect::<Vec<_>>(), vec!["0000:00:06.0", "0000:00:07.0"]);
     assert_eq!(m.gpus[0].pci_id, "10de:2335");
@@ -114,7 +105,7 @@ fn h200x2_two_gpus_one_numa_node() {
 
 #[test]
 fn ndv5_nccl_topology_and_synthetic_hwloc_agree() {
-    let n = nccl::machine(&shared("ndv5-topo.xml")).unwrap();
+    let n = nccl::machine(&fixture("ndv5-topo.xml")).unwrap();
     assert_eq!((n.gpus.len(), n.numa_nodes.len(), n.cores.len()), (8, 2, 96));
     assert!(!n.nvlink_info, "Azure's file lists no NVLink entries");
     let bus: Vec<&str> = n.gpus.iter().map(|g| g.bus_id.as_str()).collect();
@@ -186,13 +177,13 @@ fn bad_inputs_are_clear_errors() {
     assert!(e.contains("bad.xml") && e.contains("cannot load"), "{e}");
     let e = nccl::machine(&bad).unwrap_err().to_string();
     assert!(e.contains("malformed XML"), "{e}");
-    let e = nccl::machine(&shared("g4dnmetal.xml")).unwrap_err().to_string();
+    let e = nccl::machine(&fixture("g4dnmetal.xml")).unwrap_err().to_string();
     assert!(e.contains("expected <system>"), "{e}");
-    let m = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
+    let m = hwloc::machine(Some(&fixture("h200x2-lstopo.xml"))).unwrap();
     let isl = islands::resolve(&m, None, None).unwrap();
     assert_eq!(plan(&m, &isl, 3, 1).unwrap_err(), PlanError::MoreRanksThanGpus { ranks: 3, gpus: 2 });
     assert_eq!(plan(&m, &isl, 0, 1).unwrap_err(), PlanError::NoRanks);
-    let g4 = hwloc::machine(Some(&shared("g4dnmetal.xml"))).unwrap();
+    let g4 = hwloc::machine(Some(&fixture("g4dnmetal.xml"))).unwrap();
     let isl = islands::resolve(&g4, Some("0-2 3-7"), None).unwrap();
     let e = plan(&g4, &isl, 2, 2).unwrap_err();
     assert!(matches!(e, PlanError::TpDoesNotDivideIsland { tp: 2, size: 3, .. }), "{e}");
@@ -224,9 +215,9 @@ fn a_machine_without_gpus_splits_its_cores() {
 #[test]
 fn h200x2_exported_by_fp8train_topo_matches_the_lstopo_capture() {
     // cluster/fixtures/h200x2-export.xml was written by `fp8train topo --export-xml` on
-    // the lent 2x H200 machine (2026-11-29); shared/topologies/h200x2-lstopo.xml by lstopo.
+    // the lent 2x H200 machine (2026-11-29); cluster/fixtures/h200x2-lstopo.xml by lstopo.
     let ours = hwloc::machine(Some(&fixture("h200x2-export.xml"))).unwrap();
-    let theirs = hwloc::machine(Some(&shared("h200x2-lstopo.xml"))).unwrap();
+    let theirs = hwloc::machine(Some(&fixture("h200x2-lstopo.xml"))).unwrap();
     assert_eq!(
         ours.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>(),
         theirs.gpus.iter().map(|g| &g.bus_id).collect::<Vec<_>>()

@@ -1,14 +1,11 @@
-//! FP8 encode/decode against the independent golden vectors (ml_dtypes) in
-//! `../shared/golden/` (beside the checkout; override with FP8TRAIN_SHARED).
+//! FP8 encode/decode against independent golden vectors: `tests/golden/*.tsv`, written
+//! from ml_dtypes by `scripts/golden_fp8.py` (run by hand, output committed).
 
 use fp8sim::fp8::{decode, encode, Fp8Format};
 use std::path::PathBuf;
 
 fn golden(name: &str) -> Vec<Vec<u32>> {
-    let dir = std::env::var_os("FP8TRAIN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared"));
-    let path = dir.join("golden").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("golden file {} is required by this test: {e}", path.display()));
     let rows: Vec<Vec<u32>> = text
