@@ -26,6 +26,15 @@ pub struct Cli {
     pub log_level: LogLevel,
 }
 
+/// A count that must be at least 1 (`--tp 0` is an error, not 1).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("not a whole number: {e}")),
+    }
+}
+
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogLevel {
     Error,
@@ -133,7 +142,7 @@ pub struct TopoArgs {
     #[arg(long)]
     pub ranks_per_node: Option<usize>,
     /// Tensor-parallel size (groups of consecutive ranks, inside one NVLink island).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     pub tp: usize,
     /// Read the machine from an hwloc XML file instead of discovering it.
     #[arg(long)]

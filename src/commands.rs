@@ -11,7 +11,7 @@ use crate::train::{self, checkpoint, report, Start};
 use fp8cluster::world::{fnv1a, Collectives, World};
 use fp8sim::rng;
 use serde_json::json;
-use slog::{info, Logger};
+use slog::{info, warn, Logger};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
@@ -125,6 +125,8 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
         (None, Some(cfg)) => cfg.train.clone(),
         (None, None) => unreachable!("a fresh run has its config"),
     };
+    // Waits on silent peers from here on follow the run's setting (not the default).
+    world.set_timeout(std::time::Duration::from_secs(tc.peer_timeout_s));
     let gpu = |rank: usize| if tc.gemm == "fast" { Cuda::new_fast(rank) } else { Cuda::new(rank) };
     match tc.backend.as_str() {
         "sim" => run_on(&Sim, a, fresh.clone(), log, progress, world),
@@ -151,7 +153,13 @@ fn run_on<B: Backend>(
     world: &World,
 ) -> Result<(), String> {
     if let Some(path) = &a.resume {
-        let (ckpt_cfg, model, state) = checkpoint::load(be, path, world.rank, world.size)?;
+        let found = checkpoint::resolve(path)?;
+        if world.rank == 0 {
+            for why in &found.skipped {
+                warn!(log, "resume: passed over a checkpoint"; "why" => why);
+            }
+        }
+        let (ckpt_cfg, model, state) = checkpoint::load(be, &found.dir, world.rank, world.size)?;
         let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
         for (what, same) in [
             ("model", cfg.model == ckpt_cfg.model),
@@ -163,13 +171,26 @@ fn run_on<B: Backend>(
                 return Err(format!("--resume: {what} cannot change when resuming a checkpoint"));
             }
         }
+        if state.step >= cfg.train.steps {
+            return Err(format!(
+                "--resume: the checkpoint is at step {} and train.steps = {}: nothing to train; pass --steps N \
+                 with N > {} to train further",
+                state.step, cfg.train.steps, state.step
+            ));
+        }
         check_config(world, &cfg)?;
         let run_dir = if a.out.is_some() || a.name.is_some() {
             PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()))
         } else {
-            // The run folder that holds the checkpoint.
-            let ck = checkpoint::resolve(path)?;
-            ck.parent().and_then(Path::parent).map(Path::to_path_buf).ok_or("--resume: cannot find the run folder")?
+            // The run folder that holds the checkpoint; its config must describe it.
+            let run = found
+                .dir
+                .parent()
+                .and_then(Path::parent)
+                .map(Path::to_path_buf)
+                .ok_or("--resume: cannot find the run folder")?;
+            check_run_config(&run, &ckpt_cfg)?;
+            run
         };
         info!(log, "resuming"; "checkpoint" => path.display().to_string(), "step" => state.step);
         train::train(be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, progress, world)?;
@@ -185,6 +206,34 @@ fn run_on<B: Backend>(
     check_config(world, &cfg)?;
     train::train(be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
     Ok(())
+}
+
+/// A checkpoint resumed inside its run folder must be of that run: the folder's
+/// `config.toml` and the checkpoint agree on the model, level, seed and data.
+fn check_run_config(run: &Path, ckpt: &Config) -> Result<(), String> {
+    let path = run.join("config.toml");
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let own = Config::from_toml(&text).map_err(|e| format!("--resume: {}: {e}", path.display()))?;
+    let differ: Vec<&str> = [
+        ("model", own.model == ckpt.model),
+        ("train.level", own.train.level == ckpt.train.level),
+        ("train.seed", own.train.seed == ckpt.train.seed),
+        ("data", own.data == ckpt.data),
+    ]
+    .iter()
+    .filter(|(_, same)| !same)
+    .map(|(what, _)| *what)
+    .collect();
+    if differ.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "--resume: the checkpoint does not belong to run folder {}: its {} differ from the run's config.toml \
+             (a checkpoint of another run copied in?); resume it into a new folder with --name",
+            run.display(),
+            differ.join(", ")
+        ))
+    }
 }
 
 pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {

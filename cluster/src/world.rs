@@ -182,7 +182,7 @@ impl World {
                     let who = if names.is_empty() { "a peer".to_string() } else { names.join(", ") };
                     self.abort(&format!(
                         "{who} did not answer within {} s ({context}); stopping the run",
-                        self.timeout.get().as_secs()
+                        timeout.as_secs_f64()
                     ));
                 }
                 std::thread::sleep(Duration::from_millis(1));

@@ -269,29 +269,130 @@ pub fn save<B: Backend, C: Collectives>(
     Ok(dest)
 }
 
-/// The checkpoint folder meant by `path`: a checkpoint itself, or a run folder (its
-/// newest checkpoint).
-pub fn resolve(path: &Path) -> Result<PathBuf, String> {
-    if path.join("manifest.json").is_file() {
-        return Ok(path.to_path_buf());
-    }
-    let ckpts = path.join("checkpoints");
-    let mut steps: Vec<PathBuf> = std::fs::read_dir(&ckpts)
-        .map_err(|_| {
-            format!("{}: not a checkpoint (no manifest.json) nor a run folder with checkpoints", path.display())
-        })?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("step-")))
-        .collect();
-    steps.sort();
-    steps.pop().ok_or_else(|| format!("{}: the run folder has no checkpoints", path.display()))
+/// The step number of a checkpoint folder name `step-N` (any number of digits).
+pub fn step_of(name: &str) -> Option<u64> {
+    name.strip_prefix("step-").filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
 }
 
-/// The config a checkpoint was written with (from its weights file's metadata).
+/// A checkpoint folder's manifest, parsed and of a known format.
+fn manifest_of(dir: &Path) -> Result<Manifest, String> {
+    let mtext = std::fs::read_to_string(dir.join("manifest.json"))
+        .map_err(|e| format!("checkpoint {}: cannot read manifest.json: {e}", dir.display()))?;
+    let manifest: Manifest = serde_json::from_str(&mtext)
+        .map_err(|e| format!("checkpoint {}: manifest.json is not valid: {e}", dir.display()))?;
+    if manifest.format != FORMAT {
+        return Err(format!("checkpoint {}: unknown format '{}' (expected {FORMAT})", dir.display(), manifest.format));
+    }
+    Ok(manifest)
+}
+
+/// Files already hashed by this process: (path, bytes, modified) -> matched its entry.
+static VERIFIED: std::sync::Mutex<Vec<(PathBuf, u64, std::time::SystemTime)>> = std::sync::Mutex::new(Vec::new());
+
+/// Check one file of a checkpoint against its manifest entry: size first (from the
+/// file system, before reading anything), then SHA-256. Returns the file's bytes when
+/// `keep`. A file verified before by this process (same size and time) is not hashed again.
+fn verify_file(dir: &Path, manifest: &Manifest, name: &str, keep: bool) -> Result<Option<Vec<u8>>, String> {
+    let entry = manifest
+        .files
+        .get(name)
+        .ok_or_else(|| format!("checkpoint {}: manifest does not list {name}", dir.display()))?;
+    let path = dir.join(name);
+    let meta =
+        std::fs::metadata(&path).map_err(|e| format!("checkpoint {}: cannot read {name}: {e}", dir.display()))?;
+    if meta.len() != entry.bytes {
+        return Err(format!(
+            "checkpoint {}: {name} has {} bytes, the manifest says {} (truncated or replaced)",
+            dir.display(),
+            meta.len(),
+            entry.bytes
+        ));
+    }
+    let stamp = (path.clone(), meta.len(), meta.modified().unwrap_or(std::time::UNIX_EPOCH));
+    let known = VERIFIED.lock().map(|v| v.contains(&stamp)).unwrap_or(false);
+    if known && !keep {
+        return Ok(None);
+    }
+    let data = std::fs::read(&path).map_err(|e| format!("checkpoint {}: cannot read {name}: {e}", dir.display()))?;
+    if data.len() as u64 != entry.bytes {
+        return Err(format!("checkpoint {}: {name} changed while being read", dir.display()));
+    }
+    if !known {
+        if hex(&Sha256::digest(&data)) != entry.sha256 {
+            return Err(format!("checkpoint {}: {name} fails its SHA-256 check (corrupt)", dir.display()));
+        }
+        if let Ok(mut v) = VERIFIED.lock() {
+            v.push(stamp);
+        }
+    }
+    Ok(keep.then_some(data))
+}
+
+/// A checkpoint folder whose manifest is valid and whose every file has the size and
+/// checksum it lists.
+fn verify(dir: &Path) -> Result<Manifest, String> {
+    let manifest = manifest_of(dir)?;
+    for name in manifest.files.keys() {
+        verify_file(dir, &manifest, name, false)?;
+    }
+    Ok(manifest)
+}
+
+/// The checkpoint a path means, and the newer ones that were passed over.
+#[derive(Debug)]
+pub struct Resolved {
+    pub dir: PathBuf,
+    pub step: u64,
+    /// Newer or unreadable entries of `checkpoints/` that were skipped, each with why.
+    pub skipped: Vec<String>,
+}
+
+/// The checkpoint folder meant by `path`, verified (sizes, then checksums): a checkpoint
+/// itself, or a run folder: its complete checkpoint of the highest step (by the number
+/// in `step-N`, not by name order), passing over, and naming, incomplete or damaged
+/// ones and stray entries.
+pub fn resolve(path: &Path) -> Result<Resolved, String> {
+    if path.join("manifest.json").is_file() {
+        let m = verify(path)?;
+        return Ok(Resolved { dir: path.to_path_buf(), step: m.step, skipped: Vec::new() });
+    }
+    let ckpts = path.join("checkpoints");
+    let entries = std::fs::read_dir(&ckpts).map_err(|_| {
+        format!("{}: not a checkpoint (no manifest.json) nor a run folder with checkpoints", path.display())
+    })?;
+    let mut skipped = Vec::new();
+    let mut steps: Vec<(u64, PathBuf)> = Vec::new();
+    for e in entries.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match step_of(&name) {
+            Some(n) => steps.push((n, e.path())),
+            // Temporary folders of a checkpoint being written (or killed while written).
+            None if name.starts_with('.') => {}
+            None => skipped.push(format!("{name}: not a checkpoint name (step-N)")),
+        }
+    }
+    steps.sort();
+    while let Some((n, dir)) = steps.pop() {
+        match verify(&dir) {
+            Ok(m) if m.step == n => return Ok(Resolved { dir, step: n, skipped }),
+            Ok(m) => skipped.push(format!("step-{n}: its manifest says step {}", m.step)),
+            Err(e) => skipped.push(e),
+        }
+    }
+    let why = if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
+    Err(format!("{}: the run folder has no complete checkpoint{why}", path.display()))
+}
+
+/// The config a checkpoint was written with (from its weights file's metadata, after
+/// the file's size and checksum are checked).
 pub fn peek_config(path: &Path) -> Result<Config, String> {
-    let dir = resolve(path)?;
-    let bytes = std::fs::read(dir.join("model.safetensors"))
-        .map_err(|e| format!("checkpoint {}: cannot read model.safetensors: {e}", dir.display()))?;
+    let dir = resolve(path)?.dir;
+    config_of(&dir)
+}
+
+/// The config in the verified checkpoint folder `dir`.
+fn config_of(dir: &Path) -> Result<Config, String> {
+    let bytes = verify_file(dir, &manifest_of(dir)?, "model.safetensors", true)?.unwrap_or_default();
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| format!("checkpoint {}: model.safetensors: {e}", dir.display()))?;
     let text = header
@@ -299,29 +400,7 @@ pub fn peek_config(path: &Path) -> Result<Config, String> {
         .as_ref()
         .and_then(|m| m.get("fp8train_config").cloned())
         .ok_or_else(|| format!("checkpoint {}: model.safetensors carries no config", dir.display()))?;
-    Config::from_toml(&text)
-}
-
-/// Read and verify one file of a checkpoint against the manifest.
-fn read_verified(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>, String> {
-    let entry = manifest
-        .files
-        .get(name)
-        .ok_or_else(|| format!("checkpoint {}: manifest does not list {name}", dir.display()))?;
-    let data =
-        std::fs::read(dir.join(name)).map_err(|e| format!("checkpoint {}: cannot read {name}: {e}", dir.display()))?;
-    if data.len() as u64 != entry.bytes {
-        return Err(format!(
-            "checkpoint {}: {name} has {} bytes, the manifest says {} (truncated or replaced)",
-            dir.display(),
-            data.len(),
-            entry.bytes
-        ));
-    }
-    if hex(&Sha256::digest(&data)) != entry.sha256 {
-        return Err(format!("checkpoint {}: {name} fails its SHA-256 check (corrupt)", dir.display()));
-    }
-    Ok(data)
+    Config::from_toml(&text).map_err(|e| format!("checkpoint {}: {e}", dir.display()))
 }
 
 fn tensor_bytes<'a>(st: &'a SafeTensors, name: &str, dtype: Dtype, numel: usize) -> Result<&'a [u8], String> {
@@ -351,14 +430,8 @@ fn f16s(b: &[u8]) -> Vec<f16> {
 /// Load a checkpoint: its config, the model with all optimizer and scaling state,
 /// and the loop state.
 pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Result<(Config, Gpt<B>, LoopState), String> {
-    let dir = resolve(path)?;
-    let mtext = std::fs::read_to_string(dir.join("manifest.json"))
-        .map_err(|e| format!("checkpoint {}: cannot read manifest.json: {e}", dir.display()))?;
-    let manifest: Manifest = serde_json::from_str(&mtext)
-        .map_err(|e| format!("checkpoint {}: manifest.json is not valid: {e}", dir.display()))?;
-    if manifest.format != FORMAT {
-        return Err(format!("checkpoint {}: unknown format '{}' (expected {FORMAT})", dir.display(), manifest.format));
-    }
+    let dir = resolve(path)?.dir;
+    let manifest = manifest_of(&dir)?;
     let state_name = if manifest.files.contains_key("state.safetensors") {
         "state.safetensors".to_string()
     } else {
@@ -373,8 +446,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
         }
         format!("state-rank{rank}.safetensors")
     };
-    let state_bytes = read_verified(&dir, &manifest, &state_name)?;
-    read_verified(&dir, &manifest, "model.safetensors")?;
+    let state_bytes = verify_file(&dir, &manifest, &state_name, true)?.unwrap_or_default();
     let (_, header) =
         SafeTensors::read_metadata(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
     let meta = header.metadata().clone().unwrap_or_default();

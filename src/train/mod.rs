@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod lock;
 pub mod report;
 
 use crate::backend::Backend;
@@ -81,36 +82,70 @@ pub fn val_loss<B: Backend, C: Collectives>(
     sum / batches.len() as f32
 }
 
-/// Appends JSON lines to `metrics.jsonl`.
+/// Appends JSON lines to `metrics.jsonl`, each record in one `write` call, so a kill
+/// leaves whole lines and at most one torn last line.
 struct Metrics(std::fs::File);
 
+/// What reopening `metrics.jsonl` for a resume kept and dropped.
+#[derive(Debug, Default, PartialEq)]
+pub struct MetricsResume {
+    pub kept: usize,
+    /// Records of steps after the checkpoint (they run again).
+    pub dropped_later: usize,
+    /// Lines that are not whole JSON records (a torn tail of a killed run).
+    pub dropped_torn: usize,
+}
+
+/// `text` of `metrics.jsonl` reduced to the whole records up to step `limit`.
+fn metrics_kept(text: &str, limit: u64) -> (String, MetricsResume) {
+    let mut r = MetricsResume::default();
+    let mut kept = String::new();
+    let whole = if text.ends_with('\n') { text } else { &text[..text.rfind('\n').map_or(0, |i| i + 1)] };
+    r.dropped_torn = usize::from(whole.len() < text.len());
+    for line in whole.lines() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Err(_) => r.dropped_torn += 1,
+            Ok(v) if v["step"].as_u64().is_some_and(|s| s > limit) => r.dropped_later += 1,
+            Ok(_) => {
+                kept.push_str(line);
+                kept.push('\n');
+                r.kept += 1;
+            }
+        }
+    }
+    (kept, r)
+}
+
 impl Metrics {
-    fn open(run_dir: &Path, keep_up_to_step: Option<u64>) -> Result<Metrics, String> {
+    fn open(run_dir: &Path, keep_up_to_step: Option<u64>) -> Result<(Metrics, MetricsResume), String> {
         let path = run_dir.join("metrics.jsonl");
+        let mut resume = MetricsResume::default();
         if let Some(limit) = keep_up_to_step {
-            // Resuming: keep the records up to the checkpoint; later steps run again.
-            let old = std::fs::read_to_string(&path).unwrap_or_default();
-            let kept: String = old
-                .lines()
-                .filter(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .and_then(|v| v["step"].as_u64())
-                        .is_none_or(|s| s <= limit)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect();
-            std::fs::write(&path, kept).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            // Resuming: keep the whole records up to the checkpoint; later steps run
+            // again. Replaced through a renamed temporary file: a kill now loses nothing.
+            let old = match std::fs::read(&path) {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+            };
+            let (kept, r) = metrics_kept(&old, limit);
+            resume = r;
+            let tmp = run_dir.join(".metrics.jsonl.tmp");
+            let err = |e: std::io::Error| format!("cannot rewrite {}: {e}", path.display());
+            let mut f = std::fs::File::create(&tmp).map_err(err)?;
+            f.write_all(kept.as_bytes()).and_then(|_| f.sync_all()).map_err(err)?;
+            std::fs::rename(&tmp, &path).map_err(err)?;
         }
         let f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        Ok(Metrics(f))
+        Ok((Metrics(f), resume))
     }
     fn write(&mut self, v: serde_json::Value) {
-        let _ = writeln!(self.0, "{v}");
+        // One write of the whole line (a File is unbuffered: no splitting by a buffer).
+        let _ = self.0.write_all(format!("{v}\n").as_bytes());
     }
 }
 
@@ -136,9 +171,24 @@ pub fn train<B: Backend>(
     let tc = &cfg.train;
     let ds = Dataset::load(&cfg.data, tc.seed)?;
     ds.check_fits(cfg.model.seq_len)?;
-    if lead {
-        std::fs::create_dir_all(run_dir).map_err(|e| format!("cannot create run folder {}: {e}", run_dir.display()))?;
+    if tc.fault_at_step > 0 && tc.fault_rank >= world.size as u64 {
+        return Err(format!(
+            "train.fault_rank = {} names no rank: the run has {} rank(s) (0..{})",
+            tc.fault_rank,
+            world.size,
+            world.size - 1
+        ));
     }
+    let _lock = if lead {
+        std::fs::create_dir_all(run_dir).map_err(|e| format!("cannot create run folder {}: {e}", run_dir.display()))?;
+        let l = lock::RunLock::acquire(run_dir)?;
+        if let Some(pid) = l.taken_over_from {
+            info!(log, "run folder lock taken over from a process that has ended"; "pid" => pid);
+        }
+        Some(l)
+    } else {
+        None
+    };
     let resumed = matches!(start, Start::Resume(..));
     let (mut model, mut ls) = match start {
         Start::Fresh => (
@@ -150,7 +200,12 @@ pub fn train<B: Backend>(
     let mut metrics = if lead {
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
             .map_err(|e| format!("cannot write {}: {e}", run_dir.join("config.toml").display()))?;
-        Some(Metrics::open(run_dir, resumed.then_some(ls.step))?)
+        let (m, r) = Metrics::open(run_dir, resumed.then_some(ls.step))?;
+        if r.dropped_torn > 0 {
+            warn!(log, "metrics.jsonl: dropped a torn record (the previous run was killed while writing it)";
+                  "lines" => r.dropped_torn);
+        }
+        Some(m)
     } else {
         None
     };
@@ -408,6 +463,20 @@ fn fault(kind: &str, rank: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resume_keeps_whole_records_up_to_the_checkpoint() {
+        let text = "{\"kind\":\"data\"}\n{\"kind\":\"step\",\"step\":1}\n{\"kind\":\"step\",\"step\":2}\n\
+                    {\"kind\":\"step\",\"step\":3}\n{\"kind\":\"step\",\"st";
+        let (kept, r) = metrics_kept(text, 2);
+        assert_eq!(kept, "{\"kind\":\"data\"}\n{\"kind\":\"step\",\"step\":1}\n{\"kind\":\"step\",\"step\":2}\n");
+        assert_eq!(r, MetricsResume { kept: 3, dropped_later: 1, dropped_torn: 1 });
+        // A damaged line in the middle goes too; a clean file loses nothing.
+        let (_, r) = metrics_kept("{\"step\":1}\n{\"ste\n{\"step\":2}\n", 9);
+        assert_eq!(r, MetricsResume { kept: 2, dropped_later: 0, dropped_torn: 1 });
+        let (kept, r) = metrics_kept("{\"step\":1}\n", 9);
+        assert_eq!((kept.as_str(), r.dropped_torn), ("{\"step\":1}\n", 0));
+    }
 
     #[test]
     fn schedule_and_cosine() {

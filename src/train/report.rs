@@ -12,6 +12,16 @@ pub struct Series {
     pub entropy_floor: Option<f64>,
     pub unigram_entropy: Option<f64>,
     pub level: String,
+    /// Step records whose loss is not finite (NaN/inf; written as `null` + `loss_bits`).
+    pub nonfinite_steps: usize,
+    /// Lines that are not JSON (a torn last line of a killed run, or damage), skipped.
+    pub unreadable_lines: Vec<usize>,
+}
+
+/// The loss of a step record: `loss`, or, when JSON could not hold it (NaN and
+/// infinities are written as null), its exact bits in `loss_bits`.
+fn step_loss(v: &serde_json::Value) -> Option<f64> {
+    v["loss"].as_f64().or_else(|| v["loss_bits"].as_u64().map(|b| f32::from_bits(b as u32) as f64))
 }
 
 pub fn read_series(run_dir: &Path) -> Result<Series, String> {
@@ -20,8 +30,10 @@ pub fn read_series(run_dir: &Path) -> Result<Series, String> {
         .map_err(|e| format!("{}: cannot read metrics ({e}); is this a run folder?", path.display()))?;
     let mut s = Series::default();
     for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| format!("{}:{}: not a JSON line: {e}", path.display(), i + 1))?;
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            s.unreadable_lines.push(i + 1);
+            continue;
+        };
         let num = |k: &str| v[k].as_f64();
         match v["kind"].as_str() {
             Some("data") => {
@@ -30,7 +42,8 @@ pub fn read_series(run_dir: &Path) -> Result<Series, String> {
                 s.level = v["level"].as_str().unwrap_or("").to_string();
             }
             Some("step") => {
-                if let (Some(st), Some(l)) = (num("step"), num("loss")) {
+                if let (Some(st), Some(l)) = (num("step"), step_loss(&v)) {
+                    s.nonfinite_steps += usize::from(!l.is_finite());
                     s.steps.push((st, l));
                 }
             }
@@ -153,5 +166,40 @@ pub fn summary(run_dir: &Path) -> Result<String, String> {
     if let Some(f) = s.entropy_floor {
         let _ = write!(out, ", entropy floor {f:.4}");
     }
+    if s.nonfinite_steps > 0 {
+        let _ = write!(out, "; {} steps with a non-finite loss (skipped steps)", s.nonfinite_steps);
+    }
+    if !s.unreadable_lines.is_empty() {
+        let _ = write!(
+            out,
+            "; skipped {} unreadable line(s) of metrics.jsonl (line {:?}: a torn record of a killed run?)",
+            s.unreadable_lines.len(),
+            s.unreadable_lines
+        );
+    }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nan_losses_count_as_nan_steps_and_torn_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let nan = f32::NAN.to_bits();
+        let text = format!(
+            "{{\"kind\":\"data\",\"level\":\"O2\"}}\n{{\"kind\":\"step\",\"step\":1,\"loss\":5.5,\"loss_bits\":{}}}\n\
+             {{\"kind\":\"step\",\"step\":2,\"loss\":null,\"loss_bits\":{nan}}}\n{{\"kind\":\"step\",\"st",
+            5.5f32.to_bits()
+        );
+        std::fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+        let s = read_series(dir.path()).unwrap();
+        assert_eq!(s.steps.len(), 2);
+        assert!(s.steps[1].1.is_nan());
+        assert_eq!((s.nonfinite_steps, s.unreadable_lines.clone()), (1, vec![4]));
+        let text = summary(dir.path()).unwrap();
+        assert!(text.contains("2 steps") && text.contains("1 steps with a non-finite loss"), "{text}");
+        assert!(text.contains("skipped 1 unreadable line"), "{text}");
+    }
 }
