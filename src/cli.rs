@@ -1,6 +1,8 @@
 //! The command line (clap). Each subcommand's arguments live here; the work lives in
 //! the module named after it.
 
+pub use crate::model::Level;
+pub use crate::train::config::{Backend, Gemm};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
@@ -56,17 +58,6 @@ impl LogLevel {
     }
 }
 
-/// Where the numerics run.
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    /// The CPU simulator (bit-exact reference).
-    Sim,
-    /// NVIDIA GPUs through CUDA.
-    Cuda,
-    /// CUDA when a GPU is usable, else the simulator.
-    Auto,
-}
-
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a GPT (with no arguments: a small model on the embedded corpus, in the simulator).
@@ -107,18 +98,18 @@ pub struct TrainArgs {
     /// Override one setting, e.g. --set train.lr=1e-3 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Precision level: bf16, O1 or O2 (= --set train.level=...).
-    #[arg(long)]
-    pub level: Option<String>,
+    /// Precision level (= --set train.level=...).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub level: Option<Level>,
     /// Training steps (= --set train.steps=...).
     #[arg(long)]
     pub steps: Option<u64>,
     /// Backend (= --set train.backend=...).
     #[arg(long, value_enum)]
     pub backend: Option<Backend>,
-    /// GEMM class on GPUs: exact (bit-identical to the simulator) or fast (cuBLASLt) (= --set train.gemm=...).
-    #[arg(long, value_parser = ["exact", "fast"])]
-    pub gemm: Option<String>,
+    /// GEMM class on GPUs (= --set train.gemm=...).
+    #[arg(long, value_enum)]
+    pub gemm: Option<Gemm>,
     /// Folder for run folders (= --set run.out_dir=...).
     #[arg(long)]
     pub out: Option<String>,
@@ -237,9 +228,9 @@ pub struct StepBenchArgs {
     /// Override model settings, e.g. --set model.n_layer=2 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
-    /// Precision level: bf16, O1, O2.
-    #[arg(long, default_value = "O2")]
-    pub level: String,
+    /// Precision level.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = Level::O2)]
+    pub level: Level,
     /// Rows per step (default: the shape's usual batch).
     #[arg(long)]
     pub batch: Option<usize>,
@@ -249,9 +240,9 @@ pub struct StepBenchArgs {
     /// Backend to measure.
     #[arg(long, value_enum, default_value_t = Backend::Cuda)]
     pub backend: Backend,
-    /// GEMM class: exact or fast.
-    #[arg(long, default_value = "fast")]
-    pub gemm: String,
+    /// GEMM class.
+    #[arg(long, value_enum, default_value_t = Gemm::Fast)]
+    pub gemm: Gemm,
     /// Steps run before timing.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,

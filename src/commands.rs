@@ -3,7 +3,7 @@
 use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
 use crate::backend::Backend;
-use crate::cli::{self, EvalArgs, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
+use crate::cli::{self, EvalArgs, Gemm, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
 use crate::data::{self, Dataset};
 use crate::model::Level;
 use crate::train::config::Config;
@@ -15,33 +15,28 @@ use slog::{info, warn, Logger};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-/// The overrides that `train`'s flags stand for, after the `--set` ones.
-fn flag_overrides(a: &TrainArgs) -> Vec<String> {
-    let mut sets = a.sets.clone();
-    if let Some(l) = &a.level {
-        sets.push(format!("train.level=\"{l}\""));
+/// `cfg` with `train`'s `--set` overrides, then its flags set on the typed config.
+fn with_flags(cfg: &Config, a: &TrainArgs) -> Result<Config, String> {
+    let mut cfg = cfg.with_overrides(&a.sets)?;
+    if let Some(l) = a.level {
+        cfg.train.level = l;
     }
     if let Some(s) = a.steps {
-        sets.push(format!("train.steps={s}"));
+        cfg.train.steps = s;
     }
     if let Some(b) = a.backend {
-        let name = match b {
-            cli::Backend::Sim => "sim",
-            cli::Backend::Cuda => "cuda",
-            cli::Backend::Auto => "auto",
-        };
-        sets.push(format!("train.backend=\"{name}\""));
+        cfg.train.backend = b;
     }
-    if let Some(g) = &a.gemm {
-        sets.push(format!("train.gemm=\"{g}\""));
+    if let Some(g) = a.gemm {
+        cfg.train.gemm = g;
     }
     if let Some(o) = &a.out {
-        sets.push(format!("run.out_dir={}", toml::Value::String(o.clone())));
+        cfg.run.out_dir = o.clone();
     }
     if let Some(n) = &a.name {
-        sets.push(format!("run.name={}", toml::Value::String(n.clone())));
+        cfg.run.name = n.clone();
     }
-    sets
+    Ok(cfg)
 }
 
 /// The run folder for a new run; `check`: refuse one that already holds a run.
@@ -111,7 +106,7 @@ fn fresh_config(a: &TrainArgs) -> Result<Config, String> {
         .map_err(|e| format!("--config {}: {e}", p.display()))?,
         None => Config::default(),
     };
-    let cfg = base.with_overrides(&flag_overrides(a))?;
+    let cfg = with_flags(&base, a)?;
     cfg.validate()?;
     Ok(cfg)
 }
@@ -121,17 +116,17 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
     // checkpoint it loads.
     let fresh = if a.resume.is_none() { Some(fresh_config(a)?) } else { None };
     let tc = match (&a.resume, &fresh) {
-        (Some(path), _) => checkpoint::peek_config(path)?.with_overrides(&flag_overrides(a))?.train,
+        (Some(path), _) => with_flags(&checkpoint::peek_config(path)?, a)?.train,
         (None, Some(cfg)) => cfg.train.clone(),
         (None, None) => unreachable!("a fresh run has its config"),
     };
     // Waits on silent peers from here on follow the run's setting (not the default).
     world.set_timeout(std::time::Duration::from_secs(tc.peer_timeout_s));
-    let gpu = |rank: usize| if tc.gemm == "fast" { Cuda::new_fast(rank) } else { Cuda::new(rank) };
-    match tc.backend.as_str() {
-        "sim" => run_on(&Sim, a, fresh.clone(), log, progress, world),
-        "cuda" => run_on(&gpu(world.local_rank)?, a, fresh.clone(), log, progress, world),
-        _ => match gpu(world.local_rank) {
+    let gpu = |rank: usize| if tc.gemm == Gemm::Fast { Cuda::new_fast(rank) } else { Cuda::new(rank) };
+    match tc.backend {
+        cli::Backend::Sim => run_on(&Sim, a, fresh.clone(), log, progress, world),
+        cli::Backend::Cuda => run_on(&gpu(world.local_rank)?, a, fresh.clone(), log, progress, world),
+        cli::Backend::Auto => match gpu(world.local_rank) {
             Ok(c) => {
                 info!(log, "backend auto: using CUDA"; "gpu" => &c.gpu().name, "arch" => &c.gpu().arch);
                 run_on(&c, a, fresh.clone(), log, progress, world)
@@ -160,7 +155,7 @@ fn run_on<B: Backend>(
             }
         }
         let (ckpt_cfg, model, state) = checkpoint::load(be, &found.dir, world.rank, world.size)?;
-        let cfg = ckpt_cfg.with_overrides(&flag_overrides(a))?;
+        let cfg = with_flags(&ckpt_cfg, a)?;
         for (what, same) in [
             ("model", cfg.model == ckpt_cfg.model),
             ("train.level", cfg.train.level == ckpt_cfg.train.level),

@@ -211,7 +211,11 @@ fn bad_config_values_name_the_field() {
     };
     assert!(run(&["--set", "train.beta1=1.5"]).contains("train.beta1 = 1.5 is out of range (allowed 0..=0.999999)"));
     assert!(run(&["--set", "train.nope=1"]).contains("unknown field 'nope'"));
-    assert!(run(&["--level", "O9"]).contains("O9"));
+    let o = fp8train().args(["train", "--level", "O9"]).output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.code() == Some(2) && e.contains("'O9'") && e.contains("bf16, O1, O2, O3"), "{e}");
+    assert!(run(&["--set", "train.level=\"O9\""]).contains("--set train.level=\"O9\""));
+    assert!(run(&["--set", "train.lr=nan"]).contains("train.lr = NaN is out of range"));
     assert!(run(&["--set", "model.n_head=3"]).contains("model.n_head = 3"));
     let cfg = dir.path().join("bad.toml");
     std::fs::write(&cfg, "[train]\nsteps = \"many\"\n").unwrap();

@@ -11,7 +11,7 @@
 use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
 use crate::backend::{Backend, MemoryStats, OpTime, Phase};
-use crate::cli::{Backend as CliBackend, StepBenchArgs};
+use crate::cli::{Backend as CliBackend, Gemm, StepBenchArgs};
 use crate::model::config::ModelConfig;
 use crate::model::{Gpt, Level};
 use crate::train::checkpoint::LoopState;
@@ -88,12 +88,9 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
         cfg.model.seq_len = t;
     }
     cfg.model.validate()?;
-    let level: Level = a.level.parse()?;
+    let level: Level = a.level;
     if level == Level::O3 {
         return Err("bench step: O3 shards over ranks; measure it under mpirun with train (one rank is O2)".into());
-    }
-    if !matches!(a.gemm.as_str(), "exact" | "fast") {
-        return Err(format!("--gemm {}: allowed exact, fast", a.gemm));
     }
     if a.steps == 0 {
         return Err("--steps must be at least 1".into());
@@ -104,13 +101,13 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
     }
     match a.backend {
         CliBackend::Sim => {
-            if a.gemm == "fast" {
+            if a.gemm == Gemm::Fast {
                 return Err("bench step --gemm fast needs --backend cuda (the simulator is exact only)".into());
             }
             measure(&Sim, "cpu".into(), &cfg.model, level, batch, a, log, 0)
         }
         CliBackend::Cuda | CliBackend::Auto => {
-            let gpu = if a.gemm == "fast" { Cuda::new_fast(0) } else { Cuda::new(0) }
+            let gpu = if a.gemm == Gemm::Fast { Cuda::new_fast(0) } else { Cuda::new(0) }
                 .map_err(|e| format!("bench step: no usable GPU: {e}"))?;
             let name = gpu.gpu().name.clone();
             let r = measure(&gpu, name, &cfg.model, level, batch, a, log, 0);
@@ -199,7 +196,7 @@ fn measure<B: Backend>(
         batch,
         seq: t,
         level: level.to_string(),
-        gemm: a.gemm.clone(),
+        gemm: a.gemm.to_string(),
         backend: be.name(),
         device,
         warmup_steps: a.warmup,

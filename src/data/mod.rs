@@ -49,11 +49,23 @@ impl TokenizerKind {
 }
 
 /// Where the tokens come from.
+/// Where the tokens come from (`data.source`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The embedded grammar corpus.
+    Embedded,
+    /// A text file.
+    Text,
+    /// llm.c token shards.
+    Bin,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// "embedded" (the grammar corpus), "text" (a text file) or "bin" (llm.c shards).
-    pub source: String,
+    pub source: Source,
     /// Text file, or training shard(s) for "bin" (comma separated).
     pub path: String,
     /// Validation shard(s) for "bin" (comma separated); empty: split off the training data.
@@ -68,7 +80,7 @@ pub struct DataConfig {
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
-            source: "embedded".into(),
+            source: Source::Embedded,
             path: String::new(),
             val_path: String::new(),
             tokenizer: TokenizerKind::Byte,
@@ -80,8 +92,8 @@ impl Default for DataConfig {
 
 impl DataConfig {
     pub fn validate(&self) -> Result<(), String> {
-        match self.source.as_str() {
-            "embedded" => {
+        match self.source {
+            Source::Embedded => {
                 if self.tokenizer != TokenizerKind::Byte {
                     return Err("data.tokenizer must be \"byte\" for data.source = \"embedded\"".into());
                 }
@@ -92,12 +104,11 @@ impl DataConfig {
                     ));
                 }
             }
-            "text" | "bin" => {
+            Source::Text | Source::Bin => {
                 if self.path.is_empty() {
-                    return Err(format!("data.path is required for data.source = \"{}\"", self.source));
+                    return Err(format!("data.path is required for data.source = \"{:?}\"", self.source).to_lowercase());
                 }
             }
-            other => return Err(format!("data.source = \"{other}\" is not one of \"embedded\", \"text\", \"bin\"")),
         }
         if !(self.val_fraction > 0.0 && self.val_fraction < 1.0) {
             return Err(format!(
@@ -124,21 +135,21 @@ pub struct Dataset {
 impl Dataset {
     pub fn load(cfg: &DataConfig, seed: u64) -> Result<Dataset, String> {
         cfg.validate()?;
-        let (tokens, val, description, floor) = match cfg.source.as_str() {
-            "embedded" => {
+        let (tokens, val, description, floor) = match cfg.source {
+            Source::Embedded => {
                 let g = grammar::Grammar::new();
                 let text = g.generate(seed, cfg.corpus_bytes);
                 let toks: Vec<u32> = text.iter().map(|&b| b as u32).collect();
                 (toks, None, format!("embedded grammar corpus, {} bytes", cfg.corpus_bytes), Some(g.entropy_per_byte()))
             }
-            "text" => {
+            Source::Text => {
                 let text = std::fs::read_to_string(&cfg.path)
                     .map_err(|e| format!("data.path: cannot read text file {}: {e}", cfg.path))?;
                 let toks = cfg.tokenizer.encode(&text);
                 let d = format!("text file {} ({} tokens, {:?} tokenizer)", cfg.path, toks.len(), cfg.tokenizer);
                 (toks, None, d, None)
             }
-            _ => {
+            Source::Bin => {
                 let toks = shards::read_many(&cfg.path)?;
                 let val = if cfg.val_path.is_empty() { None } else { Some(shards::read_many(&cfg.val_path)?) };
                 (toks, val, format!("llm.c shards {}", cfg.path), None)

@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 /// GPT-2 architecture sizes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     pub n_layer: usize,
     pub n_embd: usize,
@@ -49,13 +49,20 @@ impl ModelConfig {
 }
 
 /// Precision level (what `--level` selects); see ARCHITECTURE.md.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Level {
+    /// BF16 linear layers, f32 masters and moments.
     #[serde(rename = "bf16")]
+    #[value(name = "bf16")]
     Bf16,
+    /// FP8 products and weight gradients, FP16 masters, f32 moments.
+    #[value(name = "O1")]
     O1,
+    /// O1 with the FP8/FP16 Adam (6 bytes per parameter).
+    #[value(name = "O2")]
     O2,
     /// O2 with masters and optimizer state sharded over data-parallel ranks (ZeRO).
+    #[value(name = "O3")]
     O3,
 }
 

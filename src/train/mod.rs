@@ -281,7 +281,7 @@ pub fn train<B: Backend>(
         world.set_timeout(timeout);
         world.heartbeat(step, timeout);
         if tc.fault_rank == world.rank as u64 && tc.fault_at_step == step + 1 {
-            fault(&tc.fault_kind, world.rank);
+            fault(tc.fault_kind, world.rank);
         }
         let t0 = Instant::now();
         let lr = lr_at(tc, step);
@@ -443,16 +443,16 @@ pub fn train_step<B: Backend>(
 }
 
 /// Fault injection for the fault tests: die or stop answering.
-fn fault(kind: &str, rank: usize) {
-    if kind == "hang" {
-        eprintln!("fp8train rank {rank}: injected fault: stop answering");
-    }
+fn fault(kind: config::FaultKind, rank: usize) {
     match kind {
-        "hang" => loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        },
+        config::FaultKind::Hang => {
+            eprintln!("fp8train rank {rank}: injected fault: stop answering");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
         // Die as a killed process does: no handler, no message of its own.
-        _ => {
+        config::FaultKind::Exit => {
             // SAFETY: raising a signal on this process has no memory-safety preconditions.
             unsafe { libc::raise(libc::SIGKILL) };
             unreachable!("SIGKILL cannot be caught")
