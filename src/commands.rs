@@ -5,7 +5,7 @@ use crate::backend::sim::Sim;
 use crate::backend::Backend;
 use crate::cli::{self, EvalArgs, Gemm, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
 use crate::data::{self, Dataset};
-use crate::model::Level;
+use crate::model::{memory, Level};
 use crate::train::config::Config;
 use crate::train::{self, checkpoint, report, Start};
 use fp8cluster::world::{fnv1a, Collectives, World};
@@ -149,6 +149,7 @@ fn run_on<B: Backend>(
 ) -> Result<(), String> {
     if let Some(path) = &a.resume {
         let found = checkpoint::resolve(path)?;
+        fits(be, &with_flags(&checkpoint::peek_config(&found.dir)?, a)?, world.size, "this run")?;
         if world.rank == 0 {
             for why in &found.skipped {
                 warn!(log, "resume: passed over a checkpoint"; "why" => why);
@@ -195,12 +196,18 @@ fn run_on<B: Backend>(
         Some(c) => c,
         None => fresh_config(a)?,
     };
+    fits(be, &cfg, world.size, "this run")?;
     // Rank 0 names the run folder (the default name holds the time).
     let run_dir = PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()));
     cfg.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     check_config(world, &cfg)?;
     train::train(be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
     Ok(())
+}
+
+/// Refuse, before allocating, a run that cannot fit in the backend's memory.
+fn fits<B: Backend>(be: &B, cfg: &Config, ranks: usize, what: &str) -> Result<(), String> {
+    memory::check(be, &cfg.model, cfg.train.level, ranks, cfg.train.batch_size, what).map(|_| ())
 }
 
 /// A checkpoint resumed inside its run folder must be of that run: the folder's
@@ -233,6 +240,7 @@ fn check_run_config(run: &Path, ckpt: &Config) -> Result<(), String> {
 
 pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     let be = Sim;
+    fits(&be, &checkpoint::peek_config(&a.checkpoint)?, 1, "eval")?;
     let (cfg, mut model, state) = checkpoint::load(&be, &a.checkpoint, 0, 1)?;
     let ds = Dataset::load(&cfg.data, cfg.train.seed)?;
     ds.check_fits(cfg.model.seq_len)?;
@@ -258,6 +266,9 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
         return Err(format!("sample --temperature must be >= 0, got {}", a.temperature));
     }
     let be = Sim;
+    let mut one = checkpoint::peek_config(&a.checkpoint)?;
+    one.train.batch_size = 1;
+    fits(&be, &one, 1, "sample")?;
     let (cfg, mut model, _) = checkpoint::load(&be, &a.checkpoint, 0, 1)?;
     let tok = cfg.data.tokenizer;
     let (t, v) = (cfg.model.seq_len, cfg.model.vocab_size);

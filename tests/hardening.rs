@@ -196,3 +196,23 @@ fn settings_that_name_nothing_are_errors() {
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert!(e.contains("--tp") && e.contains("at least 1"), "{e}");
 }
+
+#[test]
+fn runs_too_large_for_the_machine_are_refused_with_the_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    // Allowed shapes, each far beyond any machine's memory: refused before allocating.
+    for sets in [
+        &["model.n_layer=256", "model.n_embd=16384", "model.n_head=128"][..],
+        &["model.seq_len=65536", "train.batch_size=4096"][..],
+        &["model.vocab_size=1048576", "train.batch_size=65536"][..],
+    ] {
+        let mut cmd = fp8train();
+        cmd.args(["train", "--no-progress", "--steps", "1", "--out", dir.path().to_str().unwrap()]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let e = err(&mut cmd);
+        assert!(e.contains("this run needs about") && e.contains("GiB") && e.contains("available"), "{e}");
+    }
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing written for a refused run");
+}

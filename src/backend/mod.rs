@@ -140,6 +140,14 @@ pub trait Backend: Send + Sync {
     }
     /// Restart the pool's high-water mark from what is in use now.
     fn reset_memory_peak(&self) {}
+    /// Memory this backend can still allocate (bytes, and where), if it can tell.
+    fn available_memory(&self) -> Option<(u64, String)> {
+        None
+    }
+    /// Bytes the attention ops allocate for shape `s` beyond their inputs and outputs.
+    fn attention_scratch_bytes(&self, _s: AttnShape) -> u64 {
+        0
+    }
 
     // ---- memory
     fn zeros<T: Elem>(&self, n: usize) -> Self::Buf<T>;

@@ -27,6 +27,14 @@ impl Backend for Sim {
     fn name(&self) -> &'static str {
         "sim"
     }
+    fn available_memory(&self) -> Option<(u64, String)> {
+        host_available().map(|b| (b, "this machine".to_string()))
+    }
+    fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
+        // Backward: probabilities and their gradients (t x t f32 each) per head in flight.
+        let heads = (s.b * s.nh).min(rayon::current_num_threads()) as u64;
+        heads * 8 * (s.t * s.t) as u64 + 4 * (s.b * s.t * s.c) as u64
+    }
 
     fn zeros<T: Elem>(&self, n: usize) -> Vec<T> {
         vec![T::default(); n]
@@ -241,6 +249,18 @@ impl Backend for Sim {
             ),
         }
     }
+}
+
+/// Host memory a process may still take: MemAvailable, or less under a cgroup limit.
+pub fn host_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let mut avail = kib * 1024;
+    let read = |f: &str| std::fs::read_to_string(format!("/sys/fs/cgroup/{f}")).ok()?.trim().parse::<u64>().ok();
+    if let (Some(max), Some(cur)) = (read("memory.max"), read("memory.current")) {
+        avail = avail.min(max.saturating_sub(cur));
+    }
+    Some(avail)
 }
 
 #[cfg(test)]

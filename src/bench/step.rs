@@ -135,6 +135,7 @@ fn measure<B: Backend>(
     let tc = TrainConfig { level, ..Default::default() };
     let t = model_cfg.seq_len;
     let n = batch * t;
+    crate::model::memory::check(be, model_cfg, level, 1, batch, "bench step")?;
     let t0 = Instant::now();
     let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1);
     let mut ws = model.workspace(be, batch, t);

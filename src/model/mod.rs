@@ -4,6 +4,7 @@
 pub mod config;
 pub mod gpt;
 pub mod linear;
+pub mod memory;
 pub mod params;
 
 pub use config::{Level, ModelConfig};

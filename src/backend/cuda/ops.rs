@@ -493,6 +493,20 @@ impl Backend for Cuda {
     fn reset_memory_peak(&self) {
         self.gpu.pool.reset_high_water();
     }
+    fn available_memory(&self) -> Option<(u64, String)> {
+        let (free, _) = self.gpu.ctx.mem_get_info().ok()?;
+        Some((free as u64, format!("GPU {} ({})", self.gpu.ctx.ordinal(), self.gpu.name)))
+    }
+    fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
+        let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
+        if self.flash(s.c / s.nh).is_some() {
+            // BF16 copies of qkv and dout, per-row statistics.
+            8 * b * t * c + 16 * b * nh * t
+        } else {
+            // Probabilities and their gradients, t x t f32 each per head.
+            8 * b * nh * t * t
+        }
+    }
 
     fn zeros<T: Elem>(&self, n: usize) -> CudaSlice<T> {
         self.gpu.stream.alloc_zeros::<T>(n).expect("CUDA allocation")

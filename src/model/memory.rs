@@ -1,0 +1,99 @@
+//! What a run will allocate, computed from the shapes before anything is allocated, so
+//! a model, batch, sequence or vocabulary too large for the machine is refused with the
+//! figures instead of aborting in the middle of an allocation. The terms follow
+//! `Gpt::new` (parameters by level) and `Gpt::workspace` (activations) buffer by buffer;
+//! `tests/memory.rs` holds the sum against the peak a counting allocator sees.
+
+use super::params::specs;
+use super::{Level, ModelConfig};
+use crate::backend::Backend;
+use fp8sim::ops::attention::AttnShape;
+
+/// Bytes a training (or evaluation) process needs, in three parts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Estimate {
+    /// Weights, gradients and optimizer state (this rank's share at O3).
+    pub state: u64,
+    /// The workspace: activations, their gradients, weight views, logits.
+    pub activations: u64,
+    /// The largest temporary an op allocates (attention scores, optimizer scratch).
+    pub transient: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.state + self.activations + self.transient
+    }
+}
+
+/// GiB with two decimals, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// The estimate for `cfg` at `level` with `ranks` data-parallel ranks, batch `b`,
+/// sequence `t`; `attention_scratch`: what the backend's attention allocates for this
+/// shape (see `Backend::attention_scratch_bytes`).
+pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usize, attention_scratch: u64) -> Estimate {
+    let p: u64 = specs(cfg).iter().map(|s| s.numel() as u64).sum();
+    let largest: u64 = specs(cfg).iter().map(|s| s.numel() as u64).max().unwrap_or(0);
+    let ranks = ranks.max(1) as u64;
+    // master + gradient + moments, bytes per parameter (params.rs).
+    let state = match level {
+        Level::Bf16 => 16 * p,
+        Level::O1 => 11 * p,
+        Level::O2 => 6 * p,
+        Level::O3 => p + (5 * p).div_ceil(ranks),
+    };
+    let (c, v, l, nh) = (cfg.n_embd as u64, cfg.vocab_size as u64, cfg.n_layer as u64, cfg.n_head as u64);
+    let (n, b, t) = ((b * t) as u64, b as u64, t as u64);
+    let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
+    let f32s = 4u64;
+    let per_layer = f32s * (4 * n + 10 * n * c + 2 * b * nh * t) + w * 7 * n * c;
+    let decoded = if level.fp8() { f32s * p } else { 0 }; // f32 copies of FP16 masters
+    let views = l * 12 * c * c * w + 2 * v * c;
+    let global = f32s * (23 * n * c + 2 * n * v + 3 * n) + 2 * n * c + 2 * n * v + 8 * n;
+    let grad_casts = w * 9 * n * c;
+    let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
+    let activations = l * per_layer + decoded + views + global + grad_casts + grad_bufs;
+    // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
+    let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
+    // The LM head's product and loss: a [tokens, vocab] f32 result and f32 operands.
+    let head = f32s * (n * v + (n + v) * c);
+    Estimate { state, activations, transient: optimizer.max(attention_scratch + head) }
+}
+
+/// Refuse a run whose estimate exceeds what the device has free, naming both figures.
+pub fn check_fits(est: &Estimate, available: Option<(u64, String)>, what: &str) -> Result<(), String> {
+    let Some((free, device)) = available else { return Ok(()) };
+    if est.total() <= free {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} needs about {} ({} weights + gradients + optimizer state, {} activations, {} largest temporary) \
+         but {device} has {} available; use a smaller model, batch (train.batch_size) or sequence (model.seq_len), \
+         or a leaner level (O2: 6 bytes of state per parameter)",
+        gib(est.total()),
+        gib(est.state),
+        gib(est.activations),
+        gib(est.transient),
+        gib(free)
+    ))
+}
+
+/// [`estimate`] for backend `be` (its attention scratch), checked against what `be`
+/// has available; `b` rows of the model's sequence length.
+pub fn check<B: Backend>(
+    be: &B,
+    cfg: &ModelConfig,
+    level: Level,
+    ranks: usize,
+    b: usize,
+    what: &str,
+) -> Result<Estimate, String> {
+    let t = cfg.seq_len;
+    let shape = AttnShape { b, t, c: cfg.n_embd, nh: cfg.n_head };
+    let est = estimate(cfg, level, ranks, b, t, be.attention_scratch_bytes(shape));
+    check_fits(&est, be.available_memory(), what)?;
+    Ok(est)
+}

@@ -1,0 +1,98 @@
+//! The memory estimate that refuses oversized runs must hold what a run really takes:
+//! a counting allocator measures the peak of building a model and its workspace and
+//! running training steps in the simulator, and the estimate must bound it from above
+//! without being loose. (One test in this binary: the counter is process-wide.)
+
+use fp8cluster::world::World;
+use fp8sim::ops::attention::AttnShape;
+use fp8train::backend::sim::Sim;
+use fp8train::backend::Backend;
+use fp8train::model::{memory, Gpt, Level, ModelConfig};
+use fp8train::train::checkpoint::LoopState;
+use fp8train::train::config::TrainConfig;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+struct Counting;
+static NOW: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let now = NOW.fetch_add(by, SeqCst) + by;
+    PEAK.fetch_max(now, SeqCst);
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only counts are kept.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            grew(l.size());
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        unsafe { System.dealloc(p, l) };
+        NOW.fetch_sub(l.size(), SeqCst);
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            NOW.fetch_sub(l.size(), SeqCst);
+            grew(new);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+#[test]
+fn estimate_bounds_the_measured_peak_at_every_level() {
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
+    let world = World::single();
+    for (level, layers, c, nh, t, v, b) in
+        [(Level::Bf16, 2, 64, 4, 64, 256, 4), (Level::O1, 2, 64, 4, 64, 256, 4), (Level::O2, 3, 96, 3, 128, 512, 2)]
+    {
+        let cfg = ModelConfig { n_layer: layers, n_embd: c, n_head: nh, seq_len: t, vocab_size: v };
+        let tc = TrainConfig { level, batch_size: b, ..Default::default() };
+        let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
+        let base = NOW.load(SeqCst);
+        PEAK.store(base, SeqCst);
+        {
+            let be = Sim;
+            let mut model = Gpt::new(&be, &cfg, level, 1, tc.amax_window, 0, 1);
+            let mut ws = model.workspace(&be, b, t);
+            let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
+            let mut mu = 1.0f32;
+            for _ in 0..2 {
+                fp8train::train::train_step(
+                    &be,
+                    &mut model,
+                    &mut ws,
+                    &tc,
+                    (&tokens, &tokens),
+                    1e-3,
+                    &mut mu,
+                    &mut ls,
+                    &world,
+                    false,
+                );
+            }
+        }
+        let peak = (PEAK.load(SeqCst) - base) as u64;
+        let scratch = Sim.attention_scratch_bytes(AttnShape { b, t, c, nh });
+        let est = memory::estimate(&cfg, level, 1, b, t, scratch).total();
+        assert!(est >= peak, "{level}: estimate {est} below the measured peak {peak}");
+        assert!(est <= peak + peak / 2, "{level}: estimate {est} far above the measured peak {peak}");
+        eprintln!("{level}: measured peak {peak} bytes, estimate {est} ({:.2}x)", est as f64 / peak as f64);
+    }
+}
