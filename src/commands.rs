@@ -241,7 +241,7 @@ fn check_run_config(run: &Path, ckpt: &Config) -> Result<(), String> {
 pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     let be = Sim;
     fits(&be, &checkpoint::peek_config(&a.checkpoint)?, 1, "eval")?;
-    let (cfg, mut model, state) = checkpoint::load(&be, &a.checkpoint, 0, 1)?;
+    let (cfg, mut model, step) = checkpoint::load_for_inference(&be, &a.checkpoint)?;
     let ds = Dataset::load(&cfg.data, cfg.train.seed)?;
     ds.check_fits(cfg.model.seq_len)?;
     let nb = a.batches.unwrap_or(cfg.train.eval_batches);
@@ -252,8 +252,13 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     let batches = data::val_batches(&ds.val, cfg.train.batch_size, cfg.model.seq_len, nb);
     let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &World::single());
     println!(
-        "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {})",
-        state.step, nb, cfg.train.batch_size, cfg.model.seq_len, cfg.train.level
+        "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {}; f32 bits {:#010x})",
+        step,
+        nb,
+        cfg.train.batch_size,
+        cfg.model.seq_len,
+        cfg.train.level,
+        loss.to_bits()
     );
     Ok(())
 }
@@ -269,7 +274,7 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
     let mut one = checkpoint::peek_config(&a.checkpoint)?;
     one.train.batch_size = 1;
     fits(&be, &one, 1, "sample")?;
-    let (cfg, mut model, _) = checkpoint::load(&be, &a.checkpoint, 0, 1)?;
+    let (cfg, mut model, _) = checkpoint::load_for_inference(&be, &a.checkpoint)?;
     let tok = cfg.data.tokenizer;
     let (t, v) = (cfg.model.seq_len, cfg.model.vocab_size);
     let mut tokens = tok.encode(&a.prompt);

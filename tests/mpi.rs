@@ -243,6 +243,15 @@ fn o3_sharded_checkpoints_resume_bit_identically_at_the_same_world_size() {
         let f = format!("state-rank{r}.safetensors");
         assert!(tensors(&dir.path().join("straight"), 8, &f) == tensors(&dir.path().join("resumed"), 8, &f), "{f}");
     }
+    // Evaluated and sampled in one process: the masters gathered from both shards give
+    // the run's own final validation loss, bit for bit.
+    let run = dir.path().join("straight");
+    let o = Command::new(binary()).args(["eval", run.to_str().unwrap()]).output().unwrap();
+    let text = ok(&o);
+    let want = records(&run, "eval").last().unwrap()["val_loss"].as_f64().unwrap() as f32;
+    assert!(text.contains(&format!("f32 bits {:#010x}", want.to_bits())) && text.contains("at step 8"), "{text}");
+    let o = Command::new(binary()).args(["sample", run.to_str().unwrap(), "--tokens", "20"]).output().unwrap();
+    assert!(ok(&o).len() > 20);
     let o = resume(4, "wrong");
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("written by 2 ranks as O3 shards; resume it with 2 ranks"));

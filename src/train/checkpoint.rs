@@ -447,15 +447,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
         format!("state-rank{rank}.safetensors")
     };
     let state_bytes = verify_file(&dir, &manifest, &state_name, true)?.unwrap_or_default();
-    let (_, header) =
-        SafeTensors::read_metadata(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    let cfg_text = meta.get("fp8train_config").ok_or("checkpoint: state.safetensors has no config")?;
-    let cfg = Config::from_toml(cfg_text)?;
-    cfg.validate()?;
-    let smeta: StateMeta = serde_json::from_str(meta.get("fp8train_state").ok_or("checkpoint: no training state")?)
-        .map_err(|e| format!("checkpoint: training state is not valid: {e}"))?;
-    let st = SafeTensors::deserialize(&state_bytes).map_err(|e| format!("checkpoint: state.safetensors: {e}"))?;
+    let (cfg, smeta, st) = parse_state(&state_bytes, &state_name)?;
     let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks);
     if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
         return Err("checkpoint: parameter or layer count does not match its config".into());
@@ -488,10 +480,75 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
             Moments::Remote => {}
         }
     }
+    restore_scaling(&mut model, &smeta);
+    Ok((cfg, model, smeta.loop_state))
+}
+
+/// The config, training state and tensors of a state file (`name` for messages).
+fn parse_state<'a>(bytes: &'a [u8], name: &str) -> Result<(Config, StateMeta, SafeTensors<'a>), String> {
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| format!("checkpoint: {name}: {e}"))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let cfg_text = meta.get("fp8train_config").ok_or_else(|| format!("checkpoint: {name} has no config"))?;
+    let cfg = Config::from_toml(cfg_text)?;
+    cfg.validate()?;
+    let smeta: StateMeta = serde_json::from_str(meta.get("fp8train_state").ok_or("checkpoint: no training state")?)
+        .map_err(|e| format!("checkpoint: training state is not valid: {e}"))?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| format!("checkpoint: {name}: {e}"))?;
+    Ok((cfg, smeta, st))
+}
+
+/// The delayed-scaling histories and scales of every linear layer.
+fn restore_scaling<B: Backend>(model: &mut Gpt<B>, smeta: &StateMeta) {
     for (s, (a, g)) in model.scaling.iter_mut().zip(smeta.act.iter().zip(&smeta.grad)) {
         let hist = |r: &ScalingRecord| r.history_bits.iter().map(|&b| f32::from_bits(b)).collect::<Vec<_>>();
         s.act = DelayedScaling::restore(s.act.config, &hist(a), f32::from_bits(a.scale_bits));
         s.grad = DelayedScaling::restore(s.grad.config, &hist(g), f32::from_bits(g.scale_bits));
     }
-    Ok((cfg, model, smeta.loop_state))
+}
+
+/// A checkpoint for evaluation or sampling in one process, whatever wrote it: a
+/// whole-state checkpoint as [`load`]; O3 shards of any number of ranks by gathering
+/// every shard's masters (their exact FP16 codes and scales) into an O2 model — O3 is O2
+/// with the state sharded, so the forward pass is the same. Returns the step too.
+pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, u64), String> {
+    let dir = resolve(path)?.dir;
+    let manifest = manifest_of(&dir)?;
+    if manifest.files.contains_key("state.safetensors") {
+        let (cfg, model, ls) = load(be, &dir, 0, 1)?;
+        return Ok((cfg, model, ls.step));
+    }
+    let cfg = config_of(&dir)?;
+    cfg.validate()?;
+    let mut model = Gpt::new(be, &cfg.model, Level::O2, cfg.train.seed, cfg.train.amax_window, 0, 1);
+    let mut filled = vec![false; model.params.len()];
+    for r in 0..manifest.world_size {
+        let name = format!("state-rank{r}.safetensors");
+        let bytes = verify_file(&dir, &manifest, &name, true)?.unwrap_or_default();
+        let (_, smeta, st) = parse_state(&bytes, &name)?;
+        if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
+            return Err(format!("checkpoint: {name}: parameter or layer count does not match its config"));
+        }
+        if r == 0 {
+            restore_scaling(&mut model, &smeta);
+        }
+        for ((p, sc), done) in model.params.iter_mut().zip(&smeta.params).zip(filled.iter_mut()) {
+            let tname = format!("master.{}", p.spec.name);
+            if st.tensor(&tname).is_err() {
+                continue; // held by another rank
+            }
+            if let Master::F16 { codes, scale } = &mut p.master {
+                *codes = be.upload(&f16s(tensor_bytes(&st, &tname, Dtype::F16, p.spec.numel())?));
+                *scale = f32::from_bits(sc.master);
+                *done = true;
+            }
+        }
+    }
+    if let Some(i) = filled.iter().position(|f| !f) {
+        return Err(format!(
+            "checkpoint {}: no shard holds the master of {}",
+            dir.display(),
+            model.params[i].spec.name
+        ));
+    }
+    Ok((cfg, model, manifest.step))
 }
