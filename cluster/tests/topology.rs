@@ -224,3 +224,11 @@ fn h200x2_exported_by_fp8train_topo_matches_the_lstopo_capture() {
     );
     assert_eq!(plan_of(&ours, Some("0-1"), 2, 2), plan_of(&theirs, Some("0-1"), 2, 2));
 }
+
+#[test]
+fn an_xml_that_crashes_hwloc_is_an_error() {
+    // libhwloc segfaults on this file (a duplicated core): read in a child process, the
+    // crash becomes an error naming the file.
+    let e = hwloc::machine(Some(&fixture("bad-duplicate-core.xml"))).unwrap_err().to_string();
+    assert!(e.contains("bad-duplicate-core.xml") && e.contains("hwloc crashed reading it"), "{e}");
+}

@@ -448,6 +448,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
     };
     let state_bytes = verify_file(&dir, &manifest, &state_name, true)?.unwrap_or_default();
     let (cfg, smeta, st) = parse_state(&state_bytes, &state_name)?;
+    weights_fit_config(&dir, &manifest, &cfg)?;
     let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks);
     if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
         return Err("checkpoint: parameter or layer count does not match its config".into());
@@ -482,6 +483,22 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
     }
     restore_scaling(&mut model, &smeta);
     Ok((cfg, model, smeta.loop_state))
+}
+
+/// The model a config describes must be the one the verified weights file holds (all
+/// parameters as f32): a damaged or foreign config never makes the loader allocate more
+/// than the files justify.
+fn weights_fit_config(dir: &Path, manifest: &Manifest, cfg: &Config) -> Result<(), String> {
+    let params: u64 = crate::model::params::specs(&cfg.model).iter().map(|s| s.numel() as u64).sum();
+    let have = manifest.files.get("model.safetensors").map_or(0, |e| e.bytes);
+    if have < 4 * params {
+        return Err(format!(
+            "checkpoint {}: its config describes {params} parameters but model.safetensors holds {have} bytes \
+             (fewer than 4 per parameter): the config and the weights are of different models",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// The config, training state and tensors of a state file (`name` for messages).
@@ -519,6 +536,7 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
     }
     let cfg = config_of(&dir)?;
     cfg.validate()?;
+    weights_fit_config(&dir, &manifest, &cfg)?;
     let mut model = Gpt::new(be, &cfg.model, Level::O2, cfg.train.seed, cfg.train.amax_window, 0, 1);
     let mut filled = vec![false; model.params.len()];
     for r in 0..manifest.world_size {

@@ -89,12 +89,75 @@ pub fn describe(topo: &Topology, source: String) -> Machine {
 
 /// The live machine, or an hwloc XML file.
 pub fn machine(xml: Option<&Path>) -> Result<Machine, TopoError> {
-    let topo = load(xml)?;
-    let source = match xml {
-        Some(p) => format!("hwloc XML {}", p.display()),
-        None => "this machine (hwloc)".to_string(),
-    };
-    Ok(describe(&topo, source))
+    match xml {
+        Some(p) => machine_from_xml(p),
+        None => Ok(describe(&load(None)?, "this machine (hwloc)".to_string())),
+    }
+}
+
+/// An hwloc XML file, read in a forked child process: libhwloc (2.10) crashes with
+/// SIGSEGV on some inconsistent files (found by fuzzing: a duplicated core whose cpuset
+/// overlaps another), and a user's bad file must be an error, not a crash. The child
+/// sends the description (or hwloc's error) back as JSON through a pipe.
+fn machine_from_xml(p: &Path) -> Result<Machine, TopoError> {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    let err = |what: String| TopoError::Read(what);
+    if !p.is_file() {
+        return Err(err(format!("topology XML {}: no such file", p.display())));
+    }
+    let source = format!("hwloc XML {}", p.display());
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array it is given.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(err(format!(
+            "topology XML {}: cannot create a pipe: {}",
+            p.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: the child only reads the file with hwloc, writes to the pipe and calls
+    // _exit (no unwinding, no destructors, no buffered output of the parent's). glibc
+    // resets malloc's locks in the child, so allocating there is safe.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let out: Result<Machine, String> = load(Some(p)).map(|t| describe(&t, source)).map_err(|e| e.to_string());
+        let json = serde_json::to_vec(&out).unwrap_or_default();
+        let mut off = 0;
+        while off < json.len() {
+            // SAFETY: writing bytes of a live buffer to the pipe's write end.
+            let n = unsafe { libc::write(fds[1], json[off..].as_ptr().cast(), json.len() - off) };
+            if n <= 0 {
+                break;
+            }
+            off += n as usize;
+        }
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(0) };
+    }
+    // SAFETY: the write end belongs to the child now; the read end is ours alone.
+    unsafe { libc::close(fds[1]) };
+    let mut reader = unsafe { std::fs::File::from_raw_fd(fds[0]) };
+    if pid < 0 {
+        return Err(err(format!("topology XML {}: cannot fork: {}", p.display(), std::io::Error::last_os_error())));
+    }
+    let mut json = Vec::new();
+    let _ = reader.read_to_end(&mut json);
+    let mut status = 0;
+    // SAFETY: waits for the child created above.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    if libc::WIFSIGNALED(status) {
+        return Err(err(format!(
+            "topology XML {}: hwloc crashed reading it (signal {}): the file is not a consistent topology",
+            p.display(),
+            libc::WTERMSIG(status)
+        )));
+    }
+    match serde_json::from_slice::<Result<Machine, String>>(&json) {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(err(e)),
+        Err(e) => Err(err(format!("topology XML {}: reading it failed ({e})", p.display()))),
+    }
 }
 
 /// Write the live machine's topology as hwloc XML (so real machines become fixtures).

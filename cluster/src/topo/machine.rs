@@ -1,9 +1,9 @@
 //! The machine as the planner sees it, whatever source it came from.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One NVIDIA GPU.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Gpu {
     /// Position in PCI bus-id order (the CUDA ordinal with CUDA_DEVICE_ORDER=PCI_BUS_ID).
     pub index: usize,
@@ -19,13 +19,13 @@ pub struct Gpu {
     pub numa_nodes: Vec<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NumaNode {
     pub os_index: u32,
     pub pus: Vec<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
     /// Where the description came from.
     pub source: String,
@@ -105,6 +105,10 @@ pub fn ranges(v: &[u32]) -> String {
     }
 }
 
+/// Most ids a list may hold (CPUs, GPUs): far above any machine, far below what would
+/// exhaust memory for a typo like `0-4294967295`.
+pub const MAX_IDS: usize = 1 << 16;
+
 /// Parse `0-3,8,10-11` into a sorted list.
 pub fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
     let mut v = Vec::new();
@@ -116,9 +120,15 @@ pub fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
                 if a > b {
                     return Err(format!("range '{part}' runs backwards"));
                 }
+                if (b - a) as usize >= MAX_IDS - v.len().min(MAX_IDS - 1) {
+                    return Err(format!("range '{part}' holds more than {MAX_IDS} ids in all"));
+                }
                 v.extend(a..=b);
             }
             None => v.push(num(part)?),
+        }
+        if v.len() > MAX_IDS {
+            return Err(format!("'{s}' lists more than {MAX_IDS} ids"));
         }
     }
     v.sort_unstable();
@@ -129,6 +139,13 @@ pub fn parse_ranges(s: &str) -> Result<Vec<u32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn huge_ranges_are_errors_not_allocations() {
+        assert!(parse_ranges("0-4294967295").unwrap_err().contains("more than 65536"));
+        assert!(parse_ranges("0-40000,50000-90000").unwrap_err().contains("more than 65536"));
+        assert_eq!(parse_ranges("0-65535").unwrap().len(), 65536);
+    }
 
     #[test]
     fn range_lists() {
