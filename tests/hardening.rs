@@ -216,3 +216,73 @@ fn runs_too_large_for_the_machine_are_refused_with_the_figures() {
     }
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "nothing written for a refused run");
 }
+
+#[test]
+fn kill_9_at_random_points_loses_no_checkpoint_and_no_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("k");
+    let bin = assert_cmd::cargo::cargo_bin("fp8train");
+    // Deterministic "random" kill times (xorshift), from right after start to well into
+    // training: during start-up, checkpoint writes (every step), metrics writes, resumes.
+    let mut x = 0x2545f4914f6cdd1du64;
+    let mut kills = 0;
+    let mut checked = std::collections::HashSet::new();
+    for round in 0..20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let wait = std::time::Duration::from_millis(30 + x % 700);
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(["--threads", "1", "train", "--steps", "100000"]);
+        if round == 0 || !run.join("checkpoints").is_dir() {
+            let _ = std::fs::remove_dir_all(&run);
+            cmd.args(["--out", dir.path().to_str().unwrap(), "--name", "k"]).args(TINY);
+            cmd.args(["--set", "train.checkpoint_every=1", "--set", "train.batch_size=4"]);
+        } else {
+            cmd.args(["--no-progress", "--resume", run.to_str().unwrap()]);
+        }
+        let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(wait);
+        assert!(child.try_wait().unwrap().is_none(), "round {round}: the run ended before the kill");
+        child.kill().unwrap(); // SIGKILL
+        kills += 1;
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.code().is_none(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+        // Every checkpoint present is complete and loads; the metrics parse.
+        if let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) {
+            for e in entries {
+                let p = e.unwrap().path();
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue; // a temporary folder of a write the kill interrupted
+                }
+                let stamp = std::fs::metadata(p.join("manifest.json")).and_then(|m| m.modified()).ok();
+                if !checked.insert((name.clone(), stamp)) {
+                    continue; // loaded in an earlier round, unchanged since
+                }
+                let o = fp8train().args(["eval", p.to_str().unwrap(), "--batches", "1"]).output().unwrap();
+                assert!(o.status.success(), "round {round}: {name}: {}", String::from_utf8_lossy(&o.stderr));
+            }
+        }
+        if run.join("metrics.jsonl").is_file() {
+            let o = fp8train().args(["report", run.to_str().unwrap()]).output().unwrap();
+            let text = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success() || String::from_utf8_lossy(&o.stderr).contains("no training steps"), "{text}");
+        }
+    }
+    assert_eq!(kills, 20);
+    // After all that the run resumes and finishes one more step cleanly.
+    let last = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| checkpoint_step(&e.unwrap().file_name().to_string_lossy()))
+        .max()
+        .unwrap();
+    let o = resume(&run, &["--steps", &(last + 1).to_string()]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let steps: Vec<u64> = records(&run, "step").iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=last + 1).collect::<Vec<_>>(), "each step recorded once, in order");
+}
+
+fn checkpoint_step(name: &str) -> Option<u64> {
+    name.strip_prefix("step-")?.parse().ok()
+}
