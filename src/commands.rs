@@ -248,9 +248,9 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     if nb == 0 {
         return Err("eval --batches must be at least 1".into());
     }
-    let mut ws = model.workspace(&be, cfg.train.batch_size, cfg.model.seq_len);
+    let mut ws = model.workspace(&be, cfg.train.batch_size, cfg.model.seq_len)?;
     let batches = data::val_batches(&ds.val, cfg.train.batch_size, cfg.model.seq_len, nb);
-    let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &World::single());
+    let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &World::single())?;
     println!(
         "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {}; f32 bits {:#010x})",
         step,
@@ -281,16 +281,16 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
     if tokens.is_empty() {
         return Err("sample --prompt must not be empty".into());
     }
-    let mut ws = model.workspace(&be, 1, t);
-    model.prepare_weights(&be, &mut ws, &World::single());
+    let mut ws = model.workspace(&be, 1, t)?;
+    model.prepare_weights(&be, &mut ws, &World::single())?;
     let prompt_len = tokens.len();
     for i in 0..a.tokens {
         let ctx: Vec<u32> = tokens[tokens.len().saturating_sub(t)..].to_vec();
         let pos = ctx.len() - 1;
         let mut x = ctx.clone();
         x.resize(t, 0); // causal: padding after `pos` does not change its logits
-        model.eval_loss(&be, &mut ws, &x, &vec![0; t]);
-        let logits = be.download(&ws.logits);
+        model.eval_loss(&be, &mut ws, &x, &vec![0; t])?;
+        let logits = be.download(&ws.logits)?;
         let row = &logits[pos * v..(pos + 1) * v];
         let next = if a.temperature == 0.0 {
             row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (j, &l)| if l > m.1 { (j, l) } else { m }).0

@@ -69,8 +69,8 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
         PEAK.store(base, SeqCst);
         {
             let be = Sim;
-            let mut model = Gpt::new(&be, &cfg, level, 1, tc.amax_window, 0, 1);
-            let mut ws = model.workspace(&be, b, t);
+            let mut model = Gpt::new(&be, &cfg, level, 1, tc.amax_window, 0, 1).unwrap();
+            let mut ws = model.workspace(&be, b, t).unwrap();
             let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
             let mut mu = 1.0f32;
             for _ in 0..2 {
@@ -85,7 +85,8 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
                     &mut ls,
                     &world,
                     false,
-                );
+                )
+                .unwrap();
             }
         }
         let peak = (PEAK.load(SeqCst) - base) as u64;

@@ -99,6 +99,31 @@ pub enum Phase {
     Idle,
 }
 
+/// A device operation that failed: which op, and what the device said (a failed
+/// launch, an out-of-memory, an NCCL error). The run stops with it, naming the rank.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{op}: {detail}")]
+pub struct BackendError {
+    pub op: String,
+    pub detail: String,
+}
+
+impl BackendError {
+    pub fn new(op: impl Into<String>, detail: impl std::fmt::Display) -> BackendError {
+        BackendError { op: op.into(), detail: detail.to_string() }
+    }
+}
+
+/// What every device operation returns.
+pub type BResult<T> = Result<T, BackendError>;
+
+/// The command line's errors are strings: a device error becomes its message.
+impl From<BackendError> for String {
+    fn from(e: BackendError) -> String {
+        e.to_string()
+    }
+}
+
 /// Device time of one op (all its calls) in a profiled stretch.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct OpTime {
@@ -120,14 +145,16 @@ pub struct MemoryStats {
 
 /// The ops of a training step. Shapes: `n` rows (tokens) of `c` channels, row-major.
 #[allow(clippy::too_many_arguments)]
-pub trait Backend: Send + Sync {
+pub trait Backend {
     type Buf<T: Elem>: Send + Sync;
 
     fn name(&self) -> &'static str;
 
     // ---- measurement (no effect on results)
     /// Wait for all queued work.
-    fn synchronize(&self) {}
+    fn synchronize(&self) -> BResult<()> {
+        Ok(())
+    }
     /// Start (or stop) attributing device time to phases.
     fn set_profiling(&self, _on: bool) {}
     /// Device time per op since profiling started; restarts the count.
@@ -150,27 +177,27 @@ pub trait Backend: Send + Sync {
     }
 
     // ---- memory
-    fn zeros<T: Elem>(&self, n: usize) -> Self::Buf<T>;
-    fn upload<T: Elem>(&self, data: &[T]) -> Self::Buf<T>;
-    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> Vec<T>;
+    fn zeros<T: Elem>(&self, n: usize) -> BResult<Self::Buf<T>>;
+    fn upload<T: Elem>(&self, data: &[T]) -> BResult<Self::Buf<T>>;
+    fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> BResult<Vec<T>>;
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
-    fn copy<T: Elem>(&self, dst: &mut Self::Buf<T>, src: &Self::Buf<T>);
+    fn copy<T: Elem>(&self, dst: &mut Self::Buf<T>, src: &Self::Buf<T>) -> BResult<()>;
 
     // ---- casts and reductions
-    fn amax(&self, x: &Self::Buf<f32>) -> f32;
+    fn amax(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Saturating scaled cast `q = sat_encode(x * scale)`.
-    fn cast_fp8(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> CastStats;
+    fn cast_fp8(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> BResult<CastStats>;
     /// `x = decode(q) * inv_scale`.
-    fn decode_fp8(&self, x: &mut Self::Buf<f32>, q: &Self::Buf<u8>, fmt: Fp8Format, inv_scale: f32);
-    fn cast_bf16(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>);
+    fn decode_fp8(&self, x: &mut Self::Buf<f32>, q: &Self::Buf<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()>;
+    fn cast_bf16(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>) -> BResult<()>;
     /// `y = to_f16(x * scale)`.
-    fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32);
+    fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32) -> BResult<()>;
     /// `x = h * inv_scale`.
-    fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32);
+    fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()>;
     /// Sum of squares in the contract's order.
-    fn sum_sq(&self, x: &Self::Buf<f32>) -> f32;
+    fn sum_sq(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Mean in the contract's order.
-    fn mean(&self, x: &Self::Buf<f32>) -> f32;
+    fn mean(&self, x: &Self::Buf<f32>) -> BResult<f32>;
 
     // ---- GEMM (exact class) and its neighbours
     fn matmul(
@@ -183,17 +210,17 @@ pub trait Backend: Send + Sync {
         n: usize,
         k: usize,
         scale: f32,
-    );
+    ) -> BResult<()>;
     /// `x[r, :] += bias` for every row.
-    fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize);
+    fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.
-    fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize);
+    fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize) -> BResult<()>;
     /// `out = a + b`.
-    fn add(&self, out: &mut Self::Buf<f32>, a: &Self::Buf<f32>, b: &Self::Buf<f32>);
+    fn add(&self, out: &mut Self::Buf<f32>, a: &Self::Buf<f32>, b: &Self::Buf<f32>) -> BResult<()>;
     /// `acc += x`.
-    fn accumulate(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>);
+    fn accumulate(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> BResult<()>;
     /// Set element `i` (fault injection in tests).
-    fn set(&self, x: &mut Self::Buf<f32>, i: usize, v: f32);
+    fn set(&self, x: &mut Self::Buf<f32>, i: usize, v: f32) -> BResult<()>;
 
     // ---- layers
     fn encoder_forward(
@@ -205,7 +232,7 @@ pub trait Backend: Send + Sync {
         b: usize,
         t: usize,
         c: usize,
-    );
+    ) -> BResult<()>;
     fn encoder_backward(
         &self,
         dwte: &mut Self::Buf<f32>,
@@ -215,7 +242,7 @@ pub trait Backend: Send + Sync {
         b: usize,
         t: usize,
         c: usize,
-    );
+    ) -> BResult<()>;
     fn layernorm_forward(
         &self,
         y: &mut Self::Buf<f32>,
@@ -226,7 +253,7 @@ pub trait Backend: Send + Sync {
         b: &Self::Buf<f32>,
         n: usize,
         c: usize,
-    );
+    ) -> BResult<()>;
     fn layernorm_backward(
         &self,
         dx: &mut Self::Buf<f32>,
@@ -239,14 +266,14 @@ pub trait Backend: Send + Sync {
         rstd: &Self::Buf<f32>,
         n: usize,
         c: usize,
-    );
+    ) -> BResult<()>;
     fn attention_forward(
         &self,
         out: &mut Self::Buf<f32>,
         stats: &mut Self::Buf<f32>,
         qkv: &Self::Buf<f32>,
         shape: AttnShape,
-    );
+    ) -> BResult<()>;
     fn attention_backward(
         &self,
         dqkv: &mut Self::Buf<f32>,
@@ -255,9 +282,9 @@ pub trait Backend: Send + Sync {
         out: &Self::Buf<f32>,
         stats: &Self::Buf<f32>,
         shape: AttnShape,
-    );
-    fn gelu_forward(&self, y: &mut Self::Buf<f32>, x: &Self::Buf<f32>);
-    fn gelu_backward(&self, dx: &mut Self::Buf<f32>, x: &Self::Buf<f32>, dy: &Self::Buf<f32>);
+    ) -> BResult<()>;
+    fn gelu_forward(&self, y: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> BResult<()>;
+    fn gelu_backward(&self, dx: &mut Self::Buf<f32>, x: &Self::Buf<f32>, dy: &Self::Buf<f32>) -> BResult<()>;
     /// Per-row losses; with `dlogits`, also the gradient times `dloss`.
     fn crossentropy(
         &self,
@@ -268,25 +295,25 @@ pub trait Backend: Send + Sync {
         dloss: f32,
         n: usize,
         v: usize,
-    );
+    ) -> BResult<()>;
 
     // ---- optimizer
-    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep);
+    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()>;
 
     // ---- data-parallel gradient reduction (numerics contract, rule 8)
     /// Reduce an E4M3 gradient and its scale across the ranks of `world`. The default
     /// runs the contract's algorithm on host copies over MPI.
-    fn reduce_grad_fp8(&self, world: &World, codes: &mut Self::Buf<u8>, scale: &mut f32) -> CommBytes {
-        let mut host = self.download(codes);
+    fn reduce_grad_fp8(&self, world: &World, codes: &mut Self::Buf<u8>, scale: &mut f32) -> BResult<CommBytes> {
+        let mut host = self.download(codes)?;
         let c = fp8cluster::reduce::reduce_fp8(world, &mut host, scale);
-        *codes = self.upload(&host);
-        c
+        *codes = self.upload(&host)?;
+        Ok(c)
     }
     /// Reduce an f32 gradient across the ranks of `world` (bf16 level).
-    fn reduce_grad_f32(&self, world: &World, g: &mut Self::Buf<f32>) -> CommBytes {
-        let mut host = self.download(g);
+    fn reduce_grad_f32(&self, world: &World, g: &mut Self::Buf<f32>) -> BResult<CommBytes> {
+        let mut host = self.download(g)?;
         let c = fp8cluster::reduce::reduce_f32(world, &mut host);
-        *g = self.upload(&host);
-        c
+        *g = self.upload(&host)?;
+        Ok(c)
     }
 }

@@ -1,6 +1,6 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
-use super::{AdamState, Backend, CastStats, Elem, GradRef, Operand, Product};
+use super::{AdamState, BResult, Backend, CastStats, Elem, GradRef, Operand, Product};
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
 use fp8sim::ops::adamw::{self, AdamStep, Grad, ScaledE4m3, ScaledF16};
@@ -36,56 +36,67 @@ impl Backend for Sim {
         heads * 8 * (s.t * s.t) as u64 + 4 * (s.b * s.t * s.c) as u64
     }
 
-    fn zeros<T: Elem>(&self, n: usize) -> Vec<T> {
-        vec![T::default(); n]
+    fn zeros<T: Elem>(&self, n: usize) -> BResult<Vec<T>> {
+        let mut v = host_vec(n)?;
+        v.resize(n, T::default());
+        Ok(v)
     }
-    fn upload<T: Elem>(&self, data: &[T]) -> Vec<T> {
-        data.to_vec()
+    fn upload<T: Elem>(&self, data: &[T]) -> BResult<Vec<T>> {
+        let mut v = host_vec(data.len())?;
+        v.extend_from_slice(data);
+        Ok(v)
     }
-    fn download<T: Elem>(&self, buf: &Vec<T>) -> Vec<T> {
-        buf.clone()
+    fn download<T: Elem>(&self, buf: &Vec<T>) -> BResult<Vec<T>> {
+        Ok(buf.clone())
     }
     fn len<T: Elem>(&self, buf: &Vec<T>) -> usize {
         buf.len()
     }
-    fn copy<T: Elem>(&self, dst: &mut Vec<T>, src: &Vec<T>) {
+    fn copy<T: Elem>(&self, dst: &mut Vec<T>, src: &Vec<T>) -> BResult<()> {
         dst.copy_from_slice(src);
+        Ok(())
     }
 
-    fn amax(&self, x: &Vec<f32>) -> f32 {
-        reduce::amax(x)
+    fn amax(&self, x: &Vec<f32>) -> BResult<f32> {
+        Ok(reduce::amax(x))
     }
-    fn cast_fp8(&self, q: &mut Vec<u8>, x: &Vec<f32>, fmt: Fp8Format, scale: f32) -> CastStats {
-        fp8::encode_scaled(fmt, x, scale, q);
-        let max = fmt.max();
-        let saturated = x.iter().filter(|&&v| (v * scale).abs() > max).count() as u64;
-        CastStats { amax: reduce::amax(x), saturated }
+    fn cast_fp8(&self, q: &mut Vec<u8>, x: &Vec<f32>, fmt: Fp8Format, scale: f32) -> BResult<CastStats> {
+        Ok({
+            fp8::encode_scaled(fmt, x, scale, q);
+            let max = fmt.max();
+            let saturated = x.iter().filter(|&&v| (v * scale).abs() > max).count() as u64;
+            CastStats { amax: reduce::amax(x), saturated }
+        })
     }
-    fn decode_fp8(&self, x: &mut Vec<f32>, q: &Vec<u8>, fmt: Fp8Format, inv_scale: f32) {
+    fn decode_fp8(&self, x: &mut Vec<f32>, q: &Vec<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
         fp8::decode_scaled(fmt, q, inv_scale, x);
+        Ok(())
     }
-    fn cast_bf16(&self, y: &mut Vec<bf16>, x: &Vec<f32>) {
+    fn cast_bf16(&self, y: &mut Vec<bf16>, x: &Vec<f32>) -> BResult<()> {
         half16::to_bf16_slice(x, y);
+        Ok(())
     }
-    fn cast_f16(&self, y: &mut Vec<f16>, x: &Vec<f32>, scale: f32) {
+    fn cast_f16(&self, y: &mut Vec<f16>, x: &Vec<f32>, scale: f32) -> BResult<()> {
         par::for_chunks2(x, y, |xs, ys| {
             for (o, &v) in ys.iter_mut().zip(xs) {
                 *o = half16::to_f16(v * scale);
             }
         });
+        Ok(())
     }
-    fn decode_f16(&self, x: &mut Vec<f32>, h: &Vec<f16>, inv_scale: f32) {
+    fn decode_f16(&self, x: &mut Vec<f32>, h: &Vec<f16>, inv_scale: f32) -> BResult<()> {
         par::for_chunks2(h, x, |hs, xs| {
             for (o, &v) in xs.iter_mut().zip(hs) {
                 *o = v.to_f32() * inv_scale;
             }
         });
+        Ok(())
     }
-    fn sum_sq(&self, x: &Vec<f32>) -> f32 {
-        reduce::sum_sq(x)
+    fn sum_sq(&self, x: &Vec<f32>) -> BResult<f32> {
+        Ok(reduce::sum_sq(x))
     }
-    fn mean(&self, x: &Vec<f32>) -> f32 {
-        crossentropy::mean_loss(x)
+    fn mean(&self, x: &Vec<f32>) -> BResult<f32> {
+        Ok(crossentropy::mean_loss(x))
     }
 
     fn matmul(
@@ -98,7 +109,7 @@ impl Backend for Sim {
         n: usize,
         k: usize,
         scale: f32,
-    ) {
+    ) -> BResult<()> {
         let (a, b) = (op(&a), op(&b));
         let r = match product {
             Product::Forward => {
@@ -108,33 +119,39 @@ impl Backend for Sim {
             Product::Wgrad => gemm::gemm_exact(MatRef::row_major(a, m, n).t(), MatRef::row_major(b, m, k), scale, out),
         };
         r.expect("model GEMM shapes are consistent");
+        Ok(())
     }
-    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, c: usize) {
+    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, c: usize) -> BResult<()> {
         par::for_chunks_mut(x, |start, xs| {
             for (i, v) in xs.iter_mut().enumerate() {
                 *v += bias[(start + i) % c];
             }
         });
+        Ok(())
     }
-    fn column_sums(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: usize, cols: usize) {
+    fn column_sums(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: usize, cols: usize) -> BResult<()> {
         reduce::column_sums(x, rows, cols, out);
+        Ok(())
     }
-    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) {
+    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) -> BResult<()> {
         par::for_chunks_mut(out, |start, o| {
             for (i, v) in o.iter_mut().enumerate() {
                 *v = a[start + i] + b[start + i];
             }
         });
+        Ok(())
     }
-    fn accumulate(&self, acc: &mut Vec<f32>, x: &Vec<f32>) {
+    fn accumulate(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> BResult<()> {
         par::for_chunks_mut(acc, |start, o| {
             for (i, v) in o.iter_mut().enumerate() {
                 *v += x[start + i];
             }
         });
+        Ok(())
     }
-    fn set(&self, x: &mut Vec<f32>, i: usize, v: f32) {
+    fn set(&self, x: &mut Vec<f32>, i: usize, v: f32) -> BResult<()> {
         x[i] = v;
+        Ok(())
     }
 
     fn encoder_forward(
@@ -146,8 +163,9 @@ impl Backend for Sim {
         b: usize,
         t: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         encoder::encoder_forward(out, tokens, wte, wpe, b, t, c);
+        Ok(())
     }
     fn encoder_backward(
         &self,
@@ -158,8 +176,9 @@ impl Backend for Sim {
         b: usize,
         t: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         encoder::encoder_backward(dwte, dwpe, dout, tokens, b, t, c);
+        Ok(())
     }
     fn layernorm_forward(
         &self,
@@ -171,8 +190,9 @@ impl Backend for Sim {
         b: &Vec<f32>,
         n: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         layernorm::layernorm_forward(y, mean, rstd, x, w, b, n, c);
+        Ok(())
     }
     fn layernorm_backward(
         &self,
@@ -186,11 +206,19 @@ impl Backend for Sim {
         rstd: &Vec<f32>,
         n: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         layernorm::layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, n, c);
+        Ok(())
     }
-    fn attention_forward(&self, out: &mut Vec<f32>, stats: &mut Vec<f32>, qkv: &Vec<f32>, shape: AttnShape) {
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        stats: &mut Vec<f32>,
+        qkv: &Vec<f32>,
+        shape: AttnShape,
+    ) -> BResult<()> {
         attention::attention_forward(out, stats, qkv, shape);
+        Ok(())
     }
     fn attention_backward(
         &self,
@@ -200,14 +228,17 @@ impl Backend for Sim {
         out: &Vec<f32>,
         stats: &Vec<f32>,
         shape: AttnShape,
-    ) {
+    ) -> BResult<()> {
         attention::attention_backward(dqkv, dout, qkv, out, stats, shape);
+        Ok(())
     }
-    fn gelu_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>) {
+    fn gelu_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> BResult<()> {
         gelu::gelu_forward(y, x);
+        Ok(())
     }
-    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dy: &Vec<f32>) {
+    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dy: &Vec<f32>) -> BResult<()> {
         gelu::gelu_backward(dx, x, dy);
+        Ok(())
     }
     fn crossentropy(
         &self,
@@ -218,7 +249,7 @@ impl Backend for Sim {
         dloss: f32,
         n: usize,
         v: usize,
-    ) {
+    ) -> BResult<()> {
         crossentropy::crossentropy_forward_backward(
             losses,
             dlogits.map(|d| d.as_mut_slice()),
@@ -228,9 +259,10 @@ impl Backend for Sim {
             n,
             v,
         );
+        Ok(())
     }
 
-    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
+    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()> {
         let g = match grad {
             GradRef::F32(g) => Grad::F32(g),
             GradRef::Fp8(codes, scale) => Grad::Fp8 { codes, inv_scale: 1.0 / scale },
@@ -248,7 +280,19 @@ impl Backend for Sim {
                 step,
             ),
         }
+        Ok(())
     }
+}
+
+/// An empty vector with room for `n` elements: an allocation the host refuses is an
+/// error naming its size, not an abort.
+fn host_vec<T>(n: usize) -> BResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| {
+        let gib = n as f64 * std::mem::size_of::<T>() as f64 / (1u64 << 30) as f64;
+        super::BackendError::new("host allocation", format!("{gib:.2} GiB: {e}"))
+    })?;
+    Ok(v)
 }
 
 /// Host memory a process may still take: MemAvailable, or less under a cgroup limit.
@@ -268,6 +312,15 @@ mod tests {
     //! Gradient checks of the linear layer (the three GEMM products plus bias) and the
     //! embedding, through the backend interface, against f64 references.
     use super::*;
+
+    #[test]
+    fn a_refused_allocation_is_an_error_naming_its_size() {
+        let e = Sim.zeros::<f32>(usize::MAX / 8).unwrap_err();
+        assert_eq!(e.op, "host allocation");
+        let msg = String::from(e);
+        assert!(msg.starts_with("host allocation: ") && msg.contains("GiB"), "{msg}");
+        assert_eq!(Sim.zeros::<f32>(3).unwrap(), vec![0.0; 3]);
+    }
 
     fn randn(n: usize, seed: u64) -> Vec<f32> {
         let mut v = vec![0f32; n];
@@ -314,13 +367,13 @@ mod tests {
         let d = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<f64>>();
         let (xd, wd, bd, dyd) = (d(&x), d(&w), d(&b), d(&dy));
         let mut y = vec![0f32; n * oc];
-        be.matmul(&mut y, Operand::F32(&x), Operand::F32(&w), Product::Forward, n, oc, ic, 1.0);
-        be.add_bias(&mut y, &b, oc);
+        be.matmul(&mut y, Operand::F32(&x), Operand::F32(&w), Product::Forward, n, oc, ic, 1.0).unwrap();
+        be.add_bias(&mut y, &b, oc).unwrap();
         close("y", &y, &f(&xd, &wd, &bd));
         let (mut dx, mut dw, mut db) = (vec![0f32; n * ic], vec![0f32; oc * ic], vec![0f32; oc]);
-        be.matmul(&mut dx, Operand::F32(&dy), Operand::F32(&w), Product::Dgrad, n, oc, ic, 1.0);
-        be.matmul(&mut dw, Operand::F32(&dy), Operand::F32(&x), Product::Wgrad, n, oc, ic, 1.0);
-        be.column_sums(&mut db, &dy, n, oc);
+        be.matmul(&mut dx, Operand::F32(&dy), Operand::F32(&w), Product::Dgrad, n, oc, ic, 1.0).unwrap();
+        be.matmul(&mut dw, Operand::F32(&dy), Operand::F32(&x), Product::Wgrad, n, oc, ic, 1.0).unwrap();
+        be.column_sums(&mut db, &dy, n, oc).unwrap();
         close("dx", &dx, &numeric(&xd, &dyd, |v| f(v, &wd, &bd)));
         close("dw", &dw, &numeric(&wd, &dyd, |v| f(&xd, v, &bd)));
         close("db", &db, &numeric(&bd, &dyd, |v| f(&xd, &wd, v)));
@@ -344,7 +397,7 @@ mod tests {
         let d = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<f64>>();
         let (ted, ped, dd) = (d(&wte), d(&wpe), d(&dout));
         let (mut dwte, mut dwpe) = (vec![0f32; v * c], vec![0f32; t * c]);
-        be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c);
+        be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c).unwrap();
         close("dwte", &dwte, &numeric(&ted, &dd, |x| f(x, &ped)));
         close("dwpe", &dwpe, &numeric(&ped, &dd, |x| f(&ted, x)));
     }

@@ -90,7 +90,7 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
     cfg.model.validate()?;
     let level: Level = a.level;
     if level == Level::O3 {
-        return Err("bench step: O3 shards over ranks; measure it under mpirun with train (one rank is O2)".into());
+        return Err("bench step: O3 shards over ranks; measure it under mpirun with train (one rank is O2)?".into());
     }
     if a.steps == 0 {
         return Err("--steps must be at least 1".into());
@@ -137,9 +137,9 @@ fn measure<B: Backend>(
     let n = batch * t;
     crate::model::memory::check(be, model_cfg, level, 1, batch, "bench step")?;
     let t0 = Instant::now();
-    let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1);
-    let mut ws = model.workspace(be, batch, t);
-    be.synchronize();
+    let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1)?;
+    let mut ws = model.workspace(be, batch, t)?;
+    be.synchronize()?;
     info!(log, "model ready"; "params" => model.num_params(), "seconds" => t0.elapsed().as_secs_f64());
     let tokens = |step: u64| -> (Vec<u32>, Vec<u32>) {
         let v = model_cfg.vocab_size as u64;
@@ -153,23 +153,23 @@ fn measure<B: Backend>(
     let mut loss = f32::NAN;
     let mut step = |k: u64, ls: &mut LoopState, mu: &mut f32| {
         let (x, y) = tokens(k);
-        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, mu, ls, &world, false);
-        be.synchronize();
-        so.stats.loss
+        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, mu, ls, &world, false)?;
+        be.synchronize()?;
+        crate::backend::BResult::Ok(so.stats.loss)
     };
     for k in 0..a.warmup {
         let s = Instant::now();
-        loss = step(k as u64, &mut ls, &mut mu);
+        loss = step(k as u64, &mut ls, &mut mu)?;
         info!(log, "warm-up step"; "step" => k + 1, "ms" => s.elapsed().as_secs_f64() * 1e3, "loss" => loss);
     }
     let mut times = Vec::new();
     for k in 0..a.steps {
         let s = Instant::now();
-        loss = step((a.warmup + k) as u64, &mut ls, &mut mu);
+        loss = step((a.warmup + k) as u64, &mut ls, &mut mu)?;
         times.push(s.elapsed().as_secs_f64() * 1e3);
     }
     be.set_profiling(true);
-    step((a.warmup + a.steps) as u64, &mut ls, &mut mu);
+    step((a.warmup + a.steps) as u64, &mut ls, &mut mu)?;
     let mut ops = be.take_profile();
     be.set_profiling(false);
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));

@@ -9,6 +9,7 @@
 use super::config::{Level, ModelConfig};
 use super::linear::{self, Dims, GradCast, LinearScaling, Saved, WeightView};
 use super::params::{self, GradStore, Master, Moments, Param};
+use crate::backend::BResult;
 use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::bf16;
@@ -111,27 +112,29 @@ impl<B: Backend> Gpt<B> {
         amax_window: usize,
         rank: usize,
         ranks: usize,
-    ) -> Self {
-        let specs = params::specs(cfg);
-        let owners = if level == Level::O3 {
-            fp8cluster::zero::partition(&specs.iter().map(|s| s.numel()).collect::<Vec<_>>(), ranks)
-        } else {
-            vec![rank; specs.len()]
-        };
-        let params = specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, spec)| {
-                let values = params::init_values(&spec, seed, i);
-                Param::new(be, spec, level, &values, owners[i], rank)
-            })
-            .collect();
-        Gpt {
-            cfg: cfg.clone(),
-            level,
-            params,
-            scaling: (0..4 * cfg.n_layer).map(|_| LinearScaling::new(amax_window)).collect(),
-        }
+    ) -> BResult<Self> {
+        Ok({
+            let specs = params::specs(cfg);
+            let owners = if level == Level::O3 {
+                fp8cluster::zero::partition(&specs.iter().map(|s| s.numel()).collect::<Vec<_>>(), ranks)
+            } else {
+                vec![rank; specs.len()]
+            };
+            let params = specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, spec)| {
+                    let values = params::init_values(&spec, seed, i);
+                    Param::new(be, spec, level, &values, owners[i], rank)
+                })
+                .collect::<BResult<Vec<_>>>()?;
+            Gpt {
+                cfg: cfg.clone(),
+                level,
+                params,
+                scaling: (0..4 * cfg.n_layer).map(|_| LinearScaling::new(amax_window)).collect(),
+            }
+        })
     }
 
     pub fn num_params(&self) -> usize {
@@ -144,72 +147,78 @@ impl<B: Backend> Gpt<B> {
         self.params.iter().map(|p| p.bytes(be)).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
     }
 
-    pub fn workspace(&self, be: &B, b: usize, t: usize) -> Workspace<B> {
-        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
-        let n = b * t;
-        let fp8 = self.level.fp8();
-        let z = |k: usize| be.zeros::<f32>(k);
-        let outs = [3 * c, c, 4 * c, c];
-        let ins = [c, c, c, 4 * c];
-        let layers = (0..self.cfg.n_layer)
-            .map(|_| LayerActs {
-                ln1_mean: z(n),
-                ln1_rstd: z(n),
-                qkv: z(n * 3 * c),
-                att: z(n * c),
-                att_stats: z(b * self.cfg.n_head * t * 2),
-                res_mid: z(n * c),
-                ln2_mean: z(n),
-                ln2_rstd: z(n),
-                fc: z(n * 4 * c),
-                res_out: z(n * c),
-                saved: std::array::from_fn(|i| Saved::new(be, fp8, n * ins[i])),
-            })
-            .collect();
-        let work = self
-            .params
-            .iter()
-            .map(|p| match p.master {
-                Master::F32(_) => None,
-                Master::F16 { .. } | Master::Remote => Some(z(p.spec.numel())),
-            })
-            .collect();
-        let views = (0..4 * self.cfg.n_layer).map(|i| WeightView::new(be, fp8, outs[i % 4] * ins[i % 4])).collect();
-        Workspace {
-            b,
-            t,
-            work,
-            views,
-            wte_bf16: be.zeros(v * c),
-            tokens: be.zeros(n),
-            targets: be.zeros(n),
-            encoded: z(n * c),
-            layers,
-            ln_out: z(n * c),
-            gelu_out: z(n * 4 * c),
-            lin_out: z(n * c),
-            lnf: z(n * c),
-            lnf_mean: z(n),
-            lnf_rstd: z(n),
-            lnf_bf16: be.zeros(n * c),
-            logits: z(n * v),
-            losses: z(n),
-            dlogits: z(n * v),
-            dlogits_bf16: be.zeros(n * v),
-            dres: z(n * c),
-            dtmp: z(n * c),
-            dln: z(n * c),
-            datt: z(n * c),
-            dqkv: z(n * 3 * c),
-            dgelu: z(n * 4 * c),
-            dfc: z(n * 4 * c),
-            dyq: std::array::from_fn(|i| GradCast::new(be, fp8, n * outs[i])),
-            g_w: std::array::from_fn(|i| z(outs[i] * ins[i])),
-            g_b: std::array::from_fn(|i| z(outs[i])),
-            g_c: [z(c), z(c)],
-            g_wte: z(v * c),
-            g_wpe: z(self.cfg.seq_len * c),
-        }
+    pub fn workspace(&self, be: &B, b: usize, t: usize) -> BResult<Workspace<B>> {
+        Ok({
+            let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+            let n = b * t;
+            let fp8 = self.level.fp8();
+            let z = |k: usize| be.zeros::<f32>(k);
+            let outs = [3 * c, c, 4 * c, c];
+            let ins = [c, c, c, 4 * c];
+            let layers = (0..self.cfg.n_layer)
+                .map(|_| -> BResult<LayerActs<B>> {
+                    Ok(LayerActs {
+                        ln1_mean: z(n)?,
+                        ln1_rstd: z(n)?,
+                        qkv: z(n * 3 * c)?,
+                        att: z(n * c)?,
+                        att_stats: z(b * self.cfg.n_head * t * 2)?,
+                        res_mid: z(n * c)?,
+                        ln2_mean: z(n)?,
+                        ln2_rstd: z(n)?,
+                        fc: z(n * 4 * c)?,
+                        res_out: z(n * c)?,
+                        saved: arr4(|i| Saved::new(be, fp8, n * ins[i]))?,
+                    })
+                })
+                .collect::<BResult<Vec<_>>>()?;
+            let work = self
+                .params
+                .iter()
+                .map(|p| match p.master {
+                    Master::F32(_) => Ok(None),
+                    Master::F16 { .. } | Master::Remote => z(p.spec.numel()).map(Some),
+                })
+                .collect::<BResult<Vec<_>>>()?;
+            let views = (0..4 * self.cfg.n_layer)
+                .map(|i| WeightView::new(be, fp8, outs[i % 4] * ins[i % 4]))
+                .collect::<BResult<Vec<_>>>()?;
+            Workspace {
+                b,
+                t,
+                work,
+                views,
+                wte_bf16: be.zeros(v * c)?,
+                tokens: be.zeros(n)?,
+                targets: be.zeros(n)?,
+                encoded: z(n * c)?,
+                layers,
+                ln_out: z(n * c)?,
+                gelu_out: z(n * 4 * c)?,
+                lin_out: z(n * c)?,
+                lnf: z(n * c)?,
+                lnf_mean: z(n)?,
+                lnf_rstd: z(n)?,
+                lnf_bf16: be.zeros(n * c)?,
+                logits: z(n * v)?,
+                losses: z(n)?,
+                dlogits: z(n * v)?,
+                dlogits_bf16: be.zeros(n * v)?,
+                dres: z(n * c)?,
+                dtmp: z(n * c)?,
+                dln: z(n * c)?,
+                datt: z(n * c)?,
+                dqkv: z(n * 3 * c)?,
+                dgelu: z(n * 4 * c)?,
+                dfc: z(n * 4 * c)?,
+                dyq: arr4(|i| GradCast::new(be, fp8, n * outs[i]))?,
+                g_w: arr4(|i| z(outs[i] * ins[i]))?,
+                g_b: arr4(|i| z(outs[i]))?,
+                g_c: [z(c)?, z(c)?],
+                g_wte: z(v * c)?,
+                g_wpe: z(self.cfg.seq_len * c)?,
+            }
+        })
     }
 
     /// The f32 weight of parameter `i` this step (master itself, or its decoded copy).
@@ -226,10 +235,10 @@ impl<B: Backend> Gpt<B> {
     /// tensor's owner then sends its compute form to every rank (FP8 codes and scale
     /// for linear weights, FP16 codes and scale for the others), so every rank computes
     /// with exactly the weights O2 would.
-    pub fn prepare_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) {
+    pub fn prepare_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) -> BResult<()> {
         for (i, p) in self.params.iter().enumerate() {
             if let (Master::F16 { codes, scale }, Some(w)) = (&p.master, &mut ws.work[i]) {
-                be.decode_f16(w, codes, 1.0 / scale);
+                be.decode_f16(w, codes, 1.0 / scale)?;
             }
         }
         for l in 0..self.cfg.n_layer {
@@ -237,18 +246,19 @@ impl<B: Backend> Gpt<B> {
                 let idx = params::layer_param(l, *wi);
                 if !matches!(self.params[idx].master, Master::Remote) {
                     let w = Self::weight(&self.params, &ws.work, idx);
-                    ws.views[4 * l + j].update(be, w);
+                    ws.views[4 * l + j].update(be, w)?;
                 }
             }
         }
         if self.level == Level::O3 && world.size() > 1 {
-            self.share_weights(be, ws, world);
+            self.share_weights(be, ws, world)?;
         }
-        be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE));
+        be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE))?;
+        Ok(())
     }
 
     /// O3: every tensor's owner broadcasts its compute form.
-    fn share_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) {
+    fn share_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) -> BResult<()> {
         let mut view_of = vec![None; self.params.len()];
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
@@ -261,17 +271,17 @@ impl<B: Backend> Gpt<B> {
                 let WeightView::Fp8 { codes, scale } = &mut ws.views[v] else {
                     unreachable!("O3 linear weights are FP8")
                 };
-                let mut host = if mine { be.download(codes) } else { vec![0u8; p.spec.numel()] };
+                let mut host = if mine { be.download(codes)? } else { vec![0u8; p.spec.numel()] };
                 let mut s = [*scale];
                 world.broadcast(&mut host, p.owner);
                 world.broadcast(&mut s, p.owner);
                 if !mine {
-                    *codes = be.upload(&host);
+                    *codes = be.upload(&host)?;
                     *scale = s[0];
                 }
             } else {
                 let (mut host, mut s) = match &p.master {
-                    Master::F16 { codes, scale } => (be.download(codes), [*scale]),
+                    Master::F16 { codes, scale } => (be.download(codes)?, [*scale]),
                     _ => (vec![fp8sim::half16::f16::ZERO; p.spec.numel()], [1.0f32]),
                 };
                 let mut bits: Vec<u16> = host.iter().map(|h| h.to_bits()).collect();
@@ -280,10 +290,11 @@ impl<B: Backend> Gpt<B> {
                 if !mine {
                     host = bits.into_iter().map(fp8sim::half16::f16::from_bits).collect();
                     let w = ws.work[i].as_mut().expect("remote parameters have a decoded copy");
-                    be.decode_f16(w, &be.upload(&host), 1.0 / s[0]);
+                    be.decode_f16(w, &be.upload(&host)?, 1.0 / s[0])?;
                 }
             }
         }
+        Ok(())
     }
 
     /// Bytes of masters + optimizer moments this rank holds (what ZeRO shards).
@@ -293,128 +304,139 @@ impl<B: Backend> Gpt<B> {
 
     /// Forward pass; returns the mean loss. `train`: record amax histories, and leave the
     /// loss to `forward_backward` (returns NaN).
-    pub fn forward(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32], train: bool) -> f32 {
-        let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
-        let n = b * t;
-        assert!(tokens.len() == n && targets.len() == n, "forward: batch is not b x t tokens");
-        ws.tokens = be.upload(tokens);
-        ws.targets = be.upload(targets);
-        let (params, work) = (&self.params, &ws.work);
-        let w = |i: usize| Self::weight(params, work, i);
-        be.encoder_forward(&mut ws.encoded, &ws.tokens, w(params::WTE), w(params::WPE), b, t, c);
-        let shape = AttnShape { b, t, c, nh: self.cfg.n_head };
-        for l in 0..self.cfg.n_layer {
-            let p = |k: usize| w(params::layer_param(l, k));
-            let (done, rest) = ws.layers.split_at_mut(l);
-            let la = &mut rest[0];
-            let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
-            let sc = &mut self.scaling[4 * l..4 * l + 4];
-            let views = &ws.views[4 * l..4 * l + 4];
-            let [s0, s1, s2, s3] = &mut la.saved;
-            be.layernorm_forward(
-                &mut ws.ln_out,
-                &mut la.ln1_mean,
-                &mut la.ln1_rstd,
-                res_in,
-                p(params::LN1_W),
-                p(params::LN1_B),
+    pub fn forward(
+        &mut self,
+        be: &B,
+        ws: &mut Workspace<B>,
+        tokens: &[u32],
+        targets: &[u32],
+        train: bool,
+    ) -> BResult<f32> {
+        Ok({
+            let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
+            let n = b * t;
+            assert!(tokens.len() == n && targets.len() == n, "forward: batch is not b x t tokens");
+            ws.tokens = be.upload(tokens)?;
+            ws.targets = be.upload(targets)?;
+            let (params, work) = (&self.params, &ws.work);
+            let w = |i: usize| Self::weight(params, work, i);
+            be.encoder_forward(&mut ws.encoded, &ws.tokens, w(params::WTE), w(params::WPE), b, t, c)?;
+            let shape = AttnShape { b, t, c, nh: self.cfg.n_head };
+            for l in 0..self.cfg.n_layer {
+                let p = |k: usize| w(params::layer_param(l, k));
+                let (done, rest) = ws.layers.split_at_mut(l);
+                let la = &mut rest[0];
+                let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
+                let sc = &mut self.scaling[4 * l..4 * l + 4];
+                let views = &ws.views[4 * l..4 * l + 4];
+                let [s0, s1, s2, s3] = &mut la.saved;
+                be.layernorm_forward(
+                    &mut ws.ln_out,
+                    &mut la.ln1_mean,
+                    &mut la.ln1_rstd,
+                    res_in,
+                    p(params::LN1_W),
+                    p(params::LN1_B),
+                    n,
+                    c,
+                )?;
+                linear::forward(
+                    be,
+                    &mut la.qkv,
+                    &ws.ln_out,
+                    &views[0],
+                    p(params::QKV_B),
+                    s0,
+                    &mut sc[0],
+                    train,
+                    Dims { n, ic: c, oc: 3 * c },
+                )?;
+                be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
+                linear::forward(
+                    be,
+                    &mut ws.lin_out,
+                    &la.att,
+                    &views[1],
+                    p(params::PROJ_B),
+                    s1,
+                    &mut sc[1],
+                    train,
+                    Dims { n, ic: c, oc: c },
+                )?;
+                be.add(&mut la.res_mid, res_in, &ws.lin_out)?;
+                be.layernorm_forward(
+                    &mut ws.ln_out,
+                    &mut la.ln2_mean,
+                    &mut la.ln2_rstd,
+                    &la.res_mid,
+                    p(params::LN2_W),
+                    p(params::LN2_B),
+                    n,
+                    c,
+                )?;
+                linear::forward(
+                    be,
+                    &mut la.fc,
+                    &ws.ln_out,
+                    &views[2],
+                    p(params::FC_B),
+                    s2,
+                    &mut sc[2],
+                    train,
+                    Dims { n, ic: c, oc: 4 * c },
+                )?;
+                be.gelu_forward(&mut ws.gelu_out, &la.fc)?;
+                linear::forward(
+                    be,
+                    &mut ws.lin_out,
+                    &ws.gelu_out,
+                    &views[3],
+                    p(params::FCPROJ_B),
+                    s3,
+                    &mut sc[3],
+                    train,
+                    Dims { n, ic: 4 * c, oc: c },
+                )?;
+                be.add(&mut la.res_out, &la.res_mid, &ws.lin_out)?;
+            }
+            let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
+            let lf = params::lnf_w(&self.cfg);
+            be.layernorm_forward(&mut ws.lnf, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c)?;
+            be.cast_bf16(&mut ws.lnf_bf16, &ws.lnf)?;
+            be.matmul(
+                &mut ws.logits,
+                Operand::Bf16(&ws.lnf_bf16),
+                Operand::Bf16(&ws.wte_bf16),
+                Product::Forward,
                 n,
+                v,
                 c,
-            );
-            linear::forward(
-                be,
-                &mut la.qkv,
-                &ws.ln_out,
-                &views[0],
-                p(params::QKV_B),
-                s0,
-                &mut sc[0],
-                train,
-                Dims { n, ic: c, oc: 3 * c },
-            );
-            be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape);
-            linear::forward(
-                be,
-                &mut ws.lin_out,
-                &la.att,
-                &views[1],
-                p(params::PROJ_B),
-                s1,
-                &mut sc[1],
-                train,
-                Dims { n, ic: c, oc: c },
-            );
-            be.add(&mut la.res_mid, res_in, &ws.lin_out);
-            be.layernorm_forward(
-                &mut ws.ln_out,
-                &mut la.ln2_mean,
-                &mut la.ln2_rstd,
-                &la.res_mid,
-                p(params::LN2_W),
-                p(params::LN2_B),
-                n,
-                c,
-            );
-            linear::forward(
-                be,
-                &mut la.fc,
-                &ws.ln_out,
-                &views[2],
-                p(params::FC_B),
-                s2,
-                &mut sc[2],
-                train,
-                Dims { n, ic: c, oc: 4 * c },
-            );
-            be.gelu_forward(&mut ws.gelu_out, &la.fc);
-            linear::forward(
-                be,
-                &mut ws.lin_out,
-                &ws.gelu_out,
-                &views[3],
-                p(params::FCPROJ_B),
-                s3,
-                &mut sc[3],
-                train,
-                Dims { n, ic: 4 * c, oc: c },
-            );
-            be.add(&mut la.res_out, &la.res_mid, &ws.lin_out);
-        }
-        let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
-        let lf = params::lnf_w(&self.cfg);
-        be.layernorm_forward(&mut ws.lnf, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c);
-        be.cast_bf16(&mut ws.lnf_bf16, &ws.lnf);
-        be.matmul(
-            &mut ws.logits,
-            Operand::Bf16(&ws.lnf_bf16),
-            Operand::Bf16(&ws.wte_bf16),
-            Product::Forward,
-            n,
-            v,
-            c,
-            1.0,
-        );
-        if train {
-            // forward_backward takes the losses from the cross-entropy that also makes
-            // the gradient (the same per-row losses, one pass over the logits less).
-            return f32::NAN;
-        }
-        be.crossentropy(&mut ws.losses, None, &ws.logits, &ws.targets, 0.0, n, v);
-        be.mean(&ws.losses)
+                1.0,
+            )?;
+            if train {
+                // forward_backward takes the losses from the cross-entropy that also makes
+                // the gradient (the same per-row losses, one pass over the logits less).
+                return Ok(f32::NAN);
+            }
+            be.crossentropy(&mut ws.losses, None, &ws.logits, &ws.targets, 0.0, n, v)?;
+            be.mean(&ws.losses)?
+        })
     }
 
     /// Store parameter `i`'s f32 gradient in its level's format; returns false if it
     /// held a NaN or infinity.
-    fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>) -> bool {
-        let amax = be.amax(g);
-        match &mut p.grad {
-            GradStore::F32(dst) => be.copy(dst, g),
-            GradStore::Fp8 { codes, scale } => {
-                *scale = scale_from_amax(Fp8Format::E4M3, amax, 0, *scale);
-                be.cast_fp8(codes, g, Fp8Format::E4M3, *scale);
+    fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>) -> BResult<bool> {
+        Ok({
+            let amax = be.amax(g)?;
+            match &mut p.grad {
+                GradStore::F32(dst) => be.copy(dst, g)?,
+                GradStore::Fp8 { codes, scale } => {
+                    *scale = scale_from_amax(Fp8Format::E4M3, amax, 0, *scale);
+                    be.cast_fp8(codes, g, Fp8Format::E4M3, *scale)?;
+                }
             }
-        }
-        amax.is_finite()
+            amax.is_finite()
+        })
     }
 
     /// Forward and backward of one batch. The loss gradient is multiplied by `mu`, so
@@ -428,170 +450,215 @@ impl<B: Backend> Gpt<B> {
         targets: &[u32],
         mu: f32,
         inject_nan: bool,
-    ) -> BackwardStats {
-        self.forward(be, ws, tokens, targets, true);
-        let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
-        let n = b * t;
-        let mut st = BackwardStats::default();
-        let mut finite = true;
-        let Gpt { params, scaling, cfg, .. } = self;
+    ) -> BResult<BackwardStats> {
+        Ok({
+            self.forward(be, ws, tokens, targets, true)?;
+            let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
+            let n = b * t;
+            let mut st = BackwardStats::default();
+            let mut finite = true;
+            let Gpt { params, scaling, cfg, .. } = self;
 
-        // Loss and LM head.
-        let dloss = mu / n as f32;
-        be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits), &ws.logits, &ws.targets, dloss, n, v);
-        st.loss = be.mean(&ws.losses);
-        be.cast_bf16(&mut ws.dlogits_bf16, &ws.dlogits);
-        be.matmul(
-            &mut ws.dln,
-            Operand::Bf16(&ws.dlogits_bf16),
-            Operand::Bf16(&ws.wte_bf16),
-            Product::Dgrad,
-            n,
-            v,
-            c,
-            1.0,
-        );
-        be.matmul(
-            &mut ws.g_wte,
-            Operand::Bf16(&ws.dlogits_bf16),
-            Operand::Bf16(&ws.lnf_bf16),
-            Product::Wgrad,
-            n,
-            v,
-            c,
-            1.0,
-        );
-        let lf = params::lnf_w(cfg);
-        let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[cfg.n_layer - 1].res_out };
-        {
-            let w = Self::weight(params, &ws.work, lf);
-            let [gc0, gc1] = &mut ws.g_c;
-            be.layernorm_backward(&mut ws.dres, gc0, gc1, &ws.dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, n, c);
-        }
-        finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0]);
-        finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1]);
-
-        let shape = AttnShape { b, t, c, nh: cfg.n_head };
-        for l in (0..cfg.n_layer).rev() {
-            let idx = |k: usize| params::layer_param(l, k);
-            let (done, rest) = ws.layers.split_at(l);
-            let la = &rest[0];
-            let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
-            let sc = &mut scaling[4 * l..4 * l + 4];
-            let views = &ws.views[4 * l..4 * l + 4];
-            let work = &ws.work;
-            let dims = [
-                Dims { n, ic: c, oc: 3 * c },
-                Dims { n, ic: c, oc: c },
-                Dims { n, ic: c, oc: 4 * c },
-                Dims { n, ic: 4 * c, oc: c },
-            ];
-            let [q0, q1, q2, q3] = &mut ws.dyq;
-            let [gw0, gw1, gw2, gw3] = &mut ws.g_w;
-            let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
-
-            // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
-            st.saturated += linear::backward(
-                be,
-                &mut ws.dgelu,
-                gw3,
-                gb3,
-                &ws.dres,
-                &views[3],
-                &la.saved[3],
-                &mut sc[3],
-                q3,
-                dims[3],
-            );
-            finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_W)], gw3);
-            finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_B)], gb3);
-            be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu);
-            st.saturated +=
-                linear::backward(be, &mut ws.dln, gw2, gb2, &ws.dfc, &views[2], &la.saved[2], &mut sc[2], q2, dims[2]);
-            finite &= Self::store_grad(be, &mut params[idx(params::FC_W)], gw2);
-            finite &= Self::store_grad(be, &mut params[idx(params::FC_B)], gb2);
+            // Loss and LM head.
+            let dloss = mu / n as f32;
+            be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits), &ws.logits, &ws.targets, dloss, n, v)?;
+            st.loss = be.mean(&ws.losses)?;
+            be.cast_bf16(&mut ws.dlogits_bf16, &ws.dlogits)?;
+            be.matmul(
+                &mut ws.dln,
+                Operand::Bf16(&ws.dlogits_bf16),
+                Operand::Bf16(&ws.wte_bf16),
+                Product::Dgrad,
+                n,
+                v,
+                c,
+                1.0,
+            )?;
+            be.matmul(
+                &mut ws.g_wte,
+                Operand::Bf16(&ws.dlogits_bf16),
+                Operand::Bf16(&ws.lnf_bf16),
+                Product::Wgrad,
+                n,
+                v,
+                c,
+                1.0,
+            )?;
+            let lf = params::lnf_w(cfg);
+            let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[cfg.n_layer - 1].res_out };
             {
+                let w = Self::weight(params, &ws.work, lf);
                 let [gc0, gc1] = &mut ws.g_c;
-                let w2 = Self::weight(params, work, idx(params::LN2_W));
-                be.layernorm_backward(
-                    &mut ws.dtmp,
-                    gc0,
-                    gc1,
-                    &ws.dln,
-                    &la.res_mid,
-                    w2,
-                    &la.ln2_mean,
-                    &la.ln2_rstd,
-                    n,
-                    c,
-                );
+                be.layernorm_backward(&mut ws.dres, gc0, gc1, &ws.dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, n, c)?;
             }
-            finite &= Self::store_grad(be, &mut params[idx(params::LN2_W)], &ws.g_c[0]);
-            finite &= Self::store_grad(be, &mut params[idx(params::LN2_B)], &ws.g_c[1]);
-            be.accumulate(&mut ws.dres, &ws.dtmp);
+            finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0])?;
+            finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1])?;
 
-            // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
-            st.saturated += linear::backward(
-                be,
-                &mut ws.datt,
-                gw1,
-                gb1,
-                &ws.dres,
-                &views[1],
-                &la.saved[1],
-                &mut sc[1],
-                q1,
-                dims[1],
-            );
-            finite &= Self::store_grad(be, &mut params[idx(params::PROJ_W)], gw1);
-            finite &= Self::store_grad(be, &mut params[idx(params::PROJ_B)], gb1);
-            be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape);
-            st.saturated +=
-                linear::backward(be, &mut ws.dln, gw0, gb0, &ws.dqkv, &views[0], &la.saved[0], &mut sc[0], q0, dims[0]);
-            finite &= Self::store_grad(be, &mut params[idx(params::QKV_W)], gw0);
-            finite &= Self::store_grad(be, &mut params[idx(params::QKV_B)], gb0);
-            {
-                let [gc0, gc1] = &mut ws.g_c;
-                let w1 = Self::weight(params, work, idx(params::LN1_W));
-                be.layernorm_backward(&mut ws.dtmp, gc0, gc1, &ws.dln, res_in, w1, &la.ln1_mean, &la.ln1_rstd, n, c);
+            let shape = AttnShape { b, t, c, nh: cfg.n_head };
+            for l in (0..cfg.n_layer).rev() {
+                let idx = |k: usize| params::layer_param(l, k);
+                let (done, rest) = ws.layers.split_at(l);
+                let la = &rest[0];
+                let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
+                let sc = &mut scaling[4 * l..4 * l + 4];
+                let views = &ws.views[4 * l..4 * l + 4];
+                let work = &ws.work;
+                let dims = [
+                    Dims { n, ic: c, oc: 3 * c },
+                    Dims { n, ic: c, oc: c },
+                    Dims { n, ic: c, oc: 4 * c },
+                    Dims { n, ic: 4 * c, oc: c },
+                ];
+                let [q0, q1, q2, q3] = &mut ws.dyq;
+                let [gw0, gw1, gw2, gw3] = &mut ws.g_w;
+                let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
+
+                // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
+                st.saturated += linear::backward(
+                    be,
+                    &mut ws.dgelu,
+                    gw3,
+                    gb3,
+                    &ws.dres,
+                    &views[3],
+                    &la.saved[3],
+                    &mut sc[3],
+                    q3,
+                    dims[3],
+                )?;
+                finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_W)], gw3)?;
+                finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_B)], gb3)?;
+                be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu)?;
+                st.saturated += linear::backward(
+                    be,
+                    &mut ws.dln,
+                    gw2,
+                    gb2,
+                    &ws.dfc,
+                    &views[2],
+                    &la.saved[2],
+                    &mut sc[2],
+                    q2,
+                    dims[2],
+                )?;
+                finite &= Self::store_grad(be, &mut params[idx(params::FC_W)], gw2)?;
+                finite &= Self::store_grad(be, &mut params[idx(params::FC_B)], gb2)?;
+                {
+                    let [gc0, gc1] = &mut ws.g_c;
+                    let w2 = Self::weight(params, work, idx(params::LN2_W));
+                    be.layernorm_backward(
+                        &mut ws.dtmp,
+                        gc0,
+                        gc1,
+                        &ws.dln,
+                        &la.res_mid,
+                        w2,
+                        &la.ln2_mean,
+                        &la.ln2_rstd,
+                        n,
+                        c,
+                    )?;
+                }
+                finite &= Self::store_grad(be, &mut params[idx(params::LN2_W)], &ws.g_c[0])?;
+                finite &= Self::store_grad(be, &mut params[idx(params::LN2_B)], &ws.g_c[1])?;
+                be.accumulate(&mut ws.dres, &ws.dtmp)?;
+
+                // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
+                st.saturated += linear::backward(
+                    be,
+                    &mut ws.datt,
+                    gw1,
+                    gb1,
+                    &ws.dres,
+                    &views[1],
+                    &la.saved[1],
+                    &mut sc[1],
+                    q1,
+                    dims[1],
+                )?;
+                finite &= Self::store_grad(be, &mut params[idx(params::PROJ_W)], gw1)?;
+                finite &= Self::store_grad(be, &mut params[idx(params::PROJ_B)], gb1)?;
+                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape)?;
+                st.saturated += linear::backward(
+                    be,
+                    &mut ws.dln,
+                    gw0,
+                    gb0,
+                    &ws.dqkv,
+                    &views[0],
+                    &la.saved[0],
+                    &mut sc[0],
+                    q0,
+                    dims[0],
+                )?;
+                finite &= Self::store_grad(be, &mut params[idx(params::QKV_W)], gw0)?;
+                finite &= Self::store_grad(be, &mut params[idx(params::QKV_B)], gb0)?;
+                {
+                    let [gc0, gc1] = &mut ws.g_c;
+                    let w1 = Self::weight(params, work, idx(params::LN1_W));
+                    be.layernorm_backward(
+                        &mut ws.dtmp,
+                        gc0,
+                        gc1,
+                        &ws.dln,
+                        res_in,
+                        w1,
+                        &la.ln1_mean,
+                        &la.ln1_rstd,
+                        n,
+                        c,
+                    )?;
+                }
+                finite &= Self::store_grad(be, &mut params[idx(params::LN1_W)], &ws.g_c[0])?;
+                finite &= Self::store_grad(be, &mut params[idx(params::LN1_B)], &ws.g_c[1])?;
+                be.accumulate(&mut ws.dres, &ws.dtmp)?;
+                if self.level.fp8() {
+                    st.cast_elements += (n * (3 * c + c + 4 * c + c)) as u64;
+                }
             }
-            finite &= Self::store_grad(be, &mut params[idx(params::LN1_W)], &ws.g_c[0]);
-            finite &= Self::store_grad(be, &mut params[idx(params::LN1_B)], &ws.g_c[1]);
-            be.accumulate(&mut ws.dres, &ws.dtmp);
-            if self.level.fp8() {
-                st.cast_elements += (n * (3 * c + c + 4 * c + c)) as u64;
+            be.encoder_backward(&mut ws.g_wte, &mut ws.g_wpe, &ws.dres, &ws.tokens, b, t, c)?;
+            if inject_nan {
+                be.set(&mut ws.g_wte, 0, f32::NAN)?;
             }
-        }
-        be.encoder_backward(&mut ws.g_wte, &mut ws.g_wpe, &ws.dres, &ws.tokens, b, t, c);
-        if inject_nan {
-            be.set(&mut ws.g_wte, 0, f32::NAN);
-        }
-        finite &= Self::store_grad(be, &mut params[params::WTE], &ws.g_wte);
-        finite &= Self::store_grad(be, &mut params[params::WPE], &ws.g_wpe);
-        st.overflow = !finite;
-        st
+            finite &= Self::store_grad(be, &mut params[params::WTE], &ws.g_wte)?;
+            finite &= Self::store_grad(be, &mut params[params::WPE], &ws.g_wpe)?;
+            st.overflow = !finite;
+            st
+        })
     }
 
     /// Sum of squares of the stored gradients (mu-scaled), each tensor in the
     /// contract's order, tensors added in parameter order.
-    pub fn grad_sum_sq(&self, be: &B) -> f32 {
-        let mut total = 0f32;
-        for p in &self.params {
-            total += match &p.grad {
-                GradStore::F32(g) => be.sum_sq(g),
-                GradStore::Fp8 { codes, scale } => {
-                    let mut tmp = be.zeros::<f32>(p.spec.numel());
-                    be.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, 1.0 / scale);
-                    be.sum_sq(&tmp)
-                }
-            };
-        }
-        total
+    pub fn grad_sum_sq(&self, be: &B) -> BResult<f32> {
+        Ok({
+            let mut total = 0f32;
+            for p in &self.params {
+                total += match &p.grad {
+                    GradStore::F32(g) => be.sum_sq(g)?,
+                    GradStore::Fp8 { codes, scale } => {
+                        let mut tmp = be.zeros::<f32>(p.spec.numel())?;
+                        be.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, 1.0 / scale)?;
+                        be.sum_sq(&tmp)?
+                    }
+                };
+            }
+            total
+        })
     }
 
     /// One AdamW step on every parameter. `t` counts optimizer steps taken (1-based).
     #[allow(clippy::too_many_arguments)]
-    pub fn adamw_step(&mut self, be: &B, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32, t: u64, grad_scale: f32) {
+    pub fn adamw_step(
+        &mut self,
+        be: &B,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        wd: f32,
+        t: u64,
+        grad_scale: f32,
+    ) -> BResult<()> {
         for p in &mut self.params {
             let decay = if p.spec.decay { wd } else { 0.0 };
             let h = AdamStep::new(lr, beta1, beta2, eps, decay, t, grad_scale);
@@ -610,12 +677,18 @@ impl<B: Backend> Gpt<B> {
                 (Master::Remote, _) => continue, // O3: the owner updates it
                 _ => unreachable!("no level pairs these masters and moments"),
             };
-            be.adamw(state, grad, &h);
+            be.adamw(state, grad, &h)?;
         }
+        Ok(())
     }
 
     /// Mean loss of a batch without touching any state that training keeps.
-    pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> f32 {
+    pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> BResult<f32> {
         self.forward(be, ws, tokens, targets, false)
     }
+}
+
+/// Four buffers made by `f(0..4)`, or the first error.
+fn arr4<T>(mut f: impl FnMut(usize) -> BResult<T>) -> BResult<[T; 4]> {
+    Ok([f(0)?, f(1)?, f(2)?, f(3)?])
 }

@@ -11,6 +11,7 @@
 //! own amax (just-in-time) instead of the initial scale 1, so step 1 does not flush
 //! small gradients to zero. (Transformer Engine starts from 1.)
 
+use crate::backend::BResult;
 use crate::backend::{Backend, Operand, Product};
 use fp8sim::half16::bf16;
 use fp8sim::scaling::{scale_from_amax, DelayedScaling, ScalingConfig};
@@ -35,12 +36,14 @@ impl LinearScaling {
 }
 
 /// The scale to cast with now: the delayed one, or just-in-time when there is no history.
-fn scale_now<B: Backend>(be: &B, ds: &DelayedScaling, x: &B::Buf<f32>) -> f32 {
-    if ds.history().next().is_none() {
-        scale_from_amax(ds.config.fmt, be.amax(x), ds.config.margin, ds.scale())
-    } else {
-        ds.scale()
-    }
+fn scale_now<B: Backend>(be: &B, ds: &DelayedScaling, x: &B::Buf<f32>) -> BResult<f32> {
+    Ok({
+        if ds.history().next().is_none() {
+            scale_from_amax(ds.config.fmt, be.amax(x)?, ds.config.margin, ds.scale())
+        } else {
+            ds.scale()
+        }
+    })
 }
 
 /// The weight as the GEMMs read it this step.
@@ -50,23 +53,26 @@ pub enum WeightView<B: Backend> {
 }
 
 impl<B: Backend> WeightView<B> {
-    pub fn new(be: &B, fp8: bool, numel: usize) -> Self {
-        if fp8 {
-            WeightView::Fp8 { codes: be.zeros(numel), scale: 1.0 }
-        } else {
-            WeightView::Bf16(be.zeros(numel))
-        }
+    pub fn new(be: &B, fp8: bool, numel: usize) -> BResult<Self> {
+        Ok({
+            if fp8 {
+                WeightView::Fp8 { codes: be.zeros(numel)?, scale: 1.0 }
+            } else {
+                WeightView::Bf16(be.zeros(numel)?)
+            }
+        })
     }
 
     /// Re-derive from the f32 weight (just-in-time scale for FP8).
-    pub fn update(&mut self, be: &B, w: &B::Buf<f32>) {
+    pub fn update(&mut self, be: &B, w: &B::Buf<f32>) -> BResult<()> {
         match self {
-            WeightView::Bf16(b) => be.cast_bf16(b, w),
+            WeightView::Bf16(b) => be.cast_bf16(b, w)?,
             WeightView::Fp8 { codes, scale } => {
-                *scale = scale_from_amax(E4M3, be.amax(w), 0, *scale);
-                be.cast_fp8(codes, w, E4M3, *scale);
+                *scale = scale_from_amax(E4M3, be.amax(w)?, 0, *scale);
+                be.cast_fp8(codes, w, E4M3, *scale)?;
             }
         }
+        Ok(())
     }
 
     fn operand(&self) -> (Operand<'_, B>, f32) {
@@ -77,19 +83,21 @@ impl<B: Backend> WeightView<B> {
     }
 }
 
-/// The layer input kept for backward (BF16 or E4M3 with its scale).
+/// The layer input kept for backward (BF16 or E4M3 with its scale)?.
 pub enum Saved<B: Backend> {
     Bf16(B::Buf<bf16>),
     Fp8 { codes: B::Buf<u8>, scale: f32 },
 }
 
 impl<B: Backend> Saved<B> {
-    pub fn new(be: &B, fp8: bool, numel: usize) -> Self {
-        if fp8 {
-            Saved::Fp8 { codes: be.zeros(numel), scale: 1.0 }
-        } else {
-            Saved::Bf16(be.zeros(numel))
-        }
+    pub fn new(be: &B, fp8: bool, numel: usize) -> BResult<Self> {
+        Ok({
+            if fp8 {
+                Saved::Fp8 { codes: be.zeros(numel)?, scale: 1.0 }
+            } else {
+                Saved::Bf16(be.zeros(numel)?)
+            }
+        })
     }
     fn operand(&self) -> (Operand<'_, B>, f32) {
         match self {
@@ -106,12 +114,14 @@ pub enum GradCast<B: Backend> {
 }
 
 impl<B: Backend> GradCast<B> {
-    pub fn new(be: &B, fp8: bool, numel: usize) -> Self {
-        if fp8 {
-            GradCast::Fp8(be.zeros(numel))
-        } else {
-            GradCast::Bf16(be.zeros(numel))
-        }
+    pub fn new(be: &B, fp8: bool, numel: usize) -> BResult<Self> {
+        Ok({
+            if fp8 {
+                GradCast::Fp8(be.zeros(numel)?)
+            } else {
+                GradCast::Bf16(be.zeros(numel)?)
+            }
+        })
     }
     fn operand(&self) -> Operand<'_, B> {
         match self {
@@ -142,12 +152,12 @@ pub fn forward<B: Backend>(
     sc: &mut LinearScaling,
     record: bool,
     d: Dims,
-) {
+) -> BResult<()> {
     match saved {
-        Saved::Bf16(b) => be.cast_bf16(b, x),
+        Saved::Bf16(b) => be.cast_bf16(b, x)?,
         Saved::Fp8 { codes, scale } => {
-            *scale = scale_now(be, &sc.act, x);
-            let stats = be.cast_fp8(codes, x, E4M3, *scale);
+            *scale = scale_now(be, &sc.act, x)?;
+            let stats = be.cast_fp8(codes, x, E4M3, *scale)?;
             if record {
                 sc.act.record(stats.amax);
             }
@@ -155,8 +165,9 @@ pub fn forward<B: Backend>(
     }
     let (xa, xs) = saved.operand();
     let (wa, ws) = w.operand();
-    be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws);
-    be.add_bias(out, bias, d.oc);
+    be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)?;
+    be.add_bias(out, bias, d.oc)?;
+    Ok(())
 }
 
 /// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`. Returns how many output
@@ -173,22 +184,24 @@ pub fn backward<B: Backend>(
     sc: &mut LinearScaling,
     dyq: &mut GradCast<B>,
     d: Dims,
-) -> u64 {
-    be.column_sums(db, dy, d.n, d.oc);
-    let (mut saturated, mut dys) = (0, 1.0);
-    match dyq {
-        GradCast::Bf16(b) => be.cast_bf16(b, dy),
-        GradCast::Fp8(codes) => {
-            let s = scale_now(be, &sc.grad, dy);
-            let stats = be.cast_fp8(codes, dy, E5M2, s);
-            sc.grad.record(stats.amax);
-            saturated = stats.saturated;
-            dys = 1.0 / s;
+) -> BResult<u64> {
+    Ok({
+        be.column_sums(db, dy, d.n, d.oc)?;
+        let (mut saturated, mut dys) = (0, 1.0);
+        match dyq {
+            GradCast::Bf16(b) => be.cast_bf16(b, dy)?,
+            GradCast::Fp8(codes) => {
+                let s = scale_now(be, &sc.grad, dy)?;
+                let stats = be.cast_fp8(codes, dy, E5M2, s)?;
+                sc.grad.record(stats.amax);
+                saturated = stats.saturated;
+                dys = 1.0 / s;
+            }
         }
-    }
-    let (wa, ws) = w.operand();
-    be.matmul(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws);
-    let (xa, xs) = saved.operand();
-    be.matmul(dw, dyq.operand(), xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs);
-    saturated
+        let (wa, ws) = w.operand();
+        be.matmul(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
+        let (xa, xs) = saved.operand();
+        be.matmul(dw, dyq.operand(), xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)?;
+        saturated
+    })
 }

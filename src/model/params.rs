@@ -1,6 +1,7 @@
 //! The parameter list (names, shapes, init) and each parameter's storage by level.
 
 use super::config::{Level, ModelConfig};
+use crate::backend::BResult;
 use crate::backend::Backend;
 use fp8sim::half16::f16;
 use fp8sim::rng;
@@ -158,36 +159,40 @@ pub struct Param<B: Backend> {
 impl<B: Backend> Param<B> {
     /// Allocate the storage of `level` holding `values` as master weights; with O3 a
     /// parameter owned by another rank holds no master and no optimizer state.
-    pub fn new(be: &B, spec: ParamSpec, level: Level, values: &[f32], owner: usize, rank: usize) -> Self {
-        let n = spec.numel();
-        if level == Level::O3 && owner != rank {
-            return Param {
-                spec,
-                owner,
-                master: Master::Remote,
-                grad: GradStore::Fp8 { codes: be.zeros(n), scale: 1.0 },
-                moments: Moments::Remote,
-            };
-        }
-        let master = match level {
-            Level::Bf16 => Master::F32(be.upload(values)),
-            Level::O1 | Level::O2 | Level::O3 => {
-                let x = be.upload(values);
-                let scale = fp8sim::scaling::scale_for_max(fp8sim::scaling::F16_MAX, be.amax(&x), 0, 1.0);
-                let mut codes = be.zeros::<f16>(n);
-                be.cast_f16(&mut codes, &x, scale);
-                Master::F16 { codes, scale }
+    pub fn new(be: &B, spec: ParamSpec, level: Level, values: &[f32], owner: usize, rank: usize) -> BResult<Self> {
+        Ok({
+            let n = spec.numel();
+            if level == Level::O3 && owner != rank {
+                return Ok(Param {
+                    spec,
+                    owner,
+                    master: Master::Remote,
+                    grad: GradStore::Fp8 { codes: be.zeros(n)?, scale: 1.0 },
+                    moments: Moments::Remote,
+                });
             }
-        };
-        let grad = match level {
-            Level::Bf16 => GradStore::F32(be.zeros(n)),
-            _ => GradStore::Fp8 { codes: be.zeros(n), scale: 1.0 },
-        };
-        let moments = match level {
-            Level::Bf16 | Level::O1 => Moments::F32 { m: be.zeros(n), v: be.zeros(n) },
-            Level::O2 | Level::O3 => Moments::Scaled { m: be.zeros(n), m_scale: 1.0, v: be.zeros(n), v_scale: 1.0 },
-        };
-        Param { spec, owner, master, grad, moments }
+            let master = match level {
+                Level::Bf16 => Master::F32(be.upload(values)?),
+                Level::O1 | Level::O2 | Level::O3 => {
+                    let x = be.upload(values)?;
+                    let scale = fp8sim::scaling::scale_for_max(fp8sim::scaling::F16_MAX, be.amax(&x)?, 0, 1.0);
+                    let mut codes = be.zeros::<f16>(n)?;
+                    be.cast_f16(&mut codes, &x, scale)?;
+                    Master::F16 { codes, scale }
+                }
+            };
+            let grad = match level {
+                Level::Bf16 => GradStore::F32(be.zeros(n)?),
+                _ => GradStore::Fp8 { codes: be.zeros(n)?, scale: 1.0 },
+            };
+            let moments = match level {
+                Level::Bf16 | Level::O1 => Moments::F32 { m: be.zeros(n)?, v: be.zeros(n)? },
+                Level::O2 | Level::O3 => {
+                    Moments::Scaled { m: be.zeros(n)?, m_scale: 1.0, v: be.zeros(n)?, v_scale: 1.0 }
+                }
+            };
+            Param { spec, owner, master, grad, moments }
+        })
     }
 
     /// Bytes of persistent state (weights + gradient + optimizer) and of scale metadata.
@@ -241,14 +246,14 @@ impl<B: Backend> Param<B> {
     }
 
     /// The master weights as f32 values (None for a remote O3 parameter).
-    pub fn master_f32(&self, be: &B) -> Option<Vec<f32>> {
-        match &self.master {
-            Master::F32(b) => Some(be.download(b)),
+    pub fn master_f32(&self, be: &B) -> BResult<Option<Vec<f32>>> {
+        Ok(match &self.master {
+            Master::F32(b) => Some(be.download(b)?),
             Master::F16 { codes, scale } => {
                 let inv = 1.0 / scale;
-                Some(be.download(codes).iter().map(|h| h.to_f32() * inv).collect())
+                Some(be.download(codes)?.iter().map(|h| h.to_f32() * inv).collect())
             }
             Master::Remote => None,
-        }
+        })
     }
 }

@@ -138,10 +138,10 @@ fn state_file<B: Backend>(be: &B, model: &Gpt<B>, cfg: &Config, state: LoopState
         let mut sc = ParamScales { master: 1f32.to_bits(), grad: 1f32.to_bits(), m: 1f32.to_bits(), v: 1f32.to_bits() };
         match &p.master {
             Master::F32(w) => {
-                tensors.push((format!("master.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(w))))
+                tensors.push((format!("master.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(w)?)))
             }
             Master::F16 { codes, scale } => {
-                tensors.push((format!("master.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(codes))));
+                tensors.push((format!("master.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(codes)?)));
                 sc.master = scale.to_bits();
             }
             Master::Remote => {}
@@ -151,12 +151,12 @@ fn state_file<B: Backend>(be: &B, model: &Gpt<B>, cfg: &Config, state: LoopState
         }
         match &p.moments {
             Moments::F32 { m, v } => {
-                tensors.push((format!("adam_m.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(m))));
-                tensors.push((format!("adam_v.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(v))));
+                tensors.push((format!("adam_m.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(m)?)));
+                tensors.push((format!("adam_v.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(v)?)));
             }
             Moments::Scaled { m, m_scale, v, v_scale } => {
-                tensors.push((format!("adam_m.{name}"), Dtype::F8_E4M3, shape.clone(), be.download(m)));
-                tensors.push((format!("adam_v.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(v))));
+                tensors.push((format!("adam_m.{name}"), Dtype::F8_E4M3, shape.clone(), be.download(m)?));
+                tensors.push((format!("adam_v.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(v)?)));
                 sc.m = m_scale.to_bits();
                 sc.v = v_scale.to_bits();
             }
@@ -220,7 +220,7 @@ pub fn save<B: Backend, C: Collectives>(
     // Weights as f32: each owner sends its masters (all local below O3).
     let mut weights = Vec::new();
     for p in &model.params {
-        let mut v = p.master_f32(be).unwrap_or_else(|| vec![0f32; p.spec.numel()]);
+        let mut v = p.master_f32(be)?.unwrap_or_else(|| vec![0f32; p.spec.numel()]);
         if sharded {
             world.broadcast(&mut v, p.owner);
         }
@@ -449,7 +449,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
     let state_bytes = verify_file(&dir, &manifest, &state_name, true)?.unwrap_or_default();
     let (cfg, smeta, st) = parse_state(&state_bytes, &state_name)?;
     weights_fit_config(&dir, &manifest, &cfg)?;
-    let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks);
+    let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks)?;
     if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
         return Err("checkpoint: parameter or layer count does not match its config".into());
     }
@@ -457,9 +457,9 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
         let n = p.spec.numel();
         let name = &p.spec.name;
         match &mut p.master {
-            Master::F32(w) => *w = be.upload(&f32s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F32, n)?)),
+            Master::F32(w) => *w = be.upload(&f32s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F32, n)?))?,
             Master::F16 { codes, scale } => {
-                *codes = be.upload(&f16s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F16, n)?));
+                *codes = be.upload(&f16s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F16, n)?))?;
                 *scale = f32::from_bits(sc.master);
             }
             Master::Remote => {}
@@ -469,12 +469,12 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
         }
         match &mut p.moments {
             Moments::F32 { m, v } => {
-                *m = be.upload(&f32s(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F32, n)?));
-                *v = be.upload(&f32s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F32, n)?));
+                *m = be.upload(&f32s(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F32, n)?))?;
+                *v = be.upload(&f32s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F32, n)?))?;
             }
             Moments::Scaled { m, m_scale, v, v_scale } => {
-                *m = be.upload(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F8_E4M3, n)?);
-                *v = be.upload(&f16s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F16, n)?));
+                *m = be.upload(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F8_E4M3, n)?)?;
+                *v = be.upload(&f16s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F16, n)?))?;
                 *m_scale = f32::from_bits(sc.m);
                 *v_scale = f32::from_bits(sc.v);
             }
@@ -537,7 +537,7 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
     let cfg = config_of(&dir)?;
     cfg.validate()?;
     weights_fit_config(&dir, &manifest, &cfg)?;
-    let mut model = Gpt::new(be, &cfg.model, Level::O2, cfg.train.seed, cfg.train.amax_window, 0, 1);
+    let mut model = Gpt::new(be, &cfg.model, Level::O2, cfg.train.seed, cfg.train.amax_window, 0, 1)?;
     let mut filled = vec![false; model.params.len()];
     for r in 0..manifest.world_size {
         let name = format!("state-rank{r}.safetensors");
@@ -555,7 +555,7 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
                 continue; // held by another rank
             }
             if let Master::F16 { codes, scale } = &mut p.master {
-                *codes = be.upload(&f16s(tensor_bytes(&st, &tname, Dtype::F16, p.spec.numel())?));
+                *codes = be.upload(&f16s(tensor_bytes(&st, &tname, Dtype::F16, p.spec.numel())?))?;
                 *scale = f32::from_bits(sc.master);
                 *done = true;
             }

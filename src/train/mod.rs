@@ -6,6 +6,7 @@ pub mod config;
 pub mod lock;
 pub mod report;
 
+use crate::backend::BResult;
 use crate::backend::Backend;
 use crate::data::{self, Dataset};
 use crate::model::gpt::Workspace;
@@ -73,13 +74,15 @@ pub fn val_loss<B: Backend, C: Collectives>(
     ws: &mut Workspace<B>,
     batches: &[(Vec<u32>, Vec<u32>)],
     world: &C,
-) -> f32 {
-    model.prepare_weights(be, ws, world);
-    let mut sum = 0f32;
-    for (x, y) in batches {
-        sum += model.eval_loss(be, ws, x, y);
-    }
-    sum / batches.len() as f32
+) -> BResult<f32> {
+    Ok({
+        model.prepare_weights(be, ws, world)?;
+        let mut sum = 0f32;
+        for (x, y) in batches {
+            sum += model.eval_loss(be, ws, x, y)?;
+        }
+        sum / batches.len() as f32
+    })
 }
 
 /// Appends JSON lines to `metrics.jsonl`, each record in one `write` call, so a kill
@@ -192,7 +195,7 @@ pub fn train<B: Backend>(
     let resumed = matches!(start, Start::Resume(..));
     let (mut model, mut ls) = match start {
         Start::Fresh => (
-            Gpt::new(be, &cfg.model, tc.level, tc.seed, tc.amax_window, world.rank, world.size),
+            Gpt::new(be, &cfg.model, tc.level, tc.seed, tc.amax_window, world.rank, world.size)?,
             LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 },
         ),
         Start::Resume(m, s) => (*m, s),
@@ -215,7 +218,7 @@ pub fn train<B: Backend>(
         }
     };
     let (b, t) = (tc.batch_size, cfg.model.seq_len);
-    let mut ws = model.workspace(be, b, t);
+    let mut ws = model.workspace(be, b, t)?;
     let val = data::val_batches(&ds.val, b, t, tc.eval_batches);
 
     let np = model.num_params();
@@ -287,7 +290,7 @@ pub fn train<B: Backend>(
         let lr = lr_at(tc, step);
         let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
         let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
-        let so = train_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &mut mu, &mut ls, world, inject);
+        let so = train_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &mut mu, &mut ls, world, inject)?;
         let (st, comm, norm) = (so.stats, so.comm, so.norm);
         if st.overflow {
             skipped += 1;
@@ -328,7 +331,7 @@ pub fn train<B: Backend>(
         }
         let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step % tc.eval_every == 0);
         if eval_now {
-            last_val = val_loss(be, &mut model, &mut ws, &val, world);
+            last_val = val_loss(be, &mut model, &mut ws, &val, world)?;
             emit(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
@@ -398,48 +401,50 @@ pub fn train_step<B: Backend>(
     ls: &mut LoopState,
     world: &World,
     inject: bool,
-) -> StepOutcome {
-    let mu_before = *mu;
-    model.prepare_weights(be, ws, world);
-    let mut st = model.forward_backward(be, ws, x, y, *mu, inject);
-    // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
-    let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
-    world.all_reduce_max(&mut flags);
-    st.overflow = flags[0] > 0.0;
-    let mut losses = [st.loss];
-    world.all_reduce_sum(&mut losses);
-    st.loss = losses[0] / world.size as f32;
-    let ranks = world.size as f32;
-    let mut comm = CommBytes::default();
-    let mut norm = f32::NAN;
-    if !st.overflow && world.size > 1 {
-        for p in model.params.iter_mut() {
-            comm += match &mut p.grad {
-                GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale),
-                GradStore::F32(g) => be.reduce_grad_f32(world, g),
-            };
+) -> BResult<StepOutcome> {
+    Ok({
+        let mu_before = *mu;
+        model.prepare_weights(be, ws, world)?;
+        let mut st = model.forward_backward(be, ws, x, y, *mu, inject)?;
+        // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
+        let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
+        world.all_reduce_max(&mut flags);
+        st.overflow = flags[0] > 0.0;
+        let mut losses = [st.loss];
+        world.all_reduce_sum(&mut losses);
+        st.loss = losses[0] / world.size as f32;
+        let ranks = world.size as f32;
+        let mut comm = CommBytes::default();
+        let mut norm = f32::NAN;
+        if !st.overflow && world.size > 1 {
+            for p in model.params.iter_mut() {
+                comm += match &mut p.grad {
+                    GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale)?,
+                    GradStore::F32(g) => be.reduce_grad_f32(world, g)?,
+                };
+            }
         }
-    }
-    if st.overflow {
-        *mu = (*mu * 0.5).max(MU_MIN);
-        ls.good_steps = 0;
-    } else {
-        // Gradients hold mu times the sum over ranks of each rank's mean.
-        let unscale = *mu * ranks;
-        norm = model.grad_sum_sq(be).sqrt() / unscale;
-        let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip { tc.grad_clip / norm } else { 1.0 };
-        ls.opt_steps += 1;
-        model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, ls.opt_steps, clip / unscale);
-        // mu grows after a run of clean steps. (Saturation of the FP8 gradient
-        // reduction, the paper's other trigger, arises once gradients are summed
-        // across ranks; one rank's just-in-time weight gradients cannot saturate.)
-        ls.good_steps += 1;
-        if ls.good_steps >= tc.mu_growth_interval {
-            *mu = (*mu * 2.0).min(MU_MAX);
+        if st.overflow {
+            *mu = (*mu * 0.5).max(MU_MIN);
             ls.good_steps = 0;
+        } else {
+            // Gradients hold mu times the sum over ranks of each rank's mean.
+            let unscale = *mu * ranks;
+            norm = model.grad_sum_sq(be)?.sqrt() / unscale;
+            let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip { tc.grad_clip / norm } else { 1.0 };
+            ls.opt_steps += 1;
+            model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, ls.opt_steps, clip / unscale)?;
+            // mu grows after a run of clean steps. (Saturation of the FP8 gradient
+            // reduction, the paper's other trigger, arises once gradients are summed
+            // across ranks; one rank's just-in-time weight gradients cannot saturate.)
+            ls.good_steps += 1;
+            if ls.good_steps >= tc.mu_growth_interval {
+                *mu = (*mu * 2.0).min(MU_MAX);
+                ls.good_steps = 0;
+            }
         }
-    }
-    StepOutcome { stats: st, norm, comm, mu_before }
+        StepOutcome { stats: st, norm, comm, mu_before }
+    })
 }
 
 /// Fault injection for the fault tests: die or stop answering.

@@ -5,7 +5,9 @@
 
 use super::lt::{Lt, LtType, Major};
 use super::Gpu;
-use crate::backend::{AdamState, Backend, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase, Product};
+use crate::backend::{
+    AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase, Product,
+};
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
 use fp8cluster::reduce::CommBytes;
@@ -68,11 +70,6 @@ pub struct Cuda {
     profile: std::cell::RefCell<Option<Prof>>,
 }
 
-// SAFETY: cudarc's context and stream are thread-safe handles; the backend is used
-// from one thread at a time (the training loop).
-unsafe impl Sync for Cuda {}
-unsafe impl Send for Cuda {}
-
 fn cfg(n: usize) -> LaunchConfig {
     let n = n.max(1) as u32;
     LaunchConfig { grid_dim: (n.div_ceil(128), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
@@ -86,11 +83,11 @@ macro_rules! launch {
     };
     ($self:expr, $name:expr, with $c:expr, [$($arg:expr),* $(,)?]) => {{
         let c: LaunchConfig = $c;
-        let f = $self.function($name, c.shared_mem_bytes);
+        let f = $self.function($name, c.shared_mem_bytes)?;
         let mut b = $self.gpu.stream.launch_builder(&f);
         $( b.arg($arg); )*
         // SAFETY: every kernel checks its index against the sizes it is given.
-        unsafe { b.launch(c) }.unwrap_or_else(|e| panic!("CUDA kernel {}: {e}", $name));
+        unsafe { b.launch(c) }.map_err(|e| BackendError::new(format!("CUDA kernel {}", $name), e))?;
     }};
 }
 
@@ -180,6 +177,11 @@ fn tiled_attention(hs: usize) -> Option<(&'static str, &'static str)> {
     }
 }
 
+/// An allocation that failed, with its size.
+fn oom(bytes: usize, e: impl std::fmt::Display) -> BackendError {
+    BackendError::new("CUDA allocation", format!("{:.2} GiB: {e}", bytes as f64 / (1u64 << 30) as f64))
+}
+
 fn e5(fmt: Fp8Format) -> i32 {
     i32::from(fmt == Fp8Format::E5M2)
 }
@@ -200,28 +202,36 @@ impl Cuda {
 
     /// Kernel `name`, opened for `shared` bytes of dynamic shared memory (above the
     /// default 48 KiB the kernel must be allowed more first).
-    fn function(&self, name: &'static str, shared: u32) -> CudaFunction {
+    fn function(&self, name: &'static str, shared: u32) -> BResult<CudaFunction> {
         let mut cache = self.functions.borrow_mut();
-        let entry =
-            cache.entry(name).or_insert_with(|| (self.gpu.function(name).unwrap_or_else(|e| panic!("{e}")), 48 << 10));
+        if !cache.contains_key(name) {
+            let f = self.gpu.function(name).map_err(|e| BackendError::new(format!("CUDA kernel {name}"), e))?;
+            cache.insert(name, (f, 48 << 10));
+        }
+        let entry = cache.get_mut(name).expect("inserted above");
         if shared > entry.1 {
             use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
             // SAFETY: the function exists (it was just loaded from the module).
             unsafe {
                 cudarc::driver::result::function::set_function_attribute(entry.0.cu_function(), MAX_SMEM, shared as i32)
             }
-            .unwrap_or_else(|e| panic!("CUDA kernel {name}: cannot allow {shared} bytes of shared memory: {e}"));
+            .map_err(|e| {
+                BackendError::new(
+                    format!("CUDA kernel {name}"),
+                    format!("cannot allow {shared} bytes of shared memory: {e}"),
+                )
+            })?;
             entry.1 = shared;
         }
-        entry.0.clone()
+        Ok(entry.0.clone())
     }
 
     /// `x` rounded to BF16 (the flash kernels' operands).
-    fn bf16_copy(&self, x: &CudaSlice<f32>) -> CudaSlice<u16> {
+    fn bf16_copy(&self, x: &CudaSlice<f32>) -> BResult<CudaSlice<u16>> {
         let n = x.len() as u32;
-        let mut y = self.scratch::<u16>(x.len());
+        let mut y = self.scratch::<u16>(x.len())?;
         launch!(self, "cast_bf16", n as usize, [x, &mut y, &n]);
-        y
+        Ok(y)
     }
 
     /// The flash-attention kernels, in fast mode, for head size `hs` (64 or 128).
@@ -238,7 +248,9 @@ impl Cuda {
         if let Some(p) = self.profile.borrow_mut().as_mut() {
             p.depth += 1;
             if p.depth == 1 {
-                p.marks.push((phase, name, self.event()));
+                if let Some(e) = self.event() {
+                    p.marks.push((phase, name, e));
+                }
             }
         }
         PhaseGuard(self)
@@ -248,20 +260,23 @@ impl Cuda {
         if let Some(p) = self.profile.borrow_mut().as_mut() {
             p.depth = p.depth.saturating_sub(1);
             if p.depth == 0 {
-                p.marks.push((Phase::Idle, "idle (launch and host gaps)", self.event()));
+                if let Some(e) = self.event() {
+                    p.marks.push((Phase::Idle, "idle (launch and host gaps)", e));
+                }
             }
         }
     }
 
-    fn event(&self) -> cudarc::driver::CudaEvent {
-        self.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("CUDA event")
+    /// A timing event (profiling only: a failure loses the mark, nothing else).
+    fn event(&self) -> Option<cudarc::driver::CudaEvent> {
+        self.gpu.stream.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).ok()
     }
 
     /// A device buffer whose contents are not initialised (scratch every element of
     /// which is written before it is read).
-    fn scratch<T: Elem>(&self, n: usize) -> CudaSlice<T> {
+    fn scratch<T: Elem>(&self, n: usize) -> BResult<CudaSlice<T>> {
         // SAFETY: callers write every element they later read.
-        unsafe { self.gpu.stream.alloc::<T>(n.max(1)) }.expect("CUDA allocation")
+        unsafe { self.gpu.stream.alloc::<T>(n.max(1)) }.map_err(|e| oom(n * std::mem::size_of::<T>(), e))
     }
 
     /// The GPU with the `fast` GEMM class: FP8 and BF16 products on cuBLASLt.
@@ -271,7 +286,8 @@ impl Cuda {
         Ok(c)
     }
 
-    /// `fast` class: K-major copies, then cuBLASLt. Err: no algorithm (use exact).
+    /// `fast` class: K-major copies, then cuBLASLt. Inner Err: no algorithm or an
+    /// operand type it does not take (use exact); outer Err: a device error.
     #[allow(clippy::too_many_arguments)]
     fn matmul_fast(
         &self,
@@ -283,20 +299,20 @@ impl Cuda {
         n: usize,
         k: usize,
         scale: f32,
-    ) -> Result<(), String> {
+    ) -> BResult<Result<(), String>> {
         let mut guard = self.lt.borrow_mut();
-        let lt = guard.as_mut().ok_or("exact mode")?;
+        let Some(lt) = guard.as_mut() else { return Ok(Err("exact mode".into())) };
         let kind = |o: &Operand<'_, Self>| match o {
             Operand::Fp8(_, Fp8Format::E4M3) => Some(LtType::E4M3),
             Operand::Fp8(_, Fp8Format::E5M2) => Some(LtType::E5M2),
             Operand::Bf16(_) => Some(LtType::Bf16),
             Operand::F32(_) => None,
         };
-        let (ta, tb) = (kind(a).ok_or("f32 operands")?, kind(b).ok_or("f32 operands")?);
+        let (Some(ta), Some(tb)) = (kind(a), kind(b)) else { return Ok(Err("f32 operands".into())) };
         let (pa, _) = self.operand(a);
         let (pb, _) = self.operand(b);
         // Transposed copy of a row-major rows x cols operand, as (pointer, buffer).
-        let tr = |p: u64, ty: LtType, rows: usize, cols: usize| -> (u64, Box<dyn std::any::Any>) {
+        let tr = |p: u64, ty: LtType, rows: usize, cols: usize| -> BResult<(u64, Box<dyn std::any::Any>)> {
             use cudarc::driver::DevicePtr;
             let (r, c) = (rows as u32, cols as u32);
             let tiles = LaunchConfig {
@@ -305,15 +321,15 @@ impl Cuda {
                 shared_mem_bytes: 0,
             };
             if ty == LtType::Bf16 {
-                let mut dst = self.scratch::<u16>(rows * cols);
+                let mut dst = self.scratch::<u16>(rows * cols)?;
                 launch!(self, "transpose_u16", with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
-                (ptr, Box::new(dst))
+                Ok((ptr, Box::new(dst)))
             } else {
-                let mut dst = self.scratch::<u8>(rows * cols);
+                let mut dst = self.scratch::<u8>(rows * cols)?;
                 launch!(self, "transpose_u8", with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
-                (ptr, Box::new(dst))
+                Ok((ptr, Box::new(dst)))
             }
         };
         // BF16 operands are read in place (cuBLASLt transposes them); FP8 ones must be
@@ -324,20 +340,20 @@ impl Cuda {
             Product::Dgrad if bf16 => ((pa, ta, Major::K), (pb, tb, Major::Outer), m, k, n, Vec::new()),
             Product::Wgrad if bf16 => ((pa, ta, Major::Outer), (pb, tb, Major::Outer), n, k, m, Vec::new()),
             Product::Dgrad => {
-                let (wt, hold) = tr(pb, tb, n, k); // W[n x k] -> W^T[k x n]
+                let (wt, hold) = tr(pb, tb, n, k)?; // W[n x k] -> W^T[k x n]
                 ((pa, ta, Major::K), (wt, tb, Major::K), m, k, n, vec![hold])
             }
             Product::Wgrad => {
-                let (dyt, h1) = tr(pa, ta, m, n); // dY[m x n] -> dY^T[n x m]
-                let (xt, h2) = tr(pb, tb, m, k); // X[m x k] -> X^T[k x m]
+                let (dyt, h1) = tr(pa, ta, m, n)?; // dY[m x n] -> dY^T[n x m]
+                let (xt, h2) = tr(pb, tb, m, k)?; // X[m x k] -> X^T[k x m]
                 ((dyt, ta, Major::K), (xt, tb, Major::K), n, k, m, vec![h1, h2])
             }
         };
-        let scale_dev = self.upload(&[scale]);
-        let one_dev = self.upload(&[1.0f32]);
+        let scale_dev = self.upload(&[scale])?;
+        let one_dev = self.upload(&[1.0f32])?;
         let fp8 = ta != LtType::Bf16;
-        let mut amax = self.alloc::<f32>(1);
-        let got = lt.matmul(
+        let mut amax = self.alloc::<f32>(1)?;
+        let got = match lt.matmul(
             &self.gpu.stream,
             out,
             a_op,
@@ -346,9 +362,12 @@ impl Cuda {
             (scale, &scale_dev),
             &one_dev,
             fp8.then_some(&mut amax),
-        )?;
-        self.last_amax.set((got && fp8).then(|| self.scalar(&amax)));
-        Ok(())
+        ) {
+            Ok(got) => got,
+            Err(why) => return Ok(Err(why)),
+        };
+        self.last_amax.set(if got && fp8 { Some(self.scalar(&amax)?) } else { None });
+        Ok(Ok(()))
     }
 
     /// The output amax cuBLASLt computed for the last fast FP8 GEMM, if it offered one.
@@ -368,11 +387,13 @@ impl Cuda {
         cols: usize,
         fmt: Fp8Format,
         scale: f32,
-    ) -> (CudaSlice<u8>, CudaSlice<u8>, f32) {
-        let (mut q, mut qt) = (self.alloc::<u8>(rows * cols), self.alloc::<u8>(rows * cols));
-        let (r, c, f) = (rows as u32, cols as u32, e5(fmt));
-        launch!(self, "cast_transpose", rows * cols, [x, &mut q, &mut qt, &scale, &r, &c, &f]);
-        (q, qt, self.amax(x))
+    ) -> BResult<(CudaSlice<u8>, CudaSlice<u8>, f32)> {
+        Ok({
+            let (mut q, mut qt) = (self.alloc::<u8>(rows * cols)?, self.alloc::<u8>(rows * cols)?);
+            let (r, c, f) = (rows as u32, cols as u32, e5(fmt));
+            launch!(self, "cast_transpose", rows * cols, [x, &mut q, &mut qt, &scale, &r, &c, &f]);
+            (q, qt, self.amax(x)?)
+        })
     }
 
     /// How many fast-class GEMMs ran the exact kernel instead (f32 operands, or no
@@ -381,67 +402,84 @@ impl Cuda {
         self.fallbacks.get()
     }
 
-    fn alloc<T: Elem>(&self, n: usize) -> CudaSlice<T> {
-        self.gpu.stream.alloc_zeros::<T>(n.max(1)).expect("CUDA allocation")
+    fn alloc<T: Elem>(&self, n: usize) -> BResult<CudaSlice<T>> {
+        self.gpu.stream.alloc_zeros::<T>(n.max(1)).map_err(|e| oom(n * std::mem::size_of::<T>(), e))
     }
 
     /// The NCCL communicator of `world`: rank 0 makes the id, MPI broadcasts its bytes.
-    pub(crate) fn comm(&self, world: &World) -> &Comm {
-        self.nccl.get_or_init(|| {
+    pub(crate) fn comm(&self, world: &World) -> BResult<&Comm> {
+        if self.nccl.get().is_none() {
             let mut internal = [0 as std::ffi::c_char; 128];
             if world.rank == 0 {
-                let id = Id::new().unwrap_or_else(|e| panic!("NCCL: cannot make a communicator id: {e:?}"));
+                let id = Id::new()
+                    .map_err(|e| BackendError::new("NCCL", format!("cannot make a communicator id: {e:?}")))?;
                 internal = *id.internal();
             }
             world.broadcast(&mut internal, 0);
-            Comm::from_rank(self.gpu.stream.clone(), world.rank, world.size, Id::uninit(internal))
-                .unwrap_or_else(|e| panic!("NCCL: cannot join the communicator: {e:?}"))
-        })
+            let c = Comm::from_rank(self.gpu.stream.clone(), world.rank, world.size, Id::uninit(internal))
+                .map_err(|e| BackendError::new("NCCL", format!("cannot join the communicator: {e:?}")))?;
+            let _ = self.nccl.set(c);
+        }
+        Ok(self.nccl.get().expect("set above"))
     }
 
     /// All-to-all of equal chunks over NCCL (grouped sends and receives).
-    pub(crate) fn all_to_all<T: Elem + NcclType>(&self, comm: &Comm, send: &CudaSlice<T>, k: usize) -> CudaSlice<T> {
-        let ranks = comm.world_size();
-        let mut parts: Vec<CudaSlice<T>> = (0..ranks).map(|_| self.alloc::<T>(k)).collect();
-        {
-            let mut g = comm.group();
-            for (r, part) in parts.iter_mut().enumerate() {
-                g.send(send.slice(r * k..(r + 1) * k), r as i32).expect("NCCL send");
-                g.recv(part.slice_mut(..), r as i32).expect("NCCL recv");
+    pub(crate) fn all_to_all<T: Elem + NcclType>(
+        &self,
+        comm: &Comm,
+        send: &CudaSlice<T>,
+        k: usize,
+    ) -> BResult<CudaSlice<T>> {
+        Ok({
+            let ranks = comm.world_size();
+            let mut parts: Vec<CudaSlice<T>> = (0..ranks).map(|_| self.alloc::<T>(k)).collect::<BResult<_>>()?;
+            {
+                let mut g = comm.group();
+                for (r, part) in parts.iter_mut().enumerate() {
+                    g.send(send.slice(r * k..(r + 1) * k), r as i32)
+                        .map_err(|e| BackendError::new("NCCL send", format!("{e:?}")))?;
+                    g.recv(part.slice_mut(..), r as i32)
+                        .map_err(|e| BackendError::new("NCCL recv", format!("{e:?}")))?;
+                }
             }
-        }
-        let mut recv = self.alloc::<T>(k * ranks);
-        for (r, part) in parts.iter().enumerate() {
-            self.gpu.stream.memcpy_dtod(part, &mut recv.slice_mut(r * k..(r + 1) * k)).expect("CUDA copy");
-        }
-        recv
+            let mut recv = self.alloc::<T>(k * ranks)?;
+            for (r, part) in parts.iter().enumerate() {
+                self.gpu
+                    .stream
+                    .memcpy_dtod(part, &mut recv.slice_mut(r * k..(r + 1) * k))
+                    .map_err(|e| BackendError::new("CUDA copy", e))?;
+            }
+            recv
+        })
     }
 
-    fn scalar(&self, d: &CudaSlice<f32>) -> f32 {
-        self.gpu.stream.clone_dtoh(d).expect("CUDA copy")[0]
+    fn scalar(&self, d: &CudaSlice<f32>) -> BResult<f32> {
+        Ok(self.gpu.stream.clone_dtoh(d).map_err(|e| BackendError::new("CUDA copy", e))?[0])
     }
 
     /// The contract's sum (mode 0) or sum of squares (mode 1): blocks of 256 chunks,
     /// then aligned sub-trees of 1024 partials until one is left (see reduce.cu).
-    fn csum(&self, x: &CudaSlice<f32>, mode: i32) -> f32 {
-        let n = x.len() as u32;
-        if n == 0 {
-            return 0.0;
-        }
-        let blocks = n.div_ceil(32 * 256);
-        let mut part = self.scratch::<f32>(blocks as usize);
-        let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, &mut part]);
-        let mut m = blocks;
-        while m > 1 {
-            let next = m.div_ceil(1024);
-            let mut out = self.scratch::<f32>(next as usize);
-            let c = LaunchConfig { grid_dim: (next, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "reduce_tree_blocks", with c, [&part, &m, &mut out]);
-            part = out;
-            m = next;
-        }
-        self.scalar(&part)
+    fn csum(&self, x: &CudaSlice<f32>, mode: i32) -> BResult<f32> {
+        Ok({
+            let n = x.len() as u32;
+            if n == 0 {
+                return Ok(0.0);
+            }
+            let blocks = n.div_ceil(32 * 256);
+            let mut part = self.scratch::<f32>(blocks as usize)?;
+            let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, &mut part]);
+            let mut m = blocks;
+            while m > 1 {
+                let next = m.div_ceil(1024);
+                let mut out = self.scratch::<f32>(next as usize)?;
+                let c = LaunchConfig { grid_dim: (next, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+                launch!(self, "reduce_tree_blocks", with c, [&part, &m, &mut out]);
+                part = out;
+                m = next;
+            }
+            self.scalar(&part)?
+        })
     }
 
     fn operand(&self, o: &Operand<'_, Self>) -> (u64, i32) {
@@ -462,8 +500,9 @@ impl Backend for Cuda {
         "cuda"
     }
 
-    fn synchronize(&self) {
-        self.gpu.stream.synchronize().expect("CUDA synchronize");
+    fn synchronize(&self) -> BResult<()> {
+        self.gpu.stream.synchronize().map_err(|e| BackendError::new("CUDA synchronize", e))?;
+        Ok(())
     }
     fn set_profiling(&self, on: bool) {
         *self.profile.borrow_mut() = on.then(Prof::default);
@@ -472,7 +511,9 @@ impl Backend for Cuda {
     fn take_profile(&self) -> Vec<OpTime> {
         self.leave();
         let Some(prof) = self.profile.borrow_mut().replace(Prof::default()) else { return Vec::new() };
-        self.synchronize();
+        // Measurement only: a failed synchronize leaves the events unfinished, and their
+        // times read as zero; the next device op reports the error itself.
+        let _ = self.gpu.stream.synchronize();
         let mut per: std::collections::BTreeMap<(Phase, &'static str), (f64, u64)> = Default::default();
         for w in prof.marks.windows(2) {
             let e = per.entry((w[0].0, w[0].1)).or_default();
@@ -508,66 +549,79 @@ impl Backend for Cuda {
         }
     }
 
-    fn zeros<T: Elem>(&self, n: usize) -> CudaSlice<T> {
-        self.gpu.stream.alloc_zeros::<T>(n).expect("CUDA allocation")
+    fn zeros<T: Elem>(&self, n: usize) -> BResult<CudaSlice<T>> {
+        self.gpu.stream.alloc_zeros::<T>(n).map_err(|e| oom(n * std::mem::size_of::<T>(), e))
     }
-    fn upload<T: Elem>(&self, data: &[T]) -> CudaSlice<T> {
-        self.gpu.stream.clone_htod(data).expect("CUDA copy")
+    fn upload<T: Elem>(&self, data: &[T]) -> BResult<CudaSlice<T>> {
+        self.gpu.stream.clone_htod(data).map_err(|e| BackendError::new("CUDA copy to the device", e))
     }
-    fn download<T: Elem>(&self, buf: &CudaSlice<T>) -> Vec<T> {
-        self.gpu.stream.clone_dtoh(buf).expect("CUDA copy")
+    fn download<T: Elem>(&self, buf: &CudaSlice<T>) -> BResult<Vec<T>> {
+        self.gpu.stream.clone_dtoh(buf).map_err(|e| BackendError::new("CUDA copy from the device", e))
     }
     fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
         buf.len()
     }
-    fn copy<T: Elem>(&self, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) {
+    fn copy<T: Elem>(&self, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) -> BResult<()> {
         let _op = self.op(Phase::Other, "copy");
-        self.gpu.stream.memcpy_dtod(src, dst).expect("CUDA copy");
+        self.gpu.stream.memcpy_dtod(src, dst).map_err(|e| BackendError::new("CUDA copy", e))?;
+        Ok(())
     }
 
-    fn amax(&self, x: &CudaSlice<f32>) -> f32 {
-        let _op = self.op(Phase::Other, "amax");
-        let n = x.len() as u32;
-        let mut out = self.alloc::<u64>(1);
-        launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &mut out]);
-        amax_from_bits(self.gpu.stream.clone_dtoh(&out).expect("CUDA copy")[0])
+    fn amax(&self, x: &CudaSlice<f32>) -> BResult<f32> {
+        Ok({
+            let _op = self.op(Phase::Other, "amax");
+            let n = x.len() as u32;
+            let mut out = self.alloc::<u64>(1)?;
+            launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &mut out]);
+            amax_from_bits(self.gpu.stream.clone_dtoh(&out).map_err(|e| BackendError::new("CUDA copy", e))?[0])
+        })
     }
-    fn cast_fp8(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> CastStats {
-        let _op = self.op(Phase::Other, "cast_fp8");
-        let n = x.len() as u32;
-        let mut stats = self.alloc::<u64>(2);
-        let f = e5(fmt);
-        launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
-        let st = self.gpu.stream.clone_dtoh(&stats).expect("CUDA copy");
-        CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
+    fn cast_fp8(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> BResult<CastStats> {
+        Ok({
+            let _op = self.op(Phase::Other, "cast_fp8");
+            let n = x.len() as u32;
+            let mut stats = self.alloc::<u64>(2)?;
+            let f = e5(fmt);
+            launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
+            let st = self.gpu.stream.clone_dtoh(&stats).map_err(|e| BackendError::new("CUDA copy", e))?;
+            CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
+        })
     }
-    fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) {
+    fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "decode_fp8");
         let (n, f) = (q.len() as u32, e5(fmt));
         launch!(self, "decode_fp8", n as usize, [q, x, &inv_scale, &n, &f]);
+        Ok(())
     }
-    fn cast_bf16(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>) {
+    fn cast_bf16(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16");
         let n = x.len() as u32;
         launch!(self, "cast_bf16", n as usize, [x, y, &n]);
+        Ok(())
     }
-    fn cast_f16(&self, y: &mut CudaSlice<f16>, x: &CudaSlice<f32>, scale: f32) {
+    fn cast_f16(&self, y: &mut CudaSlice<f16>, x: &CudaSlice<f32>, scale: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_f16");
         let n = x.len() as u32;
         launch!(self, "cast_f16", n as usize, [x, y, &scale, &n]);
+        Ok(())
     }
-    fn decode_f16(&self, x: &mut CudaSlice<f32>, h: &CudaSlice<f16>, inv_scale: f32) {
+    fn decode_f16(&self, x: &mut CudaSlice<f32>, h: &CudaSlice<f16>, inv_scale: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "decode_f16");
         let n = h.len() as u32;
         launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
+        Ok(())
     }
-    fn sum_sq(&self, x: &CudaSlice<f32>) -> f32 {
-        let _op = self.op(Phase::Other, "sum_sq");
-        self.csum(x, 1)
+    fn sum_sq(&self, x: &CudaSlice<f32>) -> BResult<f32> {
+        Ok({
+            let _op = self.op(Phase::Other, "sum_sq");
+            self.csum(x, 1)?
+        })
     }
-    fn mean(&self, x: &CudaSlice<f32>) -> f32 {
-        let _op = self.op(Phase::Other, "mean");
-        self.csum(x, 0) / x.len() as f32
+    fn mean(&self, x: &CudaSlice<f32>) -> BResult<f32> {
+        Ok({
+            let _op = self.op(Phase::Other, "mean");
+            self.csum(x, 0)? / x.len() as f32
+        })
     }
 
     fn matmul(
@@ -580,11 +634,11 @@ impl Backend for Cuda {
         n: usize,
         k: usize,
         scale: f32,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Matmul, "matmul");
         if self.lt.borrow().is_some() {
-            match self.matmul_fast(out, &a, &b, product, m, n, k, scale) {
-                Ok(()) => return,
+            match self.matmul_fast(out, &a, &b, product, m, n, k, scale)? {
+                Ok(()) => return Ok(()),
                 Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
             }
         }
@@ -604,8 +658,9 @@ impl Backend for Cuda {
             (mm as usize) * (nn as usize),
             [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
         );
+        Ok(())
     }
-    fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) {
+    fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "add_bias");
         let (rows, cc) = ((x.len() / c.max(1)) as u32, c as u32);
         // rows may exceed the grid's y limit (65535): cut into slabs of rows.
@@ -618,12 +673,13 @@ impl Backend for Cuda {
             launch!(self, "add_bias", with cf, [&mut part, bias, &rn, &cc]);
             r0 += rn;
         }
+        Ok(())
     }
-    fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) {
+    fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums");
         let (r, c) = (rows as u32, cols as u32);
         let chunks = r.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * c) as usize);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
         launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
         let shared = ((chunks as usize + chunks as usize / 2 + 1) * 32 * 4) as u32;
         if shared <= 200 << 10 {
@@ -636,22 +692,26 @@ impl Backend for Cuda {
         } else {
             launch!(self, "column_tree", cols, [&mut part, out, &chunks, &c]);
         }
+        Ok(())
     }
-    fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) {
+    fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "add");
         let n = out.len() as u32;
         launch!(self, "add", n as usize, [out, a, b, &n]);
+        Ok(())
     }
-    fn accumulate(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
+    fn accumulate(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "accumulate");
         let n = acc.len() as u32;
         launch!(self, "accumulate", n as usize, [acc, x, &n]);
+        Ok(())
     }
-    fn set(&self, x: &mut CudaSlice<f32>, i: usize, v: f32) {
+    fn set(&self, x: &mut CudaSlice<f32>, i: usize, v: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "set");
-        let mut host = self.download(x);
+        let mut host = self.download(x)?;
         host[i] = v;
-        *x = self.upload(&host);
+        *x = self.upload(&host)?;
+        Ok(())
     }
 
     fn encoder_forward(
@@ -663,10 +723,11 @@ impl Backend for Cuda {
         b: usize,
         t: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "encoder_forward");
         let (bb, tt, cc) = (b as u32, t as u32, c as u32);
         launch!(self, "encoder_forward", b * t * c, [out, tokens, wte, wpe, &bb, &tt, &cc]);
+        Ok(())
     }
     fn encoder_backward(
         &self,
@@ -677,10 +738,10 @@ impl Backend for Cuda {
         b: usize,
         t: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "encoder_backward");
         // Positions grouped by token on the host (stable, so ascending within a token).
-        let toks = self.download(tokens);
+        let toks = self.download(tokens)?;
         let mut order: Vec<u32> = (0..toks.len() as u32).collect();
         order.sort_by_key(|&i| toks[i as usize]);
         let (mut seg, mut segtok) = (Vec::new(), Vec::new());
@@ -693,7 +754,7 @@ impl Backend for Cuda {
         seg.push(order.len() as u32);
         let (bb, tt, cc) = (b as u32, t as u32, c as u32);
         if !segtok.is_empty() {
-            let (order, seg, segtok) = (self.upload(&order), self.upload(&seg), self.upload(&segtok));
+            let (order, seg, segtok) = (self.upload(&order)?, self.upload(&seg)?, self.upload(&segtok)?);
             let cf = LaunchConfig {
                 grid_dim: ((seg.len() - 1) as u32, cc.div_ceil(128), 1),
                 block_dim: (128, 1, 1),
@@ -702,6 +763,7 @@ impl Backend for Cuda {
             launch!(self, "encoder_backward_wte", with cf, [&mut *dwte, dout, &order, &seg, &segtok, &cc]);
         }
         launch!(self, "encoder_backward_wpe", t * c, [dwpe, dout, &bb, &tt, &cc]);
+        Ok(())
     }
     fn layernorm_forward(
         &self,
@@ -713,10 +775,11 @@ impl Backend for Cuda {
         b: &CudaSlice<f32>,
         n: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
         launch!(self, "layernorm_forward", with ln_cfg(n, c), [y, mean, rstd, x, w, b, &nn, &cc]);
+        Ok(())
     }
     fn layernorm_backward(
         &self,
@@ -730,13 +793,14 @@ impl Backend for Cuda {
         rstd: &CudaSlice<f32>,
         n: usize,
         c: usize,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "layernorm_backward");
         let (nn, cc) = (n as u32, c as u32);
-        let mut pr = self.scratch::<f32>(n * c);
+        let mut pr = self.scratch::<f32>(n * c)?;
         launch!(self, "layernorm_backward_rows", with ln_cfg(n, c), [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
-        self.column_sums(dw, &pr, n, c);
-        self.column_sums(db, dy, n, c);
+        self.column_sums(dw, &pr, n, c)?;
+        self.column_sums(db, dy, n, c)?;
+        Ok(())
     }
     fn attention_forward(
         &self,
@@ -744,7 +808,7 @@ impl Backend for Cuda {
         stats: &mut CudaSlice<f32>,
         qkv: &CudaSlice<f32>,
         s: AttnShape,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Attention, "attention_forward");
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
         if let Some(k) = self.flash(s.c / s.nh) {
@@ -753,9 +817,9 @@ impl Backend for Cuda {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: k.forward_smem,
             };
-            let qkv16 = self.bf16_copy(qkv);
+            let qkv16 = self.bf16_copy(qkv)?;
             launch!(self, k.forward, with cf, [out, stats, &qkv16, &t, &c, &nh]);
-            return;
+            return Ok(());
         }
         if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
             let hs = s.c / s.nh;
@@ -766,9 +830,10 @@ impl Backend for Cuda {
                 shared_mem_bytes: shared,
             };
             launch!(self, fwd, with cf, [out, stats, qkv, &t, &c, &nh]);
-            return;
+            return Ok(());
         }
         launch!(self, "attention_forward", s.b * s.nh * s.t, [out, stats, qkv, &b, &t, &c, &nh]);
+        Ok(())
     }
     fn attention_backward(
         &self,
@@ -778,25 +843,25 @@ impl Backend for Cuda {
         out: &CudaSlice<f32>,
         stats: &CudaSlice<f32>,
         s: AttnShape,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Attention, "attention_backward");
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
         if let Some(k) = self.flash(s.c / s.nh) {
             // Per query row: (max in base-2 units, 1 / sum, D = dout . out, 0); 8 threads a row.
-            let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t);
+            let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t)?;
             launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
-            let (qkv16, dout16) = (self.bf16_copy(qkv), self.bf16_copy(dout));
+            let (qkv16, dout16) = (self.bf16_copy(qkv)?, self.bf16_copy(dout)?);
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
             launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
             let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.q_smem };
             launch!(self, k.q, with qc, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
-            return;
+            return Ok(());
         }
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
             // Entries above the diagonal are neither written nor read: no zeroing.
-            let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t);
-            let mut ds = self.scratch::<f32>(s.b * s.nh * s.t * s.t);
+            let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t)?;
+            let mut ds = self.scratch::<f32>(s.b * s.nh * s.t * s.t)?;
             let hs = s.c / s.nh;
             let shared = ((2 * 64 * (hs + 1) + 2 * 64 * hs + 2 * 64 * 65) * 4) as u32;
             let cf = LaunchConfig {
@@ -806,10 +871,10 @@ impl Backend for Cuda {
             };
             launch!(self, bwd, with cf, [&mut pm, &mut ds, dout, qkv, out, stats, &t, &c, &nh]);
             launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
-            return;
+            return Ok(());
         }
-        let mut pm = self.alloc::<f32>(s.b * s.nh * s.t * s.t);
-        let mut ds = self.alloc::<f32>(s.b * s.nh * s.t * s.t);
+        let mut pm = self.alloc::<f32>(s.b * s.nh * s.t * s.t)?;
+        let mut ds = self.alloc::<f32>(s.b * s.nh * s.t * s.t)?;
         launch!(
             self,
             "attention_backward_scores",
@@ -817,16 +882,19 @@ impl Backend for Cuda {
             [&mut pm, &mut ds, dout, qkv, out, stats, &b, &t, &c, &nh]
         );
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
+        Ok(())
     }
-    fn gelu_forward(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) {
+    fn gelu_forward(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
         launch!(self, "gelu_forward", n as usize, [y, x, &n]);
+        Ok(())
     }
-    fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) {
+    fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
         launch!(self, "gelu_backward", n as usize, [dx, x, dy, &n]);
+        Ok(())
     }
     fn crossentropy(
         &self,
@@ -837,74 +905,82 @@ impl Backend for Cuda {
         dloss: f32,
         n: usize,
         v: usize,
-    ) {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "crossentropy");
         let (nn, vv) = (n as u32, v as u32);
         let with = i32::from(dlogits.is_some());
-        let mut dummy = self.alloc::<f32>(1);
+        let mut dummy = self.alloc::<f32>(1)?;
         let d = dlogits.unwrap_or(&mut dummy);
         let chunks = v.div_ceil(32);
         let shared = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
         let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: shared };
         launch!(self, "crossentropy", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+        Ok(())
     }
 
     /// The contract's reduction with NCCL moving the bytes and kernels doing the sums.
-    fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> CommBytes {
-        let _op = self.op(Phase::Communication, "reduce_grad_fp8");
-        let ranks = world.size;
-        if ranks == 1 {
-            return CommBytes::default();
-        }
-        let comm = self.comm(world);
-        let n = codes.len();
-        let k = n.div_ceil(ranks).max(1);
-        let mut send = self.alloc::<u8>(k * ranks);
-        self.gpu.stream.memcpy_dtod(codes, &mut send.slice_mut(0..n)).expect("CUDA copy");
-        let recv = self.all_to_all(comm, &send, k);
-        let scales = world.all_gather_vec(&[*scale]);
-        let inv = self.upload(&scales.iter().map(|s| 1.0 / s).collect::<Vec<f32>>());
-        let mine = n.saturating_sub(world.rank * k).min(k) as u32;
-        let (rr, kk) = (ranks as u32, k as u32);
-        let mut sums = self.alloc::<f32>(k);
-        launch!(self, "fp8_reduce_sum", k, [&recv, &inv, &rr, &kk, &mine, &mut sums]);
-        let mut a = [self.amax(&sums)];
-        world.all_reduce_max(&mut a);
-        let shared = scale_from_amax(Fp8Format::E4M3, a[0], 0, 1.0);
-        let mut q = self.alloc::<u8>(k);
-        self.cast_fp8(&mut q, &sums, Fp8Format::E4M3, shared);
-        let mut all = self.alloc::<u8>(k * ranks);
-        comm.all_gather(&q, &mut all).expect("NCCL all-gather");
-        self.gpu.stream.memcpy_dtod(&all.slice(0..n), codes).expect("CUDA copy");
-        *scale = shared;
-        let peers = (ranks - 1) as u64;
-        CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
+    fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> BResult<CommBytes> {
+        Ok({
+            let _op = self.op(Phase::Communication, "reduce_grad_fp8");
+            let ranks = world.size;
+            if ranks == 1 {
+                return Ok(CommBytes::default());
+            }
+            let comm = self.comm(world)?;
+            let n = codes.len();
+            let k = n.div_ceil(ranks).max(1);
+            let mut send = self.alloc::<u8>(k * ranks)?;
+            self.gpu
+                .stream
+                .memcpy_dtod(codes, &mut send.slice_mut(0..n))
+                .map_err(|e| BackendError::new("CUDA copy", e))?;
+            let recv = self.all_to_all(comm, &send, k)?;
+            let scales = world.all_gather_vec(&[*scale]);
+            let inv = self.upload(&scales.iter().map(|s| 1.0 / s).collect::<Vec<f32>>())?;
+            let mine = n.saturating_sub(world.rank * k).min(k) as u32;
+            let (rr, kk) = (ranks as u32, k as u32);
+            let mut sums = self.alloc::<f32>(k)?;
+            launch!(self, "fp8_reduce_sum", k, [&recv, &inv, &rr, &kk, &mine, &mut sums]);
+            let mut a = [self.amax(&sums)?];
+            world.all_reduce_max(&mut a);
+            let shared = scale_from_amax(Fp8Format::E4M3, a[0], 0, 1.0);
+            let mut q = self.alloc::<u8>(k)?;
+            self.cast_fp8(&mut q, &sums, Fp8Format::E4M3, shared)?;
+            let mut all = self.alloc::<u8>(k * ranks)?;
+            comm.all_gather(&q, &mut all).map_err(|e| BackendError::new("NCCL all-gather", format!("{e:?}")))?;
+            self.gpu.stream.memcpy_dtod(&all.slice(0..n), codes).map_err(|e| BackendError::new("CUDA copy", e))?;
+            *scale = shared;
+            let peers = (ranks - 1) as u64;
+            CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
+        })
     }
 
-    fn reduce_grad_f32(&self, world: &World, g: &mut CudaSlice<f32>) -> CommBytes {
-        let _op = self.op(Phase::Communication, "reduce_grad_f32");
-        let ranks = world.size;
-        if ranks == 1 {
-            return CommBytes::default();
-        }
-        let comm = self.comm(world);
-        let n = g.len();
-        let k = n.div_ceil(ranks).max(1);
-        let mut send = self.alloc::<f32>(k * ranks);
-        self.gpu.stream.memcpy_dtod(g, &mut send.slice_mut(0..n)).expect("CUDA copy");
-        let recv = self.all_to_all(comm, &send, k);
-        let mine = n.saturating_sub(world.rank * k).min(k) as u32;
-        let (rr, kk) = (ranks as u32, k as u32);
-        let mut sums = self.alloc::<f32>(k);
-        launch!(self, "f32_reduce_sum", k, [&recv, &rr, &kk, &mine, &mut sums]);
-        let mut all = self.alloc::<f32>(k * ranks);
-        comm.all_gather(&sums, &mut all).expect("NCCL all-gather");
-        self.gpu.stream.memcpy_dtod(&all.slice(0..n), g).expect("CUDA copy");
-        let peers = (ranks - 1) as u64;
-        CommBytes { payload: 2 * peers * 4 * k as u64, meta: 0 }
+    fn reduce_grad_f32(&self, world: &World, g: &mut CudaSlice<f32>) -> BResult<CommBytes> {
+        Ok({
+            let _op = self.op(Phase::Communication, "reduce_grad_f32");
+            let ranks = world.size;
+            if ranks == 1 {
+                return Ok(CommBytes::default());
+            }
+            let comm = self.comm(world)?;
+            let n = g.len();
+            let k = n.div_ceil(ranks).max(1);
+            let mut send = self.alloc::<f32>(k * ranks)?;
+            self.gpu.stream.memcpy_dtod(g, &mut send.slice_mut(0..n)).map_err(|e| BackendError::new("CUDA copy", e))?;
+            let recv = self.all_to_all(comm, &send, k)?;
+            let mine = n.saturating_sub(world.rank * k).min(k) as u32;
+            let (rr, kk) = (ranks as u32, k as u32);
+            let mut sums = self.alloc::<f32>(k)?;
+            launch!(self, "f32_reduce_sum", k, [&recv, &rr, &kk, &mine, &mut sums]);
+            let mut all = self.alloc::<f32>(k * ranks)?;
+            comm.all_gather(&sums, &mut all).map_err(|e| BackendError::new("NCCL all-gather", format!("{e:?}")))?;
+            self.gpu.stream.memcpy_dtod(&all.slice(0..n), g).map_err(|e| BackendError::new("CUDA copy", e))?;
+            let peers = (ranks - 1) as u64;
+            CommBytes { payload: 2 * peers * 4 * k as u64, meta: 0 }
+        })
     }
 
-    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) {
+    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()> {
         let _op = self.op(Phase::Optimizer, "adamw");
         use cudarc::driver::DevicePtr;
         let h = KAdamStep::from(step);
@@ -920,41 +996,45 @@ impl Backend for Cuda {
             }
             AdamState::O1 { master, master_scale, m, v } => {
                 let n = master.len() as u32;
-                let mut newp = self.scratch::<f32>(n as usize);
+                let mut newp = self.scratch::<f32>(n as usize)?;
                 let pinv = 1.0 / *master_scale;
-                let mut amax = self.alloc::<u64>(3);
+                let mut amax = self.alloc::<u64>(3)?;
                 launch!(
                     self,
                     "adamw_o1",
                     with stride_cfg(n as usize),
                     [&*master, &pinv, &g32, &gq, &ginv, m, v, &mut newp, &n, &h, &mut amax]
                 );
-                let a = self.download(&amax);
+                let a = self.download(&amax)?;
                 *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[0]), 0, *master_scale);
-                self.cast_f16(master, &newp, *master_scale);
+                self.cast_f16(master, &newp, *master_scale)?;
             }
             AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
                 let n = master.len() as u32;
-                let (mut np, mut nm, mut nv) =
-                    (self.scratch::<f32>(n as usize), self.scratch::<f32>(n as usize), self.scratch::<f32>(n as usize));
+                let (mut np, mut nm, mut nv) = (
+                    self.scratch::<f32>(n as usize)?,
+                    self.scratch::<f32>(n as usize)?,
+                    self.scratch::<f32>(n as usize)?,
+                );
                 let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
-                let mut amax = self.alloc::<u64>(3);
+                let mut amax = self.alloc::<u64>(3)?;
                 launch!(
                     self,
                     "adamw_o2",
                     with stride_cfg(n as usize),
                     [&*master, &pinv, &g32, &gq, &ginv, &*m, &minv, &*v, &vinv, &mut np, &mut nm, &mut nv, &n, &h, &mut amax]
                 );
-                let a = self.download(&amax);
+                let a = self.download(&amax)?;
                 *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[0]), 0, *master_scale);
-                self.cast_f16(master, &np, *master_scale);
+                self.cast_f16(master, &np, *master_scale)?;
                 *m_scale = scale_from_amax(Fp8Format::E4M3, amax_from_bits(a[1]), 0, *m_scale);
                 let (nn, e4) = (n, 0i32);
-                let mut unused = self.alloc::<u64>(2);
+                let mut unused = self.alloc::<u64>(2)?;
                 launch!(self, "cast_fp8", with stride_cfg(n as usize), [&nm, &mut *m, &*m_scale, &nn, &e4, &mut unused]);
                 *v_scale = scale_for_max(F16_MAX, amax_from_bits(a[2]), 0, *v_scale);
-                self.cast_f16(v, &nv, *v_scale);
+                self.cast_f16(v, &nv, *v_scale)?;
             }
         }
+        Ok(())
     }
 }

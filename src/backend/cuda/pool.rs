@@ -12,10 +12,6 @@ pub struct Pool {
     pool: sys::CUmemoryPool,
 }
 
-// SAFETY: a CUmemoryPool is a driver handle usable from any thread of its context.
-unsafe impl Send for Pool {}
-unsafe impl Sync for Pool {}
-
 fn check(r: sys::CUresult, what: &str) -> Result<(), String> {
     if r == sys::CUresult::CUDA_SUCCESS {
         Ok(())
