@@ -28,7 +28,7 @@ fn check(ok: bool, what: &str) -> Result<(), String> {
     }
 }
 
-fn gather<C: Collectives, T: mpi::datatype::Equivalence + Copy + Default>(w: &C, send: &[T]) -> Vec<T> {
+fn gather<C: Collectives, T: mpi::datatype::Equivalence + bytemuck::Pod + Default>(w: &C, send: &[T]) -> Vec<T> {
     let mut out = vec![T::default(); send.len() * w.size()];
     w.all_gather(send, &mut out);
     out

@@ -128,7 +128,7 @@ impl World {
     }
 
     /// All ranks' `send` slices, concatenated in rank order.
-    pub fn all_gather_vec<T: Equivalence + Copy + Default>(&self, send: &[T]) -> Vec<T> {
+    pub fn all_gather_vec<T: Equivalence + bytemuck::Pod + Default>(&self, send: &[T]) -> Vec<T> {
         let mut out = vec![T::default(); send.len() * self.size];
         self.all_gather(send, &mut out);
         out
@@ -224,12 +224,12 @@ pub trait Collectives {
     fn size(&self) -> usize;
     fn barrier(&self);
     /// `buf` from rank `root` to all.
-    fn broadcast<T: Equivalence + Copy>(&self, buf: &mut [T], root: usize);
+    fn broadcast<T: Equivalence + bytemuck::Pod>(&self, buf: &mut [T], root: usize);
     /// Every rank's `send` (same length everywhere) into `recv`, in rank order.
-    fn all_gather<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]);
+    fn all_gather<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]);
     /// Chunk r of `send` goes to rank r; `recv` holds the chunks from every rank in
     /// rank order (equal chunk sizes).
-    fn all_to_all<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]);
+    fn all_to_all<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]);
     /// Elementwise maximum (order-free).
     fn all_reduce_max(&self, buf: &mut [f32]);
     /// Chunk r of `send` summed over ranks in rank order lands on rank r (`recv` is
@@ -277,21 +277,21 @@ impl Collectives for World {
             self.wait(c.immediate_barrier(), "barrier");
         }
     }
-    fn broadcast<T: Equivalence + Copy>(&self, buf: &mut [T], root: usize) {
+    fn broadcast<T: Equivalence + bytemuck::Pod>(&self, buf: &mut [T], root: usize) {
         if let Some(c) = self.comm() {
             mpi::request::scope(|sc| {
                 self.wait(c.process_at_rank(root as i32).immediate_broadcast_into(sc, buf), "broadcast")
             });
         }
     }
-    fn all_gather<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]) {
+    fn all_gather<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
         assert_eq!(recv.len(), send.len() * self.size, "all_gather: receive buffer size");
         match self.comm() {
             Some(c) => mpi::request::scope(|sc| self.wait(c.immediate_all_gather_into(sc, send, recv), "all-gather")),
             None => recv.copy_from_slice(send),
         }
     }
-    fn all_to_all<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]) {
+    fn all_to_all<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
         assert!(send.len() == recv.len() && send.len().is_multiple_of(self.size), "all_to_all: buffer sizes");
         match self.comm() {
             Some(c) => mpi::request::scope(|sc| self.wait(c.immediate_all_to_all_into(sc, send, recv), "all-to-all")),

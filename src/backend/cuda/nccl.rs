@@ -15,13 +15,11 @@ pub struct NcclCollectives<'a> {
     pub world: &'a World,
 }
 
-fn bytes<T: Copy>(x: &[T]) -> &[u8] {
-    // SAFETY: T is a plain Copy value type (MPI-equivalent); viewing it as bytes is sound.
-    unsafe { std::slice::from_raw_parts(x.as_ptr() as *const u8, std::mem::size_of_val(x)) }
+fn bytes<T: bytemuck::Pod>(x: &[T]) -> &[u8] {
+    bytemuck::cast_slice(x)
 }
-fn bytes_mut<T: Copy>(x: &mut [T]) -> &mut [u8] {
-    // SAFETY: as above; every byte pattern written back came from values of T.
-    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr() as *mut u8, std::mem::size_of_val(x)) }
+fn bytes_mut<T: bytemuck::Pod>(x: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(x)
 }
 
 impl Collectives for NcclCollectives<'_> {
@@ -35,7 +33,7 @@ impl Collectives for NcclCollectives<'_> {
         let mut one = [0f32];
         self.all_reduce_max(&mut one);
     }
-    fn broadcast<T: Equivalence + Copy>(&self, buf: &mut [T], root: usize) {
+    fn broadcast<T: Equivalence + bytemuck::Pod>(&self, buf: &mut [T], root: usize) {
         let r = (|| {
             let comm = self.cuda.comm(self.world)?;
             let mut dev = self.cuda.upload(bytes(buf))?;
@@ -45,7 +43,7 @@ impl Collectives for NcclCollectives<'_> {
         })();
         bytes_mut(buf).copy_from_slice(&self.must(r));
     }
-    fn all_gather<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]) {
+    fn all_gather<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
         let r = (|| {
             let comm = self.cuda.comm(self.world)?;
             let dev = self.cuda.upload(bytes(send))?;
@@ -55,7 +53,7 @@ impl Collectives for NcclCollectives<'_> {
         })();
         bytes_mut(recv).copy_from_slice(&self.must(r));
     }
-    fn all_to_all<T: Equivalence + Copy>(&self, send: &[T], recv: &mut [T]) {
+    fn all_to_all<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
         let r = (|| {
             let comm = self.cuda.comm(self.world)?;
             let dev = self.cuda.upload(bytes(send))?;
