@@ -65,3 +65,59 @@ extern "C" __global__ void adamw_o2(const u16* master, float pinv, const float* 
     adam_amax(amax, 1, am);
     adam_amax(amax, 2, av);
 }
+
+// The batched step (Backend::adamw_many): pass 1 computes every tensor's new values and
+// keeps only their amax (nothing written); the host reads all amaxes at once and picks
+// the scales; pass 2 computes the same values again (same inputs, same operations: the
+// same bits) and stores them directly in their scaled formats. Per element that is what
+// adamw_o1/o2 followed by cast_f16/cast_fp8 store, without the f32 round trip or a
+// read-back per tensor.
+extern "C" __global__ void adamw_o1_amax(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                         const float* m, const float* v, u32 n, AdamStep h, unsigned long long* amax) {
+    u32 ap = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
+        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
+    }
+    adam_amax(amax, 0, ap);
+}
+extern "C" __global__ void adamw_o1_apply(u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                          float* m, float* v, u32 n, AdamStep h, float pscale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
+        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+        m[i] = mi; v[i] = vi;
+        master[i] = fp8train_to_f16(pi * pscale);
+    }
+}
+extern "C" __global__ void adamw_o2_amax(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                         const u8* m8, float minv, const u16* vh, float vinv, u32 n, AdamStep h,
+                                         unsigned long long* amax) {
+    u32 ap = 0, am = 0, av = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pi = fp8train_from_f16(master[i]) * pinv;
+        float mi = fp8train_decode(m8[i], 0) * minv;
+        float vi = fp8train_from_f16(vh[i]) * vinv;
+        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
+        b = adam_abs_bits(mi); am = b > am ? b : am;
+        b = adam_abs_bits(vi); av = b > av ? b : av;
+    }
+    adam_amax(amax, 0, ap);
+    adam_amax(amax, 1, am);
+    adam_amax(amax, 2, av);
+}
+extern "C" __global__ void adamw_o2_apply(u16* master, float pinv, const float* g32, const u8* gq, float ginv, u8* m8,
+                                          float minv, u16* vh, float vinv, u32 n, AdamStep h, float pscale,
+                                          float mscale, float vscale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float pi = fp8train_from_f16(master[i]) * pinv;
+        float mi = fp8train_decode(m8[i], 0) * minv;
+        float vi = fp8train_from_f16(vh[i]) * vinv;
+        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+        master[i] = fp8train_to_f16(pi * pscale);
+        m8[i] = fp8train_encode_sat(mi * mscale, 0);
+        vh[i] = fp8train_to_f16(vi * vscale);
+    }
+}

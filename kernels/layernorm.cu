@@ -1,7 +1,11 @@
 // LayerNorm (sim/src/ops/layernorm.rs): one warp per row. Lane l sums chunks l, l+32,
 // ... of the row sequentially (the contract's chunks of 32), the warp then runs the
 // contract's tree over the chunk partials: the same bits as one thread doing it all.
+// Each warp first copies its row(s) into shared memory with coalesced 16-byte loads, one
+// padding float after every 32 (element i at i + i / 32), so that lane l reading chunk l
+// element by element hits 32 different banks; the weights are staged once per block.
 #define LN_EPS 1e-5f
+#define LN_AT(i) ((i) + ((i) >> 5))
 
 // The contract's sum of term(i) for i < c, computed by the calling warp; `pa`/`pb` are
 // this warp's shared scratch of (c + 31) / 32 floats each.
@@ -18,22 +22,42 @@ __device__ float ln_warp_sum(int c, float* pa, float* pb, F term) {
     return fp8train_warp_tree(pa, pb, chunks);
 }
 
-// Block: `warps` rows; dynamic shared memory: 2 * chunks floats per warp.
+// Row `src` (c floats) into padded shared memory `dst` by `threads` threads from `t0`.
+__device__ __forceinline__ void ln_stage(float* dst, const float* src, u32 c, u32 t0, u32 threads) {
+    if ((c & 3) == 0 && ((size_t)src & 15) == 0) {
+        for (u32 v = t0; v < c / 4; v += threads) {
+            float4 q = *(const float4*)(src + 4 * v);
+            u32 i = 4 * v;  // four elements of one chunk: i + 3 < next multiple of 32
+            dst[LN_AT(i)] = q.x; dst[LN_AT(i) + 1] = q.y; dst[LN_AT(i) + 2] = q.z; dst[LN_AT(i) + 3] = q.w;
+        }
+    } else {
+        for (u32 i = t0; i < c; i += threads) dst[LN_AT(i)] = src[i];
+    }
+}
+
+// Dynamic shared memory, in floats: the weights (c + chunks) for the block, then per
+// warp 2 * chunks of scratch and `rows` staged rows of c + chunks (see ln_cfg).
 extern "C" __global__ void layernorm_forward(float* y, float* mean, float* rstd, const float* x, const float* w,
                                              const float* b, u32 n, u32 c) {
     extern __shared__ float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
-    int chunks = ((int)c + 31) / 32;
-    float* pa = ln_sh + (size_t)warp * 2 * chunks;
+    int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
+    float* sw = ln_sh;
+    float* pa = sw + padded + (size_t)warp * (2 * chunks + padded);
     float* pb = pa + chunks;
+    float* sx = pb + chunks;
+    ln_stage(sw, w, c, threadIdx.x, blockDim.x);
+    __syncthreads();
     if (r >= n) return;  // whole warps leave together: only warp-level syncs below
     const float* xr = x + (size_t)r * c;
-    float mu = ln_warp_sum((int)c, pa, pb, [&](int i) { return xr[i]; }) / (float)c;
-    float var = ln_warp_sum((int)c, pa, pb, [&](int i) { float d = xr[i] - mu; return d * d; }) / (float)c;
+    ln_stage(sx, xr, c, lane, 32);
+    __syncwarp();
+    float mu = ln_warp_sum((int)c, pa, pb, [&](int i) { return sx[LN_AT(i)]; }) / (float)c;
+    float var = ln_warp_sum((int)c, pa, pb, [&](int i) { float d = sx[LN_AT(i)] - mu; return d * d; }) / (float)c;
     float s = 1.0f / sqrtf(var + LN_EPS);
     float* yr = y + (size_t)r * c;
-    for (u32 i = lane; i < c; i += 32) yr[i] = ((xr[i] - mu) * s) * w[i] + b[i];
+    for (u32 i = lane; i < c; i += 32) yr[i] = ((sx[LN_AT(i)] - mu) * s) * sw[LN_AT(i)] + b[i];
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
@@ -43,19 +67,27 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, float* pr, const f
     extern __shared__ float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
-    int chunks = ((int)c + 31) / 32;
-    float* pa = ln_sh + (size_t)warp * 2 * chunks;
+    int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
+    float* sw = ln_sh;
+    float* pa = sw + padded + (size_t)warp * (2 * chunks + 2 * padded);
     float* pb = pa + chunks;
+    float* sdy = pb + chunks;
+    float* sx = sdy + padded;
+    ln_stage(sw, w, c, threadIdx.x, blockDim.x);
+    __syncthreads();
     if (r >= n) return;
-    const float* xr = x + (size_t)r * c;
-    const float* dyr = dy + (size_t)r * c;
+    ln_stage(sx, x + (size_t)r * c, c, lane, 32);
+    ln_stage(sdy, dy + (size_t)r * c, c, lane, 32);
+    __syncwarp();
     float mu = mean[r], rs = rstd[r];
-    float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return w[i] * dyr[i]; }) / (float)c;
-    float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) { return (w[i] * dyr[i]) * ((xr[i] - mu) * rs); }) / (float)c;
+    float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return sw[LN_AT(i)] * sdy[LN_AT(i)]; }) / (float)c;
+    float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) {
+                   return (sw[LN_AT(i)] * sdy[LN_AT(i)]) * ((sx[LN_AT(i)] - mu) * rs);
+               }) / (float)c;
     for (u32 i = lane; i < c; i += 32) {
-        float nrm = (xr[i] - mu) * rs;
-        float g = w[i] * dyr[i];
+        float nrm = (sx[LN_AT(i)] - mu) * rs;
+        float g = sw[LN_AT(i)] * sdy[LN_AT(i)];
         dx[(size_t)r * c + i] = ((g - s1) - nrm * s2) * rs;
-        pr[(size_t)r * c + i] = dyr[i] * nrm;
+        pr[(size_t)r * c + i] = sdy[LN_AT(i)] * nrm;
     }
 }

@@ -300,6 +300,16 @@ pub trait Backend {
     // ---- optimizer
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()>;
 
+    /// AdamW on many tensors in one go (the whole model's step): the same result as
+    /// [`Backend::adamw`] on each in order; a backend may batch (one read-back of all
+    /// scale statistics instead of one per tensor).
+    fn adamw_many(&self, items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>) -> BResult<()> {
+        for (state, grad, step) in items {
+            self.adamw(state, grad, &step)?;
+        }
+        Ok(())
+    }
+
     // ---- data-parallel gradient reduction (numerics contract, rule 8)
     /// Reduce an E4M3 gradient and its scale across the ranks of `world`. The default
     /// runs the contract's algorithm on host copies over MPI.

@@ -659,6 +659,7 @@ impl<B: Backend> Gpt<B> {
         t: u64,
         grad_scale: f32,
     ) -> BResult<()> {
+        let mut items = Vec::with_capacity(self.params.len());
         for p in &mut self.params {
             let decay = if p.spec.decay { wd } else { 0.0 };
             let h = AdamStep::new(lr, beta1, beta2, eps, decay, t, grad_scale);
@@ -677,9 +678,9 @@ impl<B: Backend> Gpt<B> {
                 (Master::Remote, _) => continue, // O3: the owner updates it
                 _ => unreachable!("no level pairs these masters and moments"),
             };
-            be.adamw(state, grad, &h)?;
+            items.push((state, grad, h));
         }
-        Ok(())
+        be.adamw_many(items)
     }
 
     /// Mean loss of a batch without touching any state that training keeps.

@@ -125,13 +125,18 @@ fn amax_from_bits(bits: u64) -> f32 {
 }
 
 /// One warp per row, 4 rows per block, 2 x chunks floats of shared memory per warp.
-fn ln_cfg(n: usize, c: usize) -> LaunchConfig {
-    let warps = 4usize;
-    let shared = (warps * 2 * c.div_ceil(32) * 4) as u32;
+/// One warp per row; shared memory (floats): the weights, then per warp 2 * chunks of
+/// scratch and `rows` staged rows, each padded to c + chunks (see layernorm.cu). Up to 4
+/// warps per block, fewer when the rows are wide (at most 160 KiB per block).
+fn ln_cfg(n: usize, c: usize, rows: usize) -> LaunchConfig {
+    let chunks = c.div_ceil(32);
+    let padded = c + chunks;
+    let per_warp = 2 * chunks + rows * padded;
+    let warps = (1..=4).rev().find(|w| (padded + w * per_warp) * 4 <= 160 << 10).unwrap_or(1);
     LaunchConfig {
         grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: shared,
+        shared_mem_bytes: ((padded + warps * per_warp) * 4) as u32,
     }
 }
 
@@ -778,7 +783,7 @@ impl Backend for Cuda {
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
-        launch!(self, "layernorm_forward", with ln_cfg(n, c), [y, mean, rstd, x, w, b, &nn, &cc]);
+        launch!(self, "layernorm_forward", with ln_cfg(n, c, 1), [y, mean, rstd, x, w, b, &nn, &cc]);
         Ok(())
     }
     fn layernorm_backward(
@@ -797,7 +802,7 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "layernorm_backward");
         let (nn, cc) = (n as u32, c as u32);
         let mut pr = self.scratch::<f32>(n * c)?;
-        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c), [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 2), [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         self.column_sums(dw, &pr, n, c)?;
         self.column_sums(db, dy, n, c)?;
         Ok(())
@@ -1033,6 +1038,99 @@ impl Backend for Cuda {
                 launch!(self, "cast_fp8", with stride_cfg(n as usize), [&nm, &mut *m, &*m_scale, &nn, &e4, &mut unused]);
                 *v_scale = scale_for_max(F16_MAX, amax_from_bits(a[2]), 0, *v_scale);
                 self.cast_f16(v, &nv, *v_scale)?;
+            }
+        }
+        Ok(())
+    }
+    /// Two passes over all tensors with one read-back between them (see adamw.cu).
+    fn adamw_many(&self, items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>) -> BResult<()> {
+        let _op = self.op(Phase::Optimizer, "adamw");
+        use cudarc::driver::DevicePtr;
+        let s = &self.gpu.stream;
+        let grad_of = |g: &GradRef<'_, Self>| match g {
+            GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 1.0f32),
+            GradRef::Fp8(q, scale) => (0u64, q.device_ptr(s).0, 1.0 / scale),
+        };
+        let amax = self.alloc::<u64>(3 * items.len().max(1))?;
+        let base = amax.device_ptr(s).0;
+        for (i, (state, grad, step)) in items.iter().enumerate() {
+            let (g32, gq, ginv) = grad_of(grad);
+            let h = KAdamStep::from(step);
+            let slot = base + 24 * i as u64;
+            match state {
+                AdamState::F32 { .. } => {} // no scales: updated in pass 2
+                AdamState::O1 { master, master_scale, m, v } => {
+                    let (n, pinv) = (master.len() as u32, 1.0 / **master_scale);
+                    launch!(
+                        self,
+                        "adamw_o1_amax",
+                        with stride_cfg(n as usize),
+                        [&**master, &pinv, &g32, &gq, &ginv, &**m, &**v, &n, &h, &slot]
+                    );
+                }
+                AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
+                    let n = master.len() as u32;
+                    let (pinv, minv, vinv) = (1.0 / **master_scale, 1.0 / **m_scale, 1.0 / **v_scale);
+                    launch!(
+                        self,
+                        "adamw_o2_amax",
+                        with stride_cfg(n as usize),
+                        [&**master, &pinv, &g32, &gq, &ginv, &**m, &minv, &**v, &vinv, &n, &h, &slot]
+                    );
+                }
+            }
+        }
+        let a = if items.iter().any(|it| !matches!(it.0, AdamState::F32 { .. })) {
+            self.download(&amax)?
+        } else {
+            Vec::new()
+        };
+        for (i, (state, grad, step)) in items.into_iter().enumerate() {
+            let (g32, gq, ginv) = grad_of(&grad);
+            let h = KAdamStep::from(&step);
+            match state {
+                AdamState::F32 { master, m, v } => {
+                    let n = master.len() as u32;
+                    launch!(self, "adamw_f32", n as usize, [master, &g32, &gq, &ginv, m, v, &n, &h]);
+                }
+                AdamState::O1 { master, master_scale, m, v } => {
+                    let (n, pinv) = (master.len() as u32, 1.0 / *master_scale);
+                    *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[3 * i]), 0, *master_scale);
+                    launch!(
+                        self,
+                        "adamw_o1_apply",
+                        with stride_cfg(n as usize),
+                        [&mut *master, &pinv, &g32, &gq, &ginv, &mut *m, &mut *v, &n, &h, &*master_scale]
+                    );
+                }
+                AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
+                    let n = master.len() as u32;
+                    let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
+                    *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[3 * i]), 0, *master_scale);
+                    *m_scale = scale_from_amax(Fp8Format::E4M3, amax_from_bits(a[3 * i + 1]), 0, *m_scale);
+                    *v_scale = scale_for_max(F16_MAX, amax_from_bits(a[3 * i + 2]), 0, *v_scale);
+                    launch!(
+                        self,
+                        "adamw_o2_apply",
+                        with stride_cfg(n as usize),
+                        [
+                            &mut *master,
+                            &pinv,
+                            &g32,
+                            &gq,
+                            &ginv,
+                            &mut *m,
+                            &minv,
+                            &mut *v,
+                            &vinv,
+                            &n,
+                            &h,
+                            &*master_scale,
+                            &*m_scale,
+                            &*v_scale
+                        ]
+                    );
+                }
             }
         }
         Ok(())
