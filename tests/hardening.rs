@@ -234,7 +234,11 @@ fn kill_9_at_random_points_loses_no_checkpoint_and_no_metrics() {
         let wait = std::time::Duration::from_millis(30 + x % 700);
         let mut cmd = std::process::Command::new(&bin);
         cmd.args(["--threads", "1", "train", "--steps", "100000"]);
-        if round == 0 || !run.join("checkpoints").is_dir() {
+        let resumable = std::fs::read_dir(run.join("checkpoints"))
+            .map(|d| d.filter_map(Result::ok).any(|e| e.path().join("manifest.json").is_file()))
+            .unwrap_or(false);
+        if round == 0 || !resumable {
+            // Killed before its first checkpoint was complete: start over.
             let _ = std::fs::remove_dir_all(&run);
             cmd.args(["--out", dir.path().to_str().unwrap(), "--name", "k"]).args(TINY);
             cmd.args(["--set", "train.checkpoint_every=1", "--set", "train.batch_size=4"]);
@@ -243,7 +247,11 @@ fn kill_9_at_random_points_loses_no_checkpoint_and_no_metrics() {
         }
         let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
         std::thread::sleep(wait);
-        assert!(child.try_wait().unwrap().is_none(), "round {round}: the run ended before the kill");
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            panic!("round {round}: the run ended ({status}) before the kill: {err}");
+        }
         child.kill().unwrap(); // SIGKILL
         kills += 1;
         let out = child.wait_with_output().unwrap();

@@ -380,7 +380,11 @@ pub fn resolve(path: &Path) -> Result<Resolved, String> {
         }
     }
     let why = if skipped.is_empty() { String::new() } else { format!(" ({})", skipped.join("; ")) };
-    Err(format!("{}: the run folder has no complete checkpoint{why}", path.display()))
+    Err(format!(
+        "{}: the run folder has no complete checkpoint{why}; a run stopped before its first checkpoint \
+         cannot be continued: train it again into another folder (--name)",
+        path.display()
+    ))
 }
 
 /// The config a checkpoint was written with (from its weights file's metadata, after

@@ -235,7 +235,7 @@ impl Cuda {
     fn bf16_copy(&self, x: &CudaSlice<f32>) -> BResult<CudaSlice<u16>> {
         let n = x.len() as u32;
         let mut y = self.scratch::<u16>(x.len())?;
-        launch!(self, "cast_bf16", n as usize, [x, &mut y, &n]);
+        launch!(self, "cast_bf16", (n as usize).div_ceil(4), [x, &mut y, &n]);
         Ok(y)
     }
 
@@ -601,7 +601,7 @@ impl Backend for Cuda {
     fn cast_bf16(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16");
         let n = x.len() as u32;
-        launch!(self, "cast_bf16", n as usize, [x, y, &n]);
+        launch!(self, "cast_bf16", (n as usize).div_ceil(4), [x, y, &n]);
         Ok(())
     }
     fn cast_f16(&self, y: &mut CudaSlice<f16>, x: &CudaSlice<f32>, scale: f32) -> BResult<()> {
