@@ -124,7 +124,6 @@ fn amax_from_bits(bits: u64) -> f32 {
     }
 }
 
-/// One warp per row, 4 rows per block, 2 x chunks floats of shared memory per warp.
 /// One warp per row; shared memory (floats): the weights, then per warp 2 * chunks of
 /// scratch and `rows` staged rows, each padded to c + chunks (see layernorm.cu). Up to 4
 /// warps per block, fewer when the rows are wide (at most 160 KiB per block).
