@@ -27,26 +27,20 @@ extern "C" __global__ void crossentropy(float* losses, float* dlogits, const flo
     bool any_nan = false;
     for (u32 k = 0; k < warps; k++) { m = wmax[k] > m ? wmax[k] : m; any_nan |= wmax[32 + k] != 0.0f; }
     if (any_nan) m = FP8TRAIN_NAN;
-    // With the gradient, each exponential is kept in dlogits for the second pass (the
-    // same value: computed once instead of twice).
-    float* dr = dlogits + (size_t)r * v;
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
         float acc = 0.0f;
         int end = min((int)v, (ch + 1) * 32);
-        for (int j = ch * 32; j < end; j++) {
-            float e = fp8train_exp(lr[j] - m);
-            acc = acc + e;
-            if (with_grad) dr[j] = e;
-        }
+        for (int j = ch * 32; j < end; j++) acc = acc + fp8train_exp(lr[j] - m);
         pa[ch] = acc;
     }
     __syncthreads();
     float z = fp8train_block_tree(pa, pb, chunks);
     u32 tgt = targets[r];
     if (with_grad) {
+        float* dr = dlogits + (size_t)r * v;
         for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
             float ind = j == tgt ? 1.0f : 0.0f;
-            dr[j] = (dr[j] / z - ind) * dloss;
+            dr[j] = (fp8train_exp(lr[j] - m) / z - ind) * dloss;
         }
     }
     if (threadIdx.x == 0) losses[r] = (fp8train_log(z) + m) - lr[tgt];
