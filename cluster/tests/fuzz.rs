@@ -32,7 +32,7 @@ fn damage(mut b: Vec<u8>, op: u8, at: usize, len: usize, byte: u8) -> Vec<u8> {
             let span: Vec<u8> = b[i..j].to_vec();
             b.splice(i..i, span);
         }
-        _ => b[i..j].iter_mut().for_each(|x| *x = if byte % 2 == 0 { b'9' } else { byte }),
+        _ => b[i..j].iter_mut().for_each(|x| *x = if byte.is_multiple_of(2) { b'9' } else { byte }),
     }
     b
 }
