@@ -71,7 +71,7 @@ pub fn check_fits(est: &Estimate, available: Option<(u64, String)>, what: &str) 
     }
     Err(format!(
         "{what} needs about {} ({} weights + gradients + optimizer state, {} activations, {} largest temporary) \
-         but {device} has {} available; use a smaller model, batch (train.batch_size) or sequence (model.seq_len), \
+         but {device} has {} available; use a smaller model, batch or sequence (train.batch_size, model.seq_len; --batch, --seq), \
          or a leaner level (O2: 6 bytes of state per parameter)",
         gib(est.total()),
         gib(est.state),
