@@ -9,13 +9,14 @@
 // one float so each thread's chunk reads hit distinct banks), then their tree.
 // mode 0: x, 1: x*x
 #define RS_CHUNKS 256
-extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks(const float* x, u32 n, int mode, float* out) {
+template <typename L>
+__device__ void rs_blocks(L load, u32 n, int mode, float* out) {
     __shared__ float stage[RS_CHUNKS * 33];
     __shared__ float pa[RS_CHUNKS], pb[RS_CHUNKS / 2 + 1];
     size_t base = (size_t)blockIdx.x * RS_CHUNKS * 32;
     for (u32 e = threadIdx.x; e < RS_CHUNKS * 32; e += RS_CHUNKS) {
         size_t g = base + e;
-        stage[e + e / 32] = g < n ? x[g] : 0.0f;
+        stage[e + e / 32] = g < n ? load(g) : 0.0f;
     }
     __syncthreads();
     u32 chunks_total = (n + 31) / 32;
@@ -31,6 +32,20 @@ extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks(const 
     int m = (int)min((u32)RS_CHUNKS, chunks_total - blockIdx.x * RS_CHUNKS);
     float r = fp8train_block_tree(pa, pb, m);
     if (threadIdx.x == 0) out[blockIdx.x] = r;
+}
+extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks(const float* x, u32 n, int mode, float* out) {
+    rs_blocks([&](size_t g) { return x[g]; }, n, mode, out);
+}
+// The same over E4M3 codes decoded as decode_fp8 does (value * inv_scale, one canonical
+// NaN): the sum of squares of a FP8 gradient without its f32 copy.
+extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks_e4m3(const u8* q, float inv_scale, u32 n,
+                                                                              int mode, float* out) {
+    rs_blocks(
+        [&](size_t g) {
+            float v = fp8train_decode(q[g], 0);
+            return isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
+        },
+        n, mode, out);
 }
 // The tree over `n` partials, 1024 aligned partials per block.
 extern "C" __global__ void __launch_bounds__(512) reduce_tree_blocks(const float* in, u32 n, float* out) {

@@ -300,6 +300,23 @@ pub trait Backend {
     // ---- optimizer
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()>;
 
+    /// Each gradient's sum of squares in the contract's order (an E4M3 gradient
+    /// decoded with its scale first), as `sum_sq` on each; a backend may batch.
+    fn grad_sq_sums(&self, grads: &[GradRef<'_, Self>]) -> BResult<Vec<f32>> {
+        let mut out = Vec::with_capacity(grads.len());
+        for g in grads {
+            out.push(match g {
+                GradRef::F32(x) => self.sum_sq(x)?,
+                GradRef::Fp8(codes, scale) => {
+                    let mut tmp = self.zeros::<f32>(self.len(*codes))?;
+                    self.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, 1.0 / scale)?;
+                    self.sum_sq(&tmp)?
+                }
+            });
+        }
+        Ok(out)
+    }
+
     /// AdamW on many tensors in one go (the whole model's step): the same result as
     /// [`Backend::adamw`] on each in order; a backend may batch (one read-back of all
     /// scale statistics instead of one per tensor).

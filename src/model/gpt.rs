@@ -630,20 +630,16 @@ impl<B: Backend> Gpt<B> {
     /// Sum of squares of the stored gradients (mu-scaled), each tensor in the
     /// contract's order, tensors added in parameter order.
     pub fn grad_sum_sq(&self, be: &B) -> BResult<f32> {
-        Ok({
-            let mut total = 0f32;
-            for p in &self.params {
-                total += match &p.grad {
-                    GradStore::F32(g) => be.sum_sq(g)?,
-                    GradStore::Fp8 { codes, scale } => {
-                        let mut tmp = be.zeros::<f32>(p.spec.numel())?;
-                        be.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, 1.0 / scale)?;
-                        be.sum_sq(&tmp)?
-                    }
-                };
-            }
-            total
-        })
+        let grads: Vec<GradRef<'_, B>> = self
+            .params
+            .iter()
+            .map(|p| match &p.grad {
+                GradStore::F32(g) => GradRef::F32(g),
+                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, *scale),
+            })
+            .collect();
+        // Added in parameter order, as one at a time.
+        Ok(be.grad_sq_sums(&grads)?.into_iter().fold(0f32, |total, s| total + s))
     }
 
     /// One AdamW step on every parameter. `t` counts optimizer steps taken (1-based).

@@ -464,26 +464,37 @@ impl Cuda {
     /// The contract's sum (mode 0) or sum of squares (mode 1): blocks of 256 chunks,
     /// then aligned sub-trees of 1024 partials until one is left (see reduce.cu).
     fn csum(&self, x: &CudaSlice<f32>, mode: i32) -> BResult<f32> {
-        Ok({
-            let n = x.len() as u32;
-            if n == 0 {
-                return Ok(0.0);
-            }
-            let blocks = n.div_ceil(32 * 256);
-            let mut part = self.scratch::<f32>(blocks as usize)?;
-            let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, &mut part]);
-            let mut m = blocks;
-            while m > 1 {
-                let next = m.div_ceil(1024);
-                let mut out = self.scratch::<f32>(next as usize)?;
-                let c = LaunchConfig { grid_dim: (next, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-                launch!(self, "reduce_tree_blocks", with c, [&part, &m, &mut out]);
-                part = out;
-                m = next;
-            }
-            self.scalar(&part)?
-        })
+        let n = x.len() as u32;
+        if n == 0 {
+            return Ok(0.0);
+        }
+        let r = self.csum_device(n, |c, part| {
+            launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, part]);
+            Ok(())
+        })?;
+        self.scalar(&r)
+    }
+
+    /// The contract's sum over `n` elements left on the device (element 0 of the
+    /// result); `first` launches the first pass into the block partials.
+    fn csum_device(
+        &self,
+        n: u32,
+        first: impl FnOnce(LaunchConfig, &mut CudaSlice<f32>) -> BResult<()>,
+    ) -> BResult<CudaSlice<f32>> {
+        let blocks = n.div_ceil(32 * 256).max(1);
+        let mut part = self.scratch::<f32>(blocks as usize)?;
+        first(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, &mut part)?;
+        let mut m = blocks;
+        while m > 1 {
+            let next = m.div_ceil(1024);
+            let mut out = self.scratch::<f32>(next as usize)?;
+            let c = LaunchConfig { grid_dim: (next, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "reduce_tree_blocks", with c, [&part, &m, &mut out]);
+            part = out;
+            m = next;
+        }
+        Ok(part)
     }
 
     fn operand(&self, o: &Operand<'_, Self>) -> (u64, i32) {
@@ -614,6 +625,37 @@ impl Backend for Cuda {
         let n = h.len() as u32;
         launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
         Ok(())
+    }
+    /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
+    /// one read-back for all.
+    fn grad_sq_sums(&self, grads: &[GradRef<'_, Self>]) -> BResult<Vec<f32>> {
+        let _op = self.op(Phase::Other, "grad_sq_sums");
+        let mut all = self.alloc::<f32>(grads.len().max(1))?;
+        for (i, g) in grads.iter().enumerate() {
+            let r = match g {
+                GradRef::F32(x) => {
+                    let (n, mode) = (x.len() as u32, 1i32);
+                    self.csum_device(n, |c, part| {
+                        launch!(self, "reduce_sum_blocks", with c, [*x, &n, &mode, part]);
+                        Ok(())
+                    })?
+                }
+                GradRef::Fp8(q, scale) => {
+                    let (n, mode, inv) = (q.len() as u32, 1i32, 1.0 / scale);
+                    self.csum_device(n, |c, part| {
+                        launch!(self, "reduce_sum_blocks_e4m3", with c, [*q, &inv, &n, &mode, part]);
+                        Ok(())
+                    })?
+                }
+            };
+            self.gpu
+                .stream
+                .memcpy_dtod(&r.slice(0..1), &mut all.slice_mut(i..i + 1))
+                .map_err(|e| BackendError::new("CUDA copy", e))?;
+        }
+        let mut v = self.download(&all)?;
+        v.truncate(grads.len());
+        Ok(v)
     }
     fn sum_sq(&self, x: &CudaSlice<f32>) -> BResult<f32> {
         Ok({
