@@ -187,6 +187,11 @@ pub trait Backend {
     fn amax(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Saturating scaled cast `q = sat_encode(x * scale)`.
     fn cast_fp8(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> BResult<CastStats>;
+    /// The scaled cast when its statistics are not wanted (a backend may then skip
+    /// reading them back).
+    fn cast_fp8_only(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> BResult<()> {
+        self.cast_fp8(q, x, fmt, scale).map(|_| ())
+    }
     /// `x = decode(q) * inv_scale`.
     fn decode_fp8(&self, x: &mut Self::Buf<f32>, q: &Self::Buf<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()>;
     fn cast_bf16(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>) -> BResult<()>;

@@ -432,7 +432,7 @@ impl<B: Backend> Gpt<B> {
                 GradStore::F32(dst) => be.copy(dst, g)?,
                 GradStore::Fp8 { codes, scale } => {
                     *scale = scale_from_amax(Fp8Format::E4M3, amax, 0, *scale);
-                    be.cast_fp8(codes, g, Fp8Format::E4M3, *scale)?;
+                    be.cast_fp8_only(codes, g, Fp8Format::E4M3, *scale)?;
                 }
             }
             amax.is_finite()

@@ -69,7 +69,7 @@ impl<B: Backend> WeightView<B> {
             WeightView::Bf16(b) => be.cast_bf16(b, w)?,
             WeightView::Fp8 { codes, scale } => {
                 *scale = scale_from_amax(E4M3, be.amax(w)?, 0, *scale);
-                be.cast_fp8(codes, w, E4M3, *scale)?;
+                be.cast_fp8_only(codes, w, E4M3, *scale)?;
             }
         }
         Ok(())

@@ -602,6 +602,15 @@ impl Backend for Cuda {
             CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
         })
     }
+    fn cast_fp8_only(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> BResult<()> {
+        let _op = self.op(Phase::Other, "cast_fp8");
+        let n = x.len() as u32;
+        // The kernel's statistics land in scratch nobody reads: no read-back, no wait.
+        let mut stats = self.scratch::<u64>(2)?;
+        let f = e5(fmt);
+        launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
+        Ok(())
+    }
     fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "decode_fp8");
         let (n, f) = (q.len() as u32, e5(fmt));
