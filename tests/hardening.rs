@@ -294,3 +294,38 @@ fn kill_9_at_random_points_loses_no_checkpoint_and_no_metrics() {
 fn checkpoint_step(name: &str) -> Option<u64> {
     name.strip_prefix("step-")?.parse().ok()
 }
+
+#[test]
+fn a_checkpoint_write_that_fails_is_an_error_and_loses_nothing() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("r");
+    ok(&mut train_cmd(dir.path(), "r", &["--steps", "2", "--set", "train.checkpoint_every=2"]));
+    let metrics_before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    // Files may not grow beyond 50 KB (as on a full disk, every larger write fails): the
+    // metrics and config fit, the step-4 checkpoint's weights file does not.
+    let mut cmd = std::process::Command::new(assert_cmd::cargo::cargo_bin("fp8train"));
+    cmd.args(["--threads", "2", "train", "--no-progress", "--steps", "4", "--resume", run.to_str().unwrap()]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 50_000, rlim_max: 50_000 };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &lim);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let o = cmd.output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("checkpoint: cannot write") && e.contains(".step-000004.tmp"), "{e}");
+    // Nothing already written is lost: the step-2 checkpoint loads, no step-4 folder
+    // exists, the metrics hold the old records and the new steps, whole.
+    let o = fp8train().args(["eval", run.to_str().unwrap(), "--batches", "1"]).output().unwrap();
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("at step 2"));
+    assert!(!ckpt(&run, 4).exists());
+    let after = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    assert!(after.starts_with(&metrics_before));
+    let steps: Vec<u64> = records(&run, "step").iter().map(|v| v["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+}

@@ -146,9 +146,9 @@ impl Metrics {
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         Ok((Metrics(f), resume))
     }
-    fn write(&mut self, v: serde_json::Value) {
+    fn write(&mut self, v: serde_json::Value) -> std::io::Result<()> {
         // One write of the whole line (a File is unbuffered: no splitting by a buffer).
-        let _ = self.0.write_all(format!("{v}\n").as_bytes());
+        self.0.write_all(format!("{v}\n").as_bytes())
     }
 }
 
@@ -212,9 +212,16 @@ pub fn train<B: Backend>(
     } else {
         None
     };
+    let mut metrics_warned = false;
     let mut emit = |v: serde_json::Value| {
         if let Some(m) = metrics.as_mut() {
-            m.write(v)
+            if let Err(e) = m.write(v) {
+                // Training goes on (checkpoints hold the state); say so once.
+                if !metrics_warned {
+                    warn!(log, "metrics.jsonl: a record could not be written (disk full?)"; "error" => e.to_string());
+                    metrics_warned = true;
+                }
+            }
         }
     };
     let (b, t) = (tc.batch_size, cfg.model.seq_len);
