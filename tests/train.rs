@@ -198,6 +198,22 @@ fn corrupt_or_truncated_checkpoints_are_clear_errors() {
 }
 
 #[test]
+fn step_records_carry_the_pool_high_water_field() {
+    // The simulator has no device pool: the field is there, null (GPU runs fill it and
+    // print "mem X GiB" on the step line and the peak on the final line).
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(dir.path(), "m", 2, &["--steps", "2"]);
+    let run = dir.path().join("m");
+    for kind in ["step", "final"] {
+        let recs = records(&run, kind);
+        assert!(
+            !recs.is_empty() && recs.iter().all(|v| v.get("pool_high_water_bytes") == Some(&serde_json::Value::Null))
+        );
+    }
+    assert!(!out.contains("mem ") && !out.contains("peak device memory"), "{out}");
+}
+
+#[test]
 fn bad_config_values_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {

@@ -284,6 +284,7 @@ pub fn train<B: Backend>(
     let mut skipped = 0u64;
     let run_start = Instant::now();
     let mut tokens_done = 0u64;
+    let mut peak_memory = 0u64;
     let mut last_val = f32::NAN;
     while ls.step < tc.steps {
         let step = ls.step;
@@ -309,10 +310,14 @@ pub fn train<B: Backend>(
         tokens_done += (b * t * world.size) as u64;
         let tok_s = (b * t * world.size) as f64 / secs;
         train_losses.push(st.loss);
+        // Device memory (GPU backends): the pool's high-water mark so far.
+        let mem = be.memory();
+        let high_water = mem.map(|m| m.pool_high_water);
+        peak_memory = peak_memory.max(high_water.unwrap_or(0));
         emit(json!({"kind": "step", "step": ls.step, "loss": st.loss, "loss_bits": st.loss.to_bits(),
             "grad_norm": norm, "lr": lr, "ms": secs * 1e3, "tok_s": tok_s, "mu": mu, "skipped": st.overflow,
             "dy_saturated": st.saturated, "dy_elements": st.cast_elements,
-            "comm_bytes": comm.payload, "comm_meta_bytes": comm.meta}));
+            "comm_bytes": comm.payload, "comm_meta_bytes": comm.meta, "pool_high_water_bytes": high_water}));
         if ls.step == 1 || ls.step % tc.log_every == 0 || ls.step == tc.steps || st.overflow {
             let mut line = format!(
                 "step {:>5}/{} | loss {:.4} | norm {:.4} | lr {:.2e} | {:.1} ms | {:.0} tok/s",
@@ -326,6 +331,9 @@ pub fn train<B: Backend>(
             );
             if world.size > 1 {
                 line += &format!(" | grad comm {:.1} KiB/rank", comm.payload as f64 / 1024.0);
+            }
+            if let Some(h) = high_water {
+                line += &format!(" | mem {:.2} GiB", h as f64 / (1u64 << 30) as f64);
             }
             if st.overflow {
                 line += &format!(" | skipped: non-finite gradients, mu -> {mu}");
@@ -353,7 +361,8 @@ pub fn train<B: Backend>(
         pb.finish_and_clear();
     }
     let tokens_per_s = tokens_done as f64 / run_start.elapsed().as_secs_f64().max(1e-9);
-    emit(json!({"kind": "final", "step": ls.step, "val_loss": last_val, "tok_s": tokens_per_s}));
+    emit(json!({"kind": "final", "step": ls.step, "val_loss": last_val, "tok_s": tokens_per_s,
+        "pool_high_water_bytes": (peak_memory > 0).then_some(peak_memory)}));
     drop(metrics);
     if lead {
         match report::write_plot(run_dir) {
@@ -361,8 +370,13 @@ pub fn train<B: Backend>(
             Err(e) => warn!(log, "no loss curve"; "error" => e),
         }
         let floor = ds.entropy_floor.map(|f| format!(", entropy floor {f:.4}")).unwrap_or_default();
+        let mem = if peak_memory > 0 {
+            format!(" | peak device memory {:.2} GiB (pool)", peak_memory as f64 / (1u64 << 30) as f64)
+        } else {
+            String::new()
+        };
         println!(
-            "fp8train: final val loss {:.4} (unigram entropy {:.4}{}) | {:.0} tok/s | run folder {}",
+            "fp8train: final val loss {:.4} (unigram entropy {:.4}{}) | {:.0} tok/s{mem} | run folder {}",
             last_val,
             ds.unigram_entropy,
             floor,
