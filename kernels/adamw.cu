@@ -1,8 +1,6 @@
 // AdamW of every level (sim/src/ops/adamw.rs): the same per-element operation order.
-// Scaled states are updated in two passes: these kernels write the new f32 values and
-// their amax (atomicMax on the bit patterns, order-free: amax[0] master, [1] m, [2] v,
-// zero before the launch); the host picks the power-of-two scales and re-encodes.
-// Grid-stride, so any grid gives the same values.
+// amax of new values: atomicMax on the bit patterns, order-free (amax[0] master, [1] m,
+// [2] v, zero before the launch). Grid-stride, so any grid gives the same values.
 __device__ __forceinline__ void adam_amax(unsigned long long* amax, int k, u32 bits) {
     bits = fp8train_warp_max_u32(bits);
     if ((threadIdx.x & 31) == 0 && bits) atomicMax(&amax[k], (unsigned long long)bits);
@@ -33,60 +31,47 @@ extern "C" __global__ void adamw_f32(float* p, const float* g32, const u8* gq, f
     p[i] = pi; m[i] = mi; v[i] = vi;
 }
 
-// O1: FP16 master (value = code / scale), f32 moments; new master values to `newp`.
-extern "C" __global__ void adamw_o1(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
-                                    float* m, float* v, float* newp, u32 n, AdamStep h, unsigned long long* amax) {
-    u32 ap = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
-        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
-        newp[i] = pi; m[i] = mi; v[i] = vi;
-        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
-    }
-    adam_amax(amax, 0, ap);
-}
+// AdamW of the scaled levels, in two passes over all tensors (Backend::adamw_many):
+// pass 1 computes every tensor's new values and keeps only their amax (nothing written);
+// the host reads all amaxes at once and picks the scales; pass 2 computes the same
+// values again (same inputs, same operations: the same bits) and stores them directly
+// in their scaled formats (what an f32 update followed by cast_f16/cast_fp8 stores),
+// without an f32 round trip or a read-back per tensor.
 
-// O2: FP16 master, E4M3 m, FP16 v (each with 1/scale); new values to newp/nm/nv.
-extern "C" __global__ void adamw_o2(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
-                                    const u8* m8, float minv, const u16* vh, float vinv, float* newp, float* nm,
-                                    float* nv, u32 n, AdamStep h, unsigned long long* amax) {
-    u32 ap = 0, am = 0, av = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float pi = fp8train_from_f16(master[i]) * pinv;
-        float mi = fp8train_decode(m8[i], 0) * minv;
-        float vi = fp8train_from_f16(vh[i]) * vinv;
-        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
-        newp[i] = pi; nm[i] = mi; nv[i] = vi;
-        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
-        b = adam_abs_bits(mi); am = b > am ? b : am;
-        b = adam_abs_bits(vi); av = b > av ? b : av;
-    }
-    adam_amax(amax, 0, ap);
-    adam_amax(amax, 1, am);
-    adam_amax(amax, 2, av);
+// Element i's new (master, m, v) at O1: FP16 master (value = code / scale), f32 moments.
+__device__ __forceinline__ void adam_o1_new(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                            const float* m, const float* v, size_t i, const AdamStep& h,
+                                            float& pi, float& mi, float& vi) {
+    pi = fp8train_from_f16(master[i]) * pinv; mi = m[i]; vi = v[i];
+    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
 }
+// The same at O2: FP16 master, E4M3 m, FP16 v (each with 1/scale).
+__device__ __forceinline__ void adam_o2_new(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
+                                            const u8* m8, float minv, const u16* vh, float vinv, size_t i,
+                                            const AdamStep& h, float& pi, float& mi, float& vi) {
+    pi = fp8train_from_f16(master[i]) * pinv;
+    mi = fp8train_decode(m8[i], 0) * minv;
+    vi = fp8train_from_f16(vh[i]) * vinv;
+    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+}
+#define ADAM_FOR_EACH(i) \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
 
-// The batched step (Backend::adamw_many): pass 1 computes every tensor's new values and
-// keeps only their amax (nothing written); the host reads all amaxes at once and picks
-// the scales; pass 2 computes the same values again (same inputs, same operations: the
-// same bits) and stores them directly in their scaled formats. Per element that is what
-// adamw_o1/o2 followed by cast_f16/cast_fp8 store, without the f32 round trip or a
-// read-back per tensor.
 extern "C" __global__ void adamw_o1_amax(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
                                          const float* m, const float* v, u32 n, AdamStep h, unsigned long long* amax) {
     u32 ap = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
-        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    ADAM_FOR_EACH(i) {
+        float pi, mi, vi;
+        adam_o1_new(master, pinv, g32, gq, ginv, m, v, i, h, pi, mi, vi);
         u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
     }
     adam_amax(amax, 0, ap);
 }
 extern "C" __global__ void adamw_o1_apply(u16* master, float pinv, const float* g32, const u8* gq, float ginv,
                                           float* m, float* v, u32 n, AdamStep h, float pscale) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float pi = fp8train_from_f16(master[i]) * pinv, mi = m[i], vi = v[i];
-        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    ADAM_FOR_EACH(i) {
+        float pi, mi, vi;
+        adam_o1_new(master, pinv, g32, gq, ginv, m, v, i, h, pi, mi, vi);
         m[i] = mi; v[i] = vi;
         master[i] = fp8train_to_f16(pi * pscale);
     }
@@ -95,11 +80,9 @@ extern "C" __global__ void adamw_o2_amax(const u16* master, float pinv, const fl
                                          const u8* m8, float minv, const u16* vh, float vinv, u32 n, AdamStep h,
                                          unsigned long long* amax) {
     u32 ap = 0, am = 0, av = 0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float pi = fp8train_from_f16(master[i]) * pinv;
-        float mi = fp8train_decode(m8[i], 0) * minv;
-        float vi = fp8train_from_f16(vh[i]) * vinv;
-        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    ADAM_FOR_EACH(i) {
+        float pi, mi, vi;
+        adam_o2_new(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, i, h, pi, mi, vi);
         u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
         b = adam_abs_bits(mi); am = b > am ? b : am;
         b = adam_abs_bits(vi); av = b > av ? b : av;
@@ -111,11 +94,9 @@ extern "C" __global__ void adamw_o2_amax(const u16* master, float pinv, const fl
 extern "C" __global__ void adamw_o2_apply(u16* master, float pinv, const float* g32, const u8* gq, float ginv, u8* m8,
                                           float minv, u16* vh, float vinv, u32 n, AdamStep h, float pscale,
                                           float mscale, float vscale) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float pi = fp8train_from_f16(master[i]) * pinv;
-        float mi = fp8train_decode(m8[i], 0) * minv;
-        float vi = fp8train_from_f16(vh[i]) * vinv;
-        adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
+    ADAM_FOR_EACH(i) {
+        float pi, mi, vi;
+        adam_o2_new(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, i, h, pi, mi, vi);
         master[i] = fp8train_to_f16(pi * pscale);
         m8[i] = fp8train_encode_sat(mi * mscale, 0);
         vh[i] = fp8train_to_f16(vi * vscale);

@@ -3,7 +3,7 @@
 // kernels of attention.cu by `fp8train verify`). BF16 operands (q, k, v, dout are cast
 // to BF16 once by the host side; the probabilities are rounded to BF16), f32
 // accumulation (mma.sync m16n8k16), an online softmax over key tiles of 64 in base 2
-// (scores pre-multiplied by log2(e) / sqrt(hs), exponentials by fa_exp2), causal tiles
+// (scores pre-multiplied by log2(e) / sqrt(hs), exponentials by fp8train_exp2_fast), causal tiles
 // skipped, masks only on the diagonal tile. Tiles stream through shared memory with
 // cp.async, double-buffered: the next tile is in flight while this one is multiplied.
 // Fragments come out of shared memory through ldmatrix (.trans for the operands needed
@@ -89,22 +89,19 @@ __device__ __forceinline__ void fa_stage(u16* dst, const u16* src, size_t row_st
     }
 }
 
-// 2^y for the softmax (y <= 0 up to rounding): 2^k times a degree-6 polynomial of the
-// fraction, as fp8train_exp_fast after its multiplication by log2(e); NaN stays NaN.
-__device__ __forceinline__ float fa_exp2(float y) {
-    float c = fminf(fmaxf(y, -127.0f), 127.0f);
-    float k = rintf(c);
-    float f = c - k;
-    float p = 1.5403530393381606e-4f;
-    p = fmaf(p, f, 1.3333558146428443e-3f);
-    p = fmaf(p, f, 9.618129107628477e-3f);
-    p = fmaf(p, f, 5.550410866482158e-2f);
-    p = fmaf(p, f, 2.402265069591007e-1f);
-    p = fmaf(p, f, 6.931471805599453e-1f);
-    p = fmaf(p, f, 1.0f);
-    int ki = (int)k;
-    float r = __int_as_float(__float_as_int(p) + (ki << 23));
-    return y != y ? y : (ki <= -126 ? 0.0f : r);
+// Start loading the K and V tiles of keys r0.. into `next` (the buffer not in use) and
+// wait for the tile before it; with no next tile (null), wait for everything.
+template <int HS>
+__device__ __forceinline__ void fa_next_kv(u16* next, const u16* base, u32 c, u32 r0, u32 t) {
+    if (next) {
+        size_t rs = 3 * (size_t)c;
+        fa_stage<HS>(next, base + c, rs, r0, t);
+        fa_stage<HS>(next + FA_TILE * (HS + 8), base + 2 * (size_t)c, rs, r0, t);
+        fa_commit();
+        fa_wait<1>();
+    } else {
+        fa_wait<0>();
+    }
 }
 
 // s[n] (16 x 64) = A x B^T, A = rows r0.. of the row-major tile `as` (16 x HS), B^T the
@@ -186,15 +183,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
     for (u32 kt = 0; kt <= qt; kt++) {
         const u16* Ks = fa_sh + (kt & 1) * 2 * TILE;
         const u16* Vs = Ks + TILE;
-        if (kt < qt) {
-            u16* next = fa_sh + ((kt + 1) & 1) * 2 * TILE;
-            fa_stage<HS>(next, base + c, rs, (kt + 1) * FA_TILE, t);
-            fa_stage<HS>(next + TILE, base + 2 * (size_t)c, rs, (kt + 1) * FA_TILE, t);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
+        fa_next_kv<HS>(kt < qt ? fa_sh + ((kt + 1) & 1) * 2 * TILE : nullptr, base, c, (kt + 1) * FA_TILE, t);
         __syncthreads();
         u32 k0 = kt * FA_TILE;
         float s[8][4];
@@ -218,7 +207,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
             float mnew = fmaxf(mrow[r], tmax[r]);
             float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
-            alpha[r] = fa_exp2(mrow[r] - safe);
+            alpha[r] = fp8train_exp2_fast(mrow[r] - safe);
             mrow[r] = mnew;
             tmax[r] = safe;
         }
@@ -227,7 +216,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                float p = fa_exp2(s[n][e] - tmax[e >> 1]);
+                float p = fp8train_exp2_fast(s[n][e] - tmax[e >> 1]);
                 s[n][e] = p;
                 psum[e >> 1] += p;
             }
@@ -296,7 +285,7 @@ __device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* ro
             u32 qi = transposed ? col : r, kj = transposed ? r : col;
             float mm = transposed ? cols[cl].x : m[e >> 1], li = transposed ? cols[cl].y : linv[e >> 1];
             bool live = !edge || (kj <= qi && qi < t && kj < t);
-            s[n][e] = live ? fa_exp2(s[n][e] * sl2 - mm) * li : 0.0f;
+            s[n][e] = live ? fp8train_exp2_fast(s[n][e] * sl2 - mm) * li : 0.0f;
         }
 }
 
@@ -418,15 +407,7 @@ __device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, c
     for (u32 kt = 0; kt <= qt; kt++) {
         const u16* Ks = fa_sh + 2 * TILE + (kt & 1) * 2 * TILE;
         const u16* Vs = Ks + TILE;
-        if (kt < qt) {
-            u16* next = fa_sh + 2 * TILE + ((kt + 1) & 1) * 2 * TILE;
-            fa_stage<HS>(next, base + c, rs, (kt + 1) * FA_TILE, t);
-            fa_stage<HS>(next + TILE, base + 2 * (size_t)c, rs, (kt + 1) * FA_TILE, t);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
+        fa_next_kv<HS>(kt < qt ? fa_sh + 2 * TILE + ((kt + 1) & 1) * 2 * TILE : nullptr, base, c, (kt + 1) * FA_TILE, t);
         __syncthreads();
         u32 k0 = kt * FA_TILE;
         float p[8][4], dp[8][4];

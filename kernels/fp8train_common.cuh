@@ -239,18 +239,17 @@ __device__ __forceinline__ u32 fp8train_warp_max_u32(u32 v) {
     return v;
 }
 
-// ---- exp for the fast class (flash attention's softmax): the project's own, cheaper
-// than fp8train_exp (no division, no branches on the hot path): 2^(x log2 e) as
-// 2^k * p(f), k = rint(y), f = y - k in [-1/2, 1/2], p a degree-6 polynomial (Taylor
-// coefficients of 2^f, written fmaf: explicit fused multiply-adds, so contraction is
-// as written). Inputs below -126 / ln 2 flush to 0 (probabilities that small vanish in
-// BF16 anyway), -inf gives 0, NaN gives NaN. Relative error about 2e-7 in range; this
-// function is used only inside fast-class kernels, held to their bound in `verify`.
-__device__ __forceinline__ float fp8train_exp_fast(float x) {
-    float y = x * 1.44269504088896341f;
-    y = fminf(fmaxf(y, -127.0f), 127.0f);  // a NaN becomes -127 here; it is returned below
-    float k = rintf(y);
-    float f = y - k;
+// ---- 2^y for the fast class (flash attention's base-2 softmax): the project's own,
+// cheaper than fp8train_exp (no division, no branches on the hot path): 2^k * p(f),
+// k = rint(y), f = y - k in [-1/2, 1/2], p a degree-6 polynomial (Taylor coefficients of
+// 2^f, written fmaf: explicit fused multiply-adds, so contraction is as written). Inputs
+// below -126 flush to 0 (probabilities that small vanish in BF16 anyway), -inf gives 0,
+// NaN gives NaN. Relative error about 2e-7 in range; used only inside fast-class
+// kernels, held to their bound in `verify`.
+__device__ __forceinline__ float fp8train_exp2_fast(float y) {
+    float c = fminf(fmaxf(y, -127.0f), 127.0f);  // a NaN becomes -127 here; it is returned below
+    float k = rintf(c);
+    float f = c - k;
     float p = 1.5403530393381606e-4f;
     p = fmaf(p, f, 1.3333558146428443e-3f);
     p = fmaf(p, f, 9.618129107628477e-3f);
@@ -260,5 +259,5 @@ __device__ __forceinline__ float fp8train_exp_fast(float x) {
     p = fmaf(p, f, 1.0f);
     int ki = (int)k;
     float r = __int_as_float(__float_as_int(p) + (ki << 23));
-    return isnan(x) ? x : (ki <= -126 ? 0.0f : r);
+    return y != y ? y : (ki <= -126 ? 0.0f : r);
 }

@@ -1036,61 +1036,7 @@ impl Backend for Cuda {
     }
 
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()> {
-        let _op = self.op(Phase::Optimizer, "adamw");
-        use cudarc::driver::DevicePtr;
-        let h = KAdamStep::from(step);
-        let s = &self.gpu.stream;
-        let (g32, gq, ginv) = match grad {
-            GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 1.0f32),
-            GradRef::Fp8(q, scale) => (0u64, q.device_ptr(s).0, 1.0 / scale),
-        };
-        match state {
-            AdamState::F32 { master, m, v } => {
-                let n = master.len() as u32;
-                launch!(self, "adamw_f32", n as usize, [master, &g32, &gq, &ginv, m, v, &n, &h]);
-            }
-            AdamState::O1 { master, master_scale, m, v } => {
-                let n = master.len() as u32;
-                let mut newp = self.scratch::<f32>(n as usize)?;
-                let pinv = 1.0 / *master_scale;
-                let mut amax = self.alloc::<u64>(3)?;
-                launch!(
-                    self,
-                    "adamw_o1",
-                    with stride_cfg(n as usize),
-                    [&*master, &pinv, &g32, &gq, &ginv, m, v, &mut newp, &n, &h, &mut amax]
-                );
-                let a = self.download(&amax)?;
-                *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[0]), 0, *master_scale);
-                self.cast_f16(master, &newp, *master_scale)?;
-            }
-            AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
-                let n = master.len() as u32;
-                let (mut np, mut nm, mut nv) = (
-                    self.scratch::<f32>(n as usize)?,
-                    self.scratch::<f32>(n as usize)?,
-                    self.scratch::<f32>(n as usize)?,
-                );
-                let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
-                let mut amax = self.alloc::<u64>(3)?;
-                launch!(
-                    self,
-                    "adamw_o2",
-                    with stride_cfg(n as usize),
-                    [&*master, &pinv, &g32, &gq, &ginv, &*m, &minv, &*v, &vinv, &mut np, &mut nm, &mut nv, &n, &h, &mut amax]
-                );
-                let a = self.download(&amax)?;
-                *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[0]), 0, *master_scale);
-                self.cast_f16(master, &np, *master_scale)?;
-                *m_scale = scale_from_amax(Fp8Format::E4M3, amax_from_bits(a[1]), 0, *m_scale);
-                let (nn, e4) = (n, 0i32);
-                let mut unused = self.alloc::<u64>(2)?;
-                launch!(self, "cast_fp8", with stride_cfg(n as usize), [&nm, &mut *m, &*m_scale, &nn, &e4, &mut unused]);
-                *v_scale = scale_for_max(F16_MAX, amax_from_bits(a[2]), 0, *v_scale);
-                self.cast_f16(v, &nv, *v_scale)?;
-            }
-        }
-        Ok(())
+        self.adamw_many(vec![(state, grad, *step)])
     }
     /// Two passes over all tensors with one read-back between them (see adamw.cu).
     fn adamw_many(&self, items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>) -> BResult<()> {
