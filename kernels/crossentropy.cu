@@ -2,7 +2,8 @@
 // max is order-free (NaN wins); the sum of exponentials is the contract's sum: thread t
 // sums chunks t, t + blockDim, ... sequentially, the block runs the tree over the chunk
 // partials (dynamic shared memory: chunks + chunks / 2 + 1 + 64 floats; 2^20 classes fit).
-extern "C" __global__ void crossentropy(float* losses, float* dlogits, const float* logits, const u32* targets,
+// dlogits is written in BF16 (RNE), as the LM head's backward products read it.
+extern "C" __global__ void crossentropy(float* losses, u16* dlogits, const float* logits, const u32* targets,
                                         float dloss, u32 n, u32 v, int with_grad) {
     extern __shared__ float ce_sh[];
     u32 r = blockIdx.x;
@@ -37,10 +38,10 @@ extern "C" __global__ void crossentropy(float* losses, float* dlogits, const flo
     float z = fp8train_block_tree(pa, pb, chunks);
     u32 tgt = targets[r];
     if (with_grad) {
-        float* dr = dlogits + (size_t)r * v;
+        u16* dr = dlogits + (size_t)r * v;
         for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
             float ind = j == tgt ? 1.0f : 0.0f;
-            dr[j] = (fp8train_exp(lr[j] - m) / z - ind) * dloss;
+            dr[j] = fp8train_to_bf16((fp8train_exp(lr[j] - m) / z - ind) * dloss);
         }
     }
     if (threadIdx.x == 0) losses[r] = (fp8train_log(z) + m) - lr[tgt];

@@ -67,9 +67,38 @@ extern "C" __global__ void add_bias(float* x, const float* b, u32 rows, u32 c) {
     u32 j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (j < c && r < rows) x[(size_t)r * c + j] += b[j];
 }
-extern "C" __global__ void add(float* out, const float* a, const float* b, u32 n) {
+// out = res + (x + bias[column]): a linear layer's bias and the residual add in one
+// pass. Four elements per thread (16-byte accesses) when c is a multiple of 4 and the
+// buffers are aligned; launched over (n + 3) / 4 threads.
+extern "C" __global__ void residual_forward(float* out, const float* res, const float* x, const float* bias, u32 c,
+                                            u32 n) {
+    size_t v = fp8train_tid();
+    if ((c & 3) == 0 && (((size_t)out | (size_t)res | (size_t)x | (size_t)bias) & 15) == 0 && 4 * v + 3 < n) {
+        float4 r = ((const float4*)res)[v], xv = ((const float4*)x)[v];
+        float4 b = *(const float4*)(bias + (4 * v) % c);
+        ((float4*)out)[v] = make_float4(r.x + (xv.x + b.x), r.y + (xv.y + b.y), r.z + (xv.z + b.z), r.w + (xv.w + b.w));
+        return;
+    }
+    for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) out[i] = res[i] + (x[i] + bias[i % c]);
+}
+// An FP16 master as f32 (decode_f16: value * inv_scale, one canonical NaN).
+__device__ __forceinline__ float f16_value(u16 h, float inv_scale) {
+    float v = fp8train_from_f16(h);
+    return isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
+}
+// amax of the decoded FP16 values (out zeroed before the launch); grid-stride.
+extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsigned long long* out) {
+    u32 am = 0;
+    for (size_t i = fp8train_tid(); i < n; i += (size_t)gridDim.x * blockDim.x) {
+        u32 b = __float_as_uint(f16_value(h[i], inv_scale)) & 0x7fffffffu;
+        am = b > am ? b : am;
+    }
+    fp8train_act_flush(am, out);
+}
+// q = sat_encode(decoded * scale): the JIT weight cast straight from the FP16 master.
+extern "C" __global__ void cast_f16_fp8(const u16* h, u8* q, float inv_scale, float scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();
-    if (i < n) out[i] = a[i] + b[i];
+    if (i < n) q[i] = fp8train_encode_sat(f16_value(h[i], inv_scale) * scale, e5m2);
 }
 extern "C" __global__ void accumulate(float* acc, const float* x, u32 n) {
     u32 i = fp8train_tid();

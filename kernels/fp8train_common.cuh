@@ -261,3 +261,26 @@ __device__ __forceinline__ float fp8train_exp2_fast(float y) {
     float r = __int_as_float(__float_as_int(p) + (ki << 23));
     return y != y ? y : (ki <= -126 ? 0.0f : r);
 }
+
+// ---- activation outputs (backend ActOut): an op computes each value in f32 and stores
+// it as its consumer takes it. mode 0: f32; 1: BF16 (RNE); 2: E4M3 codes of v * scale
+// (saturating, the scaled cast), tracking max |v| as a bit pattern as cast_fp8 does.
+#define ACT_F32 0
+#define ACT_BF16 1
+#define ACT_E4M3 2
+__device__ __forceinline__ void fp8train_act_store(void* y, int mode, float scale, size_t i, float v, u32& amax) {
+    if (mode == ACT_F32) {
+        ((float*)y)[i] = v;
+    } else if (mode == ACT_BF16) {
+        ((u16*)y)[i] = fp8train_to_bf16(v);
+    } else {
+        u32 b = __float_as_uint(v) & 0x7fffffffu;
+        amax = b > amax ? b : amax;
+        ((u8*)y)[i] = fp8train_e4m3_sat(v * scale);
+    }
+}
+// The warp's amax into *out (atomicMax on the bit pattern); every lane of the warp calls it.
+__device__ __forceinline__ void fp8train_act_flush(u32 amax, unsigned long long* out) {
+    amax = fp8train_warp_max_u32(amax);
+    if ((threadIdx.x & 31) == 0 && amax) atomicMax(out, (unsigned long long)amax);
+}

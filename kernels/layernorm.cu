@@ -37,8 +37,10 @@ __device__ __forceinline__ void ln_stage(float* dst, const float* src, u32 c, u3
 
 // Dynamic shared memory, in floats: the weights (c + chunks) for the block, then per
 // warp 2 * chunks of scratch and `rows` staged rows of c + chunks (see ln_cfg).
-extern "C" __global__ void layernorm_forward(float* y, float* mean, float* rstd, const float* x, const float* w,
-                                             const float* b, u32 n, u32 c) {
+// y is stored per `mode` (fp8train_act_store); amax collects max |y| for E4M3.
+extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, unsigned long long* amax, float* mean,
+                                             float* rstd, const float* x, const float* w, const float* b, u32 n,
+                                             u32 c) {
     extern __shared__ float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
@@ -56,13 +58,16 @@ extern "C" __global__ void layernorm_forward(float* y, float* mean, float* rstd,
     float mu = ln_warp_sum((int)c, pa, pb, [&](int i) { return sx[LN_AT(i)]; }) / (float)c;
     float var = ln_warp_sum((int)c, pa, pb, [&](int i) { float d = sx[LN_AT(i)] - mu; return d * d; }) / (float)c;
     float s = 1.0f / sqrtf(var + LN_EPS);
-    float* yr = y + (size_t)r * c;
-    for (u32 i = lane; i < c; i += 32) yr[i] = ((sx[LN_AT(i)] - mu) * s) * sw[LN_AT(i)] + b[i];
+    size_t row = (size_t)r * c;
+    u32 am = 0;
+    for (u32 i = lane; i < c; i += 32)
+        fp8train_act_store(y, mode, scale, row + i, ((sx[LN_AT(i)] - mu) * s) * sw[LN_AT(i)] + b[i], am);
+    if (mode == ACT_E4M3) fp8train_act_flush(am, amax);
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
-// dx (overwritten) and dy * normalized (into `pr`, for the weight gradient's column sums).
-extern "C" __global__ void layernorm_backward_rows(float* dx, float* pr, const float* dy, const float* x,
+// dx (overwritten, or with `accumulate` dx = dx + grad) and dy * normalized (into `pr`, for the weight gradient's column sums).
+extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, float* pr, const float* dy, const float* x,
                                                    const float* w, const float* mean, const float* rstd, u32 n, u32 c) {
     extern __shared__ float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
@@ -87,7 +92,9 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, float* pr, const f
     for (u32 i = lane; i < c; i += 32) {
         float nrm = (sx[LN_AT(i)] - mu) * rs;
         float g = sw[LN_AT(i)] * sdy[LN_AT(i)];
-        dx[(size_t)r * c + i] = ((g - s1) - nrm * s2) * rs;
+        float d = ((g - s1) - nrm * s2) * rs;
+        size_t k = (size_t)r * c + i;
+        dx[k] = accumulate ? dx[k] + d : d;
         pr[(size_t)r * c + i] = sdy[LN_AT(i)] * nrm;
     }
 }

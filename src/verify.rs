@@ -5,7 +5,7 @@
 use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
-use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
+use crate::backend::{ActOut, AdamState, Backend, GradRef, Operand, Product};
 use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use fp8sim::fp8::{encode, Fp8Format};
@@ -137,7 +137,9 @@ fn sweep_math(gpu: &Gpu, total: u64, op: i32) -> Result<Row, String> {
 enum Case {
     Gemm { ta: &'static str, tb: &'static str, product: Product, m: usize, n: usize, k: usize },
     LayerNorm { n: usize, c: usize },
-    Gelu { n: usize },
+    /// `rows x c` elements; GELU without and with a bias of `c` columns.
+    Gelu { rows: usize, c: usize },
+    Residual { rows: usize, c: usize },
     Encoder { b: usize, t: usize, c: usize, v: usize },
     Attention { b: usize, t: usize, c: usize, nh: usize },
     CrossEntropy { n: usize, v: usize },
@@ -153,13 +155,14 @@ impl Case {
             Case::Gemm { ta, tb, product, m, n, k } => {
                 (format!("gemm exact {ta} x {tb} {product:?}"), format!("{m}x{n}x{k}"))
             }
-            Case::LayerNorm { n, c } => ("layernorm fwd+bwd".into(), format!("{n}x{c}")),
-            Case::Gelu { n } => ("gelu fwd+bwd".into(), format!("{n}")),
+            Case::LayerNorm { n, c } => ("layernorm fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{n}x{c}")),
+            Case::Gelu { rows, c } => ("gelu (+ bias) fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{rows}x{c}")),
+            Case::Residual { rows, c } => ("residual + bias".into(), format!("{rows}x{c}")),
             Case::Encoder { b, t, c, v } => ("encoder fwd+bwd".into(), format!("b{b} t{t} c{c} v{v}")),
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
             Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
             Case::ColumnSums { rows, cols } => ("column sums (bias grad)".into(), format!("{rows}x{cols}")),
-            Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode".into(), format!("{n}")),
+            Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3".into(), format!("{n}")),
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
             Case::Adam { level, n, fp8_grad } => {
                 (format!("adamw {level}{}", if *fp8_grad { " (e4m3 grad)" } else { "" }), format!("{n}"))
@@ -178,7 +181,8 @@ fn cases() -> Vec<Case> {
         }
     }
     v.extend([(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048)].map(|(n, c)| Case::LayerNorm { n, c }));
-    v.extend([1000, 4097].map(|n| Case::Gelu { n }));
+    v.extend([(125, 8), (241, 17), (64, 768)].map(|(rows, c)| Case::Gelu { rows, c }));
+    v.extend([(125, 8), (241, 17), (33, 3072)].map(|(rows, c)| Case::Residual { rows, c }));
     v.extend([(2, 5, 20, 7), (4, 16, 64, 256), (8, 128, 96, 37)].map(|(b, t, c, v)| Case::Encoder { b, t, c, v }));
     // Head sizes 4 (one thread per query), 16, 64 and 128 (tiled, several key blocks).
     v.extend(
@@ -230,6 +234,27 @@ fn bits<B: Backend>(be: &B, x: &B::Buf<f32>) -> BResult<Vec<u32>> {
     Ok(be.download(x)?.iter().map(|v| v.to_bits()).collect())
 }
 
+/// `produce` run into each storage type of an activation output (`n` values): f32,
+/// BF16, E4M3 codes (scale 8) and the amax the op reported with them.
+fn act_rows<B: Backend>(
+    be: &B,
+    n: usize,
+    mut produce: impl FnMut(ActOut<'_, B>) -> BResult<f32>,
+) -> BResult<Vec<(&'static str, Vec<u32>)>> {
+    let mut y = be.zeros::<f32>(n)?;
+    produce(ActOut::F32(&mut y))?;
+    let mut h = be.zeros::<bf16>(n)?;
+    produce(ActOut::Bf16(&mut h))?;
+    let mut q = be.zeros::<u8>(n)?;
+    let amax = produce(ActOut::E4m3(&mut q, 8.0))?;
+    Ok(vec![
+        ("y", bits(be, &y)?),
+        ("y bf16", be.download(&h)?.iter().map(|v| v.to_bits() as u32).collect()),
+        ("y e4m3", be.download(&q)?.iter().map(|&v| v as u32).collect()),
+        ("y amax", vec![amax.to_bits()]),
+    ])
+}
+
 /// Run one case on backend `be`; named outputs as bit patterns.
 fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u32>)>> {
     Ok({
@@ -275,25 +300,43 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     be.upload(&randn(c, 5, 1.0))?,
                     be.upload(&randn(n * c, 6, 1.0))?,
                 );
-                let (mut y, mut mean, mut rstd) = (be.zeros(n * c)?, be.zeros(n)?, be.zeros(n)?);
-                be.layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &w, &b, n, c)?;
+                let (mut mean, mut rstd) = (be.zeros(n)?, be.zeros(n)?);
+                let mut outs =
+                    act_rows(be, n * c, |y| be.layernorm_forward(y, &mut mean, &mut rstd, &x, &w, &b, n, c))?;
                 let (mut dx, mut dw, mut db) = (be.zeros(n * c)?, be.zeros(c)?, be.zeros(c)?);
-                be.layernorm_backward(&mut dx, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c)?;
-                vec![
-                    ("y", bits(be, &y)?),
+                be.layernorm_backward(&mut dx, false, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c)?;
+                let mut dacc = be.upload(&randn(n * c, 26, 1.0))?;
+                be.layernorm_backward(&mut dacc, true, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c)?;
+                outs.push(("dx (accumulated)", bits(be, &dacc)?));
+                outs.extend([
                     ("mean", bits(be, &mean)?),
                     ("rstd", bits(be, &rstd)?),
                     ("dx", bits(be, &dx)?),
                     ("dw", bits(be, &dw)?),
                     ("db", bits(be, &db)?),
-                ]
+                ]);
+                outs
             }
-            Case::Gelu { n } => {
+            Case::Gelu { rows, c } => {
+                let n = rows * c;
                 let (x, dy) = (be.upload(&randn(n, 7, 3.0))?, be.upload(&randn(n, 8, 1.0))?);
-                let (mut y, mut dx) = (be.zeros(n)?, be.zeros(n)?);
-                be.gelu_forward(&mut y, &x)?;
-                be.gelu_backward(&mut dx, &x, &dy)?;
-                vec![("y", bits(be, &y)?), ("dx", bits(be, &dx)?)]
+                let bias = be.upload(&randn(c, 9, 1.0))?;
+                let mut outs = act_rows(be, n, |y| be.gelu_forward(y, &x, None))?;
+                let biased = act_rows(be, n, |y| be.gelu_forward(y, &x, Some(&bias)))?;
+                outs.extend(biased.into_iter().map(|(name, v)| (if name == "y" { "y (bias)" } else { name }, v)));
+                let (mut dx, mut dxb) = (be.zeros(n)?, be.zeros(n)?);
+                be.gelu_backward(&mut dx, &x, None, &dy)?;
+                be.gelu_backward(&mut dxb, &x, Some(&bias), &dy)?;
+                outs.extend([("dx", bits(be, &dx)?), ("dx (bias)", bits(be, &dxb)?)]);
+                outs
+            }
+            Case::Residual { rows, c } => {
+                let n = rows * c;
+                let (res, x, bias) =
+                    (be.upload(&randn(n, 23, 2.0))?, be.upload(&randn(n, 24, 1.0))?, be.upload(&randn(c, 25, 1.0))?);
+                let mut out = be.zeros(n)?;
+                be.residual_forward(&mut out, &res, &x, &bias)?;
+                vec![("out", bits(be, &out)?)]
             }
             Case::Encoder { b, t, c, v } => {
                 let toks: Vec<u32> = (0..b * t).map(|i| ((i * 7 + 3) % v) as u32).collect();
@@ -322,11 +365,12 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
             Case::CrossEntropy { n, v } => {
                 let logits = be.upload(&randn(n * v, 15, 3.0))?;
                 let targets = be.upload(&(0..n).map(|i| ((i * 13) % v) as u32).collect::<Vec<_>>())?;
-                let (mut losses, mut d) = (be.zeros(n)?, be.zeros(n * v)?);
+                let (mut losses, mut d) = (be.zeros(n)?, be.zeros::<bf16>(n * v)?);
                 be.crossentropy(&mut losses, Some(&mut d), &logits, &targets, 0.125, n, v)?;
                 let mut only = be.zeros(n)?;
                 be.crossentropy(&mut only, None, &logits, &targets, 0.0, n, v)?;
-                vec![("losses", bits(be, &losses)?), ("dlogits", bits(be, &d)?), ("losses (no grad)", bits(be, &only)?)]
+                let dbits = be.download(&d)?.iter().map(|h| h.to_bits() as u32).collect();
+                vec![("losses", bits(be, &losses)?), ("dlogits (bf16)", dbits), ("losses (no grad)", bits(be, &only)?)]
             }
             Case::ColumnSums { rows, cols } => {
                 let x = be.upload(&randn(rows * cols, 16, 1.0))?;
@@ -359,6 +403,11 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.decode_f16(&mut back, &hh, 0.125)?;
                 outs.push(("f16", be.download(&hh)?.iter().map(|h| h.to_bits() as u32).collect()));
                 outs.push(("f16 decoded", bits(be, &back)?));
+                // A linear weight's view straight from its FP16 master.
+                let mut q = be.zeros::<u8>(n)?;
+                be.cast_f16_fp8(&mut q, &hh, 0.125, Fp8Format::E4M3, 0.5)?;
+                outs.push(("f16 -> e4m3", be.download(&q)?.iter().map(|&c| c as u32).collect()));
+                outs.push(("f16 amax", vec![be.amax_f16(&hh, 0.125)?.to_bits()]));
                 outs
             }
             Case::Reductions { n } => {

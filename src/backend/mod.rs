@@ -37,6 +37,17 @@ pub enum Operand<'a, B: Backend + ?Sized> {
     Fp8(&'a B::Buf<u8>, Fp8Format),
 }
 
+/// Where an op writes an activation that a linear layer reads next: the value is
+/// computed in f32 as always, then stored in the form the consumer takes (contract:
+/// storage types), so no f32 copy and no separate cast pass are needed.
+pub enum ActOut<'a, B: Backend + ?Sized> {
+    F32(&'a mut B::Buf<f32>),
+    Bf16(&'a mut B::Buf<bf16>),
+    /// E4M3 codes of `value * scale` (the saturating scaled cast); the op returns the
+    /// values' amax (NaN if one was NaN), as `cast_fp8` would report it.
+    E4m3(&'a mut B::Buf<u8>, f32),
+}
+
 /// The three products of a linear layer (row-major buffers; see `fp8sim::ops::gemm`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Product {
@@ -199,6 +210,19 @@ pub trait Backend {
     fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32) -> BResult<()>;
     /// `x = h * inv_scale`.
     fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()>;
+    /// amax of `decode(h) * inv_scale` (an FP16 master as f32), as `amax` of the decoded copy.
+    fn amax_f16(&self, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<f32> {
+        let mut x = self.zeros::<f32>(self.len(h))?;
+        self.decode_f16(&mut x, h, inv_scale)?;
+        self.amax(&x)
+    }
+    /// `q = sat_encode(decode(h) * inv_scale * scale)` (the decoded value rounded to f32
+    /// first, then scaled): `cast_fp8_only` of the decoded copy, without the copy.
+    fn cast_f16_fp8(&self, q: &mut Self::Buf<u8>, h: &Self::Buf<f16>, inv_scale: f32, fmt: Fp8Format, scale: f32) -> BResult<()> {
+        let mut x = self.zeros::<f32>(self.len(h))?;
+        self.decode_f16(&mut x, h, inv_scale)?;
+        self.cast_fp8_only(q, &x, fmt, scale)
+    }
     /// Sum of squares in the contract's order.
     fn sum_sq(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Mean in the contract's order.
@@ -220,8 +244,9 @@ pub trait Backend {
     fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.
     fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize) -> BResult<()>;
-    /// `out = a + b`.
-    fn add(&self, out: &mut Self::Buf<f32>, a: &Self::Buf<f32>, b: &Self::Buf<f32>) -> BResult<()>;
+    /// The residual add of a linear layer's output before its bias was added:
+    /// `out[r, j] = res[r, j] + (x[r, j] + bias[j])`.
+    fn residual_forward(&self, out: &mut Self::Buf<f32>, res: &Self::Buf<f32>, x: &Self::Buf<f32>, bias: &Self::Buf<f32>) -> BResult<()>;
     /// `acc += x`.
     fn accumulate(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> BResult<()>;
     /// Set element `i` (fault injection in tests).
@@ -248,9 +273,10 @@ pub trait Backend {
         t: usize,
         c: usize,
     ) -> BResult<()>;
+    /// Returns the amax of `y`'s values when `y` is E4M3 (0 otherwise).
     fn layernorm_forward(
         &self,
-        y: &mut Self::Buf<f32>,
+        y: ActOut<'_, Self>,
         mean: &mut Self::Buf<f32>,
         rstd: &mut Self::Buf<f32>,
         x: &Self::Buf<f32>,
@@ -258,10 +284,13 @@ pub trait Backend {
         b: &Self::Buf<f32>,
         n: usize,
         c: usize,
-    ) -> BResult<()>;
+    ) -> BResult<f32>;
+    /// `dx` is overwritten, or with `accumulate` added to (`dx = dx + grad`: the
+    /// residual stream's gradient taking the branch's, as `accumulate` would).
     fn layernorm_backward(
         &self,
         dx: &mut Self::Buf<f32>,
+        accumulate: bool,
         dw: &mut Self::Buf<f32>,
         db: &mut Self::Buf<f32>,
         dy: &Self::Buf<f32>,
@@ -288,13 +317,23 @@ pub trait Backend {
         stats: &Self::Buf<f32>,
         shape: AttnShape,
     ) -> BResult<()>;
-    fn gelu_forward(&self, y: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> BResult<()>;
-    fn gelu_backward(&self, dx: &mut Self::Buf<f32>, x: &Self::Buf<f32>, dy: &Self::Buf<f32>) -> BResult<()>;
-    /// Per-row losses; with `dlogits`, also the gradient times `dloss`.
+    /// `y = gelu(x + bias)` (the bias, of `bias.len()` columns, added first in f32;
+    /// none: `gelu(x)`). Returns the amax of `y`'s values when `y` is E4M3 (0 otherwise).
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<f32>, bias: Option<&Self::Buf<f32>>) -> BResult<f32>;
+    /// `dx = dy * gelu'(x + bias)`.
+    fn gelu_backward(
+        &self,
+        dx: &mut Self::Buf<f32>,
+        x: &Self::Buf<f32>,
+        bias: Option<&Self::Buf<f32>>,
+        dy: &Self::Buf<f32>,
+    ) -> BResult<()>;
+    /// Per-row losses; with `dlogits`, also the gradient times `dloss`, rounded to BF16
+    /// (the LM head's backward products read it in BF16).
     fn crossentropy(
         &self,
         losses: &mut Self::Buf<f32>,
-        dlogits: Option<&mut Self::Buf<f32>>,
+        dlogits: Option<&mut Self::Buf<bf16>>,
         logits: &Self::Buf<f32>,
         targets: &Self::Buf<u32>,
         dloss: f32,

@@ -1,6 +1,6 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
-use super::{AdamState, BResult, Backend, CastStats, Elem, GradRef, Operand, Product};
+use super::{ActOut, AdamState, BResult, Backend, CastStats, Elem, GradRef, Operand, Product};
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
 use fp8sim::ops::adamw::{self, AdamStep, Grad, ScaledE4m3, ScaledF16};
@@ -8,6 +8,38 @@ use fp8sim::ops::attention::{self, AttnShape};
 use fp8sim::ops::gemm::{self, MatRef};
 use fp8sim::ops::{crossentropy, encoder, gelu, layernorm};
 use fp8sim::{par, reduce};
+
+/// Store f32 values into an activation output; returns their amax for E4M3 (the
+/// cast's statistics), else 0.
+fn store_act(y: ActOut<'_, Sim>, vals: &[f32]) -> f32 {
+    match y {
+        ActOut::F32(o) => {
+            o.copy_from_slice(vals);
+            0.0
+        }
+        ActOut::Bf16(o) => {
+            half16::to_bf16_slice(vals, o);
+            0.0
+        }
+        ActOut::E4m3(q, scale) => {
+            fp8::encode_scaled(Fp8Format::E4M3, vals, scale, q);
+            reduce::amax(vals)
+        }
+    }
+}
+
+/// Run `f` into `y` directly when it is f32, else into a scratch stored with
+/// [`store_act`] (the same values, then the storage type's rounding).
+fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult<f32> {
+    if let ActOut::F32(o) = y {
+        f(o);
+        return Ok(0.0);
+    }
+    let mut tmp = host_vec(n)?;
+    tmp.resize(n, 0f32);
+    f(&mut tmp);
+    Ok(store_act(y, &tmp))
+}
 
 /// The CPU simulator (uses rayon's current pool).
 #[derive(Clone, Copy, Debug, Default)]
@@ -133,10 +165,12 @@ impl Backend for Sim {
         reduce::column_sums(x, rows, cols, out);
         Ok(())
     }
-    fn add(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>) -> BResult<()> {
+    fn residual_forward(&self, out: &mut Vec<f32>, res: &Vec<f32>, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<()> {
+        let c = bias.len();
         par::for_chunks_mut(out, |start, o| {
             for (i, v) in o.iter_mut().enumerate() {
-                *v = a[start + i] + b[start + i];
+                let k = start + i;
+                *v = res[k] + (x[k] + bias[k % c]);
             }
         });
         Ok(())
@@ -182,7 +216,7 @@ impl Backend for Sim {
     }
     fn layernorm_forward(
         &self,
-        y: &mut Vec<f32>,
+        y: ActOut<'_, Self>,
         mean: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
         x: &Vec<f32>,
@@ -190,13 +224,13 @@ impl Backend for Sim {
         b: &Vec<f32>,
         n: usize,
         c: usize,
-    ) -> BResult<()> {
-        layernorm::layernorm_forward(y, mean, rstd, x, w, b, n, c);
-        Ok(())
+    ) -> BResult<f32> {
+        into_act(y, n * c, |yv| layernorm::layernorm_forward(yv, mean, rstd, x, w, b, n, c))
     }
     fn layernorm_backward(
         &self,
         dx: &mut Vec<f32>,
+        accumulate: bool,
         dw: &mut Vec<f32>,
         db: &mut Vec<f32>,
         dy: &Vec<f32>,
@@ -207,8 +241,13 @@ impl Backend for Sim {
         n: usize,
         c: usize,
     ) -> BResult<()> {
-        layernorm::layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, n, c);
-        Ok(())
+        if !accumulate {
+            layernorm::layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, n, c);
+            return Ok(());
+        }
+        let mut g = self.zeros::<f32>(n * c)?;
+        layernorm::layernorm_backward(&mut g, dw, db, dy, x, w, mean, rstd, n, c);
+        self.accumulate(dx, &g)
     }
     fn attention_forward(
         &self,
@@ -232,18 +271,17 @@ impl Backend for Sim {
         attention::attention_backward(dqkv, dout, qkv, out, stats, shape);
         Ok(())
     }
-    fn gelu_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>) -> BResult<()> {
-        gelu::gelu_forward(y, x);
-        Ok(())
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<f32>, bias: Option<&Vec<f32>>) -> BResult<f32> {
+        into_act(y, x.len(), |yv| gelu::gelu_forward(yv, x, bias.map(|b| b.as_slice())))
     }
-    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dy: &Vec<f32>) -> BResult<()> {
-        gelu::gelu_backward(dx, x, dy);
+    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, bias: Option<&Vec<f32>>, dy: &Vec<f32>) -> BResult<()> {
+        gelu::gelu_backward(dx, x, bias.map(|b| b.as_slice()), dy);
         Ok(())
     }
     fn crossentropy(
         &self,
         losses: &mut Vec<f32>,
-        dlogits: Option<&mut Vec<f32>>,
+        dlogits: Option<&mut Vec<bf16>>,
         logits: &Vec<f32>,
         targets: &Vec<u32>,
         dloss: f32,
@@ -258,6 +296,7 @@ impl Backend for Sim {
             dloss,
             n,
             v,
+            half16::to_bf16,
         );
         Ok(())
     }

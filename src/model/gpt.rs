@@ -7,10 +7,10 @@
 //! keep it out of FP8).
 
 use super::config::{Level, ModelConfig};
-use super::linear::{self, Dims, GradCast, LinearScaling, Saved, WeightView};
+use super::linear::{self, Dims, GradCast, LinearScaling, MasterRef, Saved, WeightView};
 use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::BResult;
-use crate::backend::{AdamState, Backend, GradRef, Operand, Product};
+use crate::backend::{ActOut, AdamState, Backend, GradRef, Operand, Product};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::bf16;
 use fp8sim::ops::adamw::AdamStep;
@@ -52,7 +52,9 @@ struct LayerActs<B: Backend> {
 
 /// Everything sized by (batch, seq) and reused from step to step: activations, the
 /// weights as this step's GEMMs read them, and backward scratch (f32 gradients live
-/// here only until they are stored in their parameter's format).
+/// here only until they are stored in their parameter's format). `ln_out` and
+/// `gelu_out` hold f32 values only when a layer input needs a just-in-time scale
+/// (the first FP8 step); otherwise their producers write the layers' saved copies.
 pub struct Workspace<B: Backend> {
     pub b: usize,
     pub t: usize,
@@ -66,16 +68,13 @@ pub struct Workspace<B: Backend> {
     ln_out: B::Buf<f32>,
     gelu_out: B::Buf<f32>,
     lin_out: B::Buf<f32>,
-    lnf: B::Buf<f32>,
     lnf_mean: B::Buf<f32>,
     lnf_rstd: B::Buf<f32>,
     lnf_bf16: B::Buf<bf16>,
     pub logits: B::Buf<f32>,
     losses: B::Buf<f32>,
-    dlogits: B::Buf<f32>,
     dlogits_bf16: B::Buf<bf16>,
     dres: B::Buf<f32>,
-    dtmp: B::Buf<f32>,
     dln: B::Buf<f32>,
     datt: B::Buf<f32>,
     dqkv: B::Buf<f32>,
@@ -172,12 +171,16 @@ impl<B: Backend> Gpt<B> {
                     })
                 })
                 .collect::<BResult<Vec<_>>>()?;
+            // f32 copies of FP16 (or remote) masters, except linear weights: their
+            // views are cast from the FP16 codes (or shared by their owner at O3).
+            let linear = linear_weights(&self.cfg);
             let work = self
                 .params
                 .iter()
-                .map(|p| match p.master {
-                    Master::F32(_) => Ok(None),
-                    Master::F16 { .. } | Master::Remote => z(p.spec.numel()).map(Some),
+                .enumerate()
+                .map(|(i, p)| match p.master {
+                    Master::F16 { .. } | Master::Remote if !linear[i] => z(p.spec.numel()).map(Some),
+                    _ => Ok(None),
                 })
                 .collect::<BResult<Vec<_>>>()?;
             let views = (0..4 * self.cfg.n_layer)
@@ -196,16 +199,13 @@ impl<B: Backend> Gpt<B> {
                 ln_out: z(n * c)?,
                 gelu_out: z(n * 4 * c)?,
                 lin_out: z(n * c)?,
-                lnf: z(n * c)?,
                 lnf_mean: z(n)?,
                 lnf_rstd: z(n)?,
                 lnf_bf16: be.zeros(n * c)?,
                 logits: z(n * v)?,
                 losses: z(n)?,
-                dlogits: z(n * v)?,
                 dlogits_bf16: be.zeros(n * v)?,
                 dres: z(n * c)?,
-                dtmp: z(n * c)?,
                 dln: z(n * c)?,
                 datt: z(n * c)?,
                 dqkv: z(n * 3 * c)?,
@@ -226,7 +226,7 @@ impl<B: Backend> Gpt<B> {
         match (&params[i].master, &work[i]) {
             (Master::F32(w), _) => w,
             (_, Some(w)) => w,
-            (_, None) => unreachable!("workspace holds a decoded copy of every FP16 or remote master"),
+            (_, None) => unreachable!("workspace holds a decoded copy of every FP16 or remote master but linear weights"),
         }
     }
 
@@ -243,11 +243,12 @@ impl<B: Backend> Gpt<B> {
         }
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
-                let idx = params::layer_param(l, *wi);
-                if !matches!(self.params[idx].master, Master::Remote) {
-                    let w = Self::weight(&self.params, &ws.work, idx);
-                    ws.views[4 * l + j].update(be, w)?;
-                }
+                let master = match &self.params[params::layer_param(l, *wi)].master {
+                    Master::F32(w) => MasterRef::F32(w),
+                    Master::F16 { codes, scale } => MasterRef::F16(codes, *scale),
+                    Master::Remote => continue, // its owner sends the view (share_weights)
+                };
+                ws.views[4 * l + j].update(be, master)?;
             }
         }
         if self.level == Level::O3 && world.size() > 1 {
@@ -330,79 +331,49 @@ impl<B: Backend> Gpt<B> {
                 let sc = &mut self.scaling[4 * l..4 * l + 4];
                 let views = &ws.views[4 * l..4 * l + 4];
                 let [s0, s1, s2, s3] = &mut la.saved;
-                be.layernorm_forward(
-                    &mut ws.ln_out,
-                    &mut la.ln1_mean,
-                    &mut la.ln1_rstd,
-                    res_in,
-                    p(params::LN1_W),
-                    p(params::LN1_B),
-                    n,
-                    c,
-                )?;
-                linear::forward(
-                    be,
-                    &mut la.qkv,
-                    &ws.ln_out,
-                    &views[0],
-                    p(params::QKV_B),
-                    s0,
-                    &mut sc[0],
-                    train,
-                    Dims { n, ic: c, oc: 3 * c },
-                )?;
+                let dims = layer_dims(n, c);
+                linear::produce_input(be, s0, &mut ws.ln_out, &mut sc[0], train, |y| {
+                    be.layernorm_forward(
+                        y,
+                        &mut la.ln1_mean,
+                        &mut la.ln1_rstd,
+                        res_in,
+                        p(params::LN1_W),
+                        p(params::LN1_B),
+                        n,
+                        c,
+                    )
+                })?;
+                linear::forward(be, &mut la.qkv, &views[0], s0, dims[0])?;
+                be.add_bias(&mut la.qkv, p(params::QKV_B), 3 * c)?;
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
-                linear::forward(
-                    be,
-                    &mut ws.lin_out,
-                    &la.att,
-                    &views[1],
-                    p(params::PROJ_B),
-                    s1,
-                    &mut sc[1],
-                    train,
-                    Dims { n, ic: c, oc: c },
-                )?;
-                be.add(&mut la.res_mid, res_in, &ws.lin_out)?;
-                be.layernorm_forward(
-                    &mut ws.ln_out,
-                    &mut la.ln2_mean,
-                    &mut la.ln2_rstd,
-                    &la.res_mid,
-                    p(params::LN2_W),
-                    p(params::LN2_B),
-                    n,
-                    c,
-                )?;
-                linear::forward(
-                    be,
-                    &mut la.fc,
-                    &ws.ln_out,
-                    &views[2],
-                    p(params::FC_B),
-                    s2,
-                    &mut sc[2],
-                    train,
-                    Dims { n, ic: c, oc: 4 * c },
-                )?;
-                be.gelu_forward(&mut ws.gelu_out, &la.fc)?;
-                linear::forward(
-                    be,
-                    &mut ws.lin_out,
-                    &ws.gelu_out,
-                    &views[3],
-                    p(params::FCPROJ_B),
-                    s3,
-                    &mut sc[3],
-                    train,
-                    Dims { n, ic: 4 * c, oc: c },
-                )?;
-                be.add(&mut la.res_out, &la.res_mid, &ws.lin_out)?;
+                linear::cast_input(be, s1, &la.att, &mut sc[1], train)?;
+                linear::forward(be, &mut ws.lin_out, &views[1], s1, dims[1])?;
+                be.residual_forward(&mut la.res_mid, res_in, &ws.lin_out, p(params::PROJ_B))?;
+                linear::produce_input(be, s2, &mut ws.ln_out, &mut sc[2], train, |y| {
+                    be.layernorm_forward(
+                        y,
+                        &mut la.ln2_mean,
+                        &mut la.ln2_rstd,
+                        &la.res_mid,
+                        p(params::LN2_W),
+                        p(params::LN2_B),
+                        n,
+                        c,
+                    )
+                })?;
+                // fc holds the product before its bias: GELU adds it (forward and backward).
+                linear::forward(be, &mut la.fc, &views[2], s2, dims[2])?;
+                linear::produce_input(be, s3, &mut ws.gelu_out, &mut sc[3], train, |y| {
+                    be.gelu_forward(y, &la.fc, Some(p(params::FC_B)))
+                })?;
+                linear::forward(be, &mut ws.lin_out, &views[3], s3, dims[3])?;
+                be.residual_forward(&mut la.res_out, &la.res_mid, &ws.lin_out, p(params::FCPROJ_B))?;
             }
             let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
             let lf = params::lnf_w(&self.cfg);
-            be.layernorm_forward(&mut ws.lnf, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c)?;
-            be.cast_bf16(&mut ws.lnf_bf16, &ws.lnf)?;
+            let y = ActOut::Bf16(&mut ws.lnf_bf16);
+            be.layernorm_forward(y, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c)?;
             be.matmul(
                 &mut ws.logits,
                 Operand::Bf16(&ws.lnf_bf16),
@@ -461,9 +432,8 @@ impl<B: Backend> Gpt<B> {
 
             // Loss and LM head.
             let dloss = mu / n as f32;
-            be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits), &ws.logits, &ws.targets, dloss, n, v)?;
+            be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits_bf16), &ws.logits, &ws.targets, dloss, n, v)?;
             st.loss = be.mean(&ws.losses)?;
-            be.cast_bf16(&mut ws.dlogits_bf16, &ws.dlogits)?;
             be.matmul(
                 &mut ws.dln,
                 Operand::Bf16(&ws.dlogits_bf16),
@@ -489,7 +459,7 @@ impl<B: Backend> Gpt<B> {
             {
                 let w = Self::weight(params, &ws.work, lf);
                 let [gc0, gc1] = &mut ws.g_c;
-                be.layernorm_backward(&mut ws.dres, gc0, gc1, &ws.dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, n, c)?;
+                be.layernorm_backward(&mut ws.dres, false, gc0, gc1, &ws.dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, n, c)?;
             }
             finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0])?;
             finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1])?;
@@ -503,12 +473,7 @@ impl<B: Backend> Gpt<B> {
                 let sc = &mut scaling[4 * l..4 * l + 4];
                 let views = &ws.views[4 * l..4 * l + 4];
                 let work = &ws.work;
-                let dims = [
-                    Dims { n, ic: c, oc: 3 * c },
-                    Dims { n, ic: c, oc: c },
-                    Dims { n, ic: c, oc: 4 * c },
-                    Dims { n, ic: 4 * c, oc: c },
-                ];
+                let dims = layer_dims(n, c);
                 let [q0, q1, q2, q3] = &mut ws.dyq;
                 let [gw0, gw1, gw2, gw3] = &mut ws.g_w;
                 let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
@@ -528,7 +493,8 @@ impl<B: Backend> Gpt<B> {
                 )?;
                 finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_W)], gw3)?;
                 finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_B)], gb3)?;
-                be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu)?;
+                let fc_b = Self::weight(params, work, idx(params::FC_B));
+                be.gelu_backward(&mut ws.dfc, &la.fc, Some(fc_b), &ws.dgelu)?;
                 st.saturated += linear::backward(
                     be,
                     &mut ws.dln,
@@ -546,8 +512,10 @@ impl<B: Backend> Gpt<B> {
                 {
                     let [gc0, gc1] = &mut ws.g_c;
                     let w2 = Self::weight(params, work, idx(params::LN2_W));
+                    // The branch's gradient joins the residual stream's (dres += dx).
                     be.layernorm_backward(
-                        &mut ws.dtmp,
+                        &mut ws.dres,
+                        true,
                         gc0,
                         gc1,
                         &ws.dln,
@@ -561,7 +529,6 @@ impl<B: Backend> Gpt<B> {
                 }
                 finite &= Self::store_grad(be, &mut params[idx(params::LN2_W)], &ws.g_c[0])?;
                 finite &= Self::store_grad(be, &mut params[idx(params::LN2_B)], &ws.g_c[1])?;
-                be.accumulate(&mut ws.dres, &ws.dtmp)?;
 
                 // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
                 st.saturated += linear::backward(
@@ -596,8 +563,10 @@ impl<B: Backend> Gpt<B> {
                 {
                     let [gc0, gc1] = &mut ws.g_c;
                     let w1 = Self::weight(params, work, idx(params::LN1_W));
+                    // The branch's gradient joins the residual stream's (dres += dx).
                     be.layernorm_backward(
-                        &mut ws.dtmp,
+                        &mut ws.dres,
+                        true,
                         gc0,
                         gc1,
                         &ws.dln,
@@ -611,7 +580,6 @@ impl<B: Backend> Gpt<B> {
                 }
                 finite &= Self::store_grad(be, &mut params[idx(params::LN1_W)], &ws.g_c[0])?;
                 finite &= Self::store_grad(be, &mut params[idx(params::LN1_B)], &ws.g_c[1])?;
-                be.accumulate(&mut ws.dres, &ws.dtmp)?;
                 if self.level.fp8() {
                     st.cast_elements += (n * (3 * c + c + 4 * c + c)) as u64;
                 }
@@ -683,6 +651,22 @@ impl<B: Backend> Gpt<B> {
     pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> BResult<f32> {
         self.forward(be, ws, tokens, targets, false)
     }
+}
+
+/// Shapes of a block's four linear layers (qkv, proj, fc, fcproj) for `n` rows.
+fn layer_dims(n: usize, c: usize) -> [Dims; 4] {
+    [Dims { n, ic: c, oc: 3 * c }, Dims { n, ic: c, oc: c }, Dims { n, ic: c, oc: 4 * c }, Dims { n, ic: 4 * c, oc: c }]
+}
+
+/// Which parameters are linear-layer weights (their GEMM views are made from the master).
+fn linear_weights(cfg: &ModelConfig) -> Vec<bool> {
+    let mut out = vec![false; params::specs(cfg).len()];
+    for l in 0..cfg.n_layer {
+        for (wi, _) in LINEARS {
+            out[params::layer_param(l, wi)] = true;
+        }
+    }
+    out
 }
 
 /// Four buffers made by `f(0..4)`, or the first error.

@@ -7,13 +7,19 @@
 //!   scale; `dX = dY8 x W8`, `dW = dY8^T x X8`; each GEMM's scale product is the product
 //!   of the two inverse scales. Bias gradients come from the f32 output gradient.
 //!
+//! The input's producer (layernorm, GELU) writes it straight into the saved BF16 or
+//! E4M3 copy when its scale is known before the values (BF16, or delayed scaling with
+//! a history): the same values and rounding as an f32 tensor cast afterwards, without
+//! the f32 tensor (see `produce_input`). The bias is added by the op after the product
+//! (the residual add, GELU, or `add_bias`), again the same f32 addition.
+//!
 //! Delayed scaling starts with an empty history: the first cast of a tensor uses its
 //! own amax (just-in-time) instead of the initial scale 1, so step 1 does not flush
 //! small gradients to zero. (Transformer Engine starts from 1.)
 
 use crate::backend::BResult;
-use crate::backend::{Backend, Operand, Product};
-use fp8sim::half16::bf16;
+use crate::backend::{ActOut, Backend, Operand, Product};
+use fp8sim::half16::{bf16, f16};
 use fp8sim::scaling::{scale_from_amax, DelayedScaling, ScalingConfig};
 use fp8sim::Fp8Format::{E4M3, E5M2};
 
@@ -63,14 +69,21 @@ impl<B: Backend> WeightView<B> {
         })
     }
 
-    /// Re-derive from the f32 weight (just-in-time scale for FP8).
-    pub fn update(&mut self, be: &B, w: &B::Buf<f32>) -> BResult<()> {
-        match self {
-            WeightView::Bf16(b) => be.cast_bf16(b, w)?,
-            WeightView::Fp8 { codes, scale } => {
+    /// Re-derive from the master (just-in-time scale for FP8). An FP16 master is read
+    /// as its decoded f32 values (`decode_f16`) without writing them out.
+    pub fn update(&mut self, be: &B, master: MasterRef<'_, B>) -> BResult<()> {
+        match (self, master) {
+            (WeightView::Bf16(b), MasterRef::F32(w)) => be.cast_bf16(b, w)?,
+            (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => {
                 *scale = scale_from_amax(E4M3, be.amax(w)?, 0, *scale);
                 be.cast_fp8_only(codes, w, E4M3, *scale)?;
             }
+            (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, master_scale)) => {
+                let inv = 1.0 / master_scale;
+                *scale = scale_from_amax(E4M3, be.amax_f16(h, inv)?, 0, *scale);
+                be.cast_f16_fp8(codes, h, inv, E4M3, *scale)?;
+            }
+            (WeightView::Bf16(_), MasterRef::F16(..)) => unreachable!("BF16 weight views come with f32 masters (bf16 level)"),
         }
         Ok(())
     }
@@ -81,6 +94,13 @@ impl<B: Backend> WeightView<B> {
             WeightView::Fp8 { codes, scale } => (Operand::Fp8(codes, E4M3), 1.0 / scale),
         }
     }
+}
+
+/// A linear weight's master as a view is derived from it.
+pub enum MasterRef<'a, B: Backend> {
+    F32(&'a B::Buf<f32>),
+    /// FP16 codes and their scale (value = decoded / scale).
+    F16(&'a B::Buf<f16>, f32),
 }
 
 /// The layer input kept for backward (BF16 or E4M3 with its scale)?.
@@ -139,19 +159,15 @@ pub struct Dims {
     pub oc: usize,
 }
 
-/// `out = x W^T + bias`; saves the low-precision input. `record`: update the amax
-/// history (training) or not (evaluation).
-#[allow(clippy::too_many_arguments)]
-pub fn forward<B: Backend>(
+/// Fill `saved` with a layer's input, cast from the f32 tensor `x` (BF16, or E4M3 with
+/// the delayed scale, just-in-time when there is no history yet). `record`: update the
+/// amax history (training) or not (evaluation).
+pub fn cast_input<B: Backend>(
     be: &B,
-    out: &mut B::Buf<f32>,
-    x: &B::Buf<f32>,
-    w: &WeightView<B>,
-    bias: &B::Buf<f32>,
     saved: &mut Saved<B>,
+    x: &B::Buf<f32>,
     sc: &mut LinearScaling,
     record: bool,
-    d: Dims,
 ) -> BResult<()> {
     match saved {
         Saved::Bf16(b) => be.cast_bf16(b, x)?,
@@ -163,11 +179,46 @@ pub fn forward<B: Backend>(
             }
         }
     }
+    Ok(())
+}
+
+/// Fill `saved` with a layer's input made by `produce`, which writes its values into
+/// the `ActOut` it is given and returns their amax for E4M3 (a layernorm or GELU
+/// forward). The values go straight into the saved copy when their scale is known
+/// first; at the first FP8 step (no history, a just-in-time scale) they go through the
+/// f32 `scratch` and [`cast_input`]. Either way the same bits are saved and recorded.
+pub fn produce_input<B: Backend>(
+    be: &B,
+    saved: &mut Saved<B>,
+    scratch: &mut B::Buf<f32>,
+    sc: &mut LinearScaling,
+    record: bool,
+    produce: impl FnOnce(ActOut<'_, B>) -> BResult<f32>,
+) -> BResult<()> {
+    match saved {
+        Saved::Bf16(b) => {
+            produce(ActOut::Bf16(b))?;
+        }
+        Saved::Fp8 { codes, scale } if sc.act.history().next().is_some() => {
+            *scale = sc.act.scale();
+            let amax = produce(ActOut::E4m3(codes, *scale))?;
+            if record {
+                sc.act.record(amax);
+            }
+        }
+        Saved::Fp8 { .. } => {
+            produce(ActOut::F32(scratch))?;
+            cast_input(be, saved, scratch, sc, record)?;
+        }
+    }
+    Ok(())
+}
+
+/// `out = x W^T` from the saved input (the caller adds the bias: see the module notes).
+pub fn forward<B: Backend>(be: &B, out: &mut B::Buf<f32>, w: &WeightView<B>, saved: &Saved<B>, d: Dims) -> BResult<()> {
     let (xa, xs) = saved.operand();
     let (wa, ws) = w.operand();
-    be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)?;
-    be.add_bias(out, bias, d.oc)?;
-    Ok(())
+    be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)
 }
 
 /// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`. Returns how many output

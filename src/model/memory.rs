@@ -50,9 +50,12 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
     let f32s = 4u64;
     let per_layer = f32s * (4 * n + 10 * n * c + 2 * b * nh * t) + w * 7 * n * c;
-    let decoded = if level.fp8() { f32s * p } else { 0 }; // f32 copies of FP16 masters
+    // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
+    let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
-    let global = f32s * (23 * n * c + 2 * n * v + 3 * n) + 2 * n * c + 2 * n * v + 8 * n;
+    // f32: encoded, ln_out, gelu_out (4), lin_out, dres, dln, datt, dqkv (3), dgelu (4),
+    // dfc (4); logits; BF16: the final layernorm's output, dlogits.
+    let global = f32s * (21 * n * c + n * v + 3 * n) + 2 * n * c + 2 * n * v + 8 * n;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
     let activations = l * per_layer + decoded + views + global + grad_casts + grad_bufs;
@@ -60,7 +63,10 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
     // The LM head's product and loss: a [tokens, vocab] f32 result and f32 operands.
     let head = f32s * (n * v + (n + v) * c);
-    Estimate { state, activations, transient: optimizer.max(attention_scratch + head) }
+    // A backend may compute an activation in f32 before storing it narrower (the
+    // simulator's GELU output: n x 4c).
+    let act_scratch = f32s * 4 * n * c;
+    Estimate { state, activations, transient: optimizer.max(attention_scratch + head).max(act_scratch) }
 }
 
 /// Refuse a run whose estimate exceeds what the device has free, naming both figures.

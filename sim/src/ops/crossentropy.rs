@@ -9,19 +9,22 @@ use crate::math::{exp, log};
 use crate::reduce;
 use rayon::prelude::*;
 
-/// Per-row losses into `losses`; when `dlogits` is given, also the gradient.
-pub fn crossentropy_forward_backward(
+/// Per-row losses into `losses`; when `dlogits` is given, also the gradient, each
+/// element stored through `store` (f32 kept as is, or rounded to the storage type).
+#[allow(clippy::too_many_arguments)]
+pub fn crossentropy_forward_backward<T: Send>(
     losses: &mut [f32],
-    dlogits: Option<&mut [f32]>,
+    dlogits: Option<&mut [T]>,
     logits: &[f32],
     targets: &[u32],
     dloss: f32,
     n: usize,
     v: usize,
+    store: impl Fn(f32) -> T + Sync,
 ) {
     assert!(logits.len() == n * v && targets.len() == n && losses.len() == n, "crossentropy: sizes");
     assert!(targets.iter().all(|&t| (t as usize) < v), "crossentropy: target id out of range");
-    let row = |r: usize, dl: Option<&mut [f32]>| -> f32 {
+    let row = |r: usize, dl: Option<&mut [T]>| -> f32 {
         let lr = &logits[r * v..(r + 1) * v];
         let m = reduce::max(lr);
         let e: Vec<f32> = lr.iter().map(|&x| exp(x - m)).collect();
@@ -30,7 +33,7 @@ pub fn crossentropy_forward_backward(
         if let Some(d) = dl {
             for j in 0..v {
                 let ind = if j == tgt { 1.0 } else { 0.0 };
-                d[j] = (e[j] / z - ind) * dloss;
+                d[j] = store((e[j] / z - ind) * dloss);
             }
         }
         (log(z) + m) - lr[tgt]
@@ -72,13 +75,13 @@ mod tests {
         let targets: Vec<u32> = (0..n as u32).map(|i| i * 7 % v as u32).collect();
         let mut losses = vec![0f32; n];
         let mut d = vec![0f32; n * v];
-        crossentropy_forward_backward(&mut losses, Some(&mut d), &logits, &targets, 1.0, n, v);
+        crossentropy_forward_backward(&mut losses, Some(&mut d), &logits, &targets, 1.0, n, v, |x| x);
         let lref = reference(&f64s(&logits), &targets, v);
         assert_close("loss", &losses, &lref, 1e-6);
         let num = numeric_grad(&f64s(&logits), &vec![1.0; n], |x| reference(x, &targets, v));
         assert_close("dlogits", &d, &num, 1e-5);
         let mut only = vec![0f32; n];
-        crossentropy_forward_backward(&mut only, None, &logits, &targets, 1.0, n, v);
+        crossentropy_forward_backward(&mut only, None::<&mut [f32]>, &logits, &targets, 1.0, n, v, |x| x);
         assert_eq!(only, losses);
         assert!((mean_loss(&losses) as f64 - lref.iter().sum::<f64>() / n as f64).abs() < 1e-5);
     }

@@ -6,7 +6,7 @@
 use super::lt::{Lt, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase, Product,
+    ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase, Product,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -497,6 +497,35 @@ impl Cuda {
         Ok(part)
     }
 
+    /// An activation output as the kernels take it: (pointer, mode, scale); see
+    /// fp8train_act_store in fp8train_common.cuh.
+    fn act_out(&self, y: &mut ActOut<'_, Self>) -> (u64, i32, f32) {
+        use cudarc::driver::DevicePtrMut;
+        let s = &self.gpu.stream;
+        match y {
+            ActOut::F32(b) => (b.device_ptr_mut(s).0, 0, 1.0),
+            ActOut::Bf16(b) => (b.device_ptr_mut(s).0, 1, 1.0),
+            ActOut::E4m3(b, scale) => (b.device_ptr_mut(s).0, 2, *scale),
+        }
+    }
+
+    /// The amax an activation output's kernel left in `stats` (E4M3 outputs; 0 else).
+    fn act_amax(&self, mode: i32, stats: &CudaSlice<u64>) -> BResult<f32> {
+        if mode != 2 {
+            return Ok(0.0);
+        }
+        Ok(amax_from_bits(self.gpu.stream.clone_dtoh(stats).map_err(|e| BackendError::new("CUDA copy", e))?[0]))
+    }
+
+    /// A bias as the kernels take it: (pointer or 0 for none, columns).
+    fn bias_arg(&self, bias: Option<&CudaSlice<f32>>) -> (u64, u32) {
+        use cudarc::driver::DevicePtr;
+        match bias {
+            Some(b) => (b.device_ptr(&self.gpu.stream).0, b.len() as u32),
+            None => (0, 1),
+        }
+    }
+
     fn operand(&self, o: &Operand<'_, Self>) -> (u64, i32) {
         use cudarc::driver::DevicePtr;
         let s = &self.gpu.stream;
@@ -635,6 +664,28 @@ impl Backend for Cuda {
         launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
         Ok(())
     }
+    fn amax_f16(&self, h: &CudaSlice<f16>, inv_scale: f32) -> BResult<f32> {
+        Ok({
+            let _op = self.op(Phase::Other, "amax");
+            let n = h.len() as u32;
+            let mut out = self.alloc::<u64>(1)?;
+            launch!(self, "amax_f16", with stride_cfg(n as usize), [h, &inv_scale, &n, &mut out]);
+            amax_from_bits(self.gpu.stream.clone_dtoh(&out).map_err(|e| BackendError::new("CUDA copy", e))?[0])
+        })
+    }
+    fn cast_f16_fp8(
+        &self,
+        q: &mut CudaSlice<u8>,
+        h: &CudaSlice<f16>,
+        inv_scale: f32,
+        fmt: Fp8Format,
+        scale: f32,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "cast_fp8");
+        let (n, f) = (h.len() as u32, e5(fmt));
+        launch!(self, "cast_f16_fp8", n as usize, [h, q, &inv_scale, &scale, &n, &f]);
+        Ok(())
+    }
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
     /// one read-back for all.
     fn grad_sq_sums(&self, grads: &[GradRef<'_, Self>]) -> BResult<Vec<f32>> {
@@ -749,10 +800,16 @@ impl Backend for Cuda {
         }
         Ok(())
     }
-    fn add(&self, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> BResult<()> {
-        let _op = self.op(Phase::Other, "add");
-        let n = out.len() as u32;
-        launch!(self, "add", n as usize, [out, a, b, &n]);
+    fn residual_forward(
+        &self,
+        out: &mut CudaSlice<f32>,
+        res: &CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "residual_forward");
+        let (n, c) = (out.len() as u32, bias.len() as u32);
+        launch!(self, "residual_forward", (n as usize).div_ceil(4), [out, res, x, bias, &c, &n]);
         Ok(())
     }
     fn accumulate(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> BResult<()> {
@@ -822,7 +879,7 @@ impl Backend for Cuda {
     }
     fn layernorm_forward(
         &self,
-        y: &mut CudaSlice<f32>,
+        mut y: ActOut<'_, Self>,
         mean: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
@@ -830,15 +887,23 @@ impl Backend for Cuda {
         b: &CudaSlice<f32>,
         n: usize,
         c: usize,
-    ) -> BResult<()> {
+    ) -> BResult<f32> {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
-        launch!(self, "layernorm_forward", with ln_cfg(n, c, 1), [y, mean, rstd, x, w, b, &nn, &cc]);
-        Ok(())
+        let (py, mode, scale) = self.act_out(&mut y);
+        let mut stats = self.alloc::<u64>(1)?;
+        launch!(
+            self,
+            "layernorm_forward",
+            with ln_cfg(n, c, 1),
+            [&py, &mode, &scale, &mut stats, mean, rstd, x, w, b, &nn, &cc]
+        );
+        self.act_amax(mode, &stats)
     }
     fn layernorm_backward(
         &self,
         dx: &mut CudaSlice<f32>,
+        accumulate: bool,
         dw: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
         dy: &CudaSlice<f32>,
@@ -852,7 +917,8 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "layernorm_backward");
         let (nn, cc) = (n as u32, c as u32);
         let mut pr = self.scratch::<f32>(n * c)?;
-        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 2), [&mut *dx, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        let acc = i32::from(accumulate);
+        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 2), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         self.column_sums(dw, &pr, n, c)?;
         self.column_sums(db, dy, n, c)?;
         Ok(())
@@ -939,22 +1005,37 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
         Ok(())
     }
-    fn gelu_forward(&self, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> BResult<()> {
+    fn gelu_forward(
+        &self,
+        mut y: ActOut<'_, Self>,
+        x: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+    ) -> BResult<f32> {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
-        launch!(self, "gelu_forward", n as usize, [y, x, &n]);
-        Ok(())
+        let (pb, c) = self.bias_arg(bias);
+        let (py, mode, scale) = self.act_out(&mut y);
+        let mut stats = self.alloc::<u64>(1)?;
+        launch!(self, "gelu_forward", with stride_cfg(n as usize), [&py, &mode, &scale, &mut stats, x, &pb, &c, &n]);
+        self.act_amax(mode, &stats)
     }
-    fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<f32>, dy: &CudaSlice<f32>) -> BResult<()> {
+    fn gelu_backward(
+        &self,
+        dx: &mut CudaSlice<f32>,
+        x: &CudaSlice<f32>,
+        bias: Option<&CudaSlice<f32>>,
+        dy: &CudaSlice<f32>,
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
-        launch!(self, "gelu_backward", n as usize, [dx, x, dy, &n]);
+        let (pb, c) = self.bias_arg(bias);
+        launch!(self, "gelu_backward", n as usize, [dx, x, &pb, &c, dy, &n]);
         Ok(())
     }
     fn crossentropy(
         &self,
         losses: &mut CudaSlice<f32>,
-        dlogits: Option<&mut CudaSlice<f32>>,
+        dlogits: Option<&mut CudaSlice<bf16>>,
         logits: &CudaSlice<f32>,
         targets: &CudaSlice<u32>,
         dloss: f32,
@@ -964,7 +1045,7 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "crossentropy");
         let (nn, vv) = (n as u32, v as u32);
         let with = i32::from(dlogits.is_some());
-        let mut dummy = self.alloc::<f32>(1)?;
+        let mut dummy = self.alloc::<bf16>(1)?;
         let d = dlogits.unwrap_or(&mut dummy);
         let chunks = v.div_ceil(32);
         let shared = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
