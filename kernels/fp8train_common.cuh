@@ -284,3 +284,24 @@ __device__ __forceinline__ void fp8train_act_flush(u32 amax, unsigned long long*
     amax = fp8train_warp_max_u32(amax);
     if ((threadIdx.x & 31) == 0 && amax) atomicMax(out, (unsigned long long)amax);
 }
+// Four values at i0 (a multiple of 4; y 16-byte aligned): one 16-, 8- or 4-byte store.
+__device__ __forceinline__ void fp8train_act_store4(void* y, int mode, float scale, size_t i0, const float* v,
+                                                    u32& amax) {
+    if (mode == ACT_F32) {
+        ((float4*)y)[i0 / 4] = make_float4(v[0], v[1], v[2], v[3]);
+    } else if (mode == ACT_BF16) {
+        uint2 w;
+        w.x = (u32)fp8train_to_bf16(v[0]) | ((u32)fp8train_to_bf16(v[1]) << 16);
+        w.y = (u32)fp8train_to_bf16(v[2]) | ((u32)fp8train_to_bf16(v[3]) << 16);
+        ((uint2*)y)[i0 / 4] = w;
+    } else {
+        u32 w = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
+            amax = b > amax ? b : amax;
+            w |= (u32)fp8train_e4m3_sat(v[k] * scale) << (8 * k);
+        }
+        ((u32*)y)[i0 / 4] = w;
+    }
+}

@@ -66,7 +66,8 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
-// dx (overwritten, or with `accumulate` dx = dx + grad) and dy * normalized (into `pr`, for the weight gradient's column sums).
+// dx (overwritten, or with `accumulate` dx = dx + grad, the old row staged like x and dy
+// so the loop below does not wait on a global load per element) and dy * normalized (into `pr`, for the weight gradient's column sums).
 extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, float* pr, const float* dy, const float* x,
                                                    const float* w, const float* mean, const float* rstd, u32 n, u32 c) {
     extern __shared__ float ln_sh[];
@@ -74,15 +75,17 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     u32 r = blockIdx.x * warps + warp;
     int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
     float* sw = ln_sh;
-    float* pa = sw + padded + (size_t)warp * (2 * chunks + 2 * padded);
+    float* pa = sw + padded + (size_t)warp * (2 * chunks + (2 + (accumulate ? 1 : 0)) * padded);
     float* pb = pa + chunks;
     float* sdy = pb + chunks;
     float* sx = sdy + padded;
+    float* sd = sx + padded;  // the old dx row (accumulate only)
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
     __syncthreads();
     if (r >= n) return;
     ln_stage(sx, x + (size_t)r * c, c, lane, 32);
     ln_stage(sdy, dy + (size_t)r * c, c, lane, 32);
+    if (accumulate) ln_stage(sd, dx + (size_t)r * c, c, lane, 32);
     __syncwarp();
     float mu = mean[r], rs = rstd[r];
     float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return sw[LN_AT(i)] * sdy[LN_AT(i)]; }) / (float)c;
@@ -94,7 +97,7 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
         float g = sw[LN_AT(i)] * sdy[LN_AT(i)];
         float d = ((g - s1) - nrm * s2) * rs;
         size_t k = (size_t)r * c + i;
-        dx[k] = accumulate ? dx[k] + d : d;
+        dx[k] = accumulate ? sd[LN_AT(i)] + d : d;
         pr[(size_t)r * c + i] = sdy[LN_AT(i)] * nrm;
     }
 }

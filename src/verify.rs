@@ -135,18 +135,58 @@ fn sweep_math(gpu: &Gpu, total: u64, op: i32) -> Result<Row, String> {
 /// One op on fresh random inputs.
 #[derive(Clone, Debug)]
 enum Case {
-    Gemm { ta: &'static str, tb: &'static str, product: Product, m: usize, n: usize, k: usize },
-    LayerNorm { n: usize, c: usize },
+    Gemm {
+        ta: &'static str,
+        tb: &'static str,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+    },
+    LayerNorm {
+        n: usize,
+        c: usize,
+    },
     /// `rows x c` elements; GELU without and with a bias of `c` columns.
-    Gelu { rows: usize, c: usize },
-    Residual { rows: usize, c: usize },
-    Encoder { b: usize, t: usize, c: usize, v: usize },
-    Attention { b: usize, t: usize, c: usize, nh: usize },
-    CrossEntropy { n: usize, v: usize },
-    ColumnSums { rows: usize, cols: usize },
-    Casts { n: usize },
-    Reductions { n: usize },
-    Adam { level: &'static str, n: usize, fp8_grad: bool },
+    Gelu {
+        rows: usize,
+        c: usize,
+    },
+    Residual {
+        rows: usize,
+        c: usize,
+    },
+    Encoder {
+        b: usize,
+        t: usize,
+        c: usize,
+        v: usize,
+    },
+    Attention {
+        b: usize,
+        t: usize,
+        c: usize,
+        nh: usize,
+    },
+    CrossEntropy {
+        n: usize,
+        v: usize,
+    },
+    ColumnSums {
+        rows: usize,
+        cols: usize,
+    },
+    Casts {
+        n: usize,
+    },
+    Reductions {
+        n: usize,
+    },
+    Adam {
+        level: &'static str,
+        n: usize,
+        fp8_grad: bool,
+    },
 }
 
 impl Case {

@@ -218,7 +218,14 @@ pub trait Backend {
     }
     /// `q = sat_encode(decode(h) * inv_scale * scale)` (the decoded value rounded to f32
     /// first, then scaled): `cast_fp8_only` of the decoded copy, without the copy.
-    fn cast_f16_fp8(&self, q: &mut Self::Buf<u8>, h: &Self::Buf<f16>, inv_scale: f32, fmt: Fp8Format, scale: f32) -> BResult<()> {
+    fn cast_f16_fp8(
+        &self,
+        q: &mut Self::Buf<u8>,
+        h: &Self::Buf<f16>,
+        inv_scale: f32,
+        fmt: Fp8Format,
+        scale: f32,
+    ) -> BResult<()> {
         let mut x = self.zeros::<f32>(self.len(h))?;
         self.decode_f16(&mut x, h, inv_scale)?;
         self.cast_fp8_only(q, &x, fmt, scale)
@@ -246,7 +253,13 @@ pub trait Backend {
     fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize) -> BResult<()>;
     /// The residual add of a linear layer's output before its bias was added:
     /// `out[r, j] = res[r, j] + (x[r, j] + bias[j])`.
-    fn residual_forward(&self, out: &mut Self::Buf<f32>, res: &Self::Buf<f32>, x: &Self::Buf<f32>, bias: &Self::Buf<f32>) -> BResult<()>;
+    fn residual_forward(
+        &self,
+        out: &mut Self::Buf<f32>,
+        res: &Self::Buf<f32>,
+        x: &Self::Buf<f32>,
+        bias: &Self::Buf<f32>,
+    ) -> BResult<()>;
     /// `acc += x`.
     fn accumulate(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> BResult<()>;
     /// Set element `i` (fault injection in tests).

@@ -226,7 +226,9 @@ impl<B: Backend> Gpt<B> {
         match (&params[i].master, &work[i]) {
             (Master::F32(w), _) => w,
             (_, Some(w)) => w,
-            (_, None) => unreachable!("workspace holds a decoded copy of every FP16 or remote master but linear weights"),
+            (_, None) => {
+                unreachable!("workspace holds a decoded copy of every FP16 or remote master but linear weights")
+            }
         }
     }
 
@@ -459,7 +461,19 @@ impl<B: Backend> Gpt<B> {
             {
                 let w = Self::weight(params, &ws.work, lf);
                 let [gc0, gc1] = &mut ws.g_c;
-                be.layernorm_backward(&mut ws.dres, false, gc0, gc1, &ws.dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, n, c)?;
+                be.layernorm_backward(
+                    &mut ws.dres,
+                    false,
+                    gc0,
+                    gc1,
+                    &ws.dln,
+                    last,
+                    w,
+                    &ws.lnf_mean,
+                    &ws.lnf_rstd,
+                    n,
+                    c,
+                )?;
             }
             finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0])?;
             finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1])?;

@@ -83,7 +83,9 @@ impl<B: Backend> WeightView<B> {
                 *scale = scale_from_amax(E4M3, be.amax_f16(h, inv)?, 0, *scale);
                 be.cast_f16_fp8(codes, h, inv, E4M3, *scale)?;
             }
-            (WeightView::Bf16(_), MasterRef::F16(..)) => unreachable!("BF16 weight views come with f32 masters (bf16 level)"),
+            (WeightView::Bf16(_), MasterRef::F16(..)) => {
+                unreachable!("BF16 weight views come with f32 masters (bf16 level)")
+            }
         }
         Ok(())
     }

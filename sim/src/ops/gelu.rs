@@ -84,11 +84,17 @@ mod tests {
         let (mut y, mut want) = (vec![0f32; rows * c], vec![0f32; rows * c]);
         gelu_forward(&mut y, &x, Some(&bias));
         gelu_forward(&mut want, &shifted, None);
-        assert_eq!(y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            y.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         let (mut dx, mut dwant) = (vec![0f32; rows * c], vec![0f32; rows * c]);
         gelu_backward(&mut dx, &x, Some(&bias), &dy);
         gelu_backward(&mut dwant, &shifted, None, &dy);
-        assert_eq!(dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), dwant.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+        assert_eq!(
+            dx.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            dwant.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
         // No bias means no `+ 0.0`: gelu(-0) stays -0.
         let mut z = [1f32];
         gelu_forward(&mut z, &[-0.0], None);

@@ -6,7 +6,8 @@
 use super::lt::{Lt, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase, Product,
+    ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase,
+    Product,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -497,6 +498,12 @@ impl Cuda {
         Ok(part)
     }
 
+    /// Dynamic shared memory a block may opt into on this device (bytes).
+    fn max_shared(&self) -> u32 {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN;
+        self.gpu.ctx.attribute(OPTIN).map(|b| b as u32).unwrap_or(48 << 10)
+    }
+
     /// An activation output as the kernels take it: (pointer, mode, scale); see
     /// fp8train_act_store in fp8train_common.cuh.
     fn act_out(&self, y: &mut ActOut<'_, Self>) -> (u64, i32, f32) {
@@ -918,7 +925,7 @@ impl Backend for Cuda {
         let (nn, cc) = (n as u32, c as u32);
         let mut pr = self.scratch::<f32>(n * c)?;
         let acc = i32::from(accumulate);
-        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 2), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 2 + accumulate as usize), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         self.column_sums(dw, &pr, n, c)?;
         self.column_sums(db, dy, n, c)?;
         Ok(())
@@ -1005,18 +1012,13 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
         Ok(())
     }
-    fn gelu_forward(
-        &self,
-        mut y: ActOut<'_, Self>,
-        x: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-    ) -> BResult<f32> {
+    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>) -> BResult<f32> {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
         let (pb, c) = self.bias_arg(bias);
         let (py, mode, scale) = self.act_out(&mut y);
         let mut stats = self.alloc::<u64>(1)?;
-        launch!(self, "gelu_forward", with stride_cfg(n as usize), [&py, &mode, &scale, &mut stats, x, &pb, &c, &n]);
+        launch!(self, "gelu_forward", (n as usize).div_ceil(4), [&py, &mode, &scale, &mut stats, x, &pb, &c, &n]);
         self.act_amax(mode, &stats)
     }
     fn gelu_backward(
@@ -1029,7 +1031,7 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
         let (pb, c) = self.bias_arg(bias);
-        launch!(self, "gelu_backward", n as usize, [dx, x, &pb, &c, dy, &n]);
+        launch!(self, "gelu_backward", (n as usize).div_ceil(4), [dx, x, &pb, &c, dy, &n]);
         Ok(())
     }
     fn crossentropy(
@@ -1048,8 +1050,16 @@ impl Backend for Cuda {
         let mut dummy = self.alloc::<bf16>(1)?;
         let d = dlogits.unwrap_or(&mut dummy);
         let chunks = v.div_ceil(32);
-        let shared = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
-        let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: shared };
+        let scratch = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
+        let staged = scratch + (32 * chunks * 4) as u32;
+        // The row in shared memory when it fits (GPT-2's 50304 classes: 206 KiB).
+        if v % 4 == 0 && staged <= self.max_shared() {
+            let c =
+                LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: staged };
+            launch!(self, "crossentropy_staged", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+            return Ok(());
+        }
+        let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: scratch };
         launch!(self, "crossentropy", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
         Ok(())
     }
