@@ -1053,7 +1053,7 @@ impl Backend for Cuda {
         let scratch = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
         let staged = scratch + (32 * chunks * 4) as u32;
         // The row in shared memory when it fits (GPT-2's 50304 classes: 206 KiB).
-        if v % 4 == 0 && staged <= self.max_shared() {
+        if v.is_multiple_of(4) && staged <= self.max_shared() {
             let c =
                 LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: staged };
             launch!(self, "crossentropy_staged", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
