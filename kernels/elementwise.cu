@@ -95,10 +95,17 @@ extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsign
     }
     fp8train_act_flush(am, out);
 }
-// q = sat_encode(decoded * scale): the JIT weight cast straight from the FP16 master.
-extern "C" __global__ void cast_f16_fp8(const u16* h, u8* q, float inv_scale, float scale, u32 n, int e5m2) {
+// The just-in-time cast (Backend::cast_fp8_jit) after amax_bits / amax_f16 left the
+// source's amax in *slot: every thread derives the scale from it as the host will, then
+// q = sat_encode(x * scale). The source is f32 (f16 = 0) or FP16 codes decoded with
+// inv_scale (f16 = 1).
+extern "C" __global__ void cast_fp8_jit(const void* src, int f16, float inv_scale, u8* q, float prev, u32 n,
+                                        int e5m2, const unsigned long long* slot) {
     u32 i = fp8train_tid();
-    if (i < n) q[i] = fp8train_encode_sat(f16_value(h[i], inv_scale) * scale, e5m2);
+    if (i >= n) return;
+    float scale = fp8train_scale_for_max(e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*slot), 0, prev);
+    float x = f16 ? f16_value(((const u16*)src)[i], inv_scale) : ((const float*)src)[i];
+    q[i] = fp8train_encode_sat(x * scale, e5m2);
 }
 extern "C" __global__ void accumulate(float* acc, const float* x, u32 n) {
     u32 i = fp8train_tid();

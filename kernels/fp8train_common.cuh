@@ -305,3 +305,34 @@ __device__ __forceinline__ void fp8train_act_store4(void* y, int mode, float sca
         ((u32*)y)[i0 / 4] = w;
     }
 }
+
+// ---- the contract's power-of-two scale (sim/src/scaling.rs: scale_for_max), exactly:
+// prev unless 0 < amax < inf; else 2^clamp(floor(log2(max / amax)) - margin, -126, 126)
+// with the floor computed from the significands and exponents (no division, no log).
+__device__ __forceinline__ void fp8train_split(float x, u32& sig, int& e) {
+    u32 b = __float_as_uint(x) & 0x7fffffffu;
+    int ex = (int)(b >> 23);
+    if (ex == 0) {
+        u32 frac = b & 0x7fffffu;
+        int lz = __clz(frac) - 8;
+        sig = frac << lz;
+        e = -126 - lz;
+    } else {
+        sig = (b & 0x7fffffu) | 0x800000u;
+        e = ex - 127;
+    }
+}
+__device__ __forceinline__ float fp8train_scale_for_max(float maxv, float amax, int margin, float prev) {
+    if (!(isfinite(amax) && amax > 0.0f)) return prev;
+    u32 sn, sd;
+    int en, ed;
+    fp8train_split(maxv, sn, en);
+    fp8train_split(amax, sd, ed);
+    int e = en - ed - (sn < sd ? 1 : 0) - margin;
+    e = min(max(e, -126), 126);
+    return __uint_as_float((u32)(e + 127) << 23);
+}
+// The amax an amax slot holds (backend::slot_amax).
+__device__ __forceinline__ float fp8train_slot_amax(unsigned long long bits) {
+    return bits > 0x7f800000ull ? FP8TRAIN_NAN : __uint_as_float((u32)bits);
+}

@@ -5,7 +5,7 @@
 use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
-use crate::backend::{ActOut, AdamState, Backend, GradRef, Operand, Product};
+use crate::backend::{ActOut, AdamState, Backend, GradRef, JitSrc, Operand, Product, Slot};
 use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use fp8sim::fp8::{encode, Fp8Format};
@@ -279,19 +279,19 @@ fn bits<B: Backend>(be: &B, x: &B::Buf<f32>) -> BResult<Vec<u32>> {
 fn act_rows<B: Backend>(
     be: &B,
     n: usize,
-    mut produce: impl FnMut(ActOut<'_, B>) -> BResult<f32>,
+    mut produce: impl FnMut(ActOut<'_, B>) -> BResult<()>,
 ) -> BResult<Vec<(&'static str, Vec<u32>)>> {
     let mut y = be.zeros::<f32>(n)?;
     produce(ActOut::F32(&mut y))?;
     let mut h = be.zeros::<bf16>(n)?;
     produce(ActOut::Bf16(&mut h))?;
-    let mut q = be.zeros::<u8>(n)?;
-    let amax = produce(ActOut::E4m3(&mut q, 8.0))?;
+    let (mut q, mut amax) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
+    produce(ActOut::E4m3(&mut q, 8.0, Slot { buf: &mut amax, at: 1 }))?;
     Ok(vec![
         ("y", bits(be, &y)?),
         ("y bf16", be.download(&h)?.iter().map(|v| v.to_bits() as u32).collect()),
         ("y e4m3", be.download(&q)?.iter().map(|&v| v as u32).collect()),
-        ("y amax", vec![amax.to_bits()]),
+        ("y amax slots", be.download(&amax)?.iter().map(|&v| v as u32).collect()),
     ])
 }
 
@@ -443,11 +443,33 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.decode_f16(&mut back, &hh, 0.125)?;
                 outs.push(("f16", be.download(&hh)?.iter().map(|h| h.to_bits() as u32).collect()));
                 outs.push(("f16 decoded", bits(be, &back)?));
-                // A linear weight's view straight from its FP16 master.
+                // Just-in-time casts (scale worked out on the device from the amax):
+                // a weight view from its FP16 master, a gradient from f32; with and
+                // without a NaN (which keeps the previous scale).
+                let slots = |s: Vec<u64>| s.iter().map(|&v| v as u32).collect::<Vec<u32>>();
+                let finite: Vec<f32> = host.iter().map(|&v| if v.is_finite() { v } else { 1.5 }).collect();
+                let xf = be.upload(&finite)?;
+                let mut hf = be.zeros::<f16>(n)?;
+                be.cast_f16(&mut hf, &xf, 8.0)?;
+                let mut st = be.zeros::<u64>(8)?;
+                for (k, (name, src)) in [
+                    ("jit f16 -> e4m3", JitSrc::F16(&hf, 0.125)),
+                    ("jit f16 (NaN) -> e4m3", JitSrc::F16(&hh, 0.125)),
+                    ("jit f32 -> e4m3", JitSrc::F32(&xf)),
+                    ("jit f32 (NaN) -> e4m3", JitSrc::F32(&x)),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let mut q = be.zeros::<u8>(n)?;
+                    be.cast_fp8_jit(&mut q, src, Fp8Format::E4M3, 0.25, Slot { buf: &mut st, at: k })?;
+                    outs.push((name, be.download(&q)?.iter().map(|&c| c as u32).collect()));
+                }
                 let mut q = be.zeros::<u8>(n)?;
-                be.cast_f16_fp8(&mut q, &hh, 0.125, Fp8Format::E4M3, 0.5)?;
-                outs.push(("f16 -> e4m3", be.download(&q)?.iter().map(|&c| c as u32).collect()));
-                outs.push(("f16 amax", vec![be.amax_f16(&hh, 0.125)?.to_bits()]));
+                be.cast_fp8_to(&mut q, &xf, Fp8Format::E5M2, 1e-3, Slot { buf: &mut st, at: 4 })?;
+                outs.push(("e5m2 (stats in slots)", be.download(&q)?.iter().map(|&c| c as u32).collect()));
+                be.amax_to(&x, Slot { buf: &mut st, at: 6 })?;
+                outs.push(("amaxes and counts in slots", slots(be.download(&st)?)));
                 outs
             }
             Case::Reductions { n } => {

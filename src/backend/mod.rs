@@ -37,15 +37,51 @@ pub enum Operand<'a, B: Backend + ?Sized> {
     Fp8(&'a B::Buf<u8>, Fp8Format),
 }
 
+/// A slot of a statistics buffer (`Buf<u64>`, zeroed before the step): ops that
+/// measure what they store leave the figure there instead of returning it, so a step
+/// reads all of them back at once (no wait on the device per op). An amax slot holds
+/// the largest `|v|` bit pattern seen (0 for none; above 0x7f800000: a NaN was seen),
+/// read with [`slot_amax`]; a count slot holds the count.
+pub struct Slot<'a, B: Backend + ?Sized> {
+    pub buf: &'a mut B::Buf<u64>,
+    pub at: usize,
+}
+
+/// The amax an amax slot holds (NaN if a NaN was seen).
+pub fn slot_amax(bits: u64) -> f32 {
+    if bits > 0x7f80_0000 {
+        f32::NAN
+    } else {
+        f32::from_bits(bits as u32)
+    }
+}
+
+/// An amax as its slot holds it (the inverse of [`slot_amax`] for values `amax`
+/// reports: non-negative, or NaN).
+pub fn amax_slot_bits(amax: f32) -> u64 {
+    if amax.is_nan() {
+        0x7fc0_0000
+    } else {
+        (amax.to_bits() & 0x7fff_ffff) as u64
+    }
+}
+
 /// Where an op writes an activation that a linear layer reads next: the value is
 /// computed in f32 as always, then stored in the form the consumer takes (contract:
 /// storage types), so no f32 copy and no separate cast pass are needed.
 pub enum ActOut<'a, B: Backend + ?Sized> {
     F32(&'a mut B::Buf<f32>),
     Bf16(&'a mut B::Buf<bf16>),
-    /// E4M3 codes of `value * scale` (the saturating scaled cast); the op returns the
-    /// values' amax (NaN if one was NaN), as `cast_fp8` would report it.
-    E4m3(&'a mut B::Buf<u8>, f32),
+    /// E4M3 codes of `value * scale` (the saturating scaled cast); the values' amax
+    /// goes to the slot, as `cast_fp8` would report it.
+    E4m3(&'a mut B::Buf<u8>, f32, Slot<'a, B>),
+}
+
+/// What a just-in-time FP8 cast reads: an f32 tensor, or FP16 codes decoded as
+/// `decode_f16` does (`value * inv_scale`) without writing the f32 copy.
+pub enum JitSrc<'a, B: Backend + ?Sized> {
+    F32(&'a B::Buf<f32>),
+    F16(&'a B::Buf<f16>, f32),
 }
 
 /// The three products of a linear layer (row-major buffers; see `fp8sim::ops::gemm`).
@@ -198,11 +234,6 @@ pub trait Backend {
     fn amax(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Saturating scaled cast `q = sat_encode(x * scale)`.
     fn cast_fp8(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> BResult<CastStats>;
-    /// The scaled cast when its statistics are not wanted (a backend may then skip
-    /// reading them back).
-    fn cast_fp8_only(&self, q: &mut Self::Buf<u8>, x: &Self::Buf<f32>, fmt: Fp8Format, scale: f32) -> BResult<()> {
-        self.cast_fp8(q, x, fmt, scale).map(|_| ())
-    }
     /// `x = decode(q) * inv_scale`.
     fn decode_fp8(&self, x: &mut Self::Buf<f32>, q: &Self::Buf<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()>;
     fn cast_bf16(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>) -> BResult<()>;
@@ -210,26 +241,29 @@ pub trait Backend {
     fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32) -> BResult<()>;
     /// `x = h * inv_scale`.
     fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()>;
-    /// amax of `decode(h) * inv_scale` (an FP16 master as f32), as `amax` of the decoded copy.
-    fn amax_f16(&self, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<f32> {
-        let mut x = self.zeros::<f32>(self.len(h))?;
-        self.decode_f16(&mut x, h, inv_scale)?;
-        self.amax(&x)
-    }
-    /// `q = sat_encode(decode(h) * inv_scale * scale)` (the decoded value rounded to f32
-    /// first, then scaled): `cast_fp8_only` of the decoded copy, without the copy.
-    fn cast_f16_fp8(
+    /// `amax` into a slot.
+    fn amax_to(&self, x: &Self::Buf<f32>, slot: Slot<'_, Self>) -> BResult<()>;
+    /// `cast_fp8` with its statistics into two slots (`at`: amax, `at + 1`: saturated).
+    fn cast_fp8_to(
         &self,
         q: &mut Self::Buf<u8>,
-        h: &Self::Buf<f16>,
-        inv_scale: f32,
+        x: &Self::Buf<f32>,
         fmt: Fp8Format,
         scale: f32,
-    ) -> BResult<()> {
-        let mut x = self.zeros::<f32>(self.len(h))?;
-        self.decode_f16(&mut x, h, inv_scale)?;
-        self.cast_fp8_only(q, &x, fmt, scale)
-    }
+        stats: Slot<'_, Self>,
+    ) -> BResult<()>;
+    /// The just-in-time cast: `q = sat_encode(x * s)` with `s = scale_from_amax(fmt,
+    /// amax(x), 0, prev)`, the amax into the slot. The scale is worked out where the
+    /// data is (on a GPU, by the cast kernel from the slot); the caller derives the same
+    /// `s` from the slot's amax after its read-back.
+    fn cast_fp8_jit(
+        &self,
+        q: &mut Self::Buf<u8>,
+        x: JitSrc<'_, Self>,
+        fmt: Fp8Format,
+        prev: f32,
+        amax: Slot<'_, Self>,
+    ) -> BResult<()>;
     /// Sum of squares in the contract's order.
     fn sum_sq(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Mean in the contract's order.
@@ -286,7 +320,6 @@ pub trait Backend {
         t: usize,
         c: usize,
     ) -> BResult<()>;
-    /// Returns the amax of `y`'s values when `y` is E4M3 (0 otherwise).
     fn layernorm_forward(
         &self,
         y: ActOut<'_, Self>,
@@ -297,7 +330,7 @@ pub trait Backend {
         b: &Self::Buf<f32>,
         n: usize,
         c: usize,
-    ) -> BResult<f32>;
+    ) -> BResult<()>;
     /// `dx` is overwritten, or with `accumulate` added to (`dx = dx + grad`: the
     /// residual stream's gradient taking the branch's, as `accumulate` would).
     fn layernorm_backward(
@@ -331,8 +364,8 @@ pub trait Backend {
         shape: AttnShape,
     ) -> BResult<()>;
     /// `y = gelu(x + bias)` (the bias, of `bias.len()` columns, added first in f32;
-    /// none: `gelu(x)`). Returns the amax of `y`'s values when `y` is E4M3 (0 otherwise).
-    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<f32>, bias: Option<&Self::Buf<f32>>) -> BResult<f32>;
+    /// none: `gelu(x)`).
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<f32>, bias: Option<&Self::Buf<f32>>) -> BResult<()>;
     /// `dx = dy * gelu'(x + bias)`.
     fn gelu_backward(
         &self,

@@ -1,44 +1,47 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
-use super::{ActOut, AdamState, BResult, Backend, CastStats, Elem, GradRef, Operand, Product};
+use super::{
+    amax_slot_bits, ActOut, AdamState, BResult, Backend, CastStats, Elem, GradRef, JitSrc, Operand, Product, Slot,
+};
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
 use fp8sim::ops::adamw::{self, AdamStep, Grad, ScaledE4m3, ScaledF16};
 use fp8sim::ops::attention::{self, AttnShape};
 use fp8sim::ops::gemm::{self, MatRef};
 use fp8sim::ops::{crossentropy, encoder, gelu, layernorm};
+use fp8sim::scaling::scale_from_amax;
 use fp8sim::{par, reduce};
 
-/// Store f32 values into an activation output; returns their amax for E4M3 (the
-/// cast's statistics), else 0.
-fn store_act(y: ActOut<'_, Sim>, vals: &[f32]) -> f32 {
+/// Record an amax in its slot (the largest pattern stays, as the GPU's atomicMax).
+fn put_amax(slot: Slot<'_, Sim>, amax: f32) {
+    let v = &mut slot.buf[slot.at];
+    *v = (*v).max(amax_slot_bits(amax));
+}
+
+/// Store f32 values into an activation output (E4M3: their amax into its slot).
+fn store_act(y: ActOut<'_, Sim>, vals: &[f32]) {
     match y {
-        ActOut::F32(o) => {
-            o.copy_from_slice(vals);
-            0.0
-        }
-        ActOut::Bf16(o) => {
-            half16::to_bf16_slice(vals, o);
-            0.0
-        }
-        ActOut::E4m3(q, scale) => {
+        ActOut::F32(o) => o.copy_from_slice(vals),
+        ActOut::Bf16(o) => half16::to_bf16_slice(vals, o),
+        ActOut::E4m3(q, scale, slot) => {
             fp8::encode_scaled(Fp8Format::E4M3, vals, scale, q);
-            reduce::amax(vals)
+            put_amax(slot, reduce::amax(vals));
         }
     }
 }
 
 /// Run `f` into `y` directly when it is f32, else into a scratch stored with
 /// [`store_act`] (the same values, then the storage type's rounding).
-fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult<f32> {
+fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult<()> {
     if let ActOut::F32(o) = y {
         f(o);
-        return Ok(0.0);
+        return Ok(());
     }
     let mut tmp = host_vec(n)?;
     tmp.resize(n, 0f32);
     f(&mut tmp);
-    Ok(store_act(y, &tmp))
+    store_act(y, &tmp);
+    Ok(())
 }
 
 /// The CPU simulator (uses rayon's current pool).
@@ -99,6 +102,46 @@ impl Backend for Sim {
             let saturated = x.iter().filter(|&&v| (v * scale).abs() > max).count() as u64;
             CastStats { amax: reduce::amax(x), saturated }
         })
+    }
+    fn amax_to(&self, x: &Vec<f32>, slot: Slot<'_, Self>) -> BResult<()> {
+        put_amax(slot, reduce::amax(x));
+        Ok(())
+    }
+    fn cast_fp8_to(
+        &self,
+        q: &mut Vec<u8>,
+        x: &Vec<f32>,
+        fmt: Fp8Format,
+        scale: f32,
+        stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        let st = self.cast_fp8(q, x, fmt, scale)?;
+        stats.buf[stats.at + 1] += st.saturated;
+        put_amax(stats, st.amax);
+        Ok(())
+    }
+    fn cast_fp8_jit(
+        &self,
+        q: &mut Vec<u8>,
+        x: JitSrc<'_, Self>,
+        fmt: Fp8Format,
+        prev: f32,
+        amax: Slot<'_, Self>,
+    ) -> BResult<()> {
+        let decoded;
+        let x = match x {
+            JitSrc::F32(x) => x,
+            JitSrc::F16(h, inv) => {
+                let mut d = self.zeros::<f32>(h.len())?;
+                self.decode_f16(&mut d, h, inv)?;
+                decoded = d;
+                &decoded
+            }
+        };
+        let a = reduce::amax(x);
+        fp8::encode_scaled(fmt, x, scale_from_amax(fmt, a, 0, prev), q);
+        put_amax(amax, a);
+        Ok(())
     }
     fn decode_fp8(&self, x: &mut Vec<f32>, q: &Vec<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
         fp8::decode_scaled(fmt, q, inv_scale, x);
@@ -224,7 +267,7 @@ impl Backend for Sim {
         b: &Vec<f32>,
         n: usize,
         c: usize,
-    ) -> BResult<f32> {
+    ) -> BResult<()> {
         into_act(y, n * c, |yv| layernorm::layernorm_forward(yv, mean, rstd, x, w, b, n, c))
     }
     fn layernorm_backward(
@@ -271,7 +314,7 @@ impl Backend for Sim {
         attention::attention_backward(dqkv, dout, qkv, out, stats, shape);
         Ok(())
     }
-    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<f32>, bias: Option<&Vec<f32>>) -> BResult<f32> {
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<f32>, bias: Option<&Vec<f32>>) -> BResult<()> {
         into_act(y, x.len(), |yv| gelu::gelu_forward(yv, x, bias.map(|b| b.as_slice())))
     }
     fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, bias: Option<&Vec<f32>>, dy: &Vec<f32>) -> BResult<()> {

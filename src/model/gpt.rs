@@ -10,7 +10,7 @@ use super::config::{Level, ModelConfig};
 use super::linear::{self, Dims, GradCast, LinearScaling, MasterRef, Saved, WeightView};
 use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::BResult;
-use crate::backend::{ActOut, AdamState, Backend, GradRef, Operand, Product};
+use crate::backend::{slot_amax, ActOut, AdamState, Backend, GradRef, JitSrc, Operand, Product, Slot};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::bf16;
 use fp8sim::ops::adamw::AdamStep;
@@ -81,6 +81,10 @@ pub struct Workspace<B: Backend> {
     dgelu: B::Buf<f32>,
     dfc: B::Buf<f32>,
     dyq: [GradCast<B>; 4],
+    /// Statistics of one step, read back once (see `Slots`); the weight views' amaxes
+    /// have their own buffer, read back before the forward pass needs their scales.
+    stats: B::Buf<u64>,
+    view_stats: B::Buf<u64>,
     g_w: [B::Buf<f32>; 4],
     g_b: [B::Buf<f32>; 4],
     g_c: [B::Buf<f32>; 2],
@@ -212,6 +216,8 @@ impl<B: Backend> Gpt<B> {
                 dgelu: z(n * 4 * c)?,
                 dfc: z(n * 4 * c)?,
                 dyq: arr4(|i| GradCast::new(be, fp8, n * outs[i]))?,
+                stats: be.zeros(Slots::new(&self.cfg).len())?,
+                view_stats: be.zeros(4 * self.cfg.n_layer)?,
                 g_w: arr4(|i| z(outs[i] * ins[i]))?,
                 g_b: arr4(|i| z(outs[i]))?,
                 g_c: [z(c)?, z(c)?],
@@ -243,6 +249,7 @@ impl<B: Backend> Gpt<B> {
                 be.decode_f16(w, codes, 1.0 / scale)?;
             }
         }
+        ws.view_stats = be.zeros(4 * self.cfg.n_layer)?;
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
                 let master = match &self.params[params::layer_param(l, *wi)].master {
@@ -250,7 +257,18 @@ impl<B: Backend> Gpt<B> {
                     Master::F16 { codes, scale } => MasterRef::F16(codes, *scale),
                     Master::Remote => continue, // its owner sends the view (share_weights)
                 };
-                ws.views[4 * l + j].update(be, master)?;
+                ws.views[4 * l + j].update(be, master, Slot { buf: &mut ws.view_stats, at: 4 * l + j })?;
+            }
+        }
+        if self.level.fp8() {
+            // One read-back for every view's scale (the forward pass needs them).
+            let amax = be.download(&ws.view_stats)?;
+            for l in 0..self.cfg.n_layer {
+                for (j, (wi, _)) in LINEARS.iter().enumerate() {
+                    if !matches!(self.params[params::layer_param(l, *wi)].master, Master::Remote) {
+                        ws.views[4 * l + j].settle(slot_amax(amax[4 * l + j]));
+                    }
+                }
             }
         }
         if self.level == Level::O3 && world.size() > 1 {
@@ -305,8 +323,8 @@ impl<B: Backend> Gpt<B> {
         self.params.iter().map(|p| p.optimizer_bytes(be)).sum()
     }
 
-    /// Forward pass; returns the mean loss. `train`: record amax histories, and leave the
-    /// loss to `forward_backward` (returns NaN).
+    /// Forward pass; returns the mean loss. `train`: leave the loss (and the amax
+    /// histories, from the statistics slots) to `forward_backward` (returns NaN).
     pub fn forward(
         &mut self,
         be: &B,
@@ -321,6 +339,8 @@ impl<B: Backend> Gpt<B> {
             assert!(tokens.len() == n && targets.len() == n, "forward: batch is not b x t tokens");
             ws.tokens = be.upload(tokens)?;
             ws.targets = be.upload(targets)?;
+            let slots = Slots::new(&self.cfg);
+            ws.stats = be.zeros(slots.len())?;
             let (params, work) = (&self.params, &ws.work);
             let w = |i: usize| Self::weight(params, work, i);
             be.encoder_forward(&mut ws.encoded, &ws.tokens, w(params::WTE), w(params::WPE), b, t, c)?;
@@ -330,11 +350,13 @@ impl<B: Backend> Gpt<B> {
                 let (done, rest) = ws.layers.split_at_mut(l);
                 let la = &mut rest[0];
                 let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
-                let sc = &mut self.scaling[4 * l..4 * l + 4];
+                let sc = &self.scaling[4 * l..4 * l + 4];
                 let views = &ws.views[4 * l..4 * l + 4];
                 let [s0, s1, s2, s3] = &mut la.saved;
                 let dims = layer_dims(n, c);
-                linear::produce_input(be, s0, &mut ws.ln_out, &mut sc[0], train, |y| {
+                let st = &mut ws.stats;
+                let act = |k: usize| slots.act(4 * l + k);
+                linear::produce_input(be, s0, &mut ws.ln_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
                     be.layernorm_forward(
                         y,
                         &mut la.ln1_mean,
@@ -349,10 +371,10 @@ impl<B: Backend> Gpt<B> {
                 linear::forward(be, &mut la.qkv, &views[0], s0, dims[0])?;
                 be.add_bias(&mut la.qkv, p(params::QKV_B), 3 * c)?;
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
-                linear::cast_input(be, s1, &la.att, &mut sc[1], train)?;
+                linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward(be, &mut ws.lin_out, &views[1], s1, dims[1])?;
                 be.residual_forward(&mut la.res_mid, res_in, &ws.lin_out, p(params::PROJ_B))?;
-                linear::produce_input(be, s2, &mut ws.ln_out, &mut sc[2], train, |y| {
+                linear::produce_input(be, s2, &mut ws.ln_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
                     be.layernorm_forward(
                         y,
                         &mut la.ln2_mean,
@@ -366,7 +388,7 @@ impl<B: Backend> Gpt<B> {
                 })?;
                 // fc holds the product before its bias: GELU adds it (forward and backward).
                 linear::forward(be, &mut la.fc, &views[2], s2, dims[2])?;
-                linear::produce_input(be, s3, &mut ws.gelu_out, &mut sc[3], train, |y| {
+                linear::produce_input(be, s3, &mut ws.gelu_out, &sc[3], Slot { buf: st, at: act(3) }, |y| {
                     be.gelu_forward(y, &la.fc, Some(p(params::FC_B)))
                 })?;
                 linear::forward(be, &mut ws.lin_out, &views[3], s3, dims[3])?;
@@ -396,20 +418,16 @@ impl<B: Backend> Gpt<B> {
         })
     }
 
-    /// Store parameter `i`'s f32 gradient in its level's format; returns false if it
-    /// held a NaN or infinity.
-    fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>) -> BResult<bool> {
-        Ok({
-            let amax = be.amax(g)?;
-            match &mut p.grad {
-                GradStore::F32(dst) => be.copy(dst, g)?,
-                GradStore::Fp8 { codes, scale } => {
-                    *scale = scale_from_amax(Fp8Format::E4M3, amax, 0, *scale);
-                    be.cast_fp8_only(codes, g, Fp8Format::E4M3, *scale)?;
-                }
+    /// Store a parameter's f32 gradient in its level's format, its amax into `amax`
+    /// (an FP8 gradient's just-in-time scale follows from it: `settle_grads`).
+    fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>, amax: Slot<'_, B>) -> BResult<()> {
+        match &mut p.grad {
+            GradStore::F32(dst) => {
+                be.amax_to(g, amax)?;
+                be.copy(dst, g)
             }
-            amax.is_finite()
-        })
+            GradStore::Fp8 { codes, scale } => be.cast_fp8_jit(codes, JitSrc::F32(g), Fp8Format::E4M3, *scale, amax),
+        }
     }
 
     /// Forward and backward of one batch. The loss gradient is multiplied by `mu`, so
@@ -429,7 +447,7 @@ impl<B: Backend> Gpt<B> {
             let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
             let n = b * t;
             let mut st = BackwardStats::default();
-            let mut finite = true;
+            let slots = Slots::new(&self.cfg);
             let Gpt { params, scaling, cfg, .. } = self;
 
             // Loss and LM head.
@@ -475,8 +493,8 @@ impl<B: Backend> Gpt<B> {
                     c,
                 )?;
             }
-            finite &= Self::store_grad(be, &mut params[lf], &ws.g_c[0])?;
-            finite &= Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1])?;
+            Self::store_grad(be, &mut params[lf], &ws.g_c[0], Slot { buf: &mut ws.stats, at: slots.grad(lf) })?;
+            Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1], Slot { buf: &mut ws.stats, at: slots.grad(lf + 1) })?;
 
             let shape = AttnShape { b, t, c, nh: cfg.n_head };
             for l in (0..cfg.n_layer).rev() {
@@ -484,7 +502,7 @@ impl<B: Backend> Gpt<B> {
                 let (done, rest) = ws.layers.split_at(l);
                 let la = &rest[0];
                 let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
-                let sc = &mut scaling[4 * l..4 * l + 4];
+                let sc = &scaling[4 * l..4 * l + 4];
                 let views = &ws.views[4 * l..4 * l + 4];
                 let work = &ws.work;
                 let dims = layer_dims(n, c);
@@ -493,7 +511,7 @@ impl<B: Backend> Gpt<B> {
                 let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
 
                 // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
-                st.saturated += linear::backward(
+                linear::backward(
                     be,
                     &mut ws.dgelu,
                     gw3,
@@ -501,15 +519,26 @@ impl<B: Backend> Gpt<B> {
                     &ws.dres,
                     &views[3],
                     &la.saved[3],
-                    &mut sc[3],
+                    &sc[3],
                     q3,
                     dims[3],
+                    Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 3) },
                 )?;
-                finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_W)], gw3)?;
-                finite &= Self::store_grad(be, &mut params[idx(params::FCPROJ_B)], gb3)?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::FCPROJ_W)],
+                    gw3,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FCPROJ_W)) },
+                )?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::FCPROJ_B)],
+                    gb3,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FCPROJ_B)) },
+                )?;
                 let fc_b = Self::weight(params, work, idx(params::FC_B));
                 be.gelu_backward(&mut ws.dfc, &la.fc, Some(fc_b), &ws.dgelu)?;
-                st.saturated += linear::backward(
+                linear::backward(
                     be,
                     &mut ws.dln,
                     gw2,
@@ -517,12 +546,23 @@ impl<B: Backend> Gpt<B> {
                     &ws.dfc,
                     &views[2],
                     &la.saved[2],
-                    &mut sc[2],
+                    &sc[2],
                     q2,
                     dims[2],
+                    Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 2) },
                 )?;
-                finite &= Self::store_grad(be, &mut params[idx(params::FC_W)], gw2)?;
-                finite &= Self::store_grad(be, &mut params[idx(params::FC_B)], gb2)?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::FC_W)],
+                    gw2,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FC_W)) },
+                )?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::FC_B)],
+                    gb2,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FC_B)) },
+                )?;
                 {
                     let [gc0, gc1] = &mut ws.g_c;
                     let w2 = Self::weight(params, work, idx(params::LN2_W));
@@ -541,11 +581,21 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )?;
                 }
-                finite &= Self::store_grad(be, &mut params[idx(params::LN2_W)], &ws.g_c[0])?;
-                finite &= Self::store_grad(be, &mut params[idx(params::LN2_B)], &ws.g_c[1])?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::LN2_W)],
+                    &ws.g_c[0],
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN2_W)) },
+                )?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::LN2_B)],
+                    &ws.g_c[1],
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN2_B)) },
+                )?;
 
                 // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
-                st.saturated += linear::backward(
+                linear::backward(
                     be,
                     &mut ws.datt,
                     gw1,
@@ -553,14 +603,25 @@ impl<B: Backend> Gpt<B> {
                     &ws.dres,
                     &views[1],
                     &la.saved[1],
-                    &mut sc[1],
+                    &sc[1],
                     q1,
                     dims[1],
+                    Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 1) },
                 )?;
-                finite &= Self::store_grad(be, &mut params[idx(params::PROJ_W)], gw1)?;
-                finite &= Self::store_grad(be, &mut params[idx(params::PROJ_B)], gb1)?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::PROJ_W)],
+                    gw1,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_W)) },
+                )?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::PROJ_B)],
+                    gb1,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_B)) },
+                )?;
                 be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape)?;
-                st.saturated += linear::backward(
+                linear::backward(
                     be,
                     &mut ws.dln,
                     gw0,
@@ -568,12 +629,23 @@ impl<B: Backend> Gpt<B> {
                     &ws.dqkv,
                     &views[0],
                     &la.saved[0],
-                    &mut sc[0],
+                    &sc[0],
                     q0,
                     dims[0],
+                    Slot { buf: &mut ws.stats, at: slots.dy(4 * l) },
                 )?;
-                finite &= Self::store_grad(be, &mut params[idx(params::QKV_W)], gw0)?;
-                finite &= Self::store_grad(be, &mut params[idx(params::QKV_B)], gb0)?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::QKV_W)],
+                    gw0,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::QKV_W)) },
+                )?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::QKV_B)],
+                    gb0,
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::QKV_B)) },
+                )?;
                 {
                     let [gc0, gc1] = &mut ws.g_c;
                     let w1 = Self::weight(params, work, idx(params::LN1_W));
@@ -592,8 +664,18 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )?;
                 }
-                finite &= Self::store_grad(be, &mut params[idx(params::LN1_W)], &ws.g_c[0])?;
-                finite &= Self::store_grad(be, &mut params[idx(params::LN1_B)], &ws.g_c[1])?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::LN1_W)],
+                    &ws.g_c[0],
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN1_W)) },
+                )?;
+                Self::store_grad(
+                    be,
+                    &mut params[idx(params::LN1_B)],
+                    &ws.g_c[1],
+                    Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN1_B)) },
+                )?;
                 if self.level.fp8() {
                     st.cast_elements += (n * (3 * c + c + 4 * c + c)) as u64;
                 }
@@ -602,8 +684,35 @@ impl<B: Backend> Gpt<B> {
             if inject_nan {
                 be.set(&mut ws.g_wte, 0, f32::NAN)?;
             }
-            finite &= Self::store_grad(be, &mut params[params::WTE], &ws.g_wte)?;
-            finite &= Self::store_grad(be, &mut params[params::WPE], &ws.g_wpe)?;
+            Self::store_grad(
+                be,
+                &mut params[params::WTE],
+                &ws.g_wte,
+                Slot { buf: &mut ws.stats, at: slots.grad(params::WTE) },
+            )?;
+            Self::store_grad(
+                be,
+                &mut params[params::WPE],
+                &ws.g_wpe,
+                Slot { buf: &mut ws.stats, at: slots.grad(params::WPE) },
+            )?;
+            // One read-back for the step's statistics, recorded as if each on the spot.
+            let stats = be.download(&ws.stats)?;
+            let amax = |k: usize| slot_amax(stats[k]);
+            if self.level.fp8() {
+                for (k, sc) in scaling.iter_mut().enumerate() {
+                    sc.record(amax(slots.act(k)), amax(slots.dy(k)));
+                    st.saturated += stats[slots.dy(k) + 1];
+                }
+            }
+            let mut finite = true;
+            for (i, p) in params.iter_mut().enumerate() {
+                let a = amax(slots.grad(i));
+                finite &= a.is_finite();
+                if let GradStore::Fp8 { scale, .. } = &mut p.grad {
+                    *scale = scale_from_amax(Fp8Format::E4M3, a, 0, *scale);
+                }
+            }
             st.overflow = !finite;
             st
         })
@@ -664,6 +773,32 @@ impl<B: Backend> Gpt<B> {
     /// Mean loss of a batch without touching any state that training keeps.
     pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> BResult<f32> {
         self.forward(be, ws, tokens, targets, false)
+    }
+}
+
+/// Where each figure sits in a step's statistics buffer: per linear layer `k` (4 per
+/// block, in order) the input cast's amax and saturated count, then the output
+/// gradient cast's; then one amax per parameter gradient.
+struct Slots {
+    linears: usize,
+    params: usize,
+}
+
+impl Slots {
+    fn new(cfg: &ModelConfig) -> Slots {
+        Slots { linears: 4 * cfg.n_layer, params: params::specs(cfg).len() }
+    }
+    fn len(&self) -> usize {
+        4 * self.linears + self.params
+    }
+    fn act(&self, k: usize) -> usize {
+        2 * k
+    }
+    fn dy(&self, k: usize) -> usize {
+        2 * self.linears + 2 * k
+    }
+    fn grad(&self, i: usize) -> usize {
+        4 * self.linears + i
     }
 }
 

@@ -13,12 +13,17 @@
 //! the f32 tensor (see `produce_input`). The bias is added by the op after the product
 //! (the residual add, GELU, or `add_bias`), again the same f32 addition.
 //!
+//! Statistics (amax of every cast, saturated counts) go to slots of the step's
+//! statistics buffer; the model reads them back once and records them afterwards
+//! (`LinearScaling::record`, `WeightView::settle`), the same values in the same
+//! histories as recording each on the spot.
+//!
 //! Delayed scaling starts with an empty history: the first cast of a tensor uses its
 //! own amax (just-in-time) instead of the initial scale 1, so step 1 does not flush
 //! small gradients to zero. (Transformer Engine starts from 1.)
 
 use crate::backend::BResult;
-use crate::backend::{ActOut, Backend, Operand, Product};
+use crate::backend::{ActOut, Backend, JitSrc, Operand, Product, Slot};
 use fp8sim::half16::{bf16, f16};
 use fp8sim::scaling::{scale_from_amax, DelayedScaling, ScalingConfig};
 use fp8sim::Fp8Format::{E4M3, E5M2};
@@ -33,6 +38,12 @@ pub struct LinearScaling {
 }
 
 impl LinearScaling {
+    /// This step's amaxes of the input and the output gradient, once read back.
+    pub fn record(&mut self, act: f32, grad: f32) {
+        self.act.record(act);
+        self.grad.record(grad);
+    }
+
     pub fn new(window: usize) -> Self {
         LinearScaling {
             act: DelayedScaling::new(ScalingConfig { window, ..ScalingConfig::delayed(E4M3) }),
@@ -69,25 +80,30 @@ impl<B: Backend> WeightView<B> {
         })
     }
 
-    /// Re-derive from the master (just-in-time scale for FP8). An FP16 master is read
-    /// as its decoded f32 values (`decode_f16`) without writing them out.
-    pub fn update(&mut self, be: &B, master: MasterRef<'_, B>) -> BResult<()> {
+    /// Re-derive from the master (just-in-time scale for FP8, worked out by the cast
+    /// from its amax, which goes to `amax`; then [`WeightView::settle`] with it). An
+    /// FP16 master is read as its decoded f32 values (`decode_f16`) without writing them.
+    pub fn update(&mut self, be: &B, master: MasterRef<'_, B>, amax: Slot<'_, B>) -> BResult<()> {
         match (self, master) {
             (WeightView::Bf16(b), MasterRef::F32(w)) => be.cast_bf16(b, w)?,
             (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => {
-                *scale = scale_from_amax(E4M3, be.amax(w)?, 0, *scale);
-                be.cast_fp8_only(codes, w, E4M3, *scale)?;
+                be.cast_fp8_jit(codes, JitSrc::F32(w), E4M3, *scale, amax)?
             }
             (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, master_scale)) => {
-                let inv = 1.0 / master_scale;
-                *scale = scale_from_amax(E4M3, be.amax_f16(h, inv)?, 0, *scale);
-                be.cast_f16_fp8(codes, h, inv, E4M3, *scale)?;
+                be.cast_fp8_jit(codes, JitSrc::F16(h, 1.0 / master_scale), E4M3, *scale, amax)?
             }
             (WeightView::Bf16(_), MasterRef::F16(..)) => {
                 unreachable!("BF16 weight views come with f32 masters (bf16 level)")
             }
         }
         Ok(())
+    }
+
+    /// The scale `update` cast with, from its amax (read back).
+    pub fn settle(&mut self, amax: f32) {
+        if let WeightView::Fp8 { scale, .. } = self {
+            *scale = scale_from_amax(E4M3, amax, 0, *scale);
+        }
     }
 
     fn operand(&self) -> (Operand<'_, B>, f32) {
@@ -162,55 +178,47 @@ pub struct Dims {
 }
 
 /// Fill `saved` with a layer's input, cast from the f32 tensor `x` (BF16, or E4M3 with
-/// the delayed scale, just-in-time when there is no history yet). `record`: update the
-/// amax history (training) or not (evaluation).
+/// the delayed scale, just-in-time when there is no history yet); the cast's
+/// statistics go to `stats` (two slots).
 pub fn cast_input<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     x: &B::Buf<f32>,
-    sc: &mut LinearScaling,
-    record: bool,
+    sc: &LinearScaling,
+    stats: Slot<'_, B>,
 ) -> BResult<()> {
     match saved {
         Saved::Bf16(b) => be.cast_bf16(b, x)?,
         Saved::Fp8 { codes, scale } => {
             *scale = scale_now(be, &sc.act, x)?;
-            let stats = be.cast_fp8(codes, x, E4M3, *scale)?;
-            if record {
-                sc.act.record(stats.amax);
-            }
+            be.cast_fp8_to(codes, x, E4M3, *scale, stats)?;
         }
     }
     Ok(())
 }
 
 /// Fill `saved` with a layer's input made by `produce`, which writes its values into
-/// the `ActOut` it is given and returns their amax for E4M3 (a layernorm or GELU
-/// forward). The values go straight into the saved copy when their scale is known
-/// first; at the first FP8 step (no history, a just-in-time scale) they go through the
-/// f32 `scratch` and [`cast_input`]. Either way the same bits are saved and recorded.
+/// the `ActOut` it is given (a layernorm or GELU forward). The values go straight into
+/// the saved copy when their scale is known first (their amax into `stats`); at the
+/// first FP8 step (no history, a just-in-time scale) they go through the f32 `scratch`
+/// and [`cast_input`]. Either way the same bits are saved and measured.
 pub fn produce_input<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     scratch: &mut B::Buf<f32>,
-    sc: &mut LinearScaling,
-    record: bool,
-    produce: impl FnOnce(ActOut<'_, B>) -> BResult<f32>,
+    sc: &LinearScaling,
+    stats: Slot<'_, B>,
+    produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
 ) -> BResult<()> {
     match saved {
-        Saved::Bf16(b) => {
-            produce(ActOut::Bf16(b))?;
-        }
+        Saved::Bf16(b) => produce(ActOut::Bf16(b))?,
         Saved::Fp8 { codes, scale } if sc.act.history().next().is_some() => {
             *scale = sc.act.scale();
-            let amax = produce(ActOut::E4m3(codes, *scale))?;
-            if record {
-                sc.act.record(amax);
-            }
+            produce(ActOut::E4m3(codes, *scale, stats))?;
         }
         Saved::Fp8 { .. } => {
             produce(ActOut::F32(scratch))?;
-            cast_input(be, saved, scratch, sc, record)?;
+            cast_input(be, saved, scratch, sc, stats)?;
         }
     }
     Ok(())
@@ -223,8 +231,8 @@ pub fn forward<B: Backend>(be: &B, out: &mut B::Buf<f32>, w: &WeightView<B>, sav
     be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)
 }
 
-/// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`. Returns how many output
-/// gradient elements saturated in the E5M2 cast.
+/// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`; the E5M2 cast's amax and
+/// saturated count go to `stats` (two slots).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
@@ -234,27 +242,23 @@ pub fn backward<B: Backend>(
     dy: &B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
-    sc: &mut LinearScaling,
+    sc: &LinearScaling,
     dyq: &mut GradCast<B>,
     d: Dims,
-) -> BResult<u64> {
-    Ok({
-        be.column_sums(db, dy, d.n, d.oc)?;
-        let (mut saturated, mut dys) = (0, 1.0);
-        match dyq {
-            GradCast::Bf16(b) => be.cast_bf16(b, dy)?,
-            GradCast::Fp8(codes) => {
-                let s = scale_now(be, &sc.grad, dy)?;
-                let stats = be.cast_fp8(codes, dy, E5M2, s)?;
-                sc.grad.record(stats.amax);
-                saturated = stats.saturated;
-                dys = 1.0 / s;
-            }
+    stats: Slot<'_, B>,
+) -> BResult<()> {
+    be.column_sums(db, dy, d.n, d.oc)?;
+    let mut dys = 1.0;
+    match dyq {
+        GradCast::Bf16(b) => be.cast_bf16(b, dy)?,
+        GradCast::Fp8(codes) => {
+            let s = scale_now(be, &sc.grad, dy)?;
+            be.cast_fp8_to(codes, dy, E5M2, s, stats)?;
+            dys = 1.0 / s;
         }
-        let (wa, ws) = w.operand();
-        be.matmul(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
-        let (xa, xs) = saved.operand();
-        be.matmul(dw, dyq.operand(), xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)?;
-        saturated
-    })
+    }
+    let (wa, ws) = w.operand();
+    be.matmul(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
+    let (xa, xs) = saved.operand();
+    be.matmul(dw, dyq.operand(), xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)
 }

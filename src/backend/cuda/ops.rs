@@ -6,8 +6,8 @@
 use super::lt::{Lt, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, MemoryStats, OpTime, Operand, Phase,
-    Product,
+    ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, JitSrc, MemoryStats, OpTime, Operand,
+    Phase, Product, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -504,24 +504,26 @@ impl Cuda {
         self.gpu.ctx.attribute(OPTIN).map(|b| b as u32).unwrap_or(48 << 10)
     }
 
-    /// An activation output as the kernels take it: (pointer, mode, scale); see
-    /// fp8train_act_store in fp8train_common.cuh.
-    fn act_out(&self, y: &mut ActOut<'_, Self>) -> (u64, i32, f32) {
+    /// An activation output as the kernels take it: (pointer, mode, scale, amax slot
+    /// pointer or 0); see fp8train_act_store in fp8train_common.cuh.
+    fn act_out(&self, y: &mut ActOut<'_, Self>) -> (u64, i32, f32, u64) {
         use cudarc::driver::DevicePtrMut;
         let s = &self.gpu.stream;
         match y {
-            ActOut::F32(b) => (b.device_ptr_mut(s).0, 0, 1.0),
-            ActOut::Bf16(b) => (b.device_ptr_mut(s).0, 1, 1.0),
-            ActOut::E4m3(b, scale) => (b.device_ptr_mut(s).0, 2, *scale),
+            ActOut::F32(b) => (b.device_ptr_mut(s).0, 0, 1.0, 0),
+            ActOut::Bf16(b) => (b.device_ptr_mut(s).0, 1, 1.0, 0),
+            ActOut::E4m3(b, scale, slot) => {
+                let pa = self.slot_ptr(slot);
+                (b.device_ptr_mut(s).0, 2, *scale, pa)
+            }
         }
     }
 
-    /// The amax an activation output's kernel left in `stats` (E4M3 outputs; 0 else).
-    fn act_amax(&self, mode: i32, stats: &CudaSlice<u64>) -> BResult<f32> {
-        if mode != 2 {
-            return Ok(0.0);
-        }
-        Ok(amax_from_bits(self.gpu.stream.clone_dtoh(stats).map_err(|e| BackendError::new("CUDA copy", e))?[0]))
+    /// The device address of a statistics slot.
+    fn slot_ptr(&self, slot: &mut Slot<'_, Self>) -> u64 {
+        use cudarc::driver::DevicePtrMut;
+        assert!(slot.at < slot.buf.len(), "statistics slot {} of {}", slot.at, slot.buf.len());
+        slot.buf.device_ptr_mut(&self.gpu.stream).0 + 8 * slot.at as u64
     }
 
     /// A bias as the kernels take it: (pointer or 0 for none, columns).
@@ -638,15 +640,6 @@ impl Backend for Cuda {
             CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
         })
     }
-    fn cast_fp8_only(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> BResult<()> {
-        let _op = self.op(Phase::Other, "cast_fp8");
-        let n = x.len() as u32;
-        // The kernel's statistics land in scratch nobody reads: no read-back, no wait.
-        let mut stats = self.scratch::<u64>(2)?;
-        let f = e5(fmt);
-        launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
-        Ok(())
-    }
     fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "decode_fp8");
         let (n, f) = (q.len() as u32, e5(fmt));
@@ -671,26 +664,51 @@ impl Backend for Cuda {
         launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
         Ok(())
     }
-    fn amax_f16(&self, h: &CudaSlice<f16>, inv_scale: f32) -> BResult<f32> {
-        Ok({
-            let _op = self.op(Phase::Other, "amax");
-            let n = h.len() as u32;
-            let mut out = self.alloc::<u64>(1)?;
-            launch!(self, "amax_f16", with stride_cfg(n as usize), [h, &inv_scale, &n, &mut out]);
-            amax_from_bits(self.gpu.stream.clone_dtoh(&out).map_err(|e| BackendError::new("CUDA copy", e))?[0])
-        })
+    fn amax_to(&self, x: &CudaSlice<f32>, mut slot: Slot<'_, Self>) -> BResult<()> {
+        let _op = self.op(Phase::Other, "amax");
+        let (n, p) = (x.len() as u32, self.slot_ptr(&mut slot));
+        launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &p]);
+        Ok(())
     }
-    fn cast_f16_fp8(
+    fn cast_fp8_to(
         &self,
         q: &mut CudaSlice<u8>,
-        h: &CudaSlice<f16>,
-        inv_scale: f32,
+        x: &CudaSlice<f32>,
         fmt: Fp8Format,
         scale: f32,
+        mut stats: Slot<'_, Self>,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_fp8");
-        let (n, f) = (h.len() as u32, e5(fmt));
-        launch!(self, "cast_f16_fp8", n as usize, [h, q, &inv_scale, &scale, &n, &f]);
+        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
+        let (n, f, p) = (x.len() as u32, e5(fmt), self.slot_ptr(&mut stats));
+        launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &p]);
+        Ok(())
+    }
+    fn cast_fp8_jit(
+        &self,
+        q: &mut CudaSlice<u8>,
+        x: JitSrc<'_, Self>,
+        fmt: Fp8Format,
+        prev: f32,
+        mut amax: Slot<'_, Self>,
+    ) -> BResult<()> {
+        use cudarc::driver::DevicePtr;
+        let _op = self.op(Phase::Other, "cast_fp8_jit");
+        let (f, p) = (e5(fmt), self.slot_ptr(&mut amax));
+        let s = &self.gpu.stream;
+        let (src, f16, inv, n) = match x {
+            JitSrc::F32(x) => {
+                let n = x.len() as u32;
+                launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &p]);
+                (x.device_ptr(s).0, 0i32, 1.0f32, n)
+            }
+            JitSrc::F16(h, inv) => {
+                let n = h.len() as u32;
+                launch!(self, "amax_f16", with stride_cfg(n as usize), [h, &inv, &n, &p]);
+                (h.device_ptr(s).0, 1, inv, n)
+            }
+        };
+        launch!(self, "cast_fp8_jit", n as usize, [&src, &f16, &inv, q, &prev, &n, &f, &p]);
         Ok(())
     }
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
@@ -894,18 +912,12 @@ impl Backend for Cuda {
         b: &CudaSlice<f32>,
         n: usize,
         c: usize,
-    ) -> BResult<f32> {
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
-        let (py, mode, scale) = self.act_out(&mut y);
-        let mut stats = self.alloc::<u64>(1)?;
-        launch!(
-            self,
-            "layernorm_forward",
-            with ln_cfg(n, c, 1),
-            [&py, &mode, &scale, &mut stats, mean, rstd, x, w, b, &nn, &cc]
-        );
-        self.act_amax(mode, &stats)
+        let (py, mode, scale, pa) = self.act_out(&mut y);
+        launch!(self, "layernorm_forward", with ln_cfg(n, c, 1), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc]);
+        Ok(())
     }
     fn layernorm_backward(
         &self,
@@ -1012,14 +1024,13 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
         Ok(())
     }
-    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>) -> BResult<f32> {
+    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
         let (pb, c) = self.bias_arg(bias);
-        let (py, mode, scale) = self.act_out(&mut y);
-        let mut stats = self.alloc::<u64>(1)?;
-        launch!(self, "gelu_forward", (n as usize).div_ceil(4), [&py, &mode, &scale, &mut stats, x, &pb, &c, &n]);
-        self.act_amax(mode, &stats)
+        let (py, mode, scale, pa) = self.act_out(&mut y);
+        launch!(self, "gelu_forward", (n as usize).div_ceil(4), [&py, &mode, &scale, &pa, x, &pb, &c, &n]);
+        Ok(())
     }
     fn gelu_backward(
         &self,
