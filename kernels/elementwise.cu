@@ -32,6 +32,29 @@ extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, i
         if (sat) atomicAdd(&stats[1], (unsigned long long)sat);
     }
 }
+// column_chunk_sums (reduce.cu) that also writes the scaled FP8 cast of x (the output gradient of a
+// linear layer: its bias gradient and its E5M2 copy from one read), with cast_fp8's
+// statistics (stats[0]: amax bits, stats[1]: saturated; one atomic each per block).
+extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u32 rows, u32 cols, u8* q,
+                                                  float scale, int e5m2, unsigned long long* stats) {
+    u32 t = fp8train_tid();
+    u32 chunks = (rows + 31) / 32;
+    float mx = e5m2 ? 57344.0f : 448.0f;
+    u32 amax = 0, sat = 0;
+    if (t < chunks * cols) {
+        u32 ch = t / cols, j = t % cols;
+        float acc = 0.0f;
+        u32 end = min(rows, (ch + 1) * 32);
+        for (u32 r = ch * 32; r < end; r++) {
+            size_t k = (size_t)r * cols + j;
+            float v = x[k];
+            acc = acc + v;
+            q[k] = cast_fp8_one(v, scale, mx, e5m2, amax, sat);
+        }
+        part[(size_t)ch * cols + j] = acc;
+    }
+    fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
+}
 extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();
     if (i >= n) return;
@@ -99,13 +122,32 @@ extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsign
 // source's amax in *slot: every thread derives the scale from it as the host will, then
 // q = sat_encode(x * scale). The source is f32 (f16 = 0) or FP16 codes decoded with
 // inv_scale (f16 = 1).
+// Four elements per thread (launched over (n + 3) / 4 threads).
 extern "C" __global__ void cast_fp8_jit(const void* src, int f16, float inv_scale, u8* q, float prev, u32 n,
                                         int e5m2, const unsigned long long* slot) {
-    u32 i = fp8train_tid();
-    if (i >= n) return;
+    size_t i0 = 4 * (size_t)fp8train_tid();
+    if (i0 >= n) return;
     float scale = fp8train_scale_for_max(e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*slot), 0, prev);
-    float x = f16 ? f16_value(((const u16*)src)[i], inv_scale) : ((const float*)src)[i];
-    q[i] = fp8train_encode_sat(x * scale, e5m2);
+    auto load = [&](size_t i) { return f16 ? f16_value(((const u16*)src)[i], inv_scale) : ((const float*)src)[i]; };
+    if (i0 + 3 < n && (((size_t)q & 3) == 0)) {
+        float v[4];
+        if (f16 && ((size_t)src & 7) == 0) {
+            uint2 h = ((const uint2*)src)[i0 / 4];
+            v[0] = f16_value((u16)(h.x & 0xffff), inv_scale); v[1] = f16_value((u16)(h.x >> 16), inv_scale);
+            v[2] = f16_value((u16)(h.y & 0xffff), inv_scale); v[3] = f16_value((u16)(h.y >> 16), inv_scale);
+        } else if (!f16 && ((size_t)src & 15) == 0) {
+            float4 x = ((const float4*)src)[i0 / 4];
+            v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+        } else {
+            for (int k = 0; k < 4; k++) v[k] = load(i0 + k);
+        }
+        u32 w = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) w |= (u32)fp8train_encode_sat(v[k] * scale, e5m2) << (8 * k);
+        ((u32*)q)[i0 / 4] = w;
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + 4; i++) q[i] = fp8train_encode_sat(load(i) * scale, e5m2);
 }
 extern "C" __global__ void accumulate(float* acc, const float* x, u32 n) {
     u32 i = fp8train_tid();

@@ -336,3 +336,20 @@ __device__ __forceinline__ float fp8train_scale_for_max(float maxv, float amax, 
 __device__ __forceinline__ float fp8train_slot_amax(unsigned long long bits) {
     return bits > 0x7f800000ull ? FP8TRAIN_NAN : __uint_as_float((u32)bits);
 }
+// The block's amax (and count, when `count` is given) into *amax_out / *count_out with one
+// atomic each per block: every thread of the (one-dimensional) block must call it.
+__device__ __forceinline__ void fp8train_block_flush(u32 amax, u32 count, unsigned long long* amax_out,
+                                                     unsigned long long* count_out) {
+    __shared__ u32 fl_amax[32], fl_count[32];
+    amax = fp8train_warp_max_u32(amax);
+    for (int o = 16; o > 0; o >>= 1) count += __shfl_xor_sync(0xffffffffu, count, o);
+    u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (lane == 0) { fl_amax[warp] = amax; fl_count[warp] = count; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 a = 0, n = 0;
+        for (u32 w = 0; w < (blockDim.x + 31) / 32; w++) { a = fl_amax[w] > a ? fl_amax[w] : a; n += fl_count[w]; }
+        if (a) atomicMax(amax_out, (unsigned long long)a);
+        if (count_out && n) atomicAdd(count_out, (unsigned long long)n);
+    }
+}

@@ -33,7 +33,7 @@ __device__ __forceinline__ void gelu_load4(float* v, const float* x, const float
 }
 
 // y = gelu(x + bias) stored per `mode` (fp8train_act_store); every thread reaches the
-// amax flush (no early return).
+// amax flush (no early return), one atomic per block.
 extern "C" __global__ void gelu_forward(void* y, int mode, float scale, unsigned long long* amax, const float* x,
                                         const float* bias, u32 c, u32 n) {
     u32 am = 0;
@@ -48,7 +48,7 @@ extern "C" __global__ void gelu_forward(void* y, int mode, float scale, unsigned
         for (size_t i = i0; i < n && i < i0 + 4; i++)
             fp8train_act_store(y, mode, scale, i, gelu_value(gelu_input(x, bias, c, i)), am);
     }
-    if (mode == ACT_E4M3) fp8train_act_flush(am, amax);
+    if (mode == ACT_E4M3) fp8train_block_flush(am, 0, amax, nullptr);
 }
 extern "C" __global__ void gelu_backward(float* dx, const float* x, const float* bias, u32 c, const float* dy, u32 n) {
     size_t i0 = 4 * (size_t)fp8train_tid();

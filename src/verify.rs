@@ -201,7 +201,9 @@ impl Case {
             Case::Encoder { b, t, c, v } => ("encoder fwd+bwd".into(), format!("b{b} t{t} c{c} v{v}")),
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
             Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
-            Case::ColumnSums { rows, cols } => ("column sums (bias grad)".into(), format!("{rows}x{cols}")),
+            Case::ColumnSums { rows, cols } => {
+                ("column sums (bias grad) [+ e5m2 cast]".into(), format!("{rows}x{cols}"))
+            }
             Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3".into(), format!("{n}")),
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
             Case::Adam { level, n, fp8_grad } => {
@@ -416,7 +418,24 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let x = be.upload(&randn(rows * cols, 16, 1.0))?;
                 let mut out = be.zeros(cols)?;
                 be.column_sums(&mut out, &x, rows, cols)?;
-                vec![("sums", bits(be, &out)?)]
+                // With the output gradient's E5M2 cast in the same pass.
+                let (mut out2, mut q, mut st) = (be.zeros(cols)?, be.zeros::<u8>(rows * cols)?, be.zeros::<u64>(2)?);
+                be.column_sums_cast(
+                    &mut out2,
+                    &mut q,
+                    &x,
+                    rows,
+                    cols,
+                    Fp8Format::E5M2,
+                    8192.0,
+                    Slot { buf: &mut st, at: 0 },
+                )?;
+                vec![
+                    ("sums", bits(be, &out)?),
+                    ("sums (with cast)", bits(be, &out2)?),
+                    ("e5m2", be.download(&q)?.iter().map(|&c| c as u32).collect()),
+                    ("amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()),
+                ]
             }
             Case::Casts { n } => {
                 let mut host = randn(n, 17, 100.0);

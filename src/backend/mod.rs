@@ -281,6 +281,23 @@ pub trait Backend {
         k: usize,
         scale: f32,
     ) -> BResult<()>;
+    /// `column_sums` of `x` and `cast_fp8_to` of it in one go (a linear layer's bias
+    /// gradient and the FP8 copy of its output gradient; a backend may read `x` once).
+    #[allow(clippy::too_many_arguments)]
+    fn column_sums_cast(
+        &self,
+        out: &mut Self::Buf<f32>,
+        q: &mut Self::Buf<u8>,
+        x: &Self::Buf<f32>,
+        rows: usize,
+        cols: usize,
+        fmt: Fp8Format,
+        scale: f32,
+        stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        self.column_sums(out, x, rows, cols)?;
+        self.cast_fp8_to(q, x, fmt, scale, stats)
+    }
     /// `x[r, :] += bias` for every row.
     fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.

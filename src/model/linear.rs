@@ -247,13 +247,15 @@ pub fn backward<B: Backend>(
     d: Dims,
     stats: Slot<'_, B>,
 ) -> BResult<()> {
-    be.column_sums(db, dy, d.n, d.oc)?;
     let mut dys = 1.0;
     match dyq {
-        GradCast::Bf16(b) => be.cast_bf16(b, dy)?,
+        GradCast::Bf16(b) => {
+            be.column_sums(db, dy, d.n, d.oc)?;
+            be.cast_bf16(b, dy)?
+        }
         GradCast::Fp8(codes) => {
             let s = scale_now(be, &sc.grad, dy)?;
-            be.cast_fp8_to(codes, dy, E5M2, s, stats)?;
+            be.column_sums_cast(db, codes, dy, d.n, d.oc, E5M2, s, stats)?;
             dys = 1.0 / s;
         }
     }

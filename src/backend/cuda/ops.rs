@@ -526,6 +526,23 @@ impl Cuda {
         slot.buf.device_ptr_mut(&self.gpu.stream).0 + 8 * slot.at as u64
     }
 
+    /// The contract's tree over `chunks` column-chunk partials (`part`, chunk-major)
+    /// into `out` (see reduce.cu).
+    fn column_tree(&self, out: &mut CudaSlice<f32>, mut part: CudaSlice<f32>, chunks: u32, c: u32) -> BResult<()> {
+        let shared = ((chunks as usize + chunks as usize / 2 + 1) * 32 * 4) as u32;
+        if shared <= 200 << 10 {
+            let cf = LaunchConfig {
+                grid_dim: (c.div_ceil(32).max(1), 1, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: shared,
+            };
+            launch!(self, "column_tree_block", with cf, [&part, out, &chunks, &c]);
+        } else {
+            launch!(self, "column_tree", c as usize, [&mut part, out, &chunks, &c]);
+        }
+        Ok(())
+    }
+
     /// A bias as the kernels take it: (pointer or 0 for none, columns).
     fn bias_arg(&self, bias: Option<&CudaSlice<f32>>) -> (u64, u32) {
         use cudarc::driver::DevicePtr;
@@ -708,7 +725,7 @@ impl Backend for Cuda {
                 (h.device_ptr(s).0, 1, inv, n)
             }
         };
-        launch!(self, "cast_fp8_jit", n as usize, [&src, &f16, &inv, q, &prev, &n, &f, &p]);
+        launch!(self, "cast_fp8_jit", (n as usize).div_ceil(4), [&src, &f16, &inv, q, &prev, &n, &f, &p]);
         Ok(())
     }
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
@@ -812,18 +829,26 @@ impl Backend for Cuda {
         let chunks = r.div_ceil(32);
         let mut part = self.scratch::<f32>((chunks * c) as usize)?;
         launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
-        let shared = ((chunks as usize + chunks as usize / 2 + 1) * 32 * 4) as u32;
-        if shared <= 200 << 10 {
-            let cf = LaunchConfig {
-                grid_dim: (c.div_ceil(32).max(1), 1, 1),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: shared,
-            };
-            launch!(self, "column_tree_block", with cf, [&part, out, &chunks, &c]);
-        } else {
-            launch!(self, "column_tree", cols, [&mut part, out, &chunks, &c]);
-        }
-        Ok(())
+        self.column_tree(out, part, chunks, c)
+    }
+    fn column_sums_cast(
+        &self,
+        out: &mut CudaSlice<f32>,
+        q: &mut CudaSlice<u8>,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        fmt: Fp8Format,
+        scale: f32,
+        mut stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "column_sums_cast");
+        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
+        let (r, c, f, p) = (rows as u32, cols as u32, e5(fmt), self.slot_ptr(&mut stats));
+        let chunks = r.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        launch!(self, "column_chunk_sums_cast", (chunks * c) as usize, [x, &mut part, &r, &c, q, &scale, &f, &p]);
+        self.column_tree(out, part, chunks, c)
     }
     fn residual_forward(
         &self,
