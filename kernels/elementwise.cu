@@ -75,6 +75,21 @@ extern "C" __global__ void cast_bf16(const float* x, u16* y, u32 n) {
     }
     for (size_t i = 4 * (size_t)v; i < n && i < 4 * (size_t)v + 4; i++) y[i] = fp8train_to_bf16(x[i]);
 }
+// y = bf16(x + bias[column]) (the bias added first, in f32): a linear layer's output and
+// its bias as the flash kernels read them. Four per thread when c % 4 == 0 and aligned.
+extern "C" __global__ void cast_bf16_bias(const float* x, const float* bias, u16* y, u32 c, u32 n) {
+    size_t v = fp8train_tid();
+    if ((c & 3) == 0 && (((size_t)x | (size_t)bias) & 15) == 0 && ((size_t)y & 7) == 0 && 4 * v + 3 < n) {
+        float4 xv = ((const float4*)x)[v];
+        float4 b = *(const float4*)(bias + (4 * v) % c);
+        uint2 w;
+        w.x = (u32)fp8train_to_bf16(xv.x + b.x) | ((u32)fp8train_to_bf16(xv.y + b.y) << 16);
+        w.y = (u32)fp8train_to_bf16(xv.z + b.z) | ((u32)fp8train_to_bf16(xv.w + b.w) << 16);
+        ((uint2*)y)[v] = w;
+        return;
+    }
+    for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) y[i] = fp8train_to_bf16(x[i] + bias[i % c]);
+}
 extern "C" __global__ void cast_f16(const float* x, u16* y, float scale, u32 n) {
     u32 i = fp8train_tid();
     if (i < n) y[i] = fp8train_to_f16(x[i] * scale);

@@ -397,11 +397,12 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
             Case::Attention { b, t, c, nh } => {
                 let s = AttnShape { b, t, c, nh };
                 let qkv = be.upload(&randn(b * t * 3 * c, 13, 1.0))?;
+                let bias = be.upload(&randn(3 * c, 27, 0.5))?;
                 let dout = be.upload(&randn(b * t * c, 14, 1.0))?;
                 let (mut out, mut stats) = (be.zeros(b * t * c)?, be.zeros(b * nh * t * 2)?);
-                be.attention_forward(&mut out, &mut stats, &qkv, s)?;
+                be.attention_forward(&mut out, &mut stats, &qkv, &bias, s)?;
                 let mut dqkv = be.zeros(b * t * 3 * c)?;
-                be.attention_backward(&mut dqkv, &dout, &qkv, &out, &stats, s)?;
+                be.attention_backward(&mut dqkv, &dout, &qkv, &bias, &out, &stats, s)?;
                 vec![("out", bits(be, &out)?), ("stats", bits(be, &stats)?), ("dqkv", bits(be, &dqkv)?)]
             }
             Case::CrossEntropy { n, v } => {

@@ -364,11 +364,14 @@ pub trait Backend {
         n: usize,
         c: usize,
     ) -> BResult<()>;
+    /// Attention of `qkv + bias` (`qkv`: the QKV product before its bias, `3c` columns;
+    /// the bias added first, in f32, as `add_bias` would).
     fn attention_forward(
         &self,
         out: &mut Self::Buf<f32>,
         stats: &mut Self::Buf<f32>,
         qkv: &Self::Buf<f32>,
+        bias: &Self::Buf<f32>,
         shape: AttnShape,
     ) -> BResult<()>;
     fn attention_backward(
@@ -376,6 +379,7 @@ pub trait Backend {
         dqkv: &mut Self::Buf<f32>,
         dout: &Self::Buf<f32>,
         qkv: &Self::Buf<f32>,
+        bias: &Self::Buf<f32>,
         out: &Self::Buf<f32>,
         stats: &Self::Buf<f32>,
         shape: AttnShape,

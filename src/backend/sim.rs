@@ -48,6 +48,15 @@ fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sim;
 
+impl Sim {
+    /// `x + bias` (rows of `bias.len()` columns) in a new buffer.
+    fn with_bias(&self, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<Vec<f32>> {
+        let mut y = self.upload(x)?;
+        self.add_bias(&mut y, bias, bias.len())?;
+        Ok(y)
+    }
+}
+
 fn op<'a>(o: &Operand<'a, Sim>) -> gemm::Operand<'a> {
     match *o {
         Operand::F32(b) => gemm::Operand::F32(b),
@@ -68,7 +77,8 @@ impl Backend for Sim {
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         // Backward: probabilities and their gradients (t x t f32 each) per head in flight.
         let heads = (s.b * s.nh).min(rayon::current_num_threads()) as u64;
-        heads * 8 * (s.t * s.t) as u64 + 4 * (s.b * s.t * s.c) as u64
+        // + the biased copy of qkv.
+        heads * 8 * (s.t * s.t) as u64 + 4 * (s.b * s.t * s.c) as u64 + 12 * (s.b * s.t * s.c) as u64
     }
 
     fn zeros<T: Elem>(&self, n: usize) -> BResult<Vec<T>> {
@@ -297,9 +307,10 @@ impl Backend for Sim {
         out: &mut Vec<f32>,
         stats: &mut Vec<f32>,
         qkv: &Vec<f32>,
+        bias: &Vec<f32>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_forward(out, stats, qkv, shape);
+        attention::attention_forward(out, stats, &self.with_bias(qkv, bias)?, shape);
         Ok(())
     }
     fn attention_backward(
@@ -307,11 +318,12 @@ impl Backend for Sim {
         dqkv: &mut Vec<f32>,
         dout: &Vec<f32>,
         qkv: &Vec<f32>,
+        bias: &Vec<f32>,
         out: &Vec<f32>,
         stats: &Vec<f32>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_backward(dqkv, dout, qkv, out, stats, shape);
+        attention::attention_backward(dqkv, dout, &self.with_bias(qkv, bias)?, out, stats, shape);
         Ok(())
     }
     fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<f32>, bias: Option<&Vec<f32>>) -> BResult<()> {

@@ -368,9 +368,9 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )
                 })?;
+                // qkv holds the product before its bias: attention adds it (both passes).
                 linear::forward(be, &mut la.qkv, &views[0], s0, dims[0])?;
-                be.add_bias(&mut la.qkv, p(params::QKV_B), 3 * c)?;
-                be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
+                be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, p(params::QKV_B), shape)?;
                 linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward(be, &mut ws.lin_out, &views[1], s1, dims[1])?;
                 be.residual_forward(&mut la.res_mid, res_in, &ws.lin_out, p(params::PROJ_B))?;
@@ -620,7 +620,8 @@ impl<B: Backend> Gpt<B> {
                     gb1,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_B)) },
                 )?;
-                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape)?;
+                let qkv_b = Self::weight(params, work, idx(params::QKV_B));
+                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, qkv_b, &la.att, &la.att_stats, shape)?;
                 linear::backward(
                     be,
                     &mut ws.dln,

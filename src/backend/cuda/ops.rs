@@ -231,6 +231,22 @@ impl Cuda {
         Ok(entry.0.clone())
     }
 
+    /// `x + bias` rounded to BF16 (the flash kernels' qkv).
+    fn bf16_bias_copy(&self, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<CudaSlice<u16>> {
+        let (n, c) = (x.len() as u32, bias.len() as u32);
+        let mut y = self.scratch::<u16>(x.len())?;
+        launch!(self, "cast_bf16_bias", (n as usize).div_ceil(4), [x, bias, &mut y, &c, &n]);
+        Ok(y)
+    }
+
+    /// `x + bias` in f32 scratch (what the exact attention kernels read).
+    fn with_bias(&self, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<CudaSlice<f32>> {
+        let mut y = self.scratch::<f32>(x.len())?;
+        self.gpu.stream.memcpy_dtod(x, &mut y).map_err(|e| BackendError::new("CUDA copy", e))?;
+        self.add_bias(&mut y, bias, bias.len())?;
+        Ok(y)
+    }
+
     /// `x` rounded to BF16 (the flash kernels' operands).
     fn bf16_copy(&self, x: &CudaSlice<f32>) -> BResult<CudaSlice<u16>> {
         let n = x.len() as u32;
@@ -614,8 +630,8 @@ impl Backend for Cuda {
             // BF16 copies of qkv and dout, per-row statistics.
             8 * b * t * c + 16 * b * nh * t
         } else {
-            // Probabilities and their gradients, t x t f32 each per head.
-            8 * b * nh * t * t
+            // Probabilities and their gradients, t x t f32 each per head; qkv + bias.
+            8 * b * nh * t * t + 12 * b * t * c
         }
     }
 
@@ -972,6 +988,7 @@ impl Backend for Cuda {
         out: &mut CudaSlice<f32>,
         stats: &mut CudaSlice<f32>,
         qkv: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
         s: AttnShape,
     ) -> BResult<()> {
         let _op = self.op(Phase::Attention, "attention_forward");
@@ -982,10 +999,13 @@ impl Backend for Cuda {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: k.forward_smem,
             };
-            let qkv16 = self.bf16_copy(qkv)?;
+            let qkv16 = self.bf16_bias_copy(qkv, bias)?;
             launch!(self, k.forward, with cf, [out, stats, &qkv16, &t, &c, &nh]);
             return Ok(());
         }
+        // The exact kernels read f32 qkv with its bias added.
+        let biased = self.with_bias(qkv, bias)?;
+        let qkv = &biased;
         if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
             let hs = s.c / s.nh;
             let shared = ((64 * (hs + 1) + 64 * hs + 64 * 65) * 4) as u32;
@@ -1005,6 +1025,7 @@ impl Backend for Cuda {
         dqkv: &mut CudaSlice<f32>,
         dout: &CudaSlice<f32>,
         qkv: &CudaSlice<f32>,
+        bias: &CudaSlice<f32>,
         out: &CudaSlice<f32>,
         stats: &CudaSlice<f32>,
         s: AttnShape,
@@ -1015,7 +1036,7 @@ impl Backend for Cuda {
             // Per query row: (max in base-2 units, 1 / sum, D = dout . out, 0); 8 threads a row.
             let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t)?;
             launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
-            let (qkv16, dout16) = (self.bf16_copy(qkv)?, self.bf16_copy(dout)?);
+            let (qkv16, dout16) = (self.bf16_bias_copy(qkv, bias)?, self.bf16_copy(dout)?);
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
             launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
@@ -1023,6 +1044,8 @@ impl Backend for Cuda {
             launch!(self, k.q, with qc, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
             return Ok(());
         }
+        let biased = self.with_bias(qkv, bias)?;
+        let qkv = &biased;
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
             // Entries above the diagonal are neither written nor read: no zeroing.
             let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t)?;
