@@ -49,10 +49,15 @@ fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult
 pub struct Sim;
 
 impl Sim {
-    /// `x + bias` (rows of `bias.len()` columns) in a new buffer.
-    fn with_bias(&self, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<Vec<f32>> {
+    /// `x + bias` (rows of `bias.len()` columns) in a new buffer, as `add_bias` adds it.
+    fn with_bias(&self, x: &[f32], bias: &[f32]) -> BResult<Vec<f32>> {
         let mut y = self.upload(x)?;
-        self.add_bias(&mut y, bias, bias.len())?;
+        let c = bias.len();
+        par::for_chunks_mut(&mut y, |start, ys| {
+            for (i, v) in ys.iter_mut().enumerate() {
+                *v += bias[(start + i) % c];
+            }
+        });
         Ok(y)
     }
 }
