@@ -155,75 +155,6 @@ __device__ __forceinline__ void fa_accumulate(float (*acc)[4], float (*p)[4], co
     }
 }
 
-// One m16 tile's step of the online softmax over a 64-key tile starting at k0: scale
-// the scores (base 2), mask (causal, past t) when `edge`, raise the row maxima, turn s
-// into exponentials and rescale the running sums and the output accumulator.
-template <int HS>
-__device__ __forceinline__ void fa_softmax_step(float (*s)[4], float (*o)[4], float* mrow, float* lrow,
-                                                const u32* row, u32 k0, u32 t, bool edge, float sl2, int q) {
-    float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
-            float v = s[n][e] * sl2;
-            if (edge && (col > r || col >= t)) v = FA_NEG_INF;
-            s[n][e] = v;
-            tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
-        }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-        float mnew = fmaxf(mrow[r], tmax[r]);
-        float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
-        alpha[r] = fp8train_exp2_fast(mrow[r] - safe);
-        mrow[r] = mnew;
-        tmax[r] = safe;
-    }
-    float psum[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float p = fp8train_exp2_fast(s[n][e] - tmax[e >> 1]);
-            s[n][e] = p;
-            psum[e >> 1] += p;
-        }
-#pragma unroll
-    for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + psum[r];
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++) {
-        o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
-    }
-}
-
-// The finished rows of one m16 tile: out = o / l, stats = (max in natural units, l).
-template <int HS>
-__device__ __forceinline__ void fa_write_out(float* out, float* stats, float (*o)[4], const float* mrow, float* lrow,
-                                             const u32* row, u32 bb, u32 bh, u32 h, u32 t, u32 c, int q) {
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (row[r] >= t) continue;
-        float* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
-        float inv = 1.0f / lrow[r];
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++)
-            *(float2*)(orow + 8 * n + 2 * q) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
-        if (q == 0) {
-            stats[((size_t)bh * t + row[r]) * 2] = mrow[r] * FA_LN2;  // back to natural units
-            stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
-        }
-    }
-}
-
 template <int HS>
 __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
     constexpr int LD = HS + 8, TILE = FA_TILE * LD;
@@ -258,103 +189,64 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
         float s[8][4];
         fa_scores_reg<HS>(s, qa, Ks, lane);
         bool edge = kt == qt || k0 + FA_TILE > t;
-        fa_softmax_step<HS>(s, o, mrow, lrow, row, k0, t, edge, sl2, q);
+        float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
+                float v = s[n][e] * sl2;
+                if (edge && (col > r || col >= t)) v = FA_NEG_INF;
+                s[n][e] = v;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+            float mnew = fmaxf(mrow[r], tmax[r]);
+            float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
+            alpha[r] = fp8train_exp2_fast(mrow[r] - safe);
+            mrow[r] = mnew;
+            tmax[r] = safe;
+        }
+        float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = fp8train_exp2_fast(s[n][e] - tmax[e >> 1]);
+                s[n][e] = p;
+                psum[e >> 1] += p;
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + psum[r];
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++) {
+            o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+        }
         fa_accumulate<HS>(o, s, Vs, lane);
         __syncthreads();  // this buffer is refilled two tiles on
     }
-    fa_write_out<HS>(out, stats, o, mrow, lrow, row, bb, bh, h, t, c, q);
-}
-
-// The forward pass with 128 query rows per block and 32 per warp (two m16 tiles): every
-// K or V fragment taken from shared memory feeds the products of both tiles, half the
-// ldmatrix traffic per product of flash_forward (whose 16 rows per warp keep Q in
-// registers; here Q fragments come from shared memory at each k-step). The same
-// arithmetic per row as flash_forward. Shared memory: Q (128 rows), [K0][V0][K1][V1].
-#define FA2_ROWS 128
-template <int HS>
-__device__ void flash_forward2(float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
-    constexpr int LD = HS + 8, TILE = FA_TILE * LD;
-    extern __shared__ __align__(16) u16 fa_sh[];
-    u16* Qs = fa_sh;
-    u16* KV = fa_sh + 2 * TILE;
-    u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
-    u32 q0 = (gridDim.x - 1 - blockIdx.x) * FA2_ROWS;  // longest tiles first
-    int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    size_t rs = 3 * (size_t)c;
-    const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
-    fa_stage<HS>(Qs, base, rs, q0, t);
-    fa_stage<HS>(Qs + TILE, base, rs, q0 + FA_TILE, t);
-    fa_stage<HS>(KV, base + c, rs, 0, t);
-    fa_stage<HS>(KV + TILE, base + 2 * (size_t)c, rs, 0, t);
-    fa_commit();
-    fa_wait<0>();
-    __syncthreads();
-    float o[2][HS / 8][4];
 #pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.0f;
-    float mrow[2][2] = {{FA_NEG_INF, FA_NEG_INF}, {FA_NEG_INF, FA_NEG_INF}};
-    float lrow[2][2] = {{0.0f, 0.0f}, {0.0f, 0.0f}};
-    float sl2 = FA_LOG2E / sqrtf((float)HS);
-    u32 r0 = q0 + 32 * warp;
-    u32 row[2][2] = {{r0 + g, r0 + g + 8}, {r0 + 16 + g, r0 + 24 + g}};
-    u32 last = min(q0 + FA2_ROWS - 1, t - 1) / FA_TILE;
-    for (u32 kt = 0; kt <= last; kt++) {
-        const u16* Ks = KV + (kt & 1) * 2 * TILE;
-        const u16* Vs = Ks + TILE;
-        fa_next_kv<HS>(kt < last ? KV + ((kt + 1) & 1) * 2 * TILE : nullptr, base, c, (kt + 1) * FA_TILE, t);
-        __syncthreads();
-        u32 k0 = kt * FA_TILE;
-        if (k0 <= r0 + 31 && r0 < t) {  // some of this warp's rows see keys of this tile
-            float s[2][8][4];
-#pragma unroll
-            for (int m = 0; m < 2; m++)
-#pragma unroll
-                for (int n = 0; n < 8; n++) s[m][n][0] = s[m][n][1] = s[m][n][2] = s[m][n][3] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < HS / 16; kk++) {
-                u32 a0[4], a1[4];
-                fa_frag_a(a0, Qs, LD, 32 * warp, 16 * kk, lane);
-                fa_frag_a(a1, Qs, LD, 32 * warp + 16, 16 * kk, lane);
-#pragma unroll
-                for (int np = 0; np < 4; np++) {
-                    u32 b[4];
-                    fa_frag_bt2(b, Ks, LD, 16 * np, 16 * kk, lane);
-                    fa_mma(s[0][2 * np], a0, b[0], b[1]);
-                    fa_mma(s[0][2 * np + 1], a0, b[2], b[3]);
-                    fa_mma(s[1][2 * np], a1, b[0], b[1]);
-                    fa_mma(s[1][2 * np + 1], a1, b[2], b[3]);
-                }
-            }
-            bool edge = k0 + FA_TILE - 1 > r0 || k0 + FA_TILE > t;
-            fa_softmax_step<HS>(s[0], o[0], mrow[0], lrow[0], row[0], k0, t, edge, sl2, q);
-            fa_softmax_step<HS>(s[1], o[1], mrow[1], lrow[1], row[1], k0, t, edge, sl2, q);
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++) {
-                u32 pa[2][4];
-#pragma unroll
-                for (int m = 0; m < 2; m++) {
-                    pa[m][0] = fa_pack(s[m][2 * kk][0], s[m][2 * kk][1]);
-                    pa[m][1] = fa_pack(s[m][2 * kk][2], s[m][2 * kk][3]);
-                    pa[m][2] = fa_pack(s[m][2 * kk + 1][0], s[m][2 * kk + 1][1]);
-                    pa[m][3] = fa_pack(s[m][2 * kk + 1][2], s[m][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int np = 0; np < HS / 16; np++) {
-                    u32 bv[4];
-                    fa_frag_b2_trans(bv, Vs, LD, 16 * kk, 16 * np, lane);
-                    fa_mma(o[0][2 * np], pa[0], bv[0], bv[1]);
-                    fa_mma(o[0][2 * np + 1], pa[0], bv[2], bv[3]);
-                    fa_mma(o[1][2 * np], pa[1], bv[0], bv[1]);
-                    fa_mma(o[1][2 * np + 1], pa[1], bv[2], bv[3]);
-                }
-            }
-        }
-        __syncthreads();  // this buffer is refilled two tiles on
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
     }
-    fa_write_out<HS>(out, stats, o[0], mrow[0], lrow[0], row[0], bb, bh, h, t, c, q);
-    fa_write_out<HS>(out, stats, o[1], mrow[1], lrow[1], row[1], bb, bh, h, t, c, q);
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= t) continue;
+        float* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
+        float inv = 1.0f / lrow[r];
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++)
+            *(float2*)(orow + 8 * n + 2 * q) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+        if (q == 0) {
+            stats[((size_t)bh * t + row[r]) * 2] = mrow[r] * FA_LN2;  // back to natural units
+            stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
+        }
+    }
 }
 
 // Per query row of every head, what both backward kernels need: aux[bh, i] = (row max
@@ -545,10 +437,6 @@ __device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, c
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_forward_hs##HS(                                 \
         float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                          \
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_forward2_hs##HS(                                \
-        float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                          \
-        flash_forward2<HS>(out, stats, qkv, t, c, nh);                                                            \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_kv_hs##HS(                             \
         float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {                   \

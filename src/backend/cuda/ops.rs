@@ -143,8 +143,6 @@ fn ln_cfg(n: usize, c: usize, rows: usize) -> LaunchConfig {
 /// The flash-attention kernels of one head size (fast class).
 struct Flash {
     forward: &'static str,
-    /// Query rows per forward block (128: flash_forward2; 64: flash_forward).
-    forward_rows: u32,
     kv: &'static str,
     q: &'static str,
     forward_smem: u32,
@@ -154,24 +152,19 @@ struct Flash {
 
 impl Flash {
     fn for_head_size(hs: usize) -> Option<Flash> {
-        let (forward2, forward, kv, q) = match hs {
-            64 => ("flash_forward2_hs64", "flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_q_hs64"),
-            128 => ("flash_forward2_hs128", "flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_q_hs128"),
+        let (forward, kv, q) = match hs {
+            64 => ("flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_q_hs64"),
+            128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_q_hs128"),
             _ => return None,
         };
-        // FP8TRAIN_FLASH_FORWARD=64 keeps the 64-row forward (for A/B measurements).
-        let rows64 = std::env::var("FP8TRAIN_FLASH_FORWARD").is_ok_and(|v| v == "64");
-        let (forward, forward_rows) = if rows64 { (forward, 64) } else { (forward2, 128) };
         // BF16 tiles of 64 rows of hs + 8, double-buffered (see flash_attention.cu):
-        // forward Q (128 rows; 64 rows pass through K1) + 2 x (K, V); kv: K, V + 2 x (Q, dO,
-        // 64 aux rows of 16 bytes); q: Q, dO + 2 x (K, V).
+        // forward 2 x (K, V); kv: K, V + 2 x (Q, dO, 64 aux rows of 16 bytes); q: Q, dO + 2 x (K, V).
         let tile = 2 * 64 * (hs + 8);
         Some(Flash {
             forward,
-            forward_rows,
             kv,
             q,
-            forward_smem: (if forward_rows == 128 { 6 } else { 4 } * tile) as u32,
+            forward_smem: (4 * tile) as u32,
             kv_smem: (6 * tile + 2 * 64 * 16) as u32,
             q_smem: (6 * tile) as u32,
         })
@@ -1002,7 +995,7 @@ impl Backend for Cuda {
         let (b, t, c, nh) = (s.b as u32, s.t as u32, s.c as u32, s.nh as u32);
         if let Some(k) = self.flash(s.c / s.nh) {
             let cf = LaunchConfig {
-                grid_dim: (t.div_ceil(k.forward_rows).max(1), (s.b * s.nh).max(1) as u32, 1),
+                grid_dim: (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1),
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: k.forward_smem,
             };
