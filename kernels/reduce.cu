@@ -9,18 +9,19 @@
 // one float so each thread's chunk reads hit distinct banks), then their tree.
 // mode 0: x, 1: x*x
 #define RS_CHUNKS 256
+// Block `blk` of the first pass over n elements: its partial into *out.
 template <typename L>
-__device__ void rs_blocks(L load, u32 n, int mode, float* out) {
+__device__ void rs_block(L load, u32 n, int mode, u32 blk, float* out) {
     __shared__ float stage[RS_CHUNKS * 33];
     __shared__ float pa[RS_CHUNKS], pb[RS_CHUNKS / 2 + 1];
-    size_t base = (size_t)blockIdx.x * RS_CHUNKS * 32;
+    size_t base = (size_t)blk * RS_CHUNKS * 32;
     for (u32 e = threadIdx.x; e < RS_CHUNKS * 32; e += RS_CHUNKS) {
         size_t g = base + e;
         stage[e + e / 32] = g < n ? load(g) : 0.0f;
     }
     __syncthreads();
     u32 chunks_total = (n + 31) / 32;
-    u32 ch = blockIdx.x * RS_CHUNKS + threadIdx.x;
+    u32 ch = blk * RS_CHUNKS + threadIdx.x;
     if (ch < chunks_total) {
         u32 len = min(32u, n - ch * 32);
         const float* s = stage + threadIdx.x * 33;
@@ -29,9 +30,13 @@ __device__ void rs_blocks(L load, u32 n, int mode, float* out) {
         pa[threadIdx.x] = acc;
     }
     __syncthreads();
-    int m = (int)min((u32)RS_CHUNKS, chunks_total - blockIdx.x * RS_CHUNKS);
+    int m = (int)min((u32)RS_CHUNKS, chunks_total - blk * RS_CHUNKS);
     float r = fp8train_block_tree(pa, pb, m);
-    if (threadIdx.x == 0) out[blockIdx.x] = r;
+    if (threadIdx.x == 0) *out = r;
+}
+template <typename L>
+__device__ void rs_blocks(L load, u32 n, int mode, float* out) {
+    rs_block(load, n, mode, blockIdx.x, out + blockIdx.x);
 }
 extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks(const float* x, u32 n, int mode, float* out) {
     rs_blocks([&](size_t g) { return x[g]; }, n, mode, out);
@@ -138,4 +143,43 @@ extern "C" __global__ void f32_reduce_sum(const float* recv, u32 ranks, u32 k, u
         for (u32 r = 0; r < ranks; r++) acc += recv[(size_t)r * k + i];
     }
     sums[i] = acc;
+}
+
+// ---- many tensors at once (the gradient norm's per-tensor sums of squares): the same
+// passes as above for every tensor, one launch per pass instead of one per tensor.
+// First pass: descriptor t = 6 words (pointer lo, hi, 1/scale bits, n, E4M3?, first
+// block); block b belongs to the last tensor whose first block is <= b (binary search).
+__device__ __forceinline__ u32 rs_find(const u32* d, u32 words, u32 at, u32 nt, u32 b) {
+    u32 lo = 0, hi = nt - 1;
+    while (lo < hi) {
+        u32 mid = (lo + hi + 1) / 2;
+        if (d[words * mid + at] <= b) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+extern "C" __global__ void __launch_bounds__(RS_CHUNKS) sq_blocks_multi(const u32* d, u32 nt, float* part) {
+    const u32* t = d + 6 * rs_find(d, 6, 5, nt, blockIdx.x);
+    const void* p = (const void*)(((unsigned long long)t[1] << 32) | t[0]);
+    float inv = __uint_as_float(t[2]);
+    u32 n = t[3], blk = blockIdx.x - t[5];
+    bool fp8 = t[4] != 0;
+    // One instantiation (its static shared memory counts once), branching per element.
+    rs_block([&](size_t g) {
+        if (!fp8) return ((const float*)p)[g];
+        float v = fp8train_decode(((const u8*)p)[g], 0);
+        return isnan(v) ? FP8TRAIN_NAN : v * inv;
+    }, n, 1, blk, part + blockIdx.x);
+}
+// A tree pass: descriptor t = 4 words (first partial, partials m, first output, first
+// block); each block reduces 1024 aligned partials of one tensor, as reduce_tree_blocks.
+extern "C" __global__ void __launch_bounds__(512) tree_blocks_multi(const u32* d, u32 nt, const float* in, float* out) {
+    __shared__ float pa[1024], pb[513];
+    const u32* t = d + 4 * rs_find(d, 4, 3, nt, blockIdx.x);
+    u32 grp = blockIdx.x - t[3];
+    size_t base = (size_t)t[0] + (size_t)grp * 1024;
+    int m = (int)min(1024u, t[1] - grp * 1024);
+    for (int e = threadIdx.x; e < m; e += blockDim.x) pa[e] = in[base + e];
+    __syncthreads();
+    float r = fp8train_block_tree(pa, pb, m);
+    if (threadIdx.x == 0) out[t[2] + grp] = r;
 }

@@ -182,6 +182,8 @@ enum Case {
     Reductions {
         n: usize,
     },
+    /// Per-tensor sums of squares of many gradients at once (the gradient norm).
+    GradSums,
     Adam {
         level: &'static str,
         n: usize,
@@ -206,6 +208,7 @@ impl Case {
             }
             Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3".into(), format!("{n}")),
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
+            Case::GradSums => ("gradient sums of squares (f32 + e4m3, many tensors)".into(), "1..9000001".into()),
             Case::Adam { level, n, fp8_grad } => {
                 (format!("adamw {level}{}", if *fp8_grad { " (e4m3 grad)" } else { "" }), format!("{n}"))
             }
@@ -238,6 +241,7 @@ fn cases() -> Vec<Case> {
     for n in [100_003, 9_000_001] {
         v.push(Case::Reductions { n });
     }
+    v.push(Case::GradSums);
     for level in ["f32", "O1", "O2"] {
         for fp8_grad in [false, true] {
             v.push(Case::Adam { level, n: 5001, fp8_grad });
@@ -499,6 +503,23 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 host[n / 2] = f32::NAN;
                 let with_nan = be.upload(&host)?;
                 vec![("sum_sq, mean, amax", sums), ("amax with a NaN", vec![be.amax(&with_nan)?.to_bits()])]
+            }
+            Case::GradSums => {
+                let sizes = [1usize, 7, 8192, 8193, 100_003, 9_000_001, 300];
+                let mut f32s = Vec::new();
+                let mut codes = Vec::new();
+                for (k, &n) in sizes.iter().enumerate() {
+                    let x = randn(n, 30 + k as u64, 0.01);
+                    let q: Vec<u8> = x.iter().map(|&v| encode(Fp8Format::E4M3, v * 4096.0, true)).collect();
+                    codes.push(be.upload(&q)?);
+                    f32s.push(be.upload(&x)?);
+                }
+                let mut grads = Vec::new();
+                for (k, (x, q)) in f32s.iter().zip(&codes).enumerate() {
+                    grads.push(if k % 2 == 0 { GradRef::F32(x) } else { GradRef::Fp8(q, 4096.0) });
+                    grads.push(if k % 2 == 0 { GradRef::Fp8(q, 4096.0) } else { GradRef::F32(x) });
+                }
+                vec![("sums", be.grad_sq_sums(&grads)?.iter().map(|v| v.to_bits()).collect())]
             }
             Case::Adam { level, n, fp8_grad } => {
                 let h = AdamStep::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5);

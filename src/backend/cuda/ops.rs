@@ -747,33 +747,52 @@ impl Backend for Cuda {
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
     /// one read-back for all.
     fn grad_sq_sums(&self, grads: &[GradRef<'_, Self>]) -> BResult<Vec<f32>> {
+        use cudarc::driver::DevicePtr;
         let _op = self.op(Phase::Other, "grad_sq_sums");
-        let mut all = self.alloc::<f32>(grads.len().max(1))?;
-        for (i, g) in grads.iter().enumerate() {
-            let r = match g {
-                GradRef::F32(x) => {
-                    let (n, mode) = (x.len() as u32, 1i32);
-                    self.csum_device(n, |c, part| {
-                        launch!(self, "reduce_sum_blocks", with c, [*x, &n, &mode, part]);
-                        Ok(())
-                    })?
-                }
-                GradRef::Fp8(q, scale) => {
-                    let (n, mode, inv) = (q.len() as u32, 1i32, 1.0 / scale);
-                    self.csum_device(n, |c, part| {
-                        launch!(self, "reduce_sum_blocks_e4m3", with c, [*q, &inv, &n, &mode, part]);
-                        Ok(())
-                    })?
-                }
+        let s = &self.gpu.stream;
+        // First pass over every tensor in one launch (8192 elements per block).
+        let (mut desc, mut m, mut blocks) = (Vec::with_capacity(6 * grads.len()), Vec::new(), 0u32);
+        for g in grads {
+            let (p, inv, n, fp8) = match g {
+                GradRef::F32(x) => (x.device_ptr(s).0, 1.0f32, x.len() as u32, 0u32),
+                GradRef::Fp8(q, scale) => (q.device_ptr(s).0, 1.0 / scale, q.len() as u32, 1),
             };
-            self.gpu
-                .stream
-                .memcpy_dtod(&r.slice(0..1), &mut all.slice_mut(i..i + 1))
-                .map_err(|e| BackendError::new("CUDA copy", e))?;
+            let nb = n.div_ceil(32 * 256);
+            desc.extend_from_slice(&[p as u32, (p >> 32) as u32, inv.to_bits(), n, fp8, blocks]);
+            m.push(nb);
+            blocks += nb;
         }
-        let mut v = self.download(&all)?;
-        v.truncate(grads.len());
-        Ok(v)
+        if blocks == 0 {
+            return Ok(vec![0.0; grads.len()]);
+        }
+        let (d, nt) = (self.upload(&desc)?, grads.len() as u32);
+        let mut part = self.scratch::<f32>(blocks as usize)?;
+        let cf = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "sq_blocks_multi", with cf, [&d, &nt, &mut part]);
+        // Tree passes over 1024 aligned partials per tensor until one is left per tensor
+        // (tensors already down to one partial pass it on: a tree of one is itself).
+        let mut at: Vec<u32> = m.iter().scan(0, |o, &k| Some(std::mem::replace(o, *o + k))).collect();
+        while m.iter().any(|&k| k > 1) {
+            let (mut tdesc, mut outs, mut next_at) = (Vec::new(), 0u32, Vec::with_capacity(m.len()));
+            let live: Vec<usize> = (0..m.len()).filter(|&i| m[i] > 0).collect();
+            for &i in &live {
+                let groups = m[i].div_ceil(1024);
+                tdesc.extend_from_slice(&[at[i], m[i], outs, outs]);
+                next_at.push((i, outs, groups));
+                outs += groups;
+            }
+            let (td, lt) = (self.upload(&tdesc)?, live.len() as u32);
+            let mut next = self.scratch::<f32>(outs as usize)?;
+            let cf = LaunchConfig { grid_dim: (outs, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "tree_blocks_multi", with cf, [&td, &lt, &part, &mut next]);
+            for (i, o, g) in next_at {
+                at[i] = o;
+                m[i] = g;
+            }
+            part = next;
+        }
+        let host = self.download(&part)?;
+        Ok((0..grads.len()).map(|i| if m[i] == 0 { 0.0 } else { host[at[i] as usize] }).collect())
     }
     fn sum_sq(&self, x: &CudaSlice<f32>) -> BResult<f32> {
         Ok({
