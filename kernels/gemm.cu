@@ -1,5 +1,6 @@
 // The exact GEMM (sim/src/ops/gemm.rs), SIMT: one thread per output element runs the
-// fma chain over k in ascending order from +0, then multiplies by the scale product.
+// fma chain over k in ascending order from +0 (with `accumulate`: from the value in c,
+// scale 1), then multiplies by the scale product.
 // Operand types: 0 = f32, 1 = bf16, 2 = e4m3, 3 = e5m2; element (i, j) of a strided
 // operand is p[i * rs + j * cs].
 
@@ -10,11 +11,11 @@ __device__ __forceinline__ float gemm_load(const void* p, size_t idx, int ty) {
 }
 
 extern "C" __global__ void gemm_exact(float* c, const void* a, int ta, u32 ars, u32 acs, const void* b, int tb,
-                                      u32 brs, u32 bcs, u32 m, u32 n, u32 k, float scale) {
+                                      u32 brs, u32 bcs, u32 m, u32 n, u32 k, float scale, int accumulate) {
     size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (size_t)m * n) return;
     size_t i = t / n, j = t % n;
-    float acc = 0.0f;
+    float acc = accumulate ? c[t] : 0.0f;
     for (u32 p = 0; p < k; p++) {
         acc = fmaf(gemm_load(a, i * ars + (size_t)p * acs, ta), gemm_load(b, (size_t)p * brs + j * bcs, tb), acc);
     }

@@ -289,9 +289,8 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
         let pos = ctx.len() - 1;
         let mut x = ctx.clone();
         x.resize(t, 0); // causal: padding after `pos` does not change its logits
-        model.eval_loss(&be, &mut ws, &x, &vec![0; t])?;
-        let logits = be.download(&ws.logits)?;
-        let row = &logits[pos * v..(pos + 1) * v];
+        let logits = model.logits_row(&be, &mut ws, &x, pos)?;
+        let row = &logits[..];
         let next = if a.temperature == 0.0 {
             row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (j, &l)| if l > m.1 { (j, l) } else { m }).0
         } else {

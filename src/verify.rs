@@ -184,6 +184,13 @@ enum Case {
     },
     /// Per-tensor sums of squares of many gradients at once (the gradient norm).
     GradSums,
+    /// A BF16 weight-gradient product over rows split in two, the second accumulating.
+    GemmAcc {
+        m1: usize,
+        m2: usize,
+        n: usize,
+        k: usize,
+    },
     Adam {
         level: &'static str,
         n: usize,
@@ -208,6 +215,9 @@ impl Case {
             }
             Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3".into(), format!("{n}")),
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
+            Case::GemmAcc { m1, m2, n, k } => {
+                ("gemm exact bf16 Wgrad, rows in two chunks (accumulate)".into(), format!("{m1}+{m2}x{n}x{k}"))
+            }
             Case::GradSums => ("gradient sums of squares (f32 + e4m3, many tensors)".into(), "1..9000001".into()),
             Case::Adam { level, n, fp8_grad } => {
                 (format!("adamw {level}{}", if *fp8_grad { " (e4m3 grad)" } else { "" }), format!("{n}"))
@@ -242,6 +252,7 @@ fn cases() -> Vec<Case> {
         v.push(Case::Reductions { n });
     }
     v.push(Case::GradSums);
+    v.push(Case::GemmAcc { m1: 70, m2: 33, n: 50, k: 24 });
     for level in ["f32", "O1", "O2"] {
         for fp8_grad in [false, true] {
             v.push(Case::Adam { level, n: 5001, fp8_grad });
@@ -504,6 +515,16 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let with_nan = be.upload(&host)?;
                 vec![("sum_sq, mean, amax", sums), ("amax with a NaN", vec![be.amax(&with_nan)?.to_bits()])]
             }
+            Case::GemmAcc { m1, m2, n, k } => {
+                let b16 = |x: Vec<f32>| x.iter().map(|&v| to_bf16(v)).collect::<Vec<_>>();
+                let (dy, x) = (b16(randn((m1 + m2) * n, 40, 1.0)), b16(randn((m1 + m2) * k, 41, 1.0)));
+                let (dy1, dy2) = (be.upload(&dy[..m1 * n])?, be.upload(&dy[m1 * n..])?);
+                let (x1, x2) = (be.upload(&x[..m1 * k])?, be.upload(&x[m1 * k..])?);
+                let mut out = be.zeros::<f32>(n * k)?;
+                be.matmul(&mut out, Operand::Bf16(&dy1), Operand::Bf16(&x1), Product::Wgrad, m1, n, k, 1.0)?;
+                be.matmul_acc(&mut out, Operand::Bf16(&dy2), Operand::Bf16(&x2), Product::Wgrad, m2, n, k)?;
+                vec![("dw", bits(be, &out)?)]
+            }
             Case::GradSums => {
                 let sizes = [1usize, 7, 8192, 8193, 100_003, 9_000_001, 300];
                 let mut f32s = Vec::new();
@@ -652,6 +673,7 @@ pub const FAST_BOUND: f64 = 1e-3;
 
 /// The fast GEMM (cuBLASLt) against the exact one: relative Frobenius error.
 fn verify_fast(fast: &Cuda) -> BResult<Vec<Row>> {
+    fast.report_fast_amax(true);
     Ok({
         let mut rows = Vec::new();
         for (ta, tb, product) in [

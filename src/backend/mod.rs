@@ -298,6 +298,30 @@ pub trait Backend {
         self.column_sums(out, x, rows, cols)?;
         self.cast_fp8_to(q, x, fmt, scale, stats)
     }
+    /// `out += A x B` (scale 1; BF16 or f32 operands): every element's exact fma chain
+    /// continues from the value in `out`, so a product over rows split into chunks, the
+    /// later ones accumulating, gives the bits of one product (the chunked LM head's
+    /// weight gradient).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_acc(
+        &self,
+        out: &mut Self::Buf<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> BResult<()>;
+    /// Copy `len` elements from `src[src_at..]` to `dst[dst_at..]`.
+    fn copy_range<T: Elem>(
+        &self,
+        dst: &mut Self::Buf<T>,
+        dst_at: usize,
+        src: &Self::Buf<T>,
+        src_at: usize,
+        len: usize,
+    ) -> BResult<()>;
     /// `x[r, :] += bias` for every row.
     fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.

@@ -12,6 +12,30 @@ use fp8sim::ops::{crossentropy, encoder, gelu, layernorm};
 use fp8sim::scaling::scale_from_amax;
 use fp8sim::{par, reduce};
 
+/// One of the linear layer's products (see `Product`), exact; `accumulate`: add to `out`
+/// (scale 1) instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
+fn product_exact(
+    out: &mut [f32],
+    a: &Operand<'_, Sim>,
+    b: &Operand<'_, Sim>,
+    product: Product,
+    m: usize,
+    n: usize,
+    k: usize,
+    scale: f32,
+    accumulate: bool,
+) {
+    let (a, b) = (op(a), op(b));
+    let (x, y) = match product {
+        Product::Forward => (MatRef::row_major(a, m, k), MatRef::row_major(b, n, k).t()),
+        Product::Dgrad => (MatRef::row_major(a, m, n), MatRef::row_major(b, n, k)),
+        Product::Wgrad => (MatRef::row_major(a, m, n).t(), MatRef::row_major(b, m, k)),
+    };
+    let r = if accumulate { gemm::gemm_exact_accumulate(x, y, out) } else { gemm::gemm_exact(x, y, scale, out) };
+    r.expect("model GEMM shapes are consistent");
+}
+
 /// Record an amax in its slot (the largest pattern stays, as the GPU's atomicMax).
 fn put_amax(slot: Slot<'_, Sim>, amax: f32) {
     let v = &mut slot.buf[slot.at];
@@ -200,15 +224,31 @@ impl Backend for Sim {
         k: usize,
         scale: f32,
     ) -> BResult<()> {
-        let (a, b) = (op(&a), op(&b));
-        let r = match product {
-            Product::Forward => {
-                gemm::gemm_exact(MatRef::row_major(a, m, k), MatRef::row_major(b, n, k).t(), scale, out)
-            }
-            Product::Dgrad => gemm::gemm_exact(MatRef::row_major(a, m, n), MatRef::row_major(b, n, k), scale, out),
-            Product::Wgrad => gemm::gemm_exact(MatRef::row_major(a, m, n).t(), MatRef::row_major(b, m, k), scale, out),
-        };
-        r.expect("model GEMM shapes are consistent");
+        product_exact(out, &a, &b, product, m, n, k, scale, false);
+        Ok(())
+    }
+    fn matmul_acc(
+        &self,
+        out: &mut Vec<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> BResult<()> {
+        product_exact(out, &a, &b, product, m, n, k, 1.0, true);
+        Ok(())
+    }
+    fn copy_range<T: Elem>(
+        &self,
+        dst: &mut Vec<T>,
+        dst_at: usize,
+        src: &Vec<T>,
+        src_at: usize,
+        len: usize,
+    ) -> BResult<()> {
+        dst[dst_at..dst_at + len].copy_from_slice(&src[src_at..src_at + len]);
         Ok(())
     }
     fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, c: usize) -> BResult<()> {

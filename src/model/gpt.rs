@@ -71,9 +71,8 @@ pub struct Workspace<B: Backend> {
     lnf_mean: B::Buf<f32>,
     lnf_rstd: B::Buf<f32>,
     lnf_bf16: B::Buf<bf16>,
-    pub logits: B::Buf<f32>,
     losses: B::Buf<f32>,
-    dlogits_bf16: B::Buf<bf16>,
+    head: Head<B>,
     dres: B::Buf<f32>,
     dln: B::Buf<f32>,
     datt: B::Buf<f32>,
@@ -151,6 +150,15 @@ impl<B: Backend> Gpt<B> {
     }
 
     pub fn workspace(&self, be: &B, b: usize, t: usize) -> BResult<Workspace<B>> {
+        self.workspace_with_head(be, b, t, None)
+    }
+
+    /// [`Gpt::workspace`] with the LM head's chunk of `head_rows` rows (a divisor of
+    /// b x t; default [`head_rows_for`]).
+    pub fn workspace_with_head(&self, be: &B, b: usize, t: usize, head_rows: Option<usize>) -> BResult<Workspace<B>> {
+        if let Some(r) = head_rows {
+            assert!(r > 0 && (b * t).is_multiple_of(r), "LM head rows {r} must divide the batch's {} rows", b * t);
+        }
         Ok({
             let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
             let n = b * t;
@@ -206,9 +214,8 @@ impl<B: Backend> Gpt<B> {
                 lnf_mean: z(n)?,
                 lnf_rstd: z(n)?,
                 lnf_bf16: be.zeros(n * c)?,
-                logits: z(n * v)?,
                 losses: z(n)?,
-                dlogits_bf16: be.zeros(n * v)?,
+                head: Head::new(be, head_rows.unwrap_or_else(|| head_rows_for(n, v)), c, v)?,
                 dres: z(n * c)?,
                 dln: z(n * c)?,
                 datt: z(n * c)?,
@@ -398,24 +405,37 @@ impl<B: Backend> Gpt<B> {
             let lf = params::lnf_w(&self.cfg);
             let y = ActOut::Bf16(&mut ws.lnf_bf16);
             be.layernorm_forward(y, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c)?;
-            be.matmul(
-                &mut ws.logits,
-                Operand::Bf16(&ws.lnf_bf16),
-                Operand::Bf16(&ws.wte_bf16),
-                Product::Forward,
-                n,
-                v,
-                c,
-                1.0,
-            )?;
             if train {
-                // forward_backward takes the losses from the cross-entropy that also makes
-                // the gradient (the same per-row losses, one pass over the logits less).
+                // forward_backward runs the LM head with its gradient, chunk by chunk.
                 return Ok(f32::NAN);
             }
-            be.crossentropy(&mut ws.losses, None, &ws.logits, &ws.targets, 0.0, n, v)?;
+            for r0 in (0..n).step_by(ws.head.rows) {
+                Self::head_logits(be, ws, r0, c, v)?;
+                let h = &mut ws.head;
+                be.crossentropy(&mut h.losses, None, &h.logits, &h.targets, 0.0, h.rows, v)?;
+                be.copy_range(&mut ws.losses, r0, &h.losses, 0, h.rows)?;
+            }
             be.mean(&ws.losses)?
         })
+    }
+
+    /// The LM head's logits for rows `r0..r0 + rows` (into `ws.head`, with their targets).
+    fn head_logits(be: &B, ws: &mut Workspace<B>, r0: usize, c: usize, v: usize) -> BResult<()> {
+        let h = &mut ws.head;
+        be.copy_range(&mut h.x, 0, &ws.lnf_bf16, r0 * c, h.rows * c)?;
+        be.copy_range(&mut h.targets, 0, &ws.targets, r0, h.rows)?;
+        be.matmul(&mut h.logits, Operand::Bf16(&h.x), Operand::Bf16(&ws.wte_bf16), Product::Forward, h.rows, v, c, 1.0)
+    }
+
+    /// The logits of row `pos` of `tokens` (one sequence of the workspace's length):
+    /// the forward pass and the LM head's chunk holding that row only.
+    pub fn logits_row(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], pos: usize) -> BResult<Vec<f32>> {
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        self.forward(be, ws, tokens, &vec![0; tokens.len()], true)?;
+        let r0 = pos / ws.head.rows * ws.head.rows;
+        Self::head_logits(be, ws, r0, c, v)?;
+        let all = be.download(&ws.head.logits)?;
+        Ok(all[(pos - r0) * v..(pos - r0 + 1) * v].to_vec())
     }
 
     /// Store a parameter's f32 gradient in its level's format, its amax into `amax`
@@ -450,30 +470,27 @@ impl<B: Backend> Gpt<B> {
             let slots = Slots::new(&self.cfg);
             let Gpt { params, scaling, cfg, .. } = self;
 
-            // Loss and LM head.
+            // Loss and LM head, in row chunks (no [tokens, vocab] tensor): per row the
+            // same logits, loss and gradient; the token-embedding gradient's fma chains
+            // continue from chunk to chunk (matmul_acc), the bits of one product.
             let dloss = mu / n as f32;
-            be.crossentropy(&mut ws.losses, Some(&mut ws.dlogits_bf16), &ws.logits, &ws.targets, dloss, n, v)?;
+            for r0 in (0..n).step_by(ws.head.rows) {
+                Self::head_logits(be, ws, r0, c, v)?;
+                let h = &mut ws.head;
+                let r = h.rows;
+                be.crossentropy(&mut h.losses, Some(&mut h.dlogits), &h.logits, &h.targets, dloss, r, v)?;
+                be.copy_range(&mut ws.losses, r0, &h.losses, 0, r)?;
+                let (dy, wte) = (Operand::Bf16(&h.dlogits), Operand::Bf16(&ws.wte_bf16));
+                be.matmul(&mut h.dx, dy, wte, Product::Dgrad, r, v, c, 1.0)?;
+                be.copy_range(&mut ws.dln, r0 * c, &h.dx, 0, r * c)?;
+                let (dy, x) = (Operand::Bf16(&h.dlogits), Operand::Bf16(&h.x));
+                if r0 == 0 {
+                    be.matmul(&mut ws.g_wte, dy, x, Product::Wgrad, r, v, c, 1.0)?;
+                } else {
+                    be.matmul_acc(&mut ws.g_wte, dy, x, Product::Wgrad, r, v, c)?;
+                }
+            }
             st.loss = be.mean(&ws.losses)?;
-            be.matmul(
-                &mut ws.dln,
-                Operand::Bf16(&ws.dlogits_bf16),
-                Operand::Bf16(&ws.wte_bf16),
-                Product::Dgrad,
-                n,
-                v,
-                c,
-                1.0,
-            )?;
-            be.matmul(
-                &mut ws.g_wte,
-                Operand::Bf16(&ws.dlogits_bf16),
-                Operand::Bf16(&ws.lnf_bf16),
-                Product::Wgrad,
-                n,
-                v,
-                c,
-                1.0,
-            )?;
             let lf = params::lnf_w(cfg);
             let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[cfg.n_layer - 1].res_out };
             {
@@ -777,6 +794,42 @@ impl<B: Backend> Gpt<B> {
     }
 }
 
+/// Bytes of f32 logits the LM head holds at once (one chunk of rows).
+pub const HEAD_LOGIT_BYTES: usize = 256 << 20;
+
+/// Rows per LM-head chunk for `n` rows and `v` classes: the largest divisor of `n`
+/// whose f32 logits fit [`HEAD_LOGIT_BYTES`] (at least 1).
+pub fn head_rows_for(n: usize, v: usize) -> usize {
+    let most = (HEAD_LOGIT_BYTES / (4 * v.max(1))).clamp(1, n.max(1));
+    (1..=most).rev().find(|r| n.is_multiple_of(*r)).unwrap_or(1)
+}
+
+/// The tied LM head's chunk buffers: `rows` rows of its input (BF16), targets, logits
+/// (f32), losses, logit gradients (BF16) and input gradients.
+struct Head<B: Backend> {
+    rows: usize,
+    x: B::Buf<bf16>,
+    targets: B::Buf<u32>,
+    logits: B::Buf<f32>,
+    losses: B::Buf<f32>,
+    dlogits: B::Buf<bf16>,
+    dx: B::Buf<f32>,
+}
+
+impl<B: Backend> Head<B> {
+    fn new(be: &B, rows: usize, c: usize, v: usize) -> BResult<Self> {
+        Ok(Head {
+            rows,
+            x: be.zeros(rows * c)?,
+            targets: be.zeros(rows)?,
+            logits: be.zeros(rows * v)?,
+            losses: be.zeros(rows)?,
+            dlogits: be.zeros(rows * v)?,
+            dx: be.zeros(rows * c)?,
+        })
+    }
+}
+
 /// Where each figure sits in a step's statistics buffer: per linear layer `k` (4 per
 /// block, in order) the input cast's amax and saturated count, then the output
 /// gradient cast's; then one amax per parameter gradient.
@@ -822,4 +875,49 @@ fn linear_weights(cfg: &ModelConfig) -> Vec<bool> {
 /// Four buffers made by `f(0..4)`, or the first error.
 fn arr4<T>(mut f: impl FnMut(usize) -> BResult<T>) -> BResult<[T; 4]> {
     Ok([f(0)?, f(1)?, f(2)?, f(3)?])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sim::Sim;
+    use fp8cluster::world::World;
+
+    /// Loss, gradient norm and every stored gradient's bits after `steps` training steps.
+    fn run(level: Level, head_rows: Option<usize>, steps: usize) -> Vec<u32> {
+        let be = Sim;
+        let cfg = ModelConfig { n_layer: 1, n_embd: 32, n_head: 2, seq_len: 16, vocab_size: 96 };
+        let (b, t) = (3, 16);
+        let mut model = Gpt::new(&be, &cfg, level, 7, 16, 0, 1).unwrap();
+        let mut ws = model.workspace_with_head(&be, b, t, head_rows).unwrap();
+        let mut bits = Vec::new();
+        for s in 0..steps {
+            let x: Vec<u32> = (0..b * t).map(|i| ((i * 31 + s * 7) % 96) as u32).collect();
+            let y: Vec<u32> = (0..b * t).map(|i| ((i * 17 + s * 5 + 1) % 96) as u32).collect();
+            model.prepare_weights(&be, &mut ws, &World::single()).unwrap();
+            let st = model.forward_backward(&be, &mut ws, &x, &y, 1.0, false).unwrap();
+            bits.push(st.loss.to_bits());
+            bits.push(model.grad_sum_sq(&be).unwrap().to_bits());
+            model.adamw_step(&be, 1e-3, 0.9, 0.95, 1e-8, 0.1, s as u64 + 1, 1.0).unwrap();
+            bits.push(model.eval_loss(&be, &mut ws, &x, &y).unwrap().to_bits());
+        }
+        for p in &model.params {
+            if let GradStore::F32(g) = &p.grad {
+                bits.extend(g.iter().map(|v| v.to_bits()));
+            }
+        }
+        bits
+    }
+
+    #[test]
+    fn the_lm_head_in_row_chunks_gives_the_bits_of_one_chunk() {
+        for level in [Level::Bf16, Level::O2] {
+            let whole = run(level, Some(48), 3);
+            for rows in [1, 6, 16] {
+                assert_eq!(run(level, Some(rows), 3), whole, "{level:?}: LM head in chunks of {rows} rows");
+            }
+        }
+        assert_eq!(head_rows_for(16384, 50304), 1024);
+        assert_eq!(head_rows_for(48, 96), 48);
+    }
 }

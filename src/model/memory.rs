@@ -54,15 +54,19 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
     // f32: encoded, ln_out, gelu_out (4), lin_out, dres, dln, datt, dqkv (3), dgelu (4),
-    // dfc (4); logits; BF16: the final layernorm's output, dlogits.
-    let global = f32s * (21 * n * c + n * v + 3 * n) + 2 * n * c + 2 * n * v + 8 * n;
+    // dfc (4); BF16: the final layernorm's output; the LM head's chunk of r rows: input
+    // (BF16), targets, logits (f32), losses, logit gradients (BF16), input gradients (f32).
+    let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
+    let head_chunk = r * (2 * c + 4 + 4 * v + 4 + 2 * v + 4 * c);
+    let global = f32s * (21 * n * c + 3 * n) + 2 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
     let activations = l * per_layer + decoded + views + global + grad_casts + grad_bufs;
     // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
-    // The LM head's product and loss: a [tokens, vocab] f32 result and f32 operands.
-    let head = f32s * (n * v + (n + v) * c);
+    // The LM head's products: f32 copies of the operands of one chunk (the simulator's
+    // GEMM packs them).
+    let head = f32s * (r * v + (r + v) * c);
     // A backend may compute an activation in f32 before storing it narrower (the
     // simulator's GELU output: n x 4c).
     let act_scratch = f32s * 4 * n * c;

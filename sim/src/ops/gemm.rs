@@ -247,8 +247,20 @@ pub fn gemm_exact(a: MatRef, b: MatRef, scale: f32, c: &mut [f32]) -> Result<(),
     gemm_exact_isa(Isa::best(), a, b, scale, c)
 }
 
+/// `C += A x B`: the fma chain of every element continues from the value in `c`
+/// instead of +0 (scale 1). A product over k = k1 + k2 split into two calls, the
+/// second accumulating, gives the bits of one call over the whole k (the chunked LM
+/// head's weight gradient).
+pub fn gemm_exact_accumulate(a: MatRef, b: MatRef, c: &mut [f32]) -> Result<(), GemmError> {
+    exact(Isa::best(), a, b, 1.0, c, true)
+}
+
 /// [`gemm_exact`] with a chosen kernel (tests run every kernel).
 pub fn gemm_exact_isa(isa: Isa, a: MatRef, b: MatRef, scale: f32, c: &mut [f32]) -> Result<(), GemmError> {
+    exact(isa, a, b, scale, c, false)
+}
+
+fn exact(isa: Isa, a: MatRef, b: MatRef, scale: f32, c: &mut [f32], accumulate: bool) -> Result<(), GemmError> {
     validate(&a, &b, c.len())?;
     if !Isa::available().contains(&isa) {
         return Err(GemmError::Shape(format!("kernel {isa:?} is not supported by this CPU")));
@@ -259,10 +271,13 @@ pub fn gemm_exact_isa(isa: Isa, a: MatRef, b: MatRef, scale: f32, c: &mut [f32])
         };
     }
     match (a.data, b.data) {
-        (Operand::F32(x), Operand::F32(y)) => run(isa, &a, view!(a, SrcF32(x)), &b, view!(b, SrcF32(y)), c),
-        (Operand::Bf16(x), Operand::Bf16(y)) => run(isa, &a, view!(a, SrcBf16(x)), &b, view!(b, SrcBf16(y)), c),
+        (Operand::F32(x), Operand::F32(y)) => run(isa, &a, view!(a, SrcF32(x)), &b, view!(b, SrcF32(y)), c, accumulate),
+        (Operand::Bf16(x), Operand::Bf16(y)) => {
+            run(isa, &a, view!(a, SrcBf16(x)), &b, view!(b, SrcBf16(y)), c, accumulate)
+        }
         (Operand::Fp8(x, fx), Operand::Fp8(y, fy)) => {
-            run(isa, &a, view!(a, SrcFp8(x, fx.decode_table())), &b, view!(b, SrcFp8(y, fy.decode_table())), c)
+            let (va, vb) = (view!(a, SrcFp8(x, fx.decode_table())), view!(b, SrcFp8(y, fy.decode_table())));
+            run(isa, &a, va, &b, vb, c, accumulate)
         }
         _ => unreachable!("validated above"),
     }
@@ -288,13 +303,23 @@ impl OutPtr {
     }
 }
 
-fn run<SA: Source, SB: Source>(isa: Isa, am: &MatRef, a: View<SA>, bm: &MatRef, b: View<SB>, c: &mut [f32]) {
+fn run<SA: Source, SB: Source>(
+    isa: Isa,
+    am: &MatRef,
+    a: View<SA>,
+    bm: &MatRef,
+    b: View<SB>,
+    c: &mut [f32],
+    accumulate: bool,
+) {
     let (m, n, k) = (am.rows, bm.cols, am.cols);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c.fill(0.0);
+        if !accumulate {
+            c.fill(0.0);
+        }
         return;
     }
     let (mr, nr) = isa.tile();
@@ -306,8 +331,8 @@ fn run<SA: Source, SB: Source>(isa: Isa, am: &MatRef, a: View<SA>, bm: &MatRef, 
         let slivers = nc.div_ceil(nr);
         for pc in (0..k).step_by(KC) {
             let kc = KC.min(k - pc);
-            let first = pc == 0;
-            // Pack B[pc..pc+kc, jc..jc+nc] as column slivers of width nr, zero-padded.
+            let first = pc == 0 && !accumulate; // start from +0, else from the stored value
+                                                // Pack B[pc..pc+kc, jc..jc+nc] as column slivers of width nr, zero-padded.
             bpack.clear();
             bpack.resize(slivers * nr * kc, 0.0);
             bpack.par_chunks_mut(nr * kc).enumerate().for_each(|(s, dst)| {
@@ -526,4 +551,29 @@ pub fn wgrad(
     dw: &mut [f32],
 ) -> Result<(), GemmError> {
     gemm_exact(MatRef::row_major(dy, m, n).t(), MatRef::row_major(x, m, k), scale, dw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accumulating_over_a_split_k_gives_the_bits_of_one_product() {
+        let (m, n, k1, k2) = (37, 29, 300, 211);
+        let k = k1 + k2;
+        let val = |i: usize| ((i as f32 * 0.754_877_6).sin() * 3.0).round() / 8.0 + (i % 7) as f32 * 1e-3;
+        let a: Vec<f32> = (0..k * m).map(val).collect(); // A^T stored [k x m] (the wgrad layout)
+        let b: Vec<f32> = (0..k * n).map(|i| val(i + 99)).collect();
+        let at =
+            |r: std::ops::Range<usize>| MatRef::row_major(Operand::F32(&a[r.start * m..r.end * m]), r.len(), m).t();
+        let bt = |r: std::ops::Range<usize>| MatRef::row_major(Operand::F32(&b[r.start * n..r.end * n]), r.len(), n);
+        let mut whole = vec![0f32; m * n];
+        gemm_exact(at(0..k), bt(0..k), 1.0, &mut whole).unwrap();
+        let mut split = vec![0f32; m * n];
+        gemm_exact(at(0..k1), bt(0..k1), 1.0, &mut split).unwrap();
+        gemm_exact_accumulate(at(k1..k), bt(k1..k), &mut split).unwrap();
+        assert!(whole.iter().zip(&split).all(|(x, y)| x.to_bits() == y.to_bits()));
+        let naive = gemm_naive(at(0..k), bt(0..k), 1.0).unwrap();
+        assert!(whole.iter().zip(&naive).all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
 }

@@ -89,15 +89,16 @@ impl Lt {
         scale: (f32, &CudaSlice<f32>),
         one_dev: &CudaSlice<f32>,
         amax_dev: Option<&mut CudaSlice<f32>>,
+        accumulate: bool,
     ) -> Result<bool, String> {
         if let Some(am) = amax_dev.filter(|_| !self.amax_refused) {
             let (ap, _) = am.device_ptr_mut(stream);
-            if self.run(stream, c, a, b, (m, n, k), scale, one_dev, Some(ap)).is_ok() {
+            if self.run(stream, c, a, b, (m, n, k), scale, one_dev, Some(ap), accumulate).is_ok() {
                 return Ok(true);
             }
             self.amax_refused = true;
         }
-        self.run(stream, c, a, b, (m, n, k), scale, one_dev, None).map(|_| false)
+        self.run(stream, c, a, b, (m, n, k), scale, one_dev, None, accumulate).map(|_| false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -111,6 +112,7 @@ impl Lt {
         (scale, scale_dev): (f32, &CudaSlice<f32>),
         one_dev: &CudaSlice<f32>,
         amax_ptr: Option<u64>,
+        accumulate: bool,
     ) -> Result<(), String> {
         let err = |e: cudarc::cublaslt::result::CublasError| format!("cuBLASLt: {e:?}");
         // Column-major: D[n x m] = op(A')[n x k] * op(B')[k x m] with A' = our B and
@@ -189,7 +191,8 @@ impl Lt {
                 };
                 // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
                 let alpha: f32 = if fp8 { 1.0 } else { scale };
-                let beta: f32 = 0.0;
+                // D = C = c: beta 1 adds the product to what c holds.
+                let beta: f32 = if accumulate { 1.0 } else { 0.0 };
                 let (dptr, _) = c.device_ptr_mut(stream);
                 let (wptr, _) = self.workspace.device_ptr_mut(stream);
                 result::matmul(

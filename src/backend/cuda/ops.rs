@@ -65,6 +65,9 @@ pub struct Cuda {
     fallbacks: std::cell::Cell<u64>,
     /// The output amax cuBLASLt reported for the last fast FP8 GEMM (None: not offered).
     last_amax: std::cell::Cell<Option<f32>>,
+    /// Ask cuBLASLt for FP8 GEMMs' output amax and read it back (verify only: a read-back
+    /// per product would make the host wait on every GEMM).
+    report_amax: std::cell::Cell<bool>,
     /// Kernels looked up once by name (with the dynamic shared memory they were opened for).
     functions: std::cell::RefCell<std::collections::HashMap<&'static str, (CudaFunction, u32)>>,
     /// With profiling on: an event where each op starts and ends (see [`Prof`]).
@@ -200,6 +203,7 @@ impl Cuda {
             lt: std::cell::RefCell::new(None),
             fallbacks: std::cell::Cell::new(0),
             last_amax: std::cell::Cell::new(None),
+            report_amax: std::cell::Cell::new(false),
             functions: Default::default(),
             profile: Default::default(),
         })
@@ -320,6 +324,7 @@ impl Cuda {
         n: usize,
         k: usize,
         scale: f32,
+        accumulate: bool,
     ) -> BResult<Result<(), String>> {
         let mut guard = self.lt.borrow_mut();
         let Some(lt) = guard.as_mut() else { return Ok(Err("exact mode".into())) };
@@ -372,7 +377,7 @@ impl Cuda {
         };
         let scale_dev = self.upload(&[scale])?;
         let one_dev = self.upload(&[1.0f32])?;
-        let fp8 = ta != LtType::Bf16;
+        let fp8 = ta != LtType::Bf16 && self.report_amax.get();
         let mut amax = self.alloc::<f32>(1)?;
         let got = match lt.matmul(
             &self.gpu.stream,
@@ -383,6 +388,7 @@ impl Cuda {
             (scale, &scale_dev),
             &one_dev,
             fp8.then_some(&mut amax),
+            accumulate,
         ) {
             Ok(got) => got,
             Err(why) => return Ok(Err(why)),
@@ -391,7 +397,13 @@ impl Cuda {
         Ok(Ok(()))
     }
 
-    /// The output amax cuBLASLt computed for the last fast FP8 GEMM, if it offered one.
+    /// Have fast FP8 GEMMs report their output amax ([`Cuda::last_fast_amax`]).
+    pub fn report_fast_amax(&self, on: bool) {
+        self.report_amax.set(on);
+    }
+
+    /// The output amax cuBLASLt computed for the last fast FP8 GEMM, if it offered one
+    /// and reporting is on.
     pub fn last_fast_amax(&self) -> Option<f32> {
         self.last_amax.get()
     }
@@ -518,6 +530,46 @@ impl Cuda {
     fn max_shared(&self) -> u32 {
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN;
         self.gpu.ctx.attribute(OPTIN).map(|b| b as u32).unwrap_or(48 << 10)
+    }
+
+    /// A linear layer's product (fast class when cuBLASLt takes it, else exact);
+    /// `accumulate`: add to `out` (scale 1) instead of overwriting it.
+    #[allow(clippy::too_many_arguments)]
+    fn product(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        (m, n, k): (usize, usize, usize),
+        scale: f32,
+        accumulate: bool,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Matmul, "matmul");
+        if self.lt.borrow().is_some() {
+            match self.matmul_fast(out, &a, &b, product, m, n, k, scale, accumulate)? {
+                Ok(()) => return Ok(()),
+                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
+            }
+        }
+        // (rows, cols, row stride, col stride) of the logical A and B.
+        let (ma, na, ka) = (m as u32, n as u32, k as u32);
+        let (dims, a_s, b_s) = match product {
+            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
+            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
+            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
+        };
+        let (pa, ta) = self.operand(&a);
+        let (pb, tb) = self.operand(&b);
+        let (mm, nn, kk) = dims;
+        let acc = i32::from(accumulate);
+        launch!(
+            self,
+            "gemm_exact",
+            (mm as usize) * (nn as usize),
+            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale, &acc]
+        );
+        Ok(())
     }
 
     /// An activation output as the kernels take it: (pointer, mode, scale, amax slot
@@ -818,30 +870,33 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> BResult<()> {
-        let _op = self.op(Phase::Matmul, "matmul");
-        if self.lt.borrow().is_some() {
-            match self.matmul_fast(out, &a, &b, product, m, n, k, scale)? {
-                Ok(()) => return Ok(()),
-                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
-            }
-        }
-        // (rows, cols, row stride, col stride) of the logical A and B.
-        let (ma, na, ka) = (m as u32, n as u32, k as u32);
-        let (dims, a_s, b_s) = match product {
-            Product::Forward => ((ma, na, ka), (ka, 1u32), (1u32, ka)), // A = X[m x k], B = W^T
-            Product::Dgrad => ((ma, ka, na), (na, 1), (ka, 1)),         // A = dY[m x n], B = W[n x k]
-            Product::Wgrad => ((na, ka, ma), (1, na), (ka, 1)),         // A = dY^T, B = X[m x k]
-        };
-        let (pa, ta) = self.operand(&a);
-        let (pb, tb) = self.operand(&b);
-        let (mm, nn, kk) = dims;
-        launch!(
-            self,
-            "gemm_exact",
-            (mm as usize) * (nn as usize),
-            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
-        );
-        Ok(())
+        self.product(out, a, b, product, (m, n, k), scale, false)
+    }
+    fn matmul_acc(
+        &self,
+        out: &mut CudaSlice<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+    ) -> BResult<()> {
+        self.product(out, a, b, product, (m, n, k), 1.0, true)
+    }
+    fn copy_range<T: Elem>(
+        &self,
+        dst: &mut CudaSlice<T>,
+        dst_at: usize,
+        src: &CudaSlice<T>,
+        src_at: usize,
+        len: usize,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "copy");
+        self.gpu
+            .stream
+            .memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(dst_at..dst_at + len))
+            .map_err(|e| BackendError::new("CUDA copy", e))
     }
     fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "add_bias");
