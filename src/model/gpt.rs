@@ -795,7 +795,7 @@ impl<B: Backend> Gpt<B> {
 }
 
 /// Bytes of f32 logits the LM head holds at once (one chunk of rows).
-pub const HEAD_LOGIT_BYTES: usize = 256 << 20;
+pub const HEAD_LOGIT_BYTES: usize = 512 << 20;
 
 /// Rows per LM-head chunk for `n` rows and `v` classes: the largest divisor of `n`
 /// whose f32 logits fit [`HEAD_LOGIT_BYTES`] (at least 1).
@@ -917,7 +917,7 @@ mod tests {
                 assert_eq!(run(level, Some(rows), 3), whole, "{level:?}: LM head in chunks of {rows} rows");
             }
         }
-        assert_eq!(head_rows_for(16384, 50304), 1024);
+        assert_eq!(head_rows_for(16384, 50304), 2048);
         assert_eq!(head_rows_for(48, 96), 48);
     }
 }
