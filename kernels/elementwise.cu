@@ -75,8 +75,8 @@ extern "C" __global__ void cast_bf16(const float* x, u16* y, u32 n) {
     }
     for (size_t i = 4 * (size_t)v; i < n && i < 4 * (size_t)v + 4; i++) y[i] = fp8train_to_bf16(x[i]);
 }
-// y = bf16(x + bias[column]) (the bias added first, in f32): a linear layer's output and
-// its bias as the flash kernels read them. Four per thread when c % 4 == 0 and aligned.
+// y = bf16(x + bias[column]) (the bias added first, in f32): a linear layer's output
+// stored as its consumer reads it (attention, GELU; Backend::cast_bf16_bias). Four per thread when c % 4 == 0 and aligned.
 extern "C" __global__ void cast_bf16_bias(const float* x, const float* bias, u16* y, u32 c, u32 n) {
     size_t v = fp8train_tid();
     if ((c & 3) == 0 && (((size_t)x | (size_t)bias) & 15) == 0 && ((size_t)y & 7) == 0 && 4 * v + 3 < n) {
@@ -89,6 +89,11 @@ extern "C" __global__ void cast_bf16_bias(const float* x, const float* bias, u16
         return;
     }
     for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) y[i] = fp8train_to_bf16(x[i] + bias[i % c]);
+}
+// BF16 -> f32 (exact): the exact attention kernels' qkv.
+extern "C" __global__ void widen_bf16(const u16* x, float* y, u32 n) {
+    u32 i = fp8train_tid();
+    if (i < n) y[i] = fp8train_from_bf16(x[i]);
 }
 extern "C" __global__ void cast_f16(const float* x, u16* y, float scale, u32 n) {
     u32 i = fp8train_tid();

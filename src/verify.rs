@@ -205,7 +205,9 @@ impl Case {
                 (format!("gemm exact {ta} x {tb} {product:?}"), format!("{m}x{n}x{k}"))
             }
             Case::LayerNorm { n, c } => ("layernorm fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{n}x{c}")),
-            Case::Gelu { rows, c } => ("gelu (+ bias) fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{rows}x{c}")),
+            Case::Gelu { rows, c } => {
+                ("bf16(x + bias), gelu fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{rows}x{c}"))
+            }
             Case::Residual { rows, c } => ("residual + bias".into(), format!("{rows}x{c}")),
             Case::Encoder { b, t, c, v } => ("encoder fwd+bwd".into(), format!("b{b} t{t} c{c} v{v}")),
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
@@ -376,15 +378,17 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
             }
             Case::Gelu { rows, c } => {
                 let n = rows * c;
-                let (x, dy) = (be.upload(&randn(n, 7, 3.0))?, be.upload(&randn(n, 8, 1.0))?);
+                // The pre-activation as the model stores it: bf16(product + bias).
+                let (x32, dy) = (be.upload(&randn(n, 7, 3.0))?, be.upload(&randn(n, 8, 1.0))?);
                 let bias = be.upload(&randn(c, 9, 1.0))?;
-                let mut outs = act_rows(be, n, |y| be.gelu_forward(y, &x, None))?;
-                let biased = act_rows(be, n, |y| be.gelu_forward(y, &x, Some(&bias)))?;
-                outs.extend(biased.into_iter().map(|(name, v)| (if name == "y" { "y (bias)" } else { name }, v)));
-                let (mut dx, mut dxb) = (be.zeros(n)?, be.zeros(n)?);
-                be.gelu_backward(&mut dx, &x, None, &dy)?;
-                be.gelu_backward(&mut dxb, &x, Some(&bias), &dy)?;
-                outs.extend([("dx", bits(be, &dx)?), ("dx (bias)", bits(be, &dxb)?)]);
+                let mut x = be.zeros::<bf16>(n)?;
+                be.cast_bf16_bias(&mut x, &x32, &bias)?;
+                let mut outs =
+                    vec![("x (bf16 of x + bias)", be.download(&x)?.iter().map(|v| v.to_bits() as u32).collect())];
+                outs.extend(act_rows(be, n, |y| be.gelu_forward(y, &x))?);
+                let mut dx = be.zeros(n)?;
+                be.gelu_backward(&mut dx, &x, &dy)?;
+                outs.push(("dx", bits(be, &dx)?));
                 outs
             }
             Case::Residual { rows, c } => {
@@ -411,13 +415,15 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
             }
             Case::Attention { b, t, c, nh } => {
                 let s = AttnShape { b, t, c, nh };
-                let qkv = be.upload(&randn(b * t * 3 * c, 13, 1.0))?;
+                let q32 = be.upload(&randn(b * t * 3 * c, 13, 1.0))?;
                 let bias = be.upload(&randn(3 * c, 27, 0.5))?;
+                let mut qkv = be.zeros::<bf16>(b * t * 3 * c)?;
+                be.cast_bf16_bias(&mut qkv, &q32, &bias)?;
                 let dout = be.upload(&randn(b * t * c, 14, 1.0))?;
                 let (mut out, mut stats) = (be.zeros(b * t * c)?, be.zeros(b * nh * t * 2)?);
-                be.attention_forward(&mut out, &mut stats, &qkv, &bias, s)?;
+                be.attention_forward(&mut out, &mut stats, &qkv, s)?;
                 let mut dqkv = be.zeros(b * t * 3 * c)?;
-                be.attention_backward(&mut dqkv, &dout, &qkv, &bias, &out, &stats, s)?;
+                be.attention_backward(&mut dqkv, &dout, &qkv, &out, &stats, s)?;
                 vec![("out", bits(be, &out)?), ("stats", bits(be, &stats)?), ("dqkv", bits(be, &dqkv)?)]
             }
             Case::CrossEntropy { n, v } => {

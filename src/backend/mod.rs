@@ -322,6 +322,9 @@ pub trait Backend {
         src_at: usize,
         len: usize,
     ) -> BResult<()>;
+    /// `y = bf16(x + bias)` (the bias, of `bias.len()` columns, added first in f32): a
+    /// linear layer's output stored as its consumer reads it (attention, GELU).
+    fn cast_bf16_bias(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>, bias: &Self::Buf<f32>) -> BResult<()>;
     /// `x[r, :] += bias` for every row.
     fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.
@@ -388,37 +391,28 @@ pub trait Backend {
         n: usize,
         c: usize,
     ) -> BResult<()>;
-    /// Attention of `qkv + bias` (`qkv`: the QKV product before its bias, `3c` columns;
-    /// the bias added first, in f32, as `add_bias` would).
+    /// Attention of `qkv` (`[b, t, 3c]`, stored in BF16: the QKV layer's output with its
+    /// bias, see `cast_bf16_bias`; computed in f32 from the BF16 values).
     fn attention_forward(
         &self,
         out: &mut Self::Buf<f32>,
         stats: &mut Self::Buf<f32>,
-        qkv: &Self::Buf<f32>,
-        bias: &Self::Buf<f32>,
+        qkv: &Self::Buf<bf16>,
         shape: AttnShape,
     ) -> BResult<()>;
     fn attention_backward(
         &self,
         dqkv: &mut Self::Buf<f32>,
         dout: &Self::Buf<f32>,
-        qkv: &Self::Buf<f32>,
-        bias: &Self::Buf<f32>,
+        qkv: &Self::Buf<bf16>,
         out: &Self::Buf<f32>,
         stats: &Self::Buf<f32>,
         shape: AttnShape,
     ) -> BResult<()>;
-    /// `y = gelu(x + bias)` (the bias, of `bias.len()` columns, added first in f32;
-    /// none: `gelu(x)`).
-    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<f32>, bias: Option<&Self::Buf<f32>>) -> BResult<()>;
-    /// `dx = dy * gelu'(x + bias)`.
-    fn gelu_backward(
-        &self,
-        dx: &mut Self::Buf<f32>,
-        x: &Self::Buf<f32>,
-        bias: Option<&Self::Buf<f32>>,
-        dy: &Self::Buf<f32>,
-    ) -> BResult<()>;
+    /// `y = gelu(x)` of the BF16 pre-activation (computed in f32).
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<bf16>) -> BResult<()>;
+    /// `dx = dy * gelu'(x)`.
+    fn gelu_backward(&self, dx: &mut Self::Buf<f32>, x: &Self::Buf<bf16>, dy: &Self::Buf<f32>) -> BResult<()>;
     /// Per-row losses; with `dlogits`, also the gradient times `dloss`, rounded to BF16
     /// (the LM head's backward products read it in BF16).
     fn crossentropy(

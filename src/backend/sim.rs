@@ -12,6 +12,13 @@ use fp8sim::ops::{crossentropy, encoder, gelu, layernorm};
 use fp8sim::scaling::scale_from_amax;
 use fp8sim::{par, reduce};
 
+/// BF16 values as f32 (exact).
+fn widen(x: &[bf16]) -> BResult<Vec<f32>> {
+    let mut y = host_vec(x.len())?;
+    y.extend(x.iter().map(|v| v.to_f32()));
+    Ok(y)
+}
+
 /// One of the linear layer's products (see `Product`), exact; `accumulate`: add to `out`
 /// (scale 1) instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
@@ -106,7 +113,7 @@ impl Backend for Sim {
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         // Backward: probabilities and their gradients (t x t f32 each) per head in flight.
         let heads = (s.b * s.nh).min(rayon::current_num_threads()) as u64;
-        // + the biased copy of qkv.
+        // + qkv widened to f32.
         heads * 8 * (s.t * s.t) as u64 + 4 * (s.b * s.t * s.c) as u64 + 12 * (s.b * s.t * s.c) as u64
     }
 
@@ -351,31 +358,34 @@ impl Backend for Sim {
         &self,
         out: &mut Vec<f32>,
         stats: &mut Vec<f32>,
-        qkv: &Vec<f32>,
-        bias: &Vec<f32>,
+        qkv: &Vec<bf16>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_forward(out, stats, &self.with_bias(qkv, bias)?, shape);
+        attention::attention_forward(out, stats, &widen(qkv)?, shape);
         Ok(())
     }
     fn attention_backward(
         &self,
         dqkv: &mut Vec<f32>,
         dout: &Vec<f32>,
-        qkv: &Vec<f32>,
-        bias: &Vec<f32>,
+        qkv: &Vec<bf16>,
         out: &Vec<f32>,
         stats: &Vec<f32>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_backward(dqkv, dout, &self.with_bias(qkv, bias)?, out, stats, shape);
+        attention::attention_backward(dqkv, dout, &widen(qkv)?, out, stats, shape);
         Ok(())
     }
-    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<f32>, bias: Option<&Vec<f32>>) -> BResult<()> {
-        into_act(y, x.len(), |yv| gelu::gelu_forward(yv, x, bias.map(|b| b.as_slice())))
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<bf16>) -> BResult<()> {
+        let xf = widen(x)?;
+        into_act(y, x.len(), |yv| gelu::gelu_forward(yv, &xf, None))
     }
-    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, bias: Option<&Vec<f32>>, dy: &Vec<f32>) -> BResult<()> {
-        gelu::gelu_backward(dx, x, bias.map(|b| b.as_slice()), dy);
+    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<bf16>, dy: &Vec<f32>) -> BResult<()> {
+        gelu::gelu_backward(dx, &widen(x)?, None, dy);
+        Ok(())
+    }
+    fn cast_bf16_bias(&self, y: &mut Vec<bf16>, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<()> {
+        half16::to_bf16_slice(&self.with_bias(x, bias)?, y);
         Ok(())
     }
     fn crossentropy(

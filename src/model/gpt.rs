@@ -39,13 +39,15 @@ pub struct Gpt<B: Backend> {
 struct LayerActs<B: Backend> {
     ln1_mean: B::Buf<f32>,
     ln1_rstd: B::Buf<f32>,
-    qkv: B::Buf<f32>,
+    /// The QKV layer's output with its bias, in BF16 (what attention reads).
+    qkv: B::Buf<bf16>,
     att: B::Buf<f32>,
     att_stats: B::Buf<f32>,
     res_mid: B::Buf<f32>,
     ln2_mean: B::Buf<f32>,
     ln2_rstd: B::Buf<f32>,
-    fc: B::Buf<f32>,
+    /// The MLP pre-activation (up projection + bias) in BF16 (what GELU reads).
+    fc: B::Buf<bf16>,
     res_out: B::Buf<f32>,
     saved: [Saved<B>; 4],
 }
@@ -171,13 +173,13 @@ impl<B: Backend> Gpt<B> {
                     Ok(LayerActs {
                         ln1_mean: z(n)?,
                         ln1_rstd: z(n)?,
-                        qkv: z(n * 3 * c)?,
+                        qkv: be.zeros(n * 3 * c)?,
                         att: z(n * c)?,
                         att_stats: z(b * self.cfg.n_head * t * 2)?,
                         res_mid: z(n * c)?,
                         ln2_mean: z(n)?,
                         ln2_rstd: z(n)?,
-                        fc: z(n * 4 * c)?,
+                        fc: be.zeros(n * 4 * c)?,
                         res_out: z(n * c)?,
                         saved: arr4(|i| Saved::new(be, fp8, n * ins[i]))?,
                     })
@@ -375,9 +377,11 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )
                 })?;
-                // qkv holds the product before its bias: attention adds it (both passes).
-                linear::forward(be, &mut la.qkv, &views[0], s0, dims[0])?;
-                be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, p(params::QKV_B), shape)?;
+                // The products go through f32 scratch (backward buffers, free in the
+                // forward pass) and are kept in BF16 with their biases.
+                linear::forward(be, &mut ws.dqkv, &views[0], s0, dims[0])?;
+                be.cast_bf16_bias(&mut la.qkv, &ws.dqkv, p(params::QKV_B))?;
+                be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
                 linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward(be, &mut ws.lin_out, &views[1], s1, dims[1])?;
                 be.residual_forward(&mut la.res_mid, res_in, &ws.lin_out, p(params::PROJ_B))?;
@@ -393,10 +397,10 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )
                 })?;
-                // fc holds the product before its bias: GELU adds it (forward and backward).
-                linear::forward(be, &mut la.fc, &views[2], s2, dims[2])?;
+                linear::forward(be, &mut ws.dfc, &views[2], s2, dims[2])?;
+                be.cast_bf16_bias(&mut la.fc, &ws.dfc, p(params::FC_B))?;
                 linear::produce_input(be, s3, &mut ws.gelu_out, &sc[3], Slot { buf: st, at: act(3) }, |y| {
-                    be.gelu_forward(y, &la.fc, Some(p(params::FC_B)))
+                    be.gelu_forward(y, &la.fc)
                 })?;
                 linear::forward(be, &mut ws.lin_out, &views[3], s3, dims[3])?;
                 be.residual_forward(&mut la.res_out, &la.res_mid, &ws.lin_out, p(params::FCPROJ_B))?;
@@ -553,8 +557,7 @@ impl<B: Backend> Gpt<B> {
                     gb3,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FCPROJ_B)) },
                 )?;
-                let fc_b = Self::weight(params, work, idx(params::FC_B));
-                be.gelu_backward(&mut ws.dfc, &la.fc, Some(fc_b), &ws.dgelu)?;
+                be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu)?;
                 linear::backward(
                     be,
                     &mut ws.dln,
@@ -637,8 +640,7 @@ impl<B: Backend> Gpt<B> {
                     gb1,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_B)) },
                 )?;
-                let qkv_b = Self::weight(params, work, idx(params::QKV_B));
-                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, qkv_b, &la.att, &la.att_stats, shape)?;
+                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape)?;
                 linear::backward(
                     be,
                     &mut ws.dln,

@@ -235,19 +235,11 @@ impl Cuda {
         Ok(entry.0.clone())
     }
 
-    /// `x + bias` rounded to BF16 (the flash kernels' qkv).
-    fn bf16_bias_copy(&self, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<CudaSlice<u16>> {
-        let (n, c) = (x.len() as u32, bias.len() as u32);
-        let mut y = self.scratch::<u16>(x.len())?;
-        launch!(self, "cast_bf16_bias", (n as usize).div_ceil(4), [x, bias, &mut y, &c, &n]);
-        Ok(y)
-    }
-
-    /// `x + bias` in f32 scratch (what the exact attention kernels read).
-    fn with_bias(&self, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<CudaSlice<f32>> {
+    /// BF16 values as f32 in scratch (what the exact attention kernels read).
+    fn widen(&self, x: &CudaSlice<bf16>) -> BResult<CudaSlice<f32>> {
+        let n = x.len() as u32;
         let mut y = self.scratch::<f32>(x.len())?;
-        self.gpu.stream.memcpy_dtod(x, &mut y).map_err(|e| BackendError::new("CUDA copy", e))?;
-        self.add_bias(&mut y, bias, bias.len())?;
+        launch!(self, "widen_bf16", n as usize, [x, &mut y, &n]);
         Ok(y)
     }
 
@@ -611,15 +603,6 @@ impl Cuda {
         Ok(())
     }
 
-    /// A bias as the kernels take it: (pointer or 0 for none, columns).
-    fn bias_arg(&self, bias: Option<&CudaSlice<f32>>) -> (u64, u32) {
-        use cudarc::driver::DevicePtr;
-        match bias {
-            Some(b) => (b.device_ptr(&self.gpu.stream).0, b.len() as u32),
-            None => (0, 1),
-        }
-    }
-
     fn operand(&self, o: &Operand<'_, Self>) -> (u64, i32) {
         use cudarc::driver::DevicePtr;
         let s = &self.gpu.stream;
@@ -679,10 +662,10 @@ impl Backend for Cuda {
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
         if self.flash(s.c / s.nh).is_some() {
-            // BF16 copies of qkv and dout, per-row statistics.
-            8 * b * t * c + 16 * b * nh * t
+            // The BF16 copy of dout, per-row statistics.
+            2 * b * t * c + 16 * b * nh * t
         } else {
-            // Probabilities and their gradients, t x t f32 each per head; qkv + bias.
+            // Probabilities and their gradients, t x t f32 each per head; qkv as f32.
             8 * b * nh * t * t + 12 * b * t * c
         }
     }
@@ -1061,8 +1044,7 @@ impl Backend for Cuda {
         &self,
         out: &mut CudaSlice<f32>,
         stats: &mut CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        qkv: &CudaSlice<bf16>,
         s: AttnShape,
     ) -> BResult<()> {
         let _op = self.op(Phase::Attention, "attention_forward");
@@ -1073,13 +1055,12 @@ impl Backend for Cuda {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: k.forward_smem,
             };
-            let qkv16 = self.bf16_bias_copy(qkv, bias)?;
-            launch!(self, k.forward, with cf, [out, stats, &qkv16, &t, &c, &nh]);
+            launch!(self, k.forward, with cf, [out, stats, qkv, &t, &c, &nh]);
             return Ok(());
         }
-        // The exact kernels read f32 qkv with its bias added.
-        let biased = self.with_bias(qkv, bias)?;
-        let qkv = &biased;
+        // The exact kernels read qkv as f32.
+        let wide = self.widen(qkv)?;
+        let qkv = &wide;
         if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
             let hs = s.c / s.nh;
             let shared = ((64 * (hs + 1) + 64 * hs + 64 * 65) * 4) as u32;
@@ -1098,8 +1079,7 @@ impl Backend for Cuda {
         &self,
         dqkv: &mut CudaSlice<f32>,
         dout: &CudaSlice<f32>,
-        qkv: &CudaSlice<f32>,
-        bias: &CudaSlice<f32>,
+        qkv: &CudaSlice<bf16>,
         out: &CudaSlice<f32>,
         stats: &CudaSlice<f32>,
         s: AttnShape,
@@ -1110,16 +1090,16 @@ impl Backend for Cuda {
             // Per query row: (max in base-2 units, 1 / sum, D = dout . out, 0); 8 threads a row.
             let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t)?;
             launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
-            let (qkv16, dout16) = (self.bf16_bias_copy(qkv, bias)?, self.bf16_copy(dout)?);
+            let dout16 = self.bf16_copy(dout)?;
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
-            launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
+            launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, qkv, &aux, &t, &c, &nh]);
             let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.q_smem };
-            launch!(self, k.q, with qc, [&mut *dqkv, &dout16, &qkv16, &aux, &t, &c, &nh]);
+            launch!(self, k.q, with qc, [&mut *dqkv, &dout16, qkv, &aux, &t, &c, &nh]);
             return Ok(());
         }
-        let biased = self.with_bias(qkv, bias)?;
-        let qkv = &biased;
+        let wide = self.widen(qkv)?;
+        let qkv = &wide;
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
             // Entries above the diagonal are neither written nor read: no zeroing.
             let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t)?;
@@ -1146,25 +1126,23 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
         Ok(())
     }
-    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<f32>, bias: Option<&CudaSlice<f32>>) -> BResult<()> {
+    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<bf16>) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
-        let (pb, c) = self.bias_arg(bias);
         let (py, mode, scale, pa) = self.act_out(&mut y);
-        launch!(self, "gelu_forward", (n as usize).div_ceil(4), [&py, &mode, &scale, &pa, x, &pb, &c, &n]);
+        launch!(self, "gelu_forward", (n as usize).div_ceil(4), [&py, &mode, &scale, &pa, x, &n]);
         Ok(())
     }
-    fn gelu_backward(
-        &self,
-        dx: &mut CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        bias: Option<&CudaSlice<f32>>,
-        dy: &CudaSlice<f32>,
-    ) -> BResult<()> {
+    fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, dy: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
-        let (pb, c) = self.bias_arg(bias);
-        launch!(self, "gelu_backward", (n as usize).div_ceil(4), [dx, x, &pb, &c, dy, &n]);
+        launch!(self, "gelu_backward", (n as usize).div_ceil(4), [dx, x, dy, &n]);
+        Ok(())
+    }
+    fn cast_bf16_bias(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<()> {
+        let _op = self.op(Phase::Other, "cast_bf16_bias");
+        let (n, c) = (x.len() as u32, bias.len() as u32);
+        launch!(self, "cast_bf16_bias", (n as usize).div_ceil(4), [x, bias, y, &c, &n]);
         Ok(())
     }
     fn crossentropy(
