@@ -1,3 +1,20 @@
+// The row's max over the block from each thread's (max, saw a NaN) (reduce::max: a NaN
+// anywhere gives NaN); `wmax`: 64 floats of shared scratch. Every thread gets it.
+__device__ float ce_block_max(float mx, bool nan, float* wmax) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float other = __shfl_xor_sync(0xffffffffu, mx, o);
+        mx = other > mx ? other : mx;
+    }
+    nan = __any_sync(0xffffffffu, nan);
+    u32 warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    if ((threadIdx.x & 31) == 0) { wmax[warp] = mx; wmax[32 + warp] = nan ? 1.0f : 0.0f; }
+    __syncthreads();
+    float m = __int_as_float(0xff800000);
+    bool any_nan = false;
+    for (u32 k = 0; k < warps; k++) { m = wmax[k] > m ? wmax[k] : m; any_nan |= wmax[32 + k] != 0.0f; }
+    return any_nan ? FP8TRAIN_NAN : m;
+}
+
 // Fused softmax + cross-entropy (sim/src/ops/crossentropy.rs): one block per row. The
 // max is order-free (NaN wins); the sum of exponentials is the contract's sum: thread t
 // sums chunks t, t + blockDim, ... sequentially, the block runs the tree over the chunk
@@ -16,18 +33,7 @@ extern "C" __global__ void crossentropy(float* losses, u16* dlogits, const float
     float mx = __int_as_float(0xff800000);
     bool nan = false;
     for (u32 j = threadIdx.x; j < v; j += blockDim.x) { float a = lr[j]; nan |= isnan(a); mx = a > mx ? a : mx; }
-    for (int o = 16; o > 0; o >>= 1) {
-        float other = __shfl_xor_sync(0xffffffffu, mx, o);
-        mx = other > mx ? other : mx;
-    }
-    nan = __any_sync(0xffffffffu, nan);
-    u32 warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    if ((threadIdx.x & 31) == 0) { wmax[warp] = mx; wmax[32 + warp] = nan ? 1.0f : 0.0f; }
-    __syncthreads();
-    float m = __int_as_float(0xff800000);
-    bool any_nan = false;
-    for (u32 k = 0; k < warps; k++) { m = wmax[k] > m ? wmax[k] : m; any_nan |= wmax[32 + k] != 0.0f; }
-    if (any_nan) m = FP8TRAIN_NAN;
+    float m = ce_block_max(mx, nan, wmax);
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
         float acc = 0.0f;
         int end = min((int)v, (ch + 1) * 32);
@@ -80,18 +86,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         nan |= isnan(q.x) | isnan(q.y) | isnan(q.z) | isnan(q.w);
         mx = q.x > mx ? q.x : mx; mx = q.y > mx ? q.y : mx; mx = q.z > mx ? q.z : mx; mx = q.w > mx ? q.w : mx;
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float other = __shfl_xor_sync(0xffffffffu, mx, o);
-        mx = other > mx ? other : mx;
-    }
-    nan = __any_sync(0xffffffffu, nan);
-    u32 warp = threadIdx.x / 32, warps = blockDim.x / 32;
-    if ((threadIdx.x & 31) == 0) { wmax[warp] = mx; wmax[32 + warp] = nan ? 1.0f : 0.0f; }
-    __syncthreads();
-    float m = __int_as_float(0xff800000);
-    bool any_nan = false;
-    for (u32 k = 0; k < warps; k++) { m = wmax[k] > m ? wmax[k] : m; any_nan |= wmax[32 + k] != 0.0f; }
-    if (any_nan) m = FP8TRAIN_NAN;
+    float m = ce_block_max(mx, nan, wmax);
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
         float acc = 0.0f;
         int len = min(32, (int)v - ch * 32);
