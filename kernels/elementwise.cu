@@ -105,11 +105,6 @@ extern "C" __global__ void decode_f16(const u16* h, float* x, float inv_scale, u
     float v = fp8train_from_f16(h[i]);
     x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
-// x[r, :] += b: grid (ceil(c / 256), rows), no division per element.
-extern "C" __global__ void add_bias(float* x, const float* b, u32 rows, u32 c) {
-    u32 j = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
-    if (j < c && r < rows) x[(size_t)r * c + j] += b[j];
-}
 // out = res + (x + bias[column]): a linear layer's bias and the residual add in one
 // pass. Four elements per thread (16-byte accesses) when c is a multiple of 4 and the
 // buffers are aligned; launched over (n + 3) / 4 threads.
@@ -168,10 +163,6 @@ extern "C" __global__ void cast_fp8_jit(const void* src, int f16, float inv_scal
         return;
     }
     for (size_t i = i0; i < n && i < i0 + 4; i++) q[i] = fp8train_encode_sat(load(i) * scale, e5m2);
-}
-extern "C" __global__ void accumulate(float* acc, const float* x, u32 n) {
-    u32 i = fp8train_tid();
-    if (i < n) acc[i] += x[i];
 }
 extern "C" __global__ void scale_inplace(float* x, float s, u32 n) {
     u32 i = fp8train_tid();

@@ -325,8 +325,6 @@ pub trait Backend {
     /// `y = bf16(x + bias)` (the bias, of `bias.len()` columns, added first in f32): a
     /// linear layer's output stored as its consumer reads it (attention, GELU).
     fn cast_bf16_bias(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>, bias: &Self::Buf<f32>) -> BResult<()>;
-    /// `x[r, :] += bias` for every row.
-    fn add_bias(&self, x: &mut Self::Buf<f32>, bias: &Self::Buf<f32>, c: usize) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.
     fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize) -> BResult<()>;
     /// The residual add of a linear layer's output before its bias was added:
@@ -338,8 +336,6 @@ pub trait Backend {
         x: &Self::Buf<f32>,
         bias: &Self::Buf<f32>,
     ) -> BResult<()>;
-    /// `acc += x`.
-    fn accumulate(&self, acc: &mut Self::Buf<f32>, x: &Self::Buf<f32>) -> BResult<()>;
     /// Set element `i` (fault injection in tests).
     fn set(&self, x: &mut Self::Buf<f32>, i: usize, v: f32) -> BResult<()>;
 

@@ -80,7 +80,7 @@ fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult
 pub struct Sim;
 
 impl Sim {
-    /// `x + bias` (rows of `bias.len()` columns) in a new buffer, as `add_bias` adds it.
+    /// `x + bias` (rows of `bias.len()` columns, the bias added to each row) in a new buffer.
     fn with_bias(&self, x: &[f32], bias: &[f32]) -> BResult<Vec<f32>> {
         let mut y = self.upload(x)?;
         let c = bias.len();
@@ -258,14 +258,6 @@ impl Backend for Sim {
         dst[dst_at..dst_at + len].copy_from_slice(&src[src_at..src_at + len]);
         Ok(())
     }
-    fn add_bias(&self, x: &mut Vec<f32>, bias: &Vec<f32>, c: usize) -> BResult<()> {
-        par::for_chunks_mut(x, |start, xs| {
-            for (i, v) in xs.iter_mut().enumerate() {
-                *v += bias[(start + i) % c];
-            }
-        });
-        Ok(())
-    }
     fn column_sums(&self, out: &mut Vec<f32>, x: &Vec<f32>, rows: usize, cols: usize) -> BResult<()> {
         reduce::column_sums(x, rows, cols, out);
         Ok(())
@@ -276,14 +268,6 @@ impl Backend for Sim {
             for (i, v) in o.iter_mut().enumerate() {
                 let k = start + i;
                 *v = res[k] + (x[k] + bias[k % c]);
-            }
-        });
-        Ok(())
-    }
-    fn accumulate(&self, acc: &mut Vec<f32>, x: &Vec<f32>) -> BResult<()> {
-        par::for_chunks_mut(acc, |start, o| {
-            for (i, v) in o.iter_mut().enumerate() {
-                *v += x[start + i];
             }
         });
         Ok(())
@@ -352,7 +336,12 @@ impl Backend for Sim {
         }
         let mut g = self.zeros::<f32>(n * c)?;
         layernorm::layernorm_backward(&mut g, dw, db, dy, x, w, mean, rstd, n, c);
-        self.accumulate(dx, &g)
+        par::for_chunks_mut(dx, |start, o| {
+            for (i, v) in o.iter_mut().enumerate() {
+                *v += g[start + i];
+            }
+        });
+        Ok(())
     }
     fn attention_forward(
         &self,
@@ -517,7 +506,7 @@ mod tests {
         let (xd, wd, bd, dyd) = (d(&x), d(&w), d(&b), d(&dy));
         let mut y = vec![0f32; n * oc];
         be.matmul(&mut y, Operand::F32(&x), Operand::F32(&w), Product::Forward, n, oc, ic, 1.0).unwrap();
-        be.add_bias(&mut y, &b, oc).unwrap();
+        let y = be.with_bias(&y, &b).unwrap();
         close("y", &y, &f(&xd, &wd, &bd));
         let (mut dx, mut dw, mut db) = (vec![0f32; n * ic], vec![0f32; oc * ic], vec![0f32; oc]);
         be.matmul(&mut dx, Operand::F32(&dy), Operand::F32(&w), Product::Dgrad, n, oc, ic, 1.0).unwrap();

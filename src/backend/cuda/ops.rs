@@ -881,21 +881,6 @@ impl Backend for Cuda {
             .memcpy_dtod(&src.slice(src_at..src_at + len), &mut dst.slice_mut(dst_at..dst_at + len))
             .map_err(|e| BackendError::new("CUDA copy", e))
     }
-    fn add_bias(&self, x: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, c: usize) -> BResult<()> {
-        let _op = self.op(Phase::Other, "add_bias");
-        let (rows, cc) = ((x.len() / c.max(1)) as u32, c as u32);
-        // rows may exceed the grid's y limit (65535): cut into slabs of rows.
-        let slab = 65535u32;
-        let mut r0 = 0u32;
-        while r0 < rows {
-            let rn = slab.min(rows - r0);
-            let cf = LaunchConfig { grid_dim: (cc.div_ceil(256), rn, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let mut part = x.slice_mut(r0 as usize * c..(r0 + rn) as usize * c);
-            launch!(self, "add_bias", with cf, [&mut part, bias, &rn, &cc]);
-            r0 += rn;
-        }
-        Ok(())
-    }
     fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums");
         let (r, c) = (rows as u32, cols as u32);
@@ -933,12 +918,6 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "residual_forward");
         let (n, c) = (out.len() as u32, bias.len() as u32);
         launch!(self, "residual_forward", (n as usize).div_ceil(4), [out, res, x, bias, &c, &n]);
-        Ok(())
-    }
-    fn accumulate(&self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>) -> BResult<()> {
-        let _op = self.op(Phase::Other, "accumulate");
-        let n = acc.len() as u32;
-        launch!(self, "accumulate", n as usize, [acc, x, &n]);
         Ok(())
     }
     fn set(&self, x: &mut CudaSlice<f32>, i: usize, v: f32) -> BResult<()> {
