@@ -11,7 +11,8 @@
 //! E4M3 copy when its scale is known before the values (BF16, or delayed scaling with
 //! a history): the same values and rounding as an f32 tensor cast afterwards, without
 //! the f32 tensor (see `produce_input`). The bias is added by the op after the product
-//! (the residual add, GELU, or `add_bias`), again the same f32 addition.
+//! (the residual add, or the BF16 cast that stores the QKV output and the MLP
+//! pre-activation), again the same f32 addition.
 //!
 //! Statistics (amax of every cast, saturated counts) go to slots of the step's
 //! statistics buffer; the model reads them back once and records them afterwards
