@@ -41,17 +41,6 @@ __device__ void rs_blocks(L load, u32 n, int mode, float* out) {
 extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks(const float* x, u32 n, int mode, float* out) {
     rs_blocks([&](size_t g) { return x[g]; }, n, mode, out);
 }
-// The same over E4M3 codes decoded as decode_fp8 does (value * inv_scale, one canonical
-// NaN): the sum of squares of a FP8 gradient without its f32 copy.
-extern "C" __global__ void __launch_bounds__(RS_CHUNKS) reduce_sum_blocks_e4m3(const u8* q, float inv_scale, u32 n,
-                                                                              int mode, float* out) {
-    rs_blocks(
-        [&](size_t g) {
-            float v = fp8train_decode(q[g], 0);
-            return isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
-        },
-        n, mode, out);
-}
 // The tree over `n` partials, 1024 aligned partials per block.
 extern "C" __global__ void __launch_bounds__(512) reduce_tree_blocks(const float* in, u32 n, float* out) {
     __shared__ float pa[1024], pb[513];

@@ -443,7 +443,8 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Store a parameter's f32 gradient in its level's format, its amax into `amax`
-    /// (an FP8 gradient's just-in-time scale follows from it: `settle_grads`).
+    /// (an FP8 gradient's just-in-time scale is derived from it after the step's
+    /// read-back, at the end of `forward_backward`).
     fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>, amax: Slot<'_, B>) -> BResult<()> {
         match &mut p.grad {
             GradStore::F32(dst) => {

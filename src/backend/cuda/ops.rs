@@ -6,8 +6,8 @@
 use super::lt::{Lt, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, JitSrc, MemoryStats, OpTime, Operand,
-    Phase, Product, Slot,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, JitSrc, MemoryStats,
+    OpTime, Operand, Phase, Product, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -117,15 +117,6 @@ struct Prof {
 fn stride_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-}
-
-/// amax from the bit pattern a kernel's atomicMax left (NaN bit patterns sort above infinity).
-fn amax_from_bits(bits: u64) -> f32 {
-    if bits > 0x7f80_0000 {
-        f32::NAN
-    } else {
-        f32::from_bits(bits as u32)
-    }
 }
 
 /// One warp per row; shared memory (floats): the weights, then per warp 2 * chunks of
@@ -369,8 +360,8 @@ impl Cuda {
         };
         let scale_dev = self.upload(&[scale])?;
         let one_dev = self.upload(&[1.0f32])?;
-        let fp8 = ta != LtType::Bf16 && self.report_amax.get();
-        let mut amax = self.alloc::<f32>(1)?;
+        // The output amax only when verify asks for it (a zeroed buffer and a read-back).
+        let mut amax = if ta != LtType::Bf16 && self.report_amax.get() { Some(self.alloc::<f32>(1)?) } else { None };
         let got = match lt.matmul(
             &self.gpu.stream,
             out,
@@ -379,13 +370,16 @@ impl Cuda {
             (mm, nn, kk),
             (scale, &scale_dev),
             &one_dev,
-            fp8.then_some(&mut amax),
+            amax.as_mut(),
             accumulate,
         ) {
             Ok(got) => got,
             Err(why) => return Ok(Err(why)),
         };
-        self.last_amax.set(if got && fp8 { Some(self.scalar(&amax)?) } else { None });
+        self.last_amax.set(match amax {
+            Some(a) if got => Some(self.scalar(&a)?),
+            _ => None,
+        });
         Ok(Ok(()))
     }
 
@@ -694,7 +688,7 @@ impl Backend for Cuda {
             let n = x.len() as u32;
             let mut out = self.alloc::<u64>(1)?;
             launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &mut out]);
-            amax_from_bits(self.gpu.stream.clone_dtoh(&out).map_err(|e| BackendError::new("CUDA copy", e))?[0])
+            slot_amax(self.gpu.stream.clone_dtoh(&out).map_err(|e| BackendError::new("CUDA copy", e))?[0])
         })
     }
     fn cast_fp8(&self, q: &mut CudaSlice<u8>, x: &CudaSlice<f32>, fmt: Fp8Format, scale: f32) -> BResult<CastStats> {
@@ -705,7 +699,7 @@ impl Backend for Cuda {
             let f = e5(fmt);
             launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
             let st = self.gpu.stream.clone_dtoh(&stats).map_err(|e| BackendError::new("CUDA copy", e))?;
-            CastStats { amax: amax_from_bits(st[0]), saturated: st[1] }
+            CastStats { amax: slot_amax(st[0]), saturated: st[1] }
         })
     }
     fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
@@ -1272,7 +1266,7 @@ impl Backend for Cuda {
                 }
                 AdamState::O1 { master, master_scale, m, v } => {
                     let (n, pinv) = (master.len() as u32, 1.0 / *master_scale);
-                    *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[3 * i]), 0, *master_scale);
+                    *master_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i]), 0, *master_scale);
                     launch!(
                         self,
                         "adamw_o1_apply",
@@ -1283,9 +1277,9 @@ impl Backend for Cuda {
                 AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
                     let n = master.len() as u32;
                     let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
-                    *master_scale = scale_for_max(F16_MAX, amax_from_bits(a[3 * i]), 0, *master_scale);
-                    *m_scale = scale_from_amax(Fp8Format::E4M3, amax_from_bits(a[3 * i + 1]), 0, *m_scale);
-                    *v_scale = scale_for_max(F16_MAX, amax_from_bits(a[3 * i + 2]), 0, *v_scale);
+                    *master_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i]), 0, *master_scale);
+                    *m_scale = scale_from_amax(Fp8Format::E4M3, slot_amax(a[3 * i + 1]), 0, *m_scale);
+                    *v_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i + 2]), 0, *v_scale);
                     launch!(
                         self,
                         "adamw_o2_apply",
