@@ -6,44 +6,97 @@
 __device__ __forceinline__ float gelu_inner(float x) { return GELU_K * (x + GELU_A * ((x * x) * x)); }
 
 __device__ __forceinline__ float gelu_value(float v) { return (0.5f * v) * (1.0f + fp8train_tanh(gelu_inner(v))); }
-__device__ __forceinline__ float gelu_grad(float v, float dy) {
+// gelu'(v): the backward's dx = gelu_factor(v) * dy.
+__device__ __forceinline__ float gelu_factor(float v) {
     float t = fp8train_tanh(gelu_inner(v));
-    float d = 0.5f * (1.0f + t) + ((0.5f * v) * (1.0f - t * t)) * (GELU_K * (1.0f + GELU_A3 * (v * v)));
-    return d * dy;
-}
-// Four BF16 pre-activations at i0 as f32 (one 8-byte load).
-__device__ __forceinline__ void gelu_load4(float* v, const u16* x, size_t i0) {
-    uint2 w = *(const uint2*)(x + i0);
-    v[0] = fp8train_from_bf16((u16)(w.x & 0xffff)); v[1] = fp8train_from_bf16((u16)(w.x >> 16));
-    v[2] = fp8train_from_bf16((u16)(w.y & 0xffff)); v[3] = fp8train_from_bf16((u16)(w.y >> 16));
+    return 0.5f * (1.0f + t) + ((0.5f * v) * (1.0f - t * t)) * (GELU_K * (1.0f + GELU_A3 * (v * v)));
 }
 
-// y = gelu(x) of the BF16 pre-activation, stored per `mode` (fp8train_act_store). Four
-// elements per thread when aligned (launched over (n + 3) / 4 threads); every thread
-// reaches the amax flush (no early return), one atomic per block.
-extern "C" __global__ void gelu_forward(void* y, int mode, float scale, unsigned long long* amax, const u16* x, u32 n) {
+// The pre-activation is BF16 (the model stores bf16(product + bias)), so GELU and its
+// derivative factor are functions of a 16-bit code: both are tabulated once per process
+// by the functions above (tab[code] = gelu_value, tab[65536 + code] = gelu_factor) and
+// looked up, the same bits as computing them in place (the exact tanh costs about 100
+// instructions a value; the lookup makes the kernels bandwidth-bound). The codes of
+// magnitudes 2^-16 <= |v| < 2^8 (both signs, 6144 entries, 24 KiB) are copied into each
+// block's shared memory; the rest (near zero, huge, inf, NaN) are read from the global table.
+#define GT_LO (111u << 7)  // the BF16 magnitude code of 2^-16
+#define GT_N (24u << 7)    // 24 binades
+extern "C" __global__ void gelu_table(float* tab) {
+    u32 i = fp8train_tid();
+    if (i >= 2 * 65536) return;
+    float v = fp8train_from_bf16((u16)(i & 0xffff));
+    tab[i] = i < 65536 ? gelu_value(v) : gelu_factor(v);
+}
+// This block's shared copy of one half of the table (gelu_value or gelu_factor).
+__device__ __forceinline__ void gelu_stage_table(float* sh, const float* tab) {
+    for (u32 i = threadIdx.x; i < 2 * GT_N; i += blockDim.x) sh[i] = tab[(i >= GT_N ? 0x8000u : 0u) + GT_LO + i % GT_N];
+    __syncthreads();
+}
+__device__ __forceinline__ float gelu_lookup(u32 code, const float* sh, const float* tab) {
+    u32 m = (code & 0x7fffu) - GT_LO;
+    return m < GT_N ? sh[(code >> 15) * GT_N + m] : tab[code];
+}
+
+// y = gelu(x) of the BF16 pre-activation, stored per `mode` (fp8train_act_store); `tab`
+// the gelu_value half of the table. Grid-stride, four elements per step when aligned;
+// one amax atomic per block. Dynamic shared memory: 2 * GT_N floats.
+extern "C" __global__ void gelu_forward(void* y, int mode, float scale, unsigned long long* amax, const u16* x, u32 n,
+                                        const float* tab) {
+    extern __shared__ float gt_sh[];
+    gelu_stage_table(gt_sh, tab);
     u32 am = 0;
-    size_t i0 = 4 * (size_t)fp8train_tid();
-    if (i0 + 3 < n && ((((size_t)x & 7) | ((size_t)y & 15)) == 0)) {
-        float v[4];
-        gelu_load4(v, x, i0);
-#pragma unroll
-        for (int k = 0; k < 4; k++) v[k] = gelu_value(v[k]);
-        fp8train_act_store4(y, mode, scale, i0, v, am);
-    } else {
-        for (size_t i = i0; i < n && i < i0 + 4; i++)
-            fp8train_act_store(y, mode, scale, i, gelu_value(fp8train_from_bf16(x[i])), am);
+    size_t stride = (size_t)gridDim.x * blockDim.x, start = fp8train_tid();
+    size_t vec = ((((size_t)x & 7) | ((size_t)y & 15)) == 0) ? n / 4 : 0;
+    for (size_t k = start; k < vec; k += stride) {
+        uint2 w = ((const uint2*)x)[k];
+        float v[4] = {gelu_lookup(w.x & 0xffffu, gt_sh, tab), gelu_lookup(w.x >> 16, gt_sh, tab),
+                      gelu_lookup(w.y & 0xffffu, gt_sh, tab), gelu_lookup(w.y >> 16, gt_sh, tab)};
+        fp8train_act_store4(y, mode, scale, 4 * k, v, am);
     }
+    for (size_t i = 4 * vec + start; i < n; i += stride) fp8train_act_store(y, mode, scale, i, gelu_lookup(x[i], gt_sh, tab), am);
     if (mode == ACT_E4M3) fp8train_block_flush(am, 0, amax, nullptr);
 }
-extern "C" __global__ void gelu_backward(float* dx, const u16* x, const float* dy, u32 n) {
-    size_t i0 = 4 * (size_t)fp8train_tid();
-    if (i0 + 3 < n && ((((size_t)x & 7) | (((size_t)dx | (size_t)dy) & 15)) == 0)) {
-        float v[4];
-        gelu_load4(v, x, i0);
-        float4 g = *(const float4*)(dy + i0);
-        *(float4*)(dx + i0) = make_float4(gelu_grad(v[0], g.x), gelu_grad(v[1], g.y), gelu_grad(v[2], g.z), gelu_grad(v[3], g.w));
-        return;
+// dx = gelu'(x) * dy; `tab` the gelu_factor half of the table. Grid-stride as above.
+extern "C" __global__ void gelu_backward(float* dx, const u16* x, const float* dy, u32 n, const float* tab) {
+    extern __shared__ float gt_sh[];
+    gelu_stage_table(gt_sh, tab);
+    size_t stride = (size_t)gridDim.x * blockDim.x, start = fp8train_tid();
+    size_t vec = ((((size_t)x & 7) | (((size_t)dx | (size_t)dy) & 15)) == 0) ? n / 4 : 0;
+    for (size_t k = start; k < vec; k += stride) {
+        uint2 w = ((const uint2*)x)[k];
+        float4 g = ((const float4*)dy)[k];
+        ((float4*)dx)[k] = make_float4(gelu_lookup(w.x & 0xffffu, gt_sh, tab) * g.x, gelu_lookup(w.x >> 16, gt_sh, tab) * g.y,
+                                       gelu_lookup(w.y & 0xffffu, gt_sh, tab) * g.z, gelu_lookup(w.y >> 16, gt_sh, tab) * g.w);
     }
-    for (size_t i = i0; i < n && i < i0 + 4; i++) dx[i] = gelu_grad(fp8train_from_bf16(x[i]), dy[i]);
+    for (size_t i = 4 * vec + start; i < n; i += stride) dx[i] = gelu_lookup(x[i], gt_sh, tab) * dy[i];
+}
+// The MLP's output gradient as the fc layer's backward takes it, without the f32 tensor:
+// g = gelu'(x) * dy per element, its column sums' chunk partials (column_chunk_sums'
+// order: part[chunk, j] = rows 32 chunk .. sequentially from +0) and g stored as BF16
+// (mode ACT_BF16) or as the scaled FP8 cast (ACT_E4M3 here means FP8 of format `e5m2`,
+// with cast_fp8's statistics: stats[0] amax bits, stats[1] saturated). One (chunk,
+// column) item per thread and step, grid-stride.
+extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, float scale, int e5m2,
+                                              unsigned long long* stats, const u16* x, const float* dy, u32 rows,
+                                              u32 cols, const float* tab) {
+    extern __shared__ float gt_sh[];
+    gelu_stage_table(gt_sh, tab);
+    float mx = e5m2 ? 57344.0f : 448.0f;
+    u32 amax = 0, sat = 0;
+    u32 chunks = (rows + 31) / 32;
+    size_t items = (size_t)chunks * cols, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t t = fp8train_tid(); t < items; t += stride) {
+        u32 ch = (u32)(t / cols), j = (u32)(t % cols);
+        float acc = 0.0f;
+        u32 end = min(rows, (ch + 1) * 32);
+        for (u32 r = ch * 32; r < end; r++) {
+            size_t k = (size_t)r * cols + j;
+            float g = gelu_lookup(x[k], gt_sh, tab) * dy[k];
+            acc = acc + g;
+            if (mode == ACT_BF16) ((u16*)out)[k] = fp8train_to_bf16(g);
+            else ((u8*)out)[k] = cast_fp8_one(g, scale, mx, e5m2, amax, sat);
+        }
+        part[(size_t)ch * cols + j] = acc;
+    }
+    if (mode != ACT_BF16) fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }

@@ -22,18 +22,16 @@ __device__ float ln_warp_sum(int c, float* pa, float* pb, F term) {
     return fp8train_warp_tree(pa, pb, chunks);
 }
 
-// Row `src` (c floats) into padded shared memory `dst` by `threads` threads from `t0`.
+// Row `src` (c floats) into padded shared memory `dst` by `threads` threads from `t0`:
+// asynchronous 4-byte copies (cp.async; a warp's instruction moves 128 consecutive
+// bytes), so every copy of the staged rows is in flight at once instead of one load
+// round trip per loop step; ln_staged() waits for the calling thread's copies.
 __device__ __forceinline__ void ln_stage(float* dst, const float* src, u32 c, u32 t0, u32 threads) {
-    if ((c & 3) == 0 && ((size_t)src & 15) == 0) {
-        for (u32 v = t0; v < c / 4; v += threads) {
-            float4 q = *(const float4*)(src + 4 * v);
-            u32 i = 4 * v;  // four elements of one chunk: i + 3 < next multiple of 32
-            dst[LN_AT(i)] = q.x; dst[LN_AT(i) + 1] = q.y; dst[LN_AT(i) + 2] = q.z; dst[LN_AT(i) + 3] = q.w;
-        }
-    } else {
-        for (u32 i = t0; i < c; i += threads) dst[LN_AT(i)] = src[i];
-    }
+    for (u32 i = t0; i < c; i += threads)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst + LN_AT(i))),
+                     "l"(src + i));
 }
+__device__ __forceinline__ void ln_staged() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
 // Dynamic shared memory, in floats: the weights (c + chunks) for the block, then per
 // warp 2 * chunks of scratch and `rows` staged rows of c + chunks (see ln_cfg).
@@ -49,12 +47,12 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     float* pa = sw + padded + (size_t)warp * (2 * chunks + padded);
     float* pb = pa + chunks;
     float* sx = pb + chunks;
+    bool live = r < n;
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
+    if (live) ln_stage(sx, x + (size_t)r * c, c, lane, 32);
+    ln_staged();
     __syncthreads();
-    if (r >= n) return;  // whole warps leave together: only warp-level syncs below
-    const float* xr = x + (size_t)r * c;
-    ln_stage(sx, xr, c, lane, 32);
-    __syncwarp();
+    if (!live) return;  // whole warps leave together: only warp-level syncs below
     float mu = ln_warp_sum((int)c, pa, pb, [&](int i) { return sx[LN_AT(i)]; }) / (float)c;
     float var = ln_warp_sum((int)c, pa, pb, [&](int i) { float d = sx[LN_AT(i)] - mu; return d * d; }) / (float)c;
     float s = 1.0f / sqrtf(var + LN_EPS);
@@ -80,13 +78,16 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     float* sdy = pb + chunks;
     float* sx = sdy + padded;
     float* sd = sx + padded;  // the old dx row (accumulate only)
+    bool live = r < n;
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
+    if (live) {
+        ln_stage(sx, x + (size_t)r * c, c, lane, 32);
+        ln_stage(sdy, dy + (size_t)r * c, c, lane, 32);
+        if (accumulate) ln_stage(sd, dx + (size_t)r * c, c, lane, 32);
+    }
+    ln_staged();
     __syncthreads();
-    if (r >= n) return;
-    ln_stage(sx, x + (size_t)r * c, c, lane, 32);
-    ln_stage(sdy, dy + (size_t)r * c, c, lane, 32);
-    if (accumulate) ln_stage(sd, dx + (size_t)r * c, c, lane, 32);
-    __syncwarp();
+    if (!live) return;
     float mu = mean[r], rs = rstd[r];
     float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return sw[LN_AT(i)] * sdy[LN_AT(i)]; }) / (float)c;
     float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) {

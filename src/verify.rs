@@ -5,7 +5,7 @@
 use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
-use crate::backend::{ActOut, AdamState, Backend, GradRef, JitSrc, Operand, Product, Slot};
+use crate::backend::{ActOut, AdamState, Backend, GradOut, GradRef, JitSrc, Operand, Product, Slot};
 use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use fp8sim::fp8::{encode, Fp8Format};
@@ -151,6 +151,14 @@ enum Case {
     Gelu {
         rows: usize,
         c: usize,
+        every_code: bool,
+    },
+    /// `bf16(a b^T / 4096 + bias)` (`matmul_bias_bf16`), operands of type `ta`.
+    GemmBias {
+        ta: &'static str,
+        m: usize,
+        n: usize,
+        k: usize,
     },
     Residual {
         rows: usize,
@@ -205,10 +213,17 @@ impl Case {
                 (format!("gemm exact {ta} x {tb} {product:?}"), format!("{m}x{n}x{k}"))
             }
             Case::LayerNorm { n, c } => ("layernorm fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{n}x{c}")),
-            Case::Gelu { rows, c } => {
-                ("bf16(x + bias), gelu fwd (f32/bf16/e4m3 out) + bwd".into(), format!("{rows}x{c}"))
+            Case::Gelu { rows, c, every_code: false } => (
+                "bf16(x + bias), gelu fwd (f32/bf16/e4m3 out) + bwd (f32, bf16 + bias sums, e5m2 + bias sums)".into(),
+                format!("{rows}x{c}"),
+            ),
+            Case::Gelu { rows, c, every_code: true } => {
+                ("gelu fwd + bwd of every bf16 code (the tables)".into(), format!("{rows}x{c}"))
             }
             Case::Residual { rows, c } => ("residual + bias".into(), format!("{rows}x{c}")),
+            Case::GemmBias { ta, m, n, k } => {
+                (format!("gemm {ta} x {ta} Forward, bf16(out + bias)"), format!("{m}x{n}x{k}"))
+            }
             Case::Encoder { b, t, c, v } => ("encoder fwd+bwd".into(), format!("b{b} t{t} c{c} v{v}")),
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
             Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
@@ -238,7 +253,8 @@ fn cases() -> Vec<Case> {
         }
     }
     v.extend([(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048)].map(|(n, c)| Case::LayerNorm { n, c }));
-    v.extend([(125, 8), (241, 17), (64, 768)].map(|(rows, c)| Case::Gelu { rows, c }));
+    v.extend([(125, 8), (241, 17), (64, 768)].map(|(rows, c)| Case::Gelu { rows, c, every_code: false }));
+    v.push(Case::Gelu { rows: 64, c: 1024, every_code: true });
     v.extend([(125, 8), (241, 17), (33, 3072)].map(|(rows, c)| Case::Residual { rows, c }));
     v.extend([(2, 5, 20, 7), (4, 16, 64, 256), (8, 128, 96, 37)].map(|(b, t, c, v)| Case::Encoder { b, t, c, v }));
     // Head sizes 4 (one thread per query), 16, 64 and 128 (tiled, several key blocks).
@@ -266,6 +282,18 @@ fn cases() -> Vec<Case> {
 /// One operand's storage: exactly one buffer is present.
 type Bufs<B> =
     (Option<<B as Backend>::Buf<f32>>, Option<<B as Backend>::Buf<bf16>>, Option<<B as Backend>::Buf<u8>>, Fp8Format);
+
+/// `x` uploaded as an operand of type `t` (f32, bf16, e5m2, else e4m3; FP8 codes of
+/// `x * 64`).
+fn operand_bufs<B: Backend>(be: &B, x: &[f32], t: &str) -> BResult<Bufs<B>> {
+    let e8 = |f: Fp8Format| x.iter().map(|&v| encode(f, v * 64.0, true)).collect::<Vec<u8>>();
+    Ok(match t {
+        "f32" => (Some(be.upload(x)?), None, None, Fp8Format::E4M3),
+        "bf16" => (None, Some(be.upload(&x.iter().map(|&v| to_bf16(v)).collect::<Vec<_>>())?), None, Fp8Format::E4M3),
+        "e5m2" => (None, None, Some(be.upload(&e8(Fp8Format::E5M2))?), Fp8Format::E5M2),
+        _ => (None, None, Some(be.upload(&e8(Fp8Format::E4M3))?), Fp8Format::E4M3),
+    })
+}
 
 /// The operand among the one present buffer.
 fn pick<'a, B: Backend>(
@@ -317,7 +345,6 @@ fn act_rows<B: Backend>(
 /// Run one case on backend `be`; named outputs as bit patterns.
 fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u32>)>> {
     Ok({
-        let e8 = |x: &[f32], f: Fp8Format| x.iter().map(|&v| encode(f, v * 64.0, true)).collect::<Vec<u8>>();
         match *case {
             Case::Gemm { ta, tb, product, m, n, k } => {
                 let (ra, ca, rb, cb) = match product {
@@ -332,25 +359,23 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     Product::Wgrad => n * k,
                 };
                 let mut out = be.zeros::<f32>(out_len)?;
-                let up = |x: &[f32], t: &str| -> BResult<Bufs<B>> {
-                    Ok(match t {
-                        "f32" => (Some(be.upload(x)?), None, None, Fp8Format::E4M3),
-                        "bf16" => (
-                            None,
-                            Some(be.upload(&x.iter().map(|&v| to_bf16(v)).collect::<Vec<_>>())?),
-                            None,
-                            Fp8Format::E4M3,
-                        ),
-                        "e5m2" => (None, None, Some(be.upload(&e8(x, Fp8Format::E5M2))?), Fp8Format::E5M2),
-                        _ => (None, None, Some(be.upload(&e8(x, Fp8Format::E4M3))?), Fp8Format::E4M3),
-                    })
-                };
-                let (a32, a16, a8, fa) = up(&xa, ta)?;
-                let (b32, b16, b8, fb) = up(&xb, tb)?;
+                let (a32, a16, a8, fa) = operand_bufs(be, &xa, ta)?;
+                let (b32, b16, b8, fb) = operand_bufs(be, &xb, tb)?;
                 let op = pick::<B>;
                 let scale = if ta == "f32" { 1.0 } else { 1.0 / 4096.0 };
                 be.matmul(&mut out, op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb), product, m, n, k, scale)?;
                 vec![("out", bits(be, &out)?)]
+            }
+            Case::GemmBias { ta, m, n, k } => {
+                let (xa, xb) = (randn(m * k, 1, 1.0), randn(n * k, 2, 1.0));
+                let bias = be.upload(&randn(n, 28, 8.0))?;
+                let (a32, a16, a8, fa) = operand_bufs(be, &xa, ta)?;
+                let (b32, b16, b8, fb) = operand_bufs(be, &xb, ta)?;
+                let op = pick::<B>;
+                let (mut y, mut scratch) = (be.zeros::<bf16>(m * n)?, be.zeros::<f32>(m * n)?);
+                let (a, b) = (op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb));
+                be.matmul_bias_bf16(&mut y, &mut scratch, a, b, m, n, k, 1.0 / 4096.0, &bias)?;
+                vec![("y", be.download(&y)?.iter().map(|v| v.to_f32().to_bits()).collect())]
             }
             Case::LayerNorm { n, c } => {
                 let (x, w, b, dy) = (
@@ -376,19 +401,38 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 ]);
                 outs
             }
-            Case::Gelu { rows, c } => {
+            Case::Gelu { rows, c, every_code } => {
                 let n = rows * c;
-                // The pre-activation as the model stores it: bf16(product + bias).
-                let (x32, dy) = (be.upload(&randn(n, 7, 3.0))?, be.upload(&randn(n, 8, 1.0))?);
-                let bias = be.upload(&randn(c, 9, 1.0))?;
+                let dy = be.upload(&randn(n, 8, 1.0))?;
                 let mut x = be.zeros::<bf16>(n)?;
-                be.cast_bf16_bias(&mut x, &x32, &bias)?;
-                let mut outs =
-                    vec![("x (bf16 of x + bias)", be.download(&x)?.iter().map(|v| v.to_bits() as u32).collect())];
+                let mut outs = Vec::new();
+                if every_code {
+                    // Every BF16 code once (NaNs, infinities, subnormals, both signs).
+                    x = be.upload(&(0..n).map(|i| bf16::from_bits(i as u16)).collect::<Vec<_>>())?;
+                } else {
+                    // The pre-activation as the model stores it: bf16(product + bias).
+                    let x32 = be.upload(&randn(n, 7, 3.0))?;
+                    let bias = be.upload(&randn(c, 9, 1.0))?;
+                    be.cast_bf16_bias(&mut x, &x32, &bias)?;
+                    outs.push(("x (bf16 of x + bias)", be.download(&x)?.iter().map(|v| v.to_bits() as u32).collect()));
+                }
                 outs.extend(act_rows(be, n, |y| be.gelu_forward(y, &x))?);
                 let mut dx = be.zeros(n)?;
-                be.gelu_backward(&mut dx, &x, &dy)?;
+                be.gelu_backward(GradOut::F32(&mut dx), &x, &dy, c)?;
                 outs.push(("dx", bits(be, &dx)?));
+                // Straight into the next layer's forms: bias sums + BF16, bias sums + E5M2
+                // (a scale that saturates the largest gradients, so the count is tested).
+                let (mut db, mut q) = (be.zeros(c)?, be.zeros::<bf16>(n)?);
+                be.gelu_backward(GradOut::Bf16 { db: &mut db, q: &mut q }, &x, &dy, c)?;
+                outs.push(("db (with bf16 dx)", bits(be, &db)?));
+                outs.push(("dx bf16", be.download(&q)?.iter().map(|v| v.to_bits() as u32).collect()));
+                let (mut db, mut q, mut st) = (be.zeros(c)?, be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
+                let stats = Slot { buf: &mut st, at: 0 };
+                let fp8 = GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: 16384.0, stats };
+                be.gelu_backward(fp8, &x, &dy, c)?;
+                outs.push(("db (with e5m2 dx)", bits(be, &db)?));
+                outs.push(("dx e5m2", be.download(&q)?.iter().map(|&v| v as u32).collect()));
+                outs.push(("amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()));
                 outs
             }
             Case::Residual { rows, c } => {
@@ -725,6 +769,46 @@ fn verify_fast(fast: &Cuda) -> BResult<Vec<Row>> {
     })
 }
 
+/// Bound of the fast BF16-output product with the bias in cuBLASLt's epilogue (the bias
+/// rounded to BF16, the output rounded once more) against the exact product +
+/// `cast_bf16_bias`. Measured on an H200: see the README.
+pub const FAST_BF16_BOUND: f64 = 1e-2;
+
+/// The QKV / MLP-up form of the fast product (BF16 out, bias in the epilogue) against
+/// the simulator's exact one.
+fn verify_fast_bias(fast: &Cuda) -> BResult<Vec<Row>> {
+    Ok({
+        let mut rows = Vec::new();
+        for ta in ["e4m3", "bf16"] {
+            for (m, n, k) in [(1024, 2304, 768), (333, 100, 64)] {
+                let t = std::time::Instant::now();
+                let case = Case::GemmBias { ta, m, n, k };
+                let f = |v: &Vec<u32>| v.iter().map(|&b| f32::from_bits(b) as f64).collect::<Vec<_>>();
+                let exact = f(&run_case(&Sim, &case)?[0].1);
+                let before = fast.fast_fallbacks();
+                let got = f(&run_case(fast, &case)?[0].1);
+                let fell_back = fast.fast_fallbacks() > before;
+                let num: f64 = exact.iter().zip(&got).map(|(a, b)| (a - b).powi(2)).sum();
+                let den: f64 = exact.iter().map(|a| a * a).sum();
+                let rel = (num / den.max(1e-300)).sqrt();
+                rows.push(Row {
+                    op: format!("gemm fast (cuBLASLt) {ta} x {ta} Forward, bf16 out + bias epilogue [{m}x{n}x{k}]"),
+                    inputs: exact.len() as u64,
+                    class: "fast",
+                    mismatches: u64::from(fell_back || rel.is_nan() || rel > FAST_BF16_BOUND),
+                    first: Some(if fell_back {
+                        "cuBLASLt refused the bias epilogue: ran matmul + cast_bf16_bias".to_string()
+                    } else {
+                        format!("relative Frobenius error {rel:.2e} (bound {FAST_BF16_BOUND:.0e})")
+                    }),
+                    seconds: t.elapsed().as_secs_f64(),
+                });
+            }
+        }
+        rows
+    })
+}
+
 /// Relative Frobenius error bound of flash attention (BF16 operands and probabilities,
 /// f32 accumulation) against the exact kernels. Measured on an H200: see the README.
 pub const FLASH_BOUND: f64 = 2e-2;
@@ -788,6 +872,7 @@ pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
     match Cuda::new_fast(0) {
         Ok(fast) => {
             rows.extend(verify_fast(&fast)?);
+            rows.extend(verify_fast_bias(&fast)?);
             rows.extend(verify_flash(&fast)?);
         }
         Err(e) => rows.push(Row {

@@ -77,6 +77,32 @@ pub enum ActOut<'a, B: Backend + ?Sized> {
     E4m3(&'a mut B::Buf<u8>, f32, Slot<'a, B>),
 }
 
+/// Where an op writes a linear layer's output gradient (that layer's backward reads it
+/// next): f32, or already in the form the backward takes: the bias gradient (`db`, the
+/// contract's column sums) and the gradient's BF16 copy or scaled FP8 cast (statistics
+/// to two slots, as `column_sums_cast`), without the f32 tensor. The same values and
+/// bits either way ([`GradOut::finish`] is the definition).
+pub enum GradOut<'a, B: Backend + ?Sized> {
+    F32(&'a mut B::Buf<f32>),
+    Bf16 { db: &'a mut B::Buf<f32>, q: &'a mut B::Buf<bf16> },
+    Fp8 { db: &'a mut B::Buf<f32>, q: &'a mut B::Buf<u8>, fmt: Fp8Format, scale: f32, stats: Slot<'a, B> },
+}
+
+impl<B: Backend + ?Sized> GradOut<'_, B> {
+    /// Store the f32 gradient `g` (`rows x cols`) as `self` asks: what a backend that
+    /// writes the narrow forms directly must match.
+    pub fn finish(self, be: &B, g: &B::Buf<f32>, rows: usize, cols: usize) -> BResult<()> {
+        match self {
+            GradOut::F32(out) => be.copy_range(out, 0, g, 0, rows * cols),
+            GradOut::Bf16 { db, q } => {
+                be.column_sums(db, g, rows, cols)?;
+                be.cast_bf16(q, g)
+            }
+            GradOut::Fp8 { db, q, fmt, scale, stats } => be.column_sums_cast(db, q, g, rows, cols, fmt, scale, stats),
+        }
+    }
+}
+
 /// What a just-in-time FP8 cast reads: an f32 tensor, or FP16 codes decoded as
 /// `decode_f16` does (`value * inv_scale`) without writing the f32 copy.
 pub enum JitSrc<'a, B: Backend + ?Sized> {
@@ -281,6 +307,27 @@ pub trait Backend {
         k: usize,
         scale: f32,
     ) -> BResult<()>;
+    /// `y = bf16(a b^T * scale + bias)`, a linear layer's forward product stored as its
+    /// consumer reads it (QKV for attention, the MLP pre-activation for GELU). Exact
+    /// class, the contract's definition: `matmul` into the f32 `scratch`, then
+    /// `cast_bf16_bias`. A fast-class backend may write BF16 with the bias added in the
+    /// product's epilogue (held to `verify`'s bound, like its products).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bias_bf16(
+        &self,
+        y: &mut Self::Buf<bf16>,
+        scratch: &mut Self::Buf<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        bias: &Self::Buf<f32>,
+    ) -> BResult<()> {
+        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
+        self.cast_bf16_bias(y, scratch, bias)
+    }
     /// `column_sums` of `x` and `cast_fp8_to` of it in one go (a linear layer's bias
     /// gradient and the FP8 copy of its output gradient; a backend may read `x` once).
     #[allow(clippy::too_many_arguments)]
@@ -407,8 +454,14 @@ pub trait Backend {
     ) -> BResult<()>;
     /// `y = gelu(x)` of the BF16 pre-activation (computed in f32).
     fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<bf16>) -> BResult<()>;
-    /// `dx = dy * gelu'(x)`.
-    fn gelu_backward(&self, dx: &mut Self::Buf<f32>, x: &Self::Buf<bf16>, dy: &Self::Buf<f32>) -> BResult<()>;
+    /// `dx = gelu'(x) * dy` (`x`, `dy`: rows of `cols`), stored as `dx` asks.
+    fn gelu_backward(
+        &self,
+        dx: GradOut<'_, Self>,
+        x: &Self::Buf<bf16>,
+        dy: &Self::Buf<f32>,
+        cols: usize,
+    ) -> BResult<()>;
     /// Per-row losses; with `dlogits`, also the gradient times `dloss`, rounded to BF16
     /// (the LM head's backward products read it in BF16).
     fn crossentropy(

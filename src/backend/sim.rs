@@ -1,7 +1,8 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
 use super::{
-    amax_slot_bits, ActOut, AdamState, BResult, Backend, CastStats, Elem, GradRef, JitSrc, Operand, Product, Slot,
+    amax_slot_bits, ActOut, AdamState, BResult, Backend, CastStats, Elem, GradOut, GradRef, JitSrc, Operand, Product,
+    Slot,
 };
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
@@ -369,9 +370,16 @@ impl Backend for Sim {
         let xf = widen(x)?;
         into_act(y, x.len(), |yv| gelu::gelu_forward(yv, &xf, None))
     }
-    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<bf16>, dy: &Vec<f32>) -> BResult<()> {
-        gelu::gelu_backward(dx, &widen(x)?, None, dy);
-        Ok(())
+    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: &Vec<bf16>, dy: &Vec<f32>, cols: usize) -> BResult<()> {
+        let xf = widen(x)?;
+        if let GradOut::F32(o) = dx {
+            gelu::gelu_backward(o, &xf, None, dy);
+            return Ok(());
+        }
+        let mut g = host_vec(x.len())?;
+        g.resize(x.len(), 0f32);
+        gelu::gelu_backward(&mut g, &xf, None, dy);
+        dx.finish(self, &g, x.len() / cols.max(1), cols)
     }
     fn cast_bf16_bias(&self, y: &mut Vec<bf16>, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<()> {
         half16::to_bf16_slice(&self.with_bias(x, bias)?, y);

@@ -379,8 +379,7 @@ impl<B: Backend> Gpt<B> {
                 })?;
                 // The products go through f32 scratch (backward buffers, free in the
                 // forward pass) and are kept in BF16 with their biases.
-                linear::forward(be, &mut ws.dqkv, &views[0], s0, dims[0])?;
-                be.cast_bf16_bias(&mut la.qkv, &ws.dqkv, p(params::QKV_B))?;
+                linear::forward_bf16(be, &mut la.qkv, &mut ws.dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
                 linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward(be, &mut ws.lin_out, &views[1], s1, dims[1])?;
@@ -397,8 +396,7 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )
                 })?;
-                linear::forward(be, &mut ws.dfc, &views[2], s2, dims[2])?;
-                be.cast_bf16_bias(&mut la.fc, &ws.dfc, p(params::FC_B))?;
+                linear::forward_bf16(be, &mut la.fc, &mut ws.dfc, &views[2], s2, p(params::FC_B), dims[2])?;
                 linear::produce_input(be, s3, &mut ws.gelu_out, &sc[3], Slot { buf: st, at: act(3) }, |y| {
                     be.gelu_forward(y, &la.fc)
                 })?;
@@ -558,19 +556,22 @@ impl<B: Backend> Gpt<B> {
                     gb3,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FCPROJ_B)) },
                 )?;
-                be.gelu_backward(&mut ws.dfc, &la.fc, &ws.dgelu)?;
-                linear::backward(
+                // GELU's backward writes the fc layer's bias gradient and E5M2/BF16
+                // output gradient directly (no f32 gradient once the scale is known).
+                let (dgelu, fc) = (&ws.dgelu, &la.fc);
+                linear::backward_from(
                     be,
                     &mut ws.dln,
                     gw2,
                     gb2,
-                    &ws.dfc,
+                    &mut ws.dfc,
                     &views[2],
                     &la.saved[2],
                     &sc[2],
                     q2,
                     dims[2],
                     Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 2) },
+                    |out| be.gelu_backward(out, fc, dgelu, 4 * c),
                 )?;
                 Self::store_grad(
                     be,

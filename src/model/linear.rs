@@ -24,7 +24,7 @@
 //! small gradients to zero. (Transformer Engine starts from 1.)
 
 use crate::backend::BResult;
-use crate::backend::{ActOut, Backend, JitSrc, Operand, Product, Slot};
+use crate::backend::{ActOut, Backend, GradOut, JitSrc, Operand, Product, Slot};
 use fp8sim::half16::{bf16, f16};
 use fp8sim::scaling::{scale_from_amax, DelayedScaling, ScalingConfig};
 use fp8sim::Fp8Format::{E4M3, E5M2};
@@ -232,6 +232,22 @@ pub fn forward<B: Backend>(be: &B, out: &mut B::Buf<f32>, w: &WeightView<B>, sav
     be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)
 }
 
+/// `y = bf16(x W^T + bias)` from the saved input, for a layer whose consumer reads
+/// BF16 (`scratch`: f32 room for the product; see `Backend::matmul_bias_bf16`).
+pub fn forward_bf16<B: Backend>(
+    be: &B,
+    y: &mut B::Buf<bf16>,
+    scratch: &mut B::Buf<f32>,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    bias: &B::Buf<f32>,
+    d: Dims,
+) -> BResult<()> {
+    let (xa, xs) = saved.operand();
+    let (wa, ws) = w.operand();
+    be.matmul_bias_bf16(y, scratch, xa, wa, d.n, d.oc, d.ic, xs * ws, bias)
+}
+
 /// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`; the E5M2 cast's amax and
 /// saturated count go to `stats` (two slots).
 #[allow(clippy::too_many_arguments)]
@@ -260,6 +276,59 @@ pub fn backward<B: Backend>(
             dys = 1.0 / s;
         }
     }
+    products(be, dx, dw, w, saved, dyq, dys, d)
+}
+
+/// [`backward`] of a layer whose output gradient is made by `produce` (GELU's
+/// backward), which writes it into the `GradOut` it is given: straight into the bias
+/// gradient and the BF16/E5M2 copy when the scale is known first (BF16, or delayed
+/// scaling with a history), else into the f32 `scratch` and through [`backward`]. The
+/// same bits either way.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_from<B: Backend>(
+    be: &B,
+    dx: &mut B::Buf<f32>,
+    dw: &mut B::Buf<f32>,
+    db: &mut B::Buf<f32>,
+    scratch: &mut B::Buf<f32>,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    sc: &LinearScaling,
+    dyq: &mut GradCast<B>,
+    d: Dims,
+    stats: Slot<'_, B>,
+    produce: impl FnOnce(GradOut<'_, B>) -> BResult<()>,
+) -> BResult<()> {
+    let dys = match &mut *dyq {
+        GradCast::Bf16(q) => {
+            produce(GradOut::Bf16 { db, q })?;
+            1.0
+        }
+        GradCast::Fp8(q) if sc.grad.history().next().is_some() => {
+            let scale = sc.grad.scale();
+            produce(GradOut::Fp8 { db, q, fmt: E5M2, scale, stats })?;
+            1.0 / scale
+        }
+        GradCast::Fp8(_) => {
+            produce(GradOut::F32(scratch))?;
+            return backward(be, dx, dw, db, scratch, w, saved, sc, dyq, d, stats);
+        }
+    };
+    products(be, dx, dw, w, saved, dyq, dys, d)
+}
+
+/// The two backward products from the output gradient's copy (`dys`: its inverse scale).
+#[allow(clippy::too_many_arguments)]
+fn products<B: Backend>(
+    be: &B,
+    dx: &mut B::Buf<f32>,
+    dw: &mut B::Buf<f32>,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    dyq: &GradCast<B>,
+    dys: f32,
+    d: Dims,
+) -> BResult<()> {
     let (wa, ws) = w.operand();
     be.matmul(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
     let (xa, xs) = saved.operand();

@@ -18,6 +18,14 @@ pub enum Major {
     Outer,
 }
 
+/// Where a product goes: f32 `D` (with `accumulate`, added to what it holds), or BF16
+/// `D` with a per-column bias (BF16, one per output column) added in cuBLASLt's epilogue.
+#[derive(Clone, Copy, Debug)]
+pub enum LtOut {
+    F32(u64),
+    Bf16 { d: u64, bias: u64 },
+}
+
 /// What selects an algorithm: the problem, not the data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct AlgoKey {
@@ -29,6 +37,7 @@ struct AlgoKey {
     n: usize,
     k: usize,
     amax: bool,
+    bf16_bias: bool,
 }
 
 pub struct Lt {
@@ -82,7 +91,7 @@ impl Lt {
     pub fn matmul(
         &mut self,
         stream: &Arc<CudaStream>,
-        c: &mut CudaSlice<f32>,
+        c: LtOut,
         a: (u64, LtType, Major),
         b: (u64, LtType, Major),
         (m, n, k): (usize, usize, usize),
@@ -105,7 +114,7 @@ impl Lt {
     fn run(
         &mut self,
         stream: &Arc<CudaStream>,
-        c: &mut CudaSlice<f32>,
+        c: LtOut,
         (a_ptr, ta, ma): (u64, LtType, Major),
         (b_ptr, tb, mb): (u64, LtType, Major),
         (m, n, k): (usize, usize, usize),
@@ -167,8 +176,21 @@ impl Lt {
                 Major::Outer => result::create_matrix_layout(ta.cuda(), m as u64, k as u64, m as i64),
             }
             .map_err(err)?;
-            let ld = result::create_matrix_layout(sys::cudaDataType::CUDA_R_32F, n as u64, m as u64, n as i64)
-                .map_err(err)?;
+            let (dptr, dty) = match c {
+                LtOut::F32(d) => (d, sys::cudaDataType::CUDA_R_32F),
+                LtOut::Bf16 { d, bias } => {
+                    let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                    let bty = sys::cudaDataType::CUDA_R_16BF;
+                    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as _, 4)
+                        .map_err(err)?;
+                    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias as *const u64 as _, 8)
+                        .map_err(err)?;
+                    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bty as *const _ as _, 4)
+                        .map_err(err)?;
+                    (d, sys::cudaDataType::CUDA_R_16BF)
+                }
+            };
+            let ld = result::create_matrix_layout(dty, n as u64, m as u64, n as i64).map_err(err)?;
             let pref = result::create_matmul_pref().map_err(err)?;
             let ws = WORKSPACE as u64;
             result::set_matmul_pref_attribute(
@@ -178,7 +200,8 @@ impl Lt {
                 8,
             )
             .map_err(err)?;
-            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some() };
+            let bf16_bias = matches!(c, LtOut::Bf16 { .. });
+            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), bf16_bias };
             let outcome = (|| {
                 let algo = match self.algos.get(&key) {
                     Some(a) => *a,
@@ -193,7 +216,6 @@ impl Lt {
                 let alpha: f32 = if fp8 { 1.0 } else { scale };
                 // D = C = c: beta 1 adds the product to what c holds.
                 let beta: f32 = if accumulate { 1.0 } else { 0.0 };
-                let (dptr, _) = c.device_ptr_mut(stream);
                 let (wptr, _) = self.workspace.device_ptr_mut(stream);
                 result::matmul(
                     self.handle,

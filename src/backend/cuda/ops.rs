@@ -3,10 +3,10 @@
 //! the steering scalars (amax, sums, loss) come back to the host. Kernels are written
 //! for bit-identity first (one thread per row, per output element or per chunk).
 
-use super::lt::{Lt, LtType, Major};
+use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradRef, JitSrc, MemoryStats,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradOut, GradRef, JitSrc, MemoryStats,
     OpTime, Operand, Phase, Product, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -72,6 +72,8 @@ pub struct Cuda {
     functions: std::cell::RefCell<std::collections::HashMap<&'static str, (CudaFunction, u32)>>,
     /// With profiling on: an event where each op starts and ends (see [`Prof`]).
     profile: std::cell::RefCell<Option<Prof>>,
+    /// GELU and its derivative factor of every BF16 code (gelu.cu), made at first use.
+    gelu_tab: std::cell::OnceCell<CudaSlice<f32>>,
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -117,6 +119,14 @@ struct Prof {
 fn stride_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A grid-stride kernel over `items` that stages the GELU table slice (gelu.cu: 2 *
+/// GT_N floats of dynamic shared memory per block): at most 8 blocks per SM, so the
+/// copies stay a small part of the work.
+fn gelu_cfg(items: usize) -> LaunchConfig {
+    let blocks = items.div_ceil(256).clamp(1, 132 * 8) as u32;
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 2 * 24 * 128 * 4 }
 }
 
 /// One warp per row; shared memory (floats): the weights, then per warp 2 * chunks of
@@ -197,6 +207,7 @@ impl Cuda {
             report_amax: std::cell::Cell::new(false),
             functions: Default::default(),
             profile: Default::default(),
+            gelu_tab: std::cell::OnceCell::new(),
         })
     }
 
@@ -299,7 +310,7 @@ impl Cuda {
     #[allow(clippy::too_many_arguments)]
     fn matmul_fast(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: LtOut,
         a: &Operand<'_, Self>,
         b: &Operand<'_, Self>,
         product: Product,
@@ -533,7 +544,9 @@ impl Cuda {
     ) -> BResult<()> {
         let _op = self.op(Phase::Matmul, "matmul");
         if self.lt.borrow().is_some() {
-            match self.matmul_fast(out, &a, &b, product, m, n, k, scale, accumulate)? {
+            use cudarc::driver::DevicePtrMut;
+            let o = LtOut::F32(out.device_ptr_mut(&self.gpu.stream).0);
+            match self.matmul_fast(o, &a, &b, product, m, n, k, scale, accumulate)? {
                 Ok(()) => return Ok(()),
                 Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
             }
@@ -578,6 +591,19 @@ impl Cuda {
         use cudarc::driver::DevicePtrMut;
         assert!(slot.at < slot.buf.len(), "statistics slot {} of {}", slot.at, slot.buf.len());
         slot.buf.device_ptr_mut(&self.gpu.stream).0 + 8 * slot.at as u64
+    }
+
+    /// Device address of one half of the GELU table (0: gelu values, 1: derivative
+    /// factors), made by `gelu_table` at first use.
+    fn gelu_table(&self, half: u64) -> BResult<u64> {
+        use cudarc::driver::DevicePtr;
+        if self.gelu_tab.get().is_none() {
+            let mut t = self.alloc::<f32>(2 * 65536)?;
+            launch!(self, "gelu_table", 2 * 65536, [&mut t]);
+            let _ = self.gelu_tab.set(t);
+        }
+        let t = self.gelu_tab.get().expect("set above");
+        Ok(t.device_ptr(&self.gpu.stream).0 + half * 65536 * 4)
     }
 
     /// The contract's tree over `chunks` column-chunk partials (`part`, chunk-major)
@@ -1102,15 +1128,64 @@ impl Backend for Cuda {
     fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<bf16>) -> BResult<()> {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
+        let tab = self.gelu_table(0)?;
         let (py, mode, scale, pa) = self.act_out(&mut y);
-        launch!(self, "gelu_forward", (n as usize).div_ceil(4), [&py, &mode, &scale, &pa, x, &n]);
+        launch!(self, "gelu_forward", with gelu_cfg((n as usize).div_ceil(4)), [&py, &mode, &scale, &pa, x, &n, &tab]);
         Ok(())
     }
-    fn gelu_backward(&self, dx: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, dy: &CudaSlice<f32>) -> BResult<()> {
+    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: &CudaSlice<bf16>, dy: &CudaSlice<f32>, cols: usize) -> BResult<()> {
+        use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
-        launch!(self, "gelu_backward", (n as usize).div_ceil(4), [dx, x, dy, &n]);
-        Ok(())
+        let tab = self.gelu_table(1)?;
+        let (db, q, mode, scale, f, p) = match dx {
+            GradOut::F32(dx) => {
+                launch!(self, "gelu_backward", with gelu_cfg((n as usize).div_ceil(4)), [dx, x, dy, &n, &tab]);
+                return Ok(());
+            }
+            GradOut::Bf16 { db, q } => (db, q.device_ptr_mut(&self.gpu.stream).0, 1i32, 1.0f32, 0i32, 0u64),
+            GradOut::Fp8 { db, q, fmt, scale, mut stats } => {
+                assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
+                let p = self.slot_ptr(&mut stats);
+                (db, q.device_ptr_mut(&self.gpu.stream).0, 2, scale, e5(fmt), p)
+            }
+        };
+        let (rows, c) = (n / cols.max(1) as u32, cols as u32);
+        let chunks = rows.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        let cf = gelu_cfg((chunks * c) as usize);
+        launch!(self, "gelu_backward_sums", with cf, [&mut part, &q, &mode, &scale, &f, &p, x, dy, &rows, &c, &tab]);
+        self.column_tree(db, part, chunks, c)
+    }
+    fn matmul_bias_bf16(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        scratch: &mut CudaSlice<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+        bias: &CudaSlice<f32>,
+    ) -> BResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        if self.lt.borrow().is_some() {
+            // Fast class: BF16 out of cuBLASLt with the bias (rounded to BF16, the type
+            // its epilogue takes) added before the output is rounded.
+            let _op = self.op(Phase::Matmul, "matmul");
+            let mut b16 = self.scratch::<bf16>(bias.len())?;
+            let nb = bias.len() as u32;
+            launch!(self, "cast_bf16", (nb as usize).div_ceil(4), [bias, &mut b16, &nb]);
+            let s = &self.gpu.stream;
+            let o = LtOut::Bf16 { d: y.device_ptr_mut(s).0, bias: b16.device_ptr(s).0 };
+            match self.matmul_fast(o, &a, &b, Product::Forward, m, n, k, scale, false)? {
+                Ok(()) => return Ok(()),
+                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
+            }
+        }
+        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
+        self.cast_bf16_bias(y, scratch, bias)
     }
     fn cast_bf16_bias(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16_bias");
