@@ -44,13 +44,11 @@ extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u
     if (t < chunks * cols) {
         u32 ch = t / cols, j = t % cols;
         float acc = 0.0f;
-        u32 end = min(rows, (ch + 1) * 32);
-        for (u32 r = ch * 32; r < end; r++) {
-            size_t k = (size_t)r * cols + j;
-            float v = x[k];
-            acc = acc + v;
-            q[k] = cast_fp8_one(v, scale, mx, e5m2, amax, sat);
-        }
+        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return x[(size_t)r * cols + j]; },
+                             [&](u32 r, float v) {
+                                 acc = acc + v;
+                                 q[(size_t)r * cols + j] = cast_fp8_one(v, scale, mx, e5m2, amax, sat);
+                             });
         part[(size_t)ch * cols + j] = acc;
     }
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);

@@ -3,7 +3,7 @@
 // kernels of attention.cu by `fp8train verify`). BF16 operands (q, k, v, dout are cast
 // to BF16 once by the host side; the probabilities are rounded to BF16), f32
 // accumulation (mma.sync m16n8k16), an online softmax over key tiles of 64 in base 2
-// (scores pre-multiplied by log2(e) / sqrt(hs), exponentials by fp8train_exp2_fast), causal tiles
+// (exponents s * log2(e) / sqrt(hs) - m as one fma, exponentials by fp8train_exp2_fast), causal tiles
 // skipped, masks only on the diagonal tile. Tiles stream through shared memory with
 // cp.async, double-buffered: the next tile is in flight while this one is multiplied.
 // Fragments come out of shared memory through ldmatrix (.trans for the operands needed
@@ -195,28 +195,28 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
-                float v = s[n][e] * sl2;
-                if (edge && (col > r || col >= t)) v = FA_NEG_INF;
-                s[n][e] = v;
-                tmax[e >> 1] = fmaxf(tmax[e >> 1], v);
+                if (edge && (col > r || col >= t)) s[n][e] = FA_NEG_INF;
+                tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
             }
+        // The row max in raw units (sl2 > 0, so it scales to the max of the scaled
+        // scores); each exponent is then one fma: s * sl2 - m.
         float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; r++) {
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
             tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            float mnew = fmaxf(mrow[r], tmax[r]);
+            float mnew = fmaxf(mrow[r], tmax[r] * sl2);
             float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
             alpha[r] = fp8train_exp2_fast(mrow[r] - safe);
             mrow[r] = mnew;
-            tmax[r] = safe;
+            tmax[r] = -safe;
         }
         float psum[2] = {0.0f, 0.0f};
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                float p = fp8train_exp2_fast(s[n][e] - tmax[e >> 1]);
+                float p = fp8train_exp2_fast(fmaf(s[n][e], sl2, tmax[e >> 1]));
                 s[n][e] = p;
                 psum[e >> 1] += p;
             }
@@ -285,7 +285,7 @@ __device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* ro
             u32 qi = transposed ? col : r, kj = transposed ? r : col;
             float mm = transposed ? cols[cl].x : m[e >> 1], li = transposed ? cols[cl].y : linv[e >> 1];
             bool live = !edge || (kj <= qi && qi < t && kj < t);
-            s[n][e] = live ? fp8train_exp2_fast(s[n][e] * sl2 - mm) * li : 0.0f;
+            s[n][e] = live ? fp8train_exp2_fast(fmaf(s[n][e], sl2, -mm)) * li : 0.0f;
         }
 }
 
@@ -434,7 +434,7 @@ __device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, c
 }
 
 #define FA_INSTANCE(HS)                                                                                            \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_forward_hs##HS(                                 \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) flash_forward_hs##HS(                                 \
         float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                          \
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
     }                                                                                                              \

@@ -199,6 +199,23 @@ __device__ float fp8train_cmax(int n, F term) {
 
 __device__ __forceinline__ u32 fp8train_tid() { return blockIdx.x * blockDim.x + threadIdx.x; }
 
+// One thread's walk down rows r0..end-1 of a column (the contract's column chunks):
+// `use(r, load(r))` in row order, with the loads of 8 rows issued before the 8 uses, so
+// a thread has 8 loads in flight (a store in `use`, to a byte type that may alias
+// anything, would otherwise hold each load back until the previous store is done).
+template <typename Load, typename Use>
+__device__ __forceinline__ void fp8train_column_walk(u32 r0, u32 end, Load load, Use use) {
+    u32 r = r0;
+    for (; r + 8 <= end; r += 8) {
+        decltype(load(r)) v[8];
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) v[i] = load(r + i);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) use(r + i, v[i]);
+    }
+    for (; r < end; r++) use(r, load(r));
+}
+
 // ---- the same tree, parallel: `a` holds m partials (shared memory, written and made
 // visible by the caller), `b` is scratch of at least m/2 + 1. Level by level, partial i
 // of the next level is a[2i] + a[2i+1] and an odd last one passes up, exactly as
@@ -239,27 +256,29 @@ __device__ __forceinline__ u32 fp8train_warp_max_u32(u32 v) {
     return v;
 }
 
-// ---- 2^y for the fast class (flash attention's base-2 softmax): the project's own,
-// cheaper than fp8train_exp (no division, no branches on the hot path): 2^k * p(f),
-// k = rint(y), f = y - k in [-1/2, 1/2], p a degree-6 polynomial (Taylor coefficients of
-// 2^f, written fmaf: explicit fused multiply-adds, so contraction is as written). Inputs
-// below -126 flush to 0 (probabilities that small vanish in BF16 anyway), -inf gives 0,
-// NaN gives NaN. Relative error about 2e-7 in range; used only inside fast-class
+// 2^y for the fast-class kernels' softmax (flash attention), the project's own function,
+// cheaper than fp8train_exp (no division, no branches, and no conversion instructions,
+// which issue at a quarter of the FMA rate): k = round(y) by adding 1.5 * 2^23 (the
+// sum's low bits are k), f = y - k in [-1/2, 1/2], p(f) a degree-5 polynomial fitted for
+// relative error (coefficients by their bits; Horner with explicit fmaf, so contraction
+// is as written), scaled by 2^k by adding k to the exponent field. Inputs whose k is
+// below -125 flush to 0 (probabilities that small vanish in BF16 anyway), -inf gives 0,
+// NaN gives NaN. Relative error below 2e-7 in range; used only inside fast-class
 // kernels, held to their bound in `verify`.
 __device__ __forceinline__ float fp8train_exp2_fast(float y) {
-    float c = fminf(fmaxf(y, -127.0f), 127.0f);  // a NaN becomes -127 here; it is returned below
-    float k = rintf(c);
+    const float MAGIC = 12582912.0f;                    // 1.5 * 2^23
+    float c = fminf(fmaxf(y, -127.0f), 127.0f);         // a NaN becomes -127 here; it is returned below
+    float t = c + MAGIC;                                // 1.5 * 2^23 + round(c), exactly
+    float k = t - MAGIC;
     float f = c - k;
-    float p = 1.5403530393381606e-4f;
-    p = fmaf(p, f, 1.3333558146428443e-3f);
-    p = fmaf(p, f, 9.618129107628477e-3f);
-    p = fmaf(p, f, 5.550410866482158e-2f);
-    p = fmaf(p, f, 2.402265069591007e-1f);
-    p = fmaf(p, f, 6.931471805599453e-1f);
+    float p = fp8train_bits(0x3aaddd0au);
+    p = fmaf(p, f, fp8train_bits(0x3c1e7544u));
+    p = fmaf(p, f, fp8train_bits(0x3d635ba9u));
+    p = fmaf(p, f, fp8train_bits(0x3e75fcdeu));
+    p = fmaf(p, f, fp8train_bits(0x3f317215u));
     p = fmaf(p, f, 1.0f);
-    int ki = (int)k;
-    float r = __int_as_float(__float_as_int(p) + (ki << 23));
-    return y != y ? y : (ki <= -126 ? 0.0f : r);
+    float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // t's low bits: k
+    return y != y ? y : (k <= -126.0f ? 0.0f : r);
 }
 
 // ---- activation outputs (backend ActOut): an op computes each value in f32 and stores

@@ -88,14 +88,17 @@ extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, 
     for (size_t t = fp8train_tid(); t < items; t += stride) {
         u32 ch = (u32)(t / cols), j = (u32)(t % cols);
         float acc = 0.0f;
-        u32 end = min(rows, (ch + 1) * 32);
-        for (u32 r = ch * 32; r < end; r++) {
+        auto load = [&](u32 r) {
             size_t k = (size_t)r * cols + j;
-            float g = gelu_lookup(x[k], gt_sh, tab) * dy[k];
+            return make_float2(__uint_as_float(x[k]), dy[k]);  // (the code, dy)
+        };
+        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), load, [&](u32 r, float2 v) {
+            size_t k = (size_t)r * cols + j;
+            float g = gelu_lookup(__float_as_uint(v.x), gt_sh, tab) * v.y;
             acc = acc + g;
             if (mode == ACT_BF16) ((u16*)out)[k] = fp8train_to_bf16(g);
             else ((u8*)out)[k] = cast_fp8_one(g, scale, mx, e5m2, amax, sat);
-        }
+        });
         part[(size_t)ch * cols + j] = acc;
     }
     if (mode != ACT_BF16) fp8train_block_flush(amax, sat, &stats[0], &stats[1]);

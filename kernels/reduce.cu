@@ -81,8 +81,8 @@ extern "C" __global__ void column_chunk_sums(const float* x, float* part, u32 ro
     if (t >= chunks * cols) return;
     u32 ch = t / cols, j = t % cols;
     float acc = 0.0f;
-    u32 end = min(rows, (ch + 1) * 32);
-    for (u32 r = ch * 32; r < end; r++) acc = acc + x[(size_t)r * cols + j];
+    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return x[(size_t)r * cols + j]; },
+                         [&](u32, float v) { acc = acc + v; });
     part[(size_t)ch * cols + j] = acc;
 }
 // The same tree for 32 columns per block (block (32, 8)), level by level in shared
