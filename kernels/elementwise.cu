@@ -122,13 +122,26 @@ __device__ __forceinline__ float f16_value(u16 h, float inv_scale) {
     float v = fp8train_from_f16(h);
     return isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
-// amax of the decoded FP16 values (out zeroed before the launch); grid-stride.
+// amax of the decoded FP16 values (out zeroed before the launch); grid-stride, eight
+// values per thread and step (16-byte loads) when h is aligned.
 extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsigned long long* out) {
     u32 am = 0;
-    for (size_t i = fp8train_tid(); i < n; i += (size_t)gridDim.x * blockDim.x) {
-        u32 b = __float_as_uint(f16_value(h[i], inv_scale)) & 0x7fffffffu;
+    auto take = [&](u16 v) {
+        u32 b = __float_as_uint(f16_value(v, inv_scale)) & 0x7fffffffu;
         am = b > am ? b : am;
+    };
+    size_t start = fp8train_tid(), stride = (size_t)gridDim.x * blockDim.x;
+    size_t vec = ((size_t)h & 15) == 0 ? n / 8 : 0;
+    for (size_t v = start; v < vec; v += stride) {
+        uint4 q = ((const uint4*)h)[v];
+        u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            take((u16)(w[k] & 0xffffu));
+            take((u16)(w[k] >> 16));
+        }
     }
+    for (size_t i = 8 * vec + start; i < n; i += stride) take(h[i]);
     fp8train_act_flush(am, out);
 }
 // The just-in-time cast (Backend::cast_fp8_jit) after amax_bits / amax_f16 left the
@@ -186,6 +199,27 @@ __device__ void transpose_tiled(const T* src, T* dst, u32 rows, u32 cols) {
 }
 extern "C" __global__ void transpose_u8(const u8* src, u8* dst, u32 rows, u32 cols) {
     transpose_tiled<u8>(src, dst, rows, cols);
+}
+// The same for bytes with rows and cols multiples of 4 (4-byte aligned buffers): 64 x 64
+// tiles, every global access 4 bytes wide (a warp moves 2 x 64 bytes per instruction
+// instead of 32), the bytes regrouped in shared memory. Block (16, 16); grid
+// (ceil(cols / 64), ceil(rows / 64)).
+extern "C" __global__ void transpose_u8x4(const u8* src, u8* dst, u32 rows, u32 cols) {
+    __shared__ u32 tile[64][17];  // tile[y][w]: bytes 4w..4w+3 of tile row y
+    u32 c0 = blockIdx.x * 64, r0 = blockIdx.y * 64, tx = threadIdx.x, ty = threadIdx.y;
+    for (u32 y = ty; y < 64; y += 16) {
+        u32 r = r0 + y, c = c0 + 4 * tx;
+        tile[y][tx] = (r < rows && c < cols) ? *(const u32*)(src + (size_t)r * cols + c) : 0u;
+    }
+    __syncthreads();
+    for (u32 y = ty; y < 64; y += 16) {  // output row c0 + y = source column; 4 source rows per thread
+        u32 c = c0 + y, r = r0 + 4 * tx, w = y / 4, sh = 8 * (y % 4);
+        if (c >= cols || r >= rows) continue;
+        u32 v = 0;
+#pragma unroll
+        for (u32 i = 0; i < 4; i++) v |= ((tile[4 * tx + i][w] >> sh) & 0xffu) << (8 * i);
+        *(u32*)(dst + (size_t)c * rows + r) = v;
+    }
 }
 extern "C" __global__ void transpose_u16(const u16* src, u16* dst, u32 rows, u32 cols) {
     transpose_tiled<u16>(src, dst, rows, cols);

@@ -85,14 +85,16 @@ extern "C" __global__ void column_chunk_sums(const float* x, float* part, u32 ro
                          [&](u32, float v) { acc = acc + v; });
     part[(size_t)ch * cols + j] = acc;
 }
-// The same tree for 32 columns per block (block (32, 8)), level by level in shared
-// memory: dynamic shared memory (chunks + chunks / 2 + 1) * 32 floats.
+// The same tree for 32 columns per block (block (32, 32)), level by level in shared
+// memory: dynamic shared memory (chunks + chunks / 2 + 1) * 32 floats. The partials'
+// loads are unrolled so that each thread has several in flight.
 extern "C" __global__ void column_tree_block(const float* part, float* out, u32 chunks, u32 cols) {
     extern __shared__ float ct_sh[];
     float* a = ct_sh;
     float* b = ct_sh + (size_t)chunks * 32;
     u32 tx = threadIdx.x, ty = threadIdx.y, j = blockIdx.x * 32 + tx;
     bool in = j < cols;
+#pragma unroll 8
     for (u32 ch = ty; ch < chunks; ch += blockDim.y) a[ch * 32 + tx] = in ? part[(size_t)ch * cols + j] : 0.0f;
     __syncthreads();
     int m = (int)chunks;

@@ -345,6 +345,16 @@ impl Cuda {
                 launch!(self, "transpose_u16", with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 Ok((ptr, Box::new(dst)))
+            } else if rows % 4 == 0 && cols % 4 == 0 && p % 4 == 0 {
+                let mut dst = self.scratch::<u8>(rows * cols)?;
+                let tiles = LaunchConfig {
+                    grid_dim: (c.div_ceil(64), r.div_ceil(64), 1),
+                    block_dim: (16, 16, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(self, "transpose_u8x4", with tiles, [&p, &mut dst, &r, &c]);
+                let ptr = dst.device_ptr(&self.gpu.stream).0;
+                Ok((ptr, Box::new(dst)))
             } else {
                 let mut dst = self.scratch::<u8>(rows * cols)?;
                 launch!(self, "transpose_u8", with tiles, [&p, &mut dst, &r, &c]);
@@ -613,7 +623,7 @@ impl Cuda {
         if shared <= 200 << 10 {
             let cf = LaunchConfig {
                 grid_dim: (c.div_ceil(32).max(1), 1, 1),
-                block_dim: (32, 8, 1),
+                block_dim: (32, 32, 1),
                 shared_mem_bytes: shared,
             };
             launch!(self, "column_tree_block", with cf, [&part, out, &chunks, &c]);
