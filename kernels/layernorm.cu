@@ -15,6 +15,7 @@ __device__ float ln_warp_sum(int c, float* pa, float* pb, F term) {
     for (int ch = lane; ch < chunks; ch += 32) {
         float acc = 0.0f;
         int end = min(c, (ch + 1) * 32);
+#pragma unroll 8
         for (int i = ch * 32; i < end; i++) acc = acc + term(i);
         pa[ch] = acc;
     }
@@ -33,8 +34,9 @@ __device__ __forceinline__ void ln_stage(float* dst, const float* src, u32 c, u3
 }
 __device__ __forceinline__ void ln_staged() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// Dynamic shared memory, in floats: the weights (c + chunks) for the block, then per
-// warp 2 * chunks of scratch and `rows` staged rows of c + chunks (see ln_cfg).
+// Dynamic shared memory, in floats: the weights and the bias (c + chunks each) for the
+// block, then per warp 2 * chunks of scratch and one staged row of c + chunks (see
+// ln_cfg). Nothing in the loops below waits on a global load.
 // y is stored per `mode` (fp8train_act_store); amax collects max |y| for E4M3.
 extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, unsigned long long* amax, float* mean,
                                              float* rstd, const float* x, const float* w, const float* b, u32 n,
@@ -44,11 +46,13 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     u32 r = blockIdx.x * warps + warp;
     int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
     float* sw = ln_sh;
-    float* pa = sw + padded + (size_t)warp * (2 * chunks + padded);
+    float* sb = sw + padded;
+    float* pa = sb + padded + (size_t)warp * (2 * chunks + padded);
     float* pb = pa + chunks;
     float* sx = pb + chunks;
     bool live = r < n;
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
+    ln_stage(sb, b, c, threadIdx.x, blockDim.x);
     if (live) ln_stage(sx, x + (size_t)r * c, c, lane, 32);
     ln_staged();
     __syncthreads();
@@ -58,8 +62,9 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     float s = 1.0f / sqrtf(var + LN_EPS);
     size_t row = (size_t)r * c;
     u32 am = 0;
+#pragma unroll 4
     for (u32 i = lane; i < c; i += 32)
-        fp8train_act_store(y, mode, scale, row + i, ((sx[LN_AT(i)] - mu) * s) * sw[LN_AT(i)] + b[i], am);
+        fp8train_act_store(y, mode, scale, row + i, ((sx[LN_AT(i)] - mu) * s) * sw[LN_AT(i)] + sb[LN_AT(i)], am);
     if (mode == ACT_E4M3) fp8train_act_flush(am, amax);
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
@@ -93,6 +98,7 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) {
                    return (sw[LN_AT(i)] * sdy[LN_AT(i)]) * ((sx[LN_AT(i)] - mu) * rs);
                }) / (float)c;
+#pragma unroll 4
     for (u32 i = lane; i < c; i += 32) {
         float nrm = (sx[LN_AT(i)] - mu) * rs;
         float g = sw[LN_AT(i)] * sdy[LN_AT(i)];

@@ -225,13 +225,6 @@ pub fn produce_input<B: Backend>(
     Ok(())
 }
 
-/// `out = x W^T` from the saved input (the caller adds the bias: see the module notes).
-pub fn forward<B: Backend>(be: &B, out: &mut B::Buf<f32>, w: &WeightView<B>, saved: &Saved<B>, d: Dims) -> BResult<()> {
-    let (xa, xs) = saved.operand();
-    let (wa, ws) = w.operand();
-    be.matmul(out, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)
-}
-
 /// `y = bf16(x W^T + bias)` from the saved input, for a layer whose consumer reads
 /// BF16 (`scratch`: f32 room for the product; see `Backend::matmul_bias_bf16`).
 pub fn forward_bf16<B: Backend>(
@@ -246,6 +239,25 @@ pub fn forward_bf16<B: Backend>(
     let (xa, xs) = saved.operand();
     let (wa, ws) = w.operand();
     be.matmul_bias_bf16(y, scratch, xa, wa, d.n, d.oc, d.ic, xs * ws, bias)
+}
+
+/// `out = res + (x W^T + bias)` from the saved input, for a layer whose output joins
+/// the residual stream (`scratch`: f32 room for the product; see
+/// `Backend::matmul_residual`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_residual<B: Backend>(
+    be: &B,
+    out: &mut B::Buf<f32>,
+    scratch: &mut B::Buf<f32>,
+    res: &B::Buf<f32>,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    bias: &B::Buf<f32>,
+    d: Dims,
+) -> BResult<()> {
+    let (xa, xs) = saved.operand();
+    let (wa, ws) = w.operand();
+    be.matmul_residual(out, scratch, res, xa, wa, (d.n, d.oc, d.ic), xs * ws, bias)
 }
 
 /// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`; the E5M2 cast's amax and

@@ -18,11 +18,13 @@ pub enum Major {
     Outer,
 }
 
-/// Where a product goes: f32 `D` (with `accumulate`, added to what it holds), or BF16
-/// `D` with a per-column bias (BF16, one per output column) added in cuBLASLt's epilogue.
+/// Where a product goes: f32 `D` (with `accumulate`, added to what it holds); f32 `D` =
+/// product + `res` + a per-column f32 bias (the residual add and the bias in cuBLASLt's
+/// epilogue); or BF16 `D` with a per-column bias (BF16, one per output column).
 #[derive(Clone, Copy, Debug)]
 pub enum LtOut {
     F32(u64),
+    Residual { d: u64, res: u64, bias: u64 },
     Bf16 { d: u64, bias: u64 },
 }
 
@@ -37,7 +39,8 @@ struct AlgoKey {
     n: usize,
     k: usize,
     amax: bool,
-    bf16_bias: bool,
+    /// 0: none, 1: residual + f32 bias, 2: BF16 out + bias.
+    epilogue: u8,
 }
 
 pub struct Lt {
@@ -176,18 +179,22 @@ impl Lt {
                 Major::Outer => result::create_matrix_layout(ta.cuda(), m as u64, k as u64, m as i64),
             }
             .map_err(err)?;
-            let (dptr, dty) = match c {
-                LtOut::F32(d) => (d, sys::cudaDataType::CUDA_R_32F),
+            let with_bias = |bias: u64, bty: sys::cudaDataType| {
+                let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+                set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as _, 4)?;
+                set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias as *const u64 as _, 8)?;
+                set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bty as *const _ as _, 4)
+            };
+            // (D, C, D's type): C is D unless the residual stream is added.
+            let (dptr, cptr, dty) = match c {
+                LtOut::F32(d) => (d, d, sys::cudaDataType::CUDA_R_32F),
+                LtOut::Residual { d, res, bias } => {
+                    with_bias(bias, sys::cudaDataType::CUDA_R_32F).map_err(err)?;
+                    (d, res, sys::cudaDataType::CUDA_R_32F)
+                }
                 LtOut::Bf16 { d, bias } => {
-                    let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-                    let bty = sys::cudaDataType::CUDA_R_16BF;
-                    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi as *const _ as _, 4)
-                        .map_err(err)?;
-                    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias as *const u64 as _, 8)
-                        .map_err(err)?;
-                    set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bty as *const _ as _, 4)
-                        .map_err(err)?;
-                    (d, sys::cudaDataType::CUDA_R_16BF)
+                    with_bias(bias, sys::cudaDataType::CUDA_R_16BF).map_err(err)?;
+                    (d, d, sys::cudaDataType::CUDA_R_16BF)
                 }
             };
             let ld = result::create_matrix_layout(dty, n as u64, m as u64, n as i64).map_err(err)?;
@@ -200,8 +207,12 @@ impl Lt {
                 8,
             )
             .map_err(err)?;
-            let bf16_bias = matches!(c, LtOut::Bf16 { .. });
-            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), bf16_bias };
+            let epilogue = match c {
+                LtOut::F32(_) => 0,
+                LtOut::Residual { .. } => 1,
+                LtOut::Bf16 { .. } => 2,
+            };
+            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), epilogue };
             let outcome = (|| {
                 let algo = match self.algos.get(&key) {
                     Some(a) => *a,
@@ -214,8 +225,8 @@ impl Lt {
                 };
                 // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
                 let alpha: f32 = if fp8 { 1.0 } else { scale };
-                // D = C = c: beta 1 adds the product to what c holds.
-                let beta: f32 = if accumulate { 1.0 } else { 0.0 };
+                // beta 1 adds C (what D holds, or the residual stream) to the product.
+                let beta: f32 = if accumulate || epilogue == 1 { 1.0 } else { 0.0 };
                 let (wptr, _) = self.workspace.device_ptr_mut(stream);
                 result::matmul(
                     self.handle,
@@ -226,7 +237,7 @@ impl Lt {
                     la,
                     a_ptr as *const c_void,
                     lb,
-                    dptr as *const c_void,
+                    cptr as *const c_void,
                     ld,
                     dptr as *mut c_void,
                     ld,

@@ -129,18 +129,20 @@ fn gelu_cfg(items: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 2 * 24 * 128 * 4 }
 }
 
-/// One warp per row; shared memory (floats): the weights, then per warp 2 * chunks of
-/// scratch and `rows` staged rows, each padded to c + chunks (see layernorm.cu). Up to 4
-/// warps per block, fewer when the rows are wide (at most 160 KiB per block).
-fn ln_cfg(n: usize, c: usize, rows: usize) -> LaunchConfig {
+/// One warp per row; shared memory (floats): `shared_rows` block-wide rows (weights,
+/// bias), then per warp 2 * chunks of scratch and `rows` staged rows, each padded to
+/// c + chunks (see layernorm.cu). Up to 4 warps per block, fewer when the rows are wide
+/// (at most 160 KiB per block).
+fn ln_cfg(n: usize, c: usize, shared_rows: usize, rows: usize) -> LaunchConfig {
     let chunks = c.div_ceil(32);
     let padded = c + chunks;
     let per_warp = 2 * chunks + rows * padded;
-    let warps = (1..=4).rev().find(|w| (padded + w * per_warp) * 4 <= 160 << 10).unwrap_or(1);
+    let fixed = shared_rows * padded;
+    let warps = (1..=4).rev().find(|w| (fixed + w * per_warp) * 4 <= 160 << 10).unwrap_or(1);
     LaunchConfig {
         grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: ((padded + warps * per_warp) * 4) as u32,
+        shared_mem_bytes: ((fixed + warps * per_warp) * 4) as u32,
     }
 }
 
@@ -1023,7 +1025,7 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
         let (py, mode, scale, pa) = self.act_out(&mut y);
-        launch!(self, "layernorm_forward", with ln_cfg(n, c, 1), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc]);
+        launch!(self, "layernorm_forward", with ln_cfg(n, c, 2, 1), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc]);
         Ok(())
     }
     fn layernorm_backward(
@@ -1040,11 +1042,14 @@ impl Backend for Cuda {
         n: usize,
         c: usize,
     ) -> BResult<()> {
-        let _op = self.op(Phase::Other, "layernorm_backward");
         let (nn, cc) = (n as u32, c as u32);
         let mut pr = self.scratch::<f32>(n * c)?;
         let acc = i32::from(accumulate);
-        launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 2 + accumulate as usize), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        {
+            // The weight and bias gradients' column sums show as their own ops.
+            let _op = self.op(Phase::Other, "layernorm_backward");
+            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 2 + accumulate as usize), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+        }
         self.column_sums(dw, &pr, n, c)?;
         self.column_sums(db, dy, n, c)?;
         Ok(())
@@ -1196,6 +1201,31 @@ impl Backend for Cuda {
         }
         self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
         self.cast_bf16_bias(y, scratch, bias)
+    }
+    fn matmul_residual(
+        &self,
+        out: &mut CudaSlice<f32>,
+        scratch: &mut CudaSlice<f32>,
+        res: &CudaSlice<f32>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        (m, n, k): (usize, usize, usize),
+        scale: f32,
+        bias: &CudaSlice<f32>,
+    ) -> BResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        if self.lt.borrow().is_some() {
+            // Fast class: cuBLASLt adds the residual stream (C, beta 1) and the bias.
+            let _op = self.op(Phase::Matmul, "matmul");
+            let s = &self.gpu.stream;
+            let o = LtOut::Residual { d: out.device_ptr_mut(s).0, res: res.device_ptr(s).0, bias: bias.device_ptr(s).0 };
+            match self.matmul_fast(o, &a, &b, Product::Forward, m, n, k, scale, false)? {
+                Ok(()) => return Ok(()),
+                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
+            }
+        }
+        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
+        self.residual_forward(out, res, scratch, bias)
     }
     fn cast_bf16_bias(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16_bias");
