@@ -347,7 +347,7 @@ impl Cuda {
                 launch!(self, "transpose_u16", with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 Ok((ptr, Box::new(dst)))
-            } else if rows % 4 == 0 && cols % 4 == 0 && p % 4 == 0 {
+            } else if rows.is_multiple_of(4) && cols.is_multiple_of(4) && p.is_multiple_of(4) {
                 let mut dst = self.scratch::<u8>(rows * cols)?;
                 let tiles = LaunchConfig {
                     grid_dim: (c.div_ceil(64), r.div_ceil(64), 1),
