@@ -69,8 +69,9 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
-// dx (overwritten, or with `accumulate` dx = dx + grad, the old row staged like x and dy
-// so the loop below does not wait on a global load per element) and dy * normalized (into `pr`, for the weight gradient's column sums).
+// dx (overwritten, or with `accumulate` dx = dx + grad) and dy * normalized (into `pr`,
+// for the weight gradient's column sums). x and dy are staged; the old dx is read in
+// the output loop, so a warp needs two staged rows (more warps per SM).
 extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, float* pr, const float* dy, const float* x,
                                                    const float* w, const float* mean, const float* rstd, u32 n, u32 c) {
     extern __shared__ float ln_sh[];
@@ -78,17 +79,15 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     u32 r = blockIdx.x * warps + warp;
     int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
     float* sw = ln_sh;
-    float* pa = sw + padded + (size_t)warp * (2 * chunks + (2 + (accumulate ? 1 : 0)) * padded);
+    float* pa = sw + padded + (size_t)warp * (2 * chunks + 2 * padded);
     float* pb = pa + chunks;
     float* sdy = pb + chunks;
     float* sx = sdy + padded;
-    float* sd = sx + padded;  // the old dx row (accumulate only)
     bool live = r < n;
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
     if (live) {
         ln_stage(sx, x + (size_t)r * c, c, lane, 32);
         ln_stage(sdy, dy + (size_t)r * c, c, lane, 32);
-        if (accumulate) ln_stage(sd, dx + (size_t)r * c, c, lane, 32);
     }
     ln_staged();
     __syncthreads();
@@ -98,13 +97,25 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) {
                    return (sw[LN_AT(i)] * sdy[LN_AT(i)]) * ((sx[LN_AT(i)] - mu) * rs);
                }) / (float)c;
-#pragma unroll 4
-    for (u32 i = lane; i < c; i += 32) {
+    float* dxr = dx + (size_t)r * c;
+    float* prr = pr + (size_t)r * c;
+    auto one = [&](u32 i, float old) {
         float nrm = (sx[LN_AT(i)] - mu) * rs;
         float g = sw[LN_AT(i)] * sdy[LN_AT(i)];
         float d = ((g - s1) - nrm * s2) * rs;
-        size_t k = (size_t)r * c + i;
-        dx[k] = accumulate ? sd[LN_AT(i)] + d : d;
-        pr[(size_t)r * c + i] = sdy[LN_AT(i)] * nrm;
+        dxr[i] = accumulate ? old + d : d;
+        prr[i] = sdy[LN_AT(i)] * nrm;
+    };
+    // Four elements per lane and step, the old dx values loaded first (coalesced, four in
+    // flight: a store to pr could otherwise hold each load back).
+    u32 i = lane;
+    for (; i + 96 < c; i += 128) {
+        float old[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (accumulate)
+#pragma unroll
+            for (u32 u = 0; u < 4; u++) old[u] = dxr[i + 32 * u];
+#pragma unroll
+        for (u32 u = 0; u < 4; u++) one(i + 32 * u, old[u]);
     }
+    for (; i < c; i += 32) one(i, accumulate ? dxr[i] : 0.0f);
 }

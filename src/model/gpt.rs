@@ -54,9 +54,12 @@ struct LayerActs<B: Backend> {
 
 /// Everything sized by (batch, seq) and reused from step to step: activations, the
 /// weights as this step's GEMMs read them, and backward scratch (f32 gradients live
-/// here only until they are stored in their parameter's format). `ln_out` and
-/// `gelu_out` hold f32 values only when a layer input needs a just-in-time scale
-/// (the first FP8 step); otherwise their producers write the layers' saved copies.
+/// here only until they are stored in their parameter's format). f32 scratch serves
+/// several uses in turn: `lin_out` (a projection's product in the exact class, and a
+/// layernorm's output when a layer input needs a just-in-time scale, the first FP8
+/// step; otherwise the producers write the layers' saved copies), `dqkv` and `dfc`
+/// (the QKV / MLP-up products in the exact class, GELU's output at the first FP8 step,
+/// and backward gradients).
 pub struct Workspace<B: Backend> {
     pub b: usize,
     pub t: usize,
@@ -67,8 +70,6 @@ pub struct Workspace<B: Backend> {
     targets: B::Buf<u32>,
     encoded: B::Buf<f32>,
     layers: Vec<LayerActs<B>>,
-    ln_out: B::Buf<f32>,
-    gelu_out: B::Buf<f32>,
     lin_out: B::Buf<f32>,
     lnf_mean: B::Buf<f32>,
     lnf_rstd: B::Buf<f32>,
@@ -210,8 +211,6 @@ impl<B: Backend> Gpt<B> {
                 targets: be.zeros(n)?,
                 encoded: z(n * c)?,
                 layers,
-                ln_out: z(n * c)?,
-                gelu_out: z(n * 4 * c)?,
                 lin_out: z(n * c)?,
                 lnf_mean: z(n)?,
                 lnf_rstd: z(n)?,
@@ -365,7 +364,7 @@ impl<B: Backend> Gpt<B> {
                 let dims = layer_dims(n, c);
                 let st = &mut ws.stats;
                 let act = |k: usize| slots.act(4 * l + k);
-                linear::produce_input(be, s0, &mut ws.ln_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
+                linear::produce_input(be, s0, &mut ws.lin_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
                     be.layernorm_forward(
                         y,
                         &mut la.ln1_mean,
@@ -383,7 +382,7 @@ impl<B: Backend> Gpt<B> {
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
                 linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward_residual(be, &mut la.res_mid, &mut ws.lin_out, res_in, &views[1], s1, p(params::PROJ_B), dims[1])?;
-                linear::produce_input(be, s2, &mut ws.ln_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
+                linear::produce_input(be, s2, &mut ws.lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
                     be.layernorm_forward(
                         y,
                         &mut la.ln2_mean,
@@ -396,7 +395,7 @@ impl<B: Backend> Gpt<B> {
                     )
                 })?;
                 linear::forward_bf16(be, &mut la.fc, &mut ws.dfc, &views[2], s2, p(params::FC_B), dims[2])?;
-                linear::produce_input(be, s3, &mut ws.gelu_out, &sc[3], Slot { buf: st, at: act(3) }, |y| {
+                linear::produce_input(be, s3, &mut ws.dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
                     be.gelu_forward(y, &la.fc)
                 })?;
                 linear::forward_residual(be, &mut la.res_out, &mut ws.lin_out, &la.res_mid, &views[3], s3, p(params::FCPROJ_B), dims[3])?;

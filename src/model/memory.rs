@@ -55,12 +55,12 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
-    // f32: encoded, ln_out, gelu_out (4), lin_out, dres, dln, datt, dqkv (3), dgelu (4),
+    // f32: encoded, lin_out, dres, dln, datt, dqkv (3), dgelu (4),
     // dfc (4); BF16: the final layernorm's output; the LM head's chunk of r rows: input
     // (BF16), targets, logits (f32), losses, logit gradients (BF16), input gradients (f32).
     let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
     let head_chunk = r * (2 * c + 4 + 4 * v + 4 + 2 * v + 4 * c);
-    let global = f32s * (21 * n * c + 3 * n) + 2 * n * c + 8 * n + head_chunk;
+    let global = f32s * (16 * n * c + 3 * n) + 2 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
     let activations = l * per_layer + decoded + views + global + grad_casts + grad_bufs;

@@ -19,12 +19,13 @@ pub enum Major {
 }
 
 /// Where a product goes: f32 `D` (with `accumulate`, added to what it holds); f32 `D` =
-/// product + `res` + a per-column f32 bias (the residual add and the bias in cuBLASLt's
-/// epilogue); or BF16 `D` with a per-column bias (BF16, one per output column).
+/// product + `res` + a per-column bias (the residual add and the bias in cuBLASLt's
+/// epilogue; the bias f32, or BF16 with `bias_bf16`, which FP8 products require); or
+/// BF16 `D` with a per-column bias (BF16, one per output column).
 #[derive(Clone, Copy, Debug)]
 pub enum LtOut {
     F32(u64),
-    Residual { d: u64, res: u64, bias: u64 },
+    Residual { d: u64, res: u64, bias: u64, bias_bf16: bool },
     Bf16 { d: u64, bias: u64 },
 }
 
@@ -47,6 +48,8 @@ pub struct Lt {
     handle: sys::cublasLtHandle_t,
     /// The heuristic's first algorithm, asked once per problem.
     algos: std::collections::HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
+    /// Problems the heuristic had no algorithm for (not asked again).
+    refused: std::collections::HashSet<AlgoKey>,
     workspace: CudaSlice<u8>,
     /// cuBLASLt refused the output amax once (it does for f32 outputs on CUDA 13 /
     /// H200): stop asking.
@@ -81,7 +84,7 @@ impl Lt {
         }
         let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE).map_err(|e| format!("CUDA: {e}"))?;
-        Ok(Lt { handle, workspace, amax_refused: false, algos: Default::default() })
+        Ok(Lt { handle, workspace, amax_refused: false, algos: Default::default(), refused: Default::default() })
     }
 
     /// Row-major `C[m x n] = (A x B^T) * scale` for A (m x k) and B (n x k) laid out as
@@ -188,8 +191,9 @@ impl Lt {
             // (D, C, D's type): C is D unless the residual stream is added.
             let (dptr, cptr, dty) = match c {
                 LtOut::F32(d) => (d, d, sys::cudaDataType::CUDA_R_32F),
-                LtOut::Residual { d, res, bias } => {
-                    with_bias(bias, sys::cudaDataType::CUDA_R_32F).map_err(err)?;
+                LtOut::Residual { d, res, bias, bias_bf16 } => {
+                    let bty = if bias_bf16 { sys::cudaDataType::CUDA_R_16BF } else { sys::cudaDataType::CUDA_R_32F };
+                    with_bias(bias, bty).map_err(err)?;
                     (d, res, sys::cudaDataType::CUDA_R_32F)
                 }
                 LtOut::Bf16 { d, bias } => {
@@ -214,11 +218,17 @@ impl Lt {
             };
             let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), epilogue };
             let outcome = (|| {
+                if self.refused.contains(&key) {
+                    return Err("cuBLASLt has no algorithm for this problem".to_string());
+                }
                 let algo = match self.algos.get(&key) {
                     Some(a) => *a,
                     None => {
-                        let heur =
-                            result::get_matmul_algo_heuristic(self.handle, desc, la, lb, ld, ld, pref).map_err(err)?;
+                        let heur = result::get_matmul_algo_heuristic(self.handle, desc, la, lb, ld, ld, pref)
+                            .map_err(|e| {
+                                self.refused.insert(key);
+                                err(e)
+                            })?;
                         self.algos.insert(key, heur.algo);
                         heur.algo
                     }

@@ -131,14 +131,17 @@ fn gelu_cfg(items: usize) -> LaunchConfig {
 
 /// One warp per row; shared memory (floats): `shared_rows` block-wide rows (weights,
 /// bias), then per warp 2 * chunks of scratch and `rows` staged rows, each padded to
-/// c + chunks (see layernorm.cu). Up to 4 warps per block, fewer when the rows are wide
-/// (at most 160 KiB per block).
+/// c + chunks (see layernorm.cu). The warps per block (1 to 16, at most 160 KiB per
+/// block) that put the most warps on an SM of 227 KiB (Hopper; fewer blocks fit on a
+/// smaller one, which only lowers occupancy).
 fn ln_cfg(n: usize, c: usize, shared_rows: usize, rows: usize) -> LaunchConfig {
     let chunks = c.div_ceil(32);
     let padded = c + chunks;
     let per_warp = 2 * chunks + rows * padded;
     let fixed = shared_rows * padded;
-    let warps = (1..=4).rev().find(|w| (fixed + w * per_warp) * 4 <= 160 << 10).unwrap_or(1);
+    let bytes = |w: usize| (fixed + w * per_warp) * 4;
+    let per_sm = |w: usize| ((227 << 10) / bytes(w)).min(64 / w) * w;
+    let warps = (1..=16).filter(|&w| bytes(w) <= 160 << 10).max_by_key(|&w| (per_sm(w), usize::MAX - w)).unwrap_or(1);
     LaunchConfig {
         grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),
@@ -1048,7 +1051,7 @@ impl Backend for Cuda {
         {
             // The weight and bias gradients' column sums show as their own ops.
             let _op = self.op(Phase::Other, "layernorm_backward");
-            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 2 + accumulate as usize), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 2), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         }
         self.column_sums(dw, &pr, n, c)?;
         self.column_sums(db, dy, n, c)?;
@@ -1215,10 +1218,18 @@ impl Backend for Cuda {
     ) -> BResult<()> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         if self.lt.borrow().is_some() {
-            // Fast class: cuBLASLt adds the residual stream (C, beta 1) and the bias.
+            // Fast class: cuBLASLt adds the residual stream (C, beta 1) and the bias (in
+            // BF16 for FP8 products, the bias type cuBLASLt takes with them).
             let _op = self.op(Phase::Matmul, "matmul");
+            let bias_bf16 = matches!(a, Operand::Fp8(..));
+            let mut b16 = self.scratch::<bf16>(if bias_bf16 { bias.len() } else { 1 })?;
+            if bias_bf16 {
+                let nb = bias.len() as u32;
+                launch!(self, "cast_bf16", (nb as usize).div_ceil(4), [bias, &mut b16, &nb]);
+            }
             let s = &self.gpu.stream;
-            let o = LtOut::Residual { d: out.device_ptr_mut(s).0, res: res.device_ptr(s).0, bias: bias.device_ptr(s).0 };
+            let bp = if bias_bf16 { b16.device_ptr(s).0 } else { bias.device_ptr(s).0 };
+            let o = LtOut::Residual { d: out.device_ptr_mut(s).0, res: res.device_ptr(s).0, bias: bp, bias_bf16 };
             match self.matmul_fast(o, &a, &b, Product::Forward, m, n, k, scale, false)? {
                 Ok(()) => return Ok(()),
                 Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
