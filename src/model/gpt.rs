@@ -381,7 +381,16 @@ impl<B: Backend> Gpt<B> {
                 linear::forward_bf16(be, &mut la.qkv, &mut ws.dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
                 linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
-                linear::forward_residual(be, &mut la.res_mid, &mut ws.lin_out, res_in, &views[1], s1, p(params::PROJ_B), dims[1])?;
+                linear::forward_residual(
+                    be,
+                    &mut la.res_mid,
+                    &mut ws.lin_out,
+                    res_in,
+                    &views[1],
+                    s1,
+                    p(params::PROJ_B),
+                    dims[1],
+                )?;
                 linear::produce_input(be, s2, &mut ws.lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
                     be.layernorm_forward(
                         y,
@@ -398,7 +407,16 @@ impl<B: Backend> Gpt<B> {
                 linear::produce_input(be, s3, &mut ws.dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
                     be.gelu_forward(y, &la.fc)
                 })?;
-                linear::forward_residual(be, &mut la.res_out, &mut ws.lin_out, &la.res_mid, &views[3], s3, p(params::FCPROJ_B), dims[3])?;
+                linear::forward_residual(
+                    be,
+                    &mut la.res_out,
+                    &mut ws.lin_out,
+                    &la.res_mid,
+                    &views[3],
+                    s3,
+                    p(params::FCPROJ_B),
+                    dims[3],
+                )?;
             }
             let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
             let lf = params::lnf_w(&self.cfg);

@@ -6,8 +6,8 @@
 use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradOut, GradRef, JitSrc, MemoryStats,
-    OpTime, Operand, Phase, Product, Slot,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradOut, GradRef, JitSrc,
+    MemoryStats, OpTime, Operand, Phase, Product, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -1151,7 +1151,13 @@ impl Backend for Cuda {
         launch!(self, "gelu_forward", with gelu_cfg((n as usize).div_ceil(4)), [&py, &mode, &scale, &pa, x, &n, &tab]);
         Ok(())
     }
-    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: &CudaSlice<bf16>, dy: &CudaSlice<f32>, cols: usize) -> BResult<()> {
+    fn gelu_backward(
+        &self,
+        dx: GradOut<'_, Self>,
+        x: &CudaSlice<bf16>,
+        dy: &CudaSlice<f32>,
+        cols: usize,
+    ) -> BResult<()> {
         use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.len() as u32;
@@ -1204,39 +1210,6 @@ impl Backend for Cuda {
         }
         self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
         self.cast_bf16_bias(y, scratch, bias)
-    }
-    fn matmul_residual(
-        &self,
-        out: &mut CudaSlice<f32>,
-        scratch: &mut CudaSlice<f32>,
-        res: &CudaSlice<f32>,
-        a: Operand<'_, Self>,
-        b: Operand<'_, Self>,
-        (m, n, k): (usize, usize, usize),
-        scale: f32,
-        bias: &CudaSlice<f32>,
-    ) -> BResult<()> {
-        use cudarc::driver::{DevicePtr, DevicePtrMut};
-        if self.lt.borrow().is_some() {
-            // Fast class: cuBLASLt adds the residual stream (C, beta 1) and the bias (in
-            // BF16 for FP8 products, the bias type cuBLASLt takes with them).
-            let _op = self.op(Phase::Matmul, "matmul");
-            let bias_bf16 = matches!(a, Operand::Fp8(..));
-            let mut b16 = self.scratch::<bf16>(if bias_bf16 { bias.len() } else { 1 })?;
-            if bias_bf16 {
-                let nb = bias.len() as u32;
-                launch!(self, "cast_bf16", (nb as usize).div_ceil(4), [bias, &mut b16, &nb]);
-            }
-            let s = &self.gpu.stream;
-            let bp = if bias_bf16 { b16.device_ptr(s).0 } else { bias.device_ptr(s).0 };
-            let o = LtOut::Residual { d: out.device_ptr_mut(s).0, res: res.device_ptr(s).0, bias: bp, bias_bf16 };
-            match self.matmul_fast(o, &a, &b, Product::Forward, m, n, k, scale, false)? {
-                Ok(()) => return Ok(()),
-                Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
-            }
-        }
-        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
-        self.residual_forward(out, res, scratch, bias)
     }
     fn cast_bf16_bias(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16_bias");
