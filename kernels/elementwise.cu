@@ -32,6 +32,26 @@ extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, i
         if (sat) atomicAdd(&stats[1], (unsigned long long)sat);
     }
 }
+// cast_fp8 of BF16 values (widened exactly): the attention output's cast for the
+// projection. Grid-stride, four elements per step (8-byte loads) when aligned.
+extern "C" __global__ void cast_fp8_bf16(const u16* x, u8* q, float scale, u32 n, int e5m2,
+                                         unsigned long long* stats) {
+    float mx = e5m2 ? 57344.0f : 448.0f;
+    u32 amax = 0, sat = 0;
+    size_t start = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    size_t vec = (((size_t)x & 7) == 0 && ((size_t)q & 3) == 0) ? n / 4 : 0;
+    for (size_t v = start; v < vec; v += stride) {
+        uint2 w = ((const uint2*)x)[v];
+        u32 o = (u32)cast_fp8_one(fp8train_from_bf16((u16)(w.x & 0xffffu)), scale, mx, e5m2, amax, sat);
+        o |= (u32)cast_fp8_one(fp8train_from_bf16((u16)(w.x >> 16)), scale, mx, e5m2, amax, sat) << 8;
+        o |= (u32)cast_fp8_one(fp8train_from_bf16((u16)(w.y & 0xffffu)), scale, mx, e5m2, amax, sat) << 16;
+        o |= (u32)cast_fp8_one(fp8train_from_bf16((u16)(w.y >> 16)), scale, mx, e5m2, amax, sat) << 24;
+        ((u32*)q)[v] = o;
+    }
+    for (size_t i = 4 * vec + start; i < n; i += stride)
+        q[i] = cast_fp8_one(fp8train_from_bf16(x[i]), scale, mx, e5m2, amax, sat);
+    fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
+}
 // column_chunk_sums (reduce.cu) that also writes the scaled FP8 cast of x (the output gradient of a
 // linear layer: its bias gradient and its E5M2 copy from one read), with cast_fp8's
 // statistics (stats[0]: amax bits, stats[1]: saturated; one atomic each per block).

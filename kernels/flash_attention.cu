@@ -9,8 +9,9 @@
 // Fragments come out of shared memory through ldmatrix (.trans for the operands needed
 // transposed). Backward recomputes the probabilities from the saved row max and sum;
 // dK/dV and dQ come from two kernels so that no sum is split across blocks (no atomics:
-// run-to-run deterministic). Layouts as the exact kernels: qkv [b, t, 3c] f32, out
-// [b, t, c] f32, stats [b*nh, t, 2] = (max of the scaled scores, sum of exponentials).
+// run-to-run deterministic). Layouts as the exact kernels: qkv [b, t, 3c] BF16, out
+// [b, t, c] BF16 (the contract's storage), stats [b*nh, t, 2] = (max of the scaled
+// scores, sum of exponentials).
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, q = lane % 4):
 //   A 16x16 row-major: a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..), a3 = (g+8, 2q+8..)
@@ -156,7 +157,7 @@ __device__ __forceinline__ void fa_accumulate(float (*acc)[4], float (*p)[4], co
 }
 
 template <int HS>
-__device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
+__device__ void flash_forward(u16* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
     constexpr int LD = HS + 8, TILE = FA_TILE * LD;
     extern __shared__ __align__(16) u16 fa_sh[];  // [K0][V0][K1][V1]; Q passes through K1
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
@@ -237,11 +238,12 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (row[r] >= t) continue;
-        float* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
+        u16* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
         float inv = 1.0f / lrow[r];
 #pragma unroll
         for (int n = 0; n < HS / 8; n++)
-            *(float2*)(orow + 8 * n + 2 * q) = make_float2(o[n][2 * r] * inv, o[n][2 * r + 1] * inv);
+            *(u32*)(orow + 8 * n + 2 * q) =
+                (u32)fp8train_to_bf16(o[n][2 * r] * inv) | ((u32)fp8train_to_bf16(o[n][2 * r + 1] * inv) << 16);
         if (q == 0) {
             stats[((size_t)bh * t + row[r]) * 2] = mrow[r] * FA_LN2;  // back to natural units
             stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
@@ -251,7 +253,7 @@ __device__ void flash_forward(float* out, float* stats, const u16* qkv, u32 t, u
 
 // Per query row of every head, what both backward kernels need: aux[bh, i] = (row max
 // in base-2 units, 1 / row sum, D = sum_d dout[i, d] * out[i, d], 0). 8 threads per row.
-extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, const float* out, const float* stats,
+extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, const u16* out, const float* stats,
                                                u32 b, u32 t, u32 c, u32 nh) {
     u32 gid = blockIdx.x * blockDim.x + threadIdx.x, idx = gid / 8, part = gid % 8;
     bool in = idx < b * nh * t;
@@ -259,10 +261,12 @@ extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, c
     if (in) {
         u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
         const float* g = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
-        const float* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
+        const u16* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
         for (u32 d = 4 * part; d < hs; d += 32) {
-            float4 x = *(const float4*)(g + d), y = *(const float4*)(o + d);
-            acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
+            float4 x = *(const float4*)(g + d);
+            uint2 y = *(const uint2*)(o + d);
+            acc += x.x * fp8train_from_bf16((u16)(y.x & 0xffffu)) + x.y * fp8train_from_bf16((u16)(y.x >> 16)) +
+                   x.z * fp8train_from_bf16((u16)(y.y & 0xffffu)) + x.w * fp8train_from_bf16((u16)(y.y >> 16));
         }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 4);
@@ -435,7 +439,7 @@ __device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, c
 
 #define FA_INSTANCE(HS)                                                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) flash_forward_hs##HS(                                 \
-        float* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                          \
+        u16* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                            \
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_kv_hs##HS(                             \

@@ -236,7 +236,7 @@ impl Case {
             Case::ColumnSums { rows, cols } => {
                 ("column sums (bias grad) [+ e5m2 cast]".into(), format!("{rows}x{cols}"))
             }
-            Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3".into(), format!("{n}")),
+            Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3, bf16 -> e4m3".into(), format!("{n}")),
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
             Case::GemmAcc { m1, m2, n, k } => {
                 ("gemm exact bf16 Wgrad, rows in two chunks (accumulate)".into(), format!("{m1}+{m2}x{n}x{k}"))
@@ -489,7 +489,9 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.attention_forward(&mut out, &mut stats, &qkv, s)?;
                 let mut dqkv = be.zeros(b * t * 3 * c)?;
                 be.attention_backward(&mut dqkv, &dout, &qkv, &out, &stats, s)?;
-                vec![("out", bits(be, &out)?), ("stats", bits(be, &stats)?), ("dqkv", bits(be, &dqkv)?)]
+                // The output is BF16: compared as its f32 widening (the flash rows by value).
+                let out: Vec<u32> = be.download(&out)?.iter().map(|v| v.to_f32().to_bits()).collect();
+                vec![("out", out), ("stats", bits(be, &stats)?), ("dqkv", bits(be, &dqkv)?)]
             }
             Case::CrossEntropy { n, v } => {
                 let logits = be.upload(&randn(n * v, 15, 3.0))?;
@@ -543,6 +545,15 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let mut hb = be.zeros::<bf16>(n)?;
                 be.cast_bf16(&mut hb, &x)?;
                 outs.push(("bf16", be.download(&hb)?.iter().map(|h| h.to_bits() as u32).collect()));
+                // From BF16 values (the attention output): widened, and cast to E4M3
+                // with its statistics in slots.
+                let mut wide = be.zeros::<f32>(n)?;
+                be.widen_bf16(&mut wide, &hb)?;
+                outs.push(("bf16 widened", bits(be, &wide)?));
+                let (mut q, mut st) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
+                be.cast_fp8_bf16_to(&mut q, &hb, Fp8Format::E4M3, 4.0, Slot { buf: &mut st, at: 0 })?;
+                outs.push(("bf16 -> e4m3", be.download(&q)?.iter().map(|&c| c as u32).collect()));
+                outs.push(("its amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()));
                 let mut hh = be.zeros::<f16>(n)?;
                 be.cast_f16(&mut hh, &x, 8.0)?;
                 let mut back = be.zeros::<f32>(n)?;

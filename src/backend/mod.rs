@@ -278,6 +278,18 @@ pub trait Backend {
         scale: f32,
         stats: Slot<'_, Self>,
     ) -> BResult<()>;
+    /// `cast_fp8_to` of BF16 values (each widened to f32 exactly first): the attention
+    /// output's cast for the projection.
+    fn cast_fp8_bf16_to(
+        &self,
+        q: &mut Self::Buf<u8>,
+        x: &Self::Buf<bf16>,
+        fmt: Fp8Format,
+        scale: f32,
+        stats: Slot<'_, Self>,
+    ) -> BResult<()>;
+    /// `out = x` widened to f32 (exact).
+    fn widen_bf16(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<bf16>) -> BResult<()>;
     /// The just-in-time cast: `q = sat_encode(x * s)` with `s = scale_from_amax(fmt,
     /// amax(x), 0, prev)`, the amax into the slot. The scale is worked out where the
     /// data is (on a GPU, by the cast kernel from the slot); the caller derives the same
@@ -455,9 +467,11 @@ pub trait Backend {
     ) -> BResult<()>;
     /// Attention of `qkv` (`[b, t, 3c]`, stored in BF16: the QKV layer's output with its
     /// bias, see `cast_bf16_bias`; computed in f32 from the BF16 values).
+    /// Causal attention; `out` is stored in BF16 (the contract's rounding of the f32
+    /// result), what the projection's input cast and the backward pass read.
     fn attention_forward(
         &self,
-        out: &mut Self::Buf<f32>,
+        out: &mut Self::Buf<bf16>,
         stats: &mut Self::Buf<f32>,
         qkv: &Self::Buf<bf16>,
         shape: AttnShape,
@@ -467,7 +481,7 @@ pub trait Backend {
         dqkv: &mut Self::Buf<f32>,
         dout: &Self::Buf<f32>,
         qkv: &Self::Buf<bf16>,
-        out: &Self::Buf<f32>,
+        out: &Self::Buf<bf16>,
         stats: &Self::Buf<f32>,
         shape: AttnShape,
     ) -> BResult<()>;

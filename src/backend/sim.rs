@@ -154,6 +154,22 @@ impl Backend for Sim {
         put_amax(slot, reduce::amax(x));
         Ok(())
     }
+    fn cast_fp8_bf16_to(
+        &self,
+        q: &mut Vec<u8>,
+        x: &Vec<bf16>,
+        fmt: Fp8Format,
+        scale: f32,
+        stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        self.cast_fp8_to(q, &widen(x)?, fmt, scale, stats)
+    }
+    fn widen_bf16(&self, out: &mut Vec<f32>, x: &Vec<bf16>) -> BResult<()> {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = v.to_f32();
+        }
+        Ok(())
+    }
     fn cast_fp8_to(
         &self,
         q: &mut Vec<u8>,
@@ -346,12 +362,15 @@ impl Backend for Sim {
     }
     fn attention_forward(
         &self,
-        out: &mut Vec<f32>,
+        out: &mut Vec<bf16>,
         stats: &mut Vec<f32>,
         qkv: &Vec<bf16>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_forward(out, stats, &widen(qkv)?, shape);
+        let mut o32 = host_vec(out.len())?;
+        o32.resize(out.len(), 0f32);
+        attention::attention_forward(&mut o32, stats, &widen(qkv)?, shape);
+        half16::to_bf16_slice(&o32, out);
         Ok(())
     }
     fn attention_backward(
@@ -359,11 +378,11 @@ impl Backend for Sim {
         dqkv: &mut Vec<f32>,
         dout: &Vec<f32>,
         qkv: &Vec<bf16>,
-        out: &Vec<f32>,
+        out: &Vec<bf16>,
         stats: &Vec<f32>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_backward(dqkv, dout, &widen(qkv)?, out, stats, shape);
+        attention::attention_backward(dqkv, dout, &widen(qkv)?, &widen(out)?, stats, shape);
         Ok(())
     }
     fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<bf16>) -> BResult<()> {

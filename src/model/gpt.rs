@@ -41,7 +41,8 @@ struct LayerActs<B: Backend> {
     ln1_rstd: B::Buf<f32>,
     /// The QKV layer's output with its bias, in BF16 (what attention reads).
     qkv: B::Buf<bf16>,
-    att: B::Buf<f32>,
+    /// The attention output, BF16 (what the projection's cast and backward read).
+    att: B::Buf<bf16>,
     att_stats: B::Buf<f32>,
     res_mid: B::Buf<f32>,
     ln2_mean: B::Buf<f32>,
@@ -175,7 +176,7 @@ impl<B: Backend> Gpt<B> {
                         ln1_mean: z(n)?,
                         ln1_rstd: z(n)?,
                         qkv: be.zeros(n * 3 * c)?,
-                        att: z(n * c)?,
+                        att: be.zeros(n * c)?,
                         att_stats: z(b * self.cfg.n_head * t * 2)?,
                         res_mid: z(n * c)?,
                         ln2_mean: z(n)?,
@@ -380,7 +381,7 @@ impl<B: Backend> Gpt<B> {
                 // forward pass) and are kept in BF16 with their biases.
                 linear::forward_bf16(be, &mut la.qkv, &mut ws.dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
-                linear::cast_input(be, s1, &la.att, &sc[1], Slot { buf: st, at: act(1) })?;
+                linear::cast_input_bf16(be, s1, &la.att, n * c, &mut ws.lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward_residual(
                     be,
                     &mut la.res_mid,

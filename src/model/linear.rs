@@ -198,6 +198,32 @@ pub fn cast_input<B: Backend>(
     Ok(())
 }
 
+/// [`cast_input`] from the BF16 values `x` (`n` of them; the attention output): the
+/// BF16 copy is the values themselves, the E4M3 cast reads them directly with the
+/// delayed scale, and at the first FP8 step (no history yet) they go through the f32
+/// `scratch` for the just-in-time scale. The same bits as casting their f32 widening.
+pub fn cast_input_bf16<B: Backend>(
+    be: &B,
+    saved: &mut Saved<B>,
+    x: &B::Buf<bf16>,
+    n: usize,
+    scratch: &mut B::Buf<f32>,
+    sc: &LinearScaling,
+    stats: Slot<'_, B>,
+) -> BResult<()> {
+    match &mut *saved {
+        Saved::Bf16(b) => be.copy_range(b, 0, x, 0, n),
+        Saved::Fp8 { codes, scale } if sc.act.history().next().is_some() => {
+            *scale = sc.act.scale();
+            be.cast_fp8_bf16_to(codes, x, E4M3, *scale, stats)
+        }
+        Saved::Fp8 { .. } => {
+            be.widen_bf16(scratch, x)?;
+            cast_input(be, saved, scratch, sc, stats)
+        }
+    }
+}
+
 /// Fill `saved` with a layer's input made by `produce`, which writes its values into
 /// the `ActOut` it is given (a layernorm or GELU forward). The values go straight into
 /// the saved copy when their scale is known first (their amax into `stats`); at the

@@ -49,9 +49,9 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     let (n, b, t) = ((b * t) as u64, b as u64, t as u64);
     let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
     let f32s = 4u64;
-    // f32: att, res_mid, res_out (+ layernorm statistics, attention's row statistics);
-    // BF16: qkv (3c), fc (4c); the saved linear inputs (7c) in FP8 or BF16.
-    let per_layer = f32s * (4 * n + 3 * n * c + 2 * b * nh * t) + 2 * 7 * n * c + w * 7 * n * c;
+    // f32: res_mid, res_out (+ layernorm statistics, attention's row statistics);
+    // BF16: qkv (3c), att (c), fc (4c); the saved linear inputs (7c) in FP8 or BF16.
+    let per_layer = f32s * (4 * n + 2 * n * c + 2 * b * nh * t) + 2 * 8 * n * c + w * 7 * n * c;
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;

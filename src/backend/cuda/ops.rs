@@ -773,6 +773,26 @@ impl Backend for Cuda {
         launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &p]);
         Ok(())
     }
+    fn cast_fp8_bf16_to(
+        &self,
+        q: &mut CudaSlice<u8>,
+        x: &CudaSlice<bf16>,
+        fmt: Fp8Format,
+        scale: f32,
+        mut stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "cast_fp8");
+        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
+        let (n, f, p) = (x.len() as u32, e5(fmt), self.slot_ptr(&mut stats));
+        launch!(self, "cast_fp8_bf16", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &p]);
+        Ok(())
+    }
+    fn widen_bf16(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<bf16>) -> BResult<()> {
+        let _op = self.op(Phase::Other, "widen_bf16");
+        let n = x.len() as u32;
+        launch!(self, "widen_bf16", n as usize, [x, out, &n]);
+        Ok(())
+    }
     fn cast_fp8_to(
         &self,
         q: &mut CudaSlice<u8>,
@@ -1059,7 +1079,7 @@ impl Backend for Cuda {
     }
     fn attention_forward(
         &self,
-        out: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<bf16>,
         stats: &mut CudaSlice<f32>,
         qkv: &CudaSlice<bf16>,
         s: AttnShape,
@@ -1075,9 +1095,12 @@ impl Backend for Cuda {
             launch!(self, k.forward, with cf, [out, stats, qkv, &t, &c, &nh]);
             return Ok(());
         }
-        // The exact kernels read qkv as f32.
+        // The exact kernels read qkv as f32 and write the output in f32, rounded to
+        // BF16 after (the contract's storage of the attention output).
         let wide = self.widen(qkv)?;
         let qkv = &wide;
+        let mut o32 = self.scratch::<f32>(out.len())?;
+        let no = out.len() as u32;
         if let Some((fwd, _)) = tiled_attention(s.c / s.nh) {
             let hs = s.c / s.nh;
             let shared = ((64 * (hs + 1) + 64 * hs + 64 * 65) * 4) as u32;
@@ -1086,10 +1109,11 @@ impl Backend for Cuda {
                 block_dim: (64, 1, 1),
                 shared_mem_bytes: shared,
             };
-            launch!(self, fwd, with cf, [out, stats, qkv, &t, &c, &nh]);
-            return Ok(());
+            launch!(self, fwd, with cf, [&mut o32, stats, qkv, &t, &c, &nh]);
+        } else {
+            launch!(self, "attention_forward", s.b * s.nh * s.t, [&mut o32, stats, qkv, &b, &t, &c, &nh]);
         }
-        launch!(self, "attention_forward", s.b * s.nh * s.t, [out, stats, qkv, &b, &t, &c, &nh]);
+        launch!(self, "cast_bf16", (no as usize).div_ceil(4), [&o32, out, &no]);
         Ok(())
     }
     fn attention_backward(
@@ -1097,7 +1121,7 @@ impl Backend for Cuda {
         dqkv: &mut CudaSlice<f32>,
         dout: &CudaSlice<f32>,
         qkv: &CudaSlice<bf16>,
-        out: &CudaSlice<f32>,
+        out: &CudaSlice<bf16>,
         stats: &CudaSlice<f32>,
         s: AttnShape,
     ) -> BResult<()> {
@@ -1115,8 +1139,8 @@ impl Backend for Cuda {
             launch!(self, k.q, with qc, [&mut *dqkv, &dout16, qkv, &aux, &t, &c, &nh]);
             return Ok(());
         }
-        let wide = self.widen(qkv)?;
-        let qkv = &wide;
+        let (wide, out32) = (self.widen(qkv)?, self.widen(out)?);
+        let (qkv, out) = (&wide, &out32);
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
             // Entries above the diagonal are neither written nor read: no zeroing.
             let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t)?;
