@@ -207,7 +207,7 @@ fn run_on<B: Backend>(
 
 /// Refuse, before allocating, a run that cannot fit in the backend's memory.
 fn fits<B: Backend>(be: &B, cfg: &Config, ranks: usize, what: &str) -> Result<(), String> {
-    memory::check(be, &cfg.model, cfg.train.level, ranks, cfg.train.batch_size, what).map(|_| ())
+    memory::check(be, &cfg.model, cfg.train.level, cfg.train.recompute, ranks, cfg.train.batch_size, what).map(|_| ())
 }
 
 /// A checkpoint resumed inside its run folder must be of that run: the folder's

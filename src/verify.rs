@@ -236,7 +236,9 @@ impl Case {
             Case::ColumnSums { rows, cols } => {
                 ("column sums (bias grad) [+ e5m2 cast]".into(), format!("{rows}x{cols}"))
             }
-            Case::Casts { n } => ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3, bf16 -> e4m3".into(), format!("{n}")),
+            Case::Casts { n } => {
+                ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3, bf16 -> e4m3".into(), format!("{n}"))
+            }
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
             Case::GemmAcc { m1, m2, n, k } => {
                 ("gemm exact bf16 Wgrad, rows in two chunks (accumulate)".into(), format!("{m1}+{m2}x{n}x{k}"))

@@ -7,7 +7,7 @@ use fp8cluster::world::World;
 use fp8sim::ops::attention::AttnShape;
 use fp8train::backend::sim::Sim;
 use fp8train::backend::Backend;
-use fp8train::model::{memory, Gpt, Level, ModelConfig};
+use fp8train::model::{memory, Gpt, Level, ModelConfig, Recompute};
 use fp8train::train::checkpoint::LoopState;
 use fp8train::train::config::TrainConfig;
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -59,17 +59,22 @@ static ALLOC: Counting = Counting;
 fn estimate_bounds_the_measured_peak_at_every_level() {
     let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
     let world = World::single();
-    for (level, layers, c, nh, t, v, b) in
-        [(Level::Bf16, 2, 64, 4, 64, 256, 4), (Level::O1, 2, 64, 4, 64, 256, 4), (Level::O2, 3, 96, 3, 128, 512, 2)]
-    {
+    for (level, layers, c, nh, t, v, b, recompute) in [
+        (Level::Bf16, 2, 64, 4, 64, 256, 4, Recompute::None),
+        (Level::O1, 2, 64, 4, 64, 256, 4, Recompute::None),
+        (Level::O2, 3, 96, 3, 128, 512, 2, Recompute::None),
+        (Level::O2, 3, 96, 3, 128, 512, 2, Recompute::Gelu),
+        (Level::Bf16, 2, 64, 4, 64, 256, 4, Recompute::Gelu),
+    ] {
         let cfg = ModelConfig { n_layer: layers, n_embd: c, n_head: nh, seq_len: t, vocab_size: v };
-        let tc = TrainConfig { level, batch_size: b, ..Default::default() };
+        let tc = TrainConfig { level, batch_size: b, recompute, ..Default::default() };
         let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
         let base = NOW.load(SeqCst);
         PEAK.store(base, SeqCst);
         {
             let be = Sim;
             let mut model = Gpt::new(&be, &cfg, level, 1, tc.amax_window, 0, 1).unwrap();
+            model.recompute = recompute;
             let mut ws = model.workspace(&be, b, t).unwrap();
             let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
             let mut mu = 1.0f32;
@@ -91,9 +96,15 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
         }
         let peak = (PEAK.load(SeqCst) - base) as u64;
         let scratch = Sim.attention_scratch_bytes(AttnShape { b, t, c, nh });
-        let est = memory::estimate(&cfg, level, 1, b, t, scratch).total();
-        assert!(est >= peak, "{level}: estimate {est} below the measured peak {peak}");
-        assert!(est <= peak + peak / 2, "{level}: estimate {est} far above the measured peak {peak}");
-        eprintln!("{level}: measured peak {peak} bytes, estimate {est} ({:.2}x)", est as f64 / peak as f64);
+        let est = memory::estimate(&cfg, level, recompute, 1, b, t, scratch).total();
+        assert!(est >= peak, "{level} recompute {recompute}: estimate {est} below the measured peak {peak}");
+        assert!(
+            est <= peak + peak / 2,
+            "{level} recompute {recompute}: estimate {est} far above the measured peak {peak}"
+        );
+        eprintln!(
+            "{level} recompute {recompute}: measured peak {peak} bytes, estimate {est} ({:.2}x)",
+            est as f64 / peak as f64
+        );
     }
 }

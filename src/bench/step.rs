@@ -135,9 +135,10 @@ fn measure<B: Backend>(
     let tc = TrainConfig { level, ..Default::default() };
     let t = model_cfg.seq_len;
     let n = batch * t;
-    crate::model::memory::check(be, model_cfg, level, 1, batch, "bench step")?;
+    crate::model::memory::check(be, model_cfg, level, tc.recompute, 1, batch, "bench step")?;
     let t0 = Instant::now();
     let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1)?;
+    model.recompute = tc.recompute;
     let mut ws = model.workspace(be, batch, t)?;
     be.synchronize()?;
     info!(log, "model ready"; "params" => model.num_params(), "seconds" => t0.elapsed().as_secs_f64());

@@ -99,3 +99,27 @@ impl FromStr for Level {
         }
     }
 }
+
+/// What the backward pass recomputes instead of keeping from the forward pass
+/// (`train.recompute`). Recomputation gives the same bits (the same operations on the
+/// same inputs); it trades time for activation memory.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Keep every saved activation.
+    #[default]
+    None,
+    /// GELU's output (the MLP projection's input, FP8 or BF16): recomputed from the
+    /// stored pre-activation before each layer's MLP backward (a table lookup per
+    /// value), one buffer for all layers instead of one per layer.
+    Gelu,
+}
+
+impl fmt::Display for Recompute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Recompute::None => "none",
+            Recompute::Gelu => "gelu",
+        })
+    }
+}

@@ -6,7 +6,7 @@
 //! LM head is a BF16 x BF16 exact GEMM at every level (as MS-AMP / Transformer Engine
 //! keep it out of FP8).
 
-use super::config::{Level, ModelConfig};
+use super::config::{Level, ModelConfig, Recompute};
 use super::linear::{self, Dims, GradCast, LinearScaling, MasterRef, Saved, WeightView};
 use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::BResult;
@@ -33,6 +33,9 @@ pub struct Gpt<B: Backend> {
     pub params: Vec<Param<B>>,
     /// 4 per layer (qkv, proj, fc, fcproj); unused at the bf16 level.
     pub scaling: Vec<LinearScaling>,
+    /// Activations the backward pass recomputes (`train.recompute`); read when a
+    /// workspace is made.
+    pub recompute: Recompute,
 }
 
 /// Activations of one block.
@@ -72,6 +75,9 @@ pub struct Workspace<B: Backend> {
     encoded: B::Buf<f32>,
     layers: Vec<LayerActs<B>>,
     lin_out: B::Buf<f32>,
+    /// With `Recompute::Gelu`: the MLP projection's input for the layer at hand (its
+    /// per-layer `saved[3]` then holds no values, only the scale).
+    gelu_in: Option<Saved<B>>,
     lnf_mean: B::Buf<f32>,
     lnf_rstd: B::Buf<f32>,
     lnf_bf16: B::Buf<bf16>,
@@ -139,6 +145,7 @@ impl<B: Backend> Gpt<B> {
                 level,
                 params,
                 scaling: (0..4 * cfg.n_layer).map(|_| LinearScaling::new(amax_window)).collect(),
+                recompute: Recompute::None,
             }
         })
     }
@@ -167,6 +174,7 @@ impl<B: Backend> Gpt<B> {
             let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
             let n = b * t;
             let fp8 = self.level.fp8();
+            let gelu_again = self.recompute == Recompute::Gelu;
             let z = |k: usize| be.zeros::<f32>(k);
             let outs = [3 * c, c, 4 * c, c];
             let ins = [c, c, c, 4 * c];
@@ -183,7 +191,7 @@ impl<B: Backend> Gpt<B> {
                         ln2_rstd: z(n)?,
                         fc: be.zeros(n * 4 * c)?,
                         res_out: z(n * c)?,
-                        saved: arr4(|i| Saved::new(be, fp8, n * ins[i]))?,
+                        saved: arr4(|i| Saved::new(be, fp8, if i == 3 && gelu_again { 0 } else { n * ins[i] }))?,
                     })
                 })
                 .collect::<BResult<Vec<_>>>()?;
@@ -213,6 +221,7 @@ impl<B: Backend> Gpt<B> {
                 encoded: z(n * c)?,
                 layers,
                 lin_out: z(n * c)?,
+                gelu_in: if gelu_again { Some(Saved::new(be, fp8, n * 4 * c)?) } else { None },
                 lnf_mean: z(n)?,
                 lnf_rstd: z(n)?,
                 lnf_bf16: be.zeros(n * c)?,
@@ -405,7 +414,13 @@ impl<B: Backend> Gpt<B> {
                     )
                 })?;
                 linear::forward_bf16(be, &mut la.fc, &mut ws.dfc, &views[2], s2, p(params::FC_B), dims[2])?;
-                linear::produce_input(be, s3, &mut ws.dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
+                // With GELU recomputed, its output goes to the one shared buffer and
+                // only its scale stays with the layer.
+                let g3 = match ws.gelu_in.as_mut() {
+                    Some(g) => g,
+                    None => &mut *s3,
+                };
+                linear::produce_input(be, g3, &mut ws.dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
                     be.gelu_forward(y, &la.fc)
                 })?;
                 linear::forward_residual(
@@ -414,10 +429,13 @@ impl<B: Backend> Gpt<B> {
                     &mut ws.lin_out,
                     &la.res_mid,
                     &views[3],
-                    s3,
+                    g3,
                     p(params::FCPROJ_B),
                     dims[3],
                 )?;
+                if let (Some(Saved::Fp8 { scale: used, .. }), Saved::Fp8 { scale, .. }) = (&ws.gelu_in, &mut *s3) {
+                    *scale = *used;
+                }
             }
             let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
             let lf = params::lnf_w(&self.cfg);
@@ -547,6 +565,22 @@ impl<B: Backend> Gpt<B> {
                 let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
 
                 // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
+                // Recomputed GELU: its output again, with the forward pass's scale (the
+                // same values; the amax slot gets the same amax again).
+                if let Some(g) = ws.gelu_in.as_mut() {
+                    let slot = Slot { buf: &mut ws.stats, at: slots.act(4 * l + 3) };
+                    match (g, &la.saved[3]) {
+                        (Saved::Fp8 { codes, scale }, Saved::Fp8 { scale: s, .. }) => {
+                            *scale = *s;
+                            be.gelu_forward(ActOut::E4m3(codes, *s, slot), &la.fc)?;
+                        }
+                        (g, _) => match g {
+                            Saved::Bf16(h) => be.gelu_forward(ActOut::Bf16(h), &la.fc)?,
+                            Saved::Fp8 { .. } => unreachable!("a layer's saved input has the level's type"),
+                        },
+                    }
+                }
+                let saved3 = ws.gelu_in.as_ref().unwrap_or(&la.saved[3]);
                 linear::backward(
                     be,
                     &mut ws.dgelu,
@@ -554,7 +588,7 @@ impl<B: Backend> Gpt<B> {
                     gb3,
                     &ws.dres,
                     &views[3],
-                    &la.saved[3],
+                    saved3,
                     &sc[3],
                     q3,
                     dims[3],
@@ -905,10 +939,15 @@ mod tests {
 
     /// Loss, gradient norm and every stored gradient's bits after `steps` training steps.
     fn run(level: Level, head_rows: Option<usize>, steps: usize) -> Vec<u32> {
+        run_with(level, head_rows, steps, Recompute::None)
+    }
+
+    fn run_with(level: Level, head_rows: Option<usize>, steps: usize, recompute: Recompute) -> Vec<u32> {
         let be = Sim;
-        let cfg = ModelConfig { n_layer: 1, n_embd: 32, n_head: 2, seq_len: 16, vocab_size: 96 };
+        let cfg = ModelConfig { n_layer: 2, n_embd: 32, n_head: 2, seq_len: 16, vocab_size: 96 };
         let (b, t) = (3, 16);
         let mut model = Gpt::new(&be, &cfg, level, 7, 16, 0, 1).unwrap();
+        model.recompute = recompute;
         let mut ws = model.workspace_with_head(&be, b, t, head_rows).unwrap();
         let mut bits = Vec::new();
         for s in 0..steps {
@@ -939,5 +978,16 @@ mod tests {
         }
         assert_eq!(head_rows_for(16384, 50304), 2048);
         assert_eq!(head_rows_for(48, 96), 48);
+    }
+
+    /// Recomputing GELU's output in the backward pass (one shared buffer) trains to the
+    /// same bits as keeping it per layer, including the first FP8 step (just-in-time
+    /// scale) and the steps after (delayed scale).
+    #[test]
+    fn recomputed_gelu_gives_the_bits_of_the_kept_one() {
+        for level in [Level::Bf16, Level::O1, Level::O2] {
+            let kept = run_with(level, None, 3, Recompute::None);
+            assert_eq!(run_with(level, None, 3, Recompute::Gelu), kept, "{level:?}");
+        }
     }
 }

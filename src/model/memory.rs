@@ -5,7 +5,7 @@
 //! `tests/memory.rs` holds the sum against the peak a counting allocator sees.
 
 use super::params::specs;
-use super::{Level, ModelConfig};
+use super::{Level, ModelConfig, Recompute};
 use crate::backend::Backend;
 use fp8sim::ops::attention::AttnShape;
 
@@ -34,7 +34,15 @@ pub fn gib(bytes: u64) -> String {
 /// The estimate for `cfg` at `level` with `ranks` data-parallel ranks, batch `b`,
 /// sequence `t`; `attention_scratch`: what the backend's attention allocates for this
 /// shape (see `Backend::attention_scratch_bytes`).
-pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usize, attention_scratch: u64) -> Estimate {
+pub fn estimate(
+    cfg: &ModelConfig,
+    level: Level,
+    recompute: Recompute,
+    ranks: usize,
+    b: usize,
+    t: usize,
+    attention_scratch: u64,
+) -> Estimate {
     let p: u64 = specs(cfg).iter().map(|s| s.numel() as u64).sum();
     let largest: u64 = specs(cfg).iter().map(|s| s.numel() as u64).max().unwrap_or(0);
     let ranks = ranks.max(1) as u64;
@@ -51,7 +59,12 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     let f32s = 4u64;
     // f32: res_mid, res_out (+ layernorm statistics, attention's row statistics);
     // BF16: qkv (3c), att (c), fc (4c); the saved linear inputs (7c) in FP8 or BF16.
-    let per_layer = f32s * (4 * n + 2 * n * c + 2 * b * nh * t) + 2 * 8 * n * c + w * 7 * n * c;
+    // With GELU recomputed, the MLP projection's input (4c) is one buffer, not one per layer.
+    let (saved_per_layer, saved_once) = match recompute {
+        Recompute::None => (7, 0),
+        Recompute::Gelu => (3, 4),
+    };
+    let per_layer = f32s * (4 * n + 2 * n * c + 2 * b * nh * t) + 2 * 8 * n * c + w * saved_per_layer * n * c;
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
@@ -63,7 +76,7 @@ pub fn estimate(cfg: &ModelConfig, level: Level, ranks: usize, b: usize, t: usiz
     let global = f32s * (16 * n * c + 3 * n) + 2 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
-    let activations = l * per_layer + decoded + views + global + grad_casts + grad_bufs;
+    let activations = l * per_layer + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
     // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
     // The LM head's products: f32 copies of the operands of one chunk (the simulator's
@@ -99,13 +112,14 @@ pub fn check<B: Backend>(
     be: &B,
     cfg: &ModelConfig,
     level: Level,
+    recompute: Recompute,
     ranks: usize,
     b: usize,
     what: &str,
 ) -> Result<Estimate, String> {
     let t = cfg.seq_len;
     let shape = AttnShape { b, t, c: cfg.n_embd, nh: cfg.n_head };
-    let est = estimate(cfg, level, ranks, b, t, be.attention_scratch_bytes(shape));
+    let est = estimate(cfg, level, recompute, ranks, b, t, be.attention_scratch_bytes(shape));
     check_fits(&est, be.available_memory(), what)?;
     Ok(est)
 }

@@ -7,5 +7,5 @@ pub mod linear;
 pub mod memory;
 pub mod params;
 
-pub use config::{Level, ModelConfig};
+pub use config::{Level, ModelConfig, Recompute};
 pub use gpt::Gpt;

@@ -3,7 +3,7 @@
 //! that name the field (and the allowed range).
 
 use crate::data::DataConfig;
-use crate::model::{Level, ModelConfig};
+use crate::model::{Level, ModelConfig, Recompute};
 use serde::{Deserialize, Serialize};
 
 /// Where the numerics run (`train.backend`, `--backend`).
@@ -86,6 +86,8 @@ pub struct TrainConfig {
     pub fault_kind: FaultKind,
     /// Seconds a silent peer is waited for before the run stops naming it.
     pub peer_timeout_s: u64,
+    /// Activations recomputed in the backward pass: "none" or "gelu".
+    pub recompute: Recompute,
 }
 
 impl Default for TrainConfig {
@@ -116,6 +118,7 @@ impl Default for TrainConfig {
             fault_at_step: 0,
             fault_kind: FaultKind::Exit,
             peer_timeout_s: 30,
+            recompute: Recompute::None,
         }
     }
 }

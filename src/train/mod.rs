@@ -200,6 +200,7 @@ pub fn train<B: Backend>(
         ),
         Start::Resume(m, s) => (*m, s),
     };
+    model.recompute = tc.recompute;
     let mut metrics = if lead {
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
             .map_err(|e| format!("cannot write {}: {e}", run_dir.join("config.toml").display()))?;
