@@ -56,6 +56,8 @@ pub struct StepReport {
     pub seq: usize,
     pub level: String,
     pub gemm: String,
+    /// `train.recompute`.
+    pub recompute: String,
     pub backend: &'static str,
     pub device: String,
     pub warmup_steps: usize,
@@ -104,13 +106,13 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
             if a.gemm == Gemm::Fast {
                 return Err("bench step --gemm fast needs --backend cuda (the simulator is exact only)".into());
             }
-            measure(&Sim, "cpu".into(), &cfg.model, level, batch, a, log, 0)
+            measure(&Sim, "cpu".into(), &cfg, level, batch, a, log, 0)
         }
         CliBackend::Cuda | CliBackend::Auto => {
             let gpu = if a.gemm == Gemm::Fast { Cuda::new_fast(0) } else { Cuda::new(0) }
                 .map_err(|e| format!("bench step: no usable GPU: {e}"))?;
             let name = gpu.gpu().name.clone();
-            let r = measure(&gpu, name, &cfg.model, level, batch, a, log, 0);
+            let r = measure(&gpu, name, &cfg, level, batch, a, log, 0);
             let fb = gpu.fast_fallbacks();
             if fb > 0 {
                 info!(log, "fast GEMMs that ran the exact kernel"; "count" => fb);
@@ -124,7 +126,7 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
 fn measure<B: Backend>(
     be: &B,
     device: String,
-    model_cfg: &ModelConfig,
+    cfg: &crate::train::config::Config,
     level: Level,
     batch: usize,
     a: &StepBenchArgs,
@@ -132,7 +134,9 @@ fn measure<B: Backend>(
     fast_fallbacks: u64,
 ) -> Result<(), String> {
     let world = World::single();
-    let tc = TrainConfig { level, ..Default::default() };
+    let model_cfg = &cfg.model;
+    // --set train.recompute=... is the one training setting a step measurement takes.
+    let tc = TrainConfig { level, recompute: cfg.train.recompute, ..Default::default() };
     let t = model_cfg.seq_len;
     let n = batch * t;
     crate::model::memory::check(be, model_cfg, level, tc.recompute, 1, batch, "bench step")?;
@@ -199,6 +203,7 @@ fn measure<B: Backend>(
         seq: t,
         level: level.to_string(),
         gemm: a.gemm.to_string(),
+        recompute: tc.recompute.to_string(),
         backend: be.name(),
         device,
         warmup_steps: a.warmup,
@@ -231,7 +236,7 @@ fn gib(b: u64) -> f64 {
 /// The human-readable report.
 pub fn table(r: &StepReport) -> String {
     let mut s = format!(
-        "bench step: {} ({}L d{} h{} v{}, {:.1}M params), batch {} x seq {}, level {}, gemm {}, {} ({})\n",
+        "bench step: {} ({}L d{} h{} v{}, {:.1}M params), batch {} x seq {}, level {}, gemm {}, recompute {}, {} ({})\n",
         r.model,
         r.n_layer,
         r.n_embd,
@@ -242,6 +247,7 @@ pub fn table(r: &StepReport) -> String {
         r.seq,
         r.level,
         r.gemm,
+        r.recompute,
         r.backend,
         r.device
     );
