@@ -327,4 +327,15 @@ mod tests {
         // A setting of an older version is dropped, not an error.
         assert!(Config::from_toml("[train]\nsaturation_threshold = 1e-5\n").is_ok());
     }
+
+    #[test]
+    fn recompute_setting() {
+        assert_eq!(Config::default().train.recompute, Recompute::None);
+        let c = Config::default().with_overrides(&["train.recompute=\"gelu\"".into()]).unwrap();
+        assert_eq!(c.train.recompute, Recompute::Gelu);
+        let c = Config::from_toml("[train]\nrecompute = \"none\"\n").unwrap();
+        assert_eq!(c.train.recompute, Recompute::None);
+        let e = Config::from_toml("[train]\nrecompute = \"everything\"\n").unwrap_err();
+        assert!(e.contains("train.recompute") && e.contains("everything") && e.contains("gelu"), "{e}");
+    }
 }
