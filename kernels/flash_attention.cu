@@ -296,9 +296,13 @@ __device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* ro
 // dK and dV for 64 keys per block (16 per warp), over the query tiles at or after them.
 // Shared memory: K, V of the block's keys (A operands), then two buffers of (Q tile,
 // dO tile, aux of its 64 queries).
+// Causal (query tile, key tile) pairs of one head, qt >= kt, numbered qt (qt + 1) / 2 + kt:
+// where flash_backward_kv leaves dS for flash_backward_dq (64 x 64 BF16 per pair).
+__device__ __forceinline__ size_t fa_pair(u32 qt, u32 kt) { return (size_t)qt * (qt + 1) / 2 + kt; }
+
 template <int HS>
-__device__ void flash_backward_kv(float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c,
-                                  u32 nh) {
+__device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t,
+                                  u32 c, u32 nh) {
     constexpr int LD = HS + 8, TILE = FA_TILE * LD, BUF = 2 * TILE + FA_TILE * 8;  // u16 units
     extern __shared__ __align__(16) u16 fa_sh[];
     const u16* Ks = fa_sh;
@@ -356,6 +360,16 @@ __device__ void flash_backward_kv(float* dqkv, const u16* dout, const u16* qkv, 
         for (int n = 0; n < 8; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - As[8 * n + 2 * q + (e & 1)].z);
+        // dS for the dQ kernel, rounded to BF16 as the products below round it: rows =
+        // keys, columns = queries of the pair's tile.
+        u32 tiles_t = (t + FA_TILE - 1) / FA_TILE;
+        u16* dst = ds + ((size_t)bh * (tiles_t * (tiles_t + 1) / 2) + fa_pair(qt, kt)) * FA_TILE * FA_TILE;
+#pragma unroll
+        for (int n = 0; n < 8; n++)
+#pragma unroll
+            for (int r = 0; r < 2; r++)
+                *(u32*)(dst + (16 * warp + (lane >> 2) + 8 * r) * FA_TILE + 8 * n + 2 * q) =
+                    fa_pack(dp[n][2 * r], dp[n][2 * r + 1]);
         // dV += P^T dO, dK += dS^T Q (k = queries)
         fa_accumulate<HS>(dv, p, Gs, lane);
         fa_accumulate<HS>(dk, dp, Qs, lane);
@@ -437,14 +451,85 @@ __device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, c
     }
 }
 
+// dQ = dS K for 64 queries per block (16 per warp) from the dS tiles flash_backward_kv
+// left (rows = keys, so the A fragments come out of shared memory through ldmatrix
+// .trans): one product per key tile instead of recomputing S, P and dP. Shared memory:
+// two buffers of (K tile, dS tile of 64 rows of 64 + 8).
+#define FA_DLD (FA_TILE + 8)
+template <int HS>
+__device__ void flash_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {
+    constexpr int LD = HS + 8, TILE = FA_TILE * LD, BUF = TILE + FA_TILE * FA_DLD;
+    extern __shared__ __align__(16) u16 fa_sh[];
+    u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
+    u32 qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_TILE;
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31, q = lane & 3;
+    size_t rs = 3 * (size_t)c;
+    const u16* kbase = qkv + fa_at(bb, 0, 1, h, t, c, HS);
+    u32 tiles_t = (t + FA_TILE - 1) / FA_TILE;
+    const u16* dsb = ds + ((size_t)bh * (tiles_t * (tiles_t + 1) / 2) + fa_pair(qt, 0)) * FA_TILE * FA_TILE;
+    auto stage = [&](u32 kt) {
+        u16* buf = fa_sh + (kt & 1) * BUF;
+        fa_stage<HS>(buf, kbase, rs, kt * FA_TILE, t);
+        const u16* src = dsb + (size_t)kt * FA_TILE * FA_TILE;
+        for (u32 e = threadIdx.x; e < FA_TILE * 8; e += FA_THREADS)
+            fa_cp16(buf + TILE + (e / 8) * FA_DLD + 8 * (e % 8), src + (e / 8) * FA_TILE + 8 * (e % 8), true);
+    };
+    stage(0);
+    fa_commit();
+    float dq[HS / 8][4];
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
+    for (u32 kt = 0; kt <= qt; kt++) {
+        if (kt < qt) {
+            stage(kt + 1);
+            fa_commit();
+            fa_wait<1>();
+        } else {
+            fa_wait<0>();
+        }
+        __syncthreads();
+        const u16* Ks = fa_sh + (kt & 1) * BUF;
+        const u16* Ds = Ks + TILE;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) {
+            // A = dS rows 16 warp.. (queries), columns 16 kk.. (keys), from the tile
+            // stored with keys as rows.
+            u32 a[4];
+            fa_ldsm4_trans(a, Ds + (16 * kk + (lane & 7) + 8 * (lane >> 4)) * FA_DLD + 16 * warp + 8 * ((lane >> 3) & 1));
+#pragma unroll
+            for (int np = 0; np < HS / 16; np++) {
+                u32 bfr[4];
+                fa_frag_b2_trans(bfr, Ks, LD, 16 * kk, 16 * np, lane);
+                fa_mma(dq[2 * np], a, bfr[0], bfr[1]);
+                fa_mma(dq[2 * np + 1], a, bfr[2], bfr[3]);
+            }
+        }
+        __syncthreads();  // this buffer is refilled two tiles on
+    }
+    float scale = 1.0f / sqrtf((float)HS);
+    u32 row[2] = {q0 + 16 * warp + (lane >> 2), q0 + 16 * warp + (lane >> 2) + 8};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= t) continue;
+        float* qd = dqkv + fa_at(bb, row[r], 0, h, t, c, HS);
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++)
+            *(float2*)(qd + 8 * n + 2 * q) = make_float2(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
+    }
+}
+
 #define FA_INSTANCE(HS)                                                                                            \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 3) flash_forward_hs##HS(                                 \
         u16* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {                                            \
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_kv_hs##HS(                             \
-        float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {                   \
-        flash_backward_kv<HS>(dqkv, dout, qkv, aux, t, c, nh);                                                    \
+        float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {          \
+        flash_backward_kv<HS>(dqkv, ds, dout, qkv, aux, t, c, nh);                                                \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_dq_hs##HS(                             \
+        float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {                                        \
+        flash_backward_dq<HS>(dqkv, ds, qkv, t, c, nh);                                                           \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_q_hs##HS(                              \
         float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {                   \

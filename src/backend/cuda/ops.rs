@@ -153,31 +153,39 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, rows: usize) -> LaunchConfig {
 struct Flash {
     forward: &'static str,
     kv: &'static str,
-    q: &'static str,
+    dq: &'static str,
     forward_smem: u32,
     kv_smem: u32,
-    q_smem: u32,
+    dq_smem: u32,
 }
 
 impl Flash {
     fn for_head_size(hs: usize) -> Option<Flash> {
-        let (forward, kv, q) = match hs {
-            64 => ("flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_q_hs64"),
-            128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_q_hs128"),
+        let (forward, kv, dq) = match hs {
+            64 => ("flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_dq_hs64"),
+            128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_dq_hs128"),
             _ => return None,
         };
         // BF16 tiles of 64 rows of hs + 8, double-buffered (see flash_attention.cu):
-        // forward 2 x (K, V); kv: K, V + 2 x (Q, dO, 64 aux rows of 16 bytes); q: Q, dO + 2 x (K, V).
+        // forward 2 x (K, V); kv: K, V + 2 x (Q, dO, 64 aux rows of 16 bytes); dq: 2 x
+        // (K, a dS tile of 64 rows of 72).
         let tile = 2 * 64 * (hs + 8);
         Some(Flash {
             forward,
             kv,
-            q,
+            dq,
             forward_smem: (4 * tile) as u32,
             kv_smem: (6 * tile + 2 * 64 * 16) as u32,
-            q_smem: (6 * tile) as u32,
+            dq_smem: (2 * (tile + 2 * 64 * 72)) as u32,
         })
     }
+}
+
+/// Elements of the flash backward's dS tiles: 64 x 64 per causal (query tile, key tile)
+/// pair of every head.
+fn flash_ds_len(s: AttnShape) -> usize {
+    let tiles = s.t.div_ceil(64);
+    s.b * s.nh * tiles * (tiles + 1) / 2 * 64 * 64
 }
 
 /// The tiled attention kernels (forward, backward scores) for head size `hs`, if built.
@@ -697,8 +705,8 @@ impl Backend for Cuda {
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
         if self.flash(s.c / s.nh).is_some() {
-            // The BF16 copy of dout, per-row statistics.
-            2 * b * t * c + 16 * b * nh * t
+            // The BF16 copy of dout, per-row statistics, the dS tiles.
+            2 * b * t * c + 16 * b * nh * t + 2 * flash_ds_len(s) as u64
         } else {
             // Probabilities and their gradients, t x t f32 each per head; qkv as f32.
             8 * b * nh * t * t + 12 * b * t * c
@@ -1132,11 +1140,14 @@ impl Backend for Cuda {
             let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t)?;
             launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
             let dout16 = self.bf16_copy(dout)?;
+            // dS of every causal (query tile, key tile) pair, 64 x 64 BF16: the dK/dV
+            // kernel writes it, the dQ kernel multiplies it by K.
+            let mut ds = self.scratch::<u16>(flash_ds_len(s))?;
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
-            launch!(self, k.kv, with kv, [&mut *dqkv, &dout16, qkv, &aux, &t, &c, &nh]);
-            let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.q_smem };
-            launch!(self, k.q, with qc, [&mut *dqkv, &dout16, qkv, &aux, &t, &c, &nh]);
+            launch!(self, k.kv, with kv, [&mut *dqkv, &mut ds, &dout16, qkv, &aux, &t, &c, &nh]);
+            let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.dq_smem };
+            launch!(self, k.dq, with qc, [&mut *dqkv, &ds, qkv, &t, &c, &nh]);
             return Ok(());
         }
         let (wide, out32) = (self.widen(qkv)?, self.widen(out)?);
