@@ -7,9 +7,10 @@
 // skipped, masks only on the diagonal tile. Tiles stream through shared memory with
 // cp.async, double-buffered: the next tile is in flight while this one is multiplied.
 // Fragments come out of shared memory through ldmatrix (.trans for the operands needed
-// transposed). Backward recomputes the probabilities from the saved row max and sum;
-// dK/dV and dQ come from two kernels so that no sum is split across blocks (no atomics:
-// run-to-run deterministic). Layouts as the exact kernels: qkv [b, t, 3c] BF16, out
+// transposed). Backward recomputes the probabilities from the saved row max and sum in
+// the dK/dV kernel, which also leaves dS (BF16, one 64 x 64 tile per causal pair of tiles)
+// for a dQ kernel that multiplies it by K: no sum is split across blocks (no atomics:
+// run-to-run deterministic) and S, P, dP are computed once. Layouts as the exact kernels: qkv [b, t, 3c] BF16, out
 // [b, t, c] BF16 (the contract's storage), stats [b*nh, t, 2] = (max of the scaled
 // scores, sum of exponentials).
 //
@@ -389,68 +390,6 @@ __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u
     }
 }
 
-// dQ for 64 queries per block (16 per warp), over the key tiles at or before them.
-// Shared memory: Q and dO of the block's queries, then two buffers of (K tile, V tile).
-template <int HS>
-__device__ void flash_backward_q(float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c,
-                                 u32 nh) {
-    constexpr int LD = HS + 8, TILE = FA_TILE * LD;
-    extern __shared__ __align__(16) u16 fa_sh[];
-    const u16* Qs = fa_sh;
-    const u16* Gs = fa_sh + TILE;
-    u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
-    u32 qt = gridDim.x - 1 - blockIdx.x, q0 = qt * FA_TILE;
-    int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-    size_t rs = 3 * (size_t)c;
-    const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
-    const u16* gbase = dout + (size_t)bb * t * c + (size_t)h * HS;
-    fa_stage<HS>(fa_sh, base, rs, q0, t);
-    fa_stage<HS>(fa_sh + TILE, gbase, c, q0, t);
-    fa_stage<HS>(fa_sh + 2 * TILE, base + c, rs, 0, t);
-    fa_stage<HS>(fa_sh + 3 * TILE, base + 2 * (size_t)c, rs, 0, t);
-    fa_commit();
-    u32 row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
-    float m[2], linv[2], dd[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        float4 a = row[r] < t ? aux[(size_t)bh * t + row[r]] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        m[r] = a.x;
-        linv[r] = a.y;
-        dd[r] = a.z;
-    }
-    float dq[HS / 8][4];
-#pragma unroll
-    for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
-    float sl2 = FA_LOG2E / sqrtf((float)HS);
-    for (u32 kt = 0; kt <= qt; kt++) {
-        const u16* Ks = fa_sh + 2 * TILE + (kt & 1) * 2 * TILE;
-        const u16* Vs = Ks + TILE;
-        fa_next_kv<HS>(kt < qt ? fa_sh + 2 * TILE + ((kt + 1) & 1) * 2 * TILE : nullptr, base, c, (kt + 1) * FA_TILE, t);
-        __syncthreads();
-        u32 k0 = kt * FA_TILE;
-        float p[8][4], dp[8][4];
-        fa_scores<HS>(p, Qs, 16 * warp, Ks, lane);   // S = Q K^T
-        fa_scores<HS>(dp, Gs, 16 * warp, Vs, lane);  // dP = dO V^T
-        bool edge = kt == qt || k0 + FA_TILE > t;
-        fa_probs(p, sl2, row, k0, t, m, linv, nullptr, q, false, edge);
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - dd[e >> 1]);
-        fa_accumulate<HS>(dq, dp, Ks, lane);  // dQ += dS K
-        __syncthreads();  // this buffer is refilled two tiles on
-    }
-    float scale = 1.0f / sqrtf((float)HS);
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (row[r] >= t) continue;
-        float* qd = dqkv + fa_at(bb, row[r], 0, h, t, c, HS);
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++)
-            *(float2*)(qd + 8 * n + 2 * q) = make_float2(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
-    }
-}
-
 // dQ = dS K for 64 queries per block (16 per warp) from the dS tiles flash_backward_kv
 // left (rows = keys, so the A fragments come out of shared memory through ldmatrix
 // .trans): one product per key tile instead of recomputing S, P and dP. Shared memory:
@@ -530,10 +469,6 @@ __device__ void flash_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u3
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_dq_hs##HS(                             \
         float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {                                        \
         flash_backward_dq<HS>(dqkv, ds, qkv, t, c, nh);                                                           \
-    }                                                                                                              \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_q_hs##HS(                              \
-        float* dqkv, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {                   \
-        flash_backward_q<HS>(dqkv, dout, qkv, aux, t, c, nh);                                                     \
     }
 FA_INSTANCE(64)
 FA_INSTANCE(128)
