@@ -277,29 +277,27 @@ extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, c
         aux[idx] = make_float4(stats[(size_t)idx * 2] * FA_LOG2E, 1.0f / stats[(size_t)idx * 2 + 1], acc, 0.0f);
 }
 
-// Probabilities of a 16 x 64 block in place: p = 2^(s * sl2 - m) / l. Not transposed:
-// rows are queries (m, linv per row); transposed: rows are keys, columns queries (m,
-// linv per column, from `cols`).
-__device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* row, u32 col0, u32 t, const float* m,
-                                         const float* linv, const float4* cols, int q, bool transposed, bool edge) {
+// Probabilities of a 16 x 64 block of S^T in place (rows are keys, columns queries):
+// p = 2^(s * sl2 - m) / l with each query's (m, 1 / l) from `cols`.
+__device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* row, u32 col0, u32 t, const float4* cols,
+                                         int q, bool edge) {
 #pragma unroll
     for (int n = 0; n < 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            u32 r = row[e >> 1], cl = 8 * n + 2 * q + (e & 1), col = col0 + cl;
-            u32 qi = transposed ? col : r, kj = transposed ? r : col;
-            float mm = transposed ? cols[cl].x : m[e >> 1], li = transposed ? cols[cl].y : linv[e >> 1];
+            u32 kj = row[e >> 1], cl = 8 * n + 2 * q + (e & 1), qi = col0 + cl;
             bool live = !edge || (kj <= qi && qi < t && kj < t);
-            s[n][e] = live ? fp8train_exp2_fast(fmaf(s[n][e], sl2, -mm)) * li : 0.0f;
+            s[n][e] = live ? fp8train_exp2_fast(fmaf(s[n][e], sl2, -cols[cl].x)) * cols[cl].y : 0.0f;
         }
 }
 
-// dK and dV for 64 keys per block (16 per warp), over the query tiles at or after them.
-// Shared memory: K, V of the block's keys (A operands), then two buffers of (Q tile,
-// dO tile, aux of its 64 queries).
 // Causal (query tile, key tile) pairs of one head, qt >= kt, numbered qt (qt + 1) / 2 + kt:
 // where flash_backward_kv leaves dS for flash_backward_dq (64 x 64 BF16 per pair).
 __device__ __forceinline__ size_t fa_pair(u32 qt, u32 kt) { return (size_t)qt * (qt + 1) / 2 + kt; }
+
+// dK and dV for 64 keys per block (16 per warp), over the query tiles at or after them,
+// and dS for flash_backward_dq. Shared memory: K, V of the block's keys (A operands),
+// then two buffers of (Q tile, dO tile, aux of its 64 queries).
 
 template <int HS>
 __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t,
@@ -356,7 +354,7 @@ __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u
         fa_scores<HS>(p, Ks, 16 * warp, Qs, lane);
         fa_scores<HS>(dp, Vs, 16 * warp, Gs, lane);
         bool edge = qt == kt || q0 + FA_TILE > t;
-        fa_probs(p, sl2, row, q0, t, nullptr, nullptr, As, q, true, edge);
+        fa_probs(p, sl2, row, q0, t, As, q, edge);
 #pragma unroll
         for (int n = 0; n < 8; n++)
 #pragma unroll
