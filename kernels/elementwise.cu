@@ -195,10 +195,6 @@ extern "C" __global__ void cast_fp8_jit(const void* src, int f16, float inv_scal
     }
     for (size_t i = i0; i < n && i < i0 + 4; i++) q[i] = fp8train_encode_sat(load(i) * scale, e5m2);
 }
-extern "C" __global__ void scale_inplace(float* x, float s, u32 n) {
-    u32 i = fp8train_tid();
-    if (i < n) x[i] *= s;
-}
 
 // Row-major [rows x cols] -> [cols x rows] (K-major copies for the fast FP8 GEMM):
 // 32 x 32 tiles through shared memory, so reads and writes are both coalesced.
