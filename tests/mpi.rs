@@ -281,4 +281,16 @@ fn collectives_and_gradient_reductions_match_their_definitions() {
         let out = ok(&o);
         assert!(out.contains(&format!("collectives ok on {np} ranks")), "{out}");
     }
+    // Tensor-parallel groups and the FP8 tensor-parallel collectives: tp = 2 alone and
+    // tp = 2 x dp = 2.
+    for (np, tp) in [(2, 2), (4, 2)] {
+        let o = Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
+            .arg(&exe)
+            .arg(tp.to_string())
+            .output()
+            .unwrap();
+        let out = ok(&o);
+        assert!(out.contains(&format!("collectives ok on {np} ranks, tp {tp}")), "{out}");
+    }
 }

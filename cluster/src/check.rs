@@ -94,3 +94,58 @@ pub fn check_collectives<C: Collectives>(w: &C) -> Result<(), String> {
     check(all.iter().all(|&h| h == all[0]), "every rank holds the same reduced codes")?;
     Ok(())
 }
+
+/// The tensor-parallel groups of `w` (`World::groups`) and the FP8 tensor-parallel
+/// collectives on them (`crate::tp`), against what every rank computes locally from
+/// every rank's counter-based inputs.
+pub fn check_tp_collectives(w: &crate::world::World) -> Result<(), String> {
+    use crate::tp::{all_gather_fp8, reduce_scatter_fp8};
+    let (tp, dp) = w.groups();
+    let (me, t) = (w.rank, w.tp);
+    let first = me - me % t; // the TP group is world ranks first .. first + t
+    check(tp.rank() == me % t && tp.size() == t && dp.rank() == me / t && dp.size() == w.dp, "group ranks and sizes")?;
+    let members = gather(&tp, &[me as u32]);
+    check(members == (first as u32..(first + t) as u32).collect::<Vec<_>>(), "the TP group is consecutive ranks")?;
+    let across = gather(&dp, &[me as u32]);
+    check(across == (0..w.dp).map(|d| (d * t + me % t) as u32).collect::<Vec<_>>(), "the DP group strides by tp")?;
+
+    // All-gather entering a column-parallel layer: one shared scale, codes in rank order.
+    let len = 37;
+    let shard = |r: usize| grad(r, len);
+    for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        let (codes, scale, bytes) = all_gather_fp8(&tp, &shard(me), fmt, 1.0);
+        let whole: Vec<f32> = (first..first + t).flat_map(shard).collect();
+        let want_scale = scale_from_amax(fmt, fp8sim::reduce::amax(&whole), 0, 1.0);
+        let mut want = vec![0u8; whole.len()];
+        fp8::encode_scaled(fmt, &whole, want_scale, &mut want);
+        check(scale == want_scale && codes == want, "all_gather_fp8 equals the cast of the whole tensor")?;
+        check(
+            bytes.bf16_payload == 2 * bytes.payload && bytes.payload == ((t - 1) * len) as u64,
+            "all_gather_fp8 bytes",
+        )?;
+    }
+    // Reduce-scatter after a row-parallel layer: per-rank scales, rank-order f32 sums.
+    let k = 29;
+    let partial = |r: usize| grad(r + 100, k * t);
+    for fmt in [Fp8Format::E4M3, Fp8Format::E5M2] {
+        let mut out = vec![0f32; k];
+        let bytes = reduce_scatter_fp8(&tp, &partial(me), fmt, &mut out);
+        let want: Vec<f32> = (0..k)
+            .map(|i| {
+                (first..first + t).fold(0f32, |acc, r| {
+                    let p = partial(r);
+                    let s = scale_from_amax(fmt, fp8sim::reduce::amax(&p), 0, 1.0);
+                    let mut q = [0u8];
+                    fp8::encode_scaled(fmt, &p[(me % t) * k + i..(me % t) * k + i + 1], s, &mut q);
+                    acc + fp8::decode(fmt, q[0]) * (1.0 / s)
+                })
+            })
+            .collect();
+        check(
+            out.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "reduce_scatter_fp8 equals the rank-order sum",
+        )?;
+        check(bytes.bf16_payload == 2 * bytes.payload, "reduce_scatter_fp8 moves half of BF16")?;
+    }
+    Ok(())
+}

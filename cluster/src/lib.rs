@@ -4,6 +4,7 @@
 pub mod check;
 pub mod reduce;
 pub mod topo;
+pub mod tp;
 pub mod world;
 pub mod zero;
 

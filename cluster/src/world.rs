@@ -265,48 +265,121 @@ pub trait Collectives {
     }
 }
 
-impl Collectives for World {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.size
-    }
+/// A communicator the collectives run on (the whole world or a group of it), with the
+/// world's timeout machinery.
+struct On<'a> {
+    w: &'a World,
+    c: Option<&'a SimpleCommunicator>,
+    size: usize,
+}
+
+impl On<'_> {
     fn barrier(&self) {
-        if let Some(c) = self.comm() {
-            self.wait(c.immediate_barrier(), "barrier");
+        if let Some(c) = self.c {
+            self.w.wait(c.immediate_barrier(), "barrier");
         }
     }
     fn broadcast<T: Equivalence + bytemuck::Pod>(&self, buf: &mut [T], root: usize) {
-        if let Some(c) = self.comm() {
+        if let Some(c) = self.c {
             mpi::request::scope(|sc| {
-                self.wait(c.process_at_rank(root as i32).immediate_broadcast_into(sc, buf), "broadcast")
+                self.w.wait(c.process_at_rank(root as i32).immediate_broadcast_into(sc, buf), "broadcast")
             });
         }
     }
     fn all_gather<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
         assert_eq!(recv.len(), send.len() * self.size, "all_gather: receive buffer size");
-        match self.comm() {
-            Some(c) => mpi::request::scope(|sc| self.wait(c.immediate_all_gather_into(sc, send, recv), "all-gather")),
+        match self.c {
+            Some(c) => mpi::request::scope(|sc| self.w.wait(c.immediate_all_gather_into(sc, send, recv), "all-gather")),
             None => recv.copy_from_slice(send),
         }
     }
     fn all_to_all<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
         assert!(send.len() == recv.len() && send.len().is_multiple_of(self.size), "all_to_all: buffer sizes");
-        match self.comm() {
-            Some(c) => mpi::request::scope(|sc| self.wait(c.immediate_all_to_all_into(sc, send, recv), "all-to-all")),
+        match self.c {
+            Some(c) => mpi::request::scope(|sc| self.w.wait(c.immediate_all_to_all_into(sc, send, recv), "all-to-all")),
             None => recv.copy_from_slice(send),
         }
     }
     fn all_reduce_max(&self, buf: &mut [f32]) {
-        if let Some(c) = self.comm() {
+        if let Some(c) = self.c {
             let send = buf.to_vec();
             mpi::request::scope(|sc| {
-                self.wait(c.immediate_all_reduce_into(sc, &send[..], buf, SystemOperation::max()), "all-reduce max")
+                self.w.wait(c.immediate_all_reduce_into(sc, &send[..], buf, SystemOperation::max()), "all-reduce max")
             });
         }
     }
 }
+
+/// The collectives of `Collectives` on `$t`, through its `on()`.
+macro_rules! collectives_via_on {
+    ($t:ty) => {
+        impl Collectives for $t {
+            fn rank(&self) -> usize {
+                self.rank
+            }
+            fn size(&self) -> usize {
+                self.size
+            }
+            fn barrier(&self) {
+                self.on().barrier()
+            }
+            fn broadcast<T: Equivalence + bytemuck::Pod>(&self, buf: &mut [T], root: usize) {
+                self.on().broadcast(buf, root)
+            }
+            fn all_gather<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
+                self.on().all_gather(send, recv)
+            }
+            fn all_to_all<T: Equivalence + bytemuck::Pod>(&self, send: &[T], recv: &mut [T]) {
+                self.on().all_to_all(send, recv)
+            }
+            fn all_reduce_max(&self, buf: &mut [f32]) {
+                self.on().all_reduce_max(buf)
+            }
+        }
+    };
+}
+
+impl World {
+    fn on(&self) -> On<'_> {
+        On { w: self, c: self.comm(), size: self.size }
+    }
+
+    /// This rank's tensor-parallel group (the `tp` consecutive ranks tp * g .. that share
+    /// a node) and data-parallel group (the ranks with the same place in their
+    /// tensor-parallel group), each with its own communicator; ranks inside a group are
+    /// numbered in world-rank order. Collective: every rank must call it.
+    pub fn groups(&self) -> (Group<'_>, Group<'_>) {
+        let split = |color: usize| {
+            self.comm().map(|c| {
+                c.split_by_color(mpi::topology::Color::with_value(color as i32)).expect("every rank passes a color")
+            })
+        };
+        let (tp_comm, dp_comm) = (split(self.rank / self.tp), split(self.rank % self.tp));
+        (
+            Group { world: self, comm: tp_comm, rank: self.rank % self.tp, size: self.tp },
+            Group { world: self, comm: dp_comm, rank: self.rank / self.tp, size: self.dp },
+        )
+    }
+}
+
+/// A group of the world's ranks with its own communicator (see [`World::groups`]); its
+/// collectives add in the group's rank order, like the world's.
+pub struct Group<'w> {
+    world: &'w World,
+    comm: Option<SimpleCommunicator>,
+    /// This rank's place in the group, and the group's size.
+    pub rank: usize,
+    pub size: usize,
+}
+
+impl Group<'_> {
+    fn on(&self) -> On<'_> {
+        On { w: self.world, c: self.comm.as_ref(), size: self.size }
+    }
+}
+
+collectives_via_on!(World);
+collectives_via_on!(Group<'_>);
 
 /// FNV-1a, for agreement checks (not security).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
@@ -337,5 +410,10 @@ mod tests {
         w.check_same("config", 5).unwrap();
         w.heartbeat(3, Duration::from_secs(1));
         assert!(World::init(2).err().expect("tp 2 on one rank fails").contains("does not divide"));
+        let (tp, dp) = w.groups();
+        assert_eq!((tp.rank(), tp.size(), dp.rank(), dp.size()), (0, 1, 0, 1));
+        let mut g = [0u32; 1];
+        tp.all_gather(&[9u32], &mut g);
+        assert_eq!(g, [9]);
     }
 }
