@@ -147,5 +147,35 @@ pub fn check_tp_collectives(w: &crate::world::World) -> Result<(), String> {
         )?;
         check(bytes.bf16_payload == 2 * bytes.payload, "reduce_scatter_fp8 moves half of BF16")?;
     }
+    // Vocabulary-parallel cross-entropy: the unsplit one's bits (loss and gradient).
+    let (n, v) = (7, 96 * t); // 3 chunks per rank: the chunks pair up across ranks in the tree
+    let mut full = vec![0f32; n * v];
+    fp8sim::rng::fill_normal(11, 0, 0, 0.0, 3.0, &mut full);
+    let targets: Vec<u32> = (0..n).map(|r| ((r * 37 + 5) % v) as u32).collect();
+    let (mut want_l, mut want_d) = (vec![0f32; n], vec![0f32; n * v]);
+    fp8sim::ops::crossentropy::crossentropy_forward_backward(
+        &mut want_l,
+        Some(&mut want_d),
+        &full,
+        &targets,
+        0.2,
+        n,
+        v,
+        |x| x,
+    );
+    let vs = v / t;
+    let mine: Vec<f32> = (0..n).flat_map(|r| full[r * v + (me % t) * vs..r * v + (me % t + 1) * vs].to_vec()).collect();
+    let (mut l, mut d) = (vec![0f32; n], vec![0f32; n * vs]);
+    crate::tp::crossentropy_vocab_parallel(&tp, &mut l, Some(&mut d), &mine, &targets, 0.2, n, v)?;
+    let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+    let want_mine: Vec<f32> =
+        (0..n).flat_map(|r| want_d[r * v + (me % t) * vs..r * v + (me % t + 1) * vs].to_vec()).collect();
+    check(bits(&l) == bits(&want_l), "vocabulary-parallel cross-entropy: the unsplit losses")?;
+    check(bits(&d) == bits(&want_mine), "vocabulary-parallel cross-entropy: the unsplit gradient")?;
+    check(
+        crate::tp::crossentropy_vocab_parallel(&tp, &mut l, None, &mine[..n * (vs - 8)], &targets, 0.2, n, v - 8 * t)
+            .is_err(),
+        "a vocabulary that does not split into 32-element chunks is refused",
+    )?;
     Ok(())
 }

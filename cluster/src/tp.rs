@@ -81,6 +81,77 @@ pub fn reduce_scatter_fp8<C: Collectives>(g: &C, partial: &[f32], fmt: Fp8Format
     TpBytes { payload: peers * k as u64, meta: peers * 4, bf16_payload: 2 * peers * k as u64 }
 }
 
+/// Softmax cross-entropy over a vocabulary split across the group: this rank holds
+/// columns `rank * vs .. (rank + 1) * vs` of every row's logits (`logits`: `n x vs`,
+/// `vs = v / size`, a multiple of 32). Per row the maximum is all-reduced (order-free),
+/// each rank sums its own 32-element chunks of `exp(l - m)` sequentially and the chunk
+/// partials are gathered in rank order, which is the global chunk order, so the
+/// contract's tree over them gives the sum, the loss and the gradient of the unsplit
+/// cross-entropy bit for bit (`fp8sim::ops::crossentropy`). `losses`: every row's loss
+/// on every rank; `dlogits`: this rank's columns of `(e / z - [j == target]) * dloss`.
+#[allow(clippy::too_many_arguments)]
+pub fn crossentropy_vocab_parallel<C: Collectives>(
+    g: &C,
+    losses: &mut [f32],
+    dlogits: Option<&mut [f32]>,
+    logits: &[f32],
+    targets: &[u32],
+    dloss: f32,
+    n: usize,
+    v: usize,
+) -> Result<(), String> {
+    use fp8sim::math::{exp, log};
+    use fp8sim::reduce::{max, tree_sum, CHUNK};
+    let (ranks, me) = (g.size(), g.rank());
+    if !v.is_multiple_of(CHUNK * ranks) {
+        return Err(format!(
+            "vocabulary-parallel cross-entropy: the vocabulary ({v}) must be a multiple of 32 x the tensor-parallel size ({ranks})"
+        ));
+    }
+    let vs = v / ranks;
+    assert!(logits.len() == n * vs && targets.len() == n && losses.len() == n, "crossentropy_vocab_parallel: sizes");
+    let lo = me * vs;
+    // Row maxima (order-free). A NaN logit makes its row's loss NaN whether or not MPI's
+    // MAX passes the NaN on (exp of it is NaN on the rank that holds it).
+    let mut m: Vec<f32> = (0..n).map(|r| max(&logits[r * vs..(r + 1) * vs])).collect();
+    g.all_reduce_max(&mut m);
+    let e: Vec<f32> = (0..n * vs).map(|i| exp(logits[i] - m[i / vs])).collect();
+    let cs = vs / CHUNK;
+    let part: Vec<f32> = e.chunks(CHUNK).map(|c| c.iter().fold(0f32, |acc, &x| acc + x)).collect(); // n x cs, row-major
+    let mut all = vec![0f32; part.len() * ranks];
+    g.all_gather(&part, &mut all);
+    // The logit of each row's target, from the rank that holds it.
+    let mine: Vec<f32> = (0..n)
+        .map(|r| {
+            let t = targets[r] as usize;
+            if (lo..lo + vs).contains(&t) {
+                logits[r * vs + t - lo]
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mut tl = vec![0f32; n * ranks];
+    g.all_gather(&mine, &mut tl);
+    let mut z = vec![0f32; n];
+    for r in 0..n {
+        let mut p: Vec<f32> =
+            (0..ranks).flat_map(|k| all[k * n * cs + r * cs..k * n * cs + (r + 1) * cs].to_vec()).collect();
+        z[r] = tree_sum(&mut p);
+        let t = targets[r] as usize;
+        losses[r] = (log(z[r]) + m[r]) - tl[(t / vs) * n + r];
+    }
+    if let Some(d) = dlogits {
+        assert_eq!(d.len(), n * vs, "crossentropy_vocab_parallel: gradient size");
+        for (i, out) in d.iter_mut().enumerate() {
+            let (r, j) = (i / vs, lo + i % vs);
+            let ind = if j == targets[r] as usize { 1.0 } else { 0.0 };
+            *out = (e[i] / z[r] - ind) * dloss;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
