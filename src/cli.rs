@@ -217,6 +217,28 @@ pub enum BenchWhat {
     Train(TrainBenchArgs),
     /// Time whole training steps of a GPT shape (tok/s, MFU, peak memory, phases).
     Step(StepBenchArgs),
+    /// Time the collectives over the ranks of an mpirun (bus bandwidth per size) and
+    /// count a model's gradient bytes on the wire (FP8 vs BF16 vs FP32).
+    Comm(CommBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CommBenchArgs {
+    /// Message sizes (bytes; K, M, G suffixes), comma-separated.
+    #[arg(long, default_value = "1K,16K,256K,4M,64M")]
+    pub sizes: String,
+    /// Timed iterations per size (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Also count this model's gradient bytes per step (gpt2-124m, gpt-1.3b, ...).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Transport: the simulator's MPI collectives (`sim`).
+    #[arg(long, value_enum, default_value_t = Backend::Sim)]
+    pub backend: Backend,
+    /// Print only the JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -294,3 +294,36 @@ fn collectives_and_gradient_reductions_match_their_definitions() {
         assert!(out.contains(&format!("collectives ok on {np} ranks, tp {tp}")), "{out}");
     }
 }
+
+#[test]
+fn bench_comm_times_every_collective_and_counts_fp8_bytes() {
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(binary())
+        .args([
+            "--threads",
+            "1",
+            "bench",
+            "comm",
+            "--sizes",
+            "4K,64K",
+            "--iters",
+            "2",
+            "--json",
+            "--model",
+            "gpt2-124m",
+        ])
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    let line = out.lines().find(|l| l.starts_with("{\"bench\":\"comm\"")).unwrap_or_else(|| panic!("no JSON: {out}"));
+    let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(r["ranks"], 2);
+    let rows = r["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 12, "6 collectives x 2 sizes");
+    assert!(rows.iter().all(|x| x["busbw_gbs"].as_f64().unwrap() > 0.0), "{line}");
+    let w = &r["wire"];
+    let (fp8, fp32) = (w["fp8"].as_u64().unwrap(), w["fp32"].as_u64().unwrap());
+    assert_eq!(fp32, 4 * fp8, "FP8 gradients move a quarter of FP32's bytes (scales apart)");
+    assert_eq!(w["params"], 124475904);
+}

@@ -1,5 +1,6 @@
 //! Benchmarks: each prints its figures next to a baseline measured in the same run.
 
+pub mod comm;
 pub mod gemm;
 pub mod step;
 
