@@ -192,3 +192,41 @@ fn bench_step_times_training_steps_on_the_simulator() {
         assert!(!out.status.success() && err.contains(says) && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// The NDv5-class launch kit's dry runs print the commands for 2 nodes x 8 GPUs.
+#[test]
+fn launch_kit_dry_runs_for_two_nodes() {
+    let kit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/launch/fp8train-launch");
+    let run = |args: &[&str]| std::process::Command::new("bash").arg(&kit).args(args).output().unwrap();
+    let o = run(&["mpirun", "--hosts", "n1,n2", "--dry-run", "--", "train", "--level", "O2"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{out}");
+    for want in [
+        "-np 16",
+        "n1:8",
+        "n2:8",
+        "--map-by ppr:8:node",
+        "--bind-to none",
+        "NCCL_IB_PCI_RELAXED_ORDERING=1",
+        "train --level O2",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in {out}");
+    }
+    let o = run(&["slurm", "--nodes", "2", "--dry-run", "--", "train"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    for want in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "srun --mpi=pmix"] {
+        assert!(out.contains(want), "missing {want:?} in {out}");
+    }
+    let o = run(&["bench", "--hosts", "n1,n2", "--out", "rep", "--dry-run"]);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines.iter().any(|l| l.contains("-np 2") && l.contains("topo --ranks-per-node 8")), "{out}");
+    assert!(lines.iter().any(|l| l.contains("-np 16") && l.contains("bench comm --model gpt-1.3b --json")), "{out}");
+    for level in ["O2", "bf16"] {
+        assert!(lines.iter().any(|l| l.contains("-np 16") && l.contains(&format!("--name dp-{level}"))), "{out}");
+    }
+    // A tensor-parallel size that does not divide a node's GPUs is refused, named.
+    let o = run(&["mpirun", "--hosts", "n1", "--tp", "3", "--dry-run", "--", "train"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--tp 3 must divide --gpus-per-node 8"));
+}
