@@ -154,7 +154,8 @@ enum Case {
         every_code: bool,
     },
     /// `bf16(a b^T / 4096 + bias)` (`matmul_bias_bf16`), operands of type `ta`; with
-    /// `residual`, `res + (a b^T / 4096 + bias)` in f32 (`matmul_residual`).
+    /// `residual`, `res + (a b^T / 4096 + bias)` in f32 (the product, then
+    /// `residual_forward`, as the projections run).
     GemmBias {
         ta: &'static str,
         m: usize,
@@ -384,7 +385,8 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (a, b) = (op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb));
                 if residual {
                     let (res, mut out) = (be.upload(&randn(m * n, 29, 30.0))?, be.zeros::<f32>(m * n)?);
-                    be.matmul_residual(&mut out, &mut scratch, &res, a, b, (m, n, k), 1.0 / 4096.0, &bias)?;
+                    be.matmul(&mut scratch, a, b, Product::Forward, m, n, k, 1.0 / 4096.0)?;
+                    be.residual_forward(&mut out, &res, &scratch, &bias)?;
                     vec![("out", bits(be, &out)?)]
                 } else {
                     let mut y = be.zeros::<bf16>(m * n)?;
@@ -751,6 +753,18 @@ fn verify_ops(gpu: &Cuda) -> BResult<Vec<Row>> {
     })
 }
 
+/// Relative Frobenius error of `got` against `exact` (sums in f64, in element order).
+fn rel_frobenius(exact: &[f32], got: &[f32]) -> f64 {
+    let num: f64 = exact.iter().zip(got).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+    let den: f64 = exact.iter().map(|a| (*a as f64).powi(2)).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Bit patterns as f32 values.
+fn floats(bits: &[u32]) -> Vec<f32> {
+    bits.iter().map(|&b| f32::from_bits(b)).collect()
+}
+
 /// Relative Frobenius error bound of the fast class (cuBLASLt, fast accumulation off)
 /// against the exact class. Measured on an H200: see the README.
 pub const FAST_BOUND: f64 = 1e-3;
@@ -771,9 +785,9 @@ fn verify_fast(fast: &Cuda) -> BResult<Vec<Row>> {
             for (m, n, k) in [(1024, 256, 64), (1024, 768, 3072)] {
                 let t = std::time::Instant::now();
                 let case = Case::Gemm { ta, tb, product, m, n, k };
-                let exact: Vec<f32> = run_case(&Sim, &case)?[0].1.iter().map(|&b| f32::from_bits(b)).collect();
+                let exact = floats(&run_case(&Sim, &case)?[0].1);
                 let before = fast.fast_fallbacks();
-                let got: Vec<f32> = run_case(fast, &case)?[0].1.iter().map(|&b| f32::from_bits(b)).collect();
+                let got = floats(&run_case(fast, &case)?[0].1);
                 let fell_back = fast.fast_fallbacks() > before;
                 let out_amax = got.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let amax_note = match fast.last_fast_amax() {
@@ -782,9 +796,7 @@ fn verify_fast(fast: &Cuda) -> BResult<Vec<Row>> {
                 };
                 let amax_bad =
                     matches!(fast.last_fast_amax(), Some(a) if ta != "bf16" && a.to_bits() != out_amax.to_bits());
-                let num: f64 = exact.iter().zip(&got).map(|(a, b)| ((*a as f64) - (*b as f64)).powi(2)).sum();
-                let den: f64 = exact.iter().map(|a| (*a as f64).powi(2)).sum();
-                let rel = (num / den.max(1e-300)).sqrt();
+                let rel = rel_frobenius(&exact, &got);
                 rows.push(Row {
                     op: format!("gemm fast (cuBLASLt) {ta} x {tb} {product:?} [{m}x{n}x{k}]"),
                     inputs: exact.len() as u64,
@@ -823,14 +835,11 @@ fn verify_fast_epilogues(fast: &Cuda) -> BResult<Vec<Row>> {
                 } else {
                     (FAST_BF16_BOUND, "bf16 out + bias in the epilogue")
                 };
-                let f = |v: &Vec<u32>| v.iter().map(|&b| f32::from_bits(b) as f64).collect::<Vec<_>>();
-                let exact = f(&run_case(&Sim, &case)?[0].1);
+                let exact = floats(&run_case(&Sim, &case)?[0].1);
                 let before = fast.fast_fallbacks();
-                let got = f(&run_case(fast, &case)?[0].1);
+                let got = floats(&run_case(fast, &case)?[0].1);
                 let fell_back = fast.fast_fallbacks() > before;
-                let num: f64 = exact.iter().zip(&got).map(|(a, b)| (a - b).powi(2)).sum();
-                let den: f64 = exact.iter().map(|a| a * a).sum();
-                let rel = (num / den.max(1e-300)).sqrt();
+                let rel = rel_frobenius(&exact, &got);
                 rows.push(Row {
                     op: format!("gemm fast (cuBLASLt) {ta} x {ta} Forward, {form} [{m}x{n}x{k}]"),
                     inputs: exact.len() as u64,
@@ -864,13 +873,7 @@ fn verify_flash(fast: &Cuda) -> BResult<Vec<Row>> {
             let exact = run_case(&Sim, &case)?;
             let got = run_case(fast, &case)?;
             for ((name, e), (_, g)) in exact.iter().zip(&got) {
-                let (mut num, mut den) = (0f64, 0f64);
-                for (x, y) in e.iter().zip(g) {
-                    let (x, y) = (f32::from_bits(*x) as f64, f32::from_bits(*y) as f64);
-                    num += (x - y).powi(2);
-                    den += x * x;
-                }
-                let rel = (num / den.max(1e-300)).sqrt();
+                let rel = rel_frobenius(&floats(e), &floats(g));
                 rows.push(Row {
                     op: format!("attention fast (flash, bf16) {name} [b{b} t{t} c{c} h{nh}]"),
                     inputs: e.len() as u64,

@@ -33,6 +33,32 @@ fn chunk(n: usize, ranks: usize) -> usize {
     n.div_ceil(ranks).max(1)
 }
 
+/// Bytes one rank sends in [`reduce_fp8`] of an `n`-element tensor over `ranks` ranks:
+/// the all-to-all and the all-gather of `ceil(n / ranks)`-code shards, and two scalars
+/// (scale, amax) to each peer.
+pub fn fp8_reduction_bytes(n: usize, ranks: usize) -> CommBytes {
+    if ranks <= 1 {
+        return CommBytes::default();
+    }
+    let peers = (ranks - 1) as u64;
+    CommBytes { payload: 2 * peers * chunk(n, ranks) as u64, meta: 2 * peers * 4 }
+}
+
+/// `out[i] = sum_r decode(recv[r * k + i]) * (1 / scales[r])` in f32, ranks in order from
+/// +0 (the contract's rule 8), for the first `out.len()` elements of `k`-long chunks:
+/// what [`reduce_fp8`] and the tensor-parallel reduce-scatter add.
+pub fn rank_order_decoded_sums(recv: &[u8], k: usize, scales: &[f32], fmt: Fp8Format, out: &mut [f32]) {
+    let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+    let table = fmt.decode_table();
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut acc = 0f32;
+        for (r, v) in inv.iter().enumerate() {
+            acc += table[recv[r * k + i] as usize] * v;
+        }
+        *o = acc;
+    }
+}
+
 /// Reduce an E4M3 gradient with scale `scale` (value = code / scale) across ranks; on
 /// return every rank holds the same codes and shared scale of the sum.
 pub fn reduce_fp8<C: Collectives>(c: &C, codes: &mut [u8], scale: &mut f32) -> CommBytes {
@@ -48,17 +74,9 @@ pub fn reduce_fp8<C: Collectives>(c: &C, codes: &mut [u8], scale: &mut f32) -> C
     c.all_to_all(&send, &mut recv);
     let mut scales = vec![0f32; ranks];
     c.all_gather(&[*scale], &mut scales);
-    let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
-    let table = Fp8Format::E4M3.decode_table();
     let mine = n.saturating_sub(c.rank() * k).min(k);
     let mut sums = vec![0f32; k];
-    for (i, s) in sums.iter_mut().enumerate().take(mine) {
-        let mut acc = 0f32;
-        for r in 0..ranks {
-            acc += table[recv[r * k + i] as usize] * inv[r];
-        }
-        *s = acc;
-    }
+    rank_order_decoded_sums(&recv, k, &scales, Fp8Format::E4M3, &mut sums[..mine]);
     let mut a = [amax(&sums[..mine])];
     c.all_reduce_max(&mut a);
     let shared = scale_from_amax(Fp8Format::E4M3, a[0], 0, 1.0);
@@ -67,8 +85,7 @@ pub fn reduce_fp8<C: Collectives>(c: &C, codes: &mut [u8], scale: &mut f32) -> C
     c.all_gather(&q, &mut recv);
     codes.copy_from_slice(&recv[..n]);
     *scale = shared;
-    let peers = (ranks - 1) as u64;
-    CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
+    fp8_reduction_bytes(n, ranks)
 }
 
 /// Reduce an f32 gradient across ranks (sum in rank order); every rank ends with it.

@@ -68,15 +68,7 @@ pub fn reduce_scatter_fp8<C: Collectives>(g: &C, partial: &[f32], fmt: Fp8Format
     g.all_to_all(&q, &mut recv);
     let mut scales = vec![0f32; ranks];
     g.all_gather(&[scale], &mut scales);
-    let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
-    let table = fmt.decode_table();
-    for (i, o) in out.iter_mut().enumerate() {
-        let mut acc = 0f32;
-        for r in 0..ranks {
-            acc += table[recv[r * k + i] as usize] * inv[r];
-        }
-        *o = acc;
-    }
+    crate::reduce::rank_order_decoded_sums(&recv, k, &scales, fmt, out);
     let peers = (ranks - 1) as u64;
     TpBytes { payload: peers * k as u64, meta: peers * 4, bf16_payload: 2 * peers * k as u64 }
 }

@@ -340,25 +340,6 @@ pub trait Backend {
         self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
         self.cast_bf16_bias(y, scratch, bias)
     }
-    /// `out = res + (a b^T * scale + bias)`, a linear layer's forward product joining the
-    /// residual stream (attention and MLP projections). Exact class, the contract's
-    /// definition: `matmul` into the f32 `scratch`, then `residual_forward` (also in the
-    /// fast class: cuBLASLt's residual epilogue measured slower on an H200).
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_residual(
-        &self,
-        out: &mut Self::Buf<f32>,
-        scratch: &mut Self::Buf<f32>,
-        res: &Self::Buf<f32>,
-        a: Operand<'_, Self>,
-        b: Operand<'_, Self>,
-        (m, n, k): (usize, usize, usize),
-        scale: f32,
-        bias: &Self::Buf<f32>,
-    ) -> BResult<()> {
-        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
-        self.residual_forward(out, res, scratch, bias)
-    }
     /// `column_sums` of `x` and `cast_fp8_to` of it in one go (a linear layer's bias
     /// gradient and the FP8 copy of its output gradient; a backend may read `x` once).
     #[allow(clippy::too_many_arguments)]

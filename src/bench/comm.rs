@@ -137,24 +137,15 @@ pub fn measure<C: Collectives>(c: &C, sizes: &[u64], iters: usize) -> Vec<CommRo
 /// `ranks` ranks: the contract's FP8 reduction (codes, plus scales and amaxes), and a
 /// ring all-reduce of BF16 and of FP32 values.
 pub fn wire_bytes(model: &str, numels: &[usize], ranks: usize) -> WireBytes {
-    let r = ranks.max(1) as u64;
-    let (mut fp8, mut meta, mut p) = (0u64, 0u64, 0u64);
+    // The FP8 reduction moves a ring all-reduce's traffic in one-byte codes: BF16 and
+    // FP32 values would move 2 and 4 times as many bytes.
+    let mut total = fp8cluster::reduce::CommBytes::default();
     for &n in numels {
-        p += n as u64;
-        if r > 1 {
-            let k = (n as u64).div_ceil(r).max(1);
-            fp8 += 2 * (r - 1) * k;
-            meta += 2 * (r - 1) * 4;
-        }
+        total += fp8cluster::reduce::fp8_reduction_bytes(n, ranks);
     }
-    let ring = |bytes_per: u64| {
-        if r > 1 {
-            numels.iter().map(|&n| 2 * (r - 1) * (n as u64).div_ceil(r) * bytes_per).sum()
-        } else {
-            0
-        }
-    };
-    WireBytes { model: model.to_string(), params: p, fp8, fp8_scales: meta, bf16: ring(2), fp32: ring(4) }
+    let p = numels.iter().map(|&n| n as u64).sum();
+    let fp8 = total.payload;
+    WireBytes { model: model.to_string(), params: p, fp8, fp8_scales: total.meta, bf16: 2 * fp8, fp32: 4 * fp8 }
 }
 
 pub fn table(r: &CommReport) -> String {

@@ -390,7 +390,7 @@ impl<B: Backend> Gpt<B> {
                 // forward pass) and are kept in BF16 with their biases.
                 linear::forward_bf16(be, &mut la.qkv, &mut ws.dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
                 be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
-                linear::cast_input_bf16(be, s1, &la.att, n * c, &mut ws.lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
+                linear::cast_input_bf16(be, s1, &la.att, &mut ws.lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
                 linear::forward_residual(
                     be,
                     &mut la.res_mid,
@@ -574,10 +574,8 @@ impl<B: Backend> Gpt<B> {
                             *scale = *s;
                             be.gelu_forward(ActOut::E4m3(codes, *s, slot), &la.fc)?;
                         }
-                        (g, _) => match g {
-                            Saved::Bf16(h) => be.gelu_forward(ActOut::Bf16(h), &la.fc)?,
-                            Saved::Fp8 { .. } => unreachable!("a layer's saved input has the level's type"),
-                        },
+                        (Saved::Bf16(h), _) => be.gelu_forward(ActOut::Bf16(h), &la.fc)?,
+                        (Saved::Fp8 { .. }, _) => unreachable!("a layer's saved input has the level's type"),
                     }
                 }
                 let saved3 = ws.gelu_in.as_ref().unwrap_or(&la.saved[3]);

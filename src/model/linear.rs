@@ -198,7 +198,7 @@ pub fn cast_input<B: Backend>(
     Ok(())
 }
 
-/// [`cast_input`] from the BF16 values `x` (`n` of them; the attention output): the
+/// [`cast_input`] from the BF16 values `x` (the attention output): the
 /// BF16 copy is the values themselves, the E4M3 cast reads them directly with the
 /// delayed scale, and at the first FP8 step (no history yet) they go through the f32
 /// `scratch` for the just-in-time scale. The same bits as casting their f32 widening.
@@ -206,13 +206,12 @@ pub fn cast_input_bf16<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     x: &B::Buf<bf16>,
-    n: usize,
     scratch: &mut B::Buf<f32>,
     sc: &LinearScaling,
     stats: Slot<'_, B>,
 ) -> BResult<()> {
     match &mut *saved {
-        Saved::Bf16(b) => be.copy_range(b, 0, x, 0, n),
+        Saved::Bf16(b) => be.copy_range(b, 0, x, 0, be.len(x)),
         Saved::Fp8 { codes, scale } if sc.act.history().next().is_some() => {
             *scale = sc.act.scale();
             be.cast_fp8_bf16_to(codes, x, E4M3, *scale, stats)
@@ -268,8 +267,9 @@ pub fn forward_bf16<B: Backend>(
 }
 
 /// `out = res + (x W^T + bias)` from the saved input, for a layer whose output joins
-/// the residual stream (`scratch`: f32 room for the product; see
-/// `Backend::matmul_residual`).
+/// the residual stream: the product into the f32 `scratch`, then `residual_forward`
+/// (cuBLASLt's residual epilogue measured slower on an H200, so the fast class does the
+/// same).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_residual<B: Backend>(
     be: &B,
@@ -283,7 +283,8 @@ pub fn forward_residual<B: Backend>(
 ) -> BResult<()> {
     let (xa, xs) = saved.operand();
     let (wa, ws) = w.operand();
-    be.matmul_residual(out, scratch, res, xa, wa, (d.n, d.oc, d.ic), xs * ws, bias)
+    be.matmul(scratch, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)?;
+    be.residual_forward(out, res, scratch, bias)
 }
 
 /// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`; the E5M2 cast's amax and

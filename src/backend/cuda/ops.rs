@@ -252,9 +252,8 @@ impl Cuda {
 
     /// BF16 values as f32 in scratch (what the exact attention kernels read).
     fn widen(&self, x: &CudaSlice<bf16>) -> BResult<CudaSlice<f32>> {
-        let n = x.len() as u32;
         let mut y = self.scratch::<f32>(x.len())?;
-        launch!(self, "widen_bf16", n as usize, [x, &mut y, &n]);
+        self.widen_bf16(&mut y, x)?;
         Ok(y)
     }
 
@@ -616,6 +615,26 @@ impl Cuda {
         slot.buf.device_ptr_mut(&self.gpu.stream).0 + 8 * slot.at as u64
     }
 
+    /// The scaled cast kernel `kernel` (`cast_fp8` of f32 values, `cast_fp8_bf16` of BF16
+    /// ones) over the `n` values at `src`; amax and saturated count into two slots.
+    #[allow(clippy::too_many_arguments)]
+    fn cast_fp8_launch(
+        &self,
+        kernel: &'static str,
+        src: u64,
+        n: usize,
+        q: &mut CudaSlice<u8>,
+        fmt: Fp8Format,
+        scale: f32,
+        mut stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "cast_fp8");
+        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
+        let (nn, f, p) = (n as u32, e5(fmt), self.slot_ptr(&mut stats));
+        launch!(self, kernel, with stride_cfg(n), [&src, q, &scale, &nn, &f, &p]);
+        Ok(())
+    }
+
     /// Device address of one half of the GELU table (0: gelu values, 1: derivative
     /// factors), made by `gelu_table` at first use.
     fn gelu_table(&self, half: u64) -> BResult<u64> {
@@ -787,13 +806,10 @@ impl Backend for Cuda {
         x: &CudaSlice<bf16>,
         fmt: Fp8Format,
         scale: f32,
-        mut stats: Slot<'_, Self>,
+        stats: Slot<'_, Self>,
     ) -> BResult<()> {
-        let _op = self.op(Phase::Other, "cast_fp8");
-        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (n, f, p) = (x.len() as u32, e5(fmt), self.slot_ptr(&mut stats));
-        launch!(self, "cast_fp8_bf16", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &p]);
-        Ok(())
+        use cudarc::driver::DevicePtr;
+        self.cast_fp8_launch("cast_fp8_bf16", x.device_ptr(&self.gpu.stream).0, x.len(), q, fmt, scale, stats)
     }
     fn widen_bf16(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<bf16>) -> BResult<()> {
         let _op = self.op(Phase::Other, "widen_bf16");
@@ -807,13 +823,10 @@ impl Backend for Cuda {
         x: &CudaSlice<f32>,
         fmt: Fp8Format,
         scale: f32,
-        mut stats: Slot<'_, Self>,
+        stats: Slot<'_, Self>,
     ) -> BResult<()> {
-        let _op = self.op(Phase::Other, "cast_fp8");
-        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (n, f, p) = (x.len() as u32, e5(fmt), self.slot_ptr(&mut stats));
-        launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &p]);
-        Ok(())
+        use cudarc::driver::DevicePtr;
+        self.cast_fp8_launch("cast_fp8", x.device_ptr(&self.gpu.stream).0, x.len(), q, fmt, scale, stats)
     }
     fn cast_fp8_jit(
         &self,
