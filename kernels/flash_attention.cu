@@ -140,20 +140,117 @@ __device__ __forceinline__ void fa_scores_reg(float (*s)[4], const u32 (*a)[4], 
             fa_mma(s[2 * np + 1], a[kk], b[2], b[3]);
         }
 }
+// The A fragments (k = 16 kk..16 kk + 15) of a 16 x 64 block held as C fragments,
+// rounded to BF16: what a product with P, dS or their transposes as left operand takes.
+__device__ __forceinline__ void fa_pack_a(u32 (*pa)[4], float (*p)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        pa[kk][0] = fa_pack(p[2 * kk][0], p[2 * kk][1]);
+        pa[kk][1] = fa_pack(p[2 * kk][2], p[2 * kk][3]);
+        pa[kk][2] = fa_pack(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+        pa[kk][3] = fa_pack(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+    }
+}
 // acc (16 x HS) += P (16 x 64, as C fragments) x B (64 x HS, row-major tile).
 template <int HS>
 __device__ __forceinline__ void fa_accumulate(float (*acc)[4], float (*p)[4], const u16* b, int lane) {
+    u32 pa[4][4];
+    fa_pack_a(pa, p);
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
-        u32 pa[4] = {fa_pack(p[2 * kk][0], p[2 * kk][1]), fa_pack(p[2 * kk][2], p[2 * kk][3]),
-                     fa_pack(p[2 * kk + 1][0], p[2 * kk + 1][1]), fa_pack(p[2 * kk + 1][2], p[2 * kk + 1][3])};
 #pragma unroll
         for (int np = 0; np < HS / 16; np++) {
             u32 bb[4];
             fa_frag_b2_trans(bb, b, HS + 8, 16 * kk, 16 * np, lane);
-            fa_mma(acc[2 * np], pa, bb[0], bb[1]);
-            fa_mma(acc[2 * np + 1], pa, bb[2], bb[3]);
+            fa_mma(acc[2 * np], pa[kk], bb[0], bb[1]);
+            fa_mma(acc[2 * np + 1], pa[kk], bb[2], bb[3]);
         }
+    }
+}
+
+// One key tile of the online softmax for this warp's 16 query rows `row`: the scores s
+// (16 x 64 C fragments, keys k0..) masked on an edge tile (causal diagonal or past t),
+// the row max m (base-2 units) and sum l updated, o rescaled, and s left holding the
+// probabilities 2^(s sl2 - m).
+template <int HS>
+__device__ __forceinline__ void fa_softmax_tile(float (*s)[4], float (*o)[4], float* mrow, float* lrow,
+                                                const u32* row, u32 k0, u32 t, float sl2, bool edge, int q) {
+    float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
+            if (edge && (col > r || col >= t)) s[n][e] = FA_NEG_INF;
+            tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
+        }
+    // The row max in raw units (sl2 > 0, so it scales to the max of the scaled
+    // scores); each exponent is then one fma: s * sl2 - m.
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
+        tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
+        float mnew = fmaxf(mrow[r], tmax[r] * sl2);
+        float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
+        alpha[r] = fp8train_exp2_fast(mrow[r] - safe);
+        mrow[r] = mnew;
+        tmax[r] = -safe;
+    }
+    float psum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = fp8train_exp2_fast(fmaf(s[n][e], sl2, tmax[e >> 1]));
+            s[n][e] = p;
+            psum[e >> 1] += p;
+        }
+#pragma unroll
+    for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + psum[r];
+#pragma unroll
+    for (int n = 0; n < HS / 8; n++) {
+        o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
+    }
+}
+
+// The forward's epilogue: out rows (BF16) = o / l, stats = (max in natural units, sum).
+template <int HS>
+__device__ __forceinline__ void fa_store_out(u16* out, float* stats, float (*o)[4], const float* mrow, float* lrow,
+                                             const u32* row, u32 bb, u32 bh, u32 h, u32 t, u32 c, int q) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= t) continue;
+        u16* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
+        float inv = 1.0f / lrow[r];
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++)
+            *(u32*)(orow + 8 * n + 2 * q) =
+                (u32)fp8train_to_bf16(o[n][2 * r] * inv) | ((u32)fp8train_to_bf16(o[n][2 * r + 1] * inv) << 16);
+        if (q == 0) {
+            stats[((size_t)bh * t + row[r]) * 2] = mrow[r] * FA_LN2;  // back to natural units
+            stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
+        }
+    }
+}
+
+// Rows `row` of this warp (C fragment layout) of part `part` (0 = q, 1 = k, 2 = v) of
+// dqkv = acc * scale.
+template <int HS>
+__device__ __forceinline__ void fa_store_grad(float* dqkv, float (*acc)[4], float scale, const u32* row, u32 part,
+                                              u32 bb, u32 h, u32 t, u32 c, int q) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (row[r] >= t) continue;
+        float* d = dqkv + fa_at(bb, row[r], part, h, t, c, HS);
+#pragma unroll
+        for (int n = 0; n < HS / 8; n++)
+            *(float2*)(d + 8 * n + 2 * q) = make_float2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
     }
 }
 
@@ -190,66 +287,11 @@ __device__ void flash_forward(u16* out, float* stats, const u16* qkv, u32 t, u32
         u32 k0 = kt * FA_TILE;
         float s[8][4];
         fa_scores_reg<HS>(s, qa, Ks, lane);
-        bool edge = kt == qt || k0 + FA_TILE > t;
-        float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                u32 col = k0 + 8 * n + 2 * q + (e & 1), r = row[e >> 1];
-                if (edge && (col > r || col >= t)) s[n][e] = FA_NEG_INF;
-                tmax[e >> 1] = fmaxf(tmax[e >> 1], s[n][e]);
-            }
-        // The row max in raw units (sl2 > 0, so it scales to the max of the scaled
-        // scores); each exponent is then one fma: s * sl2 - m.
-        float alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
-            tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 2));
-            float mnew = fmaxf(mrow[r], tmax[r] * sl2);
-            float safe = mnew == FA_NEG_INF ? 0.0f : mnew;  // a row with nothing unmasked yet
-            alpha[r] = fp8train_exp2_fast(mrow[r] - safe);
-            mrow[r] = mnew;
-            tmax[r] = -safe;
-        }
-        float psum[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = fp8train_exp2_fast(fmaf(s[n][e], sl2, tmax[e >> 1]));
-                s[n][e] = p;
-                psum[e >> 1] += p;
-            }
-#pragma unroll
-        for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + psum[r];
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++) {
-            o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
-        }
+        fa_softmax_tile<HS>(s, o, mrow, lrow, row, k0, t, sl2, kt == qt || k0 + FA_TILE > t, q);
         fa_accumulate<HS>(o, s, Vs, lane);
         __syncthreads();  // this buffer is refilled two tiles on
     }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (row[r] >= t) continue;
-        u16* orow = out + ((size_t)bb * t + row[r]) * c + (size_t)h * HS;
-        float inv = 1.0f / lrow[r];
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++)
-            *(u32*)(orow + 8 * n + 2 * q) =
-                (u32)fp8train_to_bf16(o[n][2 * r] * inv) | ((u32)fp8train_to_bf16(o[n][2 * r + 1] * inv) << 16);
-        if (q == 0) {
-            stats[((size_t)bh * t + row[r]) * 2] = mrow[r] * FA_LN2;  // back to natural units
-            stats[((size_t)bh * t + row[r]) * 2 + 1] = lrow[r];
-        }
-    }
+    fa_store_out<HS>(out, stats, o, mrow, lrow, row, bb, bh, h, t, c, q);
 }
 
 // Per query row of every head, what both backward kernels need: aux[bh, i] = (row max
@@ -289,6 +331,15 @@ __device__ __forceinline__ void fa_probs(float (*s)[4], float sl2, const u32* ro
             bool live = !edge || (kj <= qi && qi < t && kj < t);
             s[n][e] = live ? fp8train_exp2_fast(fmaf(s[n][e], sl2, -cols[cl].x)) * cols[cl].y : 0.0f;
         }
+}
+
+// dS^T = P^T (dP^T - D) in place of dp (rows keys, columns queries; D of each query
+// from `cols`).
+__device__ __forceinline__ void fa_dscores(float (*dp)[4], float (*p)[4], const float4* cols, int q) {
+#pragma unroll
+    for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - cols[8 * n + 2 * q + (e & 1)].z);
 }
 
 // Causal (query tile, key tile) pairs of one head, qt >= kt, numbered qt (qt + 1) / 2 + kt:
@@ -355,10 +406,7 @@ __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u
         fa_scores<HS>(dp, Vs, 16 * warp, Gs, lane);
         bool edge = qt == kt || q0 + FA_TILE > t;
         fa_probs(p, sl2, row, q0, t, As, q, edge);
-#pragma unroll
-        for (int n = 0; n < 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) dp[n][e] = p[n][e] * (dp[n][e] - As[8 * n + 2 * q + (e & 1)].z);
+        fa_dscores(dp, p, As, q);
         // dS for the dQ kernel, rounded to BF16 as the products below round it: rows =
         // keys, columns = queries of the pair's tile.
         u32 tiles_t = (t + FA_TILE - 1) / FA_TILE;
@@ -374,18 +422,8 @@ __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u
         fa_accumulate<HS>(dk, dp, Qs, lane);
         __syncthreads();  // this buffer is refilled two tiles on
     }
-    float scale = 1.0f / sqrtf((float)HS);
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (row[r] >= t) continue;
-        float* kd = dqkv + fa_at(bb, row[r], 1, h, t, c, HS);
-        float* vd = dqkv + fa_at(bb, row[r], 2, h, t, c, HS);
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++) {
-            *(float2*)(kd + 8 * n + 2 * q) = make_float2(dk[n][2 * r] * scale, dk[n][2 * r + 1] * scale);
-            *(float2*)(vd + 8 * n + 2 * q) = make_float2(dv[n][2 * r], dv[n][2 * r + 1]);
-        }
-    }
+    fa_store_grad<HS>(dqkv, dk, 1.0f / sqrtf((float)HS), row, 1, bb, h, t, c, q);
+    fa_store_grad<HS>(dqkv, dv, 1.0f, row, 2, bb, h, t, c, q);
 }
 
 // dQ = dS K for 64 queries per block (16 per warp) from the dS tiles flash_backward_kv
@@ -443,16 +481,8 @@ __device__ void flash_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u3
         }
         __syncthreads();  // this buffer is refilled two tiles on
     }
-    float scale = 1.0f / sqrtf((float)HS);
     u32 row[2] = {q0 + 16 * warp + (lane >> 2), q0 + 16 * warp + (lane >> 2) + 8};
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        if (row[r] >= t) continue;
-        float* qd = dqkv + fa_at(bb, row[r], 0, h, t, c, HS);
-#pragma unroll
-        for (int n = 0; n < HS / 8; n++)
-            *(float2*)(qd + 8 * n + 2 * q) = make_float2(dq[n][2 * r] * scale, dq[n][2 * r + 1] * scale);
-    }
+    fa_store_grad<HS>(dqkv, dq, 1.0f / sqrtf((float)HS), row, 0, bb, h, t, c, q);
 }
 
 #define FA_INSTANCE(HS)                                                                                            \

@@ -21,6 +21,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("crossentropy.cu", include_str!("../../../kernels/crossentropy.cu")),
     ("attention.cu", include_str!("../../../kernels/attention.cu")),
     ("flash_attention.cu", include_str!("../../../kernels/flash_attention.cu")),
+    ("flash_attention_sm90.cu", include_str!("../../../kernels/flash_attention_sm90.cu")),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
     ("cast_transpose.cu", include_str!("../../../kernels/cast_transpose.cu")),
 ];
@@ -72,7 +73,10 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| format!("CUDA device {ordinal}: {e}"))?;
         let (major, minor) = ctx.compute_capability().map_err(|e| format!("CUDA: {e}"))?;
-        let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        // Hopper (9.0) is compiled as sm_90a, so that its warpgroup products (wgmma, the
+        // flash kernels of flash_attention_sm90.cu) exist; everything else is the same code.
+        let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
+        let arch: &'static str = Box::leak(format!("sm_{major}{minor}{suffix}").into_boxed_str());
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let src: String = SOURCES
             .iter()

@@ -160,23 +160,34 @@ struct Flash {
 }
 
 impl Flash {
-    fn for_head_size(hs: usize) -> Option<Flash> {
-        let (forward, kv, dq) = match hs {
-            64 => ("flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_dq_hs64"),
-            128 => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_dq_hs128"),
+    /// `wgmma`: Hopper's warpgroup kernels (flash_attention_sm90.cu, built for sm_90a),
+    /// else the mma.sync ones (flash_attention.cu).
+    fn for_head_size(hs: usize, wgmma: bool) -> Option<Flash> {
+        let (forward, kv, dq) = match (wgmma, hs) {
+            (false, 64) => ("flash_forward_hs64", "flash_backward_kv_hs64", "flash_backward_dq_hs64"),
+            (false, 128) => ("flash_forward_hs128", "flash_backward_kv_hs128", "flash_backward_dq_hs128"),
+            (true, 64) => ("flash90_forward_hs64", "flash90_backward_kv_hs64", "flash90_backward_dq_hs64"),
+            (true, 128) => ("flash90_forward_hs128", "flash90_backward_kv_hs128", "flash90_backward_dq_hs128"),
             _ => return None,
         };
-        // BF16 tiles of 64 rows of hs + 8, double-buffered (see flash_attention.cu):
-        // forward 2 x (K, V); kv: K, V + 2 x (Q, dO, 64 aux rows of 16 bytes); dq: 2 x
-        // (K, a dS tile of 64 rows of 72).
-        let tile = 2 * 64 * (hs + 8);
+        let (forward_smem, kv_smem, dq_smem) = if wgmma {
+            // Unpadded tiles of 64 rows of hs: forward Q + 2 x (K, V); kv: K, V + 2 x (Q,
+            // dO, 64 aux rows of 16 bytes); dq: 2 x (K, a 64 x 64 dS tile).
+            let tile = 2 * 64 * hs;
+            (5 * tile, 2 * tile + 2 * (2 * tile + 64 * 16), 2 * (tile + 2 * 64 * 64))
+        } else {
+            // BF16 tiles of 64 rows of hs + 8, double-buffered: forward 2 x (K, V); kv: K,
+            // V + 2 x (Q, dO, 64 aux rows of 16 bytes); dq: 2 x (K, a dS tile of 64 rows of 72).
+            let tile = 2 * 64 * (hs + 8);
+            (4 * tile, 6 * tile + 2 * 64 * 16, 2 * (tile + 2 * 64 * 72))
+        };
         Some(Flash {
             forward,
             kv,
             dq,
-            forward_smem: (4 * tile) as u32,
-            kv_smem: (6 * tile + 2 * 64 * 16) as u32,
-            dq_smem: (2 * (tile + 2 * 64 * 72)) as u32,
+            forward_smem: forward_smem as u32,
+            kv_smem: kv_smem as u32,
+            dq_smem: dq_smem as u32,
         })
     }
 }
@@ -268,7 +279,9 @@ impl Cuda {
     /// The flash-attention kernels, in fast mode, for head size `hs` (64 or 128).
     fn flash(&self, hs: usize) -> Option<Flash> {
         if self.lt.borrow().is_some() {
-            Flash::for_head_size(hs)
+            // FP8TRAIN_FLASH=mma keeps the mma.sync kernels on Hopper (to compare them).
+            let mma = std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma");
+            Flash::for_head_size(hs, self.gpu.arch == "sm_90a" && !mma)
         } else {
             None
         }
