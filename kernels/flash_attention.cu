@@ -170,11 +170,11 @@ __device__ __forceinline__ void fa_accumulate(float (*acc)[4], float (*p)[4], co
 
 // One key tile of the online softmax for this warp's 16 query rows `row`: the scores s
 // (16 x 64 C fragments, keys k0..) masked on an edge tile (causal diagonal or past t),
-// the row max m (base-2 units) and sum l updated, o rescaled, and s left holding the
-// probabilities 2^(s sl2 - m).
-template <int HS>
-__device__ __forceinline__ void fa_softmax_tile(float (*s)[4], float (*o)[4], float* mrow, float* lrow,
-                                                const u32* row, u32 k0, u32 t, float sl2, bool edge, int q) {
+// the row max m (base-2 units) and sum l updated, s left holding the probabilities
+// 2^(s sl2 - m), and alpha = the factor the output accumulated so far is rescaled by
+// (fa_rescale; a separate step so that it can wait for products still adding into o).
+__device__ __forceinline__ void fa_softmax_probs(float (*s)[4], float* alpha, float* mrow, float* lrow,
+                                                 const u32* row, u32 k0, u32 t, float sl2, bool edge, int q) {
     float tmax[2] = {FA_NEG_INF, FA_NEG_INF};
 #pragma unroll
     for (int n = 0; n < 8; n++)
@@ -186,7 +186,6 @@ __device__ __forceinline__ void fa_softmax_tile(float (*s)[4], float (*o)[4], fl
         }
     // The row max in raw units (sl2 > 0, so it scales to the max of the scaled
     // scores); each exponent is then one fma: s * sl2 - m.
-    float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffffu, tmax[r], 1));
@@ -208,6 +207,9 @@ __device__ __forceinline__ void fa_softmax_tile(float (*s)[4], float (*o)[4], fl
         }
 #pragma unroll
     for (int r = 0; r < 2; r++) lrow[r] = lrow[r] * alpha[r] + psum[r];
+}
+template <int HS>
+__device__ __forceinline__ void fa_rescale(float (*o)[4], const float* alpha) {
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) {
         o[n][0] *= alpha[0]; o[n][1] *= alpha[0]; o[n][2] *= alpha[1]; o[n][3] *= alpha[1];
@@ -287,7 +289,9 @@ __device__ void flash_forward(u16* out, float* stats, const u16* qkv, u32 t, u32
         u32 k0 = kt * FA_TILE;
         float s[8][4];
         fa_scores_reg<HS>(s, qa, Ks, lane);
-        fa_softmax_tile<HS>(s, o, mrow, lrow, row, k0, t, sl2, kt == qt || k0 + FA_TILE > t, q);
+        float alpha[2];
+        fa_softmax_probs(s, alpha, mrow, lrow, row, k0, t, sl2, kt == qt || k0 + FA_TILE > t, q);
+        fa_rescale<HS>(o, alpha);
         fa_accumulate<HS>(o, s, Vs, lane);
         __syncthreads();  // this buffer is refilled two tiles on
     }
@@ -295,9 +299,10 @@ __device__ void flash_forward(u16* out, float* stats, const u16* qkv, u32 t, u32
 }
 
 // Per query row of every head, what both backward kernels need: aux[bh, i] = (row max
-// in base-2 units, 1 / row sum, D = sum_d dout[i, d] * out[i, d], 0). 8 threads per row.
-extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, const u16* out, const float* stats,
-                                               u32 b, u32 t, u32 c, u32 nh) {
+// in base-2 units, 1 / row sum, D = sum_d dout[i, d] * out[i, d], 0), and dout rounded
+// to BF16 (their operand; dout16 [b, t, c]). 8 threads per row.
+extern "C" __global__ void flash_backward_prep(float4* aux, u16* dout16, const float* dout, const u16* out,
+                                               const float* stats, u32 b, u32 t, u32 c, u32 nh) {
     u32 gid = blockIdx.x * blockDim.x + threadIdx.x, idx = gid / 8, part = gid % 8;
     bool in = idx < b * nh * t;
     float acc = 0.0f;
@@ -305,9 +310,12 @@ extern "C" __global__ void flash_backward_prep(float4* aux, const float* dout, c
         u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
         const float* g = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
         const u16* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
+        u16* g16 = dout16 + ((size_t)bb * t + i) * c + (size_t)h * hs;
         for (u32 d = 4 * part; d < hs; d += 32) {
             float4 x = *(const float4*)(g + d);
             uint2 y = *(const uint2*)(o + d);
+            *(uint2*)(g16 + d) = make_uint2((u32)fp8train_to_bf16(x.x) | ((u32)fp8train_to_bf16(x.y) << 16),
+                                            (u32)fp8train_to_bf16(x.z) | ((u32)fp8train_to_bf16(x.w) << 16));
             acc += x.x * fp8train_from_bf16((u16)(y.x & 0xffffu)) + x.y * fp8train_from_bf16((u16)(y.x >> 16)) +
                    x.z * fp8train_from_bf16((u16)(y.y & 0xffffu)) + x.w * fp8train_from_bf16((u16)(y.y >> 16));
         }

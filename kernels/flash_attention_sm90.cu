@@ -27,7 +27,11 @@ __device__ __forceinline__ u64 f9_desc(const void* p, u32 lbo, u32 sbo) {
 }
 __device__ __forceinline__ void f9_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void f9_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void f9_wait() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Until at most N of the committed groups are still running (they finish in order).
+template <int N>
+__device__ __forceinline__ void f9_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
 // Keeps the compiler from touching accumulators between issue and wait.
 template <int N>
 __device__ __forceinline__ void f9_hold(float* d) {
@@ -111,7 +115,11 @@ __device__ __forceinline__ void f9_rs(float* d, const u32* a, u64 b) {
 }
 
 // Forward: 64 queries per block (16 rows per warp), Q staged once, K and V tiles of 64
-// keys double-buffered. Shared memory: [Q][K0][V0][K1][V1].
+// keys in three buffers. The products of one tile overlap the softmax of the next: S of
+// tile kt and O += P V of tile kt - 1 are issued together, the softmax of tile kt runs as
+// soon as S is in (while the tensor cores still add P V into O), and O is rescaled after.
+// Tile kt + 1 is copied in meanwhile, into the buffer tile kt - 2 used. Shared memory:
+// [Q][K0][V0][K1][V1][K2][V2].
 template <int HS>
 __device__ void flash90_forward(u16* out, float* stats, const u16* qkv, u32 t, u32 c, u32 nh) {
     constexpr int TE = FA_TILE * HS;  // elements of a tile
@@ -121,51 +129,64 @@ __device__ void flash90_forward(u16* out, float* stats, const u16* qkv, u32 t, u
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
     size_t rs = 3 * (size_t)c;
     const u16* base = qkv + fa_at(bb, 0, 0, h, t, c, HS);
+    auto kbuf = [&](u32 kt) { return fa_sh + (1 + 2 * (kt % 3)) * TE; };
     auto stage_kv = [&](u32 kt) {
-        u16* k = fa_sh + (1 + 2 * (kt & 1)) * TE;
-        f9_stage<HS>(k, base + c, rs, kt * FA_TILE, t);
-        f9_stage<HS>(k + TE, base + 2 * (size_t)c, rs, kt * FA_TILE, t);
+        f9_stage<HS>(kbuf(kt), base + c, rs, kt * FA_TILE, t);
+        f9_stage<HS>(kbuf(kt) + TE, base + 2 * (size_t)c, rs, kt * FA_TILE, t);
     };
     f9_stage<HS>(fa_sh, base, rs, q0, t);
     stage_kv(0);
     fa_commit();
+    if (qt >= 1) stage_kv(1);
+    fa_commit();
     float o[HS / 8][4];
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-    float mrow[2] = {FA_NEG_INF, FA_NEG_INF}, lrow[2] = {0.0f, 0.0f};
+    float mrow[2] = {FA_NEG_INF, FA_NEG_INF}, lrow[2] = {0.0f, 0.0f}, alpha[2];
     float sl2 = FA_LOG2E / sqrtf((float)HS);
     u32 row[2] = {q0 + 16 * warp + g, q0 + 16 * warp + g + 8};
-    for (u32 kt = 0; kt <= qt; kt++) {
-        const u16* Ks = fa_sh + (1 + 2 * (kt & 1)) * TE;
-        if (kt < qt) {
-            stage_kv(kt + 1);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
-        f9_tiles_ready();
-        u32 k0 = kt * FA_TILE;
-        // S = Q K^T (64 x 64), both K-major.
-        float s[8][4];
+    auto edge = [&](u32 kt) { return kt == qt || (kt + 1) * FA_TILE > t; };
+    // S = Q K^T (64 x 64), both K-major; the first tile on its own.
+    float s[8][4];
+    u32 pa[4][4];
+    fa_wait<1>();
+    f9_tiles_ready();
+    f9_fence();
+#pragma unroll
+    for (int kk = 0; kk < HS / 16; kk++) f9_ss<64, 0, 0>(&s[0][0], f9_kmajor(fa_sh, kk), f9_kmajor(kbuf(0), kk), kk);
+    f9_commit();
+    f9_wait<0>();
+    f9_hold<32>(&s[0][0]);
+    fa_softmax_probs(s, alpha, mrow, lrow, row, 0, t, sl2, edge(0), q);  // o is zero: no rescale
+    fa_pack_a(pa, s);
+    for (u32 kt = 1; kt <= qt; kt++) {
+        fa_wait<0>();
+        f9_tiles_ready();  // tile kt is in; every warp is done with tile kt - 2's buffer
+        if (kt + 1 <= qt) stage_kv(kt + 1);
+        fa_commit();
         f9_fence();
 #pragma unroll
-        for (int kk = 0; kk < HS / 16; kk++) f9_ss<64, 0, 0>(&s[0][0], f9_kmajor(fa_sh, kk), f9_kmajor(Ks, kk), kk);
+        for (int kk = 0; kk < HS / 16; kk++)
+            f9_ss<64, 0, 0>(&s[0][0], f9_kmajor(fa_sh, kk), f9_kmajor(kbuf(kt), kk), kk);
         f9_commit();
-        f9_wait();
+        // O += P V of the previous tile: P from registers, V (rows = keys = K) MN-major.
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++) f9_rs<HS, 1>(&o[0][0], pa[kk], f9_mnmajor(kbuf(kt - 1) + TE, kk));
+        f9_commit();
+        f9_wait<1>();
         f9_hold<32>(&s[0][0]);
-        fa_softmax_tile<HS>(s, o, mrow, lrow, row, k0, t, sl2, kt == qt || k0 + FA_TILE > t, q);
-        // O += P V: P from registers, V (rows = keys = K) MN-major.
-        u32 pa[4][4];
-        fa_pack_a(pa, s);
-        f9_fence();
-#pragma unroll
-        for (int kk = 0; kk < 4; kk++) f9_rs<HS, 1>(&o[0][0], pa[kk], f9_mnmajor(Ks + TE, kk));
-        f9_commit();
-        f9_wait();
+        fa_softmax_probs(s, alpha, mrow, lrow, row, kt * FA_TILE, t, sl2, edge(kt), q);
+        f9_wait<0>();
         f9_hold<HS / 2>(&o[0][0]);
-        __syncthreads();  // this buffer is refilled two tiles on
+        fa_rescale<HS>(o, alpha);
+        fa_pack_a(pa, s);
     }
+    f9_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) f9_rs<HS, 1>(&o[0][0], pa[kk], f9_mnmajor(kbuf(qt) + TE, kk));
+    f9_commit();
+    f9_wait<0>();
+    f9_hold<HS / 2>(&o[0][0]);
     fa_store_out<HS>(out, stats, o, mrow, lrow, row, bb, bh, h, t, c, q);
 }
 
@@ -229,7 +250,7 @@ __device__ void flash90_backward_kv(float* dqkv, u16* ds, const u16* dout, const
 #pragma unroll
         for (int kk = 0; kk < HS / 16; kk++) f9_ss<64, 0, 0>(&dp[0][0], f9_kmajor(fa_sh + TE, kk), f9_kmajor(Gs, kk), kk);
         f9_commit();
-        f9_wait();
+        f9_wait<0>();
         f9_hold<32>(&p[0][0]);
         f9_hold<32>(&dp[0][0]);
         fa_probs(p, sl2, row, q0, t, As, q, qt == kt || q0 + FA_TILE > t);
@@ -254,7 +275,7 @@ __device__ void flash90_backward_kv(float* dqkv, u16* ds, const u16* dout, const
 #pragma unroll
         for (int kk = 0; kk < 4; kk++) f9_rs<HS, 1>(&dk[0][0], da[kk], f9_mnmajor(Qs, kk));
         f9_commit();
-        f9_wait();
+        f9_wait<0>();
         f9_hold<HS / 2>(&dv[0][0]);
         f9_hold<HS / 2>(&dk[0][0]);
         __syncthreads();  // this buffer is refilled two tiles on
@@ -305,7 +326,7 @@ __device__ void flash90_backward_dq(float* dqkv, const u16* ds, const u16* qkv, 
         for (int kk = 0; kk < 4; kk++)
             f9_ss<HS, 1, 1>(&dq[0][0], f9_desc(Ks + TE + kk * 1024, 1024, 128), f9_mnmajor(Ks, kk), 1);
         f9_commit();
-        f9_wait();
+        f9_wait<0>();
         f9_hold<HS / 2>(&dq[0][0]);
         __syncthreads();  // this buffer is refilled two tiles on
     }

@@ -171,10 +171,10 @@ impl Flash {
             _ => return None,
         };
         let (forward_smem, kv_smem, dq_smem) = if wgmma {
-            // Unpadded tiles of 64 rows of hs: forward Q + 2 x (K, V); kv: K, V + 2 x (Q,
+            // Unpadded tiles of 64 rows of hs: forward Q + 3 x (K, V); kv: K, V + 2 x (Q,
             // dO, 64 aux rows of 16 bytes); dq: 2 x (K, a 64 x 64 dS tile).
             let tile = 2 * 64 * hs;
-            (5 * tile, 2 * tile + 2 * (2 * tile + 64 * 16), 2 * (tile + 2 * 64 * 64))
+            (7 * tile, 2 * tile + 2 * (2 * tile + 64 * 16), 2 * (tile + 2 * 64 * 64))
         } else {
             // BF16 tiles of 64 rows of hs + 8, double-buffered: forward 2 x (K, V); kv: K,
             // V + 2 x (Q, dO, 64 aux rows of 16 bytes); dq: 2 x (K, a dS tile of 64 rows of 72).
@@ -265,14 +265,6 @@ impl Cuda {
     fn widen(&self, x: &CudaSlice<bf16>) -> BResult<CudaSlice<f32>> {
         let mut y = self.scratch::<f32>(x.len())?;
         self.widen_bf16(&mut y, x)?;
-        Ok(y)
-    }
-
-    /// `x` rounded to BF16 (the flash kernels' operands).
-    fn bf16_copy(&self, x: &CudaSlice<f32>) -> BResult<CudaSlice<u16>> {
-        let n = x.len() as u32;
-        let mut y = self.scratch::<u16>(x.len())?;
-        launch!(self, "cast_bf16", (n as usize).div_ceil(4), [x, &mut y, &n]);
         Ok(y)
     }
 
@@ -1164,8 +1156,13 @@ impl Backend for Cuda {
         if let Some(k) = self.flash(s.c / s.nh) {
             // Per query row: (max in base-2 units, 1 / sum, D = dout . out, 0); 8 threads a row.
             let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t)?;
-            launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
-            let dout16 = self.bf16_copy(dout)?;
+            let mut dout16 = self.scratch::<u16>(dout.len())?;
+            launch!(
+                self,
+                "flash_backward_prep",
+                8 * s.b * s.nh * s.t,
+                [&mut aux, &mut dout16, dout, out, stats, &b, &t, &c, &nh]
+            );
             // dS of every causal (query tile, key tile) pair, 64 x 64 BF16: the dK/dV
             // kernel writes it, the dQ kernel multiplies it by K.
             let mut ds = self.scratch::<u16>(flash_ds_len(s))?;
