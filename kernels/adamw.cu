@@ -1,10 +1,6 @@
 // AdamW of every level (sim/src/ops/adamw.rs): the same per-element operation order.
-// amax of new values: atomicMax on the bit patterns, order-free (amax[0] master, [1] m,
-// [2] v, zero before the launch). Grid-stride, so any grid gives the same values.
-__device__ __forceinline__ void adam_amax(unsigned long long* amax, int k, u32 bits) {
-    bits = fp8train_warp_max_u32(bits);
-    if ((threadIdx.x & 31) == 0 && bits) atomicMax(&amax[k], (unsigned long long)bits);
-}
+// amax of new values: atomicMax on the bit patterns, order-free (slots: master, m, v;
+// zero before the launch), so any split into blocks gives the same values.
 __device__ __forceinline__ u32 adam_abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
 
 struct AdamStep { float lr, beta1, beta2, eps, omb1, omb2, bc1, bc2, decay, grad_scale; };
@@ -22,21 +18,13 @@ __device__ __forceinline__ float adam_grad(const float* g32, const u8* gq, float
     return gq ? fp8train_decode(gq[i], 0) * ginv : g32[i];
 }
 
-extern "C" __global__ void adamw_f32(float* p, const float* g32, const u8* gq, float ginv, float* m, float* v, u32 n,
-                                     AdamStep h) {
-    u32 i = fp8train_tid();
-    if (i >= n) return;
-    float pi = p[i], mi = m[i], vi = v[i];
-    adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
-    p[i] = pi; m[i] = mi; v[i] = vi;
-}
-
-// AdamW of the scaled levels, in two passes over all tensors (Backend::adamw_many):
-// pass 1 computes every tensor's new values and keeps only their amax (nothing written);
-// the host reads all amaxes at once and picks the scales; pass 2 computes the same
-// values again (same inputs, same operations: the same bits) and stores them directly
-// in their scaled formats (what an f32 update followed by cast_f16/cast_fp8 stores),
-// without an f32 round trip or a read-back per tensor.
+// AdamW of all tensors in two launches (Backend::adamw_many): pass 1 computes every
+// scaled tensor's new values and keeps only their amax (nothing written); the host
+// reads all amaxes at once and picks the scales; pass 2 computes the same values again
+// (same inputs, same operations: the same bits) and stores them directly in their
+// scaled formats (what an f32 update followed by cast_f16/cast_fp8 stores), without an
+// f32 round trip or a read-back per tensor. Each launch covers every tensor: the host
+// passes a table of tensors and one of chunks (tensor, first element), a block per chunk.
 
 // Element i's new (master, m, v) at O1: FP16 master (value = code / scale), f32 moments.
 __device__ __forceinline__ void adam_o1_new(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
@@ -53,28 +41,6 @@ __device__ __forceinline__ void adam_o2_new(const u16* master, float pinv, const
     mi = fp8train_decode(m8[i], 0) * minv;
     vi = fp8train_from_f16(vh[i]) * vinv;
     adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
-}
-#define ADAM_FOR_EACH(i) \
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-
-extern "C" __global__ void adamw_o1_amax(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
-                                         const float* m, const float* v, u32 n, AdamStep h, unsigned long long* amax) {
-    u32 ap = 0;
-    ADAM_FOR_EACH(i) {
-        float pi, mi, vi;
-        adam_o1_new(master, pinv, g32, gq, ginv, m, v, i, h, pi, mi, vi);
-        u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
-    }
-    adam_amax(amax, 0, ap);
-}
-extern "C" __global__ void adamw_o1_apply(u16* master, float pinv, const float* g32, const u8* gq, float ginv,
-                                          float* m, float* v, u32 n, AdamStep h, float pscale) {
-    ADAM_FOR_EACH(i) {
-        float pi, mi, vi;
-        adam_o1_new(master, pinv, g32, gq, ginv, m, v, i, h, pi, mi, vi);
-        m[i] = mi; v[i] = vi;
-        master[i] = fp8train_to_f16(pi * pscale);
-    }
 }
 // O2, eight elements per thread and step when every buffer allows 8-element vector
 // accesses (16 bytes of FP16 master and v, 8 of E4M3 m and gradient, 32 of f32
@@ -111,58 +77,116 @@ __device__ __forceinline__ void adam_o2_new8(const u16* master, float pinv, cons
         adam_update(h, pi[u], g[u], mi[u], vi[u]);
     }
 }
-#define ADAM_STRIDE_FROM(i, first, end) \
-    for (size_t i = (first) + (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (end); i += (size_t)gridDim.x * blockDim.x)
 
-extern "C" __global__ void adamw_o2_amax(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
-                                         const u8* m8, float minv, const u16* vh, float vinv, u32 n, AdamStep h,
-                                         unsigned long long* amax) {
+// One tensor of a multi-tensor launch (the host writes the table: same layout, 128 bytes).
+struct AdamItem {
+    void* master;     // f32 (level 0) or FP16 codes
+    const float* g32; // f32 gradient, or null
+    const u8* gq;     // E4M3 gradient codes (with ginv), or null
+    void* m;          // f32 (levels 0, 1) or E4M3 codes (2)
+    void* v;          // f32 (levels 0, 1) or FP16 codes (2)
+    unsigned long long* amax;  // 3 slots: master, m, v
+    u32 n, level;     // level 0: f32 state; 1: O1 (FP16 master, f32 moments); 2: O2
+    float ginv, pinv, minv, vinv, pscale, mscale, vscale, pad;
+    AdamStep h;
+};
+#define ADAM_CHUNK 16384  // elements per block (a multiple of 8)
+
+template <bool APPLY>
+__device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* chunks) {
+    uint2 ch = chunks[blockIdx.x];
+    const AdamItem& it = items[ch.x];
+    const AdamStep h = it.h;
+    size_t first = ch.y, end = min(first + ADAM_CHUNK, (size_t)it.n);
+    const float* g32 = it.g32;
+    const u8* gq = it.gq;
     u32 ap = 0, am = 0, av = 0;
     auto take = [&](float pi, float mi, float vi) {
         u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
         b = adam_abs_bits(mi); am = b > am ? b : am;
         b = adam_abs_bits(vi); av = b > av ? b : av;
     };
-    size_t groups = adam_o2_vec(master, g32, gq, m8, vh) ? n / 8 : 0;
-    ADAM_STRIDE_FROM(k, 0, groups) {
-        float pi[8], mi[8], vi[8];
-        adam_o2_new8(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, k, h, pi, mi, vi);
-#pragma unroll
-        for (int u = 0; u < 8; u++) take(pi[u], mi[u], vi[u]);
-    }
-    ADAM_STRIDE_FROM(i, 8 * groups, n) {
-        float pi, mi, vi;
-        adam_o2_new(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, i, h, pi, mi, vi);
-        take(pi, mi, vi);
-    }
-    adam_amax(amax, 0, ap);
-    adam_amax(amax, 1, am);
-    adam_amax(amax, 2, av);
-}
-extern "C" __global__ void adamw_o2_apply(u16* master, float pinv, const float* g32, const u8* gq, float ginv, u8* m8,
-                                          float minv, u16* vh, float vinv, u32 n, AdamStep h, float pscale,
-                                          float mscale, float vscale) {
-    size_t groups = adam_o2_vec(master, g32, gq, m8, vh) ? n / 8 : 0;
-    ADAM_STRIDE_FROM(k, 0, groups) {
-        float pi[8], mi[8], vi[8];
-        adam_o2_new8(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, k, h, pi, mi, vi);
-        u32 pw[4], vw[4], mw[2] = {0, 0};
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            pw[u] = (u32)fp8train_to_f16(pi[2 * u] * pscale) | ((u32)fp8train_to_f16(pi[2 * u + 1] * pscale) << 16);
-            vw[u] = (u32)fp8train_to_f16(vi[2 * u] * vscale) | ((u32)fp8train_to_f16(vi[2 * u + 1] * vscale) << 16);
+    if (it.level == 0) {
+        if (!APPLY) return;  // no scales: updated in pass 2 only
+        float *p = (float*)it.master, *m = (float*)it.m, *v = (float*)it.v;
+        for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) {
+            float pi = p[i], mi = m[i], vi = v[i];
+            adam_update(h, pi, adam_grad(g32, gq, it.ginv, i), mi, vi);
+            p[i] = pi; m[i] = mi; v[i] = vi;
         }
+    } else if (it.level == 1) {
+        u16* master = (u16*)it.master;
+        float *m = (float*)it.m, *v = (float*)it.v;
+        for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) {
+            float pi, mi, vi;
+            adam_o1_new(master, it.pinv, g32, gq, it.ginv, m, v, i, h, pi, mi, vi);
+            if (APPLY) {
+                m[i] = mi; v[i] = vi;
+                master[i] = fp8train_to_f16(pi * it.pscale);
+            } else {
+                u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
+            }
+        }
+    } else {
+        u16* master = (u16*)it.master;
+        u8* m8 = (u8*)it.m;
+        u16* vh = (u16*)it.v;
+        // Eight elements per thread and step when every buffer allows vector accesses.
+        size_t vend = adam_o2_vec(master, g32, gq, m8, vh) ? end / 8 : first / 8;
+        for (size_t k = first / 8 + threadIdx.x; k < vend; k += blockDim.x) {
+            float pi[8], mi[8], vi[8];
+            adam_o2_new8(master, it.pinv, g32, gq, it.ginv, m8, it.minv, vh, it.vinv, k, h, pi, mi, vi);
+            if (APPLY) {
+                u32 pw[4], vw[4], mw[2] = {0, 0};
 #pragma unroll
-        for (int u = 0; u < 8; u++) mw[u / 4] |= (u32)fp8train_encode_sat(mi[u] * mscale, 0) << (8 * (u % 4));
-        ((uint4*)master)[k] = make_uint4(pw[0], pw[1], pw[2], pw[3]);
-        ((uint4*)vh)[k] = make_uint4(vw[0], vw[1], vw[2], vw[3]);
-        ((uint2*)m8)[k] = make_uint2(mw[0], mw[1]);
+                for (int u = 0; u < 4; u++) {
+                    pw[u] = (u32)fp8train_to_f16(pi[2 * u] * it.pscale) |
+                            ((u32)fp8train_to_f16(pi[2 * u + 1] * it.pscale) << 16);
+                    vw[u] = (u32)fp8train_to_f16(vi[2 * u] * it.vscale) |
+                            ((u32)fp8train_to_f16(vi[2 * u + 1] * it.vscale) << 16);
+                }
+#pragma unroll
+                for (int u = 0; u < 8; u++) mw[u / 4] |= (u32)fp8train_encode_sat(mi[u] * it.mscale, 0) << (8 * (u % 4));
+                ((uint4*)master)[k] = make_uint4(pw[0], pw[1], pw[2], pw[3]);
+                ((uint4*)vh)[k] = make_uint4(vw[0], vw[1], vw[2], vw[3]);
+                ((uint2*)m8)[k] = make_uint2(mw[0], mw[1]);
+            } else {
+#pragma unroll
+                for (int u = 0; u < 8; u++) take(pi[u], mi[u], vi[u]);
+            }
+        }
+        for (size_t i = 8 * vend + threadIdx.x; i < end; i += blockDim.x) {
+            float pi, mi, vi;
+            adam_o2_new(master, it.pinv, g32, gq, it.ginv, m8, it.minv, vh, it.vinv, i, h, pi, mi, vi);
+            if (APPLY) {
+                master[i] = fp8train_to_f16(pi * it.pscale);
+                m8[i] = fp8train_encode_sat(mi * it.mscale, 0);
+                vh[i] = fp8train_to_f16(vi * it.vscale);
+            } else {
+                take(pi, mi, vi);
+            }
+        }
     }
-    ADAM_STRIDE_FROM(i, 8 * groups, n) {
-        float pi, mi, vi;
-        adam_o2_new(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, i, h, pi, mi, vi);
-        master[i] = fp8train_to_f16(pi * pscale);
-        m8[i] = fp8train_encode_sat(mi * mscale, 0);
-        vh[i] = fp8train_to_f16(vi * vscale);
+    if (!APPLY) {
+        // One atomic per block and slot (warp maxima through shared memory first).
+        __shared__ u32 red[3][32];
+        u32 w = threadIdx.x / 32, nw = blockDim.x / 32, mine[3] = {ap, am, av};
+#pragma unroll
+        for (int k = 0; k < 3; k++) {
+            u32 b = fp8train_warp_max_u32(mine[k]);
+            if ((threadIdx.x & 31) == 0) red[k][w] = b;
+        }
+        __syncthreads();
+        if (threadIdx.x < 3) {
+            u32 b = 0;
+            for (u32 j = 0; j < nw; j++) b = red[threadIdx.x][j] > b ? red[threadIdx.x][j] : b;
+            if (b) atomicMax(&it.amax[threadIdx.x], (unsigned long long)b);
+        }
     }
+}
+extern "C" __global__ void adamw_multi_amax(const AdamItem* items, const uint2* chunks) {
+    adamw_chunk<false>(items, chunks);
+}
+extern "C" __global__ void adamw_multi_apply(const AdamItem* items, const uint2* chunks) {
+    adamw_chunk<true>(items, chunks);
 }

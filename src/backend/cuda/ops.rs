@@ -19,6 +19,10 @@ use fp8sim::ops::attention::AttnShape;
 use fp8sim::scaling::{scale_for_max, scale_from_amax, F16_MAX};
 use fp8sim::Fp8Format;
 
+/// Words of the kernels' `AdamItem` (adamw.cu) and elements per block of its launches.
+const ADAM_ITEM_WORDS: usize = 32;
+const ADAM_CHUNK: usize = 16384;
+
 /// The kernels' `AdamStep` (same field order).
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -1370,97 +1374,85 @@ impl Backend for Cuda {
     fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()> {
         self.adamw_many(vec![(state, grad, *step)])
     }
-    /// Two passes over all tensors with one read-back between them (see adamw.cu).
+    /// Two launches over all tensors with one read-back between them (see adamw.cu).
     fn adamw_many(&self, items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>) -> BResult<()> {
         let _op = self.op(Phase::Optimizer, "adamw");
         use cudarc::driver::DevicePtr;
         let s = &self.gpu.stream;
-        let grad_of = |g: &GradRef<'_, Self>| match g {
-            GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 1.0f32),
-            GradRef::Fp8(q, scale) => (0u64, q.device_ptr(s).0, 1.0 / scale),
-        };
         let amax = self.alloc::<u64>(3 * items.len().max(1))?;
-        let base = amax.device_ptr(s).0;
+        let amax_base = amax.device_ptr(s).0;
+        let ptr = |p: u64, w: &mut Vec<u32>| w.extend([p as u32, (p >> 32) as u32]);
+        // The kernels' AdamItem, 32 words per tensor, and the (tensor, first element)
+        // chunk of every block.
+        let mut table: Vec<u32> = Vec::with_capacity(ADAM_ITEM_WORDS * items.len());
+        let mut chunks: Vec<u32> = Vec::new();
+        let mut scaled = false;
         for (i, (state, grad, step)) in items.iter().enumerate() {
-            let (g32, gq, ginv) = grad_of(grad);
-            let h = KAdamStep::from(step);
-            let slot = base + 24 * i as u64;
-            match state {
-                AdamState::F32 { .. } => {} // no scales: updated in pass 2
+            let (g32, gq, ginv) = match grad {
+                GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 1.0f32),
+                GradRef::Fp8(q, scale) => (0u64, q.device_ptr(s).0, 1.0 / scale),
+            };
+            let (master, m, v, n, level, pinv, minv, vinv) = match state {
+                AdamState::F32 { master, m, v } => {
+                    let n = master.len();
+                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 0u32, 1.0, 1.0, 1.0)
+                }
                 AdamState::O1 { master, master_scale, m, v } => {
-                    let (n, pinv) = (master.len() as u32, 1.0 / **master_scale);
-                    launch!(
-                        self,
-                        "adamw_o1_amax",
-                        with stride_cfg(n as usize),
-                        [&**master, &pinv, &g32, &gq, &ginv, &**m, &**v, &n, &h, &slot]
-                    );
+                    let n = master.len();
+                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 1, 1.0 / **master_scale, 1.0, 1.0)
                 }
                 AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
-                    let n = master.len() as u32;
-                    let (pinv, minv, vinv) = (1.0 / **master_scale, 1.0 / **m_scale, 1.0 / **v_scale);
-                    launch!(
-                        self,
-                        "adamw_o2_amax",
-                        with stride_cfg(n as usize),
-                        [&**master, &pinv, &g32, &gq, &ginv, &**m, &minv, &**v, &vinv, &n, &h, &slot]
-                    );
+                    let (ms, mm, vs) = (**master_scale, **m_scale, **v_scale);
+                    let n = master.len();
+                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 2, 1.0 / ms, 1.0 / mm, 1.0 / vs)
                 }
+            };
+            scaled |= level > 0;
+            for p in [master, g32, gq, m, v, amax_base + 24 * i as u64] {
+                ptr(p, &mut table);
+            }
+            let n32 = u32::try_from(n)
+                .map_err(|_| BackendError::new("adamw", format!("a tensor of {n} elements (at most 2^32 - 1)")))?;
+            table.extend([n32, level]);
+            // ginv, pinv, minv, vinv, then pscale, mscale, vscale (set for pass 2), pad
+            table.extend([ginv, pinv, minv, vinv, 1.0, 1.0, 1.0, 0.0].map(f32::to_bits));
+            let h = KAdamStep::from(step);
+            let hw = [h.lr, h.beta1, h.beta2, h.eps, h.omb1, h.omb2, h.bc1, h.bc2, h.decay, h.grad_scale];
+            table.extend(hw.map(f32::to_bits));
+            for first in (0..n32).step_by(ADAM_CHUNK) {
+                chunks.extend([i as u32, first]);
             }
         }
-        let a = if items.iter().any(|it| !matches!(it.0, AdamState::F32 { .. })) {
-            self.download(&amax)?
-        } else {
-            Vec::new()
+        let chunk_buf = self.upload(&chunks)?;
+        let cfg = LaunchConfig {
+            grid_dim: ((chunks.len() / 2).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
         };
-        for (i, (state, grad, step)) in items.into_iter().enumerate() {
-            let (g32, gq, ginv) = grad_of(&grad);
-            let h = KAdamStep::from(&step);
+        let mut a = Vec::new();
+        if scaled {
+            let tb = self.upload(&table)?;
+            launch!(self, "adamw_multi_amax", with cfg, [&tb, &chunk_buf]);
+            a = self.download(&amax)?;
+        }
+        for (i, (state, _, _)) in items.into_iter().enumerate() {
+            let scales = &mut table[ADAM_ITEM_WORDS * i + 18..ADAM_ITEM_WORDS * i + 21];
             match state {
-                AdamState::F32 { master, m, v } => {
-                    let n = master.len() as u32;
-                    launch!(self, "adamw_f32", n as usize, [master, &g32, &gq, &ginv, m, v, &n, &h]);
-                }
-                AdamState::O1 { master, master_scale, m, v } => {
-                    let (n, pinv) = (master.len() as u32, 1.0 / *master_scale);
+                AdamState::F32 { .. } => {}
+                AdamState::O1 { master_scale, .. } => {
                     *master_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i]), 0, *master_scale);
-                    launch!(
-                        self,
-                        "adamw_o1_apply",
-                        with stride_cfg(n as usize),
-                        [&mut *master, &pinv, &g32, &gq, &ginv, &mut *m, &mut *v, &n, &h, &*master_scale]
-                    );
+                    scales[0] = master_scale.to_bits();
                 }
-                AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
-                    let n = master.len() as u32;
-                    let (pinv, minv, vinv) = (1.0 / *master_scale, 1.0 / *m_scale, 1.0 / *v_scale);
+                AdamState::O2 { master_scale, m_scale, v_scale, .. } => {
                     *master_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i]), 0, *master_scale);
                     *m_scale = scale_from_amax(Fp8Format::E4M3, slot_amax(a[3 * i + 1]), 0, *m_scale);
                     *v_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i + 2]), 0, *v_scale);
-                    launch!(
-                        self,
-                        "adamw_o2_apply",
-                        with stride_cfg(n as usize),
-                        [
-                            &mut *master,
-                            &pinv,
-                            &g32,
-                            &gq,
-                            &ginv,
-                            &mut *m,
-                            &minv,
-                            &mut *v,
-                            &vinv,
-                            &n,
-                            &h,
-                            &*master_scale,
-                            &*m_scale,
-                            &*v_scale
-                        ]
-                    );
+                    scales.copy_from_slice(&[master_scale.to_bits(), m_scale.to_bits(), v_scale.to_bits()]);
                 }
             }
         }
+        let tb = self.upload(&table)?;
+        launch!(self, "adamw_multi_apply", with cfg, [&tb, &chunk_buf]);
         Ok(())
     }
 }
