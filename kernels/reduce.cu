@@ -10,14 +10,19 @@
 // mode 0: x, 1: x*x
 #define RS_CHUNKS 256
 // Block `blk` of the first pass over n elements: its partial into *out.
+// `load4(g, v)` puts elements g..g+3 (g a multiple of 4; zero past n) into v: staged
+// four at a time (one vector load each where the source allows), the same values.
 template <typename L>
-__device__ void rs_block(L load, u32 n, int mode, u32 blk, float* out) {
+__device__ void rs_block4(L load4, u32 n, int mode, u32 blk, float* out) {
     __shared__ float stage[RS_CHUNKS * 33];
     __shared__ float pa[RS_CHUNKS], pb[RS_CHUNKS / 2 + 1];
     size_t base = (size_t)blk * RS_CHUNKS * 32;
-    for (u32 e = threadIdx.x; e < RS_CHUNKS * 32; e += RS_CHUNKS) {
-        size_t g = base + e;
-        stage[e + e / 32] = g < n ? load(g) : 0.0f;
+#pragma unroll 4
+    for (u32 e = 4 * threadIdx.x; e < RS_CHUNKS * 32; e += 4 * RS_CHUNKS) {
+        float v[4];
+        load4(base + e, v);
+        float* d = stage + e + e / 32;  // the four stay in one chunk of 32
+        d[0] = v[0]; d[1] = v[1]; d[2] = v[2]; d[3] = v[3];
     }
     __syncthreads();
     u32 chunks_total = (n + 31) / 32;
@@ -33,6 +38,12 @@ __device__ void rs_block(L load, u32 n, int mode, u32 blk, float* out) {
     int m = (int)min((u32)RS_CHUNKS, chunks_total - blk * RS_CHUNKS);
     float r = fp8train_block_tree(pa, pb, m);
     if (threadIdx.x == 0) *out = r;
+}
+template <typename L>
+__device__ void rs_block(L load, u32 n, int mode, u32 blk, float* out) {
+    rs_block4([&](size_t g, float* v) {
+        for (int k = 0; k < 4; k++) v[k] = g + k < n ? load(g + k) : 0.0f;
+    }, n, mode, blk, out);
 }
 template <typename L>
 __device__ void rs_blocks(L load, u32 n, int mode, float* out) {
@@ -154,11 +165,31 @@ extern "C" __global__ void __launch_bounds__(RS_CHUNKS) sq_blocks_multi(const u3
     float inv = __uint_as_float(t[2]);
     u32 n = t[3], blk = blockIdx.x - t[5];
     bool fp8 = t[4] != 0;
-    // One instantiation (its static shared memory counts once), branching per element.
-    rs_block([&](size_t g) {
+    // One instantiation (its static shared memory counts once); four elements per load
+    // where the source is aligned and the four are all in range.
+    auto one = [&](size_t g) {
+        if (g >= n) return 0.0f;
         if (!fp8) return ((const float*)p)[g];
         float v = fp8train_decode(((const u8*)p)[g], 0);
         return isnan(v) ? FP8TRAIN_NAN : v * inv;
+    };
+    bool vec = ((size_t)p & (fp8 ? 3 : 15)) == 0;
+    rs_block4([&](size_t g, float* v) {
+        if (vec && g + 3 < n) {
+            if (fp8) {
+                u32 w = ((const u32*)p)[g / 4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    float x = fp8train_decode((u8)(w >> (8 * k)), 0);
+                    v[k] = isnan(x) ? FP8TRAIN_NAN : x * inv;
+                }
+            } else {
+                float4 x = ((const float4*)p)[g / 4];
+                v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+            }
+        } else {
+            for (int k = 0; k < 4; k++) v[k] = one(g + k);
+        }
     }, n, 1, blk, part + blockIdx.x);
 }
 // A tree pass: descriptor t = 4 words (first partial, partials m, first output, first

@@ -479,7 +479,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let mut out = be.zeros(b * t * c)?;
                 be.encoder_forward(&mut out, &tokens, &wte, &wpe, b, t, c)?;
                 let (mut dwte, mut dwpe) = (be.upload(&randn(v * c, 12, 1.0))?, be.zeros(t * c)?);
-                be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c)?;
+                be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, &toks, b, t, c)?;
                 vec![("out", bits(be, &out)?), ("dwte", bits(be, &dwte)?), ("dwpe", bits(be, &dwpe)?)]
             }
             Case::Attention { b, t, c, nh } => {

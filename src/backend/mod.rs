@@ -409,12 +409,16 @@ pub trait Backend {
         t: usize,
         c: usize,
     ) -> BResult<()>;
+    /// `host_tokens`: the same tokens in host memory (the caller has them), so a
+    /// device backend can group positions by token without reading them back.
+    #[allow(clippy::too_many_arguments)]
     fn encoder_backward(
         &self,
         dwte: &mut Self::Buf<f32>,
         dwpe: &mut Self::Buf<f32>,
         dout: &Self::Buf<f32>,
         tokens: &Self::Buf<u32>,
+        host_tokens: &[u32],
         b: usize,
         t: usize,
         c: usize,

@@ -71,6 +71,8 @@ pub struct Workspace<B: Backend> {
     views: Vec<WeightView<B>>,
     wte_bf16: B::Buf<bf16>,
     tokens: B::Buf<u32>,
+    /// The same tokens on the host (for encoder_backward's grouping by token).
+    host_tokens: Vec<u32>,
     targets: B::Buf<u32>,
     encoded: B::Buf<f32>,
     layers: Vec<LayerActs<B>>,
@@ -217,6 +219,7 @@ impl<B: Backend> Gpt<B> {
                 views,
                 wte_bf16: be.zeros(v * c)?,
                 tokens: be.zeros(n)?,
+                host_tokens: vec![0; n],
                 targets: be.zeros(n)?,
                 encoded: z(n * c)?,
                 layers,
@@ -356,6 +359,7 @@ impl<B: Backend> Gpt<B> {
             let n = b * t;
             assert!(tokens.len() == n && targets.len() == n, "forward: batch is not b x t tokens");
             ws.tokens = be.upload(tokens)?;
+            ws.host_tokens = tokens.to_vec();
             ws.targets = be.upload(targets)?;
             let slots = Slots::new(&self.cfg);
             ws.stats = be.zeros(slots.len())?;
@@ -750,7 +754,7 @@ impl<B: Backend> Gpt<B> {
                     st.cast_elements += (n * (3 * c + c + 4 * c + c)) as u64;
                 }
             }
-            be.encoder_backward(&mut ws.g_wte, &mut ws.g_wpe, &ws.dres, &ws.tokens, b, t, c)?;
+            be.encoder_backward(&mut ws.g_wte, &mut ws.g_wpe, &ws.dres, &ws.tokens, &ws.host_tokens, b, t, c)?;
             if inject_nan {
                 be.set(&mut ws.g_wte, 0, f32::NAN)?;
             }

@@ -1034,13 +1034,18 @@ impl Backend for Cuda {
         dwpe: &mut CudaSlice<f32>,
         dout: &CudaSlice<f32>,
         tokens: &CudaSlice<u32>,
+        host_tokens: &[u32],
         b: usize,
         t: usize,
         c: usize,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "encoder_backward");
-        // Positions grouped by token on the host (stable, so ascending within a token).
-        let toks = self.download(tokens)?;
+        // Positions grouped by token on the host (stable, so ascending within a token),
+        // from the caller's copy: no read-back, the queue keeps running.
+        if host_tokens.len() != tokens.len() {
+            return Err(BackendError::new("encoder_backward", "host and device token counts differ"));
+        }
+        let toks = host_tokens;
         let mut order: Vec<u32> = (0..toks.len() as u32).collect();
         order.sort_by_key(|&i| toks[i as usize]);
         let (mut seg, mut segtok) = (Vec::new(), Vec::new());
