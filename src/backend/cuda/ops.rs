@@ -78,6 +78,9 @@ pub struct Cuda {
     profile: std::cell::RefCell<Option<Prof>>,
     /// GELU and its derivative factor of every BF16 code (gelu.cu), made at first use.
     gelu_tab: std::cell::OnceCell<CudaSlice<f32>>,
+    /// Device copies of the f32 constants cuBLASLt reads by pointer (the FP8 products'
+    /// power-of-two scales, 1.0), by bit pattern: uploaded once, not once per product.
+    scalars: std::cell::RefCell<std::collections::HashMap<u32, CudaSlice<f32>>>,
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -236,6 +239,7 @@ impl Cuda {
             functions: Default::default(),
             profile: Default::default(),
             gelu_tab: std::cell::OnceCell::new(),
+            scalars: Default::default(),
         })
     }
 
@@ -400,8 +404,14 @@ impl Cuda {
                 ((dyt, ta, Major::K), (xt, tb, Major::K), n, k, m, vec![h1, h2])
             }
         };
-        let scale_dev = self.upload(&[scale])?;
-        let one_dev = self.upload(&[1.0f32])?;
+        for v in [scale, 1.0f32] {
+            if !self.scalars.borrow().contains_key(&v.to_bits()) {
+                let d = self.upload(&[v])?;
+                self.scalars.borrow_mut().insert(v.to_bits(), d);
+            }
+        }
+        let scalars = self.scalars.borrow();
+        let (scale_dev, one_dev) = (&scalars[&scale.to_bits()], &scalars[&1.0f32.to_bits()]);
         // The output amax only when verify asks for it (a zeroed buffer and a read-back).
         let mut amax = if ta != LtType::Bf16 && self.report_amax.get() { Some(self.alloc::<f32>(1)?) } else { None };
         let got = match lt.matmul(
@@ -410,8 +420,8 @@ impl Cuda {
             a_op,
             b_op,
             (mm, nn, kk),
-            (scale, &scale_dev),
-            &one_dev,
+            (scale, scale_dev),
+            one_dev,
             amax.as_mut(),
             accumulate,
         ) {
