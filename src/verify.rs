@@ -867,23 +867,30 @@ pub const FLASH_BOUND: f64 = 2e-2;
 fn verify_flash(fast: &Cuda) -> BResult<Vec<Row>> {
     Ok({
         let mut rows = Vec::new();
-        for (b, t, c, nh) in [(2, 256, 128, 2), (1, 300, 256, 2), (2, 1024, 768, 12)] {
-            let t0 = std::time::Instant::now();
-            let case = Case::Attention { b, t, c, nh };
-            let exact = run_case(&Sim, &case)?;
-            let got = run_case(fast, &case)?;
-            for ((name, e), (_, g)) in exact.iter().zip(&got) {
-                let rel = rel_frobenius(&floats(e), &floats(g));
-                rows.push(Row {
-                    op: format!("attention fast (flash, bf16) {name} [b{b} t{t} c{c} h{nh}]"),
-                    inputs: e.len() as u64,
-                    class: "fast",
-                    mismatches: u64::from(rel.is_nan() || rel > FLASH_BOUND),
-                    first: Some(format!("relative Frobenius error {rel:.2e} (bound {FLASH_BOUND:.0e})")),
-                    seconds: t0.elapsed().as_secs_f64(),
-                });
+        // Hopper has two kinds: the warpgroup kernels (used) and the mma.sync ones.
+        let kinds: &[(&str, bool)] =
+            if fast.has_wgmma_flash() { &[("wgmma", false), ("mma.sync", true)] } else { &[("mma.sync", true)] };
+        for &(kind, mma) in kinds {
+            fast.use_mma_flash(mma);
+            for (b, t, c, nh) in [(2, 256, 128, 2), (1, 300, 256, 2), (2, 1024, 768, 12)] {
+                let t0 = std::time::Instant::now();
+                let case = Case::Attention { b, t, c, nh };
+                let exact = run_case(&Sim, &case)?;
+                let got = run_case(fast, &case)?;
+                for ((name, e), (_, g)) in exact.iter().zip(&got) {
+                    let rel = rel_frobenius(&floats(e), &floats(g));
+                    rows.push(Row {
+                        op: format!("attention fast (flash {kind}, bf16) {name} [b{b} t{t} c{c} h{nh}]"),
+                        inputs: e.len() as u64,
+                        class: "fast",
+                        mismatches: u64::from(rel.is_nan() || rel > FLASH_BOUND),
+                        first: Some(format!("relative Frobenius error {rel:.2e} (bound {FLASH_BOUND:.0e})")),
+                        seconds: t0.elapsed().as_secs_f64(),
+                    });
+                }
             }
         }
+        fast.use_mma_flash(false);
         rows
     })
 }

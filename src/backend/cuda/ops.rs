@@ -81,6 +81,8 @@ pub struct Cuda {
     /// Device copies of the f32 constants cuBLASLt reads by pointer (the FP8 products'
     /// power-of-two scales, 1.0), by bit pattern: uploaded once, not once per product.
     scalars: std::cell::RefCell<std::collections::HashMap<u32, CudaSlice<f32>>>,
+    /// Keep the `mma.sync` flash kernels on Hopper too (verify runs both kinds).
+    flash_mma: std::cell::Cell<bool>,
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -240,6 +242,7 @@ impl Cuda {
             profile: Default::default(),
             gelu_tab: std::cell::OnceCell::new(),
             scalars: Default::default(),
+            flash_mma: std::cell::Cell::new(false),
         })
     }
 
@@ -280,8 +283,8 @@ impl Cuda {
     fn flash(&self, hs: usize) -> Option<Flash> {
         if self.lt.borrow().is_some() {
             // FP8TRAIN_FLASH=mma keeps the mma.sync kernels on Hopper (to compare them).
-            let mma = std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma");
-            Flash::for_head_size(hs, self.gpu.arch == "sm_90a" && !mma)
+            let mma = self.flash_mma.get() || std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma");
+            Flash::for_head_size(hs, self.has_wgmma_flash() && !mma)
         } else {
             None
         }
@@ -433,6 +436,16 @@ impl Cuda {
             _ => None,
         });
         Ok(Ok(()))
+    }
+
+    /// Whether the device has the warpgroup (sm_90a) flash kernels.
+    pub fn has_wgmma_flash(&self) -> bool {
+        self.gpu.arch == "sm_90a"
+    }
+
+    /// Use the `mma.sync` flash kernels even where the warpgroup ones exist.
+    pub fn use_mma_flash(&self, on: bool) {
+        self.flash_mma.set(on);
     }
 
     /// Have fast FP8 GEMMs report their output amax ([`Cuda::last_fast_amax`]).
