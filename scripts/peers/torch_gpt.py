@@ -4,7 +4,8 @@ positions, GELU-tanh, causal multi-head attention, tied LM head, biases), traine
 way its users would: torch.compile, BF16 autocast, SDPA (flash) attention, fused AdamW;
 with --fp8, torchao float8 training (tensorwise scaling) on the block linears, the
 LM head kept in BF16 as fp8train keeps it. Random tokens; median step time after
-warm-up. Prints one JSON line (and a summary line with --verbose).
+warm-up. Prints one JSON line (and a summary line with --verbose). A model that does
+not fit prints a JSON line with "oom": true and the allocator's message, exit status 3.
 
   python3 scripts/peers/torch_gpt.py --model gpt2-124m --batch 16 --seq 1024 [--fp8]
 """
@@ -85,7 +86,22 @@ def main():
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     dev = "cuda"
-    model = GPT(n_layer, d, h, seq, args.vocab).to(dev)
+    try:
+        return run(args, n_layer, d, h, seq, batch, dev)
+    except torch.cuda.OutOfMemoryError as e:
+        print(json.dumps({
+            "bench": "peer", "peer": "pytorch", "recipe": "torchao-float8-tensorwise" if args.fp8 else "bf16",
+            "torch": torch.__version__, "model": args.model, "batch": batch, "seq": seq, "oom": True,
+            "error": str(e).splitlines()[0][:300], "max_memory_allocated": torch.cuda.max_memory_allocated(),
+            "device": torch.cuda.get_device_name(),
+        }), flush=True)
+        return 3
+
+
+def run(args, n_layer, d, h, seq, batch, dev):
+    # Built on the device (parameters never pass through host memory).
+    with torch.device(dev):
+        model = GPT(n_layer, d, h, seq, args.vocab)
     recipe = "bf16"
     if args.fp8:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
