@@ -113,6 +113,11 @@ pub enum Recompute {
     /// stored pre-activation before each layer's MLP backward (a table lookup per
     /// value), one buffer for all layers instead of one per layer.
     Gelu,
+    /// Everything of a block but its output: the backward pass runs each block's forward
+    /// again from its input (the previous block's output) just before the block's
+    /// backward, into one set of buffers for all blocks (the MLP projection's product,
+    /// whose output the backward does not read, is skipped).
+    Full,
 }
 
 impl fmt::Display for Recompute {
@@ -120,6 +125,7 @@ impl fmt::Display for Recompute {
         f.write_str(match self {
             Recompute::None => "none",
             Recompute::Gelu => "gelu",
+            Recompute::Full => "full",
         })
     }
 }

@@ -52,7 +52,6 @@ struct LayerActs<B: Backend> {
     ln2_rstd: B::Buf<f32>,
     /// The MLP pre-activation (up projection + bias) in BF16 (what GELU reads).
     fc: B::Buf<bf16>,
-    res_out: B::Buf<f32>,
     saved: [Saved<B>; 4],
 }
 
@@ -75,7 +74,10 @@ pub struct Workspace<B: Backend> {
     host_tokens: Vec<u32>,
     targets: B::Buf<u32>,
     encoded: B::Buf<f32>,
+    /// One set per block, or one for all with `Recompute::Full`.
     layers: Vec<LayerActs<B>>,
+    /// Each block's output (the next block's input), kept whatever is recomputed.
+    res_outs: Vec<B::Buf<f32>>,
     lin_out: B::Buf<f32>,
     /// With `Recompute::Gelu`: the MLP projection's input for the layer at hand (its
     /// per-layer `saved[3]` then holds no values, only the scale).
@@ -180,7 +182,8 @@ impl<B: Backend> Gpt<B> {
             let z = |k: usize| be.zeros::<f32>(k);
             let outs = [3 * c, c, 4 * c, c];
             let ins = [c, c, c, 4 * c];
-            let layers = (0..self.cfg.n_layer)
+            let sets = if self.recompute == Recompute::Full { self.cfg.n_layer.min(1) } else { self.cfg.n_layer };
+            let layers = (0..sets)
                 .map(|_| -> BResult<LayerActs<B>> {
                     Ok(LayerActs {
                         ln1_mean: z(n)?,
@@ -192,7 +195,6 @@ impl<B: Backend> Gpt<B> {
                         ln2_mean: z(n)?,
                         ln2_rstd: z(n)?,
                         fc: be.zeros(n * 4 * c)?,
-                        res_out: z(n * c)?,
                         saved: arr4(|i| Saved::new(be, fp8, if i == 3 && gelu_again { 0 } else { n * ins[i] }))?,
                     })
                 })
@@ -223,6 +225,7 @@ impl<B: Backend> Gpt<B> {
                 targets: be.zeros(n)?,
                 encoded: z(n * c)?,
                 layers,
+                res_outs: (0..self.cfg.n_layer).map(|_| z(n * c)).collect::<BResult<Vec<_>>>()?,
                 lin_out: z(n * c)?,
                 gelu_in: if gelu_again { Some(Saved::new(be, fp8, n * 4 * c)?) } else { None },
                 lnf_mean: z(n)?,
@@ -246,6 +249,102 @@ impl<B: Backend> Gpt<B> {
                 g_wpe: z(self.cfg.seq_len * c)?,
             }
         })
+    }
+
+    /// Block `l`'s forward pass into its activations (the one shared set with
+    /// `Recompute::Full`) from its input, the previous block's output; `with_out`: also
+    /// the block's output (the backward pass's recomputation skips the MLP projection,
+    /// whose output it does not read).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        be: &B,
+        params: &[Param<B>],
+        scaling: &[LinearScaling],
+        cfg: &ModelConfig,
+        ws: &mut Workspace<B>,
+        slots: &Slots,
+        l: usize,
+        with_out: bool,
+    ) -> BResult<()> {
+        let (b, t, c) = (ws.b, ws.t, cfg.n_embd);
+        let n = b * t;
+        let shape = AttnShape { b, t, c, nh: cfg.n_head };
+        let Workspace { work, views, encoded, layers, res_outs, lin_out, dqkv, dfc, gelu_in, stats, .. } = ws;
+        let w = |i: usize| Self::weight(params, work, i);
+        let p = |k: usize| w(params::layer_param(l, k));
+        let set = if layers.len() == cfg.n_layer { l } else { 0 };
+        let la = &mut layers[set];
+        let (before, from) = res_outs.split_at_mut(l);
+        let res_in = if l == 0 { &*encoded } else { &before[l - 1] };
+        let sc = &scaling[4 * l..4 * l + 4];
+        let views = &views[4 * l..4 * l + 4];
+        let [s0, s1, s2, s3] = &mut la.saved;
+        let dims = layer_dims(n, c);
+        let st = stats;
+        let act = |k: usize| slots.act(4 * l + k);
+        linear::produce_input(be, s0, &mut *lin_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
+            be.layernorm_forward(
+                y,
+                &mut la.ln1_mean,
+                &mut la.ln1_rstd,
+                res_in,
+                p(params::LN1_W),
+                p(params::LN1_B),
+                n,
+                c,
+            )
+        })?;
+        // The products go through f32 scratch (backward buffers, free in the
+        // forward pass) and are kept in BF16 with their biases.
+        linear::forward_bf16(be, &mut la.qkv, &mut *dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
+        be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
+        linear::cast_input_bf16(be, s1, &la.att, &mut *lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
+        linear::forward_residual(
+            be,
+            &mut la.res_mid,
+            &mut *lin_out,
+            res_in,
+            &views[1],
+            s1,
+            p(params::PROJ_B),
+            dims[1],
+        )?;
+        linear::produce_input(be, s2, &mut *lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
+            be.layernorm_forward(
+                y,
+                &mut la.ln2_mean,
+                &mut la.ln2_rstd,
+                &la.res_mid,
+                p(params::LN2_W),
+                p(params::LN2_B),
+                n,
+                c,
+            )
+        })?;
+        linear::forward_bf16(be, &mut la.fc, &mut *dfc, &views[2], s2, p(params::FC_B), dims[2])?;
+        // With GELU recomputed, its output goes to the one shared buffer and
+        // only its scale stays with the layer.
+        let g3 = match gelu_in.as_mut() {
+            Some(g) => g,
+            None => &mut *s3,
+        };
+        linear::produce_input(be, g3, &mut *dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| be.gelu_forward(y, &la.fc))?;
+        if with_out {
+            linear::forward_residual(
+                be,
+                &mut from[0],
+                &mut *lin_out,
+                &la.res_mid,
+                &views[3],
+                g3,
+                p(params::FCPROJ_B),
+                dims[3],
+            )?;
+        }
+        if let (Some(Saved::Fp8 { scale: used, .. }), Saved::Fp8 { scale, .. }) = (&*gelu_in, &mut *s3) {
+            *scale = *used;
+        }
+        Ok(())
     }
 
     /// The f32 weight of parameter `i` this step (master itself, or its decoded copy).
@@ -363,86 +462,15 @@ impl<B: Backend> Gpt<B> {
             ws.targets = be.upload(targets)?;
             let slots = Slots::new(&self.cfg);
             ws.stats = be.zeros(slots.len())?;
-            let (params, work) = (&self.params, &ws.work);
-            let w = |i: usize| Self::weight(params, work, i);
-            be.encoder_forward(&mut ws.encoded, &ws.tokens, w(params::WTE), w(params::WPE), b, t, c)?;
-            let shape = AttnShape { b, t, c, nh: self.cfg.n_head };
+            let params = &self.params;
+            let (wte, wpe) = (Self::weight(params, &ws.work, params::WTE), Self::weight(params, &ws.work, params::WPE));
+            be.encoder_forward(&mut ws.encoded, &ws.tokens, wte, wpe, b, t, c)?;
             for l in 0..self.cfg.n_layer {
-                let p = |k: usize| w(params::layer_param(l, k));
-                let (done, rest) = ws.layers.split_at_mut(l);
-                let la = &mut rest[0];
-                let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
-                let sc = &self.scaling[4 * l..4 * l + 4];
-                let views = &ws.views[4 * l..4 * l + 4];
-                let [s0, s1, s2, s3] = &mut la.saved;
-                let dims = layer_dims(n, c);
-                let st = &mut ws.stats;
-                let act = |k: usize| slots.act(4 * l + k);
-                linear::produce_input(be, s0, &mut ws.lin_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
-                    be.layernorm_forward(
-                        y,
-                        &mut la.ln1_mean,
-                        &mut la.ln1_rstd,
-                        res_in,
-                        p(params::LN1_W),
-                        p(params::LN1_B),
-                        n,
-                        c,
-                    )
-                })?;
-                // The products go through f32 scratch (backward buffers, free in the
-                // forward pass) and are kept in BF16 with their biases.
-                linear::forward_bf16(be, &mut la.qkv, &mut ws.dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
-                be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
-                linear::cast_input_bf16(be, s1, &la.att, &mut ws.lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
-                linear::forward_residual(
-                    be,
-                    &mut la.res_mid,
-                    &mut ws.lin_out,
-                    res_in,
-                    &views[1],
-                    s1,
-                    p(params::PROJ_B),
-                    dims[1],
-                )?;
-                linear::produce_input(be, s2, &mut ws.lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
-                    be.layernorm_forward(
-                        y,
-                        &mut la.ln2_mean,
-                        &mut la.ln2_rstd,
-                        &la.res_mid,
-                        p(params::LN2_W),
-                        p(params::LN2_B),
-                        n,
-                        c,
-                    )
-                })?;
-                linear::forward_bf16(be, &mut la.fc, &mut ws.dfc, &views[2], s2, p(params::FC_B), dims[2])?;
-                // With GELU recomputed, its output goes to the one shared buffer and
-                // only its scale stays with the layer.
-                let g3 = match ws.gelu_in.as_mut() {
-                    Some(g) => g,
-                    None => &mut *s3,
-                };
-                linear::produce_input(be, g3, &mut ws.dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
-                    be.gelu_forward(y, &la.fc)
-                })?;
-                linear::forward_residual(
-                    be,
-                    &mut la.res_out,
-                    &mut ws.lin_out,
-                    &la.res_mid,
-                    &views[3],
-                    g3,
-                    p(params::FCPROJ_B),
-                    dims[3],
-                )?;
-                if let (Some(Saved::Fp8 { scale: used, .. }), Saved::Fp8 { scale, .. }) = (&ws.gelu_in, &mut *s3) {
-                    *scale = *used;
-                }
+                Self::block_forward(be, params, &self.scaling, &self.cfg, ws, &slots, l, true)?;
             }
-            let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[self.cfg.n_layer - 1].res_out };
+            let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.res_outs[self.cfg.n_layer - 1] };
             let lf = params::lnf_w(&self.cfg);
+            let w = |i: usize| Self::weight(params, &ws.work, i);
             let y = ActOut::Bf16(&mut ws.lnf_bf16);
             be.layernorm_forward(y, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), n, c)?;
             if train {
@@ -509,7 +537,7 @@ impl<B: Backend> Gpt<B> {
             let n = b * t;
             let mut st = BackwardStats::default();
             let slots = Slots::new(&self.cfg);
-            let Gpt { params, scaling, cfg, .. } = self;
+            let Gpt { params, scaling, cfg, recompute, .. } = self;
 
             // Loss and LM head, in row chunks (no [tokens, vocab] tensor): per row the
             // same logits, loss and gradient; the token-embedding gradient's fma chains
@@ -533,7 +561,7 @@ impl<B: Backend> Gpt<B> {
             }
             st.loss = be.mean(&ws.losses)?;
             let lf = params::lnf_w(cfg);
-            let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.layers[cfg.n_layer - 1].res_out };
+            let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.res_outs[cfg.n_layer - 1] };
             {
                 let w = Self::weight(params, &ws.work, lf);
                 let [gc0, gc1] = &mut ws.g_c;
@@ -557,9 +585,12 @@ impl<B: Backend> Gpt<B> {
             let shape = AttnShape { b, t, c, nh: cfg.n_head };
             for l in (0..cfg.n_layer).rev() {
                 let idx = |k: usize| params::layer_param(l, k);
-                let (done, rest) = ws.layers.split_at(l);
-                let la = &rest[0];
-                let res_in = if l == 0 { &ws.encoded } else { &done[l - 1].res_out };
+                if *recompute == Recompute::Full {
+                    // The block's activations again, from its input (the same bits).
+                    Self::block_forward(be, params, scaling, cfg, ws, &slots, l, false)?;
+                }
+                let la = &ws.layers[if *recompute == Recompute::Full { 0 } else { l }];
+                let res_in = if l == 0 { &ws.encoded } else { &ws.res_outs[l - 1] };
                 let sc = &scaling[4 * l..4 * l + 4];
                 let views = &ws.views[4 * l..4 * l + 4];
                 let work = &ws.work;
@@ -982,14 +1013,16 @@ mod tests {
         assert_eq!(head_rows_for(48, 96), 48);
     }
 
-    /// Recomputing GELU's output in the backward pass (one shared buffer) trains to the
-    /// same bits as keeping it per layer, including the first FP8 step (just-in-time
-    /// scale) and the steps after (delayed scale).
+    /// Recomputing GELU's output (one shared buffer) or whole blocks (one shared set of
+    /// activations, each block's forward run again from its kept input) in the backward
+    /// pass trains to the same bits as keeping everything, including the first FP8 step
+    /// (just-in-time scales) and the steps after (delayed scales).
     #[test]
-    fn recomputed_gelu_gives_the_bits_of_the_kept_one() {
+    fn recomputed_activations_give_the_bits_of_the_kept_ones() {
         for level in [Level::Bf16, Level::O1, Level::O2] {
             let kept = run_with(level, None, 3, Recompute::None);
-            assert_eq!(run_with(level, None, 3, Recompute::Gelu), kept, "{level:?}");
+            assert_eq!(run_with(level, None, 3, Recompute::Gelu), kept, "{level:?} gelu");
+            assert_eq!(run_with(level, Some(12), 3, Recompute::Full), kept, "{level:?} full");
         }
     }
 }

@@ -57,14 +57,18 @@ pub fn estimate(
     let (n, b, t) = ((b * t) as u64, b as u64, t as u64);
     let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
     let f32s = 4u64;
-    // f32: res_mid, res_out (+ layernorm statistics, attention's row statistics);
-    // BF16: qkv (3c), att (c), fc (4c); the saved linear inputs (7c) in FP8 or BF16.
-    // With GELU recomputed, the MLP projection's input (4c) is one buffer, not one per layer.
-    let (saved_per_layer, saved_once) = match recompute {
-        Recompute::None => (7, 0),
-        Recompute::Gelu => (3, 4),
+    // A block's activations but its output: f32 res_mid (+ layernorm statistics,
+    // attention's row statistics); BF16: qkv (3c), att (c), fc (4c); the saved linear
+    // inputs (7c) in FP8 or BF16. Its output (f32) is kept per block whatever is
+    // recomputed. With GELU recomputed, the MLP projection's input (4c) is one buffer, not
+    // one per block; with everything recomputed, one set of activations serves all blocks.
+    let block = f32s * (4 * n + n * c + 2 * b * nh * t) + 2 * 8 * n * c;
+    let (sets, saved_per_set, saved_once) = match recompute {
+        Recompute::None => (l, 7, 0),
+        Recompute::Gelu => (l, 3, 4),
+        Recompute::Full => (l.min(1), 7, 0),
     };
-    let per_layer = f32s * (4 * n + 2 * n * c + 2 * b * nh * t) + 2 * 8 * n * c + w * saved_per_layer * n * c;
+    let blocks = l * f32s * n * c + sets * (block + w * saved_per_set * n * c);
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
@@ -76,7 +80,7 @@ pub fn estimate(
     let global = f32s * (16 * n * c + 3 * n) + 2 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
-    let activations = l * per_layer + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
+    let activations = blocks + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
     // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
     // The LM head's products: f32 copies of the operands of one chunk (the simulator's

@@ -335,6 +335,8 @@ mod tests {
         assert_eq!(c.train.recompute, Recompute::Gelu);
         let c = Config::from_toml("[train]\nrecompute = \"none\"\n").unwrap();
         assert_eq!(c.train.recompute, Recompute::None);
+        let c = Config::from_toml("[train]\nrecompute = \"full\"\n").unwrap();
+        assert_eq!(c.train.recompute, Recompute::Full);
         let e = Config::from_toml("[train]\nrecompute = \"everything\"\n").unwrap_err();
         assert!(e.contains("train.recompute") && e.contains("everything") && e.contains("gelu"), "{e}");
     }
