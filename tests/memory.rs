@@ -65,6 +65,8 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
         (Level::O2, 3, 96, 3, 128, 512, 2, Recompute::None),
         (Level::O2, 3, 96, 3, 128, 512, 2, Recompute::Gelu),
         (Level::Bf16, 2, 64, 4, 64, 256, 4, Recompute::Gelu),
+        (Level::O2, 3, 96, 3, 128, 512, 2, Recompute::Cheap),
+        (Level::Bf16, 2, 64, 4, 64, 256, 4, Recompute::Cheap),
         (Level::O2, 3, 96, 3, 128, 512, 2, Recompute::Full),
         (Level::Bf16, 2, 64, 4, 64, 256, 4, Recompute::Full),
     ] {

@@ -113,6 +113,11 @@ pub enum Recompute {
     /// stored pre-activation before each layer's MLP backward (a table lookup per
     /// value), one buffer for all layers instead of one per layer.
     Gelu,
+    /// The linear layers' saved inputs (both layernorms' outputs, the attention output
+    /// and its cast, GELU's output) and the attention output itself: recomputed before
+    /// each branch's backward (layernorm and GELU from what the block keeps, attention's
+    /// forward again from the kept QKV), into buffers shared by all blocks.
+    Cheap,
     /// Everything of a block but its output: the backward pass runs each block's forward
     /// again from its input (the previous block's output) just before the block's
     /// backward, into one set of buffers for all blocks (the MLP projection's product,
@@ -125,6 +130,7 @@ impl fmt::Display for Recompute {
         f.write_str(match self {
             Recompute::None => "none",
             Recompute::Gelu => "gelu",
+            Recompute::Cheap => "cheap",
             Recompute::Full => "full",
         })
     }

@@ -79,9 +79,13 @@ pub struct Workspace<B: Backend> {
     /// Each block's output (the next block's input), kept whatever is recomputed.
     res_outs: Vec<B::Buf<f32>>,
     lin_out: B::Buf<f32>,
-    /// With `Recompute::Gelu`: the MLP projection's input for the layer at hand (its
-    /// per-layer `saved[3]` then holds no values, only the scale).
-    gelu_in: Option<Saved<B>>,
+    /// The saved inputs of the four linear layers that are recomputed in the backward
+    /// pass (GELU's output with `Recompute::Gelu`, all four with `Recompute::Cheap`):
+    /// one buffer each for the block at hand; a block's own `saved[k]` then holds no
+    /// values, only the scale.
+    shared_in: [Option<Saved<B>>; 4],
+    /// With `Recompute::Cheap`: the attention output of the block at hand.
+    shared_att: Option<B::Buf<bf16>>,
     lnf_mean: B::Buf<f32>,
     lnf_rstd: B::Buf<f32>,
     lnf_bf16: B::Buf<bf16>,
@@ -178,7 +182,12 @@ impl<B: Backend> Gpt<B> {
             let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
             let n = b * t;
             let fp8 = self.level.fp8();
-            let gelu_again = self.recompute == Recompute::Gelu;
+            // Which linear inputs (and whether the attention output) are recomputed.
+            let (shared, att_shared) = match self.recompute {
+                Recompute::None | Recompute::Full => ([false; 4], false),
+                Recompute::Gelu => ([false, false, false, true], false),
+                Recompute::Cheap => ([true; 4], true),
+            };
             let z = |k: usize| be.zeros::<f32>(k);
             let outs = [3 * c, c, 4 * c, c];
             let ins = [c, c, c, 4 * c];
@@ -189,13 +198,13 @@ impl<B: Backend> Gpt<B> {
                         ln1_mean: z(n)?,
                         ln1_rstd: z(n)?,
                         qkv: be.zeros(n * 3 * c)?,
-                        att: be.zeros(n * c)?,
+                        att: be.zeros(if att_shared { 0 } else { n * c })?,
                         att_stats: z(b * self.cfg.n_head * t * 2)?,
                         res_mid: z(n * c)?,
                         ln2_mean: z(n)?,
                         ln2_rstd: z(n)?,
                         fc: be.zeros(n * 4 * c)?,
-                        saved: arr4(|i| Saved::new(be, fp8, if i == 3 && gelu_again { 0 } else { n * ins[i] }))?,
+                        saved: arr4(|i| Saved::new(be, fp8, if shared[i] { 0 } else { n * ins[i] }))?,
                     })
                 })
                 .collect::<BResult<Vec<_>>>()?;
@@ -227,7 +236,8 @@ impl<B: Backend> Gpt<B> {
                 layers,
                 res_outs: (0..self.cfg.n_layer).map(|_| z(n * c)).collect::<BResult<Vec<_>>>()?,
                 lin_out: z(n * c)?,
-                gelu_in: if gelu_again { Some(Saved::new(be, fp8, n * 4 * c)?) } else { None },
+                shared_in: arr4(|i| if shared[i] { Saved::new(be, fp8, n * ins[i]).map(Some) } else { Ok(None) })?,
+                shared_att: if att_shared { Some(be.zeros(n * c)?) } else { None },
                 lnf_mean: z(n)?,
                 lnf_rstd: z(n)?,
                 lnf_bf16: be.zeros(n * c)?,
@@ -252,9 +262,9 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Block `l`'s forward pass into its activations (the one shared set with
-    /// `Recompute::Full`) from its input, the previous block's output; `with_out`: also
-    /// the block's output (the backward pass's recomputation skips the MLP projection,
-    /// whose output it does not read).
+    /// `Recompute::Full`, the shared inputs with `Gelu` / `Cheap`) from its input, the
+    /// previous block's output; `with_out`: also the block's output (the backward pass's
+    /// recomputation skips the MLP projection, whose output it does not read).
     #[allow(clippy::too_many_arguments)]
     fn block_forward(
         be: &B,
@@ -269,7 +279,9 @@ impl<B: Backend> Gpt<B> {
         let (b, t, c) = (ws.b, ws.t, cfg.n_embd);
         let n = b * t;
         let shape = AttnShape { b, t, c, nh: cfg.n_head };
-        let Workspace { work, views, encoded, layers, res_outs, lin_out, dqkv, dfc, gelu_in, stats, .. } = ws;
+        let Workspace {
+            work, views, encoded, layers, res_outs, lin_out, dqkv, dfc, shared_in, shared_att, stats, ..
+        } = ws;
         let w = |i: usize| Self::weight(params, work, i);
         let p = |k: usize| w(params::layer_param(l, k));
         let set = if layers.len() == cfg.n_layer { l } else { 0 };
@@ -278,71 +290,135 @@ impl<B: Backend> Gpt<B> {
         let res_in = if l == 0 { &*encoded } else { &before[l - 1] };
         let sc = &scaling[4 * l..4 * l + 4];
         let views = &views[4 * l..4 * l + 4];
-        let [s0, s1, s2, s3] = &mut la.saved;
         let dims = layer_dims(n, c);
         let st = stats;
         let act = |k: usize| slots.act(4 * l + k);
-        linear::produce_input(be, s0, &mut *lin_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
-            be.layernorm_forward(
-                y,
-                &mut la.ln1_mean,
-                &mut la.ln1_rstd,
-                res_in,
-                p(params::LN1_W),
-                p(params::LN1_B),
-                n,
-                c,
-            )
-        })?;
-        // The products go through f32 scratch (backward buffers, free in the
-        // forward pass) and are kept in BF16 with their biases.
-        linear::forward_bf16(be, &mut la.qkv, &mut *dqkv, &views[0], s0, p(params::QKV_B), dims[0])?;
-        be.attention_forward(&mut la.att, &mut la.att_stats, &la.qkv, shape)?;
-        linear::cast_input_bf16(be, s1, &la.att, &mut *lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
-        linear::forward_residual(
-            be,
-            &mut la.res_mid,
-            &mut *lin_out,
-            res_in,
-            &views[1],
-            s1,
-            p(params::PROJ_B),
-            dims[1],
-        )?;
-        linear::produce_input(be, s2, &mut *lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
-            be.layernorm_forward(
-                y,
-                &mut la.ln2_mean,
-                &mut la.ln2_rstd,
-                &la.res_mid,
-                p(params::LN2_W),
-                p(params::LN2_B),
-                n,
-                c,
-            )
-        })?;
-        linear::forward_bf16(be, &mut la.fc, &mut *dfc, &views[2], s2, p(params::FC_B), dims[2])?;
-        // With GELU recomputed, its output goes to the one shared buffer and
-        // only its scale stays with the layer.
-        let g3 = match gelu_in.as_mut() {
-            Some(g) => g,
-            None => &mut *s3,
-        };
-        linear::produce_input(be, g3, &mut *dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| be.gelu_forward(y, &la.fc))?;
-        if with_out {
+        {
+            // A recomputed input goes to its shared buffer; only its scale stays with
+            // the block (copied below).
+            let [s0, s1, s2, s3] = &mut la.saved;
+            let [h0, h1, h2, h3] = &mut *shared_in;
+            let (t0, t1, t2, t3) = (pick(h0, s0), pick(h1, s1), pick(h2, s2), pick(h3, s3));
+            linear::produce_input(be, t0, &mut *lin_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
+                be.layernorm_forward(
+                    y,
+                    &mut la.ln1_mean,
+                    &mut la.ln1_rstd,
+                    res_in,
+                    p(params::LN1_W),
+                    p(params::LN1_B),
+                    n,
+                    c,
+                )
+            })?;
+            // The products go through f32 scratch (backward buffers, free in the
+            // forward pass) and are kept in BF16 with their biases.
+            linear::forward_bf16(be, &mut la.qkv, &mut *dqkv, &views[0], t0, p(params::QKV_B), dims[0])?;
+            let att = match shared_att.as_mut() {
+                Some(a) => a,
+                None => &mut la.att,
+            };
+            be.attention_forward(att, &mut la.att_stats, &la.qkv, shape)?;
+            linear::cast_input_bf16(be, t1, att, &mut *lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
             linear::forward_residual(
                 be,
-                &mut from[0],
+                &mut la.res_mid,
                 &mut *lin_out,
-                &la.res_mid,
-                &views[3],
-                g3,
-                p(params::FCPROJ_B),
-                dims[3],
+                res_in,
+                &views[1],
+                t1,
+                p(params::PROJ_B),
+                dims[1],
             )?;
+            linear::produce_input(be, t2, &mut *lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
+                be.layernorm_forward(
+                    y,
+                    &mut la.ln2_mean,
+                    &mut la.ln2_rstd,
+                    &la.res_mid,
+                    p(params::LN2_W),
+                    p(params::LN2_B),
+                    n,
+                    c,
+                )
+            })?;
+            linear::forward_bf16(be, &mut la.fc, &mut *dfc, &views[2], t2, p(params::FC_B), dims[2])?;
+            linear::produce_input(be, t3, &mut *dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
+                be.gelu_forward(y, &la.fc)
+            })?;
+            if with_out {
+                linear::forward_residual(
+                    be,
+                    &mut from[0],
+                    &mut *lin_out,
+                    &la.res_mid,
+                    &views[3],
+                    t3,
+                    p(params::FCPROJ_B),
+                    dims[3],
+                )?;
+            }
         }
-        if let (Some(Saved::Fp8 { scale: used, .. }), Saved::Fp8 { scale, .. }) = (&*gelu_in, &mut *s3) {
-            *scale = *used;
+        for (h, own) in shared_in.iter().zip(la.saved.iter_mut()) {
+            if let (Some(Saved::Fp8 { scale: used, .. }), Saved::Fp8 { scale, .. }) = (h, own) {
+                *scale = *used;
+            }
+        }
+        Ok(())
+    }
+
+    /// The recomputed inputs of block `l`'s MLP branch (`mlp`: the second layernorm's
+    /// and GELU's outputs) or attention branch (the attention output, its cast, the first
+    /// layernorm's output) into their shared buffers, with the scales the forward pass
+    /// used: the same operations on the same values, so the same bits (and the same
+    /// amaxes again in the statistics slots).
+    #[allow(clippy::too_many_arguments)]
+    fn recompute_inputs(
+        be: &B,
+        params: &[Param<B>],
+        cfg: &ModelConfig,
+        ws: &mut Workspace<B>,
+        slots: &Slots,
+        l: usize,
+        mlp: bool,
+    ) -> BResult<()> {
+        let (b, t, c) = (ws.b, ws.t, cfg.n_embd);
+        let n = b * t;
+        let Workspace { work, encoded, layers, res_outs, shared_in, shared_att, stats, .. } = ws;
+        let w = |i: usize| Self::weight(params, work, i);
+        let p = |k: usize| w(params::layer_param(l, k));
+        let la = &mut layers[l];
+        let [h0, h1, h2, h3] = shared_in;
+        let at = |k: usize| slots.act(4 * l + k);
+        if mlp {
+            if let Some(h) = h2 {
+                refill(h, &la.saved[2], Slot { buf: stats, at: at(2) }, |y| {
+                    let (w2, b2) = (p(params::LN2_W), p(params::LN2_B));
+                    be.layernorm_forward(y, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res_mid, w2, b2, n, c)
+                })?;
+            }
+            if let Some(h) = h3 {
+                refill(h, &la.saved[3], Slot { buf: stats, at: at(3) }, |y| be.gelu_forward(y, &la.fc))?;
+            }
+            return Ok(());
+        }
+        if let Some(att) = shared_att.as_mut() {
+            be.attention_forward(att, &mut la.att_stats, &la.qkv, AttnShape { b, t, c, nh: cfg.n_head })?;
+        }
+        if let Some(h) = h1 {
+            let att = shared_att.as_ref().unwrap_or(&la.att);
+            refill(h, &la.saved[1], Slot { buf: stats, at: at(1) }, |y| match y {
+                ActOut::E4m3(codes, s, st) => be.cast_fp8_bf16_to(codes, att, Fp8Format::E4M3, s, st),
+                ActOut::Bf16(h) => be.copy_range(h, 0, att, 0, n * c),
+                ActOut::F32(_) => unreachable!("saved inputs are FP8 or BF16"),
+            })?;
+        }
+        if let Some(h) = h0 {
+            let res_in = if l == 0 { &*encoded } else { &res_outs[l - 1] };
+            refill(h, &la.saved[0], Slot { buf: stats, at: at(0) }, |y| {
+                let (w1, b1) = (p(params::LN1_W), p(params::LN1_B));
+                be.layernorm_forward(y, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, n, c)
+            })?;
         }
         Ok(())
     }
@@ -589,31 +665,24 @@ impl<B: Backend> Gpt<B> {
                     // The block's activations again, from its input (the same bits).
                     Self::block_forward(be, params, scaling, cfg, ws, &slots, l, false)?;
                 }
-                let la = &ws.layers[if *recompute == Recompute::Full { 0 } else { l }];
-                let res_in = if l == 0 { &ws.encoded } else { &ws.res_outs[l - 1] };
-                let sc = &scaling[4 * l..4 * l + 4];
-                let views = &ws.views[4 * l..4 * l + 4];
-                let work = &ws.work;
+                let set = if *recompute == Recompute::Full { 0 } else { l };
                 let dims = layer_dims(n, c);
-                let [q0, q1, q2, q3] = &mut ws.dyq;
-                let [gw0, gw1, gw2, gw3] = &mut ws.g_w;
-                let [gb0, gb1, gb2, gb3] = &mut ws.g_b;
+                let sc = &scaling[4 * l..4 * l + 4];
 
                 // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
-                // Recomputed GELU: its output again, with the forward pass's scale (the
-                // same values; the amax slot gets the same amax again).
-                if let Some(g) = ws.gelu_in.as_mut() {
-                    let slot = Slot { buf: &mut ws.stats, at: slots.act(4 * l + 3) };
-                    match (g, &la.saved[3]) {
-                        (Saved::Fp8 { codes, scale }, Saved::Fp8 { scale: s, .. }) => {
-                            *scale = *s;
-                            be.gelu_forward(ActOut::E4m3(codes, *s, slot), &la.fc)?;
-                        }
-                        (Saved::Bf16(h), _) => be.gelu_forward(ActOut::Bf16(h), &la.fc)?,
-                        (Saved::Fp8 { .. }, _) => unreachable!("a layer's saved input has the level's type"),
-                    }
+                // Recomputed inputs: again, with the forward pass's scales (the same
+                // values; the amax slots get the same amaxes again).
+                if matches!(*recompute, Recompute::Gelu | Recompute::Cheap) {
+                    Self::recompute_inputs(be, params, cfg, ws, &slots, l, true)?;
                 }
-                let saved3 = ws.gelu_in.as_ref().unwrap_or(&la.saved[3]);
+                let la = &ws.layers[set];
+                let views = &ws.views[4 * l..4 * l + 4];
+                let work = &ws.work;
+                let [_, _, q2, q3] = &mut ws.dyq;
+                let [_, _, gw2, gw3] = &mut ws.g_w;
+                let [_, _, gb2, gb3] = &mut ws.g_b;
+                let [_, _, h2, h3] = &ws.shared_in;
+                let saved3 = h3.as_ref().unwrap_or(&la.saved[3]);
                 linear::backward(
                     be,
                     &mut ws.dgelu,
@@ -649,7 +718,7 @@ impl<B: Backend> Gpt<B> {
                     gb2,
                     &mut ws.dfc,
                     &views[2],
-                    &la.saved[2],
+                    h2.as_ref().unwrap_or(&la.saved[2]),
                     &sc[2],
                     q2,
                     dims[2],
@@ -700,6 +769,18 @@ impl<B: Backend> Gpt<B> {
                 )?;
 
                 // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
+                if *recompute == Recompute::Cheap {
+                    Self::recompute_inputs(be, params, cfg, ws, &slots, l, false)?;
+                }
+                let la = &ws.layers[set];
+                let res_in = if l == 0 { &ws.encoded } else { &ws.res_outs[l - 1] };
+                let views = &ws.views[4 * l..4 * l + 4];
+                let work = &ws.work;
+                let [q0, q1, _, _] = &mut ws.dyq;
+                let [gw0, gw1, _, _] = &mut ws.g_w;
+                let [gb0, gb1, _, _] = &mut ws.g_b;
+                let [h0, h1, _, _] = &ws.shared_in;
+                let att = ws.shared_att.as_ref().unwrap_or(&la.att);
                 linear::backward(
                     be,
                     &mut ws.datt,
@@ -707,7 +788,7 @@ impl<B: Backend> Gpt<B> {
                     gb1,
                     &ws.dres,
                     &views[1],
-                    &la.saved[1],
+                    h1.as_ref().unwrap_or(&la.saved[1]),
                     &sc[1],
                     q1,
                     dims[1],
@@ -725,7 +806,7 @@ impl<B: Backend> Gpt<B> {
                     gb1,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_B)) },
                 )?;
-                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, &la.att, &la.att_stats, shape)?;
+                be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, att, &la.att_stats, shape)?;
                 linear::backward(
                     be,
                     &mut ws.dln,
@@ -733,7 +814,7 @@ impl<B: Backend> Gpt<B> {
                     gb0,
                     &ws.dqkv,
                     &views[0],
-                    &la.saved[0],
+                    h0.as_ref().unwrap_or(&la.saved[0]),
                     &sc[0],
                     q0,
                     dims[0],
@@ -943,6 +1024,32 @@ impl Slots {
     }
 }
 
+/// `shared` when the input is recomputed (a shared buffer), else the block's own.
+fn pick<'a, B: Backend>(shared: &'a mut Option<Saved<B>>, own: &'a mut Saved<B>) -> &'a mut Saved<B> {
+    match shared {
+        Some(g) => g,
+        None => own,
+    }
+}
+
+/// A recomputed input into `shared` by `produce`, with the scale the forward pass used
+/// (kept in the block's own `kept`).
+fn refill<B: Backend>(
+    shared: &mut Saved<B>,
+    kept: &Saved<B>,
+    slot: Slot<'_, B>,
+    produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
+) -> BResult<()> {
+    match (shared, kept) {
+        (Saved::Fp8 { codes, scale }, Saved::Fp8 { scale: s, .. }) => {
+            *scale = *s;
+            produce(ActOut::E4m3(codes, *s, slot))
+        }
+        (Saved::Bf16(h), _) => produce(ActOut::Bf16(h)),
+        (Saved::Fp8 { .. }, _) => unreachable!("a layer's saved input has the level's type"),
+    }
+}
+
 /// Shapes of a block's four linear layers (qkv, proj, fc, fcproj) for `n` rows.
 fn layer_dims(n: usize, c: usize) -> [Dims; 4] {
     [Dims { n, ic: c, oc: 3 * c }, Dims { n, ic: c, oc: c }, Dims { n, ic: c, oc: 4 * c }, Dims { n, ic: 4 * c, oc: c }]
@@ -1013,15 +1120,17 @@ mod tests {
         assert_eq!(head_rows_for(48, 96), 48);
     }
 
-    /// Recomputing GELU's output (one shared buffer) or whole blocks (one shared set of
-    /// activations, each block's forward run again from its kept input) in the backward
-    /// pass trains to the same bits as keeping everything, including the first FP8 step
+    /// Recomputing GELU's output (one shared buffer), every saved input and the attention
+    /// output ("cheap": shared buffers) or whole blocks (one shared set of activations,
+    /// each block's forward run again from its kept input) in the backward pass trains to
+    /// the same bits as keeping everything, including the first FP8 step
     /// (just-in-time scales) and the steps after (delayed scales).
     #[test]
     fn recomputed_activations_give_the_bits_of_the_kept_ones() {
         for level in [Level::Bf16, Level::O1, Level::O2] {
             let kept = run_with(level, None, 3, Recompute::None);
             assert_eq!(run_with(level, None, 3, Recompute::Gelu), kept, "{level:?} gelu");
+            assert_eq!(run_with(level, None, 3, Recompute::Cheap), kept, "{level:?} cheap");
             assert_eq!(run_with(level, Some(12), 3, Recompute::Full), kept, "{level:?} full");
         }
     }

@@ -58,17 +58,20 @@ pub fn estimate(
     let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
     let f32s = 4u64;
     // A block's activations but its output: f32 res_mid (+ layernorm statistics,
-    // attention's row statistics); BF16: qkv (3c), att (c), fc (4c); the saved linear
-    // inputs (7c) in FP8 or BF16. Its output (f32) is kept per block whatever is
-    // recomputed. With GELU recomputed, the MLP projection's input (4c) is one buffer, not
-    // one per block; with everything recomputed, one set of activations serves all blocks.
-    let block = f32s * (4 * n + n * c + 2 * b * nh * t) + 2 * 8 * n * c;
-    let (sets, saved_per_set, saved_once) = match recompute {
-        Recompute::None => (l, 7, 0),
-        Recompute::Gelu => (l, 3, 4),
-        Recompute::Full => (l.min(1), 7, 0),
+    // attention's row statistics); BF16: qkv (3c), fc (4c) and the attention output (c);
+    // the saved linear inputs (7c) in FP8 or BF16. Its output (f32) is kept per block
+    // whatever is recomputed. Recomputed inputs (GELU's 4c; with "cheap" all 7c and the
+    // attention output) are one buffer each, not one per block; with everything
+    // recomputed, one set of activations serves all blocks.
+    let block = f32s * (4 * n + n * c + 2 * b * nh * t) + 2 * 7 * n * c;
+    let att = 2 * n * c;
+    let (sets, saved_per_set, saved_once, att_sets) = match recompute {
+        Recompute::None => (l, 7, 0, l),
+        Recompute::Gelu => (l, 3, 4, l),
+        Recompute::Cheap => (l, 0, 7, l.min(1)),
+        Recompute::Full => (l.min(1), 7, 0, l.min(1)),
     };
-    let blocks = l * f32s * n * c + sets * (block + w * saved_per_set * n * c);
+    let blocks = l * f32s * n * c + sets * (block + w * saved_per_set * n * c) + att_sets * att;
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;

@@ -337,6 +337,8 @@ mod tests {
         assert_eq!(c.train.recompute, Recompute::None);
         let c = Config::from_toml("[train]\nrecompute = \"full\"\n").unwrap();
         assert_eq!(c.train.recompute, Recompute::Full);
+        let c = Config::default().with_overrides(&["train.recompute=cheap".into()]).unwrap();
+        assert_eq!(c.train.recompute, Recompute::Cheap);
         let e = Config::from_toml("[train]\nrecompute = \"everything\"\n").unwrap_err();
         assert!(e.contains("train.recompute") && e.contains("everything") && e.contains("gelu"), "{e}");
     }
