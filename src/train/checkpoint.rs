@@ -19,7 +19,7 @@ use crate::model::{Gpt, Level};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::f16;
 use fp8sim::scaling::DelayedScaling;
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -115,33 +115,118 @@ fn sync_dir(path: &Path) {
     }
 }
 
-/// `model.safetensors`: named f32 weights.
-fn model_file(weights: &[(String, Vec<f32>, Vec<usize>)], cfg: &Config) -> Result<Vec<u8>, String> {
-    let wbytes: Vec<Vec<u8>> = weights.iter().map(|w| bytes_f32(&w.1)).collect();
-    let views: Vec<(String, TensorView)> = weights
-        .iter()
-        .zip(&wbytes)
-        .map(|(w, b)| (w.0.clone(), TensorView::new(Dtype::F32, w.2.clone(), b).expect("sizes match")))
-        .collect();
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    meta.insert("fp8train_config".to_string(), cfg.to_toml());
-    safetensors::serialize(views, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))
+/// A safetensors file written tensor by tensor: the header (names, dtypes, shapes,
+/// offsets, metadata) first, then each tensor's bytes as they come, hashed on the way,
+/// so no more than one tensor is ever held in host memory (a 13B model's f32 weights
+/// alone are 51 GB). The layout is the format's: an 8-byte little-endian header length,
+/// the JSON header padded with spaces to a multiple of 8, the tensors back to back in
+/// header order.
+struct Streamed {
+    path: PathBuf,
+    out: std::io::BufWriter<File>,
+    hash: Sha256,
+    bytes: u64,
+    sizes: Vec<usize>,
+    next: usize,
 }
 
-/// The state file of the parameters this rank holds (all of them below O3).
-fn state_file<B: Backend>(be: &B, model: &Gpt<B>, cfg: &Config, state: LoopState) -> Result<Vec<u8>, String> {
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+fn dtype_name(d: Dtype) -> (&'static str, usize) {
+    match d {
+        Dtype::F32 => ("F32", 4),
+        Dtype::F16 => ("F16", 2),
+        Dtype::BF16 => ("BF16", 2),
+        Dtype::F8_E4M3 => ("F8_E4M3", 1),
+        other => unreachable!("checkpoints hold no {other:?} tensors"),
+    }
+}
+
+impl Streamed {
+    fn create(
+        path: &Path,
+        meta: &HashMap<String, String>,
+        tensors: &[(String, Dtype, Vec<usize>)],
+    ) -> Result<Self, String> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::to_value(meta).expect("strings serialise"));
+        let (mut at, mut sizes) = (0usize, Vec::with_capacity(tensors.len()));
+        for (name, dtype, shape) in tensors {
+            let (dname, width) = dtype_name(*dtype);
+            let len = shape.iter().product::<usize>() * width;
+            header.insert(
+                name.clone(),
+                serde_json::json!({ "dtype": dname, "shape": shape, "data_offsets": [at, at + len] }),
+            );
+            at += len;
+            sizes.push(len);
+        }
+        let mut text = serde_json::to_vec(&header).expect("header serialises");
+        text.resize(text.len().next_multiple_of(8), b' ');
+        let err = |e: std::io::Error| format!("checkpoint: cannot write {}: {e}", path.display());
+        let f = File::create(path).map_err(err)?;
+        let mut w = Streamed {
+            path: path.to_path_buf(),
+            out: std::io::BufWriter::with_capacity(8 << 20, f),
+            hash: Sha256::new(),
+            bytes: 0,
+            sizes,
+            next: 0,
+        };
+        w.put(&(text.len() as u64).to_le_bytes())?;
+        w.put(&text)?;
+        Ok(w)
+    }
+    fn put(&mut self, b: &[u8]) -> Result<(), String> {
+        self.out.write_all(b).map_err(|e| format!("checkpoint: cannot write {}: {e}", self.path.display()))?;
+        self.hash.update(b);
+        self.bytes += b.len() as u64;
+        Ok(())
+    }
+    /// The next tensor's bytes (in header order).
+    fn tensor(&mut self, b: &[u8]) -> Result<(), String> {
+        assert_eq!(b.len(), self.sizes[self.next], "checkpoint: tensor {} has the header's size", self.next);
+        self.next += 1;
+        self.put(b)
+    }
+    /// Flush and sync; the file's size and SHA-256 digest.
+    fn finish(mut self) -> Result<(u64, [u8; 32]), String> {
+        assert_eq!(self.next, self.sizes.len(), "checkpoint: every tensor written");
+        let err = |e: std::io::Error| format!("checkpoint: cannot write {}: {e}", self.path.display());
+        self.out.flush().map_err(err)?;
+        self.out.get_ref().sync_all().map_err(err)?;
+        Ok((self.bytes, self.hash.finalize().into()))
+    }
+}
+
+/// Where a state-file tensor comes from.
+enum StateSrc<'a, B: Backend> {
+    F32(&'a B::Buf<f32>),
+    F16(&'a B::Buf<f16>),
+    U8(&'a B::Buf<u8>),
+}
+
+/// The state file of the parameters this rank holds (all of them below O3), written
+/// tensor by tensor into `path`.
+fn write_state_file<'a, B: Backend>(
+    be: &B,
+    path: &Path,
+    model: &'a Gpt<B>,
+    cfg: &Config,
+    state: LoopState,
+) -> Result<(u64, [u8; 32]), String> {
+    let mut tensors: Vec<(String, Dtype, Vec<usize>)> = Vec::new();
+    let mut srcs: Vec<StateSrc<'a, B>> = Vec::new();
     let mut scales = Vec::new();
     for p in &model.params {
         let (shape, name) = (p.spec.shape.clone(), &p.spec.name);
+        let mut add = |n: String, d: Dtype, src: StateSrc<'a, B>| {
+            tensors.push((n, d, shape.clone()));
+            srcs.push(src);
+        };
         let mut sc = ParamScales { master: 1f32.to_bits(), grad: 1f32.to_bits(), m: 1f32.to_bits(), v: 1f32.to_bits() };
         match &p.master {
-            Master::F32(w) => {
-                tensors.push((format!("master.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(w)?)))
-            }
+            Master::F32(w) => add(format!("master.{name}"), Dtype::F32, StateSrc::F32(w)),
             Master::F16 { codes, scale } => {
-                tensors.push((format!("master.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(codes)?)));
+                add(format!("master.{name}"), Dtype::F16, StateSrc::F16(codes));
                 sc.master = scale.to_bits();
             }
             Master::Remote => {}
@@ -151,12 +236,12 @@ fn state_file<B: Backend>(be: &B, model: &Gpt<B>, cfg: &Config, state: LoopState
         }
         match &p.moments {
             Moments::F32 { m, v } => {
-                tensors.push((format!("adam_m.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(m)?)));
-                tensors.push((format!("adam_v.{name}"), Dtype::F32, shape.clone(), bytes_f32(&be.download(v)?)));
+                add(format!("adam_m.{name}"), Dtype::F32, StateSrc::F32(m));
+                add(format!("adam_v.{name}"), Dtype::F32, StateSrc::F32(v));
             }
             Moments::Scaled { m, m_scale, v, v_scale } => {
-                tensors.push((format!("adam_m.{name}"), Dtype::F8_E4M3, shape.clone(), be.download(m)?));
-                tensors.push((format!("adam_v.{name}"), Dtype::F16, shape.clone(), bytes_f16(&be.download(v)?)));
+                add(format!("adam_m.{name}"), Dtype::F8_E4M3, StateSrc::U8(m));
+                add(format!("adam_v.{name}"), Dtype::F16, StateSrc::F16(v));
                 sc.m = m_scale.to_bits();
                 sc.v = v_scale.to_bits();
             }
@@ -174,15 +259,24 @@ fn state_file<B: Backend>(be: &B, model: &Gpt<B>, cfg: &Config, state: LoopState
     let mut meta = HashMap::new();
     meta.insert("fp8train_state".to_string(), serde_json::to_string(&smeta).expect("state serialises"));
     meta.insert("fp8train_config".to_string(), cfg.to_toml());
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).expect("sizes match")))
-        .collect();
-    safetensors::serialize(views, &Some(meta)).map_err(|e| format!("checkpoint: {e}"))
+    let mut w = Streamed::create(path, &meta, &tensors)?;
+    for src in srcs {
+        let bytes = match src {
+            StateSrc::F32(x) => bytes_f32(&be.download(x)?),
+            StateSrc::F16(x) => bytes_f16(&be.download(x)?),
+            StateSrc::U8(x) => be.download(x)?,
+        };
+        w.tensor(&bytes)?;
+    }
+    w.finish()
 }
 
-fn entry(data: &[u8]) -> FileEntry {
-    FileEntry { bytes: data.len() as u64, sha256: hex(&Sha256::digest(data)) }
+/// The metadata of `model.safetensors` (PyTorch's format tag and the run's settings).
+fn model_meta(cfg: &Config) -> HashMap<String, String> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert("fp8train_config".to_string(), cfg.to_toml());
+    meta
 }
 
 /// Write the manifest, then move the folder into place.
@@ -217,15 +311,6 @@ pub fn save<B: Backend, C: Collectives>(
     if !sharded && !lead {
         return Ok(None);
     }
-    // Weights as f32: each owner sends its masters (all local below O3).
-    let mut weights = Vec::new();
-    for p in &model.params {
-        let mut v = p.master_f32(be)?.unwrap_or_else(|| vec![0f32; p.spec.numel()]);
-        if sharded {
-            world.broadcast(&mut v, p.owner);
-        }
-        weights.push((p.spec.name.clone(), v, p.spec.shape.clone()));
-    }
     let tmp = ckpts.join(format!(".{name}.tmp"));
     if lead {
         std::fs::create_dir_all(&ckpts).map_err(|e| format!("checkpoint: cannot create {}: {e}", ckpts.display()))?;
@@ -235,17 +320,34 @@ pub fn save<B: Backend, C: Collectives>(
     if sharded {
         world.barrier();
     }
+    // Weights as f32, one tensor at a time: each owner sends its masters (all local
+    // below O3); rank 0 writes them as they come.
+    let mut weights = if lead {
+        let tensors: Vec<(String, Dtype, Vec<usize>)> =
+            model.params.iter().map(|p| (p.spec.name.clone(), Dtype::F32, p.spec.shape.clone())).collect();
+        Some(Streamed::create(&tmp.join("model.safetensors"), &model_meta(cfg), &tensors)?)
+    } else {
+        None
+    };
+    for p in &model.params {
+        let mut v = p.master_f32(be)?.unwrap_or_else(|| vec![0f32; p.spec.numel()]);
+        if sharded {
+            world.broadcast(&mut v, p.owner);
+        }
+        if let Some(w) = weights.as_mut() {
+            w.tensor(&bytes_f32(&v))?;
+        }
+    }
+    let model_entry = weights.map(Streamed::finish).transpose()?;
     let state_name =
         if sharded { format!("state-rank{}.safetensors", world.rank()) } else { "state.safetensors".to_string() };
-    let state_bytes = state_file(be, model, cfg, state)?;
-    write_synced(&tmp.join(&state_name), &state_bytes)?;
-    let mine = entry(&state_bytes);
+    let mine = write_state_file(be, &tmp.join(&state_name), model, cfg, state)?;
     let mut files = BTreeMap::new();
     if sharded {
         // Every shard's size and digest to rank 0.
         let mut digest = [0u8; 40];
-        digest[..8].copy_from_slice(&mine.bytes.to_le_bytes());
-        digest[8..].copy_from_slice(&Sha256::digest(&state_bytes));
+        digest[..8].copy_from_slice(&mine.0.to_le_bytes());
+        digest[8..].copy_from_slice(&mine.1);
         let mut all = vec![0u8; 40 * world.size()];
         world.all_gather(&digest, &mut all);
         for (r, d) in all.chunks(40).enumerate() {
@@ -253,13 +355,11 @@ pub fn save<B: Backend, C: Collectives>(
             files.insert(format!("state-rank{r}.safetensors"), FileEntry { bytes, sha256: hex(&d[8..]) });
         }
     } else {
-        files.insert(state_name, mine);
+        files.insert(state_name, FileEntry { bytes: mine.0, sha256: hex(&mine.1) });
     }
     let mut dest = None;
-    if lead {
-        let model_bytes = model_file(&weights, cfg)?;
-        write_synced(&tmp.join("model.safetensors"), &model_bytes)?;
-        files.insert("model.safetensors".to_string(), entry(&model_bytes));
+    if let Some((bytes, sha)) = model_entry {
+        files.insert("model.safetensors".to_string(), FileEntry { bytes, sha256: hex(&sha) });
         let manifest = Manifest { format: FORMAT.into(), step: state.step, world_size: world.size(), files };
         dest = Some(finish(&tmp, &ckpts, &name, &manifest)?);
     }
