@@ -220,6 +220,15 @@ pub enum BenchWhat {
     /// Time the collectives over the ranks of an mpirun (bus bandwidth per size) and
     /// count a model's gradient bytes on the wire (FP8 vs BF16 vs FP32).
     Comm(CommBenchArgs),
+    /// Build a report (report.md, bandwidth and tokens/s plots) from a bench folder: the
+    /// launch kit's `bench` job output (comm.json and run folders).
+    Report(BenchReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchReportArgs {
+    /// The bench folder.
+    pub dir: std::path::PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -224,7 +224,12 @@ fn launch_kit_dry_runs_for_two_nodes() {
     assert!(lines.iter().any(|l| l.contains("-np 16") && l.contains("bench comm --model gpt-1.3b --json")), "{out}");
     for level in ["O2", "bf16"] {
         assert!(lines.iter().any(|l| l.contains("-np 16") && l.contains(&format!("--name dp-{level}"))), "{out}");
+        assert!(
+            lines.iter().any(|l| l.contains("-np 1 -H n1:1") && l.contains(&format!("--name one-{level}"))),
+            "{out}"
+        );
     }
+    assert!(lines.last().is_some_and(|l| l.contains("bench report rep")), "{out}");
     // A tensor-parallel size that does not divide a node's GPUs is refused, named.
     let o = run(&["mpirun", "--hosts", "n1", "--tp", "3", "--dry-run", "--", "train"]);
     assert_eq!(o.status.code(), Some(2));

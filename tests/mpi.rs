@@ -327,3 +327,41 @@ fn bench_comm_times_every_collective_and_counts_fp8_bytes() {
     assert_eq!(fp32, 4 * fp8, "FP8 gradients move a quarter of FP32's bytes (scales apart)");
     assert_eq!(w["params"], 124475904);
 }
+
+/// The launch kit's report builder on what a bench job leaves: `bench comm --json` over
+/// two ranks and training runs at one and two ranks (the simulator standing in for GPUs).
+#[test]
+fn bench_report_builds_from_a_bench_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
+        .arg(binary())
+        .args([
+            "--threads",
+            "1",
+            "bench",
+            "comm",
+            "--sizes",
+            "4K,64K",
+            "--iters",
+            "2",
+            "--json",
+            "--model",
+            "gpt2-124m",
+        ])
+        .output()
+        .unwrap();
+    std::fs::write(dir.path().join("comm.json"), ok(&o)).unwrap();
+    ok(&mpirun(2, dir.path(), "dp-O2", &["--steps", "3", "--level", "O2"]));
+    ok(&mpirun(1, dir.path(), "one-O2", &["--steps", "3", "--level", "O2"]));
+    let o = Command::new(binary()).args(["bench", "report", dir.path().to_str().unwrap()]).output().unwrap();
+    ok(&o);
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("## Collectives (2 ranks, MPI"), "{md}");
+    assert!(md.contains("| fp8 reduction (contract) |") && md.contains("FP8 / FP32 = 0.250"), "{md}");
+    assert!(md.contains("| dp-O2 | O2 | 2 | 3 |") && md.contains("| one-O2 | O2 | 1 | 3 |"), "{md}");
+    for f in ["comm-busbw.svg", "tokps-ranks.svg"] {
+        let svg = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("<polyline"), "{f}: {svg}");
+    }
+}

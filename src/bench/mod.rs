@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod gemm;
+pub mod report;
 pub mod step;
 
 use std::time::{Duration, Instant};

@@ -260,7 +260,7 @@ pub fn train<B: Backend>(
     if !resumed {
         emit(json!({"kind": "data", "description": ds.description, "entropy_floor": ds.entropy_floor,
             "unigram_entropy": ds.unigram_entropy, "level": tc.level.to_string(), "params": np,
-            "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes}));
+            "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes, "ranks": world.size}));
     }
 
     let pb = (progress && lead).then(|| {
