@@ -220,9 +220,28 @@ pub enum BenchWhat {
     /// Time the collectives over the ranks of an mpirun (bus bandwidth per size) and
     /// count a model's gradient bytes on the wire (FP8 vs BF16 vs FP32).
     Comm(CommBenchArgs),
+    /// The largest batch of model shapes that fits a GPU at each level and recompute
+    /// setting, by the memory estimate (a plan to confirm with `bench step`).
+    Fit(FitBenchArgs),
     /// Build a report (report.md, bandwidth and tokens/s plots) from a bench folder: the
     /// launch kit's `bench` job output (comm.json and run folders).
     Report(BenchReportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FitBenchArgs {
+    /// Model shapes, comma-separated (gpt2-124m, gpt-1.3b, gpt-6.7b, gpt-13b).
+    #[arg(long, default_value = "gpt-1.3b,gpt-6.7b,gpt-13b")]
+    pub models: String,
+    /// GPU memory in GiB (an H200 shows 139.8).
+    #[arg(long, default_value_t = 139.8)]
+    pub memory: f64,
+    /// Largest batch tried.
+    #[arg(long, default_value_t = 4096)]
+    pub max_batch: usize,
+    /// Print only the JSON document.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
             BenchWhat::Step(args) => fp8train::bench::step::run(args, &log),
             BenchWhat::Comm(args) => fp8train::bench::comm::run(args),
             BenchWhat::Report(args) => fp8train::bench::report::run(args),
+            BenchWhat::Fit(args) => fp8train::bench::fit::run(args),
             BenchWhat::Gemm(args) => fp8train::bench::gemm::run(args, &log).map(|report| {
                 let json = serde_json::to_string(&report).expect("report serialises");
                 if args.json {

@@ -1,6 +1,7 @@
 //! Benchmarks: each prints its figures next to a baseline measured in the same run.
 
 pub mod comm;
+pub mod fit;
 pub mod gemm;
 pub mod report;
 pub mod step;

@@ -163,7 +163,7 @@ mod lt;
 pub mod nccl;
 mod ops;
 pub mod pool;
-pub use ops::Cuda;
+pub use ops::{flash_scratch_bytes, Cuda};
 
 #[cfg(test)]
 mod tests {

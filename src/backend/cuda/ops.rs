@@ -201,6 +201,14 @@ impl Flash {
     }
 }
 
+/// What the flash backward allocates for shape `s` (fast mode, head sizes 64 and 128):
+/// the BF16 copy of dout, per-row statistics, the dS tiles. Needs no device, so memory
+/// plans (`bench fit`) use it too.
+pub fn flash_scratch_bytes(s: AttnShape) -> u64 {
+    let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
+    2 * b * t * c + 16 * b * nh * t + 2 * flash_ds_len(s) as u64
+}
+
 /// Elements of the flash backward's dS tiles: 64 x 64 per causal (query tile, key tile)
 /// pair of every head.
 fn flash_ds_len(s: AttnShape) -> usize {
@@ -756,8 +764,7 @@ impl Backend for Cuda {
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
         if self.flash(s.c / s.nh).is_some() {
-            // The BF16 copy of dout, per-row statistics, the dS tiles.
-            2 * b * t * c + 16 * b * nh * t + 2 * flash_ds_len(s) as u64
+            flash_scratch_bytes(s)
         } else {
             // Probabilities and their gradients, t x t f32 each per head; qkv as f32.
             8 * b * nh * t * t + 12 * b * t * c
