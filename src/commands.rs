@@ -282,7 +282,7 @@ pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
         return Err("sample --prompt must not be empty".into());
     }
     let mut ws = model.workspace(&be, 1, t)?;
-    model.prepare_weights(&be, &mut ws, &World::single())?;
+    model.prepare_weights(&be, &mut ws)?;
     let prompt_len = tokens.len();
     for i in 0..a.tokens {
         let ctx: Vec<u32> = tokens[tokens.len().saturating_sub(t)..].to_vec();

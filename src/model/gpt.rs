@@ -434,12 +434,11 @@ impl<B: Backend> Gpt<B> {
         }
     }
 
-    /// Derive this step's weights from the masters: decode FP16 masters, cast linear
-    /// weights to BF16 or E4M3 (just-in-time scale), the LM head to BF16. At O3 each
-    /// tensor's owner then sends its compute form to every rank (FP8 codes and scale
-    /// for linear weights, FP16 codes and scale for the others), so every rank computes
-    /// with exactly the weights O2 would.
-    pub fn prepare_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) -> BResult<()> {
+    /// Derive this step's weights from the masters this rank holds: decode FP16
+    /// masters, cast linear weights to BF16 or E4M3 (just-in-time scale), the LM head to
+    /// BF16. At O3 with several ranks the others' tensors come after, from
+    /// [`Gpt::share_weights`] (`train::dist::prepare_weights` runs both).
+    pub fn prepare_weights(&self, be: &B, ws: &mut Workspace<B>) -> BResult<()> {
         for (i, p) in self.params.iter().enumerate() {
             if let (Master::F16 { codes, scale }, Some(w)) = (&p.master, &mut ws.work[i]) {
                 be.decode_f16(w, codes, 1.0 / scale)?;
@@ -467,15 +466,19 @@ impl<B: Backend> Gpt<B> {
                 }
             }
         }
-        if self.level == Level::O3 && world.size() > 1 {
-            self.share_weights(be, ws, world)?;
-        }
-        be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE))?;
-        Ok(())
+        self.cast_head(be, ws)
     }
 
-    /// O3: every tensor's owner broadcasts its compute form.
-    fn share_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) -> BResult<()> {
+    /// The LM head's BF16 copy of the token embedding (after the weights are settled).
+    fn cast_head(&self, be: &B, ws: &mut Workspace<B>) -> BResult<()> {
+        be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE))
+    }
+
+    /// O3: every tensor's owner broadcasts its compute form (FP8 codes and scale of
+    /// linear weights, FP16 codes and scale of the others); the other ranks take them,
+    /// so every rank computes with exactly the weights O2 would. Run by the training
+    /// layer's distributed step (`train::dist`) after [`Gpt::prepare_weights`].
+    pub fn share_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) -> BResult<()> {
         let mut view_of = vec![None; self.params.len()];
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
@@ -511,7 +514,7 @@ impl<B: Backend> Gpt<B> {
                 }
             }
         }
-        Ok(())
+        self.cast_head(be, ws)
     }
 
     /// Bytes of masters + optimizer moments this rank holds (what ZeRO shards).
@@ -1075,7 +1078,6 @@ fn arr4<T>(mut f: impl FnMut(usize) -> BResult<T>) -> BResult<[T; 4]> {
 mod tests {
     use super::*;
     use crate::backend::sim::Sim;
-    use fp8cluster::world::World;
 
     /// Loss, gradient norm and every stored gradient's bits after `steps` training steps.
     fn run(level: Level, head_rows: Option<usize>, steps: usize) -> Vec<u32> {
@@ -1093,7 +1095,7 @@ mod tests {
         for s in 0..steps {
             let x: Vec<u32> = (0..b * t).map(|i| ((i * 31 + s * 7) % 96) as u32).collect();
             let y: Vec<u32> = (0..b * t).map(|i| ((i * 17 + s * 5 + 1) % 96) as u32).collect();
-            model.prepare_weights(&be, &mut ws, &World::single()).unwrap();
+            model.prepare_weights(&be, &mut ws).unwrap();
             let st = model.forward_backward(&be, &mut ws, &x, &y, 1.0, false).unwrap();
             bits.push(st.loss.to_bits());
             bits.push(model.grad_sum_sq(&be).unwrap().to_bits());

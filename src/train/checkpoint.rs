@@ -329,15 +329,10 @@ pub fn save<B: Backend, C: Collectives>(
     } else {
         None
     };
-    for p in &model.params {
-        let mut v = p.master_f32(be)?.unwrap_or_else(|| vec![0f32; p.spec.numel()]);
-        if sharded {
-            world.broadcast(&mut v, p.owner);
-        }
-        if let Some(w) = weights.as_mut() {
-            w.tensor(&bytes_f32(&v))?;
-        }
-    }
+    super::dist::gather_weights(be, model, world, |_, v| match weights.as_mut() {
+        Some(w) => w.tensor(&bytes_f32(&v)),
+        None => Ok(()),
+    })?;
     let model_entry = weights.map(Streamed::finish).transpose()?;
     let state_name =
         if sharded { format!("state-rank{}.safetensors", world.rank()) } else { "state.safetensors".to_string() };
@@ -345,14 +340,8 @@ pub fn save<B: Backend, C: Collectives>(
     let mut files = BTreeMap::new();
     if sharded {
         // Every shard's size and digest to rank 0.
-        let mut digest = [0u8; 40];
-        digest[..8].copy_from_slice(&mine.0.to_le_bytes());
-        digest[8..].copy_from_slice(&mine.1);
-        let mut all = vec![0u8; 40 * world.size()];
-        world.all_gather(&digest, &mut all);
-        for (r, d) in all.chunks(40).enumerate() {
-            let bytes = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
-            files.insert(format!("state-rank{r}.safetensors"), FileEntry { bytes, sha256: hex(&d[8..]) });
+        for (r, (bytes, sha)) in super::dist::gather_digests(world, mine).into_iter().enumerate() {
+            files.insert(format!("state-rank{r}.safetensors"), FileEntry { bytes, sha256: hex(&sha) });
         }
     } else {
         files.insert(state_name, FileEntry { bytes: mine.0, sha256: hex(&mine.1) });

@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod dist;
 pub mod lock;
 pub mod report;
 
@@ -10,7 +11,6 @@ use crate::backend::BResult;
 use crate::backend::Backend;
 use crate::data::{self, Dataset};
 use crate::model::gpt::Workspace;
-use crate::model::params::GradStore;
 use crate::model::Gpt;
 use checkpoint::LoopState;
 use config::Config;
@@ -76,7 +76,7 @@ pub fn val_loss<B: Backend, C: Collectives>(
     world: &C,
 ) -> BResult<f32> {
     Ok({
-        model.prepare_weights(be, ws, world)?;
+        dist::prepare_weights(be, model, ws, world)?;
         let mut sum = 0f32;
         for (x, y) in batches {
             sum += model.eval_loss(be, ws, x, y)?;
@@ -426,26 +426,13 @@ pub fn train_step<B: Backend>(
 ) -> BResult<StepOutcome> {
     Ok({
         let mu_before = *mu;
-        model.prepare_weights(be, ws, world)?;
+        dist::prepare_weights(be, model, ws, world)?;
         let mut st = model.forward_backward(be, ws, x, y, *mu, inject)?;
-        // Every rank takes the same decisions: overflow anywhere skips the step everywhere.
-        let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
-        world.all_reduce_max(&mut flags);
-        st.overflow = flags[0] > 0.0;
-        let mut losses = [st.loss];
-        world.all_reduce_sum(&mut losses);
-        st.loss = losses[0] / world.size as f32;
+        dist::agree(world, &mut st);
         let ranks = world.size as f32;
-        let mut comm = CommBytes::default();
+        let comm =
+            if st.overflow { CommBytes::default() } else { dist::reduce_gradients(be, world, &mut model.params)? };
         let mut norm = f32::NAN;
-        if !st.overflow && world.size > 1 {
-            for p in model.params.iter_mut() {
-                comm += match &mut p.grad {
-                    GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale)?,
-                    GradStore::F32(g) => be.reduce_grad_f32(world, g)?,
-                };
-            }
-        }
         if st.overflow {
             *mu = (*mu * 0.5).max(MU_MIN);
             ls.good_steps = 0;

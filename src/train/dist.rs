@@ -1,0 +1,91 @@
+//! The distributed step: everything ranks exchange while training, in one place. Per
+//! step: the compute weights at O3 (each tensor's owner sends its compute form), the
+//! overflow decision and the mean loss (agreed by every rank), and the gradient
+//! reduction (the contract's FP8 reduction or the rank-order f32 sum); per checkpoint:
+//! the weights gathered from their owners and every shard's size and digest.
+//!
+//! Transports: the gradient reduction goes through the backend (NCCL on GPUs, the MPI
+//! collectives in the simulator); the agreements, the O3 weight exchange and the
+//! checkpoint gathering use the world's host collectives (MPI).
+
+use crate::backend::{BResult, Backend};
+use crate::model::gpt::{BackwardStats, Workspace};
+use crate::model::params::{GradStore, Param};
+use crate::model::{Gpt, Level};
+use fp8cluster::reduce::CommBytes;
+use fp8cluster::world::{Collectives, World};
+
+/// This step's compute weights on every rank: derived from the masters this rank holds,
+/// then, at O3 with several ranks, each tensor's compute form from its owner.
+pub fn prepare_weights<B: Backend, C: Collectives>(
+    be: &B,
+    model: &Gpt<B>,
+    ws: &mut Workspace<B>,
+    world: &C,
+) -> BResult<()> {
+    model.prepare_weights(be, ws)?;
+    if model.level == Level::O3 && world.size() > 1 {
+        model.share_weights(be, ws, world)?;
+    }
+    Ok(())
+}
+
+/// Every rank takes the same decisions: an overflow anywhere skips the step everywhere,
+/// and the loss is the mean of the ranks' losses.
+pub fn agree<C: Collectives>(world: &C, st: &mut BackwardStats) {
+    let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
+    world.all_reduce_max(&mut flags);
+    st.overflow = flags[0] > 0.0;
+    let mut losses = [st.loss];
+    world.all_reduce_sum(&mut losses);
+    st.loss = losses[0] / world.size() as f32;
+}
+
+/// Every stored gradient summed over the ranks (FP8 by the contract's reduction, f32 in
+/// rank order), tensor by tensor; the bytes moved.
+pub fn reduce_gradients<B: Backend>(be: &B, world: &World, params: &mut [Param<B>]) -> BResult<CommBytes> {
+    let mut comm = CommBytes::default();
+    if world.size > 1 {
+        for p in params.iter_mut() {
+            comm += match &mut p.grad {
+                GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale)?,
+                GradStore::F32(g) => be.reduce_grad_f32(world, g)?,
+            };
+        }
+    }
+    Ok(comm)
+}
+
+/// Each parameter's f32 weights, in order, from its owner (all local below O3 or on one
+/// rank), handed to `take` one tensor at a time on every rank.
+pub fn gather_weights<B: Backend, C: Collectives>(
+    be: &B,
+    model: &Gpt<B>,
+    world: &C,
+    mut take: impl FnMut(&Param<B>, Vec<f32>) -> Result<(), String>,
+) -> Result<(), String> {
+    let sharded = model.level == Level::O3 && world.size() > 1;
+    for p in &model.params {
+        let mut v = p.master_f32(be)?.unwrap_or_else(|| vec![0f32; p.spec.numel()]);
+        if sharded {
+            world.broadcast(&mut v, p.owner);
+        }
+        take(p, v)?;
+    }
+    Ok(())
+}
+
+/// Every rank's (bytes, SHA-256) of its shard, in rank order.
+pub fn gather_digests<C: Collectives>(world: &C, mine: (u64, [u8; 32])) -> Vec<(u64, [u8; 32])> {
+    let mut digest = [0u8; 40];
+    digest[..8].copy_from_slice(&mine.0.to_le_bytes());
+    digest[8..].copy_from_slice(&mine.1);
+    let mut all = vec![0u8; 40 * world.size()];
+    world.all_gather(&digest, &mut all);
+    all.chunks(40)
+        .map(|d| {
+            let bytes = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+            (bytes, d[8..].try_into().expect("32 bytes"))
+        })
+        .collect()
+}
