@@ -295,8 +295,8 @@ fn collectives_and_gradient_reductions_match_their_definitions() {
     }
 }
 
-#[test]
-fn bench_comm_times_every_collective_and_counts_fp8_bytes() {
+/// `bench comm --json` over two ranks at 4K and 64K, with gpt2-124m's gradient bytes.
+fn bench_comm_two_ranks() -> String {
     let o = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
         .arg(binary())
@@ -315,7 +315,12 @@ fn bench_comm_times_every_collective_and_counts_fp8_bytes() {
         ])
         .output()
         .unwrap();
-    let out = ok(&o);
+    ok(&o)
+}
+
+#[test]
+fn bench_comm_times_every_collective_and_counts_fp8_bytes() {
+    let out = bench_comm_two_ranks();
     let line = out.lines().find(|l| l.starts_with("{\"bench\":\"comm\"")).unwrap_or_else(|| panic!("no JSON: {out}"));
     let r: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(r["ranks"], 2);
@@ -333,25 +338,7 @@ fn bench_comm_times_every_collective_and_counts_fp8_bytes() {
 #[test]
 fn bench_report_builds_from_a_bench_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "2"])
-        .arg(binary())
-        .args([
-            "--threads",
-            "1",
-            "bench",
-            "comm",
-            "--sizes",
-            "4K,64K",
-            "--iters",
-            "2",
-            "--json",
-            "--model",
-            "gpt2-124m",
-        ])
-        .output()
-        .unwrap();
-    std::fs::write(dir.path().join("comm.json"), ok(&o)).unwrap();
+    std::fs::write(dir.path().join("comm.json"), bench_comm_two_ranks()).unwrap();
     ok(&mpirun(2, dir.path(), "dp-O2", &["--steps", "3", "--level", "O2"]));
     ok(&mpirun(1, dir.path(), "one-O2", &["--steps", "3", "--level", "O2"]));
     let o = Command::new(binary()).args(["bench", "report", dir.path().to_str().unwrap()]).output().unwrap();
