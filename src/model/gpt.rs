@@ -311,8 +311,9 @@ impl<B: Backend> Gpt<B> {
                     c,
                 )
             })?;
-            // The products go through f32 scratch (backward buffers, free in the
-            // forward pass) and are kept in BF16 with their biases.
+            // The products go through f32 scratch (backward buffers: free in the
+            // forward pass and, for a recomputation, between blocks of the backward
+            // pass) and are kept in BF16 with their biases.
             linear::forward_bf16(be, &mut la.qkv, &mut *dqkv, &views[0], t0, p(params::QKV_B), dims[0])?;
             let att = match shared_att.as_mut() {
                 Some(a) => a,
