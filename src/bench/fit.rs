@@ -52,6 +52,9 @@ pub fn max_batch(
 }
 
 pub fn plan(models: &[String], memory_gib: f64, limit: usize) -> Result<Vec<FitRow>, String> {
+    if models.is_empty() {
+        return Err("--models: give at least one shape (gpt2-124m, gpt-1.3b, gpt-6.7b, gpt-13b)".into());
+    }
     if !(memory_gib.is_finite() && memory_gib > 0.0) {
         return Err(format!("--memory {memory_gib}: give the GPU's memory in GiB, e.g. 139.8 for an H200"));
     }
@@ -122,5 +125,6 @@ mod tests {
         assert!(max_batch(&big, Level::O2, Recompute::Full, mem, 64) >= 1);
         assert!(plan(&["gpt-1.3b".into()], -1.0, 8).unwrap_err().contains("--memory"));
         assert!(plan(&["gpt-99b".into()], 80.0, 8).unwrap_err().contains("unknown shape"));
+        assert!(plan(&[], 80.0, 8).unwrap_err().contains("--models"));
     }
 }
