@@ -91,6 +91,19 @@ __device__ __forceinline__ void fa_stage(u16* dst, const u16* src, size_t row_st
     }
 }
 
+// The flash backward kernels' double buffering: when there is a next tile, start its
+// copies (`stage_next`) and wait for the current tile's; with none, wait for everything.
+template <typename Stage>
+__device__ __forceinline__ void fa_prefetch(bool more, Stage stage_next) {
+    if (more) {
+        stage_next();
+        fa_commit();
+        fa_wait<1>();
+    } else {
+        fa_wait<0>();
+    }
+}
+
 // Start loading the K and V tiles of keys r0.. into `next` (the buffer not in use) and
 // wait for the tile before it; with no next tile (null), wait for everything.
 template <int HS>
@@ -395,13 +408,7 @@ __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u
     u32 row[2] = {k0 + 16 * warp + (lane >> 2), k0 + 16 * warp + (lane >> 2) + 8};
     u32 tiles = (t + FA_TILE - 1) / FA_TILE;
     for (u32 qt = kt; qt < tiles; qt++) {
-        if (qt + 1 < tiles) {
-            stage(qt + 1);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
+        fa_prefetch(qt + 1 < tiles, [&] { stage(qt + 1); });
         __syncthreads();
         const u16* buf = fa_sh + 2 * TILE + ((qt - kt) & 1) * BUF;
         const u16* Qs = buf;
@@ -463,13 +470,7 @@ __device__ void flash_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u3
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
     for (u32 kt = 0; kt <= qt; kt++) {
-        if (kt < qt) {
-            stage(kt + 1);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
+        fa_prefetch(kt < qt, [&] { stage(kt + 1); });
         __syncthreads();
         const u16* Ks = fa_sh + (kt & 1) * BUF;
         const u16* Ds = Ks + TILE;

@@ -230,13 +230,7 @@ __device__ void flash90_backward_kv(float* dqkv, u16* ds, const u16* dout, const
     u32 tiles = (t + FA_TILE - 1) / FA_TILE;
     u16* dsh = ds + (size_t)bh * (tiles * (tiles + 1) / 2) * FA_TILE * FA_TILE;
     for (u32 qt = kt; qt < tiles; qt++) {
-        if (qt + 1 < tiles) {
-            stage(qt + 1);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
+        fa_prefetch(qt + 1 < tiles, [&] { stage(qt + 1); });
         f9_tiles_ready();
         const u16* Qs = fa_sh + 2 * TE + ((qt - kt) & 1) * BUF;
         const u16* Gs = Qs + TE;
@@ -310,13 +304,7 @@ __device__ void flash90_backward_dq(float* dqkv, const u16* ds, const u16* qkv, 
 #pragma unroll
     for (int n = 0; n < HS / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.0f;
     for (u32 kt = 0; kt <= qt; kt++) {
-        if (kt < qt) {
-            stage(kt + 1);
-            fa_commit();
-            fa_wait<1>();
-        } else {
-            fa_wait<0>();
-        }
+        fa_prefetch(kt < qt, [&] { stage(kt + 1); });
         f9_tiles_ready();
         const u16* Ks = fa_sh + (kt & 1) * BUF;
         f9_fence();

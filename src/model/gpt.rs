@@ -284,7 +284,7 @@ impl<B: Backend> Gpt<B> {
         } = ws;
         let w = |i: usize| Self::weight(params, work, i);
         let p = |k: usize| w(params::layer_param(l, k));
-        let set = if layers.len() == cfg.n_layer { l } else { 0 };
+        let set = set_of(layers.len(), l);
         let la = &mut layers[set];
         let (before, from) = res_outs.split_at_mut(l);
         let res_in = if l == 0 { &*encoded } else { &before[l - 1] };
@@ -388,7 +388,8 @@ impl<B: Backend> Gpt<B> {
         let Workspace { work, encoded, layers, res_outs, shared_in, shared_att, stats, .. } = ws;
         let w = |i: usize| Self::weight(params, work, i);
         let p = |k: usize| w(params::layer_param(l, k));
-        let la = &mut layers[l];
+        let set = set_of(layers.len(), l);
+        let la = &mut layers[set];
         let [h0, h1, h2, h3] = shared_in;
         let at = |k: usize| slots.act(4 * l + k);
         if mlp {
@@ -467,10 +468,14 @@ impl<B: Backend> Gpt<B> {
                 }
             }
         }
+        // At O3 a non-owner's token embedding arrives in share_weights, which casts it.
+        if matches!(self.params[params::WTE].master, Master::Remote) {
+            return Ok(());
+        }
         self.cast_head(be, ws)
     }
 
-    /// The LM head's BF16 copy of the token embedding (after the weights are settled).
+    /// The LM head's BF16 copy of the token embedding (once its values are settled).
     fn cast_head(&self, be: &B, ws: &mut Workspace<B>) -> BResult<()> {
         be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE))
     }
@@ -515,6 +520,9 @@ impl<B: Backend> Gpt<B> {
                 }
             }
         }
+        if self.params[params::WTE].owner == world.rank() {
+            return Ok(()); // this rank's own: prepare_weights cast it
+        }
         self.cast_head(be, ws)
     }
 
@@ -538,7 +546,8 @@ impl<B: Backend> Gpt<B> {
             let n = b * t;
             assert!(tokens.len() == n && targets.len() == n, "forward: batch is not b x t tokens");
             ws.tokens = be.upload(tokens)?;
-            ws.host_tokens = tokens.to_vec();
+            ws.host_tokens.clear();
+            ws.host_tokens.extend_from_slice(tokens);
             ws.targets = be.upload(targets)?;
             let slots = Slots::new(&self.cfg);
             ws.stats = be.zeros(slots.len())?;
@@ -669,7 +678,7 @@ impl<B: Backend> Gpt<B> {
                     // The block's activations again, from its input (the same bits).
                     Self::block_forward(be, params, scaling, cfg, ws, &slots, l, false)?;
                 }
-                let set = if *recompute == Recompute::Full { 0 } else { l };
+                let set = set_of(ws.layers.len(), l);
                 let dims = layer_dims(n, c);
                 let sc = &scaling[4 * l..4 * l + 4];
 
@@ -1025,6 +1034,16 @@ impl Slots {
     }
     fn grad(&self, i: usize) -> usize {
         4 * self.linears + i
+    }
+}
+
+/// The set of activations block `l` uses: its own, or the one shared set
+/// (`Recompute::Full`, `sets` = 1).
+fn set_of(sets: usize, l: usize) -> usize {
+    if sets == 1 {
+        0
+    } else {
+        l
     }
 }
 

@@ -9,7 +9,7 @@ use crate::backend::{
     slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradOut, GradRef, JitSrc,
     MemoryStats, OpTime, Operand, Phase, Product, Slot,
 };
-use cudarc::driver::{CudaFunction, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
@@ -23,39 +23,9 @@ use fp8sim::Fp8Format;
 const ADAM_ITEM_WORDS: usize = 32;
 const ADAM_CHUNK: usize = 16384;
 
-/// The kernels' `AdamStep` (same field order).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct KAdamStep {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    omb1: f32,
-    omb2: f32,
-    bc1: f32,
-    bc2: f32,
-    decay: f32,
-    grad_scale: f32,
-}
-// SAFETY: plain old data with C layout, as the kernels declare it.
-unsafe impl DeviceRepr for KAdamStep {}
-
-impl From<&AdamStep> for KAdamStep {
-    fn from(h: &AdamStep) -> Self {
-        KAdamStep {
-            lr: h.lr,
-            beta1: h.beta1,
-            beta2: h.beta2,
-            eps: h.eps,
-            omb1: h.omb1,
-            omb2: h.omb2,
-            bc1: h.bc1,
-            bc2: h.bc2,
-            decay: h.decay,
-            grad_scale: h.grad_scale,
-        }
-    }
+/// The kernels' `AdamStep` (adamw.cu) as table words, in its field order.
+fn adam_step_words(h: &AdamStep) -> [u32; 10] {
+    [h.lr, h.beta1, h.beta2, h.eps, h.omb1, h.omb2, h.bc1, h.bc2, h.decay, h.grad_scale].map(f32::to_bits)
 }
 
 /// One GPU as a backend.
@@ -83,6 +53,8 @@ pub struct Cuda {
     scalars: std::cell::RefCell<std::collections::HashMap<u32, CudaSlice<f32>>>,
     /// Keep the `mma.sync` flash kernels on Hopper too (verify runs both kinds).
     flash_mma: std::cell::Cell<bool>,
+    /// FP8TRAIN_FLASH=mma: the same for the whole process (read once, at start-up).
+    flash_mma_env: bool,
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -251,6 +223,7 @@ impl Cuda {
             gelu_tab: std::cell::OnceCell::new(),
             scalars: Default::default(),
             flash_mma: std::cell::Cell::new(false),
+            flash_mma_env: std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma"),
         })
     }
 
@@ -291,7 +264,7 @@ impl Cuda {
     fn flash(&self, hs: usize) -> Option<Flash> {
         if self.lt.borrow().is_some() {
             // FP8TRAIN_FLASH=mma keeps the mma.sync kernels on Hopper (to compare them).
-            let mma = self.flash_mma.get() || std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma");
+            let mma = self.flash_mma.get() || self.flash_mma_env;
             Flash::for_head_size(hs, self.has_wgmma_flash() && !mma)
         } else {
             None
@@ -1451,9 +1424,7 @@ impl Backend for Cuda {
             table.extend([n32, level]);
             // ginv, pinv, minv, vinv, then pscale, mscale, vscale (set for pass 2), pad
             table.extend([ginv, pinv, minv, vinv, 1.0, 1.0, 1.0, 0.0].map(f32::to_bits));
-            let h = KAdamStep::from(step);
-            let hw = [h.lr, h.beta1, h.beta2, h.eps, h.omb1, h.omb2, h.bc1, h.bc2, h.decay, h.grad_scale];
-            table.extend(hw.map(f32::to_bits));
+            table.extend(adam_step_words(step));
             for first in (0..n32).step_by(ADAM_CHUNK) {
                 chunks.extend([i as u32, first]);
             }
