@@ -312,25 +312,25 @@ __device__ void flash_forward(u16* out, float* stats, const u16* qkv, u32 t, u32
 }
 
 // Per query row of every head, what both backward kernels need: aux[bh, i] = (row max
-// in base-2 units, 1 / row sum, D = sum_d dout[i, d] * out[i, d], 0), and dout rounded
-// to BF16 (their operand; dout16 [b, t, c]). 8 threads per row.
-extern "C" __global__ void flash_backward_prep(float4* aux, u16* dout16, const float* dout, const u16* out,
-                                               const float* stats, u32 b, u32 t, u32 c, u32 nh) {
+// in base-2 units, 1 / row sum, D = sum_d dout[i, d] * out[i, d], 0); dout and out are
+// BF16 [b, t, c] (dout as the projection's backward product stores it, the operand the
+// backward kernels read). 8 threads per row.
+extern "C" __global__ void flash_backward_prep(float4* aux, const u16* dout, const u16* out, const float* stats, u32 b,
+                                               u32 t, u32 c, u32 nh) {
     u32 gid = blockIdx.x * blockDim.x + threadIdx.x, idx = gid / 8, part = gid % 8;
     bool in = idx < b * nh * t;
     float acc = 0.0f;
     if (in) {
         u32 hs = c / nh, i = idx % t, bh = idx / t, bb = bh / nh, h = bh % nh;
-        const float* g = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
+        const u16* g = dout + ((size_t)bb * t + i) * c + (size_t)h * hs;
         const u16* o = out + ((size_t)bb * t + i) * c + (size_t)h * hs;
-        u16* g16 = dout16 + ((size_t)bb * t + i) * c + (size_t)h * hs;
         for (u32 d = 4 * part; d < hs; d += 32) {
-            float4 x = *(const float4*)(g + d);
+            uint2 x = *(const uint2*)(g + d);
             uint2 y = *(const uint2*)(o + d);
-            *(uint2*)(g16 + d) = make_uint2((u32)fp8train_to_bf16(x.x) | ((u32)fp8train_to_bf16(x.y) << 16),
-                                            (u32)fp8train_to_bf16(x.z) | ((u32)fp8train_to_bf16(x.w) << 16));
-            acc += x.x * fp8train_from_bf16((u16)(y.x & 0xffffu)) + x.y * fp8train_from_bf16((u16)(y.x >> 16)) +
-                   x.z * fp8train_from_bf16((u16)(y.y & 0xffffu)) + x.w * fp8train_from_bf16((u16)(y.y >> 16));
+            acc += fp8train_from_bf16((u16)(x.x & 0xffffu)) * fp8train_from_bf16((u16)(y.x & 0xffffu)) +
+                   fp8train_from_bf16((u16)(x.x >> 16)) * fp8train_from_bf16((u16)(y.x >> 16)) +
+                   fp8train_from_bf16((u16)(x.y & 0xffffu)) * fp8train_from_bf16((u16)(y.y & 0xffffu)) +
+                   fp8train_from_bf16((u16)(x.y >> 16)) * fp8train_from_bf16((u16)(y.y >> 16));
         }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 4);

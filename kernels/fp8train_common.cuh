@@ -137,6 +137,18 @@ __device__ __forceinline__ u16 fp8train_to_bf16(float x) {
     return (u16)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
 }
 __device__ __forceinline__ float fp8train_from_bf16(u16 h) { return __uint_as_float((u32)h << 16); }
+// Four BF16 values (8 bytes, lowest address first) widened.
+__device__ __forceinline__ float4 fp8train_bf16x4(uint2 w) {
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                       __uint_as_float(w.y & 0xffff0000u));
+}
+// acc = acc + v per lane (four separate sequential sums).
+__device__ __forceinline__ void fp8train_add4(float4& acc, float4 v) {
+    acc.x = acc.x + v.x;
+    acc.y = acc.y + v.y;
+    acc.z = acc.z + v.z;
+    acc.w = acc.w + v.w;
+}
 __device__ __forceinline__ u16 fp8train_to_f16(float x) {
     if (isnan(x)) return 0x7e00;
     u16 r;

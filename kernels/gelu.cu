@@ -56,19 +56,22 @@ extern "C" __global__ void gelu_forward(void* y, int mode, float scale, unsigned
     for (size_t i = 4 * vec + start; i < n; i += stride) fp8train_act_store(y, mode, scale, i, gelu_lookup(x[i], gt_sh, tab), am);
     if (mode == ACT_E4M3) fp8train_block_flush(am, 0, amax, nullptr);
 }
-// dx = gelu'(x) * dy; `tab` the gelu_factor half of the table. Grid-stride as above.
-extern "C" __global__ void gelu_backward(float* dx, const u16* x, const float* dy, u32 n, const float* tab) {
+// dx = gelu'(x) * dy (dy BF16, as the MLP projection's backward product stores it);
+// `tab` the gelu_factor half of the table. Grid-stride as above.
+extern "C" __global__ void gelu_backward(float* dx, const u16* x, const u16* dy, u32 n, const float* tab) {
     extern __shared__ float gt_sh[];
     gelu_stage_table(gt_sh, tab);
     size_t stride = (size_t)gridDim.x * blockDim.x, start = fp8train_tid();
-    size_t vec = ((((size_t)x & 7) | (((size_t)dx | (size_t)dy) & 15)) == 0) ? n / 4 : 0;
+    size_t vec = ((((size_t)x | (size_t)dy) & 7) | ((size_t)dx & 15)) == 0 ? n / 4 : 0;
     for (size_t k = start; k < vec; k += stride) {
         uint2 w = ((const uint2*)x)[k];
-        float4 g = ((const float4*)dy)[k];
-        ((float4*)dx)[k] = make_float4(gelu_lookup(w.x & 0xffffu, gt_sh, tab) * g.x, gelu_lookup(w.x >> 16, gt_sh, tab) * g.y,
-                                       gelu_lookup(w.y & 0xffffu, gt_sh, tab) * g.z, gelu_lookup(w.y >> 16, gt_sh, tab) * g.w);
+        uint2 g = ((const uint2*)dy)[k];
+        ((float4*)dx)[k] = make_float4(gelu_lookup(w.x & 0xffffu, gt_sh, tab) * fp8train_from_bf16((u16)(g.x & 0xffffu)),
+                                       gelu_lookup(w.x >> 16, gt_sh, tab) * fp8train_from_bf16((u16)(g.x >> 16)),
+                                       gelu_lookup(w.y & 0xffffu, gt_sh, tab) * fp8train_from_bf16((u16)(g.y & 0xffffu)),
+                                       gelu_lookup(w.y >> 16, gt_sh, tab) * fp8train_from_bf16((u16)(g.y >> 16)));
     }
-    for (size_t i = 4 * vec + start; i < n; i += stride) dx[i] = gelu_lookup(x[i], gt_sh, tab) * dy[i];
+    for (size_t i = 4 * vec + start; i < n; i += stride) dx[i] = gelu_lookup(x[i], gt_sh, tab) * fp8train_from_bf16(dy[i]);
 }
 // The MLP's output gradient as the fc layer's backward takes it, without the f32 tensor:
 // g = gelu'(x) * dy per element, its column sums' chunk partials (column_chunk_sums'
@@ -77,7 +80,7 @@ extern "C" __global__ void gelu_backward(float* dx, const u16* x, const float* d
 // with cast_fp8's statistics: stats[0] amax bits, stats[1] saturated). One (chunk,
 // column) item per thread and step, grid-stride.
 extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, float scale, int e5m2,
-                                              unsigned long long* stats, const u16* x, const float* dy, u32 rows,
+                                              unsigned long long* stats, const u16* x, const u16* dy, u32 rows,
                                               u32 cols, const float* tab) {
     extern __shared__ float gt_sh[];
     gelu_stage_table(gt_sh, tab);
@@ -90,7 +93,7 @@ extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, 
         float acc = 0.0f;
         auto load = [&](u32 r) {
             size_t k = (size_t)r * cols + j;
-            return make_float2(__uint_as_float(x[k]), dy[k]);  // (the code, dy)
+            return make_float2(__uint_as_float(x[k]), fp8train_from_bf16(dy[k]));  // (the code, dy)
         };
         fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), load, [&](u32 r, float2 v) {
             size_t k = (size_t)r * cols + j;
@@ -100,6 +103,42 @@ extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, 
             else ((u8*)out)[k] = cast_fp8_one(g, scale, mx, e5m2, amax, sat);
         });
         part[(size_t)ch * cols + j] = acc;
+    }
+    if (mode != ACT_BF16) fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
+}
+
+// gelu_backward_sums with four adjacent columns per thread (cols a multiple of 4, x and
+// dy 8-byte aligned): one 8-byte load of each per row, a 4- (E5M2) or 8-byte (BF16) store;
+// the same sums and codes.
+extern "C" __global__ void gelu_backward_sums4(float* part, void* out, int mode, float scale, int e5m2,
+                                               unsigned long long* stats, const u16* x, const u16* dy, u32 rows,
+                                               u32 cols, const float* tab) {
+    extern __shared__ float gt_sh[];
+    gelu_stage_table(gt_sh, tab);
+    float mx = e5m2 ? 57344.0f : 448.0f;
+    u32 amax = 0, sat = 0;
+    u32 chunks = (rows + 31) / 32, groups = cols / 4;
+    size_t items = (size_t)chunks * groups, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t t = fp8train_tid(); t < items; t += stride) {
+        u32 ch = (u32)(t / groups), j = 4 * (u32)(t % groups);
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        auto load = [&](u32 r) {
+            size_t k = (size_t)r * cols + j;
+            uint2 a = *(const uint2*)(x + k), b = *(const uint2*)(dy + k);
+            return make_uint4(a.x, a.y, b.x, b.y);  // (4 codes, 4 dy)
+        };
+        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), load, [&](u32 r, uint4 w) {
+            size_t k = (size_t)r * cols + j;
+            float4 d = fp8train_bf16x4(make_uint2(w.z, w.w));
+            float4 g = make_float4(gelu_lookup(w.x & 0xffffu, gt_sh, tab) * d.x, gelu_lookup(w.x >> 16, gt_sh, tab) * d.y,
+                                   gelu_lookup(w.y & 0xffffu, gt_sh, tab) * d.z, gelu_lookup(w.y >> 16, gt_sh, tab) * d.w);
+            fp8train_add4(acc, g);
+            if (mode == ACT_BF16)
+                *(uint2*)((u16*)out + k) = make_uint2((u32)fp8train_to_bf16(g.x) | ((u32)fp8train_to_bf16(g.y) << 16),
+                                                      (u32)fp8train_to_bf16(g.z) | ((u32)fp8train_to_bf16(g.w) << 16));
+            else *(u32*)((u8*)out + k) = cast_fp8_four(g, scale, mx, e5m2, amax, sat);
+        });
+        *(float4*)(part + (size_t)ch * cols + j) = acc;
     }
     if (mode != ACT_BF16) fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }

@@ -10,14 +10,27 @@ __device__ __forceinline__ float gemm_load(const void* p, size_t idx, int ty) {
     return fp8train_decode(((const u8*)p)[idx], ty == 3);
 }
 
-extern "C" __global__ void gemm_exact(float* c, const void* a, int ta, u32 ars, u32 acs, const void* b, int tb,
-                                      u32 brs, u32 bcs, u32 m, u32 n, u32 k, float scale, int accumulate) {
-    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (size_t)m * n) return;
+__device__ __forceinline__ float gemm_exact_one(size_t t, const float* c, const void* a, int ta, u32 ars, u32 acs,
+                                               const void* b, int tb, u32 brs, u32 bcs, u32 n, u32 k, int accumulate) {
     size_t i = t / n, j = t % n;
     float acc = accumulate ? c[t] : 0.0f;
     for (u32 p = 0; p < k; p++) {
         acc = fmaf(gemm_load(a, i * ars + (size_t)p * acs, ta), gemm_load(b, (size_t)p * brs + j * bcs, tb), acc);
     }
-    c[t] = acc * scale;
+    return acc;
+}
+
+extern "C" __global__ void gemm_exact(float* c, const void* a, int ta, u32 ars, u32 acs, const void* b, int tb,
+                                      u32 brs, u32 bcs, u32 m, u32 n, u32 k, float scale, int accumulate) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)m * n) return;
+    c[t] = gemm_exact_one(t, c, a, ta, ars, acs, b, tb, brs, bcs, n, k, accumulate) * scale;
+}
+
+// The same product stored in BF16 (the f32 result rounded once, RNE).
+extern "C" __global__ void gemm_exact_bf16(u16* c, const void* a, int ta, u32 ars, u32 acs, const void* b, int tb,
+                                           u32 brs, u32 bcs, u32 m, u32 n, u32 k, float scale) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (size_t)m * n) return;
+    c[t] = fp8train_to_bf16(gemm_exact_one(t, nullptr, a, ta, ars, acs, b, tb, brs, bcs, n, k, 0) * scale);
 }

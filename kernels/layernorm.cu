@@ -72,7 +72,21 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
 // dx (overwritten, or with `accumulate` dx = dx + grad) and dy * normalized (into `pr`,
 // for the weight gradient's column sums). x and dy are staged; the old dx is read in
 // the output loop, so a warp needs two staged rows (more warps per SM).
-extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, float* pr, const float* dy, const float* x,
+// dy is BF16 (as the products before a layernorm's backward store it), staged as it is
+// by 4-byte cp.async (pairs of elements; c even, dy 4-byte aligned) with two padding
+// elements after every 32: element i at LN16_AT(i), so lane l reading chunk l element by
+// element hits bank 17 l mod 32 (all distinct); widened where it is read.
+#define LN16_AT(i) ((i) + 2 * ((i) >> 5))
+__device__ __forceinline__ void ln_stage_bf16(u16* dst, const u16* src, u32 c, u32 lane) {
+    if (c & 1) {  // (odd rows start at odd elements: plain loads)
+        for (u32 i = lane; i < c; i += 32) dst[LN16_AT(i)] = src[i];
+        return;
+    }
+    for (u32 i = 2 * lane; i < c; i += 64)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst + LN16_AT(i))),
+                     "l"(src + i));
+}
+extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, float* pr, const u16* dy, const float* x,
                                                    const float* w, const float* mean, const float* rstd, u32 n, u32 c) {
     extern __shared__ float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
@@ -81,30 +95,31 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     float* sw = ln_sh;
     float* pa = sw + padded + (size_t)warp * (2 * chunks + 2 * padded);
     float* pb = pa + chunks;
-    float* sdy = pb + chunks;
-    float* sx = sdy + padded;
+    u16* sdy = (u16*)(pb + chunks);  // c + 2 chunks BF16 values in the room of `padded` floats
+    float* sx = pb + chunks + padded;
     bool live = r < n;
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
     if (live) {
         ln_stage(sx, x + (size_t)r * c, c, lane, 32);
-        ln_stage(sdy, dy + (size_t)r * c, c, lane, 32);
+        ln_stage_bf16(sdy, dy + (size_t)r * c, c, lane);
     }
     ln_staged();
     __syncthreads();
     if (!live) return;
     float mu = mean[r], rs = rstd[r];
-    float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return sw[LN_AT(i)] * sdy[LN_AT(i)]; }) / (float)c;
+    auto gy = [&](u32 i) { return fp8train_from_bf16(sdy[LN16_AT(i)]); };
+    float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return sw[LN_AT(i)] * gy(i); }) / (float)c;
     float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) {
-                   return (sw[LN_AT(i)] * sdy[LN_AT(i)]) * ((sx[LN_AT(i)] - mu) * rs);
+                   return (sw[LN_AT(i)] * gy(i)) * ((sx[LN_AT(i)] - mu) * rs);
                }) / (float)c;
     float* dxr = dx + (size_t)r * c;
     float* prr = pr + (size_t)r * c;
     auto one = [&](u32 i, float old) {
         float nrm = (sx[LN_AT(i)] - mu) * rs;
-        float g = sw[LN_AT(i)] * sdy[LN_AT(i)];
+        float g = sw[LN_AT(i)] * gy(i);
         float d = ((g - s1) - nrm * s2) * rs;
         dxr[i] = accumulate ? old + d : d;
-        prr[i] = sdy[LN_AT(i)] * nrm;
+        prr[i] = gy(i) * nrm;
     };
     // Four elements per lane and step, the old dx values loaded first (coalesced, four in
     // flight: a store to pr could otherwise hold each load back).

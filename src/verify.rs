@@ -326,6 +326,15 @@ fn randn(n: usize, seed: u64, std: f32) -> Vec<f32> {
     x
 }
 
+/// `randn` rounded to BF16 (the gradients that products store in BF16).
+fn randn16(n: usize, seed: u64, std: f32) -> Vec<bf16> {
+    randn(n, seed, std).into_iter().map(to_bf16).collect()
+}
+
+fn bits16<B: Backend>(be: &B, x: &B::Buf<bf16>) -> BResult<Vec<u32>> {
+    Ok(be.download(x)?.iter().map(|v| v.to_bits() as u32).collect())
+}
+
 fn bits<B: Backend>(be: &B, x: &B::Buf<f32>) -> BResult<Vec<u32>> {
     Ok(be.download(x)?.iter().map(|v| v.to_bits()).collect())
 }
@@ -373,7 +382,11 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let op = pick::<B>;
                 let scale = if ta == "f32" { 1.0 } else { 1.0 / 4096.0 };
                 be.matmul(&mut out, op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb), product, m, n, k, scale)?;
-                vec![("out", bits(be, &out)?)]
+                // The same product stored in BF16 (the input gradients, the logits).
+                let mut out16 = be.zeros::<bf16>(out_len)?;
+                let (a, b) = (op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb));
+                be.matmul_bf16(&mut out16, a, b, product, m, n, k, scale)?;
+                vec![("out", bits(be, &out)?), ("out bf16", bits16(be, &out16)?)]
             }
             Case::GemmBias { ta, m, n, k, residual } => {
                 let (xa, xb) = (randn(m * k, 1, 1.0), randn(n * k, 2, 1.0));
@@ -399,7 +412,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     be.upload(&randn(n * c, 3, 2.0))?,
                     be.upload(&randn(c, 4, 1.0))?,
                     be.upload(&randn(c, 5, 1.0))?,
-                    be.upload(&randn(n * c, 6, 1.0))?,
+                    be.upload(&randn16(n * c, 6, 1.0))?,
                 );
                 let (mut mean, mut rstd) = (be.zeros(n)?, be.zeros(n)?);
                 let mut outs =
@@ -420,7 +433,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
             }
             Case::Gelu { rows, c, every_code } => {
                 let n = rows * c;
-                let dy = be.upload(&randn(n, 8, 1.0))?;
+                let dy = be.upload(&randn16(n, 8, 1.0))?;
                 let mut x = be.zeros::<bf16>(n)?;
                 let mut outs = Vec::new();
                 if every_code {
@@ -488,7 +501,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let bias = be.upload(&randn(3 * c, 27, 0.5))?;
                 let mut qkv = be.zeros::<bf16>(b * t * 3 * c)?;
                 be.cast_bf16_bias(&mut qkv, &q32, &bias)?;
-                let dout = be.upload(&randn(b * t * c, 14, 1.0))?;
+                let dout = be.upload(&randn16(b * t * c, 14, 1.0))?;
                 let (mut out, mut stats) = (be.zeros(b * t * c)?, be.zeros(b * nh * t * 2)?);
                 be.attention_forward(&mut out, &mut stats, &qkv, s)?;
                 let mut dqkv = be.zeros(b * t * 3 * c)?;
@@ -498,14 +511,21 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 vec![("out", out), ("stats", bits(be, &stats)?), ("dqkv", bits(be, &dqkv)?)]
             }
             Case::CrossEntropy { n, v } => {
-                let logits = be.upload(&randn(n * v, 15, 3.0))?;
+                let l16 = randn16(n * v, 15, 3.0);
                 let targets = be.upload(&(0..n).map(|i| ((i * 13) % v) as u32).collect::<Vec<_>>())?;
-                let (mut losses, mut d) = (be.zeros(n)?, be.zeros::<bf16>(n * v)?);
-                be.crossentropy(&mut losses, Some(&mut d), &logits, &targets, 0.125, n, v)?;
                 let mut only = be.zeros(n)?;
-                be.crossentropy(&mut only, None, &logits, &targets, 0.0, n, v)?;
-                let dbits = be.download(&d)?.iter().map(|h| h.to_bits() as u32).collect();
-                vec![("losses", bits(be, &losses)?), ("dlogits (bf16)", dbits), ("losses (no grad)", bits(be, &only)?)]
+                let mut logits = be.upload(&l16)?;
+                be.crossentropy(&mut only, &mut logits, false, &targets, 0.0, n, v)?;
+                let kept = be.download(&logits)? == l16;
+                // With the gradient, written over the logits.
+                let mut losses = be.zeros(n)?;
+                be.crossentropy(&mut losses, &mut logits, true, &targets, 0.125, n, v)?;
+                vec![
+                    ("losses", bits(be, &losses)?),
+                    ("dlogits (bf16, over the logits)", bits16(be, &logits)?),
+                    ("losses (no grad)", bits(be, &only)?),
+                    ("logits kept without grad", vec![u32::from(kept)]),
+                ]
             }
             Case::ColumnSums { rows, cols } => {
                 let x = be.upload(&randn(rows * cols, 16, 1.0))?;

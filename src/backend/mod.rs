@@ -319,6 +319,22 @@ pub trait Backend {
         k: usize,
         scale: f32,
     ) -> BResult<()>;
+    /// `y = bf16(product * scale)`: a product whose consumer reads BF16 (the LM head's
+    /// logits, and the input gradients entering layernorm, GELU and attention backward).
+    /// Exact class: the f32 product of `matmul`, rounded once (RNE). A fast-class backend
+    /// writes BF16 from the product's epilogue (held to `verify`'s bound).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bf16(
+        &self,
+        y: &mut Self::Buf<bf16>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) -> BResult<()>;
     /// `y = bf16(a b^T * scale + bias)`, a linear layer's forward product stored as its
     /// consumer reads it (QKV for attention, the MLP pre-activation for GELU). Exact
     /// class, the contract's definition: `matmul` into the f32 `scratch`, then
@@ -442,7 +458,7 @@ pub trait Backend {
         accumulate: bool,
         dw: &mut Self::Buf<f32>,
         db: &mut Self::Buf<f32>,
-        dy: &Self::Buf<f32>,
+        dy: &Self::Buf<bf16>,
         x: &Self::Buf<f32>,
         w: &Self::Buf<f32>,
         mean: &Self::Buf<f32>,
@@ -464,7 +480,7 @@ pub trait Backend {
     fn attention_backward(
         &self,
         dqkv: &mut Self::Buf<f32>,
-        dout: &Self::Buf<f32>,
+        dout: &Self::Buf<bf16>,
         qkv: &Self::Buf<bf16>,
         out: &Self::Buf<bf16>,
         stats: &Self::Buf<f32>,
@@ -477,16 +493,19 @@ pub trait Backend {
         &self,
         dx: GradOut<'_, Self>,
         x: &Self::Buf<bf16>,
-        dy: &Self::Buf<f32>,
+        dy: &Self::Buf<bf16>,
         cols: usize,
     ) -> BResult<()>;
-    /// Per-row losses; with `dlogits`, also the gradient times `dloss`, rounded to BF16
-    /// (the LM head's backward products read it in BF16).
+    /// Per-row losses of the BF16 `logits` (computed in f32); `with_grad`: the gradient
+    /// times `dloss`, rounded to BF16, written over the logits (the LM head's backward
+    /// products read it there), so a chunk of the head holds one `[rows, vocab]` BF16
+    /// tensor.
+    #[allow(clippy::too_many_arguments)]
     fn crossentropy(
         &self,
         losses: &mut Self::Buf<f32>,
-        dlogits: Option<&mut Self::Buf<bf16>>,
-        logits: &Self::Buf<f32>,
+        logits: &mut Self::Buf<bf16>,
+        with_grad: bool,
         targets: &Self::Buf<u32>,
         dloss: f32,
         n: usize,

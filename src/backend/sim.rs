@@ -251,6 +251,23 @@ impl Backend for Sim {
         product_exact(out, &a, &b, product, m, n, k, scale, false);
         Ok(())
     }
+    fn matmul_bf16(
+        &self,
+        y: &mut Vec<bf16>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        let mut out = host_vec(y.len())?;
+        out.resize(y.len(), 0f32);
+        product_exact(&mut out, &a, &b, product, m, n, k, scale, false);
+        half16::to_bf16_slice(&out, y);
+        Ok(())
+    }
     fn matmul_acc(
         &self,
         out: &mut Vec<f32>,
@@ -340,7 +357,7 @@ impl Backend for Sim {
         accumulate: bool,
         dw: &mut Vec<f32>,
         db: &mut Vec<f32>,
-        dy: &Vec<f32>,
+        dy: &Vec<bf16>,
         x: &Vec<f32>,
         w: &Vec<f32>,
         mean: &Vec<f32>,
@@ -348,6 +365,7 @@ impl Backend for Sim {
         n: usize,
         c: usize,
     ) -> BResult<()> {
+        let dy = &widen(dy)?;
         if !accumulate {
             layernorm::layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, n, c);
             return Ok(());
@@ -377,21 +395,21 @@ impl Backend for Sim {
     fn attention_backward(
         &self,
         dqkv: &mut Vec<f32>,
-        dout: &Vec<f32>,
+        dout: &Vec<bf16>,
         qkv: &Vec<bf16>,
         out: &Vec<bf16>,
         stats: &Vec<f32>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_backward(dqkv, dout, &widen(qkv)?, &widen(out)?, stats, shape);
+        attention::attention_backward(dqkv, &widen(dout)?, &widen(qkv)?, &widen(out)?, stats, shape);
         Ok(())
     }
     fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<bf16>) -> BResult<()> {
         let xf = widen(x)?;
         into_act(y, x.len(), |yv| gelu::gelu_forward(yv, &xf, None))
     }
-    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: &Vec<bf16>, dy: &Vec<f32>, cols: usize) -> BResult<()> {
-        let xf = widen(x)?;
+    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: &Vec<bf16>, dy: &Vec<bf16>, cols: usize) -> BResult<()> {
+        let (xf, dy) = (widen(x)?, &widen(dy)?);
         if let GradOut::F32(o) = dx {
             gelu::gelu_backward(o, &xf, None, dy);
             return Ok(());
@@ -408,23 +426,16 @@ impl Backend for Sim {
     fn crossentropy(
         &self,
         losses: &mut Vec<f32>,
-        dlogits: Option<&mut Vec<bf16>>,
-        logits: &Vec<f32>,
+        logits: &mut Vec<bf16>,
+        with_grad: bool,
         targets: &Vec<u32>,
         dloss: f32,
         n: usize,
         v: usize,
     ) -> BResult<()> {
-        crossentropy::crossentropy_forward_backward(
-            losses,
-            dlogits.map(|d| d.as_mut_slice()),
-            logits,
-            targets,
-            dloss,
-            n,
-            v,
-            half16::to_bf16,
-        );
+        let l32 = widen(logits)?;
+        let dlogits = with_grad.then_some(logits.as_mut_slice());
+        crossentropy::crossentropy_forward_backward(losses, dlogits, &l32, targets, dloss, n, v, half16::to_bf16);
         Ok(())
     }
 

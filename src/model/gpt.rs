@@ -92,10 +92,11 @@ pub struct Workspace<B: Backend> {
     losses: B::Buf<f32>,
     head: Head<B>,
     dres: B::Buf<f32>,
-    dln: B::Buf<f32>,
-    datt: B::Buf<f32>,
+    /// The input gradients out of the products (BF16, as their consumers read them).
+    dln: B::Buf<bf16>,
+    datt: B::Buf<bf16>,
     dqkv: B::Buf<f32>,
-    dgelu: B::Buf<f32>,
+    dgelu: B::Buf<bf16>,
     dfc: B::Buf<f32>,
     dyq: [GradCast<B>; 4],
     /// Statistics of one step, read back once (see `Slots`); the weight views' amaxes
@@ -244,10 +245,10 @@ impl<B: Backend> Gpt<B> {
                 losses: z(n)?,
                 head: Head::new(be, head_rows.unwrap_or_else(|| head_rows_for(n, v)), c, v)?,
                 dres: z(n * c)?,
-                dln: z(n * c)?,
-                datt: z(n * c)?,
+                dln: be.zeros(n * c)?,
+                datt: be.zeros(n * c)?,
                 dqkv: z(n * 3 * c)?,
-                dgelu: z(n * 4 * c)?,
+                dgelu: be.zeros(n * 4 * c)?,
                 dfc: z(n * 4 * c)?,
                 dyq: arr4(|i| GradCast::new(be, fp8, n * outs[i]))?,
                 stats: be.zeros(Slots::new(&self.cfg).len())?,
@@ -569,7 +570,7 @@ impl<B: Backend> Gpt<B> {
             for r0 in (0..n).step_by(ws.head.rows) {
                 Self::head_logits(be, ws, r0, c, v)?;
                 let h = &mut ws.head;
-                be.crossentropy(&mut h.losses, None, &h.logits, &h.targets, 0.0, h.rows, v)?;
+                be.crossentropy(&mut h.losses, &mut h.logits, false, &h.targets, 0.0, h.rows, v)?;
                 be.copy_range(&mut ws.losses, r0, &h.losses, 0, h.rows)?;
             }
             be.mean(&ws.losses)?
@@ -581,7 +582,16 @@ impl<B: Backend> Gpt<B> {
         let h = &mut ws.head;
         be.copy_range(&mut h.x, 0, &ws.lnf_bf16, r0 * c, h.rows * c)?;
         be.copy_range(&mut h.targets, 0, &ws.targets, r0, h.rows)?;
-        be.matmul(&mut h.logits, Operand::Bf16(&h.x), Operand::Bf16(&ws.wte_bf16), Product::Forward, h.rows, v, c, 1.0)
+        be.matmul_bf16(
+            &mut h.logits,
+            Operand::Bf16(&h.x),
+            Operand::Bf16(&ws.wte_bf16),
+            Product::Forward,
+            h.rows,
+            v,
+            c,
+            1.0,
+        )
     }
 
     /// The logits of row `pos` of `tokens` (one sequence of the workspace's length):
@@ -592,7 +602,7 @@ impl<B: Backend> Gpt<B> {
         let r0 = pos / ws.head.rows * ws.head.rows;
         Self::head_logits(be, ws, r0, c, v)?;
         let all = be.download(&ws.head.logits)?;
-        Ok(all[(pos - r0) * v..(pos - r0 + 1) * v].to_vec())
+        Ok(all[(pos - r0) * v..(pos - r0 + 1) * v].iter().map(|x| x.to_f32()).collect())
     }
 
     /// Store a parameter's f32 gradient in its level's format, its amax into `amax`
@@ -636,12 +646,12 @@ impl<B: Backend> Gpt<B> {
                 Self::head_logits(be, ws, r0, c, v)?;
                 let h = &mut ws.head;
                 let r = h.rows;
-                be.crossentropy(&mut h.losses, Some(&mut h.dlogits), &h.logits, &h.targets, dloss, r, v)?;
+                be.crossentropy(&mut h.losses, &mut h.logits, true, &h.targets, dloss, r, v)?;
                 be.copy_range(&mut ws.losses, r0, &h.losses, 0, r)?;
-                let (dy, wte) = (Operand::Bf16(&h.dlogits), Operand::Bf16(&ws.wte_bf16));
-                be.matmul(&mut h.dx, dy, wte, Product::Dgrad, r, v, c, 1.0)?;
+                let (dy, wte) = (Operand::Bf16(&h.logits), Operand::Bf16(&ws.wte_bf16));
+                be.matmul_bf16(&mut h.dx, dy, wte, Product::Dgrad, r, v, c, 1.0)?;
                 be.copy_range(&mut ws.dln, r0 * c, &h.dx, 0, r * c)?;
-                let (dy, x) = (Operand::Bf16(&h.dlogits), Operand::Bf16(&h.x));
+                let (dy, x) = (Operand::Bf16(&h.logits), Operand::Bf16(&h.x));
                 if r0 == 0 {
                     be.matmul(&mut ws.g_wte, dy, x, Product::Wgrad, r, v, c, 1.0)?;
                 } else {
@@ -975,26 +985,26 @@ impl<B: Backend> Gpt<B> {
     }
 }
 
-/// Bytes of f32 logits the LM head holds at once (one chunk of rows).
-pub const HEAD_LOGIT_BYTES: usize = 512 << 20;
+/// Bytes of BF16 logits the LM head holds at once (one chunk of rows).
+pub const HEAD_LOGIT_BYTES: usize = 256 << 20;
 
 /// Rows per LM-head chunk for `n` rows and `v` classes: the largest divisor of `n`
-/// whose f32 logits fit [`HEAD_LOGIT_BYTES`] (at least 1).
+/// whose BF16 logits fit [`HEAD_LOGIT_BYTES`] (at least 1).
 pub fn head_rows_for(n: usize, v: usize) -> usize {
-    let most = (HEAD_LOGIT_BYTES / (4 * v.max(1))).clamp(1, n.max(1));
+    let most = (HEAD_LOGIT_BYTES / (2 * v.max(1))).clamp(1, n.max(1));
     (1..=most).rev().find(|r| n.is_multiple_of(*r)).unwrap_or(1)
 }
 
 /// The tied LM head's chunk buffers: `rows` rows of its input (BF16), targets, logits
-/// (f32), losses, logit gradients (BF16) and input gradients.
+/// (BF16; the cross-entropy writes their gradient over them), losses and input
+/// gradients (BF16).
 struct Head<B: Backend> {
     rows: usize,
     x: B::Buf<bf16>,
     targets: B::Buf<u32>,
-    logits: B::Buf<f32>,
+    logits: B::Buf<bf16>,
     losses: B::Buf<f32>,
-    dlogits: B::Buf<bf16>,
-    dx: B::Buf<f32>,
+    dx: B::Buf<bf16>,
 }
 
 impl<B: Backend> Head<B> {
@@ -1005,7 +1015,6 @@ impl<B: Backend> Head<B> {
             targets: be.zeros(rows)?,
             logits: be.zeros(rows * v)?,
             losses: be.zeros(rows)?,
-            dlogits: be.zeros(rows * v)?,
             dx: be.zeros(rows * c)?,
         })
     }

@@ -287,12 +287,13 @@ pub fn forward_residual<B: Backend>(
     be.residual_forward(out, res, scratch, bias)
 }
 
-/// Backward: `dx`, `dw`, `db` (all overwritten) from `dy`; the E5M2 cast's amax and
-/// saturated count go to `stats` (two slots).
+/// Backward: `dx` (BF16, what layernorm, GELU and attention backward read), `dw`, `db`
+/// (all overwritten) from `dy`; the E5M2 cast's amax and saturated count go to `stats`
+/// (two slots).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
-    dx: &mut B::Buf<f32>,
+    dx: &mut B::Buf<bf16>,
     dw: &mut B::Buf<f32>,
     db: &mut B::Buf<f32>,
     dy: &B::Buf<f32>,
@@ -326,7 +327,7 @@ pub fn backward<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 pub fn backward_from<B: Backend>(
     be: &B,
-    dx: &mut B::Buf<f32>,
+    dx: &mut B::Buf<bf16>,
     dw: &mut B::Buf<f32>,
     db: &mut B::Buf<f32>,
     scratch: &mut B::Buf<f32>,
@@ -360,7 +361,7 @@ pub fn backward_from<B: Backend>(
 #[allow(clippy::too_many_arguments)]
 fn products<B: Backend>(
     be: &B,
-    dx: &mut B::Buf<f32>,
+    dx: &mut B::Buf<bf16>,
     dw: &mut B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
@@ -369,7 +370,7 @@ fn products<B: Backend>(
     d: Dims,
 ) -> BResult<()> {
     let (wa, ws) = w.operand();
-    be.matmul(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
+    be.matmul_bf16(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
     let (xa, xs) = saved.operand();
     be.matmul(dw, dyq.operand(), xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)
 }

@@ -75,20 +75,22 @@ pub fn estimate(
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
-    // f32: encoded, lin_out, dres, dln, datt, dqkv (3), dgelu (4),
-    // dfc (4); BF16: the final layernorm's output; the LM head's chunk of r rows: input
-    // (BF16), targets, logits (f32), losses, logit gradients (BF16), input gradients (f32).
+    // f32: encoded, lin_out, dres, dqkv (3), dfc (4); BF16: the final layernorm's output,
+    // the products' input gradients dln, datt, dgelu (4); the LM head's chunk of r rows:
+    // input (BF16), targets, logits (BF16, their gradient written over them), losses,
+    // input gradients (BF16).
     let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
-    let head_chunk = r * (2 * c + 4 + 4 * v + 4 + 2 * v + 4 * c);
-    let global = f32s * (16 * n * c + 3 * n) + 2 * n * c + 8 * n + head_chunk;
+    let head_chunk = r * (2 * c + 4 + 2 * v + 4 + 2 * c);
+    let global = f32s * (10 * n * c + 3 * n) + 2 * 7 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
     let activations = blocks + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
     // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
     // The LM head's products: f32 copies of the operands of one chunk (the simulator's
-    // GEMM packs them).
-    let head = f32s * (r * v + (r + v) * c);
+    // GEMM packs them) and an f32 copy of its logits (the simulator's product before
+    // rounding, its cross-entropy's widening).
+    let head = f32s * (2 * r * v + (r + v) * c);
     // A backend may compute an activation in f32 before storing it narrower, from an
     // f32 copy of its BF16 input (the simulator's GELU: twice n x 4c).
     let act_scratch = f32s * 8 * n * c;

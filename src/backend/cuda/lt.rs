@@ -19,7 +19,8 @@ pub enum Major {
 }
 
 /// Where a product goes: f32 `D` (with `accumulate`, added to what it holds), or BF16
-/// `D` with a per-column bias (BF16, one per output column) added in cuBLASLt's epilogue.
+/// `D`, with a per-column bias (BF16, one per output column) added in cuBLASLt's epilogue
+/// when `bias` is not 0.
 /// (The residual add in the epilogue, C = the residual stream with an f32 or BF16 bias,
 /// was measured slower than the product + `residual_forward` on an H200 and dropped.)
 #[derive(Clone, Copy, Debug)]
@@ -39,8 +40,10 @@ struct AlgoKey {
     n: usize,
     k: usize,
     amax: bool,
-    /// BF16 out + bias.
+    /// The bias epilogue.
     epilogue: bool,
+    /// BF16 out (else f32).
+    bf16_out: bool,
 }
 
 pub struct Lt {
@@ -194,7 +197,9 @@ impl Lt {
             let (dptr, dty) = match c {
                 LtOut::F32(d) => (d, sys::cudaDataType::CUDA_R_32F),
                 LtOut::Bf16 { d, bias } => {
-                    with_bias(bias, sys::cudaDataType::CUDA_R_16BF).map_err(err)?;
+                    if bias != 0 {
+                        with_bias(bias, sys::cudaDataType::CUDA_R_16BF).map_err(err)?;
+                    }
                     (d, sys::cudaDataType::CUDA_R_16BF)
                 }
             };
@@ -208,8 +213,9 @@ impl Lt {
                 8,
             )
             .map_err(err)?;
-            let epilogue = matches!(c, LtOut::Bf16 { .. });
-            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), epilogue };
+            let epilogue = matches!(c, LtOut::Bf16 { bias, .. } if bias != 0);
+            let bf16_out = matches!(c, LtOut::Bf16 { .. });
+            let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), epilogue, bf16_out };
             let outcome = (|| {
                 if self.refused.contains(&key) {
                     return Err("cuBLASLt has no algorithm for this problem".to_string());

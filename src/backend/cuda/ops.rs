@@ -80,6 +80,12 @@ macro_rules! launch {
 
 /// Ends a phase (see [`Cuda::phase`]).
 struct PhaseGuard<'a>(&'a Cuda);
+
+/// Where a product goes: f32, or BF16 rounded from the f32 result.
+enum ProductOut<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    Bf16(&'a mut CudaSlice<bf16>),
+}
 impl Drop for PhaseGuard<'_> {
     fn drop(&mut self) {
         self.0.leave();
@@ -97,6 +103,18 @@ struct Prof {
 }
 
 /// Blocks for a grid-stride kernel over `n` elements (any count gives the same result).
+/// A buffer's device address.
+fn dptr<T>(s: &std::sync::Arc<cudarc::driver::CudaStream>, b: &CudaSlice<T>) -> u64 {
+    use cudarc::driver::DevicePtr;
+    b.device_ptr(s).0
+}
+
+/// Whether a column kernel can take four adjacent columns per thread: `cols` a multiple
+/// of 4 and every (address, alignment) pair aligned.
+fn by_four(cols: u32, ptrs: &[(u64, u64)]) -> bool {
+    cols.is_multiple_of(4) && ptrs.iter().all(|&(p, a)| p.is_multiple_of(a))
+}
+
 fn stride_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
@@ -567,9 +585,11 @@ impl Cuda {
     /// A linear layer's product (fast class when cuBLASLt takes it, else exact);
     /// `accumulate`: add to `out` (scale 1) instead of overwriting it.
     #[allow(clippy::too_many_arguments)]
-    fn product(
+    /// A product into `out`, f32 or BF16 (see `Backend::matmul_bf16`).
+    #[allow(clippy::too_many_arguments)]
+    fn product_into(
         &self,
-        out: &mut CudaSlice<f32>,
+        mut out: ProductOut<'_>,
         a: Operand<'_, Self>,
         b: Operand<'_, Self>,
         product: Product,
@@ -577,10 +597,18 @@ impl Cuda {
         scale: f32,
         accumulate: bool,
     ) -> BResult<()> {
+        use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Matmul, "matmul");
+        let s = &self.gpu.stream;
+        let ptr = match &mut out {
+            ProductOut::F32(o) => o.device_ptr_mut(s).0,
+            ProductOut::Bf16(o) => o.device_ptr_mut(s).0,
+        };
         if self.lt.borrow().is_some() {
-            use cudarc::driver::DevicePtrMut;
-            let o = LtOut::F32(out.device_ptr_mut(&self.gpu.stream).0);
+            let o = match out {
+                ProductOut::F32(_) => LtOut::F32(ptr),
+                ProductOut::Bf16(_) => LtOut::Bf16 { d: ptr, bias: 0 },
+            };
             match self.matmul_fast(o, &a, &b, product, m, n, k, scale, accumulate)? {
                 Ok(()) => return Ok(()),
                 Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
@@ -596,13 +624,27 @@ impl Cuda {
         let (pa, ta) = self.operand(&a);
         let (pb, tb) = self.operand(&b);
         let (mm, nn, kk) = dims;
-        let acc = i32::from(accumulate);
-        launch!(
-            self,
-            "gemm_exact",
-            (mm as usize) * (nn as usize),
-            [out, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale, &acc]
-        );
+        let total = (mm as usize) * (nn as usize);
+        match out {
+            ProductOut::F32(_) => {
+                let acc = i32::from(accumulate);
+                launch!(
+                    self,
+                    "gemm_exact",
+                    total,
+                    [&ptr, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale, &acc]
+                );
+            }
+            ProductOut::Bf16(_) => {
+                assert!(!accumulate, "a BF16 product does not accumulate");
+                launch!(
+                    self,
+                    "gemm_exact_bf16",
+                    total,
+                    [&ptr, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
+                );
+            }
+        }
         Ok(())
     }
 
@@ -941,7 +983,20 @@ impl Backend for Cuda {
         k: usize,
         scale: f32,
     ) -> BResult<()> {
-        self.product(out, a, b, product, (m, n, k), scale, false)
+        self.product_into(ProductOut::F32(out), a, b, product, (m, n, k), scale, false)
+    }
+    fn matmul_bf16(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        a: Operand<'_, Self>,
+        b: Operand<'_, Self>,
+        product: Product,
+        m: usize,
+        n: usize,
+        k: usize,
+        scale: f32,
+    ) -> BResult<()> {
+        self.product_into(ProductOut::Bf16(y), a, b, product, (m, n, k), scale, false)
     }
     fn matmul_acc(
         &self,
@@ -953,7 +1008,7 @@ impl Backend for Cuda {
         n: usize,
         k: usize,
     ) -> BResult<()> {
-        self.product(out, a, b, product, (m, n, k), 1.0, true)
+        self.product_into(ProductOut::F32(out), a, b, product, (m, n, k), 1.0, true)
     }
     fn copy_range<T: Elem>(
         &self,
@@ -974,7 +1029,11 @@ impl Backend for Cuda {
         let (r, c) = (rows as u32, cols as u32);
         let chunks = r.div_ceil(32);
         let mut part = self.scratch::<f32>((chunks * c) as usize)?;
-        launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
+        if by_four(c, &[(dptr(&self.gpu.stream, x), 16)]) {
+            launch!(self, "column_chunk_sums4", (chunks * c / 4) as usize, [x, &mut part, &r, &c]);
+        } else {
+            launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
+        }
         self.column_tree(out, part, chunks, c)
     }
     fn column_sums_cast(
@@ -993,7 +1052,13 @@ impl Backend for Cuda {
         let (r, c, f, p) = (rows as u32, cols as u32, e5(fmt), self.slot_ptr(&mut stats));
         let chunks = r.div_ceil(32);
         let mut part = self.scratch::<f32>((chunks * c) as usize)?;
-        launch!(self, "column_chunk_sums_cast", (chunks * c) as usize, [x, &mut part, &r, &c, q, &scale, &f, &p]);
+        let s = &self.gpu.stream;
+        if by_four(c, &[(dptr(s, x), 16), (dptr(s, q), 4)]) {
+            let items = (chunks * c / 4) as usize;
+            launch!(self, "column_chunk_sums_cast4", items, [x, &mut part, &r, &c, q, &scale, &f, &p]);
+        } else {
+            launch!(self, "column_chunk_sums_cast", (chunks * c) as usize, [x, &mut part, &r, &c, q, &scale, &f, &p]);
+        }
         self.column_tree(out, part, chunks, c)
     }
     fn residual_forward(
@@ -1095,7 +1160,7 @@ impl Backend for Cuda {
         accumulate: bool,
         dw: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
-        dy: &CudaSlice<f32>,
+        dy: &CudaSlice<bf16>,
         x: &CudaSlice<f32>,
         w: &CudaSlice<f32>,
         mean: &CudaSlice<f32>,
@@ -1112,8 +1177,15 @@ impl Backend for Cuda {
             launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 2), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         }
         self.column_sums(dw, &pr, n, c)?;
-        self.column_sums(db, dy, n, c)?;
-        Ok(())
+        let _op = self.op(Phase::Other, "column_sums");
+        let chunks = nn.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * cc) as usize)?;
+        if by_four(cc, &[(dptr(&self.gpu.stream, dy), 8)]) {
+            launch!(self, "column_chunk_sums4_bf16", (chunks * cc / 4) as usize, [dy, &mut part, &nn, &cc]);
+        } else {
+            launch!(self, "column_chunk_sums_bf16", (chunks * cc) as usize, [dy, &mut part, &nn, &cc]);
+        }
+        self.column_tree(db, part, chunks, cc)
     }
     fn attention_forward(
         &self,
@@ -1157,7 +1229,7 @@ impl Backend for Cuda {
     fn attention_backward(
         &self,
         dqkv: &mut CudaSlice<f32>,
-        dout: &CudaSlice<f32>,
+        dout: &CudaSlice<bf16>,
         qkv: &CudaSlice<bf16>,
         out: &CudaSlice<bf16>,
         stats: &CudaSlice<f32>,
@@ -1168,25 +1240,19 @@ impl Backend for Cuda {
         if let Some(k) = self.flash(s.c / s.nh) {
             // Per query row: (max in base-2 units, 1 / sum, D = dout . out, 0); 8 threads a row.
             let mut aux = self.scratch::<f32>(4 * s.b * s.nh * s.t)?;
-            let mut dout16 = self.scratch::<u16>(dout.len())?;
-            launch!(
-                self,
-                "flash_backward_prep",
-                8 * s.b * s.nh * s.t,
-                [&mut aux, &mut dout16, dout, out, stats, &b, &t, &c, &nh]
-            );
+            launch!(self, "flash_backward_prep", 8 * s.b * s.nh * s.t, [&mut aux, dout, out, stats, &b, &t, &c, &nh]);
             // dS of every causal (query tile, key tile) pair, 64 x 64 BF16: the dK/dV
             // kernel writes it, the dQ kernel multiplies it by K.
             let mut ds = self.scratch::<u16>(flash_ds_len(s))?;
             let grid = (t.div_ceil(64).max(1), (s.b * s.nh).max(1) as u32, 1);
             let kv = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.kv_smem };
-            launch!(self, k.kv, with kv, [&mut *dqkv, &mut ds, &dout16, qkv, &aux, &t, &c, &nh]);
+            launch!(self, k.kv, with kv, [&mut *dqkv, &mut ds, dout, qkv, &aux, &t, &c, &nh]);
             let qc = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: k.dq_smem };
             launch!(self, k.dq, with qc, [&mut *dqkv, &ds, qkv, &t, &c, &nh]);
             return Ok(());
         }
-        let (wide, out32) = (self.widen(qkv)?, self.widen(out)?);
-        let (qkv, out) = (&wide, &out32);
+        let (wide, out32, dout32) = (self.widen(qkv)?, self.widen(out)?, self.widen(dout)?);
+        let (qkv, out, dout) = (&wide, &out32, &dout32);
         if let Some((_, bwd)) = tiled_attention(s.c / s.nh) {
             // Entries above the diagonal are neither written nor read: no zeroing.
             let mut pm = self.scratch::<f32>(s.b * s.nh * s.t * s.t)?;
@@ -1225,7 +1291,7 @@ impl Backend for Cuda {
         &self,
         dx: GradOut<'_, Self>,
         x: &CudaSlice<bf16>,
-        dy: &CudaSlice<f32>,
+        dy: &CudaSlice<bf16>,
         cols: usize,
     ) -> BResult<()> {
         use cudarc::driver::DevicePtrMut;
@@ -1247,8 +1313,12 @@ impl Backend for Cuda {
         let (rows, c) = (n / cols.max(1) as u32, cols as u32);
         let chunks = rows.div_ceil(32);
         let mut part = self.scratch::<f32>((chunks * c) as usize)?;
-        let cf = gelu_cfg((chunks * c) as usize);
-        launch!(self, "gelu_backward_sums", with cf, [&mut part, &q, &mode, &scale, &f, &p, x, dy, &rows, &c, &tab]);
+        let s = &self.gpu.stream;
+        let args_by_four = by_four(c, &[(dptr(s, x), 8), (dptr(s, dy), 8), (q, if mode == 1 { 8 } else { 4 })]);
+        let (kernel, items) =
+            if args_by_four { ("gelu_backward_sums4", chunks * c / 4) } else { ("gelu_backward_sums", chunks * c) };
+        let cf = gelu_cfg(items as usize);
+        launch!(self, kernel, with cf, [&mut part, &q, &mode, &scale, &f, &p, x, dy, &rows, &c, &tab]);
         self.column_tree(db, part, chunks, c)
     }
     fn matmul_bias_bf16(
@@ -1290,30 +1360,28 @@ impl Backend for Cuda {
     fn crossentropy(
         &self,
         losses: &mut CudaSlice<f32>,
-        dlogits: Option<&mut CudaSlice<bf16>>,
-        logits: &CudaSlice<f32>,
+        logits: &mut CudaSlice<bf16>,
+        with_grad: bool,
         targets: &CudaSlice<u32>,
         dloss: f32,
         n: usize,
         v: usize,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "crossentropy");
-        let (nn, vv) = (n as u32, v as u32);
-        let with = i32::from(dlogits.is_some());
-        let mut dummy = self.alloc::<bf16>(1)?;
-        let d = dlogits.unwrap_or(&mut dummy);
+        let (nn, vv, with) = (n as u32, v as u32, i32::from(with_grad));
         let chunks = v.div_ceil(32);
         let scratch = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
-        let staged = scratch + (32 * chunks * 4) as u32;
-        // The row in shared memory when it fits (GPT-2's 50304 classes: 206 KiB).
+        let staged = scratch + (4 * 32 * chunks) as u32;
+        // The row's f32 values, then its exponentials, in shared memory when they fit
+        // (GPT-2's 50304 classes: 206 KiB).
         if v.is_multiple_of(4) && staged <= self.max_shared() {
             let c =
                 LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: staged };
-            launch!(self, "crossentropy_staged", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+            launch!(self, "crossentropy_staged", with c, [losses, logits, targets, &dloss, &nn, &vv, &with]);
             return Ok(());
         }
         let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: scratch };
-        launch!(self, "crossentropy", with c, [losses, d, logits, targets, &dloss, &nn, &vv, &with]);
+        launch!(self, "crossentropy", with c, [losses, logits, targets, &dloss, &nn, &vv, &with]);
         Ok(())
     }
 
