@@ -59,20 +59,23 @@ __device__ __forceinline__ void adam_o2_new8(const u16* master, float pinv, cons
     uint4 mp = ((const uint4*)master)[k], vv = ((const uint4*)vh)[k];
     uint2 mm = ((const uint2*)m8)[k];
     u32 pw[4] = {mp.x, mp.y, mp.z, mp.w}, vw[4] = {vv.x, vv.y, vv.z, vv.w}, mw[2] = {mm.x, mm.y};
-    float g[8];
+    float g[8], md[8];
     if (gq) {
         uint2 gg = ((const uint2*)gq)[k];
-        u32 gw[2] = {gg.x, gg.y};
+        fp8train_e4m3x4_to_f32(gg.x, g);
+        fp8train_e4m3x4_to_f32(gg.y, g + 4);
 #pragma unroll
-        for (int u = 0; u < 8; u++) g[u] = fp8train_decode((u8)(gw[u / 4] >> (8 * (u % 4))), 0) * ginv;
+        for (int u = 0; u < 8; u++) g[u] = g[u] * ginv;
     } else {
         float4 a = ((const float4*)g32)[2 * k], b = ((const float4*)g32)[2 * k + 1];
         g[0] = a.x; g[1] = a.y; g[2] = a.z; g[3] = a.w; g[4] = b.x; g[5] = b.y; g[6] = b.z; g[7] = b.w;
     }
+    fp8train_e4m3x4_to_f32(mw[0], md);
+    fp8train_e4m3x4_to_f32(mw[1], md + 4);
 #pragma unroll
     for (int u = 0; u < 8; u++) {
         pi[u] = fp8train_from_f16((u16)(pw[u / 2] >> (16 * (u % 2)))) * pinv;
-        mi[u] = fp8train_decode((u8)(mw[u / 4] >> (8 * (u % 4))), 0) * minv;
+        mi[u] = md[u] * minv;
         vi[u] = fp8train_from_f16((u16)(vw[u / 2] >> (16 * (u % 2)))) * vinv;
         adam_update(h, pi[u], g[u], mi[u], vi[u]);
     }

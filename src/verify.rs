@@ -261,7 +261,7 @@ fn cases() -> Vec<Case> {
             }
         }
     }
-    v.extend([(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048)].map(|(n, c)| Case::LayerNorm { n, c }));
+    v.extend([(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048), (4, 4096)].map(|(n, c)| Case::LayerNorm { n, c }));
     v.extend([(125, 8), (241, 17), (64, 768)].map(|(rows, c)| Case::Gelu { rows, c, every_code: false }));
     v.push(Case::Gelu { rows: 64, c: 1024, every_code: true });
     v.extend([(125, 8), (241, 17), (33, 3072)].map(|(rows, c)| Case::Residual { rows, c }));
