@@ -209,12 +209,10 @@ extern "C" __global__ void __launch_bounds__(RS_CHUNKS) sq_blocks_multi(const u3
     rs_block4([&](size_t g, float* v) {
         if (vec && g + 3 < n) {
             if (fp8) {
-                u32 w = ((const u32*)p)[g / 4];
+                float x[4];
+                fp8train_e4m3x4_to_f32(((const u32*)p)[g / 4], x);
 #pragma unroll
-                for (int k = 0; k < 4; k++) {
-                    float x = fp8train_decode((u8)(w >> (8 * k)), 0);
-                    v[k] = isnan(x) ? FP8TRAIN_NAN : x * inv;
-                }
+                for (int k = 0; k < 4; k++) v[k] = isnan(x[k]) ? FP8TRAIN_NAN : x[k] * inv;
             } else {
                 float4 x = ((const float4*)p)[g / 4];
                 v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;

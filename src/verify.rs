@@ -272,7 +272,7 @@ fn cases() -> Vec<Case> {
             .map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }),
     );
     v.extend([(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000)].map(|(n, v)| Case::CrossEntropy { n, v }));
-    v.extend([(1000, 64), (33, 7)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
+    v.extend([(1000, 64), (33, 7), (2048, 96)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
     v.push(Case::Casts { n: 100_003 });
     // One block, several blocks, and more than 1024 blocks (two tree passes).
     for n in [100_003, 9_000_001] {
