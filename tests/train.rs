@@ -298,3 +298,21 @@ fn trains_on_text_files_and_llmc_shards() {
     );
     assert!(out.contains("final val loss"), "{out}");
 }
+
+#[test]
+fn checkpoint_at_end_false_keeps_no_state_and_every_metric() {
+    let dir = tempfile::tempdir().unwrap();
+    train(dir.path(), "kept", 2, &["--level", "O2", "--steps", "3"]);
+    train(dir.path(), "trial", 2, &["--level", "O2", "--steps", "3", "--set", "train.checkpoint_at_end=false"]);
+    let has_checkpoint = |name: &str| {
+        let c = dir.path().join(name).join("checkpoints");
+        c.exists() && std::fs::read_dir(&c).unwrap().next().is_some()
+    };
+    assert!(has_checkpoint("kept"), "the default writes a checkpoint after the last step");
+    assert!(!has_checkpoint("trial"), "train.checkpoint_at_end=false writes none");
+    assert_eq!(loss_bits(&dir.path().join("trial")), loss_bits(&dir.path().join("kept")));
+    // Periodic checkpoints still come with it.
+    let every = ["--level", "O2", "--steps", "4", "--set", "train.checkpoint_at_end=false"];
+    train(dir.path(), "every", 2, &[&every[..], &["--set", "train.checkpoint_every=2"]].concat());
+    assert!(has_checkpoint("every"));
+}

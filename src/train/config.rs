@@ -77,6 +77,9 @@ pub struct TrainConfig {
     pub mu_growth_interval: u64,
     /// Write a checkpoint every this many steps (0 = only at the end).
     pub checkpoint_every: u64,
+    /// Write a checkpoint after the last step (false: a benchmark or a trial run whose
+    /// state is not kept; a 13B O2 checkpoint is about 64 GB).
+    pub checkpoint_at_end: bool,
     /// Fault injection: poison the gradients of this step (1-based; 0 = never).
     pub inject_nan_at_step: u64,
     /// Fault injection for distributed runs: rank `fault_rank` dies ("exit") or stops
@@ -113,6 +116,7 @@ impl Default for TrainConfig {
             amax_window: 16,
             mu_growth_interval: 1000,
             checkpoint_every: 0,
+            checkpoint_at_end: true,
             inject_nan_at_step: 0,
             fault_rank: 0,
             fault_at_step: 0,

@@ -351,7 +351,8 @@ pub fn train<B: Backend>(
             emit(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
-        if ls.step == tc.steps || (tc.checkpoint_every > 0 && ls.step % tc.checkpoint_every == 0) {
+        let at_end = ls.step == tc.steps && tc.checkpoint_at_end;
+        if at_end || (tc.checkpoint_every > 0 && ls.step % tc.checkpoint_every == 0) {
             if let Some(dir) = checkpoint::save(be, run_dir, &model, cfg, ls, world)? {
                 info!(log, "checkpoint written"; "dir" => dir.display().to_string());
             }
