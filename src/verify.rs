@@ -403,7 +403,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     vec![("out", bits(be, &out)?)]
                 } else {
                     let mut y = be.zeros::<bf16>(m * n)?;
-                    be.matmul_bias_bf16(&mut y, &mut scratch, a, b, m, n, k, 1.0 / 4096.0, &bias)?;
+                    be.matmul_bias_bf16(&mut y, a, b, m, n, k, 1.0 / 4096.0, &bias)?;
                     vec![("y", be.download(&y)?.iter().map(|v| v.to_f32().to_bits()).collect())]
                 }
             }

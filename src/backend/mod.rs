@@ -337,14 +337,14 @@ pub trait Backend {
     ) -> BResult<()>;
     /// `y = bf16(a b^T * scale + bias)`, a linear layer's forward product stored as its
     /// consumer reads it (QKV for attention, the MLP pre-activation for GELU). Exact
-    /// class, the contract's definition: `matmul` into the f32 `scratch`, then
-    /// `cast_bf16_bias`. A fast-class backend may write BF16 with the bias added in the
-    /// product's epilogue (held to `verify`'s bound, like its products).
+    /// class, the contract's definition: `matmul` into f32 (a temporary of the backend's),
+    /// then `cast_bf16_bias`. A fast-class backend may write BF16 with the bias added in
+    /// the product's epilogue (held to `verify`'s bound, like its products), needing no
+    /// f32 room at all.
     #[allow(clippy::too_many_arguments)]
     fn matmul_bias_bf16(
         &self,
         y: &mut Self::Buf<bf16>,
-        scratch: &mut Self::Buf<f32>,
         a: Operand<'_, Self>,
         b: Operand<'_, Self>,
         m: usize,
@@ -353,8 +353,9 @@ pub trait Backend {
         scale: f32,
         bias: &Self::Buf<f32>,
     ) -> BResult<()> {
-        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
-        self.cast_bf16_bias(y, scratch, bias)
+        let mut scratch = self.zeros::<f32>(m * n)?;
+        self.matmul(&mut scratch, a, b, Product::Forward, m, n, k, scale)?;
+        self.cast_bf16_bias(y, &scratch, bias)
     }
     /// `column_sums` of `x` and `cast_fp8_to` of it in one go (a linear layer's bias
     /// gradient and the FP8 copy of its output gradient; a backend may read `x` once).

@@ -57,12 +57,11 @@ struct LayerActs<B: Backend> {
 
 /// Everything sized by (batch, seq) and reused from step to step: activations, the
 /// weights as this step's GEMMs read them, and backward scratch (f32 gradients live
-/// here only until they are stored in their parameter's format). f32 scratch serves
-/// several uses in turn: `lin_out` (a projection's product in the exact class, and a
-/// layernorm's output when a layer input needs a just-in-time scale, the first FP8
-/// step; otherwise the producers write the layers' saved copies), `dqkv` and `dfc`
-/// (the QKV / MLP-up products in the exact class, GELU's output at the first FP8 step,
-/// and backward gradients).
+/// here only until they are stored in their parameter's format). `lin_out` holds a
+/// projection's f32 product before the residual add; what only the exact class or the
+/// first FP8 step needs in f32 (the QKV / MLP-up products before their BF16 rounding,
+/// a layer input before its just-in-time scale, GELU's gradient before it) is a
+/// temporary of that op, not a workspace buffer.
 pub struct Workspace<B: Backend> {
     pub b: usize,
     pub t: usize,
@@ -97,7 +96,6 @@ pub struct Workspace<B: Backend> {
     datt: B::Buf<bf16>,
     dqkv: B::Buf<f32>,
     dgelu: B::Buf<bf16>,
-    dfc: B::Buf<f32>,
     dyq: [GradCast<B>; 4],
     /// Statistics of one step, read back once (see `Slots`); the weight views' amaxes
     /// have their own buffer, read back before the forward pass needs their scales.
@@ -249,7 +247,6 @@ impl<B: Backend> Gpt<B> {
                 datt: be.zeros(n * c)?,
                 dqkv: z(n * 3 * c)?,
                 dgelu: be.zeros(n * 4 * c)?,
-                dfc: z(n * 4 * c)?,
                 dyq: arr4(|i| GradCast::new(be, fp8, n * outs[i]))?,
                 stats: be.zeros(Slots::new(&self.cfg).len())?,
                 view_stats: be.zeros(4 * self.cfg.n_layer)?,
@@ -280,9 +277,7 @@ impl<B: Backend> Gpt<B> {
         let (b, t, c) = (ws.b, ws.t, cfg.n_embd);
         let n = b * t;
         let shape = AttnShape { b, t, c, nh: cfg.n_head };
-        let Workspace {
-            work, views, encoded, layers, res_outs, lin_out, dqkv, dfc, shared_in, shared_att, stats, ..
-        } = ws;
+        let Workspace { work, views, encoded, layers, res_outs, lin_out, shared_in, shared_att, stats, .. } = ws;
         let w = |i: usize| Self::weight(params, work, i);
         let p = |k: usize| w(params::layer_param(l, k));
         let set = set_of(layers.len(), l);
@@ -300,7 +295,7 @@ impl<B: Backend> Gpt<B> {
             let [s0, s1, s2, s3] = &mut la.saved;
             let [h0, h1, h2, h3] = &mut *shared_in;
             let (t0, t1, t2, t3) = (pick(h0, s0), pick(h1, s1), pick(h2, s2), pick(h3, s3));
-            linear::produce_input(be, t0, &mut *lin_out, &sc[0], Slot { buf: st, at: act(0) }, |y| {
+            linear::produce_input(be, t0, n * c, &sc[0], Slot { buf: st, at: act(0) }, |y| {
                 be.layernorm_forward(
                     y,
                     &mut la.ln1_mean,
@@ -315,13 +310,13 @@ impl<B: Backend> Gpt<B> {
             // The products go through f32 scratch (backward buffers: free in the
             // forward pass and, for a recomputation, between blocks of the backward
             // pass) and are kept in BF16 with their biases.
-            linear::forward_bf16(be, &mut la.qkv, &mut *dqkv, &views[0], t0, p(params::QKV_B), dims[0])?;
+            linear::forward_bf16(be, &mut la.qkv, &views[0], t0, p(params::QKV_B), dims[0])?;
             let att = match shared_att.as_mut() {
                 Some(a) => a,
                 None => &mut la.att,
             };
             be.attention_forward(att, &mut la.att_stats, &la.qkv, shape)?;
-            linear::cast_input_bf16(be, t1, att, &mut *lin_out, &sc[1], Slot { buf: st, at: act(1) })?;
+            linear::cast_input_bf16(be, t1, att, &sc[1], Slot { buf: st, at: act(1) })?;
             linear::forward_residual(
                 be,
                 &mut la.res_mid,
@@ -332,7 +327,7 @@ impl<B: Backend> Gpt<B> {
                 p(params::PROJ_B),
                 dims[1],
             )?;
-            linear::produce_input(be, t2, &mut *lin_out, &sc[2], Slot { buf: st, at: act(2) }, |y| {
+            linear::produce_input(be, t2, n * c, &sc[2], Slot { buf: st, at: act(2) }, |y| {
                 be.layernorm_forward(
                     y,
                     &mut la.ln2_mean,
@@ -344,8 +339,8 @@ impl<B: Backend> Gpt<B> {
                     c,
                 )
             })?;
-            linear::forward_bf16(be, &mut la.fc, &mut *dfc, &views[2], t2, p(params::FC_B), dims[2])?;
-            linear::produce_input(be, t3, &mut *dfc, &sc[3], Slot { buf: st, at: act(3) }, |y| {
+            linear::forward_bf16(be, &mut la.fc, &views[2], t2, p(params::FC_B), dims[2])?;
+            linear::produce_input(be, t3, n * 4 * c, &sc[3], Slot { buf: st, at: act(3) }, |y| {
                 be.gelu_forward(y, &la.fc)
             })?;
             if with_out {
@@ -739,7 +734,6 @@ impl<B: Backend> Gpt<B> {
                     &mut ws.dln,
                     gw2,
                     gb2,
-                    &mut ws.dfc,
                     &views[2],
                     h2.as_ref().unwrap_or(&la.saved[2]),
                     &sc[2],

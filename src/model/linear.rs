@@ -200,13 +200,12 @@ pub fn cast_input<B: Backend>(
 
 /// [`cast_input`] from the BF16 values `x` (the attention output): the
 /// BF16 copy is the values themselves, the E4M3 cast reads them directly with the
-/// delayed scale, and at the first FP8 step (no history yet) they go through the f32
-/// `scratch` for the just-in-time scale. The same bits as casting their f32 widening.
+/// delayed scale, and at the first FP8 step (no history yet) they go through an f32
+/// temporary for the just-in-time scale. The same bits as casting their f32 widening.
 pub fn cast_input_bf16<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     x: &B::Buf<bf16>,
-    scratch: &mut B::Buf<f32>,
     sc: &LinearScaling,
     stats: Slot<'_, B>,
 ) -> BResult<()> {
@@ -217,8 +216,9 @@ pub fn cast_input_bf16<B: Backend>(
             be.cast_fp8_bf16_to(codes, x, E4M3, *scale, stats)
         }
         Saved::Fp8 { .. } => {
-            be.widen_bf16(scratch, x)?;
-            cast_input(be, saved, scratch, sc, stats)
+            let mut wide = be.zeros::<f32>(be.len(x))?;
+            be.widen_bf16(&mut wide, x)?;
+            cast_input(be, saved, &wide, sc, stats)
         }
     }
 }
@@ -226,12 +226,12 @@ pub fn cast_input_bf16<B: Backend>(
 /// Fill `saved` with a layer's input made by `produce`, which writes its values into
 /// the `ActOut` it is given (a layernorm or GELU forward). The values go straight into
 /// the saved copy when their scale is known first (their amax into `stats`); at the
-/// first FP8 step (no history, a just-in-time scale) they go through the f32 `scratch`
-/// and [`cast_input`]. Either way the same bits are saved and measured.
+/// first FP8 step (no history, a just-in-time scale) they go through an f32 temporary
+/// of `n` values and [`cast_input`]. Either way the same bits are saved and measured.
 pub fn produce_input<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
-    scratch: &mut B::Buf<f32>,
+    n: usize,
     sc: &LinearScaling,
     stats: Slot<'_, B>,
     produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
@@ -243,19 +243,19 @@ pub fn produce_input<B: Backend>(
             produce(ActOut::E4m3(codes, *scale, stats))?;
         }
         Saved::Fp8 { .. } => {
-            produce(ActOut::F32(scratch))?;
-            cast_input(be, saved, scratch, sc, stats)?;
+            let mut scratch = be.zeros::<f32>(n)?;
+            produce(ActOut::F32(&mut scratch))?;
+            cast_input(be, saved, &scratch, sc, stats)?;
         }
     }
     Ok(())
 }
 
 /// `y = bf16(x W^T + bias)` from the saved input, for a layer whose consumer reads
-/// BF16 (`scratch`: f32 room for the product; see `Backend::matmul_bias_bf16`).
+/// BF16 (see `Backend::matmul_bias_bf16`).
 pub fn forward_bf16<B: Backend>(
     be: &B,
     y: &mut B::Buf<bf16>,
-    scratch: &mut B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
     bias: &B::Buf<f32>,
@@ -263,7 +263,7 @@ pub fn forward_bf16<B: Backend>(
 ) -> BResult<()> {
     let (xa, xs) = saved.operand();
     let (wa, ws) = w.operand();
-    be.matmul_bias_bf16(y, scratch, xa, wa, d.n, d.oc, d.ic, xs * ws, bias)
+    be.matmul_bias_bf16(y, xa, wa, d.n, d.oc, d.ic, xs * ws, bias)
 }
 
 /// `out = res + (x W^T + bias)` from the saved input, for a layer whose output joins
@@ -322,15 +322,14 @@ pub fn backward<B: Backend>(
 /// [`backward`] of a layer whose output gradient is made by `produce` (GELU's
 /// backward), which writes it into the `GradOut` it is given: straight into the bias
 /// gradient and the BF16/E5M2 copy when the scale is known first (BF16, or delayed
-/// scaling with a history), else into the f32 `scratch` and through [`backward`]. The
-/// same bits either way.
+/// scaling with a history), else (the first FP8 step) into an f32 temporary and through
+/// [`backward`]. The same bits either way.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_from<B: Backend>(
     be: &B,
     dx: &mut B::Buf<bf16>,
     dw: &mut B::Buf<f32>,
     db: &mut B::Buf<f32>,
-    scratch: &mut B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
     sc: &LinearScaling,
@@ -350,8 +349,9 @@ pub fn backward_from<B: Backend>(
             1.0 / scale
         }
         GradCast::Fp8(_) => {
-            produce(GradOut::F32(scratch))?;
-            return backward(be, dx, dw, db, scratch, w, saved, sc, dyq, d, stats);
+            let mut scratch = be.zeros::<f32>(d.n * d.oc)?;
+            produce(GradOut::F32(&mut scratch))?;
+            return backward(be, dx, dw, db, &scratch, w, saved, sc, dyq, d, stats);
         }
     };
     products(be, dx, dw, w, saved, dyq, dys, d)

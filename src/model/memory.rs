@@ -75,13 +75,13 @@ pub fn estimate(
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
     let views = l * 12 * c * c * w + 2 * v * c;
-    // f32: encoded, lin_out, dres, dqkv (3), dfc (4); BF16: the final layernorm's output,
+    // f32: encoded, lin_out, dres, dqkv (3); BF16: the final layernorm's output,
     // the products' input gradients dln, datt, dgelu (4); the LM head's chunk of r rows:
     // input (BF16), targets, logits (BF16, their gradient written over them), losses,
     // input gradients (BF16).
     let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
     let head_chunk = r * (2 * c + 4 + 2 * v + 4 + 2 * c);
-    let global = f32s * (10 * n * c + 3 * n) + 2 * 7 * n * c + 8 * n + head_chunk;
+    let global = f32s * (6 * n * c + 3 * n) + 2 * 7 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
     let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
     let activations = blocks + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
@@ -91,9 +91,11 @@ pub fn estimate(
     // GEMM packs them) and an f32 copy of its logits (the simulator's product before
     // rounding, its cross-entropy's widening).
     let head = f32s * (2 * r * v + (r + v) * c);
-    // A backend may compute an activation in f32 before storing it narrower, from an
-    // f32 copy of its BF16 input (the simulator's GELU: twice n x 4c).
-    let act_scratch = f32s * 8 * n * c;
+    // f32 temporaries of one op: an activation or a gradient computed in f32 before it
+    // is stored narrower (the first FP8 step's just-in-time scales, the exact class's
+    // QKV / MLP-up products), with f32 copies of its BF16 inputs (the simulator's GELU
+    // backward: GELU's gradient, n x 4c, and both inputs widened).
+    let act_scratch = f32s * 12 * n * c;
     Estimate { state, activations, transient: optimizer.max(attention_scratch + head).max(act_scratch) }
 }
 

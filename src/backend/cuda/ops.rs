@@ -1324,7 +1324,6 @@ impl Backend for Cuda {
     fn matmul_bias_bf16(
         &self,
         y: &mut CudaSlice<bf16>,
-        scratch: &mut CudaSlice<f32>,
         a: Operand<'_, Self>,
         b: Operand<'_, Self>,
         m: usize,
@@ -1348,8 +1347,10 @@ impl Backend for Cuda {
                 Err(_) => self.fallbacks.set(self.fallbacks.get() + 1),
             }
         }
-        self.matmul(scratch, a, b, Product::Forward, m, n, k, scale)?;
-        self.cast_bf16_bias(y, scratch, bias)
+        // Exact class (or no algorithm): the product in f32 pool scratch, then the cast.
+        let mut scratch = self.scratch::<f32>(m * n)?;
+        self.matmul(&mut scratch, a, b, Product::Forward, m, n, k, scale)?;
+        self.cast_bf16_bias(y, &scratch, bias)
     }
     fn cast_bf16_bias(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>, bias: &CudaSlice<f32>) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16_bias");
