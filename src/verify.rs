@@ -5,7 +5,7 @@
 use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
-use crate::backend::{ActOut, AdamState, Backend, GradOut, GradRef, JitSrc, Operand, Product, Slot};
+use crate::backend::{ActOut, AdamState, Backend, EmbedTable, GradOut, GradRef, JitSrc, Operand, Product, Slot};
 use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use fp8sim::fp8::{encode, Fp8Format};
@@ -490,10 +490,19 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     be.upload(&randn(b * t * c, 11, 1.0))?,
                 );
                 let mut out = be.zeros(b * t * c)?;
-                be.encoder_forward(&mut out, &tokens, &wte, &wpe, b, t, c)?;
+                be.encoder_forward(&mut out, &tokens, EmbedTable::F32(&wte), &wpe, b, t, c)?;
+                // From FP16 master codes and their scale, as an FP16 token embedding is read.
+                let codes: Vec<f16> = randn(v * c, 9, 1.0).iter().map(|&x| to_f16(x * 1024.0)).collect();
+                let (h, mut out16) = (be.upload(&codes)?, be.zeros(b * t * c)?);
+                be.encoder_forward(&mut out16, &tokens, EmbedTable::F16(&h, 1.0 / 1024.0), &wpe, b, t, c)?;
                 let (mut dwte, mut dwpe) = (be.upload(&randn(v * c, 12, 1.0))?, be.zeros(t * c)?);
                 be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, &toks, b, t, c)?;
-                vec![("out", bits(be, &out)?), ("dwte", bits(be, &dwte)?), ("dwpe", bits(be, &dwpe)?)]
+                vec![
+                    ("out", bits(be, &out)?),
+                    ("out (fp16 table)", bits(be, &out16)?),
+                    ("dwte", bits(be, &dwte)?),
+                    ("dwpe", bits(be, &dwpe)?),
+                ]
             }
             Case::Attention { b, t, c, nh } => {
                 let s = AttnShape { b, t, c, nh };

@@ -37,6 +37,14 @@ pub enum Operand<'a, B: Backend + ?Sized> {
     Fp8(&'a B::Buf<u8>, Fp8Format),
 }
 
+/// The token-embedding table as the encoder reads it: f32 values, or FP16 master codes
+/// with their inverse scale (value = code * inv_scale, what `decode_f16` gives), so an
+/// FP16 master needs no f32 copy of the whole table.
+pub enum EmbedTable<'a, B: Backend + ?Sized> {
+    F32(&'a B::Buf<f32>),
+    F16(&'a B::Buf<f16>, f32),
+}
+
 /// A slot of a statistics buffer (`Buf<u64>`, zeroed before the step): ops that
 /// measure what they store leave the figure there instead of returning it, so a step
 /// reads all of them back at once (no wait on the device per op). An amax slot holds
@@ -420,7 +428,7 @@ pub trait Backend {
         &self,
         out: &mut Self::Buf<f32>,
         tokens: &Self::Buf<u32>,
-        wte: &Self::Buf<f32>,
+        wte: EmbedTable<'_, Self>,
         wpe: &Self::Buf<f32>,
         b: usize,
         t: usize,

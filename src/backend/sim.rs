@@ -1,8 +1,8 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
 use super::{
-    amax_slot_bits, ActOut, AdamState, BResult, Backend, CastStats, Elem, GradOut, GradRef, JitSrc, Operand, Product,
-    Slot,
+    amax_slot_bits, ActOut, AdamState, BResult, Backend, CastStats, Elem, EmbedTable, GradOut, GradRef, JitSrc,
+    Operand, Product, Slot,
 };
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
@@ -315,13 +315,16 @@ impl Backend for Sim {
         &self,
         out: &mut Vec<f32>,
         tokens: &Vec<u32>,
-        wte: &Vec<f32>,
+        wte: EmbedTable<'_, Self>,
         wpe: &Vec<f32>,
         b: usize,
         t: usize,
         c: usize,
     ) -> BResult<()> {
-        encoder::encoder_forward(out, tokens, wte, wpe, b, t, c);
+        match wte {
+            EmbedTable::F32(w) => encoder::encoder_forward(out, tokens, w, wpe, b, t, c),
+            EmbedTable::F16(h, inv) => encoder::encoder_forward_f16(out, tokens, h, inv, wpe, b, t, c),
+        }
         Ok(())
     }
     fn encoder_backward(

@@ -10,7 +10,7 @@ use super::config::{Level, ModelConfig, Recompute};
 use super::linear::{self, Dims, GradCast, LinearScaling, MasterRef, Saved, WeightView};
 use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::BResult;
-use crate::backend::{slot_amax, ActOut, AdamState, Backend, GradRef, JitSrc, Operand, Product, Slot};
+use crate::backend::{slot_amax, ActOut, AdamState, Backend, EmbedTable, GradRef, JitSrc, Operand, Product, Slot};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::bf16;
 use fp8sim::ops::adamw::AdamStep;
@@ -207,14 +207,17 @@ impl<B: Backend> Gpt<B> {
                     })
                 })
                 .collect::<BResult<Vec<_>>>()?;
-            // f32 copies of FP16 (or remote) masters, except linear weights: their
-            // views are cast from the FP16 codes (or shared by their owner at O3).
+            // f32 copies of FP16 (or remote) masters, except linear weights (their
+            // views are cast from the FP16 codes, or shared by their owner at O3) and a
+            // local FP16 token embedding (the encoder reads its codes, the LM head's BF16
+            // copy is cast through a temporary).
             let linear = linear_weights(&self.cfg);
             let work = self
                 .params
                 .iter()
                 .enumerate()
                 .map(|(i, p)| match p.master {
+                    Master::F16 { .. } if i == params::WTE => Ok(None),
                     Master::F16 { .. } | Master::Remote if !linear[i] => z(p.spec.numel()).map(Some),
                     _ => Ok(None),
                 })
@@ -471,9 +474,26 @@ impl<B: Backend> Gpt<B> {
         self.cast_head(be, ws)
     }
 
-    /// The LM head's BF16 copy of the token embedding (once its values are settled).
+    /// The LM head's BF16 copy of the token embedding (once its values are settled); a
+    /// local FP16 master is decoded into a temporary first (the same values).
     fn cast_head(&self, be: &B, ws: &mut Workspace<B>) -> BResult<()> {
-        be.cast_bf16(&mut ws.wte_bf16, Self::weight(&self.params, &ws.work, params::WTE))
+        match Self::embed_table(&self.params, &ws.work) {
+            EmbedTable::F32(w) => be.cast_bf16(&mut ws.wte_bf16, w),
+            EmbedTable::F16(h, inv) => {
+                let mut w = be.zeros::<f32>(be.len(h))?;
+                be.decode_f16(&mut w, h, inv)?;
+                be.cast_bf16(&mut ws.wte_bf16, &w)
+            }
+        }
+    }
+
+    /// The token embedding as the encoder reads it: the f32 master or decoded copy, or a
+    /// local FP16 master's codes (no f32 copy is kept of those).
+    fn embed_table<'a>(params: &'a [Param<B>], work: &'a [Option<B::Buf<f32>>]) -> EmbedTable<'a, B> {
+        match (&params[params::WTE].master, &work[params::WTE]) {
+            (Master::F16 { codes, scale }, None) => EmbedTable::F16(codes, 1.0 / scale),
+            _ => EmbedTable::F32(Self::weight(params, work, params::WTE)),
+        }
     }
 
     /// O3: every tensor's owner broadcasts its compute form (FP8 codes and scale of
@@ -548,7 +568,7 @@ impl<B: Backend> Gpt<B> {
             let slots = Slots::new(&self.cfg);
             ws.stats = be.zeros(slots.len())?;
             let params = &self.params;
-            let (wte, wpe) = (Self::weight(params, &ws.work, params::WTE), Self::weight(params, &ws.work, params::WPE));
+            let (wte, wpe) = (Self::embed_table(params, &ws.work), Self::weight(params, &ws.work, params::WPE));
             be.encoder_forward(&mut ws.encoded, &ws.tokens, wte, wpe, b, t, c)?;
             for l in 0..self.cfg.n_layer {
                 Self::block_forward(be, params, &self.scaling, &self.cfg, ws, &slots, l, true)?;

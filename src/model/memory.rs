@@ -73,7 +73,13 @@ pub fn estimate(
     };
     let blocks = l * f32s * n * c + sets * (block + w * saved_per_set * n * c) + att_sets * att;
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
-    let decoded = if level.fp8() { f32s * (p - l * 12 * c * c) } else { 0 };
+    // (At O1/O2 the token embedding is read from its FP16 codes: no f32 copy; at O3 a
+    // rank that does not own it keeps one.)
+    let decoded = match level {
+        Level::Bf16 => 0,
+        Level::O1 | Level::O2 => f32s * (p - l * 12 * c * c - v * c),
+        Level::O3 => f32s * (p - l * 12 * c * c),
+    };
     let views = l * 12 * c * c * w + 2 * v * c;
     // f32: encoded, lin_out, dres, dqkv (3); BF16: the final layernorm's output,
     // the products' input gradients dln, datt, dgelu (4); the LM head's chunk of r rows:
@@ -96,7 +102,10 @@ pub fn estimate(
     // QKV / MLP-up products), with f32 copies of its BF16 inputs (the simulator's GELU
     // backward: GELU's gradient, n x 4c, and both inputs widened).
     let act_scratch = f32s * 12 * n * c;
-    Estimate { state, activations, transient: optimizer.max(attention_scratch + head).max(act_scratch) }
+    // The LM head's BF16 copy of an FP16 token embedding is cast through an f32 copy.
+    let head_copy = if level.fp8() { f32s * v * c } else { 0 };
+    let transient = optimizer.max(attention_scratch + head).max(act_scratch).max(head_copy);
+    Estimate { state, activations, transient }
 }
 
 /// Refuse a run whose estimate exceeds what the device has free, naming both figures.

@@ -7,6 +7,7 @@
 //! `dwpe[p, c]` = sequential sum over batch rows b = 0, 1, ... of `dout[b*t + p, c]`.
 //! Threads split channels, never rows, so the order holds.
 
+use crate::half16::f16;
 use rayon::prelude::*;
 
 #[allow(clippy::too_many_arguments)]
@@ -17,6 +18,29 @@ pub fn encoder_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32]
         let (e, p) = (&wte[tok * c..(tok + 1) * c], &wpe[(n % t) * c..(n % t + 1) * c]);
         for i in 0..c {
             o[i] = e[i] + p[i];
+        }
+    });
+}
+
+/// [`encoder_forward`] with the token table as FP16 codes and their inverse scale: each
+/// value is `code * inv_scale` (what decoding the table first gives) plus the position's.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_forward_f16(
+    out: &mut [f32],
+    tokens: &[u32],
+    wte: &[f16],
+    inv_scale: f32,
+    wpe: &[f32],
+    b: usize,
+    t: usize,
+    c: usize,
+) {
+    assert!(tokens.len() == b * t && out.len() == b * t * c && wpe.len() >= t * c);
+    out.par_chunks_mut(c).enumerate().for_each(|(n, o)| {
+        let tok = tokens[n] as usize;
+        let (e, p) = (&wte[tok * c..(tok + 1) * c], &wpe[(n % t) * c..(n % t + 1) * c]);
+        for i in 0..c {
+            o[i] = e[i].to_f32() * inv_scale + p[i];
         }
     });
 }

@@ -6,8 +6,8 @@
 use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, GradOut, GradRef, JitSrc,
-    MemoryStats, OpTime, Operand, Phase, Product, Slot,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, EmbedTable, GradOut, GradRef,
+    JitSrc, MemoryStats, OpTime, Operand, Phase, Product, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -1085,7 +1085,7 @@ impl Backend for Cuda {
         &self,
         out: &mut CudaSlice<f32>,
         tokens: &CudaSlice<u32>,
-        wte: &CudaSlice<f32>,
+        wte: EmbedTable<'_, Self>,
         wpe: &CudaSlice<f32>,
         b: usize,
         t: usize,
@@ -1093,7 +1093,12 @@ impl Backend for Cuda {
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "encoder_forward");
         let (bb, tt, cc) = (b as u32, t as u32, c as u32);
-        launch!(self, "encoder_forward", b * t * c, [out, tokens, wte, wpe, &bb, &tt, &cc]);
+        match wte {
+            EmbedTable::F32(w) => launch!(self, "encoder_forward", b * t * c, [out, tokens, w, wpe, &bb, &tt, &cc]),
+            EmbedTable::F16(h, inv) => {
+                launch!(self, "encoder_forward_f16", b * t * c, [out, tokens, h, &inv, wpe, &bb, &tt, &cc])
+            }
+        }
         Ok(())
     }
     fn encoder_backward(
