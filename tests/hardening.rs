@@ -288,9 +288,9 @@ fn kill_9_at_random_points_loses_no_checkpoint_and_no_metrics() {
     if !resumable {
         let _ = std::fs::remove_dir_all(&run);
         let o = fp8train()
-            .args(["--threads", "1", "train", "--steps", "1", "--no-progress"])
+            .args(["--threads", "1", "train", "--steps", "1"])
             .args(["--out", dir.path().to_str().unwrap(), "--name", "k"])
-            .args(TINY)
+            .args(TINY) // (with --no-progress)
             .args(["--set", "train.checkpoint_every=1", "--set", "train.batch_size=4"])
             .output()
             .unwrap();
