@@ -673,7 +673,6 @@ impl<B: Backend> Gpt<B> {
                     be.matmul_acc(&mut ws.g_wte, dy, x, Product::Wgrad, r, v, c)?;
                 }
             }
-            st.loss = be.mean(&ws.losses)?;
             let lf = params::lnf_w(cfg);
             let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.res_outs[cfg.n_layer - 1] };
             {
@@ -919,6 +918,10 @@ impl<B: Backend> Gpt<B> {
                 &ws.g_wpe,
                 Slot { buf: &mut ws.stats, at: slots.grad(params::WPE) },
             )?;
+            // The loss, read here rather than after the LM head: a read-back waits for the
+            // device, and in the middle of the step that wait would leave the device idle
+            // while the host launched the backward pass.
+            st.loss = be.mean(&ws.losses)?;
             // One read-back for the step's statistics, recorded as if each on the spot.
             let stats = be.download(&ws.stats)?;
             let amax = |k: usize| slot_amax(stats[k]);
