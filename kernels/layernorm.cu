@@ -93,10 +93,10 @@ extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, fl
     u32 r = blockIdx.x * warps + warp;
     int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
     float* sw = ln_sh;
-    float* pa = sw + padded + (size_t)warp * (2 * chunks + 2 * padded);
+    float* pa = sw + padded + (size_t)warp * (2 * chunks + padded + ((int)c + 2 * chunks + 1) / 2);
     float* pb = pa + chunks;
-    u16* sdy = (u16*)(pb + chunks);  // c + 2 chunks BF16 values in the room of `padded` floats
-    float* sx = pb + chunks + padded;
+    u16* sdy = (u16*)(pb + chunks);  // c + 2 chunks BF16 values: (c + 2 chunks + 1) / 2 floats
+    float* sx = pb + chunks + ((int)c + 2 * chunks + 1) / 2;
     bool live = r < n;
     ln_stage(sw, w, c, threadIdx.x, blockDim.x);
     if (live) {

@@ -129,14 +129,15 @@ fn gelu_cfg(items: usize) -> LaunchConfig {
 }
 
 /// One warp per row; shared memory (floats): `shared_rows` block-wide rows (weights,
-/// bias), then per warp 2 * chunks of scratch and `rows` staged rows, each padded to
-/// c + chunks (see layernorm.cu). The warps per block (1 to 16, at most 160 KiB per
-/// block) that put the most warps on an SM of 227 KiB (Hopper; fewer blocks fit on a
-/// smaller one, which only lowers occupancy).
-fn ln_cfg(n: usize, c: usize, shared_rows: usize, rows: usize) -> LaunchConfig {
+/// bias), then per warp 2 * chunks of scratch, `rows` staged f32 rows, each padded to
+/// c + chunks, and `rows16` staged BF16 rows of c + 2 chunks values (see layernorm.cu).
+/// The warps per block (1 to 16, at most 160 KiB per block) that put the most warps on
+/// an SM of 227 KiB (Hopper; fewer blocks fit on a smaller one, which only lowers
+/// occupancy).
+fn ln_cfg(n: usize, c: usize, shared_rows: usize, rows: usize, rows16: usize) -> LaunchConfig {
     let chunks = c.div_ceil(32);
     let padded = c + chunks;
-    let per_warp = 2 * chunks + rows * padded;
+    let per_warp = 2 * chunks + rows * padded + rows16 * (c + 2 * chunks).div_ceil(2);
     let fixed = shared_rows * padded;
     let bytes = |w: usize| (fixed + w * per_warp) * 4;
     let per_sm = |w: usize| ((227 << 10) / bytes(w)).min(64 / w) * w;
@@ -1156,7 +1157,7 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
         let (py, mode, scale, pa) = self.act_out(&mut y);
-        launch!(self, "layernorm_forward", with ln_cfg(n, c, 2, 1), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc]);
+        launch!(self, "layernorm_forward", with ln_cfg(n, c, 2, 1, 0), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc]);
         Ok(())
     }
     fn layernorm_backward(
@@ -1179,7 +1180,7 @@ impl Backend for Cuda {
         {
             // The weight and bias gradients' column sums show as their own ops.
             let _op = self.op(Phase::Other, "layernorm_backward");
-            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 2), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 1, 1), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
         }
         self.column_sums(dw, &pr, n, c)?;
         let _op = self.op(Phase::Other, "column_sums");
