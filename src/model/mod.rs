@@ -6,6 +6,7 @@ pub mod gpt;
 pub mod linear;
 pub mod memory;
 pub mod params;
+pub mod shard;
 
 pub use config::{Level, ModelConfig, Recompute};
 pub use gpt::Gpt;

@@ -1,0 +1,243 @@
+//! How each parameter splits over the ranks of a tensor-parallel group (Megatron-style,
+//! issue "FP8 tensor and sequence parallelism"): the QKV layer column-parallel by heads
+//! (rank r takes its heads' rows of q, of k and of v), the MLP-up layer column-parallel
+//! (rows of the weight and of the bias), the attention and MLP projections row-parallel
+//! (columns of the weight; their bias is added once, after the reduce-scatter, so it is
+//! replicated), the token embedding vocabulary-parallel (rows), the rest (layernorms,
+//! position embedding) replicated.
+//!
+//! A checkpoint holds whole tensors whatever the layout: [`gather`] rebuilds a tensor
+//! from its shards in rank order and [`shard`] cuts rank r's piece, so a run saved at
+//! one tensor-parallel size resumes at another, and `model.safetensors` stays what a
+//! PyTorch user loads.
+
+use super::config::ModelConfig;
+use super::params::{self, ParamSpec};
+
+/// The split of one tensor over `tp` ranks (the first dimension is the row).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Every rank holds the whole tensor.
+    Replicated,
+    /// The rows form `blocks` equal blocks (QKV: q, k, v); rank r holds the r-th
+    /// `1/tp` of each block's rows, the blocks in order.
+    Rows { blocks: usize },
+    /// Rank r holds the r-th `1/tp` of every row's columns.
+    Cols,
+}
+
+/// The split of parameter `i` of `cfg` (index as in `params::specs`).
+pub fn split_of(cfg: &ModelConfig, i: usize) -> Split {
+    if i == params::WTE {
+        return Split::Rows { blocks: 1 };
+    }
+    if i < 2 || i >= params::lnf_w(cfg) {
+        return Split::Replicated;
+    }
+    match (i - 2) % params::PER_LAYER {
+        params::QKV_W | params::QKV_B => Split::Rows { blocks: 3 },
+        params::FC_W | params::FC_B => Split::Rows { blocks: 1 },
+        params::PROJ_W | params::FCPROJ_W => Split::Cols,
+        _ => Split::Replicated,
+    }
+}
+
+/// Whether `cfg` can run at tensor-parallel size `tp`, with an error naming what does
+/// not divide: heads (attention is split by heads), the vocabulary (in 32-class chunks
+/// per rank: the parallel cross-entropy's chunks must not straddle ranks), the
+/// sequence (sequence-parallel regions hold `seq_len / tp` positions per rank).
+pub fn check(cfg: &ModelConfig, tp: usize) -> Result<(), String> {
+    if tp == 0 {
+        return Err("tensor-parallel size 0: give at least 1".into());
+    }
+    if !cfg.n_head.is_multiple_of(tp) {
+        return Err(format!("--tp {tp} does not divide model.n_head = {} (attention is split by heads)", cfg.n_head));
+    }
+    if !cfg.vocab_size.is_multiple_of(32 * tp) {
+        return Err(format!(
+            "--tp {tp}: model.vocab_size = {} must be a multiple of 32 x {tp} = {} (the vocabulary-parallel \
+             cross-entropy splits it in 32-class chunks per rank; pad the vocabulary, as GPT-2's 50304)",
+            cfg.vocab_size,
+            32 * tp
+        ));
+    }
+    if !cfg.seq_len.is_multiple_of(tp) {
+        return Err(format!(
+            "--tp {tp} does not divide model.seq_len = {} (sequence-parallel regions hold seq_len / tp positions)",
+            cfg.seq_len
+        ));
+    }
+    Ok(())
+}
+
+/// The shape of rank r's piece of a tensor of `shape` under `split` (`tp` dividing the
+/// split dimension; see [`check`]).
+pub fn shard_shape(shape: &[usize], split: Split, tp: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    match split {
+        Split::Replicated => {}
+        Split::Rows { .. } => s[0] /= tp,
+        Split::Cols => {
+            let last = s.len() - 1;
+            s[last] /= tp;
+        }
+    }
+    s
+}
+
+/// Rank r's piece of the whole tensor `full` (row-major, `shape`).
+pub fn shard<T: Copy>(full: &[T], shape: &[usize], split: Split, r: usize, tp: usize) -> Vec<T> {
+    assert_eq!(full.len(), shape.iter().product::<usize>(), "shard: the data is not of its shape");
+    assert!(r < tp, "shard: rank {r} of {tp}");
+    match split {
+        Split::Replicated => full.to_vec(),
+        Split::Rows { blocks } => {
+            let (rows, row) = (shape[0], full.len() / shape[0].max(1));
+            let per_block = rows / blocks;
+            let mine = per_block / tp;
+            (0..blocks)
+                .flat_map(|b| {
+                    let first = b * per_block + r * mine;
+                    full[first * row..(first + mine) * row].iter().copied()
+                })
+                .collect()
+        }
+        Split::Cols => {
+            let cols = shape[shape.len() - 1];
+            let mine = cols / tp;
+            full.chunks(cols).flat_map(|row| row[r * mine..(r + 1) * mine].iter().copied()).collect()
+        }
+    }
+}
+
+/// The whole tensor from its `tp` pieces in rank order (the inverse of [`shard`];
+/// a replicated tensor is rank 0's copy).
+pub fn gather<T: Copy + Default>(pieces: &[Vec<T>], shape: &[usize], split: Split) -> Vec<T> {
+    let tp = pieces.len();
+    assert!(tp > 0, "gather: no pieces");
+    let n: usize = shape.iter().product();
+    if split == Split::Replicated {
+        return pieces[0].clone();
+    }
+    let mut full = vec![T::default(); n];
+    match split {
+        Split::Replicated => unreachable!(),
+        Split::Rows { blocks } => {
+            let (rows, row) = (shape[0], n / shape[0].max(1));
+            let per_block = rows / blocks;
+            let mine = per_block / tp;
+            for (r, piece) in pieces.iter().enumerate() {
+                assert_eq!(piece.len(), n / tp, "gather: piece {r} has the wrong size");
+                for b in 0..blocks {
+                    let first = b * per_block + r * mine;
+                    full[first * row..(first + mine) * row]
+                        .copy_from_slice(&piece[b * mine * row..(b + 1) * mine * row]);
+                }
+            }
+        }
+        Split::Cols => {
+            let cols = shape[shape.len() - 1];
+            let mine = cols / tp;
+            for (r, piece) in pieces.iter().enumerate() {
+                assert_eq!(piece.len(), n / tp, "gather: piece {r} has the wrong size");
+                for (row, part) in full.chunks_mut(cols).zip(piece.chunks(mine)) {
+                    row[r * mine..(r + 1) * mine].copy_from_slice(part);
+                }
+            }
+        }
+    }
+    full
+}
+
+/// Every parameter's split and its shard shape at `tp`, in `params::specs` order.
+pub fn layout(cfg: &ModelConfig, tp: usize) -> Vec<(ParamSpec, Split, Vec<usize>)> {
+    params::specs(cfg)
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let split = split_of(cfg, i);
+            let shape = shard_shape(&spec.shape, split, tp);
+            (spec, split, shape)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ModelConfig {
+        ModelConfig { n_layer: 2, n_embd: 16, n_head: 4, seq_len: 8, vocab_size: 128 }
+    }
+
+    #[test]
+    fn every_parameter_shards_and_gathers_back_at_every_size() {
+        let cfg = cfg();
+        for tp in [1, 2, 4] {
+            check(&cfg, tp).unwrap();
+            for (i, (spec, split, shape)) in layout(&cfg, tp).into_iter().enumerate() {
+                let full: Vec<u32> = (0..spec.numel() as u32).collect();
+                let pieces: Vec<Vec<u32>> = (0..tp).map(|r| shard(&full, &spec.shape, split, r, tp)).collect();
+                for p in &pieces {
+                    assert_eq!(p.len(), shape.iter().product::<usize>(), "{}: piece size", spec.name);
+                }
+                assert_eq!(gather(&pieces, &spec.shape, split), full, "{} (param {i}) at tp = {tp}", spec.name);
+                if split != Split::Replicated && tp > 1 {
+                    // The pieces are disjoint: every element in exactly one.
+                    let mut seen: Vec<u32> = pieces.concat();
+                    seen.sort_unstable();
+                    assert_eq!(seen, full, "{}: pieces overlap or miss", spec.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_qkv_shard_holds_its_heads_q_k_and_v_rows() {
+        let cfg = cfg();
+        let (c, tp) = (cfg.n_embd, 2);
+        let hs = c / cfg.n_head;
+        let i = params::layer_param(1, params::QKV_W);
+        let spec = &params::specs(&cfg)[i];
+        assert_eq!(split_of(&cfg, i), Split::Rows { blocks: 3 });
+        // Element value = its row: a piece's rows are then readable.
+        let full: Vec<usize> = (0..3 * c).flat_map(|row| std::iter::repeat_n(row, c)).collect();
+        for r in 0..tp {
+            let piece = shard(&full, &spec.shape, Split::Rows { blocks: 3 }, r, tp);
+            let rows: Vec<usize> = piece.chunks(c).map(|row| row[0]).collect();
+            let heads = cfg.n_head / tp;
+            let want: Vec<usize> =
+                (0..3).flat_map(|part| (r * heads * hs..(r + 1) * heads * hs).map(move |k| part * c + k)).collect();
+            assert_eq!(rows, want, "rank {r}: q, k and v rows of heads {}..{}", r * heads, (r + 1) * heads);
+        }
+    }
+
+    #[test]
+    fn the_splits_are_megatrons() {
+        let cfg = cfg();
+        let at = |k: usize| split_of(&cfg, params::layer_param(0, k));
+        assert_eq!(split_of(&cfg, params::WTE), Split::Rows { blocks: 1 });
+        assert_eq!(split_of(&cfg, params::WPE), Split::Replicated);
+        assert_eq!(at(params::FC_W), Split::Rows { blocks: 1 });
+        assert_eq!(at(params::FC_B), Split::Rows { blocks: 1 });
+        assert_eq!(at(params::PROJ_W), Split::Cols);
+        assert_eq!(at(params::FCPROJ_W), Split::Cols);
+        for k in [params::LN1_W, params::LN1_B, params::PROJ_B, params::LN2_W, params::LN2_B, params::FCPROJ_B] {
+            assert_eq!(at(k), Split::Replicated, "block parameter {k}");
+        }
+        assert_eq!(split_of(&cfg, params::lnf_w(&cfg)), Split::Replicated);
+        assert_eq!(split_of(&cfg, params::lnf_w(&cfg) + 1), Split::Replicated);
+    }
+
+    #[test]
+    fn sizes_that_do_not_divide_are_errors_naming_the_field() {
+        let cfg = cfg();
+        assert!(check(&cfg, 3).unwrap_err().contains("n_head"));
+        assert!(check(&cfg, 0).is_err());
+        let odd_vocab = ModelConfig { vocab_size: 96, ..cfg.clone() };
+        assert!(check(&odd_vocab, 2).unwrap_err().contains("vocab_size"));
+        let short = ModelConfig { seq_len: 6, ..cfg.clone() };
+        assert!(check(&short, 4).unwrap_err().contains("seq_len"));
+        assert!(check(&ModelConfig { n_head: 8, ..cfg }, 8).unwrap_err().contains("vocab_size"));
+    }
+}
