@@ -226,6 +226,28 @@ pub enum BenchWhat {
     /// Build a report (report.md, bandwidth and tokens/s plots) from a bench folder: the
     /// launch kit's `bench` job output (comm.json and run folders).
     Report(BenchReportArgs),
+    /// The bandwidth-bound ops of a step (layernorm, GELU, residual, casts, cross-entropy,
+    /// AdamW) at a model's shapes, as GB/s and as a fraction of a device copy's.
+    Kernels(KernelsBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct KernelsBenchArgs {
+    /// Model shape whose tensors are used: gpt2-124m, gpt-1.3b, gpt-6.7b, gpt-13b, or
+    /// `default` (the embedded default).
+    #[arg(long, default_value = "gpt-1.3b")]
+    pub model: String,
+    /// Sequences per batch (default: the shape's `bench step` batch).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Backend::Cuda)]
+    pub backend: Backend,
+    /// Timed runs per op (the median is shown), after one warm-up run.
+    #[arg(long, default_value_t = 10)]
+    pub reps: usize,
+    /// Print only the JSON document (no table).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]

@@ -26,6 +26,13 @@ fn main() -> ExitCode {
             BenchWhat::Comm(args) => fp8train::bench::comm::run(args),
             BenchWhat::Report(args) => fp8train::bench::report::run(args),
             BenchWhat::Fit(args) => fp8train::bench::fit::run(args),
+            BenchWhat::Kernels(args) => fp8train::bench::kernels::run(args).map(|report| {
+                let json = serde_json::to_string(&report).expect("report serialises");
+                if !args.json {
+                    print!("{}", fp8train::bench::kernels::table(&report));
+                }
+                println!("{json}");
+            }),
             BenchWhat::Gemm(args) => fp8train::bench::gemm::run(args, &log).map(|report| {
                 let json = serde_json::to_string(&report).expect("report serialises");
                 if args.json {

@@ -235,3 +235,39 @@ fn launch_kit_dry_runs_for_two_nodes() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--tp 3 must divide --gpus-per-node 8"));
 }
+
+#[test]
+fn bench_kernels_measures_each_op_against_the_copy() {
+    let args = ["--threads", "2", "bench", "kernels", "--backend", "sim", "--model", "default", "--reps", "1"];
+    let out = stdout_of(fp8train().args(args));
+    assert!(out.lines().next().unwrap().contains("fraction of a device copy"), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).expect("last line is JSON");
+    let rows = v["rows"].as_array().unwrap();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    assert_eq!(ops[0], "copy (baseline)");
+    for want in [
+        "layernorm forward",
+        "layernorm backward",
+        "GELU forward",
+        "GELU backward",
+        "residual",
+        "cross-entropy",
+        "AdamW",
+    ] {
+        assert!(ops.iter().any(|o| o.starts_with(want)), "no {want} row in {ops:?}");
+    }
+    let copy = v["copy_gb_per_s"].as_f64().unwrap();
+    for r in rows {
+        let (ms, bytes, gbs) =
+            (r["ms"].as_f64().unwrap(), r["bytes"].as_f64().unwrap(), r["gb_per_s"].as_f64().unwrap());
+        assert!(ms > 0.0 && bytes > 0.0, "{r}");
+        assert!((gbs - bytes / (ms * 1e-3) / 1e9).abs() <= 1e-9 * gbs.max(1.0), "{r}");
+        assert!((r["of_copy"].as_f64().unwrap() - gbs / copy).abs() < 1e-9, "{r}");
+    }
+    // Bad input: a clear error, no panic.
+    for bad in [&["--reps", "0"][..], &["--model", "gpt-99b"][..]] {
+        let out = fp8train().args(["bench", "kernels", "--backend", "sim"]).args(bad).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && !err.contains("panicked") && err.contains("bench"), "{bad:?}: {err}");
+    }
+}

@@ -3,6 +3,7 @@
 pub mod comm;
 pub mod fit;
 pub mod gemm;
+pub mod kernels;
 pub mod report;
 pub mod step;
 
