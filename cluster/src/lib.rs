@@ -2,6 +2,7 @@
 //! collectives, hwloc topology and pinning).
 
 pub mod check;
+pub mod local;
 pub mod reduce;
 pub mod topo;
 pub mod tp;
