@@ -62,7 +62,7 @@ extern "C" __global__ void crossentropy(float* losses, u16* logits, const u32* t
 
 // The same with the row staged in shared memory as f32 (v a multiple of 4, the row
 // fits): the logits are read from global memory once, and each exponential is computed
-// once and kept there for the gradient. Same operations in the same order as
+// once (in place of its logit) and kept there for the gradient. Same operations in the same order as
 // `crossentropy`: the same bits. Element j of chunk ch (32 elements) sits at
 // ch * 32 + ((j + 4 ch) mod 32): groups of 4 stay whole and 16-byte aligned, and the 8
 // threads of a quarter-warp reading one group each from chunks ch..ch+7 hit 8 distinct
@@ -94,17 +94,25 @@ extern "C" __global__ void __launch_bounds__(1024)
     float m = ce_block_max(mx, nan, wmax);
     u32 tgt = targets[r];
     float lt = row[CE_AT(tgt / 32, tgt % 32)];
+    __syncthreads();  // (every thread has read the target's logit before it is replaced)
+    // The exponentials first, every thread an equal share of groups of 4 (a chunk per
+    // thread would leave the threads with two chunks the critical path: 1572 chunks over
+    // 1024 threads at GPT-2's vocabulary), then each chunk's sum in its order.
+    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float4* p = (float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
+        float4 q = *p;
+        *p = make_float4(fp8train_exp(q.x - m), fp8train_exp(q.y - m), fp8train_exp(q.z - m), fp8train_exp(q.w - m));
+    }
+    __syncthreads();
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
         float acc = 0.0f;
         int len = min(32, (int)v - ch * 32);
         for (int j = 0; j < len; j += 4) {
-            float4* p = (float4*)(row + CE_AT(ch, j));
-            float4 q = *p;
-            q.x = fp8train_exp(q.x - m); acc = acc + q.x;
-            q.y = fp8train_exp(q.y - m); acc = acc + q.y;
-            q.z = fp8train_exp(q.z - m); acc = acc + q.z;
-            q.w = fp8train_exp(q.w - m); acc = acc + q.w;
-            *p = q;
+            float4 q = *(const float4*)(row + CE_AT(ch, j));
+            acc = acc + q.x;
+            acc = acc + q.y;
+            acc = acc + q.z;
+            acc = acc + q.w;
         }
         pa[ch] = acc;
     }
