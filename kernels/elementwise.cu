@@ -224,6 +224,81 @@ extern "C" __global__ void cast_fp8_jit(const void* src, int f16, float inv_scal
     for (size_t i = i0; i < n && i < i0 + 4; i++) q[i] = fp8train_encode_sat(load(i) * scale, e5m2);
 }
 
+// The just-in-time cast of many tensors in two launches (Backend::cast_fp8_jit_many;
+// the weight views at the start of a step): a table of tensors (the host writes it,
+// JitItem's layout) and one of chunks (tensor, first element), a block per chunk of
+// JIT_CHUNK elements. Pass 1 (jit_amax_multi) leaves every tensor's amax in its slot
+// (one atomic per block: order-free); pass 2 (jit_cast_multi) casts with the scale each
+// thread derives from the slot, as cast_fp8_jit does: per tensor, the same codes.
+struct JitItem {
+    const void* src;          // f32 values or FP16 codes
+    u8* q;
+    unsigned long long* slot; // this tensor's amax slot
+    u32 n, f16;               // f16: src holds FP16 codes, decoded with inv_scale
+    float inv_scale, prev;
+    u32 e5m2, pad;
+};
+#define JIT_CHUNK 16384
+__device__ __forceinline__ void jit_load4(const JitItem& it, size_t i, float* v) {
+    if (it.f16) {
+        uint2 h = *(const uint2*)((const u16*)it.src + i);
+        v[0] = f16_value((u16)(h.x & 0xffff), it.inv_scale); v[1] = f16_value((u16)(h.x >> 16), it.inv_scale);
+        v[2] = f16_value((u16)(h.y & 0xffff), it.inv_scale); v[3] = f16_value((u16)(h.y >> 16), it.inv_scale);
+    } else {
+        float4 x = *(const float4*)((const float*)it.src + i);
+        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
+    }
+}
+__device__ __forceinline__ float jit_load1(const JitItem& it, size_t i) {
+    return it.f16 ? f16_value(((const u16*)it.src)[i], it.inv_scale) : ((const float*)it.src)[i];
+}
+// Whether tensor `it` takes 4-element vector accesses (every table entry is checked the same way).
+__device__ __forceinline__ bool jit_vec(const JitItem& it) {
+    return (((size_t)it.src & (it.f16 ? 7 : 15)) | ((size_t)it.q & 3)) == 0;
+}
+extern "C" __global__ void jit_amax_multi(const JitItem* items, const uint2* chunks) {
+    uint2 ch = chunks[blockIdx.x];
+    const JitItem& it = items[ch.x];
+    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    u32 am = 0;
+    size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
+    for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
+        float v[4];
+        jit_load4(it, i, v);
+#pragma unroll
+        for (int k = 0; k < 4; k++) { u32 b = __float_as_uint(v[k]) & 0x7fffffffu; am = b > am ? b : am; }
+    }
+    for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
+        u32 b = __float_as_uint(jit_load1(it, i)) & 0x7fffffffu;
+        am = b > am ? b : am;
+    }
+    __shared__ u32 red[32];
+    u32 w = fp8train_warp_max_u32(am);
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = w;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 b = 0;
+        for (u32 k = 0; k < blockDim.x / 32; k++) b = red[k] > b ? red[k] : b;
+        if (b) atomicMax(it.slot, (unsigned long long)b);
+    }
+}
+extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chunks) {
+    uint2 ch = chunks[blockIdx.x];
+    const JitItem& it = items[ch.x];
+    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    float scale = fp8train_scale_for_max(it.e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*it.slot), 0, it.prev);
+    size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
+    for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
+        float v[4];
+        jit_load4(it, i, v);
+        u32 w = 0;
+#pragma unroll
+        for (int k = 0; k < 4; k++) w |= (u32)fp8train_encode_sat(v[k] * scale, it.e5m2) << (8 * k);
+        *(u32*)(it.q + i) = w;
+    }
+    for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) it.q[i] = fp8train_encode_sat(jit_load1(it, i) * scale, it.e5m2);
+}
+
 // Row-major [rows x cols] -> [cols x rows] (K-major copies for the fast FP8 GEMM):
 // 32 x 32 tiles through shared memory, so reads and writes are both coalesced.
 // Block (32, 8); grid (ceil(cols / 32), ceil(rows / 32)).

@@ -620,6 +620,25 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 outs.push(("e5m2 (stats in slots)", be.download(&q)?.iter().map(|&c| c as u32).collect()));
                 be.amax_to(&x, Slot { buf: &mut st, at: 6 })?;
                 outs.push(("amaxes and counts in slots", slots(be.download(&st)?)));
+                // The same four just-in-time casts in one batch (cast_fp8_jit_many),
+                // plus a tensor of 7 values (one partial chunk, no vector accesses).
+                let tail = be.upload(&finite[..7])?;
+                let (mut q0, mut q1, mut q2, mut q3) = (be.zeros(n)?, be.zeros(n)?, be.zeros(n)?, be.zeros(n)?);
+                let mut q4 = be.zeros::<u8>(7)?;
+                let mut st2 = be.zeros::<u64>(5)?;
+                let items = vec![
+                    (&mut q0, JitSrc::F16(&hf, 0.125), 0.25, 0),
+                    (&mut q1, JitSrc::F16(&hh, 0.125), 0.25, 1),
+                    (&mut q2, JitSrc::F32(&xf), 0.25, 2),
+                    (&mut q3, JitSrc::F32(&x), 0.25, 3),
+                    (&mut q4, JitSrc::F32(&tail), 0.25, 4),
+                ];
+                be.cast_fp8_jit_many(items, Fp8Format::E4M3, &mut st2)?;
+                for (name, q) in [("jit many: f16", &q0), ("f16 (NaN)", &q1), ("f32", &q2), ("f32 (NaN)", &q3)] {
+                    outs.push((name, be.download(q)?.iter().map(|&c| c as u32).collect()));
+                }
+                outs.push(("jit many: 7 values", be.download(&q4)?.iter().map(|&c| c as u32).collect()));
+                outs.push(("jit many: amax slots", slots(be.download(&st2)?)));
                 outs
             }
             Case::Reductions { n } => {

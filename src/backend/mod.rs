@@ -310,6 +310,22 @@ pub trait Backend {
         prev: f32,
         amax: Slot<'_, Self>,
     ) -> BResult<()>;
+    /// [`Backend::cast_fp8_jit`] of many tensors (the weight views at the start of a
+    /// step): `(codes, source, prev, slot index in stats)` each, one format. The same
+    /// codes and slot values as one call per tensor (which is what this default does);
+    /// a backend may batch them (two launches for all on GPUs).
+    #[allow(clippy::type_complexity)]
+    fn cast_fp8_jit_many(
+        &self,
+        items: Vec<(&mut Self::Buf<u8>, JitSrc<'_, Self>, f32, usize)>,
+        fmt: Fp8Format,
+        stats: &mut Self::Buf<u64>,
+    ) -> BResult<()> {
+        for (q, x, prev, at) in items {
+            self.cast_fp8_jit(q, x, fmt, prev, Slot { buf: stats, at })?;
+        }
+        Ok(())
+    }
     /// Sum of squares in the contract's order.
     fn sum_sq(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Mean in the contract's order.

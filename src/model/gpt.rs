@@ -446,16 +446,24 @@ impl<B: Backend> Gpt<B> {
             }
         }
         ws.view_stats = be.zeros(4 * self.cfg.n_layer)?;
-        for l in 0..self.cfg.n_layer {
-            for (j, (wi, _)) in LINEARS.iter().enumerate() {
-                let master = match &self.params[params::layer_param(l, *wi)].master {
-                    Master::F32(w) => MasterRef::F32(w),
-                    Master::F16 { codes, scale } => MasterRef::F16(codes, *scale),
-                    Master::Remote => continue, // its owner sends the view (share_weights)
-                };
-                ws.views[4 * l + j].update(be, master, Slot { buf: &mut ws.view_stats, at: 4 * l + j })?;
+        // FP8 views: every just-in-time cast at once (a backend may batch them); BF16
+        // views one by one.
+        let mut jit = Vec::new();
+        for (k, view) in ws.views.iter_mut().enumerate() {
+            let (l, j) = (k / 4, k % 4);
+            let master = match &self.params[params::layer_param(l, LINEARS[j].0)].master {
+                Master::F32(w) => MasterRef::F32(w),
+                Master::F16 { codes, scale } => MasterRef::F16(codes, *scale),
+                Master::Remote => continue, // its owner sends the view (share_weights)
+            };
+            if view.is_fp8() {
+                let (q, src, prev) = view.jit_item(master);
+                jit.push((q, src, prev, k));
+            } else {
+                view.update(be, master, Slot { buf: &mut ws.view_stats, at: k })?;
             }
         }
+        be.cast_fp8_jit_many(jit, fp8sim::Fp8Format::E4M3, &mut ws.view_stats)?;
         if self.level.fp8() {
             // One read-back for every view's scale (the forward pass needs them).
             let amax = be.download(&ws.view_stats)?;

@@ -100,6 +100,22 @@ impl<B: Backend> WeightView<B> {
         Ok(())
     }
 
+    /// An FP8 view's just-in-time cast as `Backend::cast_fp8_jit_many` takes it: codes,
+    /// source, previous scale (what `update` casts; a BF16 view goes through `update`).
+    pub fn jit_item<'a>(&'a mut self, master: MasterRef<'a, B>) -> (&'a mut B::Buf<u8>, JitSrc<'a, B>, f32) {
+        match (self, master) {
+            (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => (codes, JitSrc::F32(w), *scale),
+            (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, master_scale)) => {
+                (codes, JitSrc::F16(h, 1.0 / master_scale), *scale)
+            }
+            (WeightView::Bf16(_), _) => unreachable!("a BF16 view has no just-in-time cast (use update)"),
+        }
+    }
+
+    pub fn is_fp8(&self) -> bool {
+        matches!(self, WeightView::Fp8 { .. })
+    }
+
     /// The scale `update` cast with, from its amax (read back).
     pub fn settle(&mut self, amax: f32) {
         if let WeightView::Fp8 { scale, .. } = self {

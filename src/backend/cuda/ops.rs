@@ -910,6 +910,48 @@ impl Backend for Cuda {
         launch!(self, "cast_fp8_jit", (n as usize).div_ceil(4), [&src, &f16, &inv, q, &prev, &n, &f, &p]);
         Ok(())
     }
+    /// All the tensors' amaxes in one launch, all the casts in a second (a block per
+    /// 16384-element chunk; the table's rows are JitItem's, elementwise.cu).
+    fn cast_fp8_jit_many(
+        &self,
+        items: Vec<(&mut CudaSlice<u8>, JitSrc<'_, Self>, f32, usize)>,
+        fmt: Fp8Format,
+        stats: &mut CudaSlice<u64>,
+    ) -> BResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        const JIT_CHUNK: u32 = 16384;
+        let _op = self.op(Phase::Other, "cast_fp8_jit");
+        let s = &self.gpu.stream;
+        let base = stats.device_ptr_mut(s).0;
+        let (mut table, mut chunks) = (Vec::with_capacity(12 * items.len()), Vec::new());
+        for (i, (q, x, prev, at)) in items.into_iter().enumerate() {
+            assert!(at < stats.len(), "statistics slot {at} of {}", stats.len());
+            let (src, f16, inv, n) = match x {
+                JitSrc::F32(x) => (x.device_ptr(s).0, 0u32, 1.0f32, x.len()),
+                JitSrc::F16(h, inv) => (h.device_ptr(s).0, 1, inv, h.len()),
+            };
+            let n32 = u32::try_from(n).map_err(|_| {
+                BackendError::new("cast_fp8_jit", format!("a tensor of {n} elements (at most 2^32 - 1)"))
+            })?;
+            let (qp, slot) = (q.device_ptr_mut(s).0, base + 8 * at as u64);
+            for p in [src, qp, slot] {
+                table.extend([p as u32, (p >> 32) as u32]);
+            }
+            table.extend([n32, f16, inv.to_bits(), prev.to_bits(), e5(fmt) as u32, 0]);
+            for first in (0..n32).step_by(JIT_CHUNK as usize) {
+                chunks.extend([i as u32, first]);
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let (tb, cb) = (self.upload(&table)?, self.upload(&chunks)?);
+        let cfg =
+            LaunchConfig { grid_dim: ((chunks.len() / 2) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "jit_amax_multi", with cfg, [&tb, &cb]);
+        launch!(self, "jit_cast_multi", with cfg, [&tb, &cb]);
+        Ok(())
+    }
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
     /// one read-back for all.
     fn grad_sq_sums(&self, grads: &[GradRef<'_, Self>]) -> BResult<Vec<f32>> {
