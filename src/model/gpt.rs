@@ -104,6 +104,9 @@ pub struct Workspace<B: Backend> {
     g_w: [B::Buf<f32>; 4],
     g_b: [B::Buf<f32>; 4],
     g_c: [B::Buf<f32>; 2],
+    /// At the FP8 levels, an f32 gradient buffer per small parameter (biases, layernorm
+    /// weights) whose cast waits for the end of the backward pass (`stage_grad`).
+    staged_grads: Vec<Option<B::Buf<f32>>>,
     g_wte: B::Buf<f32>,
     g_wpe: B::Buf<f32>,
 }
@@ -256,6 +259,19 @@ impl<B: Backend> Gpt<B> {
                 g_w: arr4(|i| z(outs[i] * ins[i]))?,
                 g_b: arr4(|i| z(outs[i]))?,
                 g_c: [z(c)?, z(c)?],
+                staged_grads: self
+                    .params
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let small = p.spec.kind == params::Kind::Other && i != params::WTE && i != params::WPE;
+                        if small && matches!(p.grad, GradStore::Fp8 { .. }) {
+                            z(p.spec.numel()).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    })
+                    .collect::<BResult<Vec<_>>>()?,
                 g_wte: z(v * c)?,
                 g_wpe: z(self.cfg.seq_len * c)?,
             }
@@ -641,6 +657,46 @@ impl<B: Backend> Gpt<B> {
         }
     }
 
+    /// [`Gpt::store_grad`] of a small parameter's gradient (biases, layernorm weights),
+    /// which at the FP8 levels is deferred: `g` is swapped with the parameter's staging
+    /// buffer (no device work; the producer's next output goes to the other buffer) and
+    /// every staged gradient is cast at the end of the backward pass in one batch
+    /// ([`Gpt::cast_staged`]) instead of two launches each.
+    fn stage_grad(
+        be: &B,
+        p: &mut Param<B>,
+        g: &mut B::Buf<f32>,
+        staged: Option<&mut Option<B::Buf<f32>>>,
+        amax: Slot<'_, B>,
+    ) -> BResult<()> {
+        match staged {
+            Some(Some(s)) => {
+                std::mem::swap(g, s);
+                Ok(())
+            }
+            // (No staging buffer: not an FP8 level, or a step that failed left none.)
+            _ => Self::store_grad(be, p, g, amax),
+        }
+    }
+
+    /// The staged gradients' just-in-time casts, all at once: per tensor the codes and
+    /// amax slot `store_grad` gives.
+    fn cast_staged(
+        be: &B,
+        params: &mut [Param<B>],
+        staged: &[Option<B::Buf<f32>>],
+        stats: &mut B::Buf<u64>,
+        slots: &Slots,
+    ) -> BResult<()> {
+        let mut items = Vec::new();
+        for (i, (p, g)) in params.iter_mut().zip(staged).enumerate() {
+            if let (GradStore::Fp8 { codes, scale }, Some(g)) = (&mut p.grad, g) {
+                items.push((codes, JitSrc::F32(g), *scale, slots.grad(i)));
+            }
+        }
+        be.cast_fp8_jit_many(items, Fp8Format::E4M3, stats)
+    }
+
     /// Forward and backward of one batch. The loss gradient is multiplied by `mu`, so
     /// every stored gradient is mu times the true one. `inject_nan` poisons the
     /// token-embedding gradient (fault tests).
@@ -660,6 +716,8 @@ impl<B: Backend> Gpt<B> {
             let mut st = BackwardStats::default();
             let slots = Slots::new(&self.cfg);
             let Gpt { params, scaling, cfg, recompute, .. } = self;
+            // Small parameters' gradients wait here until the batch cast at the end.
+            let mut staged = std::mem::take(&mut ws.staged_grads);
 
             // Loss and LM head, in row chunks (no [tokens, vocab] tensor): per row the
             // same logits, loss and gradient; the token-embedding gradient's fma chains
@@ -700,8 +758,24 @@ impl<B: Backend> Gpt<B> {
                     c,
                 )?;
             }
-            Self::store_grad(be, &mut params[lf], &ws.g_c[0], Slot { buf: &mut ws.stats, at: slots.grad(lf) })?;
-            Self::store_grad(be, &mut params[lf + 1], &ws.g_c[1], Slot { buf: &mut ws.stats, at: slots.grad(lf + 1) })?;
+            {
+                let [gc0, gc1] = &mut ws.g_c;
+                Self::stage_grad(
+                    be,
+                    &mut params[lf],
+                    gc0,
+                    staged.get_mut(lf),
+                    Slot { buf: &mut ws.stats, at: slots.grad(lf) },
+                )?;
+                let at = slots.grad(lf + 1);
+                Self::stage_grad(
+                    be,
+                    &mut params[lf + 1],
+                    gc1,
+                    staged.get_mut(lf + 1),
+                    Slot { buf: &mut ws.stats, at },
+                )?;
+            }
 
             let shape = AttnShape { b, t, c, nh: cfg.n_head };
             for l in (0..cfg.n_layer).rev() {
@@ -747,10 +821,11 @@ impl<B: Backend> Gpt<B> {
                     gw3,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FCPROJ_W)) },
                 )?;
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::FCPROJ_B)],
                     gb3,
+                    staged.get_mut(idx(params::FCPROJ_B)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FCPROJ_B)) },
                 )?;
                 // GELU's backward writes the fc layer's bias gradient and E5M2/BF16
@@ -775,10 +850,11 @@ impl<B: Backend> Gpt<B> {
                     gw2,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FC_W)) },
                 )?;
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::FC_B)],
                     gb2,
+                    staged.get_mut(idx(params::FC_B)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::FC_B)) },
                 )?;
                 {
@@ -799,16 +875,18 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )?;
                 }
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::LN2_W)],
-                    &ws.g_c[0],
+                    &mut ws.g_c[0],
+                    staged.get_mut(idx(params::LN2_W)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN2_W)) },
                 )?;
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::LN2_B)],
-                    &ws.g_c[1],
+                    &mut ws.g_c[1],
+                    staged.get_mut(idx(params::LN2_B)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN2_B)) },
                 )?;
 
@@ -844,10 +922,11 @@ impl<B: Backend> Gpt<B> {
                     gw1,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_W)) },
                 )?;
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::PROJ_B)],
                     gb1,
+                    staged.get_mut(idx(params::PROJ_B)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_B)) },
                 )?;
                 be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, att, &la.att_stats, shape)?;
@@ -870,10 +949,11 @@ impl<B: Backend> Gpt<B> {
                     gw0,
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::QKV_W)) },
                 )?;
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::QKV_B)],
                     gb0,
+                    staged.get_mut(idx(params::QKV_B)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::QKV_B)) },
                 )?;
                 {
@@ -894,16 +974,18 @@ impl<B: Backend> Gpt<B> {
                         c,
                     )?;
                 }
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::LN1_W)],
-                    &ws.g_c[0],
+                    &mut ws.g_c[0],
+                    staged.get_mut(idx(params::LN1_W)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN1_W)) },
                 )?;
-                Self::store_grad(
+                Self::stage_grad(
                     be,
                     &mut params[idx(params::LN1_B)],
-                    &ws.g_c[1],
+                    &mut ws.g_c[1],
+                    staged.get_mut(idx(params::LN1_B)),
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::LN1_B)) },
                 )?;
                 if self.level.fp8() {
@@ -929,6 +1011,8 @@ impl<B: Backend> Gpt<B> {
             // The loss, read here rather than after the LM head: a read-back waits for the
             // device, and in the middle of the step that wait would leave the device idle
             // while the host launched the backward pass.
+            Self::cast_staged(be, params, &staged, &mut ws.stats, &slots)?;
+            ws.staged_grads = staged;
             st.loss = be.mean(&ws.losses)?;
             // One read-back for the step's statistics, recorded as if each on the spot.
             let stats = be.download(&ws.stats)?;

@@ -89,7 +89,10 @@ pub fn estimate(
     let head_chunk = r * (2 * c + 4 + 2 * v + 4 + 2 * c);
     let global = f32s * (6 * n * c + 3 * n) + 2 * 7 * n * c + 8 * n + head_chunk;
     let grad_casts = w * 9 * n * c;
-    let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c);
+    // (At the FP8 levels the small parameters' gradients wait in f32 for one batch cast:
+    // per block the biases 3c + c + 4c + c and the layernorms' 4c, the final layernorm's 2c.)
+    let staged = if level.fp8() { f32s * (l * 13 * c + 2 * c) } else { 0 };
+    let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c) + staged;
     let activations = blocks + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
     // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
