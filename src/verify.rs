@@ -639,6 +639,9 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 }
                 outs.push(("jit many: 7 values", be.download(&q4)?.iter().map(|&c| c as u32).collect()));
                 outs.push(("jit many: amax slots", slots(be.download(&st2)?)));
+                let mut st3 = be.zeros::<u64>(3)?;
+                be.amax_many(vec![(&x, 0), (&xf, 1), (&tail, 2)], &mut st3)?;
+                outs.push(("amax many (with a NaN, without, 7 values)", slots(be.download(&st3)?)));
                 outs
             }
             Case::Reductions { n } => {

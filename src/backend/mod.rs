@@ -326,6 +326,14 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// [`Backend::amax_to`] of many tensors, each into its slot of `stats` (the f32
+    /// gradients at the end of a bf16-level step); a backend may batch them.
+    fn amax_many(&self, items: Vec<(&Self::Buf<f32>, usize)>, stats: &mut Self::Buf<u64>) -> BResult<()> {
+        for (x, at) in items {
+            self.amax_to(x, Slot { buf: stats, at })?;
+        }
+        Ok(())
+    }
     /// Sum of squares in the contract's order.
     fn sum_sq(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Mean in the contract's order.

@@ -646,12 +646,15 @@ impl<B: Backend> Gpt<B> {
 
     /// Store a parameter's f32 gradient in its level's format, its amax into `amax`
     /// (an FP8 gradient's just-in-time scale is derived from it after the step's
-    /// read-back, at the end of `forward_backward`).
-    fn store_grad(be: &B, p: &mut Param<B>, g: &B::Buf<f32>, amax: Slot<'_, B>) -> BResult<()> {
+    /// read-back, at the end of `forward_backward`). An f32 gradient (bf16 level) is
+    /// not copied: `g` and the parameter's buffer trade places (the producer's next
+    /// output goes to the other one), and its amax is taken with every other f32
+    /// gradient's at the end of the backward pass ([`Gpt::finish_grads`]).
+    fn store_grad(be: &B, p: &mut Param<B>, g: &mut B::Buf<f32>, amax: Slot<'_, B>) -> BResult<()> {
         match &mut p.grad {
             GradStore::F32(dst) => {
-                be.amax_to(g, amax)?;
-                be.copy(dst, g)
+                std::mem::swap(dst, g);
+                Ok(())
             }
             GradStore::Fp8 { codes, scale } => be.cast_fp8_jit(codes, JitSrc::F32(g), Fp8Format::E4M3, *scale, amax),
         }
@@ -661,7 +664,7 @@ impl<B: Backend> Gpt<B> {
     /// which at the FP8 levels is deferred: `g` is swapped with the parameter's staging
     /// buffer (no device work; the producer's next output goes to the other buffer) and
     /// every staged gradient is cast at the end of the backward pass in one batch
-    /// ([`Gpt::cast_staged`]) instead of two launches each.
+    /// ([`Gpt::finish_grads`]) instead of two launches each.
     fn stage_grad(
         be: &B,
         p: &mut Param<B>,
@@ -679,22 +682,28 @@ impl<B: Backend> Gpt<B> {
         }
     }
 
-    /// The staged gradients' just-in-time casts, all at once: per tensor the codes and
-    /// amax slot `store_grad` gives.
-    fn cast_staged(
+    /// What `store_grad` and `stage_grad` left for the end of the backward pass, all at
+    /// once: the staged gradients' just-in-time casts and the f32 gradients' amaxes,
+    /// into their slots (per tensor what a cast or `amax_to` on the spot gives).
+    fn finish_grads(
         be: &B,
         params: &mut [Param<B>],
         staged: &[Option<B::Buf<f32>>],
         stats: &mut B::Buf<u64>,
         slots: &Slots,
     ) -> BResult<()> {
-        let mut items = Vec::new();
-        for (i, (p, g)) in params.iter_mut().zip(staged).enumerate() {
-            if let (GradStore::Fp8 { codes, scale }, Some(g)) = (&mut p.grad, g) {
-                items.push((codes, JitSrc::F32(g), *scale, slots.grad(i)));
+        let (mut casts, mut amaxes) = (Vec::new(), Vec::new());
+        for (i, p) in params.iter_mut().enumerate() {
+            match (&mut p.grad, staged.get(i)) {
+                (GradStore::Fp8 { codes, scale }, Some(Some(g))) => {
+                    casts.push((codes, JitSrc::F32(g), *scale, slots.grad(i)))
+                }
+                (GradStore::F32(g), _) => amaxes.push((&*g, slots.grad(i))),
+                _ => {}
             }
         }
-        be.cast_fp8_jit_many(items, Fp8Format::E4M3, stats)
+        be.cast_fp8_jit_many(casts, Fp8Format::E4M3, stats)?;
+        be.amax_many(amaxes, stats)
     }
 
     /// Forward and backward of one batch. The loss gradient is multiplied by `mu`, so
@@ -999,19 +1008,19 @@ impl<B: Backend> Gpt<B> {
             Self::store_grad(
                 be,
                 &mut params[params::WTE],
-                &ws.g_wte,
+                &mut ws.g_wte,
                 Slot { buf: &mut ws.stats, at: slots.grad(params::WTE) },
             )?;
             Self::store_grad(
                 be,
                 &mut params[params::WPE],
-                &ws.g_wpe,
+                &mut ws.g_wpe,
                 Slot { buf: &mut ws.stats, at: slots.grad(params::WPE) },
             )?;
             // The loss, read here rather than after the LM head: a read-back waits for the
             // device, and in the middle of the step that wait would leave the device idle
             // while the host launched the backward pass.
-            Self::cast_staged(be, params, &staged, &mut ws.stats, &slots)?;
+            Self::finish_grads(be, params, &staged, &mut ws.stats, &slots)?;
             ws.staged_grads = staged;
             st.loss = be.mean(&ws.losses)?;
             // One read-back for the step's statistics, recorded as if each on the spot.

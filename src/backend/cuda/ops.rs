@@ -81,6 +81,18 @@ macro_rules! launch {
 /// Ends a phase (see [`Cuda::phase`]).
 struct PhaseGuard<'a>(&'a Cuda);
 
+/// One tensor of a multi-tensor amax / just-in-time cast (JitItem in elementwise.cu).
+struct JitRow {
+    src: u64,
+    q: u64,
+    at: usize,
+    n: usize,
+    f16: u32,
+    inv: f32,
+    prev: f32,
+    e5m2: u32,
+}
+
 /// Where a product goes: f32, or BF16 rounded from the f32 result.
 enum ProductOut<'a> {
     F32(&'a mut CudaSlice<f32>),
@@ -664,6 +676,39 @@ impl Cuda {
         }
     }
 
+    /// The multi-tensor amax (and with `cast`, the just-in-time casts) of `rows`: the
+    /// table of JitItem rows (elementwise.cu) and of (tensor, first element) chunks.
+    fn jit_multi(&self, rows: Vec<JitRow>, stats: &mut CudaSlice<u64>, cast: bool) -> BResult<()> {
+        use cudarc::driver::DevicePtrMut;
+        const JIT_CHUNK: usize = 16384;
+        let base = stats.device_ptr_mut(&self.gpu.stream).0;
+        let (mut table, mut chunks) = (Vec::with_capacity(12 * rows.len()), Vec::new());
+        for (i, r) in rows.iter().enumerate() {
+            assert!(r.at < stats.len(), "statistics slot {} of {}", r.at, stats.len());
+            let n32 = u32::try_from(r.n).map_err(|_| {
+                BackendError::new("cast_fp8_jit", format!("a tensor of {} elements (at most 2^32 - 1)", r.n))
+            })?;
+            for p in [r.src, r.q, base + 8 * r.at as u64] {
+                table.extend([p as u32, (p >> 32) as u32]);
+            }
+            table.extend([n32, r.f16, r.inv.to_bits(), r.prev.to_bits(), r.e5m2, 0]);
+            for first in (0..n32).step_by(JIT_CHUNK) {
+                chunks.extend([i as u32, first]);
+            }
+        }
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let (tb, cb) = (self.upload(&table)?, self.upload(&chunks)?);
+        let cfg =
+            LaunchConfig { grid_dim: ((chunks.len() / 2) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "jit_amax_multi", with cfg, [&tb, &cb]);
+        if cast {
+            launch!(self, "jit_cast_multi", with cfg, [&tb, &cb]);
+        }
+        Ok(())
+    }
+
     /// The device address of a statistics slot.
     fn slot_ptr(&self, slot: &mut Slot<'_, Self>) -> u64 {
         use cudarc::driver::DevicePtrMut;
@@ -919,38 +964,39 @@ impl Backend for Cuda {
         stats: &mut CudaSlice<u64>,
     ) -> BResult<()> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
-        const JIT_CHUNK: u32 = 16384;
         let _op = self.op(Phase::Other, "cast_fp8_jit");
         let s = &self.gpu.stream;
-        let base = stats.device_ptr_mut(s).0;
-        let (mut table, mut chunks) = (Vec::with_capacity(12 * items.len()), Vec::new());
-        for (i, (q, x, prev, at)) in items.into_iter().enumerate() {
-            assert!(at < stats.len(), "statistics slot {at} of {}", stats.len());
-            let (src, f16, inv, n) = match x {
-                JitSrc::F32(x) => (x.device_ptr(s).0, 0u32, 1.0f32, x.len()),
-                JitSrc::F16(h, inv) => (h.device_ptr(s).0, 1, inv, h.len()),
-            };
-            let n32 = u32::try_from(n).map_err(|_| {
-                BackendError::new("cast_fp8_jit", format!("a tensor of {n} elements (at most 2^32 - 1)"))
-            })?;
-            let (qp, slot) = (q.device_ptr_mut(s).0, base + 8 * at as u64);
-            for p in [src, qp, slot] {
-                table.extend([p as u32, (p >> 32) as u32]);
-            }
-            table.extend([n32, f16, inv.to_bits(), prev.to_bits(), e5(fmt) as u32, 0]);
-            for first in (0..n32).step_by(JIT_CHUNK as usize) {
-                chunks.extend([i as u32, first]);
-            }
-        }
-        if chunks.is_empty() {
-            return Ok(());
-        }
-        let (tb, cb) = (self.upload(&table)?, self.upload(&chunks)?);
-        let cfg =
-            LaunchConfig { grid_dim: ((chunks.len() / 2) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "jit_amax_multi", with cfg, [&tb, &cb]);
-        launch!(self, "jit_cast_multi", with cfg, [&tb, &cb]);
-        Ok(())
+        let rows = items
+            .into_iter()
+            .map(|(q, x, prev, at)| {
+                let (src, f16, inv, n) = match x {
+                    JitSrc::F32(x) => (x.device_ptr(s).0, 0u32, 1.0f32, x.len()),
+                    JitSrc::F16(h, inv) => (h.device_ptr(s).0, 1, inv, h.len()),
+                };
+                JitRow { src, q: q.device_ptr_mut(s).0, at, n, f16, inv, prev, e5m2: e5(fmt) as u32 }
+            })
+            .collect::<Vec<_>>();
+        self.jit_multi(rows, stats, true)
+    }
+    /// Every tensor's amax in one launch (jit_amax_multi without the casts).
+    fn amax_many(&self, items: Vec<(&CudaSlice<f32>, usize)>, stats: &mut CudaSlice<u64>) -> BResult<()> {
+        use cudarc::driver::DevicePtr;
+        let _op = self.op(Phase::Other, "amax");
+        let s = &self.gpu.stream;
+        let rows = items
+            .into_iter()
+            .map(|(x, at)| JitRow {
+                src: x.device_ptr(s).0,
+                q: 0,
+                at,
+                n: x.len(),
+                f16: 0,
+                inv: 1.0,
+                prev: 1.0,
+                e5m2: 0,
+            })
+            .collect::<Vec<_>>();
+        self.jit_multi(rows, stats, false)
     }
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
     /// one read-back for all.
