@@ -299,6 +299,17 @@ extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chu
     for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) it.q[i] = fp8train_encode_sat(jit_load1(it, i) * scale, it.e5m2);
 }
 
+// decode_f16 of many tensors (Backend::decode_f16_many): JitItem rows whose src holds
+// FP16 codes and whose q is the f32 output; a block per chunk.
+extern "C" __global__ void decode_f16_multi(const JitItem* items, const uint2* chunks) {
+    uint2 ch = chunks[blockIdx.x];
+    const JitItem& it = items[ch.x];
+    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    const u16* h = (const u16*)it.src;
+    float* x = (float*)it.q;
+    for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) x[i] = f16_value(h[i], it.inv_scale);
+}
+
 // Row-major [rows x cols] -> [cols x rows] (K-major copies for the fast FP8 GEMM):
 // 32 x 32 tiles through shared memory, so reads and writes are both coalesced.
 // Block (32, 8); grid (ceil(cols / 32), ceil(rows / 32)).

@@ -639,6 +639,11 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 }
                 outs.push(("jit many: 7 values", be.download(&q4)?.iter().map(|&c| c as u32).collect()));
                 outs.push(("jit many: amax slots", slots(be.download(&st2)?)));
+                let h7 = be.upload(&be.download(&hf)?[..7])?;
+                let (mut d0, mut d1) = (be.zeros::<f32>(n)?, be.zeros::<f32>(7)?);
+                be.decode_f16_many(vec![(&mut d0, &hf, 0.125), (&mut d1, &h7, 0.5)])?;
+                outs.push(("f16 decoded, many", bits(be, &d0)?));
+                outs.push(("f16 decoded, many (7 values)", bits(be, &d1)?));
                 let mut st3 = be.zeros::<u64>(3)?;
                 be.amax_many(vec![(&x, 0), (&xf, 1), (&tail, 2)], &mut st3)?;
                 outs.push(("amax many (with a NaN, without, 7 values)", slots(be.download(&st3)?)));

@@ -326,6 +326,15 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// [`Backend::decode_f16`] of many tensors `(out, codes, inv_scale)` (the FP16
+    /// masters' f32 copies at the start of a step); a backend may batch them.
+    #[allow(clippy::type_complexity)]
+    fn decode_f16_many(&self, items: Vec<(&mut Self::Buf<f32>, &Self::Buf<f16>, f32)>) -> BResult<()> {
+        for (x, h, inv) in items {
+            self.decode_f16(x, h, inv)?;
+        }
+        Ok(())
+    }
     /// [`Backend::amax_to`] of many tensors, each into its slot of `stats` (the f32
     /// gradients at the end of a bf16-level step); a backend may batch them.
     fn amax_many(&self, items: Vec<(&Self::Buf<f32>, usize)>, stats: &mut Self::Buf<u64>) -> BResult<()> {

@@ -456,11 +456,16 @@ impl<B: Backend> Gpt<B> {
     /// BF16. At O3 with several ranks the others' tensors come after, from
     /// [`Gpt::share_weights`] (`train::dist::prepare_weights` runs both).
     pub fn prepare_weights(&self, be: &B, ws: &mut Workspace<B>) -> BResult<()> {
-        for (i, p) in self.params.iter().enumerate() {
-            if let (Master::F16 { codes, scale }, Some(w)) = (&p.master, &mut ws.work[i]) {
-                be.decode_f16(w, codes, 1.0 / scale)?;
-            }
-        }
+        let decode = self
+            .params
+            .iter()
+            .zip(ws.work.iter_mut())
+            .filter_map(|(p, w)| match (&p.master, w) {
+                (Master::F16 { codes, scale }, Some(w)) => Some((w, codes, 1.0 / scale)),
+                _ => None,
+            })
+            .collect();
+        be.decode_f16_many(decode)?;
         ws.view_stats = be.zeros(4 * self.cfg.n_layer)?;
         // FP8 views: every just-in-time cast at once (a backend may batch them); BF16
         // views one by one.

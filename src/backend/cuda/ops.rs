@@ -680,15 +680,24 @@ impl Cuda {
     /// table of JitItem rows (elementwise.cu) and of (tensor, first element) chunks.
     fn jit_multi(&self, rows: Vec<JitRow>, stats: &mut CudaSlice<u64>, cast: bool) -> BResult<()> {
         use cudarc::driver::DevicePtrMut;
-        const JIT_CHUNK: usize = 16384;
+        for r in &rows {
+            assert!(r.at < stats.len(), "statistics slot {} of {}", r.at, stats.len());
+        }
         let base = stats.device_ptr_mut(&self.gpu.stream).0;
+        let kernels: &[&'static str] = if cast { &["jit_amax_multi", "jit_cast_multi"] } else { &["jit_amax_multi"] };
+        self.multi_launch(&rows, base, kernels)
+    }
+
+    /// Launch each of `kernels` over the JitItem table of `rows` (slot i at
+    /// `slot_base + 8 * at`) and its chunk table, a block per 16384-element chunk.
+    fn multi_launch(&self, rows: &[JitRow], slot_base: u64, kernels: &[&'static str]) -> BResult<()> {
+        const JIT_CHUNK: usize = 16384;
         let (mut table, mut chunks) = (Vec::with_capacity(12 * rows.len()), Vec::new());
         for (i, r) in rows.iter().enumerate() {
-            assert!(r.at < stats.len(), "statistics slot {} of {}", r.at, stats.len());
             let n32 = u32::try_from(r.n).map_err(|_| {
-                BackendError::new("cast_fp8_jit", format!("a tensor of {} elements (at most 2^32 - 1)", r.n))
+                BackendError::new("multi-tensor op", format!("a tensor of {} elements (at most 2^32 - 1)", r.n))
             })?;
-            for p in [r.src, r.q, base + 8 * r.at as u64] {
+            for p in [r.src, r.q, slot_base + 8 * r.at as u64] {
                 table.extend([p as u32, (p >> 32) as u32]);
             }
             table.extend([n32, r.f16, r.inv.to_bits(), r.prev.to_bits(), r.e5m2, 0]);
@@ -702,9 +711,8 @@ impl Cuda {
         let (tb, cb) = (self.upload(&table)?, self.upload(&chunks)?);
         let cfg =
             LaunchConfig { grid_dim: ((chunks.len() / 2) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "jit_amax_multi", with cfg, [&tb, &cb]);
-        if cast {
-            launch!(self, "jit_cast_multi", with cfg, [&tb, &cb]);
+        for k in kernels {
+            launch!(self, *k, with cfg, [&tb, &cb]);
         }
         Ok(())
     }
@@ -977,6 +985,21 @@ impl Backend for Cuda {
             })
             .collect::<Vec<_>>();
         self.jit_multi(rows, stats, true)
+    }
+    /// Every FP16 master's f32 copy in one launch (the table's `q` is the f32 output).
+    fn decode_f16_many(&self, items: Vec<(&mut CudaSlice<f32>, &CudaSlice<f16>, f32)>) -> BResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let _op = self.op(Phase::Other, "decode_f16");
+        let s = &self.gpu.stream;
+        let rows = items
+            .into_iter()
+            .map(|(x, h, inv)| {
+                assert_eq!(x.len(), h.len(), "decode_f16_many: sizes");
+                let (src, q) = (h.device_ptr(s).0, x.device_ptr_mut(s).0);
+                JitRow { src, q, at: 0, n: h.len(), f16: 1, inv, prev: 1.0, e5m2: 0 }
+            })
+            .collect::<Vec<_>>();
+        self.multi_launch(&rows, 0, &["decode_f16_multi"])
     }
     /// Every tensor's amax in one launch (jit_amax_multi without the casts).
     fn amax_many(&self, items: Vec<(&CudaSlice<f32>, usize)>, stats: &mut CudaSlice<u64>) -> BResult<()> {
