@@ -126,8 +126,7 @@ extern "C" __global__ void __launch_bounds__(1024)
             float d1 = (e.y / z - (j + 1 == tgt ? 1.0f : 0.0f)) * dloss;
             float d2 = (e.z / z - (j + 2 == tgt ? 1.0f : 0.0f)) * dloss;
             float d3 = (e.w / z - (j + 3 == tgt ? 1.0f : 0.0f)) * dloss;
-            lr[g] = make_uint2((u32)fp8train_to_bf16(d0) | ((u32)fp8train_to_bf16(d1) << 16),
-                               (u32)fp8train_to_bf16(d2) | ((u32)fp8train_to_bf16(d3) << 16));
+            lr[g] = fp8train_to_bf16x4(d0, d1, d2, d3);
         }
     }
     if (threadIdx.x == 0) losses[r] = (fp8train_log(z) + m) - lt;

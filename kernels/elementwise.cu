@@ -113,10 +113,7 @@ extern "C" __global__ void cast_bf16(const float* x, u16* y, u32 n) {
     u32 v = fp8train_tid();
     if (((size_t)x & 15) == 0 && ((size_t)y & 7) == 0 && 4 * (size_t)v + 3 < n) {
         float4 xv = ((const float4*)x)[v];
-        uint2 w;
-        w.x = (u32)fp8train_to_bf16(xv.x) | ((u32)fp8train_to_bf16(xv.y) << 16);
-        w.y = (u32)fp8train_to_bf16(xv.z) | ((u32)fp8train_to_bf16(xv.w) << 16);
-        ((uint2*)y)[v] = w;
+        ((uint2*)y)[v] = fp8train_to_bf16x4(xv.x, xv.y, xv.z, xv.w);
         return;
     }
     for (size_t i = 4 * (size_t)v; i < n && i < 4 * (size_t)v + 4; i++) y[i] = fp8train_to_bf16(x[i]);
@@ -128,10 +125,7 @@ extern "C" __global__ void cast_bf16_bias(const float* x, const float* bias, u16
     if ((c & 3) == 0 && (((size_t)x | (size_t)bias) & 15) == 0 && ((size_t)y & 7) == 0 && 4 * v + 3 < n) {
         float4 xv = ((const float4*)x)[v];
         float4 b = *(const float4*)(bias + (4 * v) % c);
-        uint2 w;
-        w.x = (u32)fp8train_to_bf16(xv.x + b.x) | ((u32)fp8train_to_bf16(xv.y + b.y) << 16);
-        w.y = (u32)fp8train_to_bf16(xv.z + b.z) | ((u32)fp8train_to_bf16(xv.w + b.w) << 16);
-        ((uint2*)y)[v] = w;
+        ((uint2*)y)[v] = fp8train_to_bf16x4(xv.x + b.x, xv.y + b.y, xv.z + b.z, xv.w + b.w);
         return;
     }
     for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) y[i] = fp8train_to_bf16(x[i] + bias[i % c]);
@@ -272,15 +266,7 @@ extern "C" __global__ void jit_amax_multi(const JitItem* items, const uint2* chu
         u32 b = __float_as_uint(jit_load1(it, i)) & 0x7fffffffu;
         am = b > am ? b : am;
     }
-    __shared__ u32 red[32];
-    u32 w = fp8train_warp_max_u32(am);
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x / 32] = w;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 b = 0;
-        for (u32 k = 0; k < blockDim.x / 32; k++) b = red[k] > b ? red[k] : b;
-        if (b) atomicMax(it.slot, (unsigned long long)b);
-    }
+    fp8train_block_flush(am, 0, it.slot, nullptr);
 }
 extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chunks) {
     uint2 ch = chunks[blockIdx.x];

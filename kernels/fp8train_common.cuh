@@ -142,6 +142,11 @@ __device__ __forceinline__ float4 fp8train_bf16x4(uint2 w) {
     return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
                        __uint_as_float(w.y & 0xffff0000u));
 }
+// Four values rounded to BF16 (RNE) and packed, lowest address first (8 bytes).
+__device__ __forceinline__ uint2 fp8train_to_bf16x4(float a, float b, float c, float d) {
+    return make_uint2((u32)fp8train_to_bf16(a) | ((u32)fp8train_to_bf16(b) << 16),
+                      (u32)fp8train_to_bf16(c) | ((u32)fp8train_to_bf16(d) << 16));
+}
 // acc = acc + v per lane (four separate sequential sums).
 __device__ __forceinline__ void fp8train_add4(float4& acc, float4 v) {
     acc.x = acc.x + v.x;
@@ -336,10 +341,7 @@ __device__ __forceinline__ void fp8train_act_store4(void* y, int mode, float sca
     if (mode == ACT_F32) {
         ((float4*)y)[i0 / 4] = make_float4(v[0], v[1], v[2], v[3]);
     } else if (mode == ACT_BF16) {
-        uint2 w;
-        w.x = (u32)fp8train_to_bf16(v[0]) | ((u32)fp8train_to_bf16(v[1]) << 16);
-        w.y = (u32)fp8train_to_bf16(v[2]) | ((u32)fp8train_to_bf16(v[3]) << 16);
-        ((uint2*)y)[i0 / 4] = w;
+        ((uint2*)y)[i0 / 4] = fp8train_to_bf16x4(v[0], v[1], v[2], v[3]);
     } else {
         u32 w = 0;
 #pragma unroll

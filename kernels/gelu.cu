@@ -134,8 +134,7 @@ extern "C" __global__ void gelu_backward_sums4(float* part, void* out, int mode,
                                    gelu_lookup(w.y & 0xffffu, gt_sh, tab) * d.z, gelu_lookup(w.y >> 16, gt_sh, tab) * d.w);
             fp8train_add4(acc, g);
             if (mode == ACT_BF16)
-                *(uint2*)((u16*)out + k) = make_uint2((u32)fp8train_to_bf16(g.x) | ((u32)fp8train_to_bf16(g.y) << 16),
-                                                      (u32)fp8train_to_bf16(g.z) | ((u32)fp8train_to_bf16(g.w) << 16));
+                *(uint2*)((u16*)out + k) = fp8train_to_bf16x4(g.x, g.y, g.z, g.w);
             else *(u32*)((u8*)out + k) = cast_fp8_four(g, scale, mx, e5m2, amax, sat);
         });
         *(float4*)(part + (size_t)ch * cols + j) = acc;

@@ -362,8 +362,9 @@ pub trait Backend {
     ) -> BResult<()>;
     /// `y = bf16(product * scale)`: a product whose consumer reads BF16 (the LM head's
     /// logits, and the input gradients entering layernorm, GELU and attention backward).
-    /// Exact class: the f32 product of `matmul`, rounded once (RNE). A fast-class backend
-    /// writes BF16 from the product's epilogue (held to `verify`'s bound).
+    /// Exact class: the f32 product of `matmul`, rounded once (RNE), which this default
+    /// does through a temporary. A fast-class backend writes BF16 from the product's
+    /// epilogue (held to `verify`'s bound).
     #[allow(clippy::too_many_arguments)]
     fn matmul_bf16(
         &self,
@@ -375,7 +376,11 @@ pub trait Backend {
         n: usize,
         k: usize,
         scale: f32,
-    ) -> BResult<()>;
+    ) -> BResult<()> {
+        let mut out = self.zeros::<f32>(self.len(y))?;
+        self.matmul(&mut out, a, b, product, m, n, k, scale)?;
+        self.cast_bf16(y, &out)
+    }
     /// `y = bf16(a b^T * scale + bias)`, a linear layer's forward product stored as its
     /// consumer reads it (QKV for attention, the MLP pre-activation for GELU). Exact
     /// class, the contract's definition: `matmul` into f32 (a temporary of the backend's),

@@ -251,23 +251,6 @@ impl Backend for Sim {
         product_exact(out, &a, &b, product, m, n, k, scale, false);
         Ok(())
     }
-    fn matmul_bf16(
-        &self,
-        y: &mut Vec<bf16>,
-        a: Operand<'_, Self>,
-        b: Operand<'_, Self>,
-        product: Product,
-        m: usize,
-        n: usize,
-        k: usize,
-        scale: f32,
-    ) -> BResult<()> {
-        let mut out = host_vec(y.len())?;
-        out.resize(y.len(), 0f32);
-        product_exact(&mut out, &a, &b, product, m, n, k, scale, false);
-        half16::to_bf16_slice(&out, y);
-        Ok(())
-    }
     fn matmul_acc(
         &self,
         out: &mut Vec<f32>,

@@ -85,19 +85,14 @@ impl<B: Backend> WeightView<B> {
     /// from its amax, which goes to `amax`; then [`WeightView::settle`] with it). An
     /// FP16 master is read as its decoded f32 values (`decode_f16`) without writing them.
     pub fn update(&mut self, be: &B, master: MasterRef<'_, B>, amax: Slot<'_, B>) -> BResult<()> {
-        match (self, master) {
-            (WeightView::Bf16(b), MasterRef::F32(w)) => be.cast_bf16(b, w)?,
-            (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => {
-                be.cast_fp8_jit(codes, JitSrc::F32(w), E4M3, *scale, amax)?
-            }
-            (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, master_scale)) => {
-                be.cast_fp8_jit(codes, JitSrc::F16(h, 1.0 / master_scale), E4M3, *scale, amax)?
-            }
-            (WeightView::Bf16(_), MasterRef::F16(..)) => {
+        if let WeightView::Bf16(b) = self {
+            let MasterRef::F32(w) = master else {
                 unreachable!("BF16 weight views come with f32 masters (bf16 level)")
-            }
+            };
+            return be.cast_bf16(b, w);
         }
-        Ok(())
+        let (codes, src, prev) = self.jit_item(master);
+        be.cast_fp8_jit(codes, src, E4M3, prev, amax)
     }
 
     /// An FP8 view's just-in-time cast as `Backend::cast_fp8_jit_many` takes it: codes,

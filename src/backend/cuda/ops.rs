@@ -114,7 +114,6 @@ struct Prof {
     depth: usize,
 }
 
-/// Blocks for a grid-stride kernel over `n` elements (any count gives the same result).
 /// A buffer's device address.
 fn dptr<T>(s: &std::sync::Arc<cudarc::driver::CudaStream>, b: &CudaSlice<T>) -> u64 {
     use cudarc::driver::DevicePtr;
@@ -127,6 +126,7 @@ fn by_four(cols: u32, ptrs: &[(u64, u64)]) -> bool {
     cols.is_multiple_of(4) && ptrs.iter().all(|&(p, a)| p.is_multiple_of(a))
 }
 
+/// Blocks for a grid-stride kernel over `n` elements (any count gives the same result).
 fn stride_cfg(n: usize) -> LaunchConfig {
     let blocks = n.div_ceil(256).clamp(1, 132 * 8) as u32;
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
@@ -595,10 +595,9 @@ impl Cuda {
         self.gpu.ctx.attribute(OPTIN).map(|b| b as u32).unwrap_or(48 << 10)
     }
 
-    /// A linear layer's product (fast class when cuBLASLt takes it, else exact);
-    /// `accumulate`: add to `out` (scale 1) instead of overwriting it.
-    #[allow(clippy::too_many_arguments)]
-    /// A product into `out`, f32 or BF16 (see `Backend::matmul_bf16`).
+    /// A linear layer's product into `out`, f32 or BF16 (see `Backend::matmul_bf16`): fast
+    /// class when cuBLASLt takes it, else exact; `accumulate`: add to `out` (scale 1)
+    /// instead of overwriting it.
     #[allow(clippy::too_many_arguments)]
     fn product_into(
         &self,
@@ -674,6 +673,26 @@ impl Cuda {
                 (b.device_ptr_mut(s).0, 2, *scale, pa)
             }
         }
+    }
+
+    /// Column sums of the `rows x cols` values at `x` (f32, or BF16 with `bf16`) in the
+    /// contract's order: chunk partials, four columns per thread when the width and the
+    /// address allow, then the tree.
+    fn column_sums_at(&self, out: &mut CudaSlice<f32>, x: u64, bf16: bool, rows: usize, cols: usize) -> BResult<()> {
+        let (r, c) = (rows as u32, cols as u32);
+        let chunks = r.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        let (by4, one, align) = if bf16 {
+            ("column_chunk_sums4_bf16", "column_chunk_sums_bf16", 8)
+        } else {
+            ("column_chunk_sums4", "column_chunk_sums", 16)
+        };
+        if by_four(c, &[(x, align)]) {
+            launch!(self, by4, (chunks * c / 4) as usize, [&x, &mut part, &r, &c]);
+        } else {
+            launch!(self, one, (chunks * c) as usize, [&x, &mut part, &r, &c]);
+        }
+        self.column_tree(out, part, chunks, c)
     }
 
     /// The multi-tensor amax (and with `cast`, the just-in-time casts) of `rows`: the
@@ -1138,15 +1157,7 @@ impl Backend for Cuda {
     }
     fn column_sums(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<f32>, rows: usize, cols: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums");
-        let (r, c) = (rows as u32, cols as u32);
-        let chunks = r.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
-        if by_four(c, &[(dptr(&self.gpu.stream, x), 16)]) {
-            launch!(self, "column_chunk_sums4", (chunks * c / 4) as usize, [x, &mut part, &r, &c]);
-        } else {
-            launch!(self, "column_chunk_sums", (chunks * c) as usize, [x, &mut part, &r, &c]);
-        }
-        self.column_tree(out, part, chunks, c)
+        self.column_sums_at(out, dptr(&self.gpu.stream, x), false, rows, cols)
     }
     fn column_sums_cast(
         &self,
@@ -1295,14 +1306,7 @@ impl Backend for Cuda {
         }
         self.column_sums(dw, &pr, n, c)?;
         let _op = self.op(Phase::Other, "column_sums");
-        let chunks = nn.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * cc) as usize)?;
-        if by_four(cc, &[(dptr(&self.gpu.stream, dy), 8)]) {
-            launch!(self, "column_chunk_sums4_bf16", (chunks * cc / 4) as usize, [dy, &mut part, &nn, &cc]);
-        } else {
-            launch!(self, "column_chunk_sums_bf16", (chunks * cc) as usize, [dy, &mut part, &nn, &cc]);
-        }
-        self.column_tree(db, part, chunks, cc)
+        self.column_sums_at(db, dptr(&self.gpu.stream, dy), true, n, c)
     }
     fn attention_forward(
         &self,
