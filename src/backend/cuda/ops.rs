@@ -205,11 +205,11 @@ impl Flash {
 }
 
 /// What the flash backward allocates for shape `s` (fast mode, head sizes 64 and 128):
-/// the BF16 copy of dout, per-row statistics, the dS tiles. Needs no device, so memory
-/// plans (`bench fit`) use it too.
+/// per-row statistics and the dS tiles (dout arrives in BF16, so no copy of it). Needs
+/// no device, so memory plans (`bench fit`) use it too.
 pub fn flash_scratch_bytes(s: AttnShape) -> u64 {
-    let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
-    2 * b * t * c + 16 * b * nh * t + 2 * flash_ds_len(s) as u64
+    let (b, t, nh) = (s.b as u64, s.t as u64, s.nh as u64);
+    16 * b * nh * t + 2 * flash_ds_len(s) as u64
 }
 
 /// Elements of the flash backward's dS tiles: 64 x 64 per causal (query tile, key tile)
