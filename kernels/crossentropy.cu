@@ -119,13 +119,23 @@ extern "C" __global__ void __launch_bounds__(1024)
     __syncthreads();
     float z = fp8train_block_tree(pa, pb, chunks);
     if (with_grad) {
+        // e / z correctly rounded without a division per element: q = e (1/z) and one
+        // correction with the exact residual (Markstein), exact while 1/z is correctly
+        // rounded, z finite and e >= 2^-100 (the quotient far from underflow; z is at
+        // least 1). Groups with a smaller (or NaN) e, or a row with z not finite, divide.
+        float rz = 1.0f / z;
+        bool z_ok = z <= fp8train_bits(0x7f7fffffu);
+        auto quot = [&](float e) { float q = e * rz; return fmaf(rz, fmaf(-z, q, e), q); };
         for (int g = threadIdx.x; g < groups; g += blockDim.x) {
             float4 e = *(const float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
+            float4 q = make_float4(quot(e.x), quot(e.y), quot(e.z), quot(e.w));
+            if (!(z_ok && fminf(fminf(e.x, e.y), fminf(e.z, e.w)) >= fp8train_bits(0x0d800000u) && !isnan(e.x + e.y + e.z + e.w)))
+                q = make_float4(e.x / z, e.y / z, e.z / z, e.w / z);
             u32 j = 4 * g;
-            float d0 = (e.x / z - (j == tgt ? 1.0f : 0.0f)) * dloss;
-            float d1 = (e.y / z - (j + 1 == tgt ? 1.0f : 0.0f)) * dloss;
-            float d2 = (e.z / z - (j + 2 == tgt ? 1.0f : 0.0f)) * dloss;
-            float d3 = (e.w / z - (j + 3 == tgt ? 1.0f : 0.0f)) * dloss;
+            float d0 = (q.x - (j == tgt ? 1.0f : 0.0f)) * dloss;
+            float d1 = (q.y - (j + 1 == tgt ? 1.0f : 0.0f)) * dloss;
+            float d2 = (q.z - (j + 2 == tgt ? 1.0f : 0.0f)) * dloss;
+            float d3 = (q.w - (j + 3 == tgt ? 1.0f : 0.0f)) * dloss;
             lr[g] = fp8train_to_bf16x4(d0, d1, d2, d3);
         }
     }

@@ -17,6 +17,12 @@ __device__ __forceinline__ u8 fp8train_e4m3_sat(float x) {
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x));
     return (u8)(r & 0xff);
 }
+// Two codes at once: `lo` into the low byte, `hi` into the high one.
+__device__ __forceinline__ u16 fp8train_e4m3x2_sat(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 __device__ __forceinline__ u8 fp8train_e5m2_sat(float x) {
     u16 r;
     asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x));
@@ -25,30 +31,49 @@ __device__ __forceinline__ u8 fp8train_e5m2_sat(float x) {
 
 __device__ __forceinline__ float fp8train_bits(u32 b) { return __uint_as_float(b); }
 
-// ---- exp (sim/src/math.rs: exp)
-__device__ __forceinline__ float fp8train_scale_pow2(float y, int k) {
-    if (k > 127) return y * 2.0f * fp8train_bits((u32)(k - 1 + 127) << 23);
-    if (k < -126) return y * fp8train_bits((u32)(k + 64 + 127) << 23) * fp8train_bits((u32)(-64 + 127) << 23);
-    return y * fp8train_bits((u32)(k + 127) << 23);
+// ---- exp
+// a / b by the fast path of the correctly rounded division (reciprocal estimate, one
+// Newton step, the quotient, one correction: the code --prec-div emits before its range
+// check, whose slow path it leaves out): correctly rounded while a, b and a / b are well
+// inside the normal range. In exp, a = r cc is at most 0.13 and b = 2 - cc in [1.6, 2.4];
+// where a is tiny (|r| < 2^-50) the quotient is below half an ulp of the terms it is
+// added to, so its last bits cannot reach the result (verify sweeps every f32 input).
+__device__ __forceinline__ float fp8train_div_fast(float a, float b) {
+    float r;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(b));  // (b is normal: ftz changes nothing)
+    r = fmaf(r, fmaf(-b, r, 1.0f), r);
+    float q = a * r;
+    return fmaf(r, fmaf(-b, q, a), q);
 }
-
-__device__ float fp8train_exp(float x) {
+// exp (sim/src/math.rs: exp), the same results without branches, so that a thread's
+// independent exponentials interleave: the input is clamped to the computed range and
+// the special results (NaN, overflow to inf, underflow to 0) are selected at the end.
+__device__ __forceinline__ float fp8train_exp(float x) {
     const float INV_LN2 = fp8train_bits(0x3fb8aa3bu);
     const float LN2_HI = fp8train_bits(0x3f317200u);
     const float LN2_LO = fp8train_bits(0x35bfbe8eu);
     const float P1 = fp8train_bits(0x3e2aaa8fu);
     const float P2 = fp8train_bits(0xbb355215u);
-    if (isnan(x)) return FP8TRAIN_NAN;
-    if (x > fp8train_bits(0x42b17218u)) return __int_as_float(0x7f800000);
-    if (x < fp8train_bits(0xc2cff1b5u)) return 0.0f;
-    float kf = rintf(x * INV_LN2);
-    float hi = x - kf * LN2_HI;
+    const float OVF = fp8train_bits(0x42b17218u), UNF = fp8train_bits(0xc2cff1b5u);
+    float xc = fminf(fmaxf(x, UNF), OVF);  // (a NaN becomes UNF here)
+    // kf = rint(xc / ln 2) by adding 1.5 * 2^23 (|xc / ln 2| < 2^22: the sum is exact
+    // and rounds to even as rint does), k from the sum's low bits: no conversions.
+    const float MAGIC = 12582912.0f;
+    float t = xc * INV_LN2 + MAGIC;
+    float kf = t - MAGIC;
+    float hi = xc - kf * LN2_HI;
     float lo = kf * LN2_LO;
     float r = hi - lo;
     float rr = r * r;
     float cc = r - rr * (P1 + rr * P2);
-    float y = 1.0f + ((r * cc / (2.0f - cc) - lo) + hi);
-    return fp8train_scale_pow2(y, (int)kf);
+    float y = 1.0f + ((fp8train_div_fast(r * cc, 2.0f - cc) - lo) + hi);
+    // y 2^k, k in [-150, 128], rounded once as the contract's scale_pow2 does: y 2^(k >> 1)
+    // is exact (y is in [0.7, 1.42]), the second power of two rounds.
+    int k = __float_as_int(t) - __float_as_int(MAGIC), h = k >> 1;
+    float v = (y * fp8train_bits((u32)(h + 127) << 23)) * fp8train_bits((u32)(k - h + 127) << 23);
+    v = x < UNF ? 0.0f : v;
+    v = x > OVF ? __int_as_float(0x7f800000) : v;
+    return isnan(x) ? FP8TRAIN_NAN : v;
 }
 
 // ---- log (sim/src/math.rs: log)
@@ -343,14 +368,13 @@ __device__ __forceinline__ void fp8train_act_store4(void* y, int mode, float sca
     } else if (mode == ACT_BF16) {
         ((uint2*)y)[i0 / 4] = fp8train_to_bf16x4(v[0], v[1], v[2], v[3]);
     } else {
-        u32 w = 0;
 #pragma unroll
         for (int k = 0; k < 4; k++) {
             u32 b = __float_as_uint(v[k]) & 0x7fffffffu;
             amax = b > amax ? b : amax;
-            w |= (u32)fp8train_e4m3_sat(v[k] * scale) << (8 * k);
         }
-        ((u32*)y)[i0 / 4] = w;
+        u32 lo = fp8train_e4m3x2_sat(v[0] * scale, v[1] * scale), hi = fp8train_e4m3x2_sat(v[2] * scale, v[3] * scale);
+        ((u32*)y)[i0 / 4] = lo | (hi << 16);
     }
 }
 

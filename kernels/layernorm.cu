@@ -1,136 +1,218 @@
 // LayerNorm (sim/src/ops/layernorm.rs): one warp per row. Lane l sums chunks l, l+32,
 // ... of the row sequentially (the contract's chunks of 32), the warp then runs the
 // contract's tree over the chunk partials: the same bits as one thread doing it all.
-// Each warp first copies its row(s) into shared memory with coalesced 16-byte loads, one
-// padding float after every 32 (element i at i + i / 32), so that lane l reading chunk l
-// element by element hits 32 different banks; the weights are staged once per block.
+// Each warp first copies its row(s) into shared memory (cp.async, 16 bytes a copy when
+// the rows are 16-byte aligned), then every pass reads the staged row four elements at
+// a time. Layout: chunk k keeps its 32 slots, rotated by whole groups of 4, so that both
+// read patterns are free of bank conflicts: lane l reading group g of its chunk l (the
+// sums: positions (g + l) mod 8 of 8 16-byte groups) and lanes reading consecutive groups
+// (the output pass). f32 rows rotate by 4 k elements, BF16 rows (8-byte groups, 16 lanes
+// a phase) by 4 (k / 2). The weights are staged once per block.
 #define LN_EPS 1e-5f
-#define LN_AT(i) ((i) + ((i) >> 5))
+#define LN_AT(i) (((i) & ~31u) | (((i) + 4u * ((i) >> 5)) & 31u))
+#define LN16_AT(i) (((i) & ~31u) | (((i) + 4u * ((i) >> 6)) & 31u))
 
-// The contract's sum of term(i) for i < c, computed by the calling warp; `pa`/`pb` are
-// this warp's shared scratch of (c + 31) / 32 floats each.
-template <typename F>
-__device__ float ln_warp_sum(int c, float* pa, float* pb, F term) {
-    int chunks = (c + 31) / 32, lane = threadIdx.x & 31;
-    for (int ch = lane; ch < chunks; ch += 32) {
-        float acc = 0.0f;
-        int end = min(c, (ch + 1) * 32);
-#pragma unroll 8
-        for (int i = ch * 32; i < end; i++) acc = acc + term(i);
-        pa[ch] = acc;
-    }
-    __syncwarp();
-    return fp8train_warp_tree(pa, pb, chunks);
+__device__ __forceinline__ float4 ln_ld4(const float* s, u32 i) { return *(const float4*)(s + LN_AT(i)); }
+__device__ __forceinline__ float4 ln_ld4_bf16(const u16* s, u32 i) {
+    uint2 w = *(const uint2*)(s + LN16_AT(i));
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                       __uint_as_float(w.y & 0xffff0000u));
 }
 
-// Row `src` (c floats) into padded shared memory `dst` by `threads` threads from `t0`:
-// asynchronous 4-byte copies (cp.async; a warp's instruction moves 128 consecutive
-// bytes), so every copy of the staged rows is in flight at once instead of one load
-// round trip per loop step; ln_staged() waits for the calling thread's copies.
-__device__ __forceinline__ void ln_stage(float* dst, const float* src, u32 c, u32 t0, u32 threads) {
-    for (u32 i = t0; i < c; i += threads)
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst + LN_AT(i))),
-                     "l"(src + i));
+__device__ __forceinline__ void ln_cp_async(void* dst, const void* src, int bytes) {
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    if (bytes == 16) asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
+    else if (bytes == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(d), "l"(src));
+    else asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
+}
+// Row `src` (c floats) into staged `dst` by `threads` threads from `t0`; `vec`: src is
+// 16-byte aligned and c a multiple of 4. Every copy of the staged rows is in flight at
+// once; ln_staged() waits for the calling thread's copies.
+__device__ __forceinline__ void ln_stage(float* dst, const float* src, u32 c, u32 t0, u32 threads, bool vec) {
+    if (vec) {
+        for (u32 i = 4 * t0; i < c; i += 4 * threads) ln_cp_async(dst + LN_AT(i), src + i, 16);
+    } else {
+        for (u32 i = t0; i < c; i += threads) ln_cp_async(dst + LN_AT(i), src + i, 4);
+    }
+}
+// A BF16 row by one warp: 8-byte copies when `vec`, else plain loads and stores.
+__device__ __forceinline__ void ln_stage_bf16(u16* dst, const u16* src, u32 c, u32 lane, bool vec) {
+    if (vec) {
+        for (u32 i = 4 * lane; i < c; i += 128) ln_cp_async(dst + LN16_AT(i), src + i, 8);
+    } else {
+        for (u32 i = lane; i < c; i += 32) dst[LN16_AT(i)] = src[i];
+    }
 }
 __device__ __forceinline__ void ln_staged() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
-// Dynamic shared memory, in floats: the weights and the bias (c + chunks each) for the
-// block, then per warp 2 * chunks of scratch and one staged row of c + chunks (see
-// ln_cfg). Nothing in the loops below waits on a global load.
-// y is stored per `mode` (fp8train_act_store); amax collects max |y| for E4M3.
+// The contract's sums of chunk `ch` (elements ch * 32 up to c), in order: term4(i) gives
+// the terms of elements i..i+3 (i a multiple of 4), term1(i) one term (a last chunk's
+// tail when c is not a multiple of 4).
+template <typename F4, typename F1>
+__device__ __forceinline__ float ln_chunk_sum(u32 ch, u32 c, F4 term4, F1 term1) {
+    float acc = 0.0f;
+    u32 i = ch * 32, end = min(c, i + 32);
+#pragma unroll 8
+    for (; i + 4 <= end; i += 4) {
+        float4 t = term4(i);
+        acc = acc + t.x;
+        acc = acc + t.y;
+        acc = acc + t.z;
+        acc = acc + t.w;
+    }
+    for (; i < end; i++) acc = acc + term1(i);
+    return acc;
+}
+// The contract's sum over the row by the calling warp; `pa`/`pb`: this warp's shared
+// scratch of (c + 31) / 32 floats each.
+template <typename F4, typename F1>
+__device__ float ln_warp_sum(u32 c, float* pa, float* pb, F4 term4, F1 term1) {
+    u32 chunks = (c + 31) / 32;
+    for (u32 ch = threadIdx.x & 31; ch < chunks; ch += 32) pa[ch] = ln_chunk_sum(ch, c, term4, term1);
+    __syncwarp();
+    return fp8train_warp_tree(pa, pb, (int)chunks);
+}
+
+// Dynamic shared memory, in floats (ln_cfg): the weights and the bias (32 chunks each)
+// for the block, then per warp its staged row (32 chunks) and 2 chunks of scratch,
+// rounded up to a multiple of 4. Nothing in the loops below waits on a global load.
+// y is stored per `mode` (fp8train_act_store); amax collects max |y| for E4M3. `vec`: x,
+// w, b and y 16-byte aligned and c a multiple of 4.
 extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, unsigned long long* amax, float* mean,
                                              float* rstd, const float* x, const float* w, const float* b, u32 n,
-                                             u32 c) {
-    extern __shared__ float ln_sh[];
+                                             u32 c, int vec) {
+    extern __shared__ __align__(16) float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
-    int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
+    u32 chunks = (c + 31) / 32, per_warp = (34 * chunks + 3) & ~3u;
     float* sw = ln_sh;
-    float* sb = sw + padded;
-    float* pa = sb + padded + (size_t)warp * (2 * chunks + padded);
+    float* sb = sw + 32 * chunks;
+    float* sx = sb + 32 * chunks + (size_t)warp * per_warp;
+    float* pa = sx + 32 * chunks;
     float* pb = pa + chunks;
-    float* sx = pb + chunks;
     bool live = r < n;
-    ln_stage(sw, w, c, threadIdx.x, blockDim.x);
-    ln_stage(sb, b, c, threadIdx.x, blockDim.x);
-    if (live) ln_stage(sx, x + (size_t)r * c, c, lane, 32);
+    ln_stage(sw, w, c, threadIdx.x, blockDim.x, vec);
+    ln_stage(sb, b, c, threadIdx.x, blockDim.x, vec);
+    if (live) ln_stage(sx, x + (size_t)r * c, c, lane, 32, vec);
     ln_staged();
     __syncthreads();
     if (!live) return;  // whole warps leave together: only warp-level syncs below
-    float mu = ln_warp_sum((int)c, pa, pb, [&](int i) { return sx[LN_AT(i)]; }) / (float)c;
-    float var = ln_warp_sum((int)c, pa, pb, [&](int i) { float d = sx[LN_AT(i)] - mu; return d * d; }) / (float)c;
+    float mu = ln_warp_sum(c, pa, pb, [&](u32 i) { return ln_ld4(sx, i); }, [&](u32 i) { return sx[LN_AT(i)]; }) /
+               (float)c;
+    auto sq = [&](float v) { float d = v - mu; return d * d; };
+    float var = ln_warp_sum(
+                    c, pa, pb,
+                    [&](u32 i) {
+                        float4 v = ln_ld4(sx, i);
+                        return make_float4(sq(v.x), sq(v.y), sq(v.z), sq(v.w));
+                    },
+                    [&](u32 i) { return sq(sx[LN_AT(i)]); }) /
+                (float)c;
     float s = 1.0f / sqrtf(var + LN_EPS);
+    auto norm = [&](float xv, float wv, float bv) { return ((xv - mu) * s) * wv + bv; };
     size_t row = (size_t)r * c;
     u32 am = 0;
-#pragma unroll 4
-    for (u32 i = lane; i < c; i += 32)
-        fp8train_act_store(y, mode, scale, row + i, ((sx[LN_AT(i)] - mu) * s) * sw[LN_AT(i)] + sb[LN_AT(i)], am);
+    if (vec) {
+#pragma unroll 2
+        for (u32 i = 4 * lane; i < c; i += 128) {
+            float4 xv = ln_ld4(sx, i), wv = ln_ld4(sw, i), bv = ln_ld4(sb, i);
+            float v[4] = {norm(xv.x, wv.x, bv.x), norm(xv.y, wv.y, bv.y), norm(xv.z, wv.z, bv.z), norm(xv.w, wv.w, bv.w)};
+            fp8train_act_store4(y, mode, scale, row + i, v, am);
+        }
+    } else {
+        for (u32 i = lane; i < c; i += 32)
+            fp8train_act_store(y, mode, scale, row + i, norm(sx[LN_AT(i)], sw[LN_AT(i)], sb[LN_AT(i)]), am);
+    }
     if (mode == ACT_E4M3) fp8train_act_flush(am, amax);
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
 // dx (overwritten, or with `accumulate` dx = dx + grad) and dy * normalized (into `pr`,
-// for the weight gradient's column sums). x and dy are staged; the old dx is read in
-// the output loop, so a warp needs two staged rows (more warps per SM).
-// dy is BF16 (as the products before a layernorm's backward store it), staged as it is
-// by 4-byte cp.async (pairs of elements; c even, dy 4-byte aligned) with two padding
-// elements after every 32: element i at LN16_AT(i), so lane l reading chunk l element by
-// element hits bank 17 l mod 32 (all distinct); widened where it is read.
-#define LN16_AT(i) ((i) + 2 * ((i) >> 5))
-__device__ __forceinline__ void ln_stage_bf16(u16* dst, const u16* src, u32 c, u32 lane) {
-    if (c & 1) {  // (odd rows start at odd elements: plain loads)
-        for (u32 i = lane; i < c; i += 32) dst[LN16_AT(i)] = src[i];
-        return;
-    }
-    for (u32 i = 2 * lane; i < c; i += 64)
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(dst + LN16_AT(i))),
-                     "l"(src + i));
-}
-extern "C" __global__ void layernorm_backward_rows(float* dx, int accumulate, float* pr, const u16* dy, const float* x,
-                                                   const float* w, const float* mean, const float* rstd, u32 n, u32 c) {
-    extern __shared__ float ln_sh[];
+// for the weight gradient's column sums). x (f32) and dy (BF16, as the products before
+// a layernorm's backward store it) are staged; the old dx is read in the output loop.
+// Both sums (of w dy, and of w dy times the normalized x) in one pass over the staged
+// rows, each in the contract's order. Dynamic shared memory, in floats (ln_cfg): the
+// weights (32 chunks), then per warp the staged x (32 chunks) and dy (16 chunks) and 4
+// chunks of scratch, rounded up to a multiple of 4. `vec`: x, w, dx, pr 16-byte and dy
+// 8-byte aligned, c a multiple of 4.
+extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int accumulate, float* __restrict__ pr,
+                                                   const u16* __restrict__ dy, const float* __restrict__ x,
+                                                   const float* __restrict__ w, const float* mean, const float* rstd,
+                                                   u32 n, u32 c, int vec) {
+    extern __shared__ __align__(16) float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
-    int chunks = ((int)c + 31) / 32, padded = (int)c + chunks;
+    u32 chunks = (c + 31) / 32, per_warp = (52 * chunks + 3) & ~3u;
     float* sw = ln_sh;
-    float* pa = sw + padded + (size_t)warp * (2 * chunks + padded + ((int)c + 2 * chunks + 1) / 2);
+    float* sx = sw + 32 * chunks + (size_t)warp * per_warp;
+    u16* sdy = (u16*)(sx + 32 * chunks);
+    float* pa = sx + 48 * chunks;
     float* pb = pa + chunks;
-    u16* sdy = (u16*)(pb + chunks);  // c + 2 chunks BF16 values: (c + 2 chunks + 1) / 2 floats
-    float* sx = pb + chunks + ((int)c + 2 * chunks + 1) / 2;
+    float* qa = pb + chunks;
+    float* qb = qa + chunks;
     bool live = r < n;
-    ln_stage(sw, w, c, threadIdx.x, blockDim.x);
+    ln_stage(sw, w, c, threadIdx.x, blockDim.x, vec);
     if (live) {
-        ln_stage(sx, x + (size_t)r * c, c, lane, 32);
-        ln_stage_bf16(sdy, dy + (size_t)r * c, c, lane);
+        ln_stage(sx, x + (size_t)r * c, c, lane, 32, vec);
+        ln_stage_bf16(sdy, dy + (size_t)r * c, c, lane, vec);
     }
     ln_staged();
     __syncthreads();
     if (!live) return;
     float mu = mean[r], rs = rstd[r];
-    auto gy = [&](u32 i) { return fp8train_from_bf16(sdy[LN16_AT(i)]); };
-    float s1 = ln_warp_sum((int)c, pa, pb, [&](int i) { return sw[LN_AT(i)] * gy(i); }) / (float)c;
-    float s2 = ln_warp_sum((int)c, pa, pb, [&](int i) {
-                   return (sw[LN_AT(i)] * gy(i)) * ((sx[LN_AT(i)] - mu) * rs);
-               }) / (float)c;
+    auto gy1 = [&](u32 i) { return fp8train_from_bf16(sdy[LN16_AT(i)]); };
+    // term1 = w dy, term2 = (w dy) * ((x - mu) * rs): both chunk sums of a lane at once.
+    for (u32 ch = lane; ch < chunks; ch += 32) {
+        float a1 = 0.0f, a2 = 0.0f;
+        u32 i = ch * 32, end = min(c, i + 32);
+        auto add = [&](float wv, float g, float xv) {
+            float t = wv * g;
+            a1 = a1 + t;
+            a2 = a2 + t * ((xv - mu) * rs);
+        };
+#pragma unroll 8
+        for (; i + 4 <= end; i += 4) {
+            float4 wv = ln_ld4(sw, i), g = ln_ld4_bf16(sdy, i), xv = ln_ld4(sx, i);
+            add(wv.x, g.x, xv.x);
+            add(wv.y, g.y, xv.y);
+            add(wv.z, g.z, xv.z);
+            add(wv.w, g.w, xv.w);
+        }
+        for (; i < end; i++) add(sw[LN_AT(i)], gy1(i), sx[LN_AT(i)]);
+        pa[ch] = a1;
+        qa[ch] = a2;
+    }
+    __syncwarp();
+    float s1 = fp8train_warp_tree(pa, pb, (int)chunks) / (float)c;
+    float s2 = fp8train_warp_tree(qa, qb, (int)chunks) / (float)c;
     float* dxr = dx + (size_t)r * c;
     float* prr = pr + (size_t)r * c;
-    auto one = [&](u32 i, float old) {
-        float nrm = (sx[LN_AT(i)] - mu) * rs;
-        float g = sw[LN_AT(i)] * gy(i);
-        float d = ((g - s1) - nrm * s2) * rs;
-        dxr[i] = accumulate ? old + d : d;
-        prr[i] = gy(i) * nrm;
+    // (d, pr) of one element.
+    auto grad = [&](float xv, float wv, float g, float& d, float& p) {
+        float nrm = (xv - mu) * rs;
+        d = (((wv * g) - s1) - nrm * s2) * rs;
+        p = g * nrm;
     };
-    // Four elements per lane and step, the old dx values loaded first (coalesced, four in
-    // flight: a store to pr could otherwise hold each load back).
-    u32 i = lane;
-    for (; i + 96 < c; i += 128) {
-        float old[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (accumulate)
-#pragma unroll
-            for (u32 u = 0; u < 4; u++) old[u] = dxr[i + 32 * u];
-#pragma unroll
-        for (u32 u = 0; u < 4; u++) one(i + 32 * u, old[u]);
+    if (vec) {
+#pragma unroll 2
+        for (u32 i = 4 * lane; i < c; i += 128) {
+            float4 old = accumulate ? *(const float4*)(dxr + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            float4 xv = ln_ld4(sx, i), wv = ln_ld4(sw, i), g = ln_ld4_bf16(sdy, i);
+            float4 d, p;
+            grad(xv.x, wv.x, g.x, d.x, p.x);
+            grad(xv.y, wv.y, g.y, d.y, p.y);
+            grad(xv.z, wv.z, g.z, d.z, p.z);
+            grad(xv.w, wv.w, g.w, d.w, p.w);
+            if (accumulate) d = make_float4(old.x + d.x, old.y + d.y, old.z + d.z, old.w + d.w);
+            *(float4*)(dxr + i) = d;
+            *(float4*)(prr + i) = p;
+        }
+    } else {
+        for (u32 i = lane; i < c; i += 32) {
+            float d, p;
+            grad(sx[LN_AT(i)], sw[LN_AT(i)], gy1(i), d, p);
+            dxr[i] = accumulate ? dxr[i] + d : d;
+            prr[i] = p;
+        }
     }
-    for (; i < c; i += 32) one(i, accumulate ? dxr[i] : 0.0f);
 }

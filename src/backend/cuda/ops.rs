@@ -140,24 +140,22 @@ fn gelu_cfg(items: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 2 * 24 * 128 * 4 }
 }
 
-/// One warp per row; shared memory (floats): `shared_rows` block-wide rows (weights,
-/// bias), then per warp 2 * chunks of scratch, `rows` staged f32 rows, each padded to
-/// c + chunks, and `rows16` staged BF16 rows of c + 2 chunks values (see layernorm.cu).
-/// The warps per block (1 to 16, at most 160 KiB per block) that put the most warps on
-/// an SM of 227 KiB (Hopper; fewer blocks fit on a smaller one, which only lowers
-/// occupancy).
-fn ln_cfg(n: usize, c: usize, shared_rows: usize, rows: usize, rows16: usize) -> LaunchConfig {
+/// One warp per row; shared memory (floats, see layernorm.cu): `shared_rows` block-wide
+/// staged rows (weights, bias) of 32 chunks each, then per warp `per_warp_chunks` times
+/// the chunk count, rounded up to a multiple of 4 (16-byte aligned rows). The warps per
+/// block (1 to 16, at most 160 KiB per block) that put the most warps on an SM of 227 KiB
+/// (Hopper; fewer blocks fit on a smaller one, which only lowers occupancy).
+fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> LaunchConfig {
     let chunks = c.div_ceil(32);
-    let padded = c + chunks;
-    let per_warp = 2 * chunks + rows * padded + rows16 * (c + 2 * chunks).div_ceil(2);
-    let fixed = shared_rows * padded;
+    let per_warp = (per_warp_chunks * chunks).next_multiple_of(4);
+    let fixed = shared_rows * 32 * chunks;
     let bytes = |w: usize| (fixed + w * per_warp) * 4;
     let per_sm = |w: usize| ((227 << 10) / bytes(w)).min(64 / w) * w;
     let warps = (1..=16).filter(|&w| bytes(w) <= 160 << 10).max_by_key(|&w| (per_sm(w), usize::MAX - w)).unwrap_or(1);
     LaunchConfig {
         grid_dim: (n.div_ceil(warps).max(1) as u32, 1, 1),
         block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: ((fixed + warps * per_warp) * 4) as u32,
+        shared_mem_bytes: bytes(warps) as u32,
     }
 }
 
@@ -1279,7 +1277,10 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
         let (py, mode, scale, pa) = self.act_out(&mut y);
-        launch!(self, "layernorm_forward", with ln_cfg(n, c, 2, 1, 0), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc]);
+        let st = &self.gpu.stream;
+        // Staged row and 2 chunks of scratch per warp: 34 chunks.
+        let vec = i32::from(by_four(cc, &[(py, 16), (dptr(st, x), 16), (dptr(st, w), 16), (dptr(st, b), 16)]));
+        launch!(self, "layernorm_forward", with ln_cfg(n, c, 2, 34), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc, &vec]);
         Ok(())
     }
     fn layernorm_backward(
@@ -1302,7 +1303,12 @@ impl Backend for Cuda {
         {
             // The weight and bias gradients' column sums show as their own ops.
             let _op = self.op(Phase::Other, "layernorm_backward");
-            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 1, 1), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc]);
+            let st = &self.gpu.stream;
+            let aligned =
+                [(dptr(st, dx), 16), (dptr(st, &pr), 16), (dptr(st, dy), 8), (dptr(st, x), 16), (dptr(st, w), 16)];
+            let vec = i32::from(by_four(cc, &aligned));
+            // Staged x (32 chunks), BF16 dy (16) and 4 chunks of scratch per warp: 52.
+            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 52), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc, &vec]);
         }
         self.column_sums(dw, &pr, n, c)?;
         let _op = self.op(Phase::Other, "column_sums");
