@@ -127,15 +127,15 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
-// dx (overwritten, or with `accumulate` dx = dx + grad) and dy * normalized (into `pr`,
-// for the weight gradient's column sums). x (f32) and dy (BF16, as the products before
+// dx (overwritten, or with `accumulate` dx = dx + grad); the weight and bias gradients
+// are layernorm_param_sums' (below). x (f32) and dy (BF16, as the products before
 // a layernorm's backward store it) are staged; the old dx is read in the output loop.
 // Both sums (of w dy, and of w dy times the normalized x) in one pass over the staged
 // rows, each in the contract's order. Dynamic shared memory, in floats (ln_cfg): the
 // weights (32 chunks), then per warp the staged x (32 chunks) and dy (16 chunks) and 4
-// chunks of scratch, rounded up to a multiple of 4. `vec`: x, w, dx, pr 16-byte and dy
-// 8-byte aligned, c a multiple of 4.
-extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int accumulate, float* __restrict__ pr,
+// chunks of scratch, rounded up to a multiple of 4. `vec`: x, w, dx 16-byte and dy 8-byte
+// aligned, c a multiple of 4.
+extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int accumulate,
                                                    const u16* __restrict__ dy, const float* __restrict__ x,
                                                    const float* __restrict__ w, const float* mean, const float* rstd,
                                                    u32 n, u32 c, int vec) {
@@ -186,33 +186,70 @@ extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int a
     float s1 = fp8train_warp_tree(pa, pb, (int)chunks) / (float)c;
     float s2 = fp8train_warp_tree(qa, qb, (int)chunks) / (float)c;
     float* dxr = dx + (size_t)r * c;
-    float* prr = pr + (size_t)r * c;
-    // (d, pr) of one element.
-    auto grad = [&](float xv, float wv, float g, float& d, float& p) {
-        float nrm = (xv - mu) * rs;
-        d = (((wv * g) - s1) - nrm * s2) * rs;
-        p = g * nrm;
-    };
+    auto grad = [&](float xv, float wv, float g) { return (((wv * g) - s1) - ((xv - mu) * rs) * s2) * rs; };
     if (vec) {
 #pragma unroll 2
         for (u32 i = 4 * lane; i < c; i += 128) {
             float4 old = accumulate ? *(const float4*)(dxr + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
             float4 xv = ln_ld4(sx, i), wv = ln_ld4(sw, i), g = ln_ld4_bf16(sdy, i);
-            float4 d, p;
-            grad(xv.x, wv.x, g.x, d.x, p.x);
-            grad(xv.y, wv.y, g.y, d.y, p.y);
-            grad(xv.z, wv.z, g.z, d.z, p.z);
-            grad(xv.w, wv.w, g.w, d.w, p.w);
+            float4 d = make_float4(grad(xv.x, wv.x, g.x), grad(xv.y, wv.y, g.y), grad(xv.z, wv.z, g.z),
+                                   grad(xv.w, wv.w, g.w));
             if (accumulate) d = make_float4(old.x + d.x, old.y + d.y, old.z + d.z, old.w + d.w);
             *(float4*)(dxr + i) = d;
-            *(float4*)(prr + i) = p;
         }
     } else {
         for (u32 i = lane; i < c; i += 32) {
-            float d, p;
-            grad(sx[LN_AT(i)], sw[LN_AT(i)], gy1(i), d, p);
+            float d = grad(sx[LN_AT(i)], sw[LN_AT(i)], gy1(i));
             dxr[i] = accumulate ? dxr[i] + d : d;
-            prr[i] = p;
         }
     }
+}
+
+// The weight and bias gradients' column chunk sums in one pass over x and dy: dw's terms
+// are dy * ((x - mean) * rstd) (the normalized x as the forward computed it), db's dy;
+// chunk ch of 32 rows of column j into pw / pb[ch * cols + j] in the contract's column
+// order (reduce.cu: column_chunk_sums), the trees per column after. W columns per
+// thread: 4 (cols a multiple of 4, x 16-byte and dy 8-byte aligned) or 1.
+__device__ __forceinline__ float4 ln_vals(const float* x, size_t k, float4) { return *(const float4*)(x + k); }
+__device__ __forceinline__ float4 ln_vals(const u16* x, size_t k, float4) { return fp8train_bf16x4(*(const uint2*)(x + k)); }
+__device__ __forceinline__ float ln_vals(const float* x, size_t k, float) { return x[k]; }
+__device__ __forceinline__ float ln_vals(const u16* x, size_t k, float) { return fp8train_from_bf16(x[k]); }
+__device__ __forceinline__ float4 ln_dw_term(float4 g, float4 v, float mu, float rs) {
+    return make_float4(g.x * ((v.x - mu) * rs), g.y * ((v.y - mu) * rs), g.z * ((v.z - mu) * rs), g.w * ((v.w - mu) * rs));
+}
+__device__ __forceinline__ float ln_dw_term(float g, float v, float mu, float rs) { return g * ((v - mu) * rs); }
+__device__ __forceinline__ void ln_acc(float4& a, float4 v) { fp8train_add4(a, v); }
+__device__ __forceinline__ void ln_acc(float& a, float v) { a = a + v; }
+__device__ __forceinline__ void ln_put(float* p, float4 v) { *(float4*)p = v; }
+__device__ __forceinline__ void ln_put(float* p, float v) { *p = v; }
+template <typename V>
+__device__ __forceinline__ void ln_param_chunk_sums(float* pw, float* pb, const float* x, const u16* dy,
+                                                    const float* mean, const float* rstd, u32 rows, u32 cols) {
+    const u32 w = sizeof(V) / 4;
+    u32 t = fp8train_tid();
+    u32 chunks = (rows + 31) / 32, groups = cols / w;
+    if (t >= chunks * groups) return;
+    u32 ch = t / groups, j = w * (t % groups);
+    V aw = {}, ab = {};
+    struct Row { V g, v; float mu, rs; };
+    fp8train_column_walk(
+        ch * 32, min(rows, (ch + 1) * 32),
+        [&](u32 r) {
+            size_t k = (size_t)r * cols + j;
+            return Row{ln_vals(dy, k, V{}), ln_vals(x, k, V{}), mean[r], rstd[r]};
+        },
+        [&](u32, Row q) {
+            ln_acc(aw, ln_dw_term(q.g, q.v, q.mu, q.rs));
+            ln_acc(ab, q.g);
+        });
+    ln_put(pw + (size_t)ch * cols + j, aw);
+    ln_put(pb + (size_t)ch * cols + j, ab);
+}
+extern "C" __global__ void layernorm_param_sums4(float* pw, float* pb, const float* x, const u16* dy, const float* mean,
+                                                 const float* rstd, u32 rows, u32 cols) {
+    ln_param_chunk_sums<float4>(pw, pb, x, dy, mean, rstd, rows, cols);
+}
+extern "C" __global__ void layernorm_param_sums(float* pw, float* pb, const float* x, const u16* dy, const float* mean,
+                                                const float* rstd, u32 rows, u32 cols) {
+    ln_param_chunk_sums<float>(pw, pb, x, dy, mean, rstd, rows, cols);
 }

@@ -1298,21 +1298,33 @@ impl Backend for Cuda {
         c: usize,
     ) -> BResult<()> {
         let (nn, cc) = (n as u32, c as u32);
-        let mut pr = self.scratch::<f32>(n * c)?;
         let acc = i32::from(accumulate);
+        let st = &self.gpu.stream;
         {
-            // The weight and bias gradients' column sums show as their own ops.
             let _op = self.op(Phase::Other, "layernorm_backward");
-            let st = &self.gpu.stream;
-            let aligned =
-                [(dptr(st, dx), 16), (dptr(st, &pr), 16), (dptr(st, dy), 8), (dptr(st, x), 16), (dptr(st, w), 16)];
-            let vec = i32::from(by_four(cc, &aligned));
+            let vec =
+                i32::from(by_four(cc, &[(dptr(st, dx), 16), (dptr(st, dy), 8), (dptr(st, x), 16), (dptr(st, w), 16)]));
             // Staged x (32 chunks), BF16 dy (16) and 4 chunks of scratch per warp: 52.
-            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 52), [&mut *dx, &acc, &mut pr, dy, x, w, mean, rstd, &nn, &cc, &vec]);
+            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 52), [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &vec]);
         }
-        self.column_sums(dw, &pr, n, c)?;
+        // The weight and bias gradients: both columns' chunk sums in one pass, then the trees.
         let _op = self.op(Phase::Other, "column_sums");
-        self.column_sums_at(db, dptr(&self.gpu.stream, dy), true, n, c)
+        let chunks = nn.div_ceil(32);
+        let mut pw = self.scratch::<f32>((chunks * cc) as usize)?;
+        let mut pb = self.scratch::<f32>((chunks * cc) as usize)?;
+        if by_four(cc, &[(dptr(st, x), 16), (dptr(st, dy), 8)]) {
+            let items = (chunks * cc / 4) as usize;
+            launch!(self, "layernorm_param_sums4", items, [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]);
+        } else {
+            launch!(
+                self,
+                "layernorm_param_sums",
+                (chunks * cc) as usize,
+                [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]
+            );
+        }
+        self.column_tree(dw, pw, chunks, cc)?;
+        self.column_tree(db, pb, chunks, cc)
     }
     fn attention_forward(
         &self,
