@@ -2,7 +2,11 @@
 //! BF16 x BF16), fast accumulation off, with the scale product applied through the A
 //! scale pointer. Both operands are passed K-major ("TN", what Hopper's FP8 tensor cores
 //! take), so the data and weight gradients use transposed copies. Held to a measured
-//! error bound against the exact class (see `fp8train verify`), never to bits.
+//! error bound against the exact class (see `fp8train verify`), never to bits. Each
+//! problem's algorithm is chosen once per process by timing the heuristic's first
+//! candidates (`FP8TRAIN_LT_TUNE`, default 8; 1 keeps the heuristic's first, the same
+//! choice in every run): two runs may pick different algorithms, hence differ in the
+//! products' last bits, as PyTorch's autotuned kernels do.
 
 use cudarc::cublaslt::{result, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
@@ -48,8 +52,12 @@ struct AlgoKey {
 
 pub struct Lt {
     handle: sys::cublasLtHandle_t,
-    /// The heuristic's first algorithm, asked once per problem.
+    /// The algorithm of each problem: the fastest of the heuristic's first candidates,
+    /// timed on the problem's first product that overwrites its output (see `tune`).
     algos: std::collections::HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>,
+    /// Candidates timed per problem (`FP8TRAIN_LT_TUNE`, default 8; 1 = the heuristic's
+    /// first, the same algorithm in every run).
+    tune: usize,
     /// Problems the heuristic had no algorithm for (not asked again).
     refused: std::collections::HashSet<AlgoKey>,
     workspace: CudaSlice<u8>,
@@ -86,7 +94,9 @@ impl Lt {
         }
         let handle = result::create_handle().map_err(|e| format!("cuBLASLt: {e:?}"))?;
         let workspace = stream.alloc_zeros::<u8>(WORKSPACE).map_err(|e| format!("CUDA: {e}"))?;
-        Ok(Lt { handle, workspace, amax_refused: false, algos: Default::default(), refused: Default::default() })
+        let tune =
+            std::env::var("FP8TRAIN_LT_TUNE").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(8).clamp(1, 32);
+        Ok(Lt { handle, workspace, amax_refused: false, algos: Default::default(), refused: Default::default(), tune })
     }
 
     /// Row-major `C[m x n] = (A x B^T) * scale` for A (m x k) and B (n x k) laid out as
@@ -216,30 +226,15 @@ impl Lt {
             let epilogue = matches!(c, LtOut::Bf16 { bias, .. } if bias != 0);
             let bf16_out = matches!(c, LtOut::Bf16 { .. });
             let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), epilogue, bf16_out };
-            let outcome = (|| {
-                if self.refused.contains(&key) {
-                    return Err("cuBLASLt has no algorithm for this problem".to_string());
-                }
-                let algo = match self.algos.get(&key) {
-                    Some(a) => *a,
-                    None => {
-                        let heur = result::get_matmul_algo_heuristic(self.handle, desc, la, lb, ld, ld, pref).map_err(
-                            |e| {
-                                self.refused.insert(key);
-                                err(e)
-                            },
-                        )?;
-                        self.algos.insert(key, heur.algo);
-                        heur.algo
-                    }
-                };
-                // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
-                let alpha: f32 = if fp8 { 1.0 } else { scale };
-                // D = C = c: beta 1 adds the product to what c holds.
-                let beta: f32 = if accumulate { 1.0 } else { 0.0 };
-                let (wptr, _) = self.workspace.device_ptr_mut(stream);
+            // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
+            let alpha: f32 = if fp8 { 1.0 } else { scale };
+            // D = C = c: beta 1 adds the product to what c holds.
+            let beta: f32 = if accumulate { 1.0 } else { 0.0 };
+            let (wptr, _) = self.workspace.device_ptr_mut(stream);
+            let handle = self.handle;
+            let launch = |algo: &sys::cublasLtMatmulAlgo_t| {
                 result::matmul(
-                    self.handle,
+                    handle,
                     desc,
                     &alpha as *const f32 as _,
                     &beta as *const f32 as _,
@@ -251,12 +246,37 @@ impl Lt {
                     ld,
                     dptr as *mut c_void,
                     ld,
-                    &algo,
+                    algo,
                     wptr as *mut c_void,
                     WORKSPACE,
                     stream.cu_stream() as _,
                 )
                 .map_err(err)
+            };
+            let outcome = (|| {
+                if self.refused.contains(&key) {
+                    return Err("cuBLASLt has no algorithm for this problem".to_string());
+                }
+                let algo = match self.algos.get(&key) {
+                    Some(a) => *a,
+                    None => {
+                        let want = if accumulate { 1 } else { self.tune };
+                        let cands = heuristic(handle, desc, la, lb, ld, pref, want).map_err(|e| {
+                            self.refused.insert(key);
+                            err(e)
+                        })?;
+                        // A product that adds to its output is not run more than once: it
+                        // takes the heuristic's first without keeping it (a later product
+                        // of the problem that overwrites its output times the candidates).
+                        if accumulate {
+                            return launch(&cands[0]);
+                        }
+                        let best = fastest(stream, &cands, &launch).unwrap_or(cands[0]);
+                        self.algos.insert(key, best);
+                        best
+                    }
+                };
+                launch(&algo)
             })();
             let _ = result::destroy_matmul_pref(pref);
             let _ = result::destroy_matrix_layout(la);
@@ -265,5 +285,85 @@ impl Lt {
             let _ = result::destroy_matmul_desc(desc);
             outcome
         }
+    }
+}
+
+/// Up to `count` of the heuristic's algorithms for a problem, best first (at least one).
+/// # Safety
+/// The handles are live cuBLASLt objects of one problem.
+unsafe fn heuristic(
+    handle: sys::cublasLtHandle_t,
+    desc: sys::cublasLtMatmulDesc_t,
+    la: sys::cublasLtMatrixLayout_t,
+    lb: sys::cublasLtMatrixLayout_t,
+    ld: sys::cublasLtMatrixLayout_t,
+    pref: sys::cublasLtMatmulPreference_t,
+    count: usize,
+) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, cudarc::cublaslt::result::CublasError> {
+    let mut out: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(count);
+    let mut got = 0i32;
+    // SAFETY: `out` has room for `count` results; cuBLASLt writes `got` of them.
+    unsafe {
+        sys::cublasLtMatmulAlgoGetHeuristic(
+            handle,
+            desc,
+            la,
+            lb,
+            ld,
+            ld,
+            pref,
+            count as i32,
+            out.as_mut_ptr(),
+            &mut got,
+        )
+        .result()?;
+        out.set_len((got.max(0) as usize).min(count));
+    }
+    let algos: Vec<_> =
+        out.iter().filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).map(|r| r.algo).collect();
+    if algos.is_empty() {
+        return Err(cudarc::cublaslt::result::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED));
+    }
+    Ok(algos)
+}
+
+/// The candidate with the shortest time over 5 runs after one warm-up (CUDA events on
+/// the stream; the product's output is overwritten each run, the caller runs the chosen
+/// one last), where it beats the heuristic's first (`cands[0]`) by 2% or more (else
+/// that one: a timing difference smaller than the noise of one measurement is not a
+/// reason to leave the heuristic). None when timing fails; candidates that fail to
+/// launch are skipped.
+fn fastest(
+    stream: &Arc<CudaStream>,
+    cands: &[sys::cublasLtMatmulAlgo_t],
+    launch: &dyn Fn(&sys::cublasLtMatmulAlgo_t) -> Result<(), String>,
+) -> Option<sys::cublasLtMatmulAlgo_t> {
+    if cands.len() < 2 {
+        return cands.first().copied();
+    }
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
+    let mut first = None;
+    for (i, algo) in cands.iter().enumerate() {
+        if launch(algo).is_err() {
+            continue;
+        }
+        let start = stream.record_event(flags).ok()?;
+        if (0..5).any(|_| launch(algo).is_err()) {
+            continue;
+        }
+        let end = stream.record_event(flags).ok()?;
+        end.synchronize().ok()?;
+        let ms = start.elapsed_ms(&end).ok()?;
+        if i == 0 {
+            first = Some(ms);
+        }
+        if best.is_none_or(|(b, _)| ms < b) {
+            best = Some((ms, *algo));
+        }
+    }
+    match (first, best) {
+        (Some(f), Some((b, _))) if b > 0.98 * f => Some(cands[0]),
+        (_, best) => best.map(|(_, a)| a),
     }
 }
