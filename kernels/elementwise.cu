@@ -101,6 +101,36 @@ extern "C" __global__ void column_chunk_sums_cast4(const float* x, float* part, 
     }
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }
+// The same with a BF16 copy of x (RNE) instead of the FP8 one (the bf16 level), one or
+// four adjacent columns per thread (`by4`: cols a multiple of 4, x 16-byte and q 8-byte
+// aligned).
+extern "C" __global__ void column_chunk_sums_bf16_copy(const float* x, float* part, u32 rows, u32 cols, u16* q, int by4) {
+    u32 t = fp8train_tid();
+    u32 chunks = (rows + 31) / 32;
+    if (by4) {
+        u32 groups = cols / 4;
+        if (t >= chunks * groups) return;
+        u32 ch = t / groups, j = 4 * (t % groups);
+        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32),
+                             [&](u32 r) { return *(const float4*)(x + (size_t)r * cols + j); },
+                             [&](u32 r, float4 v) {
+                                 fp8train_add4(acc, v);
+                                 *(uint2*)(q + (size_t)r * cols + j) = fp8train_to_bf16x4(v.x, v.y, v.z, v.w);
+                             });
+        *(float4*)(part + (size_t)ch * cols + j) = acc;
+        return;
+    }
+    if (t >= chunks * cols) return;
+    u32 ch = t / cols, j = t % cols;
+    float acc = 0.0f;
+    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return x[(size_t)r * cols + j]; },
+                         [&](u32 r, float v) {
+                             acc = acc + v;
+                             q[(size_t)r * cols + j] = fp8train_to_bf16(v);
+                         });
+    part[(size_t)ch * cols + j] = acc;
+}
 extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();
     if (i >= n) return;

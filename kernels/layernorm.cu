@@ -13,11 +13,7 @@
 #define LN16_AT(i) (((i) & ~31u) | (((i) + 4u * ((i) >> 6)) & 31u))
 
 __device__ __forceinline__ float4 ln_ld4(const float* s, u32 i) { return *(const float4*)(s + LN_AT(i)); }
-__device__ __forceinline__ float4 ln_ld4_bf16(const u16* s, u32 i) {
-    uint2 w = *(const uint2*)(s + LN16_AT(i));
-    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
-                       __uint_as_float(w.y & 0xffff0000u));
-}
+__device__ __forceinline__ float4 ln_ld4_bf16(const u16* s, u32 i) { return fp8train_bf16x4(*(const uint2*)(s + LN16_AT(i))); }
 
 __device__ __forceinline__ void ln_cp_async(void* dst, const void* src, int bytes) {
     u32 d = (u32)__cvta_generic_to_shared(dst);

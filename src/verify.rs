@@ -235,7 +235,7 @@ impl Case {
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
             Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
             Case::ColumnSums { rows, cols } => {
-                ("column sums (bias grad) [+ e5m2 cast]".into(), format!("{rows}x{cols}"))
+                ("column sums (bias grad) [+ e5m2 cast, + bf16 copy]".into(), format!("{rows}x{cols}"))
             }
             Case::Casts { n } => {
                 ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3, bf16 -> e4m3".into(), format!("{n}"))
@@ -552,9 +552,14 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     8192.0,
                     Slot { buf: &mut st, at: 0 },
                 )?;
+                // With the BF16 copy instead (the bf16 level).
+                let (mut out3, mut h) = (be.zeros(cols)?, be.zeros::<bf16>(rows * cols)?);
+                be.column_sums_cast_bf16(&mut out3, &mut h, &x, rows, cols)?;
                 vec![
                     ("sums", bits(be, &out)?),
                     ("sums (with cast)", bits(be, &out2)?),
+                    ("sums (with bf16 copy)", bits(be, &out3)?),
+                    ("bf16 copy", be.download(&h)?.iter().map(|v| u32::from(v.to_bits())).collect()),
                     ("e5m2", be.download(&q)?.iter().map(|&c| c as u32).collect()),
                     ("amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()),
                 ]

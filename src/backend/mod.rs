@@ -420,6 +420,20 @@ pub trait Backend {
         self.column_sums(out, x, rows, cols)?;
         self.cast_fp8_to(q, x, fmt, scale, stats)
     }
+    /// `column_sums` and `cast_bf16` of `x` (a linear layer's output gradient at the
+    /// bf16 level: its bias gradient and its BF16 copy), the same results; a backend may
+    /// do both in one pass.
+    fn column_sums_cast_bf16(
+        &self,
+        out: &mut Self::Buf<f32>,
+        q: &mut Self::Buf<bf16>,
+        x: &Self::Buf<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        self.column_sums(out, x, rows, cols)?;
+        self.cast_bf16(q, x)
+    }
     /// `out += A x B` (scale 1; BF16 or f32 operands): every element's exact fma chain
     /// continues from the value in `out`, so a product over rows split into chunks, the
     /// later ones accumulating, gives the bits of one product (the chunked LM head's

@@ -317,10 +317,7 @@ pub fn backward<B: Backend>(
 ) -> BResult<()> {
     let mut dys = 1.0;
     match dyq {
-        GradCast::Bf16(b) => {
-            be.column_sums(db, dy, d.n, d.oc)?;
-            be.cast_bf16(b, dy)?
-        }
+        GradCast::Bf16(b) => be.column_sums_cast_bf16(db, b, dy, d.n, d.oc)?,
         GradCast::Fp8(codes) => {
             let s = scale_now(be, &sc.grad, dy)?;
             be.column_sums_cast(db, codes, dy, d.n, d.oc, E5M2, s, stats)?;

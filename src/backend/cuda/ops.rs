@@ -1182,6 +1182,25 @@ impl Backend for Cuda {
         }
         self.column_tree(out, part, chunks, c)
     }
+    fn column_sums_cast_bf16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        q: &mut CudaSlice<bf16>,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "column_sums_cast");
+        let (r, c) = (rows as u32, cols as u32);
+        let chunks = r.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        let s = &self.gpu.stream;
+        let by4 = by_four(c, &[(dptr(s, x), 16), (dptr(s, q), 8)]);
+        let items = (chunks * if by4 { c / 4 } else { c }) as usize;
+        let four = i32::from(by4);
+        launch!(self, "column_chunk_sums_bf16_copy", items, [x, &mut part, &r, &c, q, &four]);
+        self.column_tree(out, part, chunks, c)
+    }
     fn residual_forward(
         &self,
         out: &mut CudaSlice<f32>,
