@@ -59,77 +59,67 @@ extern "C" __global__ void cast_fp8_bf16(const u16* x, u8* q, float scale, u32 n
         q[i] = cast_fp8_one(fp8train_from_bf16(x[i]), scale, mx, e5m2, amax, sat);
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }
-// column_chunk_sums (reduce.cu) that also writes the scaled FP8 cast of x (the output gradient of a
-// linear layer: its bias gradient and its E5M2 copy from one read), with cast_fp8's
-// statistics (stats[0]: amax bits, stats[1]: saturated; one atomic each per block).
-extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u32 rows, u32 cols, u8* q,
-                                                  float scale, int e5m2, unsigned long long* stats) {
-    u32 t = fp8train_tid();
+// Column chunk sums (reduce.cu: column_chunk_sums) of one column, or four adjacent ones
+// (column_chunk_walk4: cols a multiple of 4, x 16-byte aligned), from thread t, each row's value(s)
+// also handed to copy(offset, value): the bias gradient of a linear layer and a copy of
+// its output gradient from one read.
+template <typename F>
+__device__ __forceinline__ void column_chunk_walk1(const float* x, float* part, u32 rows, u32 cols, u32 t, F copy) {
     u32 chunks = (rows + 31) / 32;
-    float mx = e5m2 ? 57344.0f : 448.0f;
-    u32 amax = 0, sat = 0;
-    if (t < chunks * cols) {
-        u32 ch = t / cols, j = t % cols;
-        float acc = 0.0f;
-        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return x[(size_t)r * cols + j]; },
-                             [&](u32 r, float v) {
-                                 acc = acc + v;
-                                 q[(size_t)r * cols + j] = cast_fp8_one(v, scale, mx, e5m2, amax, sat);
-                             });
-        part[(size_t)ch * cols + j] = acc;
-    }
-    fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
-}
-// The same, four adjacent columns per thread (cols a multiple of 4, x 16-byte aligned):
-// one 16-byte load and one 4-byte store of codes per row, the same sums and codes.
-extern "C" __global__ void column_chunk_sums_cast4(const float* x, float* part, u32 rows, u32 cols, u8* q,
-                                                   float scale, int e5m2, unsigned long long* stats) {
-    u32 t = fp8train_tid();
-    u32 chunks = (rows + 31) / 32, groups = cols / 4;
-    float mx = e5m2 ? 57344.0f : 448.0f;
-    u32 amax = 0, sat = 0;
-    if (t < chunks * groups) {
-        u32 ch = t / groups, j = 4 * (t % groups);
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32),
-                             [&](u32 r) { return *(const float4*)(x + (size_t)r * cols + j); },
-                             [&](u32 r, float4 v) {
-                                 fp8train_add4(acc, v);
-                                 *(u32*)(q + (size_t)r * cols + j) = cast_fp8_four(v, scale, mx, e5m2, amax, sat);
-                             });
-        *(float4*)(part + (size_t)ch * cols + j) = acc;
-    }
-    fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
-}
-// The same with a BF16 copy of x (RNE) instead of the FP8 one (the bf16 level), one or
-// four adjacent columns per thread (`by4`: cols a multiple of 4, x 16-byte and q 8-byte
-// aligned).
-extern "C" __global__ void column_chunk_sums_bf16_copy(const float* x, float* part, u32 rows, u32 cols, u16* q, int by4) {
-    u32 t = fp8train_tid();
-    u32 chunks = (rows + 31) / 32;
-    if (by4) {
-        u32 groups = cols / 4;
-        if (t >= chunks * groups) return;
-        u32 ch = t / groups, j = 4 * (t % groups);
-        float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32),
-                             [&](u32 r) { return *(const float4*)(x + (size_t)r * cols + j); },
-                             [&](u32 r, float4 v) {
-                                 fp8train_add4(acc, v);
-                                 *(uint2*)(q + (size_t)r * cols + j) = fp8train_to_bf16x4(v.x, v.y, v.z, v.w);
-                             });
-        *(float4*)(part + (size_t)ch * cols + j) = acc;
-        return;
-    }
     if (t >= chunks * cols) return;
     u32 ch = t / cols, j = t % cols;
     float acc = 0.0f;
     fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return x[(size_t)r * cols + j]; },
                          [&](u32 r, float v) {
                              acc = acc + v;
-                             q[(size_t)r * cols + j] = fp8train_to_bf16(v);
+                             copy((size_t)r * cols + j, v);
                          });
     part[(size_t)ch * cols + j] = acc;
+}
+template <typename F>
+__device__ __forceinline__ void column_chunk_walk4(const float* x, float* part, u32 rows, u32 cols, u32 t, F copy) {
+    u32 chunks = (rows + 31) / 32, groups = cols / 4;
+    if (t >= chunks * groups) return;
+    u32 ch = t / groups, j = 4 * (t % groups);
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32),
+                         [&](u32 r) { return *(const float4*)(x + (size_t)r * cols + j); },
+                         [&](u32 r, float4 v) {
+                             fp8train_add4(acc, v);
+                             copy((size_t)r * cols + j, v);
+                         });
+    *(float4*)(part + (size_t)ch * cols + j) = acc;
+}
+// The sums and the scaled FP8 cast of x (a linear layer's output gradient: its E5M2
+// copy), with cast_fp8's statistics (stats[0]: amax bits, stats[1]: saturated; one
+// atomic each per block).
+extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u32 rows, u32 cols, u8* q,
+                                                  float scale, int e5m2, unsigned long long* stats) {
+    float mx = e5m2 ? 57344.0f : 448.0f;
+    u32 amax = 0, sat = 0;
+    column_chunk_walk1(x, part, rows, cols, fp8train_tid(),
+                       [&](size_t k, float v) { q[k] = cast_fp8_one(v, scale, mx, e5m2, amax, sat); });
+    fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
+}
+// The same, four adjacent columns per thread: one 16-byte load and one 4-byte store of
+// codes per row, the same sums and codes.
+extern "C" __global__ void column_chunk_sums_cast4(const float* x, float* part, u32 rows, u32 cols, u8* q,
+                                                   float scale, int e5m2, unsigned long long* stats) {
+    float mx = e5m2 ? 57344.0f : 448.0f;
+    u32 amax = 0, sat = 0;
+    column_chunk_walk4(x, part, rows, cols, fp8train_tid(), [&](size_t k, float4 v) {
+        *(u32*)(q + k) = cast_fp8_four(v, scale, mx, e5m2, amax, sat);
+    });
+    fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
+}
+// The sums and a BF16 copy of x (RNE; the bf16 level), one or four adjacent columns per
+// thread (`by4`: cols a multiple of 4, x 16-byte and q 8-byte aligned).
+extern "C" __global__ void column_chunk_sums_bf16_copy(const float* x, float* part, u32 rows, u32 cols, u16* q, int by4) {
+    if (by4)
+        column_chunk_walk4(x, part, rows, cols, fp8train_tid(),
+                           [&](size_t k, float4 v) { *(uint2*)(q + k) = fp8train_to_bf16x4(v.x, v.y, v.z, v.w); });
+    else
+        column_chunk_walk1(x, part, rows, cols, fp8train_tid(), [&](size_t k, float v) { q[k] = fp8train_to_bf16(v); });
 }
 extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();
