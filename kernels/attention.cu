@@ -63,7 +63,8 @@ extern "C" __global__ void attention_backward_scores(float* pm, float* ds, const
 }
 
 // Step 2: dq (one thread per (query, channel)) and dk, dv (one per (key, channel)).
-extern "C" __global__ void attention_backward_grads(float* dqkv, const float* pm, const float* ds, const float* dout,
+// dqkv is stored in BF16 (RNE of the f32 value), as the QKV layer's backward reads it.
+extern "C" __global__ void attention_backward_grads(u16* dqkv, const float* pm, const float* ds, const float* dout,
                                                     const float* qkv, u32 b, u32 t, u32 c, u32 nh) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     u32 hs = c / nh;
@@ -78,15 +79,15 @@ extern "C" __global__ void attention_backward_grads(float* dqkv, const float* pm
     // i as a query: dq
     float acc = 0.0f;
     for (u32 j = 0; j <= i; j++) acc = fmaf(S[(size_t)i * t + j], qkv[attn_at(bb, j, 1, h, t, c, hs) + d], acc);
-    dqkv[attn_at(bb, i, 0, h, t, c, hs) + d] = acc * scale;
+    dqkv[attn_at(bb, i, 0, h, t, c, hs) + d] = fp8train_to_bf16(acc * scale);
     // i as a key (j = i): dk, dv over queries i2 >= i
     float ak = 0.0f, av = 0.0f;
     for (u32 i2 = i; i2 < t; i2++) {
         ak = fmaf(S[(size_t)i2 * t + i], qkv[attn_at(bb, i2, 0, h, t, c, hs) + d], ak);
         av = fmaf(P[(size_t)i2 * t + i], dout[((size_t)bb * t + i2) * c + (size_t)h * hs + d], av);
     }
-    dqkv[attn_at(bb, i, 1, h, t, c, hs) + d] = ak * scale;
-    dqkv[attn_at(bb, i, 2, h, t, c, hs) + d] = av;
+    dqkv[attn_at(bb, i, 1, h, t, c, hs) + d] = fp8train_to_bf16(ak * scale);
+    dqkv[attn_at(bb, i, 2, h, t, c, hs) + d] = fp8train_to_bf16(av);
 }
 
 // ---- Tiled versions of the two kernels above (same per-query operation order, so the

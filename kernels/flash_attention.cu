@@ -255,17 +255,18 @@ __device__ __forceinline__ void fa_store_out(u16* out, float* stats, float (*o)[
 }
 
 // Rows `row` of this warp (C fragment layout) of part `part` (0 = q, 1 = k, 2 = v) of
-// dqkv = acc * scale.
+// dqkv = acc * scale, stored in BF16 (RNE), as the QKV layer's backward reads it.
 template <int HS>
-__device__ __forceinline__ void fa_store_grad(float* dqkv, float (*acc)[4], float scale, const u32* row, u32 part,
+__device__ __forceinline__ void fa_store_grad(u16* dqkv, float (*acc)[4], float scale, const u32* row, u32 part,
                                               u32 bb, u32 h, u32 t, u32 c, int q) {
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (row[r] >= t) continue;
-        float* d = dqkv + fa_at(bb, row[r], part, h, t, c, HS);
+        u16* d = dqkv + fa_at(bb, row[r], part, h, t, c, HS);
 #pragma unroll
         for (int n = 0; n < HS / 8; n++)
-            *(float2*)(d + 8 * n + 2 * q) = make_float2(acc[n][2 * r] * scale, acc[n][2 * r + 1] * scale);
+            *(u32*)(d + 8 * n + 2 * q) = (u32)fp8train_to_bf16(acc[n][2 * r] * scale) |
+                                         ((u32)fp8train_to_bf16(acc[n][2 * r + 1] * scale) << 16);
     }
 }
 
@@ -372,7 +373,7 @@ __device__ __forceinline__ size_t fa_pair(u32 qt, u32 kt) { return (size_t)qt * 
 // then two buffers of (Q tile, dO tile, aux of its 64 queries).
 
 template <int HS>
-__device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t,
+__device__ void flash_backward_kv(u16* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t,
                                   u32 c, u32 nh) {
     constexpr int LD = HS + 8, TILE = FA_TILE * LD, BUF = 2 * TILE + FA_TILE * 8;  // u16 units
     extern __shared__ __align__(16) u16 fa_sh[];
@@ -447,7 +448,7 @@ __device__ void flash_backward_kv(float* dqkv, u16* ds, const u16* dout, const u
 // two buffers of (K tile, dS tile of 64 rows of 64 + 8).
 #define FA_DLD (FA_TILE + 8)
 template <int HS>
-__device__ void flash_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {
+__device__ void flash_backward_dq(u16* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {
     constexpr int LD = HS + 8, TILE = FA_TILE * LD, BUF = TILE + FA_TILE * FA_DLD;
     extern __shared__ __align__(16) u16 fa_sh[];
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
@@ -500,11 +501,11 @@ __device__ void flash_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u3
         flash_forward<HS>(out, stats, qkv, t, c, nh);                                                             \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_kv_hs##HS(                             \
-        float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {          \
+        u16* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {            \
         flash_backward_kv<HS>(dqkv, ds, dout, qkv, aux, t, c, nh);                                                \
     }                                                                                                              \
     extern "C" __global__ void __launch_bounds__(FA_THREADS) flash_backward_dq_hs##HS(                             \
-        float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {                                        \
+        u16* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {                                          \
         flash_backward_dq<HS>(dqkv, ds, qkv, t, c, nh);                                                           \
     }
 FA_INSTANCE(64)

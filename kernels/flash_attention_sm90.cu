@@ -195,7 +195,7 @@ __device__ void flash90_forward(u16* out, float* stats, const u16* qkv, u32 t, u
 // keys) so that kernel stages it with straight copies. Shared memory: K, V, then two
 // buffers of (Q tile, dO tile, aux of its 64 queries).
 template <int HS>
-__device__ void flash90_backward_kv(float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t,
+__device__ void flash90_backward_kv(u16* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t,
                                     u32 c, u32 nh) {
     constexpr int TE = FA_TILE * HS, BUF = 2 * TE + FA_TILE * 8;  // u16 units
     extern __shared__ __align__(1024) u16 fa_sh[];
@@ -282,7 +282,7 @@ __device__ void flash90_backward_kv(float* dqkv, u16* ds, const u16* dout, const
 // M-major), B = the K tile (rows = keys: MN-major). Shared memory: two buffers of (K
 // tile, dS tile).
 template <int HS>
-__device__ void flash90_backward_dq(float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {
+__device__ void flash90_backward_dq(u16* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {
     constexpr int TE = FA_TILE * HS, DE = FA_TILE * FA_TILE, BUF = TE + DE;
     extern __shared__ __align__(1024) u16 fa_sh[];
     u32 bh = blockIdx.y, bb = bh / nh, h = bh % nh;
@@ -328,11 +328,11 @@ __device__ void flash90_backward_dq(float* dqkv, const u16* ds, const u16* qkv, 
         flash90_forward<HS>(out, stats, qkv, t, c, nh);                                                          \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 2) flash90_backward_kv_hs##HS(                          \
-        float* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {         \
+        u16* dqkv, u16* ds, const u16* dout, const u16* qkv, const float4* aux, u32 t, u32 c, u32 nh) {           \
         flash90_backward_kv<HS>(dqkv, ds, dout, qkv, aux, t, c, nh);                                             \
     }                                                                                                             \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, 2) flash90_backward_dq_hs##HS(                          \
-        float* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {                                       \
+        u16* dqkv, const u16* ds, const u16* qkv, u32 t, u32 c, u32 nh) {                                         \
         flash90_backward_dq<HS>(dqkv, ds, qkv, t, c, nh);                                                        \
     }
 F9_INSTANCE(64)

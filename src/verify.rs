@@ -235,7 +235,7 @@ impl Case {
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
             Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
             Case::ColumnSums { rows, cols } => {
-                ("column sums (bias grad) [+ e5m2 cast, + bf16 copy]".into(), format!("{rows}x{cols}"))
+                ("column sums (bias grad) [+ e5m2 cast, + bf16 copy; of bf16]".into(), format!("{rows}x{cols}"))
             }
             Case::Casts { n } => {
                 ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3, bf16 -> e4m3".into(), format!("{n}"))
@@ -515,9 +515,11 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.attention_forward(&mut out, &mut stats, &qkv, s)?;
                 let mut dqkv = be.zeros(b * t * 3 * c)?;
                 be.attention_backward(&mut dqkv, &dout, &qkv, &out, &stats, s)?;
-                // The output is BF16: compared as its f32 widening (the flash rows by value).
-                let out: Vec<u32> = be.download(&out)?.iter().map(|v| v.to_f32().to_bits()).collect();
-                vec![("out", out), ("stats", bits(be, &stats)?), ("dqkv", bits(be, &dqkv)?)]
+                // The output and dqkv are BF16: compared as their f32 widenings (the flash
+                // rows by value).
+                let wide = |x: Vec<bf16>| -> Vec<u32> { x.iter().map(|v| v.to_f32().to_bits()).collect() };
+                let (out, dqkv) = (wide(be.download(&out)?), wide(be.download(&dqkv)?));
+                vec![("out", out), ("stats", bits(be, &stats)?), ("dqkv", dqkv)]
             }
             Case::CrossEntropy { n, v } => {
                 let l16 = randn16(n * v, 15, 3.0);
@@ -555,7 +557,17 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 // With the BF16 copy instead (the bf16 level).
                 let (mut out3, mut h) = (be.zeros(cols)?, be.zeros::<bf16>(rows * cols)?);
                 be.column_sums_cast_bf16(&mut out3, &mut h, &x, rows, cols)?;
+                // Of BF16 values (attention's dqkv), alone and with the E5M2 cast.
+                let (mut out4, mut out5) = (be.zeros(cols)?, be.zeros(cols)?);
+                be.column_sums_bf16(&mut out4, &h, rows, cols)?;
+                let (mut q2, mut st2) = (be.zeros::<u8>(rows * cols)?, be.zeros::<u64>(2)?);
+                let slot = Slot { buf: &mut st2, at: 0 };
+                be.column_sums_cast_from_bf16(&mut out5, &mut q2, &h, rows, cols, Fp8Format::E5M2, 8192.0, slot)?;
                 vec![
+                    ("sums of bf16", bits(be, &out4)?),
+                    ("sums of bf16 (with cast)", bits(be, &out5)?),
+                    ("e5m2 of bf16", be.download(&q2)?.iter().map(|&c| c as u32).collect()),
+                    ("amax, saturated slots (bf16)", be.download(&st2)?.iter().map(|&v| v as u32).collect()),
                     ("sums", bits(be, &out)?),
                     ("sums (with cast)", bits(be, &out2)?),
                     ("sums (with bf16 copy)", bits(be, &out3)?),

@@ -36,6 +36,12 @@ pub enum Operand<'a, B: Backend + ?Sized> {
     /// FP8 codes (scales go into the GEMM's scale product).
     Fp8(&'a B::Buf<u8>, Fp8Format),
 }
+impl<B: Backend + ?Sized> Clone for Operand<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for Operand<'_, B> {}
 
 /// The token-embedding table as the encoder reads it: f32 values, or FP16 master codes
 /// with their inverse scale (value = code * inv_scale, what `decode_f16` gives), so an
@@ -434,6 +440,30 @@ pub trait Backend {
         self.column_sums(out, x, rows, cols)?;
         self.cast_bf16(q, x)
     }
+    /// Column sums of BF16 values (each widened exactly), in the contract's order.
+    fn column_sums_bf16(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<bf16>, rows: usize, cols: usize) -> BResult<()> {
+        let mut wide = self.zeros::<f32>(rows * cols)?;
+        self.widen_bf16(&mut wide, x)?;
+        self.column_sums(out, &wide, rows, cols)
+    }
+    /// `column_sums_bf16` and `cast_fp8_bf16_to` of BF16 `x` (the QKV layer's output
+    /// gradient, which attention's backward stores in BF16): its bias gradient and its
+    /// E5M2 copy, the same results; a backend may do both in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn column_sums_cast_from_bf16(
+        &self,
+        out: &mut Self::Buf<f32>,
+        q: &mut Self::Buf<u8>,
+        x: &Self::Buf<bf16>,
+        rows: usize,
+        cols: usize,
+        fmt: Fp8Format,
+        scale: f32,
+        stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        self.column_sums_bf16(out, x, rows, cols)?;
+        self.cast_fp8_bf16_to(q, x, fmt, scale, stats)
+    }
     /// `out += A x B` (scale 1; BF16 or f32 operands): every element's exact fma chain
     /// continues from the value in `out`, so a product over rows split into chunks, the
     /// later ones accumulating, gives the bits of one product (the chunked LM head's
@@ -538,9 +568,10 @@ pub trait Backend {
         qkv: &Self::Buf<bf16>,
         shape: AttnShape,
     ) -> BResult<()>;
+    /// `dqkv` in BF16 (RNE of the f32 gradient), as the QKV layer's backward reads it.
     fn attention_backward(
         &self,
-        dqkv: &mut Self::Buf<f32>,
+        dqkv: &mut Self::Buf<bf16>,
         dout: &Self::Buf<bf16>,
         qkv: &Self::Buf<bf16>,
         out: &Self::Buf<bf16>,

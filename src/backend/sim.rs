@@ -380,14 +380,17 @@ impl Backend for Sim {
     }
     fn attention_backward(
         &self,
-        dqkv: &mut Vec<f32>,
+        dqkv: &mut Vec<bf16>,
         dout: &Vec<bf16>,
         qkv: &Vec<bf16>,
         out: &Vec<bf16>,
         stats: &Vec<f32>,
         shape: AttnShape,
     ) -> BResult<()> {
-        attention::attention_backward(dqkv, &widen(dout)?, &widen(qkv)?, &widen(out)?, stats, shape);
+        let mut d32 = host_vec(dqkv.len())?;
+        d32.resize(dqkv.len(), 0f32);
+        attention::attention_backward(&mut d32, &widen(dout)?, &widen(qkv)?, &widen(out)?, stats, shape);
+        half16::to_bf16_slice(&d32, dqkv);
         Ok(())
     }
     fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<bf16>) -> BResult<()> {

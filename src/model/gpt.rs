@@ -94,7 +94,8 @@ pub struct Workspace<B: Backend> {
     /// The input gradients out of the products (BF16, as their consumers read them).
     dln: B::Buf<bf16>,
     datt: B::Buf<bf16>,
-    dqkv: B::Buf<f32>,
+    /// Attention's input gradient, BF16 (see `Backend::attention_backward`).
+    dqkv: B::Buf<bf16>,
     dgelu: B::Buf<bf16>,
     dyq: [GradCast<B>; 4],
     /// Statistics of one step, read back once (see `Slots`); the weight views' amaxes
@@ -251,9 +252,10 @@ impl<B: Backend> Gpt<B> {
                 dres: z(n * c)?,
                 dln: be.zeros(n * c)?,
                 datt: be.zeros(n * c)?,
-                dqkv: z(n * 3 * c)?,
+                dqkv: be.zeros(n * 3 * c)?,
                 dgelu: be.zeros(n * 4 * c)?,
-                dyq: arr4(|i| GradCast::new(be, fp8, n * outs[i]))?,
+                // (At the bf16 level the QKV layer's products read dqkv itself.)
+                dyq: arr4(|i| GradCast::new(be, fp8, if fp8 || i > 0 { n * outs[i] } else { 0 }))?,
                 stats: be.zeros(Slots::new(&self.cfg).len())?,
                 view_stats: be.zeros(4 * self.cfg.n_layer)?,
                 g_w: arr4(|i| z(outs[i] * ins[i]))?,
@@ -944,7 +946,7 @@ impl<B: Backend> Gpt<B> {
                     Slot { buf: &mut ws.stats, at: slots.grad(idx(params::PROJ_B)) },
                 )?;
                 be.attention_backward(&mut ws.dqkv, &ws.datt, &la.qkv, att, &la.att_stats, shape)?;
-                linear::backward(
+                linear::backward_bf16(
                     be,
                     &mut ws.dln,
                     gw0,

@@ -324,7 +324,44 @@ pub fn backward<B: Backend>(
             dys = 1.0 / s;
         }
     }
-    products(be, dx, dw, w, saved, dyq, dys, d)
+    products(be, dx, dw, w, saved, dyq.operand(), dys, d)
+}
+
+/// [`backward`] from a BF16 output gradient (the QKV layer's, which attention's
+/// backward stores in BF16): the bias gradient from its values widened, and at the bf16
+/// level the products read it as it is (`dyq` is not used); at the FP8 levels its E5M2
+/// copy from the same pass, or, at the first FP8 step (a just-in-time scale), through
+/// an f32 temporary and [`backward`]. The same bits as [`backward`] of its widening.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_bf16<B: Backend>(
+    be: &B,
+    dx: &mut B::Buf<bf16>,
+    dw: &mut B::Buf<f32>,
+    db: &mut B::Buf<f32>,
+    dy: &B::Buf<bf16>,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    sc: &LinearScaling,
+    dyq: &mut GradCast<B>,
+    d: Dims,
+    stats: Slot<'_, B>,
+) -> BResult<()> {
+    match &mut *dyq {
+        GradCast::Bf16(_) => {
+            be.column_sums_bf16(db, dy, d.n, d.oc)?;
+            products(be, dx, dw, w, saved, Operand::Bf16(dy), 1.0, d)
+        }
+        GradCast::Fp8(codes) if sc.grad.history().next().is_some() => {
+            let s = sc.grad.scale();
+            be.column_sums_cast_from_bf16(db, codes, dy, d.n, d.oc, E5M2, s, stats)?;
+            products(be, dx, dw, w, saved, dyq.operand(), 1.0 / s, d)
+        }
+        GradCast::Fp8(_) => {
+            let mut wide = be.zeros::<f32>(d.n * d.oc)?;
+            be.widen_bf16(&mut wide, dy)?;
+            backward(be, dx, dw, db, &wide, w, saved, sc, dyq, d, stats)
+        }
+    }
 }
 
 /// [`backward`] of a layer whose output gradient is made by `produce` (GELU's
@@ -362,10 +399,11 @@ pub fn backward_from<B: Backend>(
             return backward(be, dx, dw, db, &scratch, w, saved, sc, dyq, d, stats);
         }
     };
-    products(be, dx, dw, w, saved, dyq, dys, d)
+    products(be, dx, dw, w, saved, dyq.operand(), dys, d)
 }
 
-/// The two backward products from the output gradient's copy (`dys`: its inverse scale).
+/// The two backward products from the output gradient's copy `dy` (`dys`: its inverse
+/// scale).
 #[allow(clippy::too_many_arguments)]
 fn products<B: Backend>(
     be: &B,
@@ -373,12 +411,12 @@ fn products<B: Backend>(
     dw: &mut B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
-    dyq: &GradCast<B>,
+    dy: Operand<'_, B>,
     dys: f32,
     d: Dims,
 ) -> BResult<()> {
     let (wa, ws) = w.operand();
-    be.matmul_bf16(dx, dyq.operand(), wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
+    be.matmul_bf16(dx, dy, wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
     let (xa, xs) = saved.operand();
-    be.matmul(dw, dyq.operand(), xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)
+    be.matmul(dw, dy, xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)
 }

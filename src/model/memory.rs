@@ -81,14 +81,16 @@ pub fn estimate(
         Level::O3 => f32s * (p - l * 12 * c * c),
     };
     let views = l * 12 * c * c * w + 2 * v * c;
-    // f32: encoded, lin_out, dres, dqkv (3); BF16: the final layernorm's output,
-    // the products' input gradients dln, datt, dgelu (4); the LM head's chunk of r rows:
+    // f32: encoded, lin_out, dres; BF16: the final layernorm's output, the products'
+    // input gradients dln, datt, dgelu (4), attention's dqkv (3); the LM head's chunk of r rows:
     // input (BF16), targets, logits (BF16, their gradient written over them), losses,
     // input gradients (BF16).
     let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
     let head_chunk = r * (2 * c + 4 + 2 * v + 4 + 2 * c);
-    let global = f32s * (6 * n * c + 3 * n) + 2 * 7 * n * c + 8 * n + head_chunk;
-    let grad_casts = w * 9 * n * c;
+    let global = f32s * (3 * n * c + 3 * n) + 2 * 10 * n * c + 8 * n + head_chunk;
+    // The output gradients' E5M2 / BF16 copies (3c + c + 4c + c; at the bf16 level the
+    // QKV layer's products read dqkv itself).
+    let grad_casts = if level.fp8() { 9 * n * c } else { 2 * 6 * n * c };
     // (At the FP8 levels the small parameters' gradients wait in f32 for one batch cast:
     // per block the biases 3c + c + 4c + c and the layernorms' 4c, the final layernorm's 2c.)
     let staged = if level.fp8() { f32s * (l * 13 * c + 2 * c) } else { 0 };

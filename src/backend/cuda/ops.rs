@@ -1182,6 +1182,33 @@ impl Backend for Cuda {
         }
         self.column_tree(out, part, chunks, c)
     }
+    fn column_sums_bf16(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, rows: usize, cols: usize) -> BResult<()> {
+        let _op = self.op(Phase::Other, "column_sums");
+        self.column_sums_at(out, dptr(&self.gpu.stream, x), true, rows, cols)
+    }
+    fn column_sums_cast_from_bf16(
+        &self,
+        out: &mut CudaSlice<f32>,
+        q: &mut CudaSlice<u8>,
+        x: &CudaSlice<bf16>,
+        rows: usize,
+        cols: usize,
+        fmt: Fp8Format,
+        scale: f32,
+        mut stats: Slot<'_, Self>,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "column_sums_cast");
+        assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
+        let (r, c, f, p) = (rows as u32, cols as u32, e5(fmt), self.slot_ptr(&mut stats));
+        let chunks = r.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        let s = &self.gpu.stream;
+        let by4 = by_four(c, &[(dptr(s, x), 8), (dptr(s, q), 4)]);
+        let items = (chunks * if by4 { c / 4 } else { c }) as usize;
+        let four = i32::from(by4);
+        launch!(self, "column_chunk_sums_cast_from_bf16", items, [x, &mut part, &r, &c, q, &scale, &f, &p, &four]);
+        self.column_tree(out, part, chunks, c)
+    }
     fn column_sums_cast_bf16(
         &self,
         out: &mut CudaSlice<f32>,
@@ -1386,7 +1413,7 @@ impl Backend for Cuda {
     }
     fn attention_backward(
         &self,
-        dqkv: &mut CudaSlice<f32>,
+        dqkv: &mut CudaSlice<bf16>,
         dout: &CudaSlice<bf16>,
         qkv: &CudaSlice<bf16>,
         out: &CudaSlice<bf16>,
