@@ -420,3 +420,76 @@ fn products<B: Backend>(
     let (xa, xs) = saved.operand();
     be.matmul(dw, dy, xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sim::Sim;
+    use fp8sim::half16::to_bf16;
+
+    fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+            })
+            .collect()
+    }
+
+    /// dx, dw, db and the statistics slots of one backward pass, as bits.
+    type Out = (Vec<u16>, Vec<u32>, Vec<u32>, Vec<u64>);
+
+    /// `backward_bf16` of a BF16 output gradient and `backward` of its widening give the
+    /// same bits at each level: BF16 operands, FP8 with a delayed scale, and FP8 at the
+    /// first step (a just-in-time scale).
+    #[test]
+    fn a_bf16_output_gradient_gives_the_bits_of_its_widening() {
+        let be = Sim;
+        let d = Dims { n: 40, ic: 24, oc: 36 };
+        let dy16: Vec<bf16> = randn(d.n * d.oc, 3, 2.0).into_iter().map(to_bf16).collect();
+        let dy32: Vec<f32> = dy16.iter().map(|v| v.to_f32()).collect();
+        let master = be.upload(&randn(d.oc * d.ic, 4, 0.2)).unwrap();
+        let x = be.upload(&randn(d.n * d.ic, 5, 1.0)).unwrap();
+        for (fp8, history) in [(false, false), (true, true), (true, false)] {
+            let mut sc = LinearScaling::new(4);
+            if history {
+                sc.record(1.5, 3.0);
+            }
+            let mut stats = be.zeros::<u64>(4).unwrap();
+            let mut w = WeightView::new(&be, fp8, d.oc * d.ic).unwrap();
+            w.update(&be, MasterRef::F32(&master), Slot { buf: &mut stats, at: 2 }).unwrap();
+            if fp8 {
+                w.settle(crate::backend::slot_amax(be.download(&stats).unwrap()[2]));
+            }
+            let mut saved = Saved::new(&be, fp8, d.n * d.ic).unwrap();
+            cast_input(&be, &mut saved, &x, &sc, Slot { buf: &mut stats, at: 2 }).unwrap();
+            let run = |bf16_in: bool| -> Out {
+                let (mut dx, mut dw, mut db) =
+                    (be.zeros::<bf16>(d.n * d.ic).unwrap(), be.zeros(d.oc * d.ic).unwrap(), be.zeros(d.oc).unwrap());
+                let mut q = GradCast::new(&be, fp8, d.n * d.oc).unwrap();
+                let mut st = be.zeros::<u64>(2).unwrap();
+                let slot = Slot { buf: &mut st, at: 0 };
+                if bf16_in {
+                    let dy = be.upload(&dy16).unwrap();
+                    backward_bf16(&be, &mut dx, &mut dw, &mut db, &dy, &w, &saved, &sc, &mut q, d, slot).unwrap();
+                } else {
+                    let dy = be.upload(&dy32).unwrap();
+                    backward(&be, &mut dx, &mut dw, &mut db, &dy, &w, &saved, &sc, &mut q, d, slot).unwrap();
+                }
+                let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                (
+                    be.download(&dx).unwrap().iter().map(|v| v.to_bits()).collect(),
+                    bits(be.download(&dw).unwrap()),
+                    bits(be.download(&db).unwrap()),
+                    be.download(&st).unwrap(),
+                )
+            };
+            let (a, b) = (run(true), run(false));
+            assert!(a.1.iter().any(|&v| v != 0), "the weight gradient is not all zero");
+            assert_eq!(a, b, "fp8 {fp8}, history {history}");
+        }
+    }
+}
