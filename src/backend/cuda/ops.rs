@@ -1716,3 +1716,31 @@ impl Backend for Cuda {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layernorm kernels carve their shared memory as ln_cfg sizes it (layernorm.cu:
+    /// `shared_rows` rows of 32 chunks, then per warp `per_warp_chunks` chunks rounded up
+    /// to a multiple of 4 floats), every warp's region 16-byte aligned, within the block
+    /// limit, and the grid covers every row.
+    #[test]
+    fn layernorm_launches_fit_their_shared_memory() {
+        for c in [1, 40, 257, 768, 2048, 4096, 5120, 8192] {
+            for (shared_rows, per_warp_chunks) in [(2, 34), (1, 52)] {
+                let n = 16384;
+                let cfg = ln_cfg(n, c, shared_rows, per_warp_chunks);
+                let chunks = c.div_ceil(32);
+                let warps = cfg.block_dim.0 as usize / 32;
+                let per_warp = (per_warp_chunks * chunks + 3) & !3;
+                let fixed = shared_rows * 32 * chunks;
+                assert_eq!(cfg.shared_mem_bytes as usize, (fixed + warps * per_warp) * 4, "c {c}");
+                assert!(fixed.is_multiple_of(4) && per_warp.is_multiple_of(4), "c {c}: 16-byte aligned rows");
+                assert!(cfg.shared_mem_bytes <= 160 << 10, "c {c}: {} bytes", cfg.shared_mem_bytes);
+                assert!((1..=16).contains(&warps), "c {c}");
+                assert!(cfg.grid_dim.0 as usize * warps >= n, "c {c}: every row has a warp");
+            }
+        }
+    }
+}
