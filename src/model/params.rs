@@ -98,11 +98,27 @@ pub const INIT_TAG: u16 = 1;
 
 /// Initial values of parameter `idx` (counter-based: independent of order and threads).
 pub fn init_values(spec: &ParamSpec, seed: u64, idx: usize) -> Vec<f32> {
-    let mut v = vec![0f32; spec.numel()];
-    match spec.init {
-        Init::Normal(std) => rng::fill_normal(seed, rng::stream(INIT_TAG, 0, idx as u32), 0, 0.0, std, &mut v),
-        Init::Zeros => {}
-        Init::Ones => v.fill(1.0),
+    init_runs(spec, seed, idx, &[(0, spec.numel())])
+}
+
+/// The initial values of the elements of parameter `idx` in `runs` ((first element,
+/// length) of the whole tensor, one after another: a tensor-parallel piece, see
+/// `shard::piece_runs`), each element drawn by its index in the whole tensor, so a
+/// piece gets the values of that piece of the whole tensor without the whole tensor
+/// being made.
+pub fn init_runs(spec: &ParamSpec, seed: u64, idx: usize, runs: &[(usize, usize)]) -> Vec<f32> {
+    let mut v = vec![0f32; runs.iter().map(|r| r.1).sum()];
+    let mut at = 0;
+    for &(first, len) in runs {
+        let out = &mut v[at..at + len];
+        match spec.init {
+            Init::Normal(std) => {
+                rng::fill_normal(seed, rng::stream(INIT_TAG, 0, idx as u32), first as u64, 0.0, std, out)
+            }
+            Init::Zeros => {}
+            Init::Ones => out.fill(1.0),
+        }
+        at += len;
     }
     v
 }

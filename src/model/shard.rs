@@ -85,29 +85,32 @@ pub fn shard_shape(shape: &[usize], split: Split, tp: usize) -> Vec<usize> {
     s
 }
 
-/// Rank r's piece of the whole tensor `full` (row-major, `shape`).
-pub fn shard<T: Copy>(full: &[T], shape: &[usize], split: Split, r: usize, tp: usize) -> Vec<T> {
-    assert_eq!(full.len(), shape.iter().product::<usize>(), "shard: the data is not of its shape");
-    assert!(r < tp, "shard: rank {r} of {tp}");
+/// The runs of consecutive elements of the whole tensor (row-major, `shape`) that rank
+/// r's piece holds, as (first element, length), in the piece's order: a piece is these
+/// runs one after another. Row splits give one run per block, column splits one per row.
+pub fn piece_runs(shape: &[usize], split: Split, r: usize, tp: usize) -> Vec<(usize, usize)> {
+    assert!(r < tp, "piece_runs: rank {r} of {tp}");
+    let n: usize = shape.iter().product();
     match split {
-        Split::Replicated => full.to_vec(),
+        Split::Replicated => vec![(0, n)],
         Split::Rows { blocks } => {
-            let (rows, row) = (shape[0], full.len() / shape[0].max(1));
+            let (rows, row) = (shape[0], n / shape[0].max(1));
             let per_block = rows / blocks;
             let mine = per_block / tp;
-            (0..blocks)
-                .flat_map(|b| {
-                    let first = b * per_block + r * mine;
-                    full[first * row..(first + mine) * row].iter().copied()
-                })
-                .collect()
+            (0..blocks).map(|b| ((b * per_block + r * mine) * row, mine * row)).collect()
         }
         Split::Cols => {
             let cols = shape[shape.len() - 1];
             let mine = cols / tp;
-            full.chunks(cols).flat_map(|row| row[r * mine..(r + 1) * mine].iter().copied()).collect()
+            (0..n / cols.max(1)).map(|i| (i * cols + r * mine, mine)).collect()
         }
     }
+}
+
+/// Rank r's piece of the whole tensor `full` (row-major, `shape`).
+pub fn shard<T: Copy>(full: &[T], shape: &[usize], split: Split, r: usize, tp: usize) -> Vec<T> {
+    assert_eq!(full.len(), shape.iter().product::<usize>(), "shard: the data is not of its shape");
+    piece_runs(shape, split, r, tp).into_iter().flat_map(|(at, len)| full[at..at + len].iter().copied()).collect()
 }
 
 /// The whole tensor from its `tp` pieces in rank order (the inverse of [`shard`];
@@ -120,30 +123,12 @@ pub fn gather<T: Copy + Default>(pieces: &[Vec<T>], shape: &[usize], split: Spli
         return pieces[0].clone();
     }
     let mut full = vec![T::default(); n];
-    match split {
-        Split::Replicated => unreachable!(),
-        Split::Rows { blocks } => {
-            let (rows, row) = (shape[0], n / shape[0].max(1));
-            let per_block = rows / blocks;
-            let mine = per_block / tp;
-            for (r, piece) in pieces.iter().enumerate() {
-                assert_eq!(piece.len(), n / tp, "gather: piece {r} has the wrong size");
-                for b in 0..blocks {
-                    let first = b * per_block + r * mine;
-                    full[first * row..(first + mine) * row]
-                        .copy_from_slice(&piece[b * mine * row..(b + 1) * mine * row]);
-                }
-            }
-        }
-        Split::Cols => {
-            let cols = shape[shape.len() - 1];
-            let mine = cols / tp;
-            for (r, piece) in pieces.iter().enumerate() {
-                assert_eq!(piece.len(), n / tp, "gather: piece {r} has the wrong size");
-                for (row, part) in full.chunks_mut(cols).zip(piece.chunks(mine)) {
-                    row[r * mine..(r + 1) * mine].copy_from_slice(part);
-                }
-            }
+    for (r, piece) in pieces.iter().enumerate() {
+        assert_eq!(piece.len(), n / tp, "gather: piece {r} has the wrong size");
+        let mut from = 0;
+        for (at, len) in piece_runs(shape, split, r, tp) {
+            full[at..at + len].copy_from_slice(&piece[from..from + len]);
+            from += len;
         }
     }
     full
@@ -187,6 +172,26 @@ mod tests {
                     let mut seen: Vec<u32> = pieces.concat();
                     seen.sort_unstable();
                     assert_eq!(seen, full, "{}: pieces overlap or miss", spec.name);
+                }
+            }
+        }
+    }
+
+    /// A piece's initial values drawn by themselves (`params::init_runs` over the piece's
+    /// runs) are the piece of the whole tensor's initial values: a tensor-parallel rank
+    /// initializes its parameters without making the whole model.
+    #[test]
+    fn a_piece_initializes_as_the_piece_of_the_whole_tensor() {
+        let cfg = cfg();
+        for tp in [1, 2, 4] {
+            for (i, (spec, split, _)) in layout(&cfg, tp).into_iter().enumerate() {
+                let full = params::init_values(&spec, 11, i);
+                for r in 0..tp {
+                    let runs = piece_runs(&spec.shape, split, r, tp);
+                    let piece = params::init_runs(&spec, 11, i, &runs);
+                    let want = shard(&full, &spec.shape, split, r, tp);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&piece), bits(&want), "{} at tp = {tp}, rank {r}", spec.name);
                 }
             }
         }
