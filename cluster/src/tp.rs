@@ -12,6 +12,10 @@
 //!
 //! Both move one byte per element where BF16 would move two; the figures come back as
 //! [`TpBytes`] so a step can print them.
+//!
+//! The vocabulary-parallel pieces: [`crossentropy_vocab_parallel`] (the tied LM head's
+//! loss) and [`encoder_vocab_parallel_forward`] / [`encoder_vocab_parallel_backward`]
+//! (the token embedding), each the unsplit op's bits.
 
 use crate::world::Collectives;
 use fp8sim::fp8::{self, Fp8Format};
@@ -144,10 +148,156 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     Ok(())
 }
 
+/// The token + position embedding with the token table split over the group by
+/// vocabulary rows (rank r holds rows `r * vs .. (r + 1) * vs`, `vs = v / size`) and the
+/// output sequence-parallel (rank r gets rows `r * n / size ..` of the `n = b * t`
+/// rows). Every rank looks up the tokens its rows hold (zeros elsewhere); an all-to-all
+/// brings each output row's candidates from every rank together and the row takes the
+/// owner's (no arithmetic: `-0.0` stays `-0.0`), then adds its position's as
+/// `fp8sim::ops::encoder::encoder_forward` does. The same bits as the unsplit encoder's
+/// rows. `tokens`: all `n` rows' ids; `out`: this rank's `n / size` rows.
+#[allow(clippy::too_many_arguments)]
+pub fn encoder_vocab_parallel_forward<C: Collectives>(
+    g: &C,
+    out: &mut [f32],
+    tokens: &[u32],
+    wte_piece: &[f32],
+    wpe: &[f32],
+    (b, t, c): (usize, usize, usize),
+    v: usize,
+) -> Result<(), String> {
+    let (ranks, me) = (g.size(), g.rank());
+    let n = b * t;
+    if !v.is_multiple_of(ranks) || !n.is_multiple_of(ranks) {
+        return Err(format!(
+            "vocabulary-parallel embedding: the vocabulary ({v}) and the batch's rows ({n}) must be multiples of the \
+             tensor-parallel size ({ranks})"
+        ));
+    }
+    let (vs, rows) = (v / ranks, n / ranks);
+    assert!(tokens.len() == n && wte_piece.len() == vs * c && out.len() == rows * c, "encoder_vocab_parallel: sizes");
+    if let Some(&bad) = tokens.iter().find(|&&k| k as usize >= v) {
+        return Err(format!("vocabulary-parallel embedding: token id {bad} is not below the vocabulary ({v})"));
+    }
+    let lo = me * vs;
+    let mut mine = vec![0f32; n * c];
+    for (row, &tok) in mine.chunks_mut(c).zip(tokens) {
+        let k = tok as usize;
+        if (lo..lo + vs).contains(&k) {
+            row.copy_from_slice(&wte_piece[(k - lo) * c..(k - lo + 1) * c]);
+        }
+    }
+    let mut cand = vec![0f32; n * c];
+    g.all_to_all(&mine, &mut cand); // place k: rank k's candidates for this rank's rows
+    for (i, o) in out.chunks_mut(c).enumerate() {
+        let row = me * rows + i;
+        let owner = tokens[row] as usize / vs;
+        let e = &cand[(owner * rows + i) * c..(owner * rows + i + 1) * c];
+        let p = &wpe[(row % t) * c..(row % t + 1) * c];
+        for j in 0..c {
+            o[j] = e[j] + p[j];
+        }
+    }
+    Ok(())
+}
+
+/// The backward of [`encoder_vocab_parallel_forward`]: the sequence-parallel output
+/// gradients are gathered (every rank then holds all `n` rows), each rank adds the rows
+/// whose token it holds into its piece of the token-embedding gradient (rows in
+/// ascending order per channel, starting from what `dwte_piece` holds: the contract's
+/// order restricted to its vocabulary rows) and every rank computes the whole position
+/// gradient (replicated), as `fp8sim::ops::encoder::encoder_backward` does: the same
+/// bits as the unsplit backward's pieces.
+pub fn encoder_vocab_parallel_backward<C: Collectives>(
+    g: &C,
+    dwte_piece: &mut [f32],
+    dwpe: &mut [f32],
+    dout_piece: &[f32],
+    tokens: &[u32],
+    (b, t, c): (usize, usize, usize),
+    v: usize,
+) {
+    let (ranks, me) = (g.size(), g.rank());
+    let (n, vs) = (b * t, v / ranks);
+    assert!(dout_piece.len() * ranks == n * c && dwte_piece.len() == vs * c, "encoder_vocab_parallel: sizes");
+    let mut dout = vec![0f32; n * c];
+    g.all_gather(dout_piece, &mut dout);
+    let lo = me * vs;
+    for (row, &tok) in dout.chunks(c).zip(tokens) {
+        let k = tok as usize;
+        if (lo..lo + vs).contains(&k) {
+            for (d, &x) in dwte_piece[(k - lo) * c..(k - lo + 1) * c].iter_mut().zip(row) {
+                *d += x;
+            }
+        }
+    }
+    for (p, d) in dwpe[..t * c].chunks_mut(c).enumerate() {
+        for j in 0..c {
+            let mut acc = 0f32;
+            for bb in 0..b {
+                acc += dout[(bb * t + p) * c + j];
+            }
+            d[j] = acc;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::world::World;
+
+    /// At 1, 2 and 4 ranks (threads), the vocabulary-parallel embedding's output rows and
+    /// gradient pieces are the unsplit encoder's, bit for bit (a -0.0 table entry
+    /// included); a token id past the vocabulary is an error.
+    #[test]
+    fn the_vocabulary_parallel_embedding_is_the_unsplit_one() {
+        use fp8sim::ops::encoder::{encoder_backward, encoder_forward};
+        let (b, t, c, v) = (2, 8, 6, 32);
+        let n = b * t;
+        let val = |i: usize, s: usize| (((i * 2654435761 + s) % 1000) as f32 - 500.0) / 64.0;
+        let mut wte: Vec<f32> = (0..v * c).map(|i| val(i, 1)).collect();
+        wte[3 * c + 2] = -0.0;
+        let mut wpe: Vec<f32> = (0..t * c).map(|i| val(i, 2)).collect();
+        wpe[2] = -0.0;
+        let mut tokens: Vec<u32> = (0..n).map(|i| ((i * 7 + 3) % v) as u32).collect();
+        tokens[0] = 3; // the -0.0 entry at position 0's -0.0
+        let dout: Vec<f32> = (0..n * c).map(|i| val(i, 3)).collect();
+        let mut out = vec![0f32; n * c];
+        encoder_forward(&mut out, &tokens, &wte, &wpe, b, t, c);
+        let dwte0: Vec<f32> = (0..v * c).map(|i| val(i, 4) / 8.0).collect();
+        let (mut dwte, mut dwpe) = (dwte0.clone(), vec![0f32; t * c]);
+        encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, b, t, c);
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        for size in [1, 2, 4] {
+            let (vs, rows) = (v / size, n / size);
+            let got = crate::local::run_group(size, |g| {
+                let r = g.rank();
+                let piece = &wte[r * vs * c..(r + 1) * vs * c];
+                let mut o = vec![0f32; rows * c];
+                encoder_vocab_parallel_forward(g, &mut o, &tokens, piece, &wpe, (b, t, c), v).unwrap();
+                let mut dw = dwte0[r * vs * c..(r + 1) * vs * c].to_vec();
+                let mut dp = vec![0f32; t * c];
+                let dpiece = &dout[r * rows * c..(r + 1) * rows * c];
+                encoder_vocab_parallel_backward(g, &mut dw, &mut dp, dpiece, &tokens, (b, t, c), v);
+                let mut bad = tokens.clone();
+                bad[1] = v as u32;
+                let err = encoder_vocab_parallel_forward(g, &mut o.clone(), &bad, piece, &wpe, (b, t, c), v);
+                (o, dw, dp, err.is_err())
+            });
+            assert_eq!(
+                bits(&got.iter().flat_map(|x| x.0.clone()).collect::<Vec<_>>()),
+                bits(&out),
+                "out, {size} ranks"
+            );
+            assert_eq!(bits(&got.iter().flat_map(|x| x.1.clone()).collect::<Vec<_>>()), bits(&dwte), "dwte, {size}");
+            for x in &got {
+                assert_eq!(bits(&x.2), bits(&dwpe), "dwpe, {size} ranks");
+                assert!(x.3, "a token past the vocabulary is an error");
+            }
+        }
+        assert_eq!(out[2].to_bits(), (-0.0f32).to_bits(), "the test reaches a -0.0 sum");
+    }
 
     #[test]
     fn on_one_rank_the_collectives_are_the_casts() {
