@@ -197,6 +197,65 @@ mod tests {
         }
     }
 
+    /// What the column-parallel layers rely on: a rank's product with its piece of a
+    /// row-split weight (QKV's three blocks, MLP-up's one) is, bit for bit, the columns of
+    /// the unsplit product that the piece's rows make (each output element is its own fma
+    /// chain over k), in the forward product and in the weight gradient (the piece's rows
+    /// of dW from the output gradient's matching columns); FP8 operands too.
+    #[test]
+    fn a_column_parallel_product_is_the_unsplit_products_columns() {
+        use crate::backend::sim::Sim;
+        use crate::backend::{Backend, Operand, Product};
+        use fp8sim::fp8::{encode_scaled, Fp8Format};
+        let be = Sim;
+        let (m, k, n, tp) = (10, 24, 36, 2);
+        let val = |i: usize, s: usize| (((i * 2654435761 + s) % 997) as f32 - 498.0) / 256.0;
+        let x: Vec<f32> = (0..m * k).map(|i| val(i, 1)).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| val(i, 2)).collect();
+        let dy: Vec<f32> = (0..m * n).map(|i| val(i, 3)).collect();
+        let codes = |v: &[f32]| {
+            let mut q = vec![0u8; v.len()];
+            encode_scaled(Fp8Format::E4M3, v, 64.0, &mut q);
+            q
+        };
+        for blocks in [1, 3] {
+            let split = Split::Rows { blocks };
+            let wshape = vec![n, k];
+            let run = |wv: &[f32], dv: &[f32], nn: usize, fp8: bool| {
+                let (xb, wb, db) = (be.upload(&x).unwrap(), be.upload(wv).unwrap(), be.upload(dv).unwrap());
+                let (xq, wq) = (be.upload(&codes(&x)).unwrap(), be.upload(&codes(wv)).unwrap());
+                let (xa, wa) = if fp8 {
+                    (Operand::Fp8(&xq, Fp8Format::E4M3), Operand::Fp8(&wq, Fp8Format::E4M3))
+                } else {
+                    (Operand::F32(&xb), Operand::F32(&wb))
+                };
+                let mut y = be.zeros::<f32>(m * nn).unwrap();
+                be.matmul(&mut y, xa, wa, Product::Forward, m, nn, k, 1.0).unwrap();
+                let mut dw = be.zeros::<f32>(nn * k).unwrap();
+                be.matmul(&mut dw, Operand::F32(&db), Operand::F32(&xb), Product::Wgrad, m, nn, k, 1.0).unwrap();
+                (be.download(&y).unwrap(), be.download(&dw).unwrap())
+            };
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for fp8 in [false, true] {
+                let (y, dw) = run(&w, &dy, n, fp8);
+                // The output's columns as a [n, m] tensor's rows, to cut them like the weight's rows.
+                let yt: Vec<f32> = (0..n * m).map(|i| y[(i % m) * n + i / m]).collect();
+                let dyt: Vec<f32> = (0..n * m).map(|i| dy[(i % m) * n + i / m]).collect();
+                for r in 0..tp {
+                    let wp = shard(&w, &wshape, split, r, tp);
+                    let dyp_t = shard(&dyt, &[n, m], split, r, tp);
+                    let np = n / tp;
+                    let dyp: Vec<f32> = (0..m * np).map(|i| dyp_t[(i % np) * m + i / np]).collect();
+                    let (yp, dwp) = run(&wp, &dyp, np, fp8);
+                    let want_t = shard(&yt, &[n, m], split, r, tp);
+                    let got_t: Vec<f32> = (0..np * m).map(|i| yp[(i % m) * np + i / m]).collect();
+                    assert_eq!(bits(&got_t), bits(&want_t), "forward, blocks {blocks}, fp8 {fp8}, rank {r}");
+                    assert_eq!(bits(&dwp), bits(&shard(&dw, &wshape, split, r, tp)), "weight gradient, rank {r}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_qkv_shard_holds_its_heads_q_k_and_v_rows() {
         let cfg = cfg();
