@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod dist;
 pub mod lock;
+pub mod metrics;
 pub mod report;
 
 use crate::backend::BResult;
@@ -16,9 +17,8 @@ use checkpoint::LoopState;
 use config::Config;
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
-use serde_json::json;
+use metrics::{Metrics, Record};
 use slog::{info, warn, Logger};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -85,73 +85,6 @@ pub fn val_loss<B: Backend, C: Collectives>(
     })
 }
 
-/// Appends JSON lines to `metrics.jsonl`, each record in one `write` call, so a kill
-/// leaves whole lines and at most one torn last line.
-struct Metrics(std::fs::File);
-
-/// What reopening `metrics.jsonl` for a resume kept and dropped.
-#[derive(Debug, Default, PartialEq)]
-pub struct MetricsResume {
-    pub kept: usize,
-    /// Records of steps after the checkpoint (they run again).
-    pub dropped_later: usize,
-    /// Lines that are not whole JSON records (a torn tail of a killed run).
-    pub dropped_torn: usize,
-}
-
-/// `text` of `metrics.jsonl` reduced to the whole records up to step `limit`.
-fn metrics_kept(text: &str, limit: u64) -> (String, MetricsResume) {
-    let mut r = MetricsResume::default();
-    let mut kept = String::new();
-    let whole = if text.ends_with('\n') { text } else { &text[..text.rfind('\n').map_or(0, |i| i + 1)] };
-    r.dropped_torn = usize::from(whole.len() < text.len());
-    for line in whole.lines() {
-        match serde_json::from_str::<serde_json::Value>(line) {
-            Err(_) => r.dropped_torn += 1,
-            Ok(v) if v["step"].as_u64().is_some_and(|s| s > limit) => r.dropped_later += 1,
-            Ok(_) => {
-                kept.push_str(line);
-                kept.push('\n');
-                r.kept += 1;
-            }
-        }
-    }
-    (kept, r)
-}
-
-impl Metrics {
-    fn open(run_dir: &Path, keep_up_to_step: Option<u64>) -> Result<(Metrics, MetricsResume), String> {
-        let path = run_dir.join("metrics.jsonl");
-        let mut resume = MetricsResume::default();
-        if let Some(limit) = keep_up_to_step {
-            // Resuming: keep the whole records up to the checkpoint; later steps run
-            // again. Replaced through a renamed temporary file: a kill now loses nothing.
-            let old = match std::fs::read(&path) {
-                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-                Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-            };
-            let (kept, r) = metrics_kept(&old, limit);
-            resume = r;
-            let tmp = run_dir.join(".metrics.jsonl.tmp");
-            let err = |e: std::io::Error| format!("cannot rewrite {}: {e}", path.display());
-            let mut f = std::fs::File::create(&tmp).map_err(err)?;
-            f.write_all(kept.as_bytes()).and_then(|_| f.sync_all()).map_err(err)?;
-            std::fs::rename(&tmp, &path).map_err(err)?;
-        }
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        Ok((Metrics(f), resume))
-    }
-    fn write(&mut self, v: serde_json::Value) -> std::io::Result<()> {
-        // One write of the whole line (a File is unbuffered: no splitting by a buffer).
-        self.0.write_all(format!("{v}\n").as_bytes())
-    }
-}
-
 /// Where training starts: fresh, or from a checkpoint.
 pub enum Start<B: Backend> {
     Fresh,
@@ -214,7 +147,7 @@ pub fn train<B: Backend>(
         None
     };
     let mut metrics_warned = false;
-    let mut emit = |v: serde_json::Value| {
+    let mut emit = |v: Record<'_>| {
         if let Some(m) = metrics.as_mut() {
             if let Err(e) = m.write(v) {
                 // Training goes on (checkpoints hold the state); say so once.
@@ -258,9 +191,16 @@ pub fn train<B: Backend>(
         }
     }
     if !resumed {
-        emit(json!({"kind": "data", "description": ds.description, "entropy_floor": ds.entropy_floor,
-            "unigram_entropy": ds.unigram_entropy, "level": tc.level.to_string(), "params": np,
-            "bytes_per_param": bpp, "scale_meta_bytes": meta_bytes, "ranks": world.size}));
+        emit(Record::Data {
+            description: &ds.description,
+            entropy_floor: ds.entropy_floor,
+            unigram_entropy: ds.unigram_entropy,
+            level: tc.level.to_string(),
+            params: np as u64,
+            bytes_per_param: bpp,
+            scale_meta_bytes: meta_bytes as u64,
+            ranks: world.size as u64,
+        });
     }
 
     let pb = (progress && lead).then(|| {
@@ -315,10 +255,22 @@ pub fn train<B: Backend>(
         let mem = be.memory();
         let high_water = mem.map(|m| m.pool_high_water);
         peak_memory = peak_memory.max(high_water.unwrap_or(0));
-        emit(json!({"kind": "step", "step": ls.step, "loss": st.loss, "loss_bits": st.loss.to_bits(),
-            "grad_norm": norm, "lr": lr, "ms": secs * 1e3, "tok_s": tok_s, "mu": mu, "skipped": st.overflow,
-            "dy_saturated": st.saturated, "dy_elements": st.cast_elements,
-            "comm_bytes": comm.payload, "comm_meta_bytes": comm.meta, "pool_high_water_bytes": high_water}));
+        emit(Record::Step {
+            step: ls.step,
+            loss: st.loss,
+            loss_bits: st.loss.to_bits(),
+            grad_norm: norm,
+            lr,
+            ms: secs * 1e3,
+            tok_s,
+            mu,
+            skipped: st.overflow,
+            dy_saturated: st.saturated,
+            dy_elements: st.cast_elements,
+            comm_bytes: comm.payload,
+            comm_meta_bytes: comm.meta,
+            pool_high_water_bytes: high_water,
+        });
         if ls.step == 1 || ls.step % tc.log_every == 0 || ls.step == tc.steps || st.overflow {
             let mut line = format!(
                 "step {:>5}/{} | loss {:.4} | norm {:.4} | lr {:.2e} | {:.1} ms | {:.0} tok/s",
@@ -348,7 +300,7 @@ pub fn train<B: Backend>(
         let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step % tc.eval_every == 0);
         if eval_now {
             last_val = val_loss(be, &mut model, &mut ws, &val, world)?;
-            emit(json!({"kind": "eval", "step": ls.step, "val_loss": last_val}));
+            emit(Record::Eval { step: ls.step, val_loss: last_val });
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
         let at_end = ls.step == tc.steps && tc.checkpoint_at_end;
@@ -363,8 +315,12 @@ pub fn train<B: Backend>(
         pb.finish_and_clear();
     }
     let tokens_per_s = tokens_done as f64 / run_start.elapsed().as_secs_f64().max(1e-9);
-    emit(json!({"kind": "final", "step": ls.step, "val_loss": last_val, "tok_s": tokens_per_s,
-        "pool_high_water_bytes": (peak_memory > 0).then_some(peak_memory)}));
+    emit(Record::Final {
+        step: ls.step,
+        val_loss: last_val,
+        tok_s: tokens_per_s,
+        pool_high_water_bytes: (peak_memory > 0).then_some(peak_memory),
+    });
     drop(metrics);
     if lead {
         match report::write_plot(run_dir) {
@@ -478,20 +434,6 @@ fn fault(kind: config::FaultKind, rank: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn resume_keeps_whole_records_up_to_the_checkpoint() {
-        let text = "{\"kind\":\"data\"}\n{\"kind\":\"step\",\"step\":1}\n{\"kind\":\"step\",\"step\":2}\n\
-                    {\"kind\":\"step\",\"step\":3}\n{\"kind\":\"step\",\"st";
-        let (kept, r) = metrics_kept(text, 2);
-        assert_eq!(kept, "{\"kind\":\"data\"}\n{\"kind\":\"step\",\"step\":1}\n{\"kind\":\"step\",\"step\":2}\n");
-        assert_eq!(r, MetricsResume { kept: 3, dropped_later: 1, dropped_torn: 1 });
-        // A damaged line in the middle goes too; a clean file loses nothing.
-        let (_, r) = metrics_kept("{\"step\":1}\n{\"ste\n{\"step\":2}\n", 9);
-        assert_eq!(r, MetricsResume { kept: 2, dropped_later: 0, dropped_torn: 1 });
-        let (kept, r) = metrics_kept("{\"step\":1}\n", 9);
-        assert_eq!((kept.as_str(), r.dropped_torn), ("{\"step\":1}\n", 0));
-    }
 
     #[test]
     fn schedule_and_cosine() {
