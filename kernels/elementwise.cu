@@ -59,37 +59,8 @@ extern "C" __global__ void cast_fp8_bf16(const u16* x, u8* q, float scale, u32 n
         q[i] = cast_fp8_one(fp8train_from_bf16(x[i]), scale, mx, e5m2, amax, sat);
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }
-// Column chunk sums (reduce.cu: column_chunk_sums) of one column, or four adjacent ones
-// (column_chunk_walk4: cols a multiple of 4, x 16-byte aligned for f32, 8-byte for
-// BF16), of f32 or BF16 values (widened exactly), from thread t, each row's value(s)
-// also handed to copy(offset, value): the bias gradient of a linear layer and a copy of
-// its output gradient from one read.
-template <typename T, typename F>
-__device__ __forceinline__ void column_chunk_walk1(const T* x, float* part, u32 rows, u32 cols, u32 t, F copy) {
-    u32 chunks = (rows + 31) / 32;
-    if (t >= chunks * cols) return;
-    u32 ch = t / cols, j = t % cols;
-    float acc = 0.0f;
-    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return cs_value(x, (size_t)r * cols + j); },
-                         [&](u32 r, float v) {
-                             acc = acc + v;
-                             copy((size_t)r * cols + j, v);
-                         });
-    part[(size_t)ch * cols + j] = acc;
-}
-template <typename T, typename F>
-__device__ __forceinline__ void column_chunk_walk4(const T* x, float* part, u32 rows, u32 cols, u32 t, F copy) {
-    u32 chunks = (rows + 31) / 32, groups = cols / 4;
-    if (t >= chunks * groups) return;
-    u32 ch = t / groups, j = 4 * (t % groups);
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return cs_value4(x, (size_t)r * cols + j); },
-                         [&](u32 r, float4 v) {
-                             fp8train_add4(acc, v);
-                             copy((size_t)r * cols + j, v);
-                         });
-    *(float4*)(part + (size_t)ch * cols + j) = acc;
-}
+// The column walks with a copy (reduce.cu: column_chunk_walk): the bias gradient of a
+// linear layer and a copy of its output gradient from one read.
 // The sums and the scaled FP8 cast of x (a linear layer's output gradient: its E5M2
 // copy), with cast_fp8's statistics (stats[0]: amax bits, stats[1]: saturated; one
 // atomic each per block).
@@ -97,7 +68,7 @@ extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u
                                                   float scale, int e5m2, unsigned long long* stats) {
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
-    column_chunk_walk1(x, part, rows, cols, fp8train_tid(),
+    column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(),
                        [&](size_t k, float v) { q[k] = cast_fp8_one(v, scale, mx, e5m2, amax, sat); });
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }
@@ -107,7 +78,7 @@ extern "C" __global__ void column_chunk_sums_cast4(const float* x, float* part, 
                                                    float scale, int e5m2, unsigned long long* stats) {
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
-    column_chunk_walk4(x, part, rows, cols, fp8train_tid(), [&](size_t k, float4 v) {
+    column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(), [&](size_t k, float4 v) {
         *(u32*)(q + k) = cast_fp8_four(v, scale, mx, e5m2, amax, sat);
     });
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
@@ -120,11 +91,11 @@ extern "C" __global__ void column_chunk_sums_cast_from_bf16(const u16* x, float*
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     if (by4)
-        column_chunk_walk4(x, part, rows, cols, fp8train_tid(), [&](size_t k, float4 v) {
+        column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(), [&](size_t k, float4 v) {
             *(u32*)(q + k) = cast_fp8_four(v, scale, mx, e5m2, amax, sat);
         });
     else
-        column_chunk_walk1(x, part, rows, cols, fp8train_tid(),
+        column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(),
                            [&](size_t k, float v) { q[k] = cast_fp8_one(v, scale, mx, e5m2, amax, sat); });
     fp8train_block_flush(amax, sat, &stats[0], &stats[1]);
 }
@@ -132,10 +103,10 @@ extern "C" __global__ void column_chunk_sums_cast_from_bf16(const u16* x, float*
 // thread (`by4`: cols a multiple of 4, x 16-byte and q 8-byte aligned).
 extern "C" __global__ void column_chunk_sums_bf16_copy(const float* x, float* part, u32 rows, u32 cols, u16* q, int by4) {
     if (by4)
-        column_chunk_walk4(x, part, rows, cols, fp8train_tid(),
+        column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(),
                            [&](size_t k, float4 v) { *(uint2*)(q + k) = fp8train_to_bf16x4(v.x, v.y, v.z, v.w); });
     else
-        column_chunk_walk1(x, part, rows, cols, fp8train_tid(), [&](size_t k, float v) { q[k] = fp8train_to_bf16(v); });
+        column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(), [&](size_t k, float v) { q[k] = fp8train_to_bf16(v); });
 }
 extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
     u32 i = fp8train_tid();

@@ -12,17 +12,13 @@ typedef unsigned int u32;
 
 // Saturating round-to-nearest-even casts (the contract's scaled cast): |x| > max and
 // infinities -> +-max, NaN -> 0x7f. cvt packs its first source into the upper byte.
-__device__ __forceinline__ u8 fp8train_e4m3_sat(float x) {
-    u16 r;
-    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x));
-    return (u8)(r & 0xff);
-}
 // Two codes at once: `lo` into the low byte, `hi` into the high one.
 __device__ __forceinline__ u16 fp8train_e4m3x2_sat(float lo, float hi) {
     u16 r;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
     return r;
 }
+__device__ __forceinline__ u8 fp8train_e4m3_sat(float x) { return (u8)(fp8train_e4m3x2_sat(x, 0.0f) & 0xff); }
 __device__ __forceinline__ u8 fp8train_e5m2_sat(float x) {
     u16 r;
     asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.0f), "f"(x));

@@ -206,18 +206,10 @@ extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int a
 // chunk ch of 32 rows of column j into pw / pb[ch * cols + j] in the contract's column
 // order (reduce.cu: column_chunk_sums), the trees per column after. W columns per
 // thread: 4 (cols a multiple of 4, x 16-byte and dy 8-byte aligned) or 1.
-__device__ __forceinline__ float4 ln_vals(const float* x, size_t k, float4) { return *(const float4*)(x + k); }
-__device__ __forceinline__ float4 ln_vals(const u16* x, size_t k, float4) { return fp8train_bf16x4(*(const uint2*)(x + k)); }
-__device__ __forceinline__ float ln_vals(const float* x, size_t k, float) { return x[k]; }
-__device__ __forceinline__ float ln_vals(const u16* x, size_t k, float) { return fp8train_from_bf16(x[k]); }
 __device__ __forceinline__ float4 ln_dw_term(float4 g, float4 v, float mu, float rs) {
     return make_float4(g.x * ((v.x - mu) * rs), g.y * ((v.y - mu) * rs), g.z * ((v.z - mu) * rs), g.w * ((v.w - mu) * rs));
 }
 __device__ __forceinline__ float ln_dw_term(float g, float v, float mu, float rs) { return g * ((v - mu) * rs); }
-__device__ __forceinline__ void ln_acc(float4& a, float4 v) { fp8train_add4(a, v); }
-__device__ __forceinline__ void ln_acc(float& a, float v) { a = a + v; }
-__device__ __forceinline__ void ln_put(float* p, float4 v) { *(float4*)p = v; }
-__device__ __forceinline__ void ln_put(float* p, float v) { *p = v; }
 template <typename V>
 __device__ __forceinline__ void ln_param_chunk_sums(float* pw, float* pb, const float* x, const u16* dy,
                                                     const float* mean, const float* rstd, u32 rows, u32 cols) {
@@ -232,14 +224,14 @@ __device__ __forceinline__ void ln_param_chunk_sums(float* pw, float* pb, const 
         ch * 32, min(rows, (ch + 1) * 32),
         [&](u32 r) {
             size_t k = (size_t)r * cols + j;
-            return Row{ln_vals(dy, k, V{}), ln_vals(x, k, V{}), mean[r], rstd[r]};
+            return Row{cs_value_as(dy, k, V{}), cs_value_as(x, k, V{}), mean[r], rstd[r]};
         },
         [&](u32, Row q) {
-            ln_acc(aw, ln_dw_term(q.g, q.v, q.mu, q.rs));
-            ln_acc(ab, q.g);
+            cs_add(aw, ln_dw_term(q.g, q.v, q.mu, q.rs));
+            cs_add(ab, q.g);
         });
-    ln_put(pw + (size_t)ch * cols + j, aw);
-    ln_put(pb + (size_t)ch * cols + j, ab);
+    cs_put(pw + (size_t)ch * cols + j, aw);
+    cs_put(pb + (size_t)ch * cols + j, ab);
 }
 extern "C" __global__ void layernorm_param_sums4(float* pw, float* pb, const float* x, const u16* dy, const float* mean,
                                                  const float* rstd, u32 rows, u32 cols) {

@@ -86,47 +86,56 @@ extern "C" __global__ void amax_bits(const float* x, u32 n, unsigned long long* 
     if ((threadIdx.x & 31) == 0 && m != 0) atomicMax(out, (unsigned long long)m);
 }
 // Column sums of rows x cols: partial per (row chunk, column), then a tree per column.
+// A thread takes one chunk of 32 rows of one column (V = float) or of four adjacent
+// columns (V = float4: cols a multiple of 4, rows 16-byte aligned for f32, 8-byte for
+// BF16, one wide load per row instead of four narrow ones), each column's sum in the
+// contract's order, of f32 or BF16 values (widened exactly).
 __device__ __forceinline__ float cs_value(const float* x, size_t k) { return x[k]; }
 __device__ __forceinline__ float cs_value(const u16* x, size_t k) { return fp8train_from_bf16(x[k]); }
+__device__ __forceinline__ float4 cs_value4(const float* x, size_t k) { return *(const float4*)(x + k); }
+__device__ __forceinline__ float4 cs_value4(const u16* x, size_t k) { return fp8train_bf16x4(*(const uint2*)(x + k)); }
+// The value(s) at k as V (the third argument only picks the width).
 template <typename T>
-__device__ __forceinline__ void column_chunk_sums_of(const T* x, float* part, u32 rows, u32 cols) {
-    u32 t = fp8train_tid();
-    u32 chunks = (rows + 31) / 32;
-    if (t >= chunks * cols) return;
-    u32 ch = t / cols, j = t % cols;
-    float acc = 0.0f;
-    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return cs_value(x, (size_t)r * cols + j); },
-                         [&](u32, float v) { acc = acc + v; });
-    part[(size_t)ch * cols + j] = acc;
+__device__ __forceinline__ float cs_value_as(const T* x, size_t k, float) { return cs_value(x, k); }
+template <typename T>
+__device__ __forceinline__ float4 cs_value_as(const T* x, size_t k, float4) { return cs_value4(x, k); }
+// acc = acc + v per column; a partial stored.
+__device__ __forceinline__ void cs_add(float& a, float v) { a = a + v; }
+__device__ __forceinline__ void cs_add(float4& a, float4 v) { fp8train_add4(a, v); }
+__device__ __forceinline__ void cs_put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void cs_put(float* p, float4 v) { *(float4*)p = v; }
+// Thread t's chunk sums into `part`, each row's value(s) also handed to copy(offset,
+// value) (the fused kernels write a copy of x from the same read; `cs_no_copy` none).
+template <typename V, typename T, typename F>
+__device__ __forceinline__ void column_chunk_walk(const T* x, float* part, u32 rows, u32 cols, u32 t, F copy) {
+    const u32 w = sizeof(V) / 4;
+    u32 chunks = (rows + 31) / 32, groups = cols / w;
+    if (t >= chunks * groups) return;
+    u32 ch = t / groups, j = w * (t % groups);
+    V acc = {};
+    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return cs_value_as(x, (size_t)r * cols + j, V{}); },
+                         [&](u32 r, V v) {
+                             cs_add(acc, v);
+                             copy((size_t)r * cols + j, v);
+                         });
+    cs_put(part + (size_t)ch * cols + j, acc);
 }
+struct cs_no_copy {
+    template <typename V>
+    __device__ __forceinline__ void operator()(size_t, V) const {}
+};
 extern "C" __global__ void column_chunk_sums(const float* x, float* part, u32 rows, u32 cols) {
-    column_chunk_sums_of(x, part, rows, cols);
+    column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(), cs_no_copy{});
 }
 // The same of BF16 values (a layernorm's bias gradient: the column sums of its dy).
 extern "C" __global__ void column_chunk_sums_bf16(const u16* x, float* part, u32 rows, u32 cols) {
-    column_chunk_sums_of(x, part, rows, cols);
-}
-// Four adjacent columns per thread (cols a multiple of 4, rows 16-byte aligned for f32,
-// 8-byte for BF16): each column's sums in the same order as above, with one 16-byte
-// (f32) or 8-byte (BF16) load per row instead of four narrow ones.
-__device__ __forceinline__ float4 cs_value4(const float* x, size_t k) { return *(const float4*)(x + k); }
-__device__ __forceinline__ float4 cs_value4(const u16* x, size_t k) { return fp8train_bf16x4(*(const uint2*)(x + k)); }
-template <typename T>
-__device__ __forceinline__ void column_chunk_sums4_of(const T* x, float* part, u32 rows, u32 cols) {
-    u32 t = fp8train_tid();
-    u32 chunks = (rows + 31) / 32, groups = cols / 4;
-    if (t >= chunks * groups) return;
-    u32 ch = t / groups, j = 4 * (t % groups);
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    fp8train_column_walk(ch * 32, min(rows, (ch + 1) * 32), [&](u32 r) { return cs_value4(x, (size_t)r * cols + j); },
-                         [&](u32, float4 v) { fp8train_add4(acc, v); });
-    *(float4*)(part + (size_t)ch * cols + j) = acc;
+    column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(), cs_no_copy{});
 }
 extern "C" __global__ void column_chunk_sums4(const float* x, float* part, u32 rows, u32 cols) {
-    column_chunk_sums4_of(x, part, rows, cols);
+    column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(), cs_no_copy{});
 }
 extern "C" __global__ void column_chunk_sums4_bf16(const u16* x, float* part, u32 rows, u32 cols) {
-    column_chunk_sums4_of(x, part, rows, cols);
+    column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(), cs_no_copy{});
 }
 // The same tree for 32 columns per block (block (32, 32)), level by level in shared
 // memory: dynamic shared memory (chunks + chunks / 2 + 1) * 32 floats. The partials'

@@ -677,19 +677,34 @@ impl Cuda {
     /// contract's order: chunk partials, four columns per thread when the width and the
     /// address allow, then the tree.
     fn column_sums_at(&self, out: &mut CudaSlice<f32>, x: u64, bf16: bool, rows: usize, cols: usize) -> BResult<()> {
-        let (r, c) = (rows as u32, cols as u32);
-        let chunks = r.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
         let (by4, one, align) = if bf16 {
             ("column_chunk_sums4_bf16", "column_chunk_sums_bf16", 8)
         } else {
             ("column_chunk_sums4", "column_chunk_sums", 16)
         };
-        if by_four(c, &[(x, align)]) {
-            launch!(self, by4, (chunks * c / 4) as usize, [&x, &mut part, &r, &c]);
-        } else {
-            launch!(self, one, (chunks * c) as usize, [&x, &mut part, &r, &c]);
-        }
+        let four = by_four(cols as u32, &[(x, align)]);
+        self.column_sums_via(out, rows, cols, four, |part, r, c, items| {
+            launch!(self, if four { by4 } else { one }, items, [&x, part, &r, &c]);
+            Ok(())
+        })
+    }
+
+    /// Column sums in the contract's order through a chunk-partials kernel: `launch`
+    /// gets the partials' scratch (a float per 32-row chunk and column), the rows, the
+    /// columns and its thread count (one per chunk and column, or per chunk and four
+    /// columns with `by4`); then the tree per column.
+    fn column_sums_via(
+        &self,
+        out: &mut CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        by4: bool,
+        launch: impl FnOnce(&mut CudaSlice<f32>, u32, u32, usize) -> BResult<()>,
+    ) -> BResult<()> {
+        let (r, c) = (rows as u32, cols as u32);
+        let chunks = r.div_ceil(32);
+        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        launch(&mut part, r, c, (chunks * if by4 { c / 4 } else { c }) as usize)?;
         self.column_tree(out, part, chunks, c)
     }
 
@@ -1170,17 +1185,14 @@ impl Backend for Cuda {
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums_cast");
         assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (r, c, f, p) = (rows as u32, cols as u32, e5(fmt), self.slot_ptr(&mut stats));
-        let chunks = r.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        let (f, p) = (e5(fmt), self.slot_ptr(&mut stats));
         let s = &self.gpu.stream;
-        if by_four(c, &[(dptr(s, x), 16), (dptr(s, q), 4)]) {
-            let items = (chunks * c / 4) as usize;
-            launch!(self, "column_chunk_sums_cast4", items, [x, &mut part, &r, &c, q, &scale, &f, &p]);
-        } else {
-            launch!(self, "column_chunk_sums_cast", (chunks * c) as usize, [x, &mut part, &r, &c, q, &scale, &f, &p]);
-        }
-        self.column_tree(out, part, chunks, c)
+        let four = by_four(cols as u32, &[(dptr(s, x), 16), (dptr(s, q), 4)]);
+        let kernel = if four { "column_chunk_sums_cast4" } else { "column_chunk_sums_cast" };
+        self.column_sums_via(out, rows, cols, four, |part, r, c, items| {
+            launch!(self, kernel, items, [x, part, &r, &c, q, &scale, &f, &p]);
+            Ok(())
+        })
     }
     fn column_sums_bf16(&self, out: &mut CudaSlice<f32>, x: &CudaSlice<bf16>, rows: usize, cols: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums");
@@ -1199,15 +1211,14 @@ impl Backend for Cuda {
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums_cast");
         assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (r, c, f, p) = (rows as u32, cols as u32, e5(fmt), self.slot_ptr(&mut stats));
-        let chunks = r.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
+        let (f, p) = (e5(fmt), self.slot_ptr(&mut stats));
         let s = &self.gpu.stream;
-        let by4 = by_four(c, &[(dptr(s, x), 8), (dptr(s, q), 4)]);
-        let items = (chunks * if by4 { c / 4 } else { c }) as usize;
-        let four = i32::from(by4);
-        launch!(self, "column_chunk_sums_cast_from_bf16", items, [x, &mut part, &r, &c, q, &scale, &f, &p, &four]);
-        self.column_tree(out, part, chunks, c)
+        let four = by_four(cols as u32, &[(dptr(s, x), 8), (dptr(s, q), 4)]);
+        self.column_sums_via(out, rows, cols, four, |part, r, c, items| {
+            let by4 = i32::from(four);
+            launch!(self, "column_chunk_sums_cast_from_bf16", items, [x, part, &r, &c, q, &scale, &f, &p, &by4]);
+            Ok(())
+        })
     }
     fn column_sums_cast_bf16(
         &self,
@@ -1218,15 +1229,13 @@ impl Backend for Cuda {
         cols: usize,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums_cast");
-        let (r, c) = (rows as u32, cols as u32);
-        let chunks = r.div_ceil(32);
-        let mut part = self.scratch::<f32>((chunks * c) as usize)?;
         let s = &self.gpu.stream;
-        let by4 = by_four(c, &[(dptr(s, x), 16), (dptr(s, q), 8)]);
-        let items = (chunks * if by4 { c / 4 } else { c }) as usize;
-        let four = i32::from(by4);
-        launch!(self, "column_chunk_sums_bf16_copy", items, [x, &mut part, &r, &c, q, &four]);
-        self.column_tree(out, part, chunks, c)
+        let four = by_four(cols as u32, &[(dptr(s, x), 16), (dptr(s, q), 8)]);
+        self.column_sums_via(out, rows, cols, four, |part, r, c, items| {
+            let by4 = i32::from(four);
+            launch!(self, "column_chunk_sums_bf16_copy", items, [x, part, &r, &c, q, &by4]);
+            Ok(())
+        })
     }
     fn residual_forward(
         &self,
