@@ -67,86 +67,118 @@ extern "C" __global__ void crossentropy(float* losses, u16* logits, const u32* t
 // ch * 32 + ((j + 4 ch) mod 32): groups of 4 stay whole and 16-byte aligned, and the 8
 // threads of a quarter-warp reading one group each from chunks ch..ch+7 hit 8 distinct
 // 4-bank groups. Dynamic shared memory: 32 * chunks + chunks + chunks / 2 + 1 + 64 floats.
+//
+// The shared memory holds one row, so one block runs per SM: the blocks are persistent
+// (row r, r + gridDim.x, ...) and, when the row's 16-byte units fit CE_PREF per thread,
+// each thread loads its units of the block's next row into registers as soon as the
+// current row is staged, so the next row's loads are in flight while this row's
+// exponentials, sums and gradient are computed (the maximum is order-free, so staging
+// from registers changes nothing else).
 #define CE_AT(ch, j) ((ch) * 32 + (((j) + 4 * (ch)) & 31))
-extern "C" __global__ void __launch_bounds__(1024)
+#define CE_PREF 7
+extern "C" __global__ void __launch_bounds__(1024, 1)
     crossentropy_staged(float* losses, u16* logits, const u32* targets, float dloss, u32 n, u32 v, int with_grad) {
     extern __shared__ __align__(16) float ce_sh[];
-    u32 r = blockIdx.x;
-    if (r >= n) return;  // whole block
     int chunks = ((int)v + 31) / 32, groups = (int)v / 4;
     float* row = ce_sh;
     float* pa = row + 32 * chunks;
     float* pb = pa + chunks;
     float* wmax = pb + chunks / 2 + 1;
-    uint2* lr = (uint2*)(logits + (size_t)r * v);
-    float mx = __int_as_float(0xff800000);
-    bool nan = false;
-    auto stage = [&](int g, uint2 w) {
-        float4 q = fp8train_bf16x4(w);
-        *(float4*)(row + CE_AT(g / 8, 4 * (g % 8))) = q;
-        nan |= isnan(q.x) | isnan(q.y) | isnan(q.z) | isnan(q.w);
-        mx = q.x > mx ? q.x : mx; mx = q.y > mx ? q.y : mx; mx = q.z > mx ? q.z : mx; mx = q.w > mx ? q.w : mx;
+    // 16-byte units of a row when it is 16-byte aligned (v a multiple of 8), else 0.
+    const int pairs = v % 8 == 0 ? groups / 2 : 0;
+    const bool prefetch = pairs > 0 && pairs <= CE_PREF * (int)blockDim.x;
+    uint4 pre[CE_PREF];
+    auto fetch = [&](u32 rr) {
+        const uint4* l8 = (const uint4*)(logits + (size_t)rr * v);
+#pragma unroll
+        for (int k = 0; k < CE_PREF; k++) {
+            int h = threadIdx.x + k * blockDim.x;
+            if (h < pairs) pre[k] = l8[h];
+        }
     };
-    if (v % 8 == 0) {  // 16-byte loads (the row is 16-byte aligned): more of the row in flight
-        const uint4* l8 = (const uint4*)lr;
+    if (prefetch && blockIdx.x < n) fetch(blockIdx.x);
+    for (u32 r = blockIdx.x; r < n; r += gridDim.x) {
+        uint2* lr = (uint2*)(logits + (size_t)r * v);
+        float mx = __int_as_float(0xff800000);
+        bool nan = false;
+        auto stage = [&](int g, uint2 w) {
+            float4 q = fp8train_bf16x4(w);
+            *(float4*)(row + CE_AT(g / 8, 4 * (g % 8))) = q;
+            nan |= isnan(q.x) | isnan(q.y) | isnan(q.z) | isnan(q.w);
+            mx = q.x > mx ? q.x : mx; mx = q.y > mx ? q.y : mx; mx = q.z > mx ? q.z : mx; mx = q.w > mx ? q.w : mx;
+        };
+        if (prefetch) {
+#pragma unroll
+            for (int k = 0; k < CE_PREF; k++) {
+                int h = threadIdx.x + k * blockDim.x;
+                if (h < pairs) {
+                    stage(2 * h, make_uint2(pre[k].x, pre[k].y));
+                    stage(2 * h + 1, make_uint2(pre[k].z, pre[k].w));
+                }
+            }
+            if (r + gridDim.x < n) fetch(r + gridDim.x);
+        } else if (pairs > 0) {  // 16-byte loads (the row is 16-byte aligned): more of the row in flight
+            const uint4* l8 = (const uint4*)lr;
 #pragma unroll 4
-        for (int h = threadIdx.x; h < groups / 2; h += blockDim.x) {
-            uint4 w = l8[h];
-            stage(2 * h, make_uint2(w.x, w.y));
-            stage(2 * h + 1, make_uint2(w.z, w.w));
-        }
-    } else {
+            for (int h = threadIdx.x; h < pairs; h += blockDim.x) {
+                uint4 w = l8[h];
+                stage(2 * h, make_uint2(w.x, w.y));
+                stage(2 * h + 1, make_uint2(w.z, w.w));
+            }
+        } else {
 #pragma unroll 4
-        for (int g = threadIdx.x; g < groups; g += blockDim.x) stage(g, lr[g]);
-    }
-    // (ce_block_max's barrier also makes the staged row visible to the block.)
-    float m = ce_block_max(mx, nan, wmax);
-    u32 tgt = targets[r];
-    float lt = row[CE_AT(tgt / 32, tgt % 32)];
-    __syncthreads();  // (every thread has read the target's logit before it is replaced)
-    // The exponentials first, every thread an equal share of groups of 4 (a chunk per
-    // thread would leave the threads with two chunks the critical path: 1572 chunks over
-    // 1024 threads at GPT-2's vocabulary), then each chunk's sum in its order.
-    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-        float4* p = (float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
-        float4 q = *p;
-        *p = make_float4(fp8train_exp(q.x - m), fp8train_exp(q.y - m), fp8train_exp(q.z - m), fp8train_exp(q.w - m));
-    }
-    __syncthreads();
-    for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
-        float acc = 0.0f;
-        int len = min(32, (int)v - ch * 32);
-        for (int j = 0; j < len; j += 4) {
-            float4 q = *(const float4*)(row + CE_AT(ch, j));
-            acc = acc + q.x;
-            acc = acc + q.y;
-            acc = acc + q.z;
-            acc = acc + q.w;
+            for (int g = threadIdx.x; g < groups; g += blockDim.x) stage(g, lr[g]);
         }
-        pa[ch] = acc;
-    }
-    __syncthreads();
-    float z = fp8train_block_tree(pa, pb, chunks);
-    if (with_grad) {
-        // e / z correctly rounded without a division per element: q = e (1/z) and one
-        // correction with the exact residual (Markstein), exact while 1/z is correctly
-        // rounded, z finite and e >= 2^-100 (the quotient far from underflow; z is at
-        // least 1). Groups with a smaller (or NaN) e, or a row with z not finite, divide.
-        float rz = 1.0f / z;
-        bool z_ok = z <= fp8train_bits(0x7f7fffffu);
-        auto quot = [&](float e) { float q = e * rz; return fmaf(rz, fmaf(-z, q, e), q); };
+        // (ce_block_max's barrier also makes the staged row visible to the block.)
+        float m = ce_block_max(mx, nan, wmax);
+        u32 tgt = targets[r];
+        float lt = row[CE_AT(tgt / 32, tgt % 32)];
+        __syncthreads();  // (every thread has read the target's logit before it is replaced)
+        // The exponentials first, every thread an equal share of groups of 4 (a chunk per
+        // thread would leave the threads with two chunks the critical path: 1572 chunks over
+        // 1024 threads at GPT-2's vocabulary), then each chunk's sum in its order.
         for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-            float4 e = *(const float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
-            float4 q = make_float4(quot(e.x), quot(e.y), quot(e.z), quot(e.w));
-            if (!(z_ok && fminf(fminf(e.x, e.y), fminf(e.z, e.w)) >= fp8train_bits(0x0d800000u) && !isnan(e.x + e.y + e.z + e.w)))
-                q = make_float4(e.x / z, e.y / z, e.z / z, e.w / z);
-            u32 j = 4 * g;
-            float d0 = (q.x - (j == tgt ? 1.0f : 0.0f)) * dloss;
-            float d1 = (q.y - (j + 1 == tgt ? 1.0f : 0.0f)) * dloss;
-            float d2 = (q.z - (j + 2 == tgt ? 1.0f : 0.0f)) * dloss;
-            float d3 = (q.w - (j + 3 == tgt ? 1.0f : 0.0f)) * dloss;
-            lr[g] = fp8train_to_bf16x4(d0, d1, d2, d3);
+            float4* p = (float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
+            float4 q = *p;
+            *p = make_float4(fp8train_exp(q.x - m), fp8train_exp(q.y - m), fp8train_exp(q.z - m), fp8train_exp(q.w - m));
         }
+        __syncthreads();
+        for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+            float acc = 0.0f;
+            int len = min(32, (int)v - ch * 32);
+            for (int j = 0; j < len; j += 4) {
+                float4 q = *(const float4*)(row + CE_AT(ch, j));
+                acc = acc + q.x;
+                acc = acc + q.y;
+                acc = acc + q.z;
+                acc = acc + q.w;
+            }
+            pa[ch] = acc;
+        }
+        __syncthreads();
+        float z = fp8train_block_tree(pa, pb, chunks);
+        if (with_grad) {
+            // e / z correctly rounded without a division per element: q = e (1/z) and one
+            // correction with the exact residual (Markstein), exact while 1/z is correctly
+            // rounded, z finite and e >= 2^-100 (the quotient far from underflow; z is at
+            // least 1). Groups with a smaller (or NaN) e, or a row with z not finite, divide.
+            float rz = 1.0f / z;
+            bool z_ok = z <= fp8train_bits(0x7f7fffffu);
+            auto quot = [&](float e) { float q = e * rz; return fmaf(rz, fmaf(-z, q, e), q); };
+            for (int g = threadIdx.x; g < groups; g += blockDim.x) {
+                float4 e = *(const float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
+                float4 q = make_float4(quot(e.x), quot(e.y), quot(e.z), quot(e.w));
+                if (!(z_ok && fminf(fminf(e.x, e.y), fminf(e.z, e.w)) >= fp8train_bits(0x0d800000u) && !isnan(e.x + e.y + e.z + e.w)))
+                    q = make_float4(e.x / z, e.y / z, e.z / z, e.w / z);
+                u32 j = 4 * g;
+                float d0 = (q.x - (j == tgt ? 1.0f : 0.0f)) * dloss;
+                float d1 = (q.y - (j + 1 == tgt ? 1.0f : 0.0f)) * dloss;
+                float d2 = (q.z - (j + 2 == tgt ? 1.0f : 0.0f)) * dloss;
+                float d3 = (q.w - (j + 3 == tgt ? 1.0f : 0.0f)) * dloss;
+                lr[g] = fp8train_to_bf16x4(d0, d1, d2, d3);
+            }
+        }
+        if (threadIdx.x == 0) losses[r] = (fp8train_log(z) + m) - lt;
+        __syncthreads();  // (every thread is done with the row's shared memory before the next is staged)
     }
-    if (threadIdx.x == 0) losses[r] = (fp8train_log(z) + m) - lt;
 }

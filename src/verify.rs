@@ -271,7 +271,12 @@ fn cases() -> Vec<Case> {
         [(2, 7, 12, 3), (1, 70, 32, 2), (4, 64, 64, 4), (2, 130, 128, 2), (1, 200, 256, 2)]
             .map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }),
     );
-    v.extend([(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000)].map(|(n, v)| Case::CrossEntropy { n, v }));
+    // More rows than a GPU has SMs too (its persistent blocks take several rows each,
+    // loading the next while computing one).
+    v.extend(
+        [(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000), (1000, 64), (300, 50304)]
+            .map(|(n, v)| Case::CrossEntropy { n, v }),
+    );
     v.extend([(1000, 64), (33, 7), (2048, 96)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
     v.push(Case::Casts { n: 100_003 });
     // One block, several blocks, and more than 1024 blocks (two tree passes).

@@ -587,6 +587,12 @@ impl Cuda {
         Ok(part)
     }
 
+    /// Streaming multiprocessors of this device.
+    fn sm_count(&self) -> u32 {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
+        self.gpu.ctx.attribute(SMS).map(|c| c.max(1) as u32).unwrap_or(1)
+    }
+
     /// Dynamic shared memory a block may opt into on this device (bytes).
     fn max_shared(&self) -> u32 {
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN;
@@ -1570,8 +1576,10 @@ impl Backend for Cuda {
         // The row's f32 values, then its exponentials, in shared memory when they fit
         // (GPT-2's 50304 classes: 206 KiB).
         if v.is_multiple_of(4) && staged <= self.max_shared() {
-            let c =
-                LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: staged };
+            // Persistent blocks, one per SM (the shared memory holds one row), each
+            // loading its next row while it computes this one.
+            let blocks = n.clamp(1, self.sm_count() as usize) as u32;
+            let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: staged };
             launch!(self, "crossentropy_staged", with c, [losses, logits, targets, &dloss, &nn, &vv, &with]);
             return Ok(());
         }
