@@ -171,6 +171,19 @@ __device__ __forceinline__ float f16_value(u16 h, float inv_scale) {
     float v = fp8train_from_f16(h);
     return isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
+// y = bf16(decode_f16(h)): decode_f16 then cast_bf16 in one pass (the LM head's copy of
+// an FP16 token embedding). Four per thread (8-byte accesses) when aligned; launched
+// over (n + 3) / 4 threads.
+extern "C" __global__ void cast_bf16_from_f16(const u16* h, u16* y, float inv_scale, u32 n) {
+    size_t v = fp8train_tid();
+    if ((((size_t)h | (size_t)y) & 7) == 0 && 4 * v + 3 < n) {
+        uint2 w = ((const uint2*)h)[v];
+        ((uint2*)y)[v] = fp8train_to_bf16x4(f16_value(w.x & 0xffffu, inv_scale), f16_value(w.x >> 16, inv_scale),
+                                            f16_value(w.y & 0xffffu, inv_scale), f16_value(w.y >> 16, inv_scale));
+        return;
+    }
+    for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) y[i] = fp8train_to_bf16(f16_value(h[i], inv_scale));
+}
 // amax of the decoded FP16 values (out zeroed before the launch); grid-stride, eight
 // values per thread and step (16-byte loads) when h is aligned.
 extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsigned long long* out) {

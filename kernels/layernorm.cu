@@ -123,39 +123,22 @@ extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, uns
     if (lane == 0) { mean[r] = mu; rstd[r] = s; }
 }
 
-// dx (overwritten, or with `accumulate` dx = dx + grad); the weight and bias gradients
-// are layernorm_param_sums' (below). x (f32) and dy (BF16, as the products before
-// a layernorm's backward store it) are staged; the old dx is read in the output loop.
-// Both sums (of w dy, and of w dy times the normalized x) in one pass over the staged
-// rows, each in the contract's order. Dynamic shared memory, in floats (ln_cfg): the
-// weights (32 chunks), then per warp the staged x (32 chunks) and dy (16 chunks) and 4
-// chunks of scratch, rounded up to a multiple of 4. `vec`: x, w, dx 16-byte and dy 8-byte
-// aligned, c a multiple of 4.
-extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int accumulate,
-                                                   const u16* __restrict__ dy, const float* __restrict__ x,
-                                                   const float* __restrict__ w, const float* mean, const float* rstd,
-                                                   u32 n, u32 c, int vec) {
-    extern __shared__ __align__(16) float ln_sh[];
-    u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
-    u32 r = blockIdx.x * warps + warp;
-    u32 chunks = (c + 31) / 32, per_warp = (52 * chunks + 3) & ~3u;
-    float* sw = ln_sh;
-    float* sx = sw + 32 * chunks + (size_t)warp * per_warp;
-    u16* sdy = (u16*)(sx + 32 * chunks);
-    float* pa = sx + 48 * chunks;
-    float* pb = pa + chunks;
-    float* qa = pb + chunks;
-    float* qb = qa + chunks;
-    bool live = r < n;
-    ln_stage(sw, w, c, threadIdx.x, blockDim.x, vec);
-    if (live) {
-        ln_stage(sx, x + (size_t)r * c, c, lane, 32, vec);
-        ln_stage_bf16(sdy, dy + (size_t)r * c, c, lane, vec);
-    }
-    ln_staged();
-    __syncthreads();
-    if (!live) return;
-    float mu = mean[r], rs = rstd[r];
+// The weight gradient's term of one element (four): dy times the normalized x as the
+// forward pass computed it.
+__device__ __forceinline__ float4 ln_dw_term(float4 g, float4 v, float mu, float rs) {
+    return make_float4(g.x * ((v.x - mu) * rs), g.y * ((v.y - mu) * rs), g.z * ((v.z - mu) * rs), g.w * ((v.w - mu) * rs));
+}
+__device__ __forceinline__ float ln_dw_term(float g, float v, float mu, float rs) { return g * ((v - mu) * rs); }
+
+// One row's dx (overwritten, or with `accumulate` dx = dx + grad) by the calling warp
+// from its staged x (f32) and dy (BF16, as the products before a layernorm's backward
+// store it) and the staged weights; the old dx is read in the output loop. Both sums (of
+// w dy, and of w dy times the normalized x) in one pass over the staged row, each in the
+// contract's order; pa, pb, qa, qb: the warp's scratch of `chunks` floats each.
+__device__ __forceinline__ void ln_backward_row(float* __restrict__ dxr, int accumulate, const float* sw,
+                                                const float* sx, const u16* sdy, float* pa, float* pb, float* qa,
+                                                float* qb, u32 c, float mu, float rs, bool vec) {
+    u32 lane = threadIdx.x & 31, chunks = (c + 31) / 32;
     auto gy1 = [&](u32 i) { return fp8train_from_bf16(sdy[LN16_AT(i)]); };
     // term1 = w dy, term2 = (w dy) * ((x - mu) * rs): both chunk sums of a lane at once.
     for (u32 ch = lane; ch < chunks; ch += 32) {
@@ -181,7 +164,6 @@ extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int a
     __syncwarp();
     float s1 = fp8train_warp_tree(pa, pb, (int)chunks) / (float)c;
     float s2 = fp8train_warp_tree(qa, qb, (int)chunks) / (float)c;
-    float* dxr = dx + (size_t)r * c;
     auto grad = [&](float xv, float wv, float g) { return (((wv * g) - s1) - ((xv - mu) * rs) * s2) * rs; };
     if (vec) {
 #pragma unroll 2
@@ -201,15 +183,114 @@ extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int a
     }
 }
 
+// A warp per row: its dx (ln_backward_row); the weight and bias gradients are
+// layernorm_param_sums' (below). Dynamic shared memory, in floats (ln_cfg): the weights
+// (32 chunks), then per warp the staged x (32 chunks) and dy (16 chunks) and 4 chunks of
+// scratch, rounded up to a multiple of 4. `vec`: x, w, dx 16-byte and dy 8-byte aligned,
+// c a multiple of 4.
+extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int accumulate,
+                                                   const u16* __restrict__ dy, const float* __restrict__ x,
+                                                   const float* __restrict__ w, const float* mean, const float* rstd,
+                                                   u32 n, u32 c, int vec) {
+    extern __shared__ __align__(16) float ln_sh[];
+    u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+    u32 r = blockIdx.x * warps + warp;
+    u32 chunks = (c + 31) / 32, per_warp = (52 * chunks + 3) & ~3u;
+    float* sw = ln_sh;
+    float* sx = sw + 32 * chunks + (size_t)warp * per_warp;
+    u16* sdy = (u16*)(sx + 32 * chunks);
+    float* pa = sx + 48 * chunks;
+    bool live = r < n;
+    ln_stage(sw, w, c, threadIdx.x, blockDim.x, vec);
+    if (live) {
+        ln_stage(sx, x + (size_t)r * c, c, lane, 32, vec);
+        ln_stage_bf16(sdy, dy + (size_t)r * c, c, lane, vec);
+    }
+    ln_staged();
+    __syncthreads();
+    if (!live) return;
+    ln_backward_row(dx + (size_t)r * c, accumulate, sw, sx, sdy, pa, pa + chunks, pa + 2 * chunks, pa + 3 * chunks, c,
+                    mean[r], rstd[r], vec);
+}
+
+// dx and the weight and bias gradients' column chunk partials in one kernel: a block is
+// one of the contract's column chunks (rows 32 b .. 32 b + 31), its warps take `warps`
+// rows at a time (ln_backward_row each), then the block adds those rows' terms to each
+// column's partials in row order (dw: dy * ((x - mean) * rstd), db: dy, read from the
+// staged rows, so x and dy are read from global memory once for all three results).
+// Thread t keeps columns 4 (t + k blockDim) for k < COLS; the host launches this
+// only when that covers c (c a multiple of 4, every buffer aligned: `vec`) and warps
+// divides 32. Partials to pw / pbias[b * c + j] (column_tree after). Shared memory as
+// layernorm_backward_rows.
+template <int COLS>
+__device__ __forceinline__ void ln_backward_chunk(float* __restrict__ dx, int accumulate, const u16* __restrict__ dy,
+                                                  const float* __restrict__ x, const float* __restrict__ w,
+                                                  const float* mean, const float* rstd, u32 n, u32 c, float* pw,
+                                                  float* pbias) {
+    extern __shared__ __align__(16) float ln_sh[];
+    u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
+    u32 chunks = (c + 31) / 32, per_warp = (52 * chunks + 3) & ~3u;
+    float* sw = ln_sh;
+    float* rows = sw + 32 * chunks;  // warp k's staged row at rows + k * per_warp
+    float* sx = rows + (size_t)warp * per_warp;
+    u16* sdy = (u16*)(sx + 32 * chunks);
+    float* pa = sx + 48 * chunks;
+    u32 r0 = blockIdx.x * 32, r_end = min(n, r0 + 32);
+    ln_stage(sw, w, c, threadIdx.x, blockDim.x, true);
+    float4 aw[COLS], ab[COLS];
+#pragma unroll
+    for (int k = 0; k < COLS; k++) aw[k] = ab[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (u32 base = r0; base < r_end; base += warps) {
+        u32 r = base + warp;
+        if (r < r_end) {
+            ln_stage(sx, x + (size_t)r * c, c, lane, 32, true);
+            ln_stage_bf16(sdy, dy + (size_t)r * c, c, lane, true);
+        }
+        ln_staged();
+        __syncthreads();
+        if (r < r_end)
+            ln_backward_row(dx + (size_t)r * c, accumulate, sw, sx, sdy, pa, pa + chunks, pa + 2 * chunks,
+                            pa + 3 * chunks, c, mean[r], rstd[r], true);
+        // (ln_backward_row leaves the staged rows as they are; its scratch is its own.)
+        u32 live = min(warps, r_end - base);
+#pragma unroll
+        for (int k = 0; k < COLS; k++) {
+            u32 i = 4 * (threadIdx.x + k * blockDim.x);
+            if (i >= c) break;
+            for (u32 q = 0; q < live; q++) {
+                const float* qx = rows + (size_t)q * per_warp;
+                float4 g = ln_ld4_bf16((const u16*)(qx + 32 * chunks), i), v = ln_ld4(qx, i);
+                float mu = mean[base + q], rs = rstd[base + q];
+                fp8train_add4(aw[k], ln_dw_term(g, v, mu, rs));
+                fp8train_add4(ab[k], g);
+            }
+        }
+        __syncthreads();  // (every thread is done with the staged rows before the next are staged)
+    }
+#pragma unroll
+    for (int k = 0; k < COLS; k++) {
+        u32 i = 4 * (threadIdx.x + k * blockDim.x);
+        if (i >= c) break;
+        *(float4*)(pw + (size_t)blockIdx.x * c + i) = aw[k];
+        *(float4*)(pbias + (size_t)blockIdx.x * c + i) = ab[k];
+    }
+}
+#define LN_CHUNKS_KERNEL(COLS)                                                                                  \
+    extern "C" __global__ void layernorm_backward_chunks##COLS(float* dx, int accumulate, const u16* dy,         \
+                                                               const float* x, const float* w, const float* mean, \
+                                                               const float* rstd, u32 n, u32 c, float* pw,        \
+                                                               float* pbias) {                                    \
+        ln_backward_chunk<COLS>(dx, accumulate, dy, x, w, mean, rstd, n, c, pw, pbias);                         \
+    }
+LN_CHUNKS_KERNEL(1)
+LN_CHUNKS_KERNEL(2)
+LN_CHUNKS_KERNEL(4)
+
 // The weight and bias gradients' column chunk sums in one pass over x and dy: dw's terms
 // are dy * ((x - mean) * rstd) (the normalized x as the forward computed it), db's dy;
 // chunk ch of 32 rows of column j into pw / pb[ch * cols + j] in the contract's column
 // order (reduce.cu: column_chunk_sums), the trees per column after. W columns per
 // thread: 4 (cols a multiple of 4, x 16-byte and dy 8-byte aligned) or 1.
-__device__ __forceinline__ float4 ln_dw_term(float4 g, float4 v, float mu, float rs) {
-    return make_float4(g.x * ((v.x - mu) * rs), g.y * ((v.y - mu) * rs), g.z * ((v.z - mu) * rs), g.w * ((v.w - mu) * rs));
-}
-__device__ __forceinline__ float ln_dw_term(float g, float v, float mu, float rs) { return g * ((v - mu) * rs); }
 template <typename V>
 __device__ __forceinline__ void ln_param_chunk_sums(float* pw, float* pb, const float* x, const u16* dy,
                                                     const float* mean, const float* rstd, u32 rows, u32 cols) {

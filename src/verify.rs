@@ -238,7 +238,7 @@ impl Case {
                 ("column sums (bias grad) [+ e5m2 cast, + bf16 copy; of bf16]".into(), format!("{rows}x{cols}"))
             }
             Case::Casts { n } => {
-                ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3, bf16 -> e4m3".into(), format!("{n}"))
+                ("casts e4m3/e5m2/bf16/f16 + decode, f16 -> e4m3/bf16, bf16 -> e4m3".into(), format!("{n}"))
             }
             Case::Reductions { n } => ("sum, sum of squares, amax".into(), format!("{n}")),
             Case::GemmAcc { m1, m2, n, k } => {
@@ -261,7 +261,12 @@ fn cases() -> Vec<Case> {
             }
         }
     }
-    v.extend([(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048), (4, 4096)].map(|(n, c)| Case::LayerNorm { n, c }));
+    // (GPUs: the backward in 32-row blocks, several rounds of rows each, a short last
+    // block; 257 and 4096 columns take the row kernel and the separate sums.)
+    v.extend(
+        [(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048), (4, 4096), (1000, 768), (100, 2048)]
+            .map(|(n, c)| Case::LayerNorm { n, c }),
+    );
     v.extend([(125, 8), (241, 17), (64, 768)].map(|(rows, c)| Case::Gelu { rows, c, every_code: false }));
     v.push(Case::Gelu { rows: 64, c: 1024, every_code: true });
     v.extend([(125, 8), (241, 17), (33, 3072)].map(|(rows, c)| Case::Residual { rows, c }));
@@ -615,6 +620,9 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.decode_f16(&mut back, &hh, 0.125)?;
                 outs.push(("f16", be.download(&hh)?.iter().map(|h| h.to_bits() as u32).collect()));
                 outs.push(("f16 decoded", bits(be, &back)?));
+                let mut hb16 = be.zeros::<bf16>(n)?;
+                be.cast_bf16_from_f16(&mut hb16, &hh, 0.125)?;
+                outs.push(("f16 -> bf16", be.download(&hb16)?.iter().map(|h| h.to_bits() as u32).collect()));
                 // Just-in-time casts (scale worked out on the device from the amax):
                 // a weight view from its FP16 master, a gradient from f32; with and
                 // without a NaN (which keeps the previous scale).

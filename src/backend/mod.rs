@@ -281,6 +281,14 @@ pub trait Backend {
     fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32) -> BResult<()>;
     /// `x = h * inv_scale`.
     fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()>;
+    /// `y = bf16(h * inv_scale)`: `decode_f16` then `cast_bf16` (the LM head's BF16 copy
+    /// of an FP16 token embedding), which this default does through an f32 temporary; a
+    /// backend may do both in one pass (the same bits).
+    fn cast_bf16_from_f16(&self, y: &mut Self::Buf<bf16>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()> {
+        let mut x = self.zeros::<f32>(self.len(h))?;
+        self.decode_f16(&mut x, h, inv_scale)?;
+        self.cast_bf16(y, &x)
+    }
     /// `amax` into a slot.
     fn amax_to(&self, x: &Self::Buf<f32>, slot: Slot<'_, Self>) -> BResult<()>;
     /// `cast_fp8` with its statistics into two slots (`at`: amax, `at + 1`: saturated).

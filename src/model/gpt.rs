@@ -506,15 +506,11 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// The LM head's BF16 copy of the token embedding (once its values are settled); a
-    /// local FP16 master is decoded into a temporary first (the same values).
+    /// local FP16 master's codes are decoded on the way (the same values).
     fn cast_head(&self, be: &B, ws: &mut Workspace<B>) -> BResult<()> {
         match Self::embed_table(&self.params, &ws.work) {
             EmbedTable::F32(w) => be.cast_bf16(&mut ws.wte_bf16, w),
-            EmbedTable::F16(h, inv) => {
-                let mut w = be.zeros::<f32>(be.len(h))?;
-                be.decode_f16(&mut w, h, inv)?;
-                be.cast_bf16(&mut ws.wte_bf16, &w)
-            }
+            EmbedTable::F16(h, inv) => be.cast_bf16_from_f16(&mut ws.wte_bf16, h, inv),
         }
     }
 

@@ -159,6 +159,32 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
     }
 }
 
+/// `layernorm_backward_chunks<cols>`'s launch for `n` rows of `c` channels: a block per
+/// 32-row column chunk, its warps (a divisor of 32) taking that many rows at a time, the
+/// count that keeps the most rows of an SM in flight (shared memory as ln_cfg: 227 KiB
+/// per SM, `max_shared` per block) with each thread keeping at most 4 column groups of 4
+/// (`cols`: 1, 2 or 4). None when c is not a multiple of 4 or no count fits.
+fn ln_chunks_cfg(n: usize, c: usize, max_shared: u32) -> Option<(LaunchConfig, u32)> {
+    if c == 0 || !c.is_multiple_of(4) || n == 0 {
+        return None;
+    }
+    let chunks = c.div_ceil(32);
+    let per_warp = (52 * chunks).next_multiple_of(4);
+    let bytes = |w: usize| (32 * chunks + w * per_warp) * 4;
+    let cols = |w: usize| (c / 4).div_ceil(32 * w).next_power_of_two();
+    let per_sm = |w: usize| ((227 << 10) / (bytes(w) + 1024)).min(64 / w) * w;
+    let warps = [16, 8, 4, 2, 1]
+        .into_iter()
+        .filter(|&w| bytes(w) <= max_shared as usize && cols(w) <= 4)
+        .max_by_key(|&w| (per_sm(w), w))?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32) as u32, 1, 1),
+        block_dim: (32 * warps as u32, 1, 1),
+        shared_mem_bytes: bytes(warps) as u32,
+    };
+    Some((cfg, cols(warps) as u32))
+}
+
 /// The flash-attention kernels of one head size (fast class).
 struct Flash {
     forward: &'static str,
@@ -940,6 +966,12 @@ impl Backend for Cuda {
         launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
         Ok(())
     }
+    fn cast_bf16_from_f16(&self, y: &mut CudaSlice<bf16>, h: &CudaSlice<f16>, inv_scale: f32) -> BResult<()> {
+        let _op = self.op(Phase::Other, "cast_bf16");
+        let n = h.len() as u32;
+        launch!(self, "cast_bf16_from_f16", (n as usize).div_ceil(4), [h, y, &inv_scale, &n]);
+        Ok(())
+    }
     fn amax_to(&self, x: &CudaSlice<f32>, mut slot: Slot<'_, Self>) -> BResult<()> {
         let _op = self.op(Phase::Other, "amax");
         let (n, p) = (x.len() as u32, self.slot_ptr(&mut slot));
@@ -1361,29 +1393,35 @@ impl Backend for Cuda {
         let (nn, cc) = (n as u32, c as u32);
         let acc = i32::from(accumulate);
         let st = &self.gpu.stream;
-        {
-            let _op = self.op(Phase::Other, "layernorm_backward");
-            let vec =
-                i32::from(by_four(cc, &[(dptr(st, dx), 16), (dptr(st, dy), 8), (dptr(st, x), 16), (dptr(st, w), 16)]));
-            // Staged x (32 chunks), BF16 dy (16) and 4 chunks of scratch per warp: 52.
-            launch!(self, "layernorm_backward_rows", with ln_cfg(n, c, 1, 52), [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &vec]);
-        }
-        // The weight and bias gradients: both columns' chunk sums in one pass, then the trees.
-        let _op = self.op(Phase::Other, "column_sums");
+        let vec = by_four(cc, &[(dptr(st, dx), 16), (dptr(st, dy), 8), (dptr(st, x), 16), (dptr(st, w), 16)]);
         let chunks = nn.div_ceil(32);
         let mut pw = self.scratch::<f32>((chunks * cc) as usize)?;
         let mut pb = self.scratch::<f32>((chunks * cc) as usize)?;
-        if by_four(cc, &[(dptr(st, x), 16), (dptr(st, dy), 8)]) {
-            let items = (chunks * cc / 4) as usize;
-            launch!(self, "layernorm_param_sums4", items, [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]);
+        if let Some((cfg, cols)) = ln_chunks_cfg(n, c, self.max_shared()).filter(|_| vec) {
+            // dx and both gradients' chunk partials in one pass over x and dy.
+            let _op = self.op(Phase::Other, "layernorm_backward");
+            let name = ["layernorm_backward_chunks1", "layernorm_backward_chunks2", "layernorm_backward_chunks4"]
+                [cols.trailing_zeros() as usize];
+            launch!(self, name, with cfg, [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &mut pw, &mut pb]);
         } else {
-            launch!(
-                self,
-                "layernorm_param_sums",
-                (chunks * cc) as usize,
-                [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]
-            );
+            {
+                let _op = self.op(Phase::Other, "layernorm_backward");
+                let vec = i32::from(vec);
+                // Staged x (32 chunks), BF16 dy (16) and 4 chunks of scratch per warp: 52.
+                let cfg = ln_cfg(n, c, 1, 52);
+                launch!(self, "layernorm_backward_rows", with cfg, [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &vec]);
+            }
+            // The weight and bias gradients: both columns' chunk sums in one pass.
+            let _op = self.op(Phase::Other, "column_sums");
+            if by_four(cc, &[(dptr(st, x), 16), (dptr(st, dy), 8)]) {
+                let items = (chunks * cc / 4) as usize;
+                launch!(self, "layernorm_param_sums4", items, [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]);
+            } else {
+                let items = (chunks * cc) as usize;
+                launch!(self, "layernorm_param_sums", items, [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]);
+            }
         }
+        let _op = self.op(Phase::Other, "column_sums");
         self.column_tree(dw, pw, chunks, cc)?;
         self.column_tree(db, pb, chunks, cc)
     }
