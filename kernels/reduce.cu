@@ -137,19 +137,10 @@ extern "C" __global__ void column_chunk_sums4(const float* x, float* part, u32 r
 extern "C" __global__ void column_chunk_sums4_bf16(const u16* x, float* part, u32 rows, u32 cols) {
     column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(), cs_no_copy{});
 }
-// The same tree for 32 columns per block (block (32, 32)), level by level in shared
-// memory: dynamic shared memory (chunks + chunks / 2 + 1) * 32 floats. The partials'
-// loads are unrolled so that each thread has several in flight.
-extern "C" __global__ void column_tree_block(const float* part, float* out, u32 chunks, u32 cols) {
-    extern __shared__ float ct_sh[];
-    float* a = ct_sh;
-    float* b = ct_sh + (size_t)chunks * 32;
-    u32 tx = threadIdx.x, ty = threadIdx.y, j = blockIdx.x * 32 + tx;
-    bool in = j < cols;
-#pragma unroll 8
-    for (u32 ch = ty; ch < chunks; ch += blockDim.y) a[ch * 32 + tx] = in ? part[(size_t)ch * cols + j] : 0.0f;
-    __syncthreads();
-    int m = (int)chunks;
+// The tree over m partials of 32 columns side by side (a[ch * 32 + column]), level by
+// level, by a (32, blockDim.y) block: every thread gets its column's root.
+__device__ float fp8train_column_block_tree(float* a, float* b, int m) {
+    u32 tx = threadIdx.x, ty = threadIdx.y;
     while (m > 1) {
         int half = m / 2;
         for (int i = ty; i < half; i += blockDim.y) b[i * 32 + tx] = a[2 * i * 32 + tx] + a[(2 * i + 1) * 32 + tx];
@@ -158,12 +149,32 @@ extern "C" __global__ void column_tree_block(const float* part, float* out, u32 
         m = half + (m & 1);
         float* t = a; a = b; b = t;
     }
-    if (in && ty == 0) out[j] = chunks == 0 ? 0.0f : a[tx];
+    return a[tx];
 }
-extern "C" __global__ void column_tree(float* part, float* out, u32 chunks, u32 cols) {
-    u32 j = fp8train_tid();
-    if (j >= cols) return;
-    out[j] = chunks == 0 ? 0.0f : fp8train_tree(part + j, (int)chunks, (int)cols);
+// The same tree for 32 columns per block (block (32, 32)), level by level in shared
+// memory, over an aligned group of `group` partials (blockIdx.y: which; the last may be
+// short): a sub-tree of the contract's tree wherever it sits (aligned sub-trees compose,
+// sim/src/reduce.rs), so a pass with group >= chunks gives the roots and a pass with a
+// smaller group leaves the next level's partials, rows g of out. blockIdx.z picks one
+// of two (partials, output) pairs (a layernorm's two gradients in one launch). Dynamic
+// shared memory (group + group / 2 + 1) * 32 floats. The partials' loads are unrolled
+// so that each thread has several in flight.
+extern "C" __global__ void column_tree_block(const float* part0, float* out0, const float* part1, float* out1,
+                                             u32 chunks, u32 cols, u32 group) {
+    extern __shared__ float ct_sh[];
+    const float* part = blockIdx.z ? part1 : part0;
+    float* out = blockIdx.z ? out1 : out0;
+    float* a = ct_sh;
+    float* b = ct_sh + (size_t)group * 32;
+    u32 tx = threadIdx.x, ty = threadIdx.y, j = blockIdx.x * 32 + tx;
+    u32 first = blockIdx.y * group, m = chunks > first ? min(group, chunks - first) : 0;
+    bool in = j < cols;
+    part += (size_t)first * cols;
+#pragma unroll 8
+    for (u32 ch = ty; ch < m; ch += blockDim.y) a[ch * 32 + tx] = in ? part[(size_t)ch * cols + j] : 0.0f;
+    __syncthreads();
+    float r = fp8train_column_block_tree(a, b, (int)m);
+    if (in && ty == 0) out[(size_t)blockIdx.y * cols + j] = m == 0 ? 0.0f : r;
 }
 
 // The gradient reduction's sum (sim: fp8cluster/src/reduce.rs): this rank's shard of

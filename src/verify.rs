@@ -262,9 +262,10 @@ fn cases() -> Vec<Case> {
         }
     }
     // (GPUs: the backward in 32-row blocks, several rounds of rows each, a short last
-    // block; 257 and 4096 columns take the row kernel and the separate sums.)
+    // block; 257 and 4096 columns take the row kernel and the separate sums; 3000 rows,
+    // trees in two passes.)
     v.extend(
-        [(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048), (4, 4096), (1000, 768), (100, 2048)]
+        [(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048), (4, 4096), (1000, 768), (100, 2048), (3000, 64)]
             .map(|(n, c)| Case::LayerNorm { n, c }),
     );
     v.extend([(125, 8), (241, 17), (64, 768)].map(|(rows, c)| Case::Gelu { rows, c, every_code: false }));
@@ -282,7 +283,11 @@ fn cases() -> Vec<Case> {
         [(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000), (1000, 64), (300, 50304)]
             .map(|(n, v)| Case::CrossEntropy { n, v }),
     );
-    v.extend([(1000, 64), (33, 7), (2048, 96)].map(|(rows, cols)| Case::ColumnSums { rows, cols }));
+    // (GPUs: the trees over more than 64 and more than 4096 chunk partials take two and
+    // three passes.)
+    v.extend(
+        [(1000, 64), (33, 7), (2048, 96), (5000, 40), (140_000, 4)].map(|(rows, cols)| Case::ColumnSums { rows, cols }),
+    );
     v.push(Case::Casts { n: 100_003 });
     // One block, several blocks, and more than 1024 blocks (two tree passes).
     for n in [100_003, 9_000_001] {

@@ -55,6 +55,8 @@ pub struct Cuda {
     flash_mma: std::cell::Cell<bool>,
     /// FP8TRAIN_FLASH=mma: the same for the whole process (read once, at start-up).
     flash_mma_env: bool,
+    /// The layernorm backward's launch per channel count (see `ln_chunks_launch`).
+    ln_launch: std::cell::RefCell<std::collections::HashMap<usize, Option<(LaunchConfig, &'static str)>>>,
 }
 
 fn cfg(n: usize) -> LaunchConfig {
@@ -159,32 +161,6 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
     }
 }
 
-/// `layernorm_backward_chunks<cols>`'s launch for `n` rows of `c` channels: a block per
-/// 32-row column chunk, its warps (a divisor of 32) taking that many rows at a time, the
-/// count that keeps the most rows of an SM in flight (shared memory as ln_cfg: 227 KiB
-/// per SM, `max_shared` per block) with each thread keeping at most 4 column groups of 4
-/// (`cols`: 1, 2 or 4). None when c is not a multiple of 4 or no count fits.
-fn ln_chunks_cfg(n: usize, c: usize, max_shared: u32) -> Option<(LaunchConfig, u32)> {
-    if c == 0 || !c.is_multiple_of(4) || n == 0 {
-        return None;
-    }
-    let chunks = c.div_ceil(32);
-    let per_warp = (52 * chunks).next_multiple_of(4);
-    let bytes = |w: usize| (32 * chunks + w * per_warp) * 4;
-    let cols = |w: usize| (c / 4).div_ceil(32 * w).next_power_of_two();
-    let per_sm = |w: usize| ((227 << 10) / (bytes(w) + 1024)).min(64 / w) * w;
-    let warps = [16, 8, 4, 2, 1]
-        .into_iter()
-        .filter(|&w| bytes(w) <= max_shared as usize && cols(w) <= 4)
-        .max_by_key(|&w| (per_sm(w), w))?;
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(32) as u32, 1, 1),
-        block_dim: (32 * warps as u32, 1, 1),
-        shared_mem_bytes: bytes(warps) as u32,
-    };
-    Some((cfg, cols(warps) as u32))
-}
-
 /// The flash-attention kernels of one head size (fast class).
 struct Flash {
     forward: &'static str,
@@ -279,6 +255,7 @@ impl Cuda {
             scalars: Default::default(),
             flash_mma: std::cell::Cell::new(false),
             flash_mma_env: std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma"),
+            ln_launch: Default::default(),
         })
     }
 
@@ -613,6 +590,50 @@ impl Cuda {
         Ok(part)
     }
 
+    /// `layernorm_backward_chunks<cols>`'s launch for `n` rows of `c` channels (the
+    /// kernel's name and configuration): a block per 32-row column chunk, its warps (a
+    /// divisor of 32) taking that many rows at a time, each thread keeping at most 4
+    /// column groups of 4 (`cols` 1, 2 or 4 by the warps); the warp count that keeps the
+    /// most warps of an SM busy (the driver's occupancy for the kernel's registers and
+    /// shared memory: the weights' 32 chunks and 52 per warp, as ln_cfg), the smaller on
+    /// a tie (more blocks to overlap each other's barriers). FP8TRAIN_LN_WARPS=w forces
+    /// w (measurements). None when c is not a multiple of 4 or no count fits.
+    fn ln_chunks_launch(&self, n: usize, c: usize) -> BResult<Option<(LaunchConfig, &'static str)>> {
+        if c == 0 || !c.is_multiple_of(4) || n == 0 {
+            return Ok(None);
+        }
+        if let Some(hit) = self.ln_launch.borrow().get(&c) {
+            return Ok(hit.map(|(cfg, name)| (LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), ..cfg }, name)));
+        }
+        let chunks = c.div_ceil(32);
+        let bytes = |w: usize| (32 * chunks + w * (52 * chunks).next_multiple_of(4)) * 4;
+        let forced = std::env::var("FP8TRAIN_LN_WARPS").ok().and_then(|v| v.parse::<usize>().ok());
+        let mut best: Option<(usize, usize, LaunchConfig, &'static str)> = None;
+        for w in [16, 8, 4, 2, 1] {
+            let cols = (c / 4).div_ceil(32 * w).next_power_of_two();
+            if cols > 4 || bytes(w) > self.max_shared() as usize || forced.is_some_and(|f| f != w) {
+                continue;
+            }
+            let name = ["layernorm_backward_chunks1", "layernorm_backward_chunks2", "layernorm_backward_chunks4"]
+                [cols.trailing_zeros() as usize];
+            let f = self.function(name, bytes(w) as u32)?;
+            let blocks = f
+                .occupancy_max_active_blocks_per_multiprocessor(32 * w as u32, bytes(w), None)
+                .map_err(|e| BackendError::new(format!("CUDA kernel {name}"), e))? as usize;
+            let cfg = LaunchConfig {
+                grid_dim: (1, 1, 1),
+                block_dim: (32 * w as u32, 1, 1),
+                shared_mem_bytes: bytes(w) as u32,
+            };
+            if blocks > 0 && best.as_ref().is_none_or(|b| blocks * w >= b.0) {
+                best = Some((blocks * w, w, cfg, name));
+            }
+        }
+        let pick = best.map(|(_, _, cfg, name)| (cfg, name));
+        self.ln_launch.borrow_mut().insert(c, pick);
+        self.ln_chunks_launch(n, c)
+    }
+
     /// Streaming multiprocessors of this device.
     fn sm_count(&self) -> u32 {
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
@@ -823,18 +844,56 @@ impl Cuda {
 
     /// The contract's tree over `chunks` column-chunk partials (`part`, chunk-major)
     /// into `out` (see reduce.cu).
-    fn column_tree(&self, out: &mut CudaSlice<f32>, mut part: CudaSlice<f32>, chunks: u32, c: u32) -> BResult<()> {
-        let shared = ((chunks as usize + chunks as usize / 2 + 1) * 32 * 4) as u32;
-        if shared <= 200 << 10 {
-            let cf = LaunchConfig {
-                grid_dim: (c.div_ceil(32).max(1), 1, 1),
+    fn column_tree(&self, out: &mut CudaSlice<f32>, part: CudaSlice<f32>, chunks: u32, c: u32) -> BResult<()> {
+        self.column_trees(out, part, None, chunks, c)
+    }
+
+    /// The contract's tree per column over `chunks` partials of `c` columns (`part`, chunk
+    /// major) into `out`, and the same for a second pair in the same launches. Passes
+    /// over aligned groups of COLUMN_GROUP partials (each a sub-tree: more blocks, little
+    /// shared memory) leave the next level's partials, until one pass takes them all.
+    fn column_trees(
+        &self,
+        out: &mut CudaSlice<f32>,
+        part: CudaSlice<f32>,
+        second: Option<(&mut CudaSlice<f32>, CudaSlice<f32>)>,
+        mut chunks: u32,
+        c: u32,
+    ) -> BResult<()> {
+        const COLUMN_GROUP: u32 = 64;
+        let st = &self.gpu.stream;
+        let pairs = if second.is_some() { 2 } else { 1 };
+        let launch_pass = |parts: [u64; 2], outs: [u64; 2], chunks: u32, group: u32, groups: u32| -> BResult<()> {
+            let cfg = LaunchConfig {
+                grid_dim: (c.div_ceil(32).max(1), groups, pairs),
                 block_dim: (32, 32, 1),
-                shared_mem_bytes: shared,
+                shared_mem_bytes: (group + group / 2 + 1) * 32 * 4,
             };
-            launch!(self, "column_tree_block", with cf, [&part, out, &chunks, &c]);
-        } else {
-            launch!(self, "column_tree", c as usize, [&mut part, out, &chunks, &c]);
+            launch!(self, "column_tree_block", with cfg, [&parts[0], &outs[0], &parts[1], &outs[1], &chunks, &c, &group]);
+            Ok(())
+        };
+        // (The second pair's pointers repeat the first's when there is none: never read.)
+        let (second_out, second_part) = match second {
+            Some((o, p)) => (Some(o), Some(p)),
+            None => (None, None),
+        };
+        let mut parts = [dptr(st, &part), dptr(st, second_part.as_ref().unwrap_or(&part))];
+        let mut held: Vec<CudaSlice<f32>> = Vec::new();
+        while chunks > COLUMN_GROUP {
+            let groups = chunks.div_ceil(COLUMN_GROUP);
+            let next: Vec<CudaSlice<f32>> =
+                (0..pairs).map(|_| self.scratch::<f32>((groups * c) as usize)).collect::<BResult<_>>()?;
+            let outs = [dptr(st, &next[0]), dptr(st, &next[next.len() - 1])];
+            launch_pass(parts, outs, chunks, COLUMN_GROUP, groups)?;
+            parts = outs;
+            held = next;
+            chunks = groups;
         }
+        let first = dptr(st, out);
+        let outs = [first, second_out.map(|o| dptr(st, o)).unwrap_or(first)];
+        launch_pass(parts, outs, chunks, chunks.max(1), 1)?;
+        // (The partials go back to the stream-ordered pool after the launches using them.)
+        drop((held, part, second_part));
         Ok(())
     }
 
@@ -1397,11 +1456,9 @@ impl Backend for Cuda {
         let chunks = nn.div_ceil(32);
         let mut pw = self.scratch::<f32>((chunks * cc) as usize)?;
         let mut pb = self.scratch::<f32>((chunks * cc) as usize)?;
-        if let Some((cfg, cols)) = ln_chunks_cfg(n, c, self.max_shared()).filter(|_| vec) {
+        if let Some((cfg, name)) = self.ln_chunks_launch(n, c)?.filter(|_| vec) {
             // dx and both gradients' chunk partials in one pass over x and dy.
             let _op = self.op(Phase::Other, "layernorm_backward");
-            let name = ["layernorm_backward_chunks1", "layernorm_backward_chunks2", "layernorm_backward_chunks4"]
-                [cols.trailing_zeros() as usize];
             launch!(self, name, with cfg, [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &mut pw, &mut pb]);
         } else {
             {
@@ -1422,8 +1479,7 @@ impl Backend for Cuda {
             }
         }
         let _op = self.op(Phase::Other, "column_sums");
-        self.column_tree(dw, pw, chunks, cc)?;
-        self.column_tree(db, pb, chunks, cc)
+        self.column_trees(dw, pw, Some((db, pb)), chunks, cc)
     }
     fn attention_forward(
         &self,
