@@ -284,9 +284,11 @@ fn cases() -> Vec<Case> {
             .map(|(n, v)| Case::CrossEntropy { n, v }),
     );
     // (GPUs: the trees over more than 64 and more than 4096 chunk partials take two and
-    // three passes.)
+    // three passes when their columns are few, one pass over 66 partials when they are
+    // many.)
     v.extend(
-        [(1000, 64), (33, 7), (2048, 96), (5000, 40), (140_000, 4)].map(|(rows, cols)| Case::ColumnSums { rows, cols }),
+        [(1000, 64), (33, 7), (2048, 96), (5000, 40), (140_000, 4), (2100, 4352)]
+            .map(|(rows, cols)| Case::ColumnSums { rows, cols }),
     );
     v.push(Case::Casts { n: 100_003 });
     // One block, several blocks, and more than 1024 blocks (two tree passes).

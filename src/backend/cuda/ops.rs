@@ -593,11 +593,12 @@ impl Cuda {
     /// `layernorm_backward_chunks<cols>`'s launch for `n` rows of `c` channels (the
     /// kernel's name and configuration): a block per 32-row column chunk, its warps (a
     /// divisor of 32) taking that many rows at a time, each thread keeping at most 4
-    /// column groups of 4 (`cols` 1, 2 or 4 by the warps); the warp count that keeps the
-    /// most warps of an SM busy (the driver's occupancy for the kernel's registers and
-    /// shared memory: the weights' 32 chunks and 52 per warp, as ln_cfg), the smaller on
-    /// a tie (more blocks to overlap each other's barriers). FP8TRAIN_LN_WARPS=w forces
-    /// w (measurements). None when c is not a multiple of 4 or no count fits.
+    /// column groups of 4 (`cols` 1, 2 or 4 by the warps). Warps: 8 where a block fits
+    /// (shared memory: the weights' 32 chunks and 52 per warp, as ln_cfg; at least one
+    /// block per SM by the driver's occupancy), else 16, 4, 2, 1: measured on an H200 at
+    /// 768 and 2048 channels, 8 beat 16, 4 and 2 (the most resident warps picked 4 at 768,
+    /// 30% slower). FP8TRAIN_LN_WARPS=w forces w (measurements). None when c is not a
+    /// multiple of 4 or no count fits.
     fn ln_chunks_launch(&self, n: usize, c: usize) -> BResult<Option<(LaunchConfig, &'static str)>> {
         if c == 0 || !c.is_multiple_of(4) || n == 0 {
             return Ok(None);
@@ -608,8 +609,8 @@ impl Cuda {
         let chunks = c.div_ceil(32);
         let bytes = |w: usize| (32 * chunks + w * (52 * chunks).next_multiple_of(4)) * 4;
         let forced = std::env::var("FP8TRAIN_LN_WARPS").ok().and_then(|v| v.parse::<usize>().ok());
-        let mut best: Option<(usize, usize, LaunchConfig, &'static str)> = None;
-        for w in [16, 8, 4, 2, 1] {
+        let mut pick = None;
+        for w in [8, 16, 4, 2, 1] {
             let cols = (c / 4).div_ceil(32 * w).next_power_of_two();
             if cols > 4 || bytes(w) > self.max_shared() as usize || forced.is_some_and(|f| f != w) {
                 continue;
@@ -620,16 +621,12 @@ impl Cuda {
             let blocks = f
                 .occupancy_max_active_blocks_per_multiprocessor(32 * w as u32, bytes(w), None)
                 .map_err(|e| BackendError::new(format!("CUDA kernel {name}"), e))? as usize;
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                block_dim: (32 * w as u32, 1, 1),
-                shared_mem_bytes: bytes(w) as u32,
-            };
-            if blocks > 0 && best.as_ref().is_none_or(|b| blocks * w >= b.0) {
-                best = Some((blocks * w, w, cfg, name));
+            if blocks > 0 {
+                let block_dim = (32 * w as u32, 1, 1);
+                pick = Some((LaunchConfig { grid_dim: (1, 1, 1), block_dim, shared_mem_bytes: bytes(w) as u32 }, name));
+                break;
             }
         }
-        let pick = best.map(|(_, _, cfg, name)| (cfg, name));
         self.ln_launch.borrow_mut().insert(c, pick);
         self.ln_chunks_launch(n, c)
     }
@@ -863,6 +860,10 @@ impl Cuda {
         const COLUMN_GROUP: u32 = 64;
         let st = &self.gpu.stream;
         let pairs = if second.is_some() { 2 } else { 1 };
+        // One pass when its blocks (32 columns each) fill the SMs and its shared memory
+        // fits: a pass more costs more than the parallelism it adds (measured: bias sums
+        // of 2048+ columns).
+        let single = c.div_ceil(32) * pairs >= self.sm_count() && (chunks + chunks / 2 + 1) * 32 * 4 <= 160 << 10;
         let launch_pass = |parts: [u64; 2], outs: [u64; 2], chunks: u32, group: u32, groups: u32| -> BResult<()> {
             let cfg = LaunchConfig {
                 grid_dim: (c.div_ceil(32).max(1), groups, pairs),
@@ -879,7 +880,7 @@ impl Cuda {
         };
         let mut parts = [dptr(st, &part), dptr(st, second_part.as_ref().unwrap_or(&part))];
         let mut held: Vec<CudaSlice<f32>> = Vec::new();
-        while chunks > COLUMN_GROUP {
+        while chunks > COLUMN_GROUP && !single {
             let groups = chunks.div_ceil(COLUMN_GROUP);
             let next: Vec<CudaSlice<f32>> =
                 (0..pairs).map(|_| self.scratch::<f32>((groups * c) as usize)).collect::<BResult<_>>()?;
