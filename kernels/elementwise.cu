@@ -152,19 +152,21 @@ extern "C" __global__ void decode_f16(const u16* h, float* x, float inv_scale, u
     float v = fp8train_from_f16(h[i]);
     x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
-// out = res + (x + bias[column]): a linear layer's bias and the residual add in one
-// pass. Four elements per thread (16-byte accesses) when c is a multiple of 4 and the
-// buffers are aligned; launched over (n + 3) / 4 threads.
-extern "C" __global__ void residual_forward(float* out, const float* res, const float* x, const float* bias, u32 c,
+// out = res + (x + bias[column]), x the BF16 product (widened exactly): a linear layer's
+// bias and the residual add in one pass. Four elements per thread (16-byte f32 and
+// 8-byte BF16 accesses) when c is a multiple of 4 and the buffers are aligned; launched
+// over (n + 3) / 4 threads.
+extern "C" __global__ void residual_forward(float* out, const float* res, const u16* x, const float* bias, u32 c,
                                             u32 n) {
     size_t v = fp8train_tid();
-    if ((c & 3) == 0 && (((size_t)out | (size_t)res | (size_t)x | (size_t)bias) & 15) == 0 && 4 * v + 3 < n) {
-        float4 r = ((const float4*)res)[v], xv = ((const float4*)x)[v];
+    if ((c & 3) == 0 && (((size_t)out | (size_t)res | (size_t)bias) & 15) == 0 && ((size_t)x & 7) == 0 &&
+        4 * v + 3 < n) {
+        float4 r = ((const float4*)res)[v], xv = fp8train_bf16x4(((const uint2*)x)[v]);
         float4 b = *(const float4*)(bias + (4 * v) % c);
         ((float4*)out)[v] = make_float4(r.x + (xv.x + b.x), r.y + (xv.y + b.y), r.z + (xv.z + b.z), r.w + (xv.w + b.w));
         return;
     }
-    for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) out[i] = res[i] + (x[i] + bias[i % c]);
+    for (size_t i = 4 * v; i < n && i < 4 * v + 4; i++) out[i] = res[i] + (fp8train_from_bf16(x[i]) + bias[i % c]);
 }
 // An FP16 master as f32 (decode_f16: value * inv_scale, one canonical NaN).
 __device__ __forceinline__ float f16_value(u16 h, float inv_scale) {

@@ -411,11 +411,11 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (a32, a16, a8, fa) = operand_bufs(be, &xa, ta)?;
                 let (b32, b16, b8, fb) = operand_bufs(be, &xb, ta)?;
                 let op = pick::<B>;
-                let mut scratch = be.zeros::<f32>(m * n)?;
+                let mut scratch = be.zeros::<bf16>(m * n)?;
                 let (a, b) = (op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb));
                 if residual {
                     let (res, mut out) = (be.upload(&randn(m * n, 29, 30.0))?, be.zeros::<f32>(m * n)?);
-                    be.matmul(&mut scratch, a, b, Product::Forward, m, n, k, 1.0 / 4096.0)?;
+                    be.matmul_bf16(&mut scratch, a, b, Product::Forward, m, n, k, 1.0 / 4096.0)?;
                     be.residual_forward(&mut out, &res, &scratch, &bias)?;
                     vec![("out", bits(be, &out)?)]
                 } else {
@@ -493,7 +493,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
             Case::Residual { rows, c } => {
                 let n = rows * c;
                 let (res, x, bias) =
-                    (be.upload(&randn(n, 23, 2.0))?, be.upload(&randn(n, 24, 1.0))?, be.upload(&randn(c, 25, 1.0))?);
+                    (be.upload(&randn(n, 23, 2.0))?, be.upload(&randn16(n, 24, 1.0))?, be.upload(&randn(c, 25, 1.0))?);
                 let mut out = be.zeros(n)?;
                 be.residual_forward(&mut out, &res, &x, &bias)?;
                 vec![("out", bits(be, &out)?)]

@@ -501,13 +501,13 @@ pub trait Backend {
     fn cast_bf16_bias(&self, y: &mut Self::Buf<bf16>, x: &Self::Buf<f32>, bias: &Self::Buf<f32>) -> BResult<()>;
     /// Column sums (bias gradients) in the contract's order.
     fn column_sums(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<f32>, rows: usize, cols: usize) -> BResult<()>;
-    /// The residual add of a linear layer's output before its bias was added:
-    /// `out[r, j] = res[r, j] + (x[r, j] + bias[j])`.
+    /// The residual add of a linear layer's output, stored in BF16 before its bias was
+    /// added: `out[r, j] = res[r, j] + (x[r, j] + bias[j])`, x widened exactly.
     fn residual_forward(
         &self,
         out: &mut Self::Buf<f32>,
         res: &Self::Buf<f32>,
-        x: &Self::Buf<f32>,
+        x: &Self::Buf<bf16>,
         bias: &Self::Buf<f32>,
     ) -> BResult<()>;
     /// Set element `i` (fault injection in tests).

@@ -279,12 +279,12 @@ impl Backend for Sim {
         reduce::column_sums(x, rows, cols, out);
         Ok(())
     }
-    fn residual_forward(&self, out: &mut Vec<f32>, res: &Vec<f32>, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<()> {
+    fn residual_forward(&self, out: &mut Vec<f32>, res: &Vec<f32>, x: &Vec<bf16>, bias: &Vec<f32>) -> BResult<()> {
         let c = bias.len();
         par::for_chunks_mut(out, |start, o| {
             for (i, v) in o.iter_mut().enumerate() {
                 let k = start + i;
-                *v = res[k] + (x[k] + bias[k % c]);
+                *v = res[k] + (x[k].to_f32() + bias[k % c]);
             }
         });
         Ok(())

@@ -143,8 +143,9 @@ fn measure<B: Backend>(
     row("GELU backward (+ bias sums, E5M2 out)", n4.clone(), ms, (20 * n * c) as u64);
 
     let res = be.upload(&randn(n * c, 5, 1.0))?;
-    let ms = time(be, reps, || be.residual_forward(&mut dst, &res, &src, &b))?;
-    row("residual add (+ bias)", nc.clone(), ms, (12 * n * c) as u64);
+    let x16 = be.upload(&randn(n * c, 6, 1.0).into_iter().map(fp8sim::half16::to_bf16).collect::<Vec<_>>())?;
+    let ms = time(be, reps, || be.residual_forward(&mut dst, &res, &x16, &b))?;
+    row("residual add (BF16 product + bias)", nc.clone(), ms, (10 * n * c) as u64);
 
     let ms = time(be, reps, || {
         let st = Slot { buf: &mut stats, at: 0 };

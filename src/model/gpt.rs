@@ -58,7 +58,7 @@ struct LayerActs<B: Backend> {
 /// Everything sized by (batch, seq) and reused from step to step: activations, the
 /// weights as this step's GEMMs read them, and backward scratch (f32 gradients live
 /// here only until they are stored in their parameter's format). `lin_out` holds a
-/// projection's f32 product before the residual add; what only the exact class or the
+/// projection's BF16 product before the residual add; what only the exact class or the
 /// first FP8 step needs in f32 (the QKV / MLP-up products before their BF16 rounding,
 /// a layer input before its just-in-time scale, GELU's gradient before it) is a
 /// temporary of that op, not a workspace buffer.
@@ -77,7 +77,7 @@ pub struct Workspace<B: Backend> {
     layers: Vec<LayerActs<B>>,
     /// Each block's output (the next block's input), kept whatever is recomputed.
     res_outs: Vec<B::Buf<f32>>,
-    lin_out: B::Buf<f32>,
+    lin_out: B::Buf<bf16>,
     /// The saved inputs of the four linear layers that are recomputed in the backward
     /// pass (GELU's output with `Recompute::Gelu`, all four with `Recompute::Cheap`):
     /// one buffer each for the block at hand; a block's own `saved[k]` then holds no
@@ -241,7 +241,7 @@ impl<B: Backend> Gpt<B> {
                 encoded: z(n * c)?,
                 layers,
                 res_outs: (0..self.cfg.n_layer).map(|_| z(n * c)).collect::<BResult<Vec<_>>>()?,
-                lin_out: z(n * c)?,
+                lin_out: be.zeros(n * c)?,
                 shared_in: arr4(|i| if shared[i] { Saved::new(be, fp8, n * ins[i]).map(Some) } else { Ok(None) })?,
                 shared_att: if att_shared { Some(be.zeros(n * c)?) } else { None },
                 lnf_mean: z(n)?,

@@ -277,15 +277,15 @@ pub fn forward_bf16<B: Backend>(
     be.matmul_bias_bf16(y, xa, wa, d.n, d.oc, d.ic, xs * ws, bias)
 }
 
-/// `out = res + (x W^T + bias)` from the saved input, for a layer whose output joins
-/// the residual stream: the product into the f32 `scratch`, then `residual_forward`
-/// (cuBLASLt's residual epilogue measured slower on an H200, so the fast class does the
-/// same).
+/// `out = res + (bf16(x W^T) + bias)` from the saved input, for a layer whose output
+/// joins the residual stream: the product rounded to BF16 into `scratch` (what
+/// PyTorch's autocast stores; `matmul_bf16`), then `residual_forward` (cuBLASLt's
+/// residual epilogue measured slower on an H200, so the fast class does the same).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_residual<B: Backend>(
     be: &B,
     out: &mut B::Buf<f32>,
-    scratch: &mut B::Buf<f32>,
+    scratch: &mut B::Buf<bf16>,
     res: &B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
@@ -294,7 +294,7 @@ pub fn forward_residual<B: Backend>(
 ) -> BResult<()> {
     let (xa, xs) = saved.operand();
     let (wa, ws) = w.operand();
-    be.matmul(scratch, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)?;
+    be.matmul_bf16(scratch, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)?;
     be.residual_forward(out, res, scratch, bias)
 }
 

@@ -81,13 +81,14 @@ pub fn estimate(
         Level::O3 => f32s * (p - l * 12 * c * c),
     };
     let views = l * 12 * c * c * w + 2 * v * c;
-    // f32: encoded, lin_out, dres; BF16: the final layernorm's output, the products'
-    // input gradients dln, datt, dgelu (4), attention's dqkv (3); the LM head's chunk of r rows:
+    // f32: encoded, dres; BF16: a projection's product (lin_out), the final layernorm's
+    // output, the products' input gradients dln, datt, dgelu (4), attention's dqkv (3);
+    // the LM head's chunk of r rows:
     // input (BF16), targets, logits (BF16, their gradient written over them), losses,
     // input gradients (BF16).
     let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
     let head_chunk = r * (2 * c + 4 + 2 * v + 4 + 2 * c);
-    let global = f32s * (3 * n * c + 3 * n) + 2 * 10 * n * c + 8 * n + head_chunk;
+    let global = f32s * (2 * n * c + 3 * n) + 2 * 11 * n * c + 8 * n + head_chunk;
     // The output gradients' E5M2 / BF16 copies (3c + c + 4c + c; at the bf16 level the
     // QKV layer's products read dqkv itself).
     let grad_casts = if level.fp8() { 9 * n * c } else { 2 * 6 * n * c };

@@ -1339,7 +1339,7 @@ impl Backend for Cuda {
         &self,
         out: &mut CudaSlice<f32>,
         res: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
+        x: &CudaSlice<bf16>,
         bias: &CudaSlice<f32>,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "residual_forward");
