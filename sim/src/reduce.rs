@@ -167,7 +167,8 @@ mod tests {
         for n in [1usize, 2, 3, 255, 256, 257, 1023, 1024, 1025, 4097, 70_001, 300_000] {
             let parts: Vec<f32> = (0..n).map(|_| next()).collect();
             let whole = tree_sum(&mut parts.clone());
-            for (first, later) in [(256usize, 1024usize), (4, 2), (1024, 256)] {
+            // (64, 64): the CUDA backend's column trees (groups of 64 partials per pass).
+            for (first, later) in [(256usize, 1024usize), (4, 2), (1024, 256), (64, 64)] {
                 let mut level: Vec<f32> = parts.chunks(first).map(|g| tree_sum(&mut g.to_vec())).collect();
                 while level.len() > 1 {
                     level = level.chunks(later).map(|g| tree_sum(&mut g.to_vec())).collect();
