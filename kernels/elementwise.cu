@@ -307,6 +307,23 @@ extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chu
     for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) it.q[i] = fp8train_encode_sat(jit_load1(it, i) * scale, it.e5m2);
 }
 
+// cast_bf16 of many tensors (Backend::cast_bf16_many): JitItem rows whose src holds f32
+// values and whose q is the BF16 output; a block per chunk, four elements per thread
+// (16-byte loads, 8-byte stores) where both are aligned.
+extern "C" __global__ void cast_bf16_multi(const JitItem* items, const uint2* chunks) {
+    uint2 ch = chunks[blockIdx.x];
+    const JitItem& it = items[ch.x];
+    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    const float* x = (const float*)it.src;
+    u16* y = (u16*)it.q;
+    bool vec = ((((size_t)x) & 15) | (((size_t)y) & 7)) == 0;
+    size_t vend = vec ? first + (end - first) / 4 * 4 : first;
+    for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
+        float4 v = *(const float4*)(x + i);
+        *(uint2*)(y + i) = fp8train_to_bf16x4(v.x, v.y, v.z, v.w);
+    }
+    for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) y[i] = fp8train_to_bf16(x[i]);
+}
 // decode_f16 of many tensors (Backend::decode_f16_many): JitItem rows whose src holds
 // FP16 codes and whose q is the f32 output; a block per chunk.
 extern "C" __global__ void decode_f16_multi(const JitItem* items, const uint2* chunks) {

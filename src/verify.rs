@@ -612,6 +612,12 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let mut hb = be.zeros::<bf16>(n)?;
                 be.cast_bf16(&mut hb, &x)?;
                 outs.push(("bf16", be.download(&hb)?.iter().map(|h| h.to_bits() as u32).collect()));
+                // Many at once (the bf16 level's weight views): the tensor (its length not a
+                // multiple of 4: the per-element tail) and another.
+                let tail = be.upload(&host[3..])?;
+                let (mut m0, mut m1) = (be.zeros::<bf16>(n)?, be.zeros::<bf16>(n - 3)?);
+                be.cast_bf16_many(vec![(&mut m0, &x), (&mut m1, &tail)])?;
+                outs.push(("bf16, many", bits16(be, &m0)?.into_iter().chain(bits16(be, &m1)?).collect()));
                 // From BF16 values (the attention output): widened, and cast to E4M3
                 // with its statistics in slots.
                 let mut wide = be.zeros::<f32>(n)?;

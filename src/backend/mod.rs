@@ -340,6 +340,15 @@ pub trait Backend {
         }
         Ok(())
     }
+    /// [`Backend::cast_bf16`] of many tensors `(out, values)` (the bf16 level's weight
+    /// views at the start of a step); a backend may batch them.
+    #[allow(clippy::type_complexity)]
+    fn cast_bf16_many(&self, items: Vec<(&mut Self::Buf<bf16>, &Self::Buf<f32>)>) -> BResult<()> {
+        for (y, x) in items {
+            self.cast_bf16(y, x)?;
+        }
+        Ok(())
+    }
     /// [`Backend::decode_f16`] of many tensors `(out, codes, inv_scale)` (the FP16
     /// masters' f32 copies at the start of a step); a backend may batch them.
     #[allow(clippy::type_complexity)]

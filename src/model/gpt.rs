@@ -469,9 +469,9 @@ impl<B: Backend> Gpt<B> {
             .collect();
         be.decode_f16_many(decode)?;
         ws.view_stats = be.zeros(4 * self.cfg.n_layer)?;
-        // FP8 views: every just-in-time cast at once (a backend may batch them); BF16
-        // views one by one.
-        let mut jit = Vec::new();
+        // Every view's cast at once (a backend may batch them): the FP8 views'
+        // just-in-time casts, or the BF16 views' roundings.
+        let (mut jit, mut casts) = (Vec::new(), Vec::new());
         for (k, view) in ws.views.iter_mut().enumerate() {
             let (l, j) = (k / 4, k % 4);
             let master = match &self.params[params::layer_param(l, LINEARS[j].0)].master {
@@ -483,9 +483,10 @@ impl<B: Backend> Gpt<B> {
                 let (q, src, prev) = view.jit_item(master);
                 jit.push((q, src, prev, k));
             } else {
-                view.update(be, master, Slot { buf: &mut ws.view_stats, at: k })?;
+                casts.push(view.bf16_item(master));
             }
         }
+        be.cast_bf16_many(casts)?;
         be.cast_fp8_jit_many(jit, fp8sim::Fp8Format::E4M3, &mut ws.view_stats)?;
         if self.level.fp8() {
             // One read-back for every view's scale (the forward pass needs them).

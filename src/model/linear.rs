@@ -95,6 +95,15 @@ impl<B: Backend> WeightView<B> {
         be.cast_fp8_jit(codes, src, E4M3, prev, amax)
     }
 
+    /// A BF16 view's cast as `Backend::cast_bf16_many` takes it (output, f32 master):
+    /// what `update` casts.
+    pub fn bf16_item<'a>(&'a mut self, master: MasterRef<'a, B>) -> (&'a mut B::Buf<bf16>, &'a B::Buf<f32>) {
+        match (self, master) {
+            (WeightView::Bf16(b), MasterRef::F32(w)) => (b, w),
+            _ => unreachable!("BF16 weight views come with f32 masters (bf16 level)"),
+        }
+    }
+
     /// An FP8 view's just-in-time cast as `Backend::cast_fp8_jit_many` takes it: codes,
     /// source, previous scale (what `update` casts; a BF16 view goes through `update`).
     pub fn jit_item<'a>(&'a mut self, master: MasterRef<'a, B>) -> (&'a mut B::Buf<u8>, JitSrc<'a, B>, f32) {

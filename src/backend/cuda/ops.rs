@@ -1116,6 +1116,21 @@ impl Backend for Cuda {
             .collect::<Vec<_>>();
         self.jit_multi(rows, stats, true)
     }
+    /// Every tensor's BF16 copy in one launch (the table's `q` is the BF16 output).
+    fn cast_bf16_many(&self, items: Vec<(&mut CudaSlice<bf16>, &CudaSlice<f32>)>) -> BResult<()> {
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
+        let _op = self.op(Phase::Other, "cast_bf16");
+        let s = &self.gpu.stream;
+        let rows = items
+            .into_iter()
+            .map(|(y, x)| {
+                assert_eq!(x.len(), y.len(), "cast_bf16_many: sizes");
+                let (src, q) = (x.device_ptr(s).0, y.device_ptr_mut(s).0);
+                JitRow { src, q, at: 0, n: x.len(), f16: 0, inv: 1.0, prev: 1.0, e5m2: 0 }
+            })
+            .collect::<Vec<_>>();
+        self.multi_launch(&rows, 0, &["cast_bf16_multi"])
+    }
     /// Every FP16 master's f32 copy in one launch (the table's `q` is the f32 output).
     fn decode_f16_many(&self, items: Vec<(&mut CudaSlice<f32>, &CudaSlice<f16>, f32)>) -> BResult<()> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
