@@ -255,6 +255,11 @@ struct JitItem {
     u32 e5m2, pad;
 };
 #define JIT_CHUNK 16384
+// This block's chunk of the table: its tensor `it` and the elements [first, end).
+#define JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end) \
+    uint2 jit_ch = (chunks)[blockIdx.x];                  \
+    const JitItem& it = (items)[jit_ch.x];                \
+    size_t first = jit_ch.y, end = min(first + JIT_CHUNK, (size_t)it.n)
 __device__ __forceinline__ void jit_load4(const JitItem& it, size_t i, float* v) {
     if (it.f16) {
         uint2 h = *(const uint2*)((const u16*)it.src + i);
@@ -273,9 +278,7 @@ __device__ __forceinline__ bool jit_vec(const JitItem& it) {
     return (((size_t)it.src & (it.f16 ? 7 : 15)) | ((size_t)it.q & 3)) == 0;
 }
 extern "C" __global__ void jit_amax_multi(const JitItem* items, const uint2* chunks) {
-    uint2 ch = chunks[blockIdx.x];
-    const JitItem& it = items[ch.x];
-    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
     u32 am = 0;
     size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
     for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
@@ -291,9 +294,7 @@ extern "C" __global__ void jit_amax_multi(const JitItem* items, const uint2* chu
     fp8train_block_flush(am, 0, it.slot, nullptr);
 }
 extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chunks) {
-    uint2 ch = chunks[blockIdx.x];
-    const JitItem& it = items[ch.x];
-    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
     float scale = fp8train_scale_for_max(it.e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*it.slot), 0, it.prev);
     size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
     for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
@@ -311,9 +312,7 @@ extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chu
 // values and whose q is the BF16 output; a block per chunk, four elements per thread
 // (16-byte loads, 8-byte stores) where both are aligned.
 extern "C" __global__ void cast_bf16_multi(const JitItem* items, const uint2* chunks) {
-    uint2 ch = chunks[blockIdx.x];
-    const JitItem& it = items[ch.x];
-    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
     const float* x = (const float*)it.src;
     u16* y = (u16*)it.q;
     bool vec = ((((size_t)x) & 15) | (((size_t)y) & 7)) == 0;
@@ -327,9 +326,7 @@ extern "C" __global__ void cast_bf16_multi(const JitItem* items, const uint2* ch
 // decode_f16 of many tensors (Backend::decode_f16_many): JitItem rows whose src holds
 // FP16 codes and whose q is the f32 output; a block per chunk.
 extern "C" __global__ void decode_f16_multi(const JitItem* items, const uint2* chunks) {
-    uint2 ch = chunks[blockIdx.x];
-    const JitItem& it = items[ch.x];
-    size_t first = ch.y, end = min(first + JIT_CHUNK, (size_t)it.n);
+    JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
     const u16* h = (const u16*)it.src;
     float* x = (float*)it.q;
     for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) x[i] = f16_value(h[i], it.inv_scale);
