@@ -651,6 +651,33 @@ pub trait Backend {
         Ok(())
     }
 
+    // ---- O3's weight sharing
+    /// Rank `root`'s `buf` onto every rank of `world` (every rank's `buf` has the same
+    /// length). The default goes through host memory and MPI; a GPU backend sends it
+    /// device to device.
+    fn broadcast_u8(&self, world: &World, buf: &mut Self::Buf<u8>, root: usize) -> BResult<()> {
+        use fp8cluster::world::Collectives;
+        let mine = world.rank == root;
+        let mut host = if mine { self.download(buf)? } else { vec![0u8; self.len(buf)] };
+        world.broadcast(&mut host, root);
+        if !mine {
+            *buf = self.upload(&host)?;
+        }
+        Ok(())
+    }
+    /// [`Backend::broadcast_u8`] of FP16 codes.
+    fn broadcast_f16(&self, world: &World, buf: &mut Self::Buf<f16>, root: usize) -> BResult<()> {
+        use fp8cluster::world::Collectives;
+        let mine = world.rank == root;
+        let mut bits: Vec<u16> =
+            if mine { self.download(buf)?.iter().map(|h| h.to_bits()).collect() } else { vec![0u16; self.len(buf)] };
+        world.broadcast(&mut bits, root);
+        if !mine {
+            *buf = self.upload(&bits.into_iter().map(f16::from_bits).collect::<Vec<_>>())?;
+        }
+        Ok(())
+    }
+
     // ---- data-parallel gradient reduction (numerics contract, rule 8)
     /// Reduce an E4M3 gradient and its scale across the ranks of `world`. The default
     /// runs the contract's algorithm on host copies over MPI.

@@ -11,7 +11,7 @@ use super::linear::{self, Dims, GradCast, LinearScaling, MasterRef, Saved, Weigh
 use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::BResult;
 use crate::backend::{slot_amax, ActOut, AdamState, Backend, EmbedTable, GradRef, JitSrc, Operand, Product, Slot};
-use fp8cluster::world::Collectives;
+use fp8cluster::world::{Collectives, World};
 use fp8sim::half16::bf16;
 use fp8sim::ops::adamw::AdamStep;
 use fp8sim::ops::attention::AttnShape;
@@ -527,8 +527,10 @@ impl<B: Backend> Gpt<B> {
     /// O3: every tensor's owner broadcasts its compute form (FP8 codes and scale of
     /// linear weights, FP16 codes and scale of the others); the other ranks take them,
     /// so every rank computes with exactly the weights O2 would. Run by the training
-    /// layer's distributed step (`train::dist`) after [`Gpt::prepare_weights`].
-    pub fn share_weights<C: Collectives>(&self, be: &B, ws: &mut Workspace<B>, world: &C) -> BResult<()> {
+    /// layer's distributed step (`train::dist`) after [`Gpt::prepare_weights`]. The
+    /// codes go through the backend (`Backend::broadcast_u8` / `broadcast_f16`: device
+    /// to device over NCCL on GPUs), the scales, four bytes each, over MPI.
+    pub fn share_weights(&self, be: &B, ws: &mut Workspace<B>, world: &World) -> BResult<()> {
         let mut view_of = vec![None; self.params.len()];
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
@@ -541,26 +543,23 @@ impl<B: Backend> Gpt<B> {
                 let WeightView::Fp8 { codes, scale } = &mut ws.views[v] else {
                     unreachable!("O3 linear weights are FP8")
                 };
-                let mut host = if mine { be.download(codes)? } else { vec![0u8; p.spec.numel()] };
                 let mut s = [*scale];
-                world.broadcast(&mut host, p.owner);
+                be.broadcast_u8(world, codes, p.owner)?;
                 world.broadcast(&mut s, p.owner);
-                if !mine {
-                    *codes = be.upload(&host)?;
-                    *scale = s[0];
-                }
+                *scale = s[0];
             } else {
-                let (mut host, mut s) = match &p.master {
-                    Master::F16 { codes, scale } => (be.download(codes)?, [*scale]),
-                    _ => (vec![fp8sim::half16::f16::ZERO; p.spec.numel()], [1.0f32]),
-                };
-                let mut bits: Vec<u16> = host.iter().map(|h| h.to_bits()).collect();
-                world.broadcast(&mut bits, p.owner);
+                // The owner's codes into a buffer every rank has, sent from there.
+                let mut codes = be.zeros::<fp8sim::half16::f16>(p.spec.numel())?;
+                let mut s = [1.0f32];
+                if let (true, Master::F16 { codes: own, scale }) = (mine, &p.master) {
+                    be.copy(&mut codes, own)?;
+                    s[0] = *scale;
+                }
+                be.broadcast_f16(world, &mut codes, p.owner)?;
                 world.broadcast(&mut s, p.owner);
                 if !mine {
-                    host = bits.into_iter().map(fp8sim::half16::f16::from_bits).collect();
                     let w = ws.work[i].as_mut().expect("remote parameters have a decoded copy");
-                    be.decode_f16(w, &be.upload(&host)?, 1.0 / s[0])?;
+                    be.decode_f16(w, &codes, 1.0 / s[0])?;
                 }
             }
         }

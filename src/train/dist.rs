@@ -4,9 +4,10 @@
 //! reduction (the contract's FP8 reduction or the rank-order f32 sum); per checkpoint:
 //! the weights gathered from their owners and every shard's size and digest.
 //!
-//! Transports: the gradient reduction goes through the backend (NCCL on GPUs, the MPI
-//! collectives in the simulator); the agreements, the O3 weight exchange and the
-//! checkpoint gathering use the world's host collectives (MPI).
+//! Transports: the gradient reduction and the O3 weight exchange go through the backend
+//! (NCCL on GPUs, device to device; the MPI collectives in the simulator); the
+//! agreements, the few-byte scales and the checkpoint gathering (bound for a file on
+//! the host anyway) use the world's host collectives (MPI).
 
 use crate::backend::{BResult, Backend};
 use crate::model::gpt::{BackwardStats, Workspace};
@@ -17,14 +18,9 @@ use fp8cluster::world::{Collectives, World};
 
 /// This step's compute weights on every rank: derived from the masters this rank holds,
 /// then, at O3 with several ranks, each tensor's compute form from its owner.
-pub fn prepare_weights<B: Backend, C: Collectives>(
-    be: &B,
-    model: &Gpt<B>,
-    ws: &mut Workspace<B>,
-    world: &C,
-) -> BResult<()> {
+pub fn prepare_weights<B: Backend>(be: &B, model: &Gpt<B>, ws: &mut Workspace<B>, world: &World) -> BResult<()> {
     model.prepare_weights(be, ws)?;
-    if model.level == Level::O3 && world.size() > 1 {
+    if model.level == Level::O3 && world.size > 1 {
         model.share_weights(be, ws, world)?;
     }
     Ok(())

@@ -68,12 +68,12 @@ pub struct RunOutcome {
 
 /// Validation loss: mean over the fixed validation batches (batch means added in
 /// order, then divided by the count).
-pub fn val_loss<B: Backend, C: Collectives>(
+pub fn val_loss<B: Backend>(
     be: &B,
     model: &mut Gpt<B>,
     ws: &mut Workspace<B>,
     batches: &[(Vec<u32>, Vec<u32>)],
-    world: &C,
+    world: &World,
 ) -> BResult<f32> {
     Ok({
         dist::prepare_weights(be, model, ws, world)?;

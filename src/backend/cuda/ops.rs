@@ -1698,6 +1698,27 @@ impl Backend for Cuda {
         Ok(())
     }
 
+    /// NCCL's broadcast in place, device to device (on the compute stream, so it is
+    /// ordered with the kernels that write and read `buf`).
+    fn broadcast_u8(&self, world: &World, buf: &mut CudaSlice<u8>, root: usize) -> BResult<()> {
+        let _op = self.op(Phase::Communication, "broadcast");
+        let comm = self.comm(world)?;
+        comm.broadcast_in_place(buf, root as i32).map_err(|e| BackendError::new("NCCL broadcast", format!("{e:?}")))?;
+        Ok(())
+    }
+    /// [`Cuda::broadcast_u8`] of the codes' bytes.
+    fn broadcast_f16(&self, world: &World, buf: &mut CudaSlice<f16>, root: usize) -> BResult<()> {
+        let _op = self.op(Phase::Communication, "broadcast");
+        let comm = self.comm(world)?;
+        let n = buf.len();
+        // SAFETY: FP16 codes are two plain bytes each; the view covers exactly the buffer.
+        let mut bytes = unsafe { buf.transmute_mut::<u8>(2 * n) }
+            .ok_or_else(|| BackendError::new("NCCL broadcast", "FP16 codes as bytes"))?;
+        comm.broadcast_in_place(&mut bytes, root as i32)
+            .map_err(|e| BackendError::new("NCCL broadcast", format!("{e:?}")))?;
+        Ok(())
+    }
+
     /// The contract's reduction with NCCL moving the bytes and kernels doing the sums.
     fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> BResult<CommBytes> {
         Ok({
