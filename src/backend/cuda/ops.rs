@@ -161,6 +161,21 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
     }
 }
 
+/// The passes of the column trees over `chunks` partials, as (partials in, group size,
+/// groups out): passes over aligned groups of `group` while more than `group` are left
+/// (unless `single`), then one pass over all that are left (a group of at least 1: no
+/// partials give 0).
+fn column_tree_passes(mut chunks: u32, group: u32, single: bool) -> Vec<(u32, u32, u32)> {
+    let mut passes = Vec::new();
+    while chunks > group && !single {
+        let groups = chunks.div_ceil(group);
+        passes.push((chunks, group, groups));
+        chunks = groups;
+    }
+    passes.push((chunks, chunks.max(1), 1));
+    passes
+}
+
 /// The flash-attention kernels of one head size (fast class).
 struct Flash {
     forward: &'static str,
@@ -854,7 +869,7 @@ impl Cuda {
         out: &mut CudaSlice<f32>,
         part: CudaSlice<f32>,
         second: Option<(&mut CudaSlice<f32>, CudaSlice<f32>)>,
-        mut chunks: u32,
+        chunks: u32,
         c: u32,
     ) -> BResult<()> {
         const COLUMN_GROUP: u32 = 64;
@@ -880,19 +895,19 @@ impl Cuda {
         };
         let mut parts = [dptr(st, &part), dptr(st, second_part.as_ref().unwrap_or(&part))];
         let mut held: Vec<CudaSlice<f32>> = Vec::new();
-        while chunks > COLUMN_GROUP && !single {
-            let groups = chunks.div_ceil(COLUMN_GROUP);
+        let passes = column_tree_passes(chunks, COLUMN_GROUP, single);
+        let (last, grouped) = passes.split_last().expect("at least one pass");
+        for &(chunks, group, groups) in grouped {
             let next: Vec<CudaSlice<f32>> =
                 (0..pairs).map(|_| self.scratch::<f32>((groups * c) as usize)).collect::<BResult<_>>()?;
             let outs = [dptr(st, &next[0]), dptr(st, &next[next.len() - 1])];
-            launch_pass(parts, outs, chunks, COLUMN_GROUP, groups)?;
+            launch_pass(parts, outs, chunks, group, groups)?;
             parts = outs;
             held = next;
-            chunks = groups;
         }
         let first = dptr(st, out);
         let outs = [first, second_out.map(|o| dptr(st, o)).unwrap_or(first)];
-        launch_pass(parts, outs, chunks, chunks.max(1), 1)?;
+        launch_pass(parts, outs, last.0, last.1, last.2)?;
         // (The partials go back to the stream-ordered pool after the launches using them.)
         drop((held, part, second_part));
         Ok(())
@@ -1868,6 +1883,41 @@ impl Backend for Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the column-tree passes compute (each pass: the contract's tree over each
+    /// aligned group, column_tree_block) is the contract's tree over all partials, bit
+    /// for bit, for one pass or several, and the passes chain (each takes what the one
+    /// before left).
+    #[test]
+    fn column_tree_passes_give_the_contracts_tree() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 11) as f32 / (1u64 << 53) as f32 - 0.5) * 2f32.powi((seed % 40) as i32 - 20)
+        };
+        for chunks in [0u32, 1, 2, 63, 64, 65, 512, 4097, 4375, 70_001] {
+            let parts: Vec<f32> = (0..chunks).map(|_| next()).collect();
+            let whole = if parts.is_empty() { 0.0 } else { fp8sim::reduce::tree_sum(&mut parts.clone()) };
+            for single in [false, true] {
+                let passes = column_tree_passes(chunks, 64, single);
+                let mut level = parts.clone();
+                for &(m, group, groups) in &passes {
+                    assert_eq!(m as usize, level.len(), "chunks {chunks}: a pass takes what the last left");
+                    level = if m == 0 {
+                        vec![0.0]
+                    } else {
+                        level.chunks(group as usize).map(|g| fp8sim::reduce::tree_sum(&mut g.to_vec())).collect()
+                    };
+                    assert_eq!(level.len(), groups as usize, "chunks {chunks}");
+                }
+                assert_eq!(passes.last().map(|p| p.2), Some(1), "chunks {chunks}: one root");
+                assert_eq!(passes.len() == 1, single || chunks <= 64, "chunks {chunks}, single {single}");
+                assert_eq!(level[0].to_bits(), whole.to_bits(), "chunks {chunks}, single {single}");
+            }
+        }
+    }
 
     /// The layernorm kernels carve their shared memory as ln_cfg sizes it (layernorm.cu:
     /// `shared_rows` rows of 32 chunks, then per warp `per_warp_chunks` chunks rounded up
