@@ -5,7 +5,7 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
-pub mod commands;
+pub mod cmd;
 pub mod data;
 pub mod logging;
 pub mod model;

@@ -1,6 +1,6 @@
 use clap::Parser;
 use fp8train::cli::{BenchWhat, Cli, Command};
-use fp8train::commands;
+use fp8train::cmd;
 use fp8train::logging::{self, LogFormat};
 use std::process::ExitCode;
 
@@ -21,7 +21,7 @@ fn main() -> ExitCode {
 
     let result = match &cli.command {
         Command::Bench(b) => match &b.what {
-            BenchWhat::Train(args) => commands::bench_train_cmd(args, &log),
+            BenchWhat::Train(args) => cmd::bench_train::bench_train_cmd(args, &log),
             BenchWhat::Step(args) => fp8train::bench::step::run(args, &log),
             BenchWhat::Comm(args) => fp8train::bench::comm::run(args),
             BenchWhat::Report(args) => fp8train::bench::report::run(args),
@@ -43,10 +43,10 @@ fn main() -> ExitCode {
                 }
             }),
         },
-        Command::Train(a) => commands::train_cmd(a, &log),
-        Command::Eval(a) => commands::eval_cmd(a),
-        Command::Sample(a) => commands::sample_cmd(a),
-        Command::Report(a) => commands::report_cmd(a),
+        Command::Train(a) => cmd::train::train_cmd(a, &log),
+        Command::Eval(a) => cmd::eval::eval_cmd(a),
+        Command::Sample(a) => cmd::sample::sample_cmd(a),
+        Command::Report(a) => cmd::report::report_cmd(a),
         Command::Topo(a) => fp8train::topo_cmd::topo_cmd(a),
         Command::Verify(a) => fp8train::verify::verify_cmd(a, &log),
     };

@@ -91,18 +91,32 @@ pub enum Start<B: Backend> {
     Resume(Box<Gpt<B>>, LoopState),
 }
 
+/// What a run prints on the console (rank 0; the run folder gets everything anyway).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// A progress bar, the step lines printed above it.
+    Progress,
+    /// One line per logged step and the run's summary lines on stdout.
+    Lines,
+    /// Nothing (a caller printing a document of its own, e.g. `bench train --json`).
+    Quiet,
+}
+
 /// Train per `cfg` into `run_dir`. Prints one line per logged step on stdout (through
-/// the progress bar when there is one).
+/// the progress bar when there is one), unless `console` is quiet.
 pub fn train<B: Backend>(
     be: &B,
     cfg: &Config,
     start: Start<B>,
     run_dir: &Path,
     log: &Logger,
-    progress: bool,
+    console: Console,
     world: &World,
 ) -> Result<RunOutcome, String> {
     let lead = world.rank == 0;
+    // Rank 0 prints (what every rank would print alike), unless told to keep quiet.
+    let speak = lead && console != Console::Quiet;
+    let progress = console == Console::Progress;
     cfg.validate()?;
     let tc = &cfg.train;
     let ds = Dataset::load(&cfg.data, tc.seed)?;
@@ -168,7 +182,7 @@ pub fn train<B: Backend>(
     let bpp = data_bytes as f64 / np as f64;
     info!(log, "run"; "dir" => run_dir.display().to_string(), "backend" => be.name(), "level" => tc.level.to_string(),
           "params" => np, "data" => &ds.description, "resumed_at_step" => if resumed { ls.step } else { 0 });
-    if lead {
+    if speak {
         println!(
             "fp8train: {} parameters, level {}: {:.2} bytes/param in weights + gradients + optimizer state \
              (measured from the buffers held; + {} bytes of scale metadata)",
@@ -203,7 +217,7 @@ pub fn train<B: Backend>(
         });
     }
 
-    let pb = (progress && lead).then(|| {
+    let pb = (progress && speak).then(|| {
         let pb = indicatif::ProgressBar::new(tc.steps);
         pb.set_style(
             indicatif::ProgressStyle::with_template(
@@ -215,7 +229,7 @@ pub fn train<B: Backend>(
         pb
     });
     let say = |line: String| match &pb {
-        _ if !lead => {}
+        _ if !speak => {}
         Some(pb) => pb.println(line),
         None => println!("{line}"),
     };
@@ -327,6 +341,8 @@ pub fn train<B: Backend>(
             Ok(p) => info!(log, "loss curve"; "file" => p.display().to_string()),
             Err(e) => warn!(log, "no loss curve"; "error" => e),
         }
+    }
+    if speak {
         let floor = ds.entropy_floor.map(|f| format!(", entropy floor {f:.4}")).unwrap_or_default();
         let mem = if peak_memory > 0 {
             format!(" | peak device memory {:.2} GiB (pool)", peak_memory as f64 / (1u64 << 30) as f64)

@@ -1,16 +1,13 @@
-//! The subcommands that work on runs: train, eval, sample, report, bench train.
+//! `fp8train train`: a fresh run or a resumed one, on one rank or under mpirun.
 
+use super::fits;
 use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
 use crate::backend::Backend;
-use crate::cli::{self, EvalArgs, Gemm, ReportArgs, SampleArgs, TrainArgs, TrainBenchArgs};
-use crate::data::{self, Dataset};
-use crate::model::{memory, Level};
+use crate::cli::{self, Gemm, TrainArgs};
 use crate::train::config::Config;
-use crate::train::{self, checkpoint, report, Start};
+use crate::train::{self, checkpoint, Start};
 use fp8cluster::world::{fnv1a, Collectives, World};
-use fp8sim::rng;
-use serde_json::json;
 use slog::{info, warn, Logger};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -189,7 +186,7 @@ fn run_on<B: Backend>(
             run
         };
         info!(log, "resuming"; "checkpoint" => path.display().to_string(), "step" => state.step);
-        train::train(be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, progress, world)?;
+        train::train(be, &cfg, Start::Resume(Box::new(model), state), &run_dir, log, console(progress), world)?;
         return Ok(());
     }
     let mut cfg = match fresh {
@@ -201,13 +198,8 @@ fn run_on<B: Backend>(
     let run_dir = PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()));
     cfg.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     check_config(world, &cfg)?;
-    train::train(be, &cfg, Start::Fresh, &run_dir, log, progress, world)?;
+    train::train(be, &cfg, Start::Fresh, &run_dir, log, console(progress), world)?;
     Ok(())
-}
-
-/// Refuse, before allocating, a run that cannot fit in the backend's memory.
-fn fits<B: Backend>(be: &B, cfg: &Config, ranks: usize, what: &str) -> Result<(), String> {
-    memory::check(be, &cfg.model, cfg.train.level, cfg.train.recompute, ranks, cfg.train.batch_size, what).map(|_| ())
 }
 
 /// A checkpoint resumed inside its run folder must be of that run: the folder's
@@ -238,140 +230,11 @@ fn check_run_config(run: &Path, ckpt: &Config) -> Result<(), String> {
     }
 }
 
-pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
-    let be = Sim;
-    fits(&be, &checkpoint::peek_config(&a.checkpoint)?, 1, "eval")?;
-    let (cfg, mut model, step) = checkpoint::load_for_inference(&be, &a.checkpoint)?;
-    let ds = Dataset::load(&cfg.data, cfg.train.seed)?;
-    ds.check_fits(cfg.model.seq_len)?;
-    let nb = a.batches.unwrap_or(cfg.train.eval_batches);
-    if nb == 0 {
-        return Err("eval --batches must be at least 1".into());
+/// The console output of a run: a progress bar on a terminal, else step lines.
+fn console(progress: bool) -> train::Console {
+    if progress {
+        train::Console::Progress
+    } else {
+        train::Console::Lines
     }
-    let mut ws = model.workspace(&be, cfg.train.batch_size, cfg.model.seq_len)?;
-    let batches = data::val_batches(&ds.val, cfg.train.batch_size, cfg.model.seq_len, nb);
-    let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &World::single())?;
-    println!(
-        "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {}; f32 bits {:#010x})",
-        step,
-        nb,
-        cfg.train.batch_size,
-        cfg.model.seq_len,
-        cfg.train.level,
-        loss.to_bits()
-    );
-    Ok(())
-}
-
-/// RNG stream tag of sampling.
-const SAMPLE_TAG: u16 = 4;
-
-pub fn sample_cmd(a: &SampleArgs) -> Result<(), String> {
-    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
-        return Err(format!("sample --temperature must be >= 0, got {}", a.temperature));
-    }
-    let be = Sim;
-    let mut one = checkpoint::peek_config(&a.checkpoint)?;
-    one.train.batch_size = 1;
-    fits(&be, &one, 1, "sample")?;
-    let (cfg, mut model, _) = checkpoint::load_for_inference(&be, &a.checkpoint)?;
-    let tok = cfg.data.tokenizer;
-    let (t, v) = (cfg.model.seq_len, cfg.model.vocab_size);
-    let mut tokens = tok.encode(&a.prompt);
-    if tokens.is_empty() {
-        return Err("sample --prompt must not be empty".into());
-    }
-    let mut ws = model.workspace(&be, 1, t)?;
-    model.prepare_weights(&be, &mut ws)?;
-    let prompt_len = tokens.len();
-    for i in 0..a.tokens {
-        let ctx: Vec<u32> = tokens[tokens.len().saturating_sub(t)..].to_vec();
-        let pos = ctx.len() - 1;
-        let mut x = ctx.clone();
-        x.resize(t, 0); // causal: padding after `pos` does not change its logits
-        let logits = model.logits_row(&be, &mut ws, &x, pos)?;
-        let row = &logits[..];
-        let next = if a.temperature == 0.0 {
-            row.iter().enumerate().fold((0, f32::NEG_INFINITY), |m, (j, &l)| if l > m.1 { (j, l) } else { m }).0
-        } else {
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let w: Vec<f64> = row.iter().map(|&l| ((l as f64 - m) / a.temperature).exp()).collect();
-            let total: f64 = w.iter().sum();
-            let u = rng::uniform(a.seed, rng::stream(SAMPLE_TAG, i as u32, 0), 0) as f64 * total;
-            let mut acc = 0.0;
-            w.iter()
-                .position(|&p| {
-                    acc += p;
-                    u < acc
-                })
-                .unwrap_or(v - 1)
-        };
-        tokens.push(next as u32);
-    }
-    println!("{}{}", a.prompt, tok.decode(&tokens[prompt_len..]));
-    Ok(())
-}
-
-pub fn report_cmd(a: &ReportArgs) -> Result<(), String> {
-    let path = report::write_plot(&a.run)?;
-    println!("{}", report::summary(&a.run)?);
-    println!("loss curve: {}", path.display());
-    Ok(())
-}
-
-pub fn bench_train_cmd(a: &TrainBenchArgs, log: &Logger) -> Result<(), String> {
-    let mut sets = a.sets.clone();
-    if let Some(s) = a.steps {
-        sets.push(format!("train.steps={s}"));
-    }
-    let tmp = tempfile::Builder::new().prefix("fp8train-bench-").tempdir().map_err(|e| e.to_string())?;
-    let out_dir = a.out.clone().map(PathBuf::from).unwrap_or_else(|| tmp.path().to_path_buf());
-    let mut rows = Vec::new();
-    for level in Level::ALL {
-        let mut cfg = Config::default().with_overrides(&sets)?;
-        cfg.train.level = level;
-        cfg.validate()?;
-        let run_dir = out_dir.join(format!("bench-{level}"));
-        if run_dir.exists() {
-            return Err(format!("bench train: {} exists already; choose another --out", run_dir.display()));
-        }
-        info!(log, "bench train"; "level" => level.to_string(), "steps" => cfg.train.steps);
-        let o = train::train(&Sim, &cfg, Start::Fresh, &run_dir, log, false, &World::single())?;
-        rows.push((level, o, cfg));
-    }
-    let base = rows[0].1.final_val_loss;
-    let ds = Dataset::load(&rows[0].2.data, rows[0].2.train.seed)?;
-    let mut table = format!(
-        "embedded default, {} steps each, simulator, {} threads; entropy floor {}, unigram entropy {:.4}\n",
-        rows[0].2.train.steps,
-        rayon::current_num_threads(),
-        ds.entropy_floor.map(|f| format!("{f:.4}")).unwrap_or_else(|| "n/a".into()),
-        ds.unigram_entropy
-    );
-    table += "level | final val loss | vs bf16 | sim tok/s | bytes/param (+ scale bytes) | skipped steps\n";
-    table += "------|----------------|---------|-----------|-----------------------------|--------------\n";
-    let mut json_rows = Vec::new();
-    for (level, o, _) in &rows {
-        let rel = (o.final_val_loss - base) / base;
-        table += &format!(
-            "{:<5} | {:>14.4} | {:>+6.2}% | {:>9.0} | {:>10.2} (+ {} B) | {:>13}\n",
-            level.to_string(),
-            o.final_val_loss,
-            100.0 * rel,
-            o.tokens_per_s,
-            o.bytes_per_param,
-            o.meta_bytes,
-            o.skipped_steps
-        );
-        json_rows.push(json!({"level": level.to_string(), "final_val_loss": o.final_val_loss, "rel_vs_bf16": rel,
-            "tok_s": o.tokens_per_s, "bytes_per_param": o.bytes_per_param, "scale_meta_bytes": o.meta_bytes,
-            "skipped_steps": o.skipped_steps}));
-    }
-    let doc = json!({"bench": "train", "steps": rows[0].2.train.steps, "entropy_floor": ds.entropy_floor,
-        "unigram_entropy": ds.unigram_entropy, "rows": json_rows});
-    if !a.json {
-        print!("{table}");
-    }
-    println!("{doc}");
-    Ok(())
 }

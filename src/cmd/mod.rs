@@ -1,0 +1,17 @@
+//! The subcommands, one module each (`train`, `eval`, `sample`, `report`, `bench
+//! train`; `topo` and `verify` have their own), and what they share.
+
+pub mod bench_train;
+pub mod eval;
+pub mod report;
+pub mod sample;
+pub mod train;
+
+use crate::backend::Backend;
+use crate::model::memory;
+use crate::train::config::Config;
+
+/// Refuse, before allocating, a run that cannot fit in the backend's memory.
+pub(crate) fn fits<B: Backend>(be: &B, cfg: &Config, ranks: usize, what: &str) -> Result<(), String> {
+    memory::check(be, &cfg.model, cfg.train.level, cfg.train.recompute, ranks, cfg.train.batch_size, what).map(|_| ())
+}
