@@ -9,6 +9,4 @@ pub mod cmd;
 pub mod data;
 pub mod logging;
 pub mod model;
-pub mod topo_cmd;
 pub mod train;
-pub mod verify;

@@ -47,8 +47,8 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd::eval::eval_cmd(a),
         Command::Sample(a) => cmd::sample::sample_cmd(a),
         Command::Report(a) => cmd::report::report_cmd(a),
-        Command::Topo(a) => fp8train::topo_cmd::topo_cmd(a),
-        Command::Verify(a) => fp8train::verify::verify_cmd(a, &log),
+        Command::Topo(a) => cmd::topo::topo_cmd(a),
+        Command::Verify(a) => cmd::verify::verify_cmd(a, &log),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

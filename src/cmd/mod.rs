@@ -1,11 +1,13 @@
-//! The subcommands, one module each (`train`, `eval`, `sample`, `report`, `bench
-//! train`; `topo` and `verify` have their own), and what they share.
+//! The subcommands, one module each (`train`, `eval`, `sample`, `report`, `topo`,
+//! `verify`, `bench train`; the other benchmarks live in `bench`), and what they share.
 
 pub mod bench_train;
 pub mod eval;
 pub mod report;
 pub mod sample;
+pub mod topo;
 pub mod train;
+pub mod verify;
 
 use crate::backend::Backend;
 use crate::model::memory;

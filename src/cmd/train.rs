@@ -59,7 +59,7 @@ fn new_run_dir(cfg: &Config, check: bool) -> Result<PathBuf, String> {
 fn join(a: &TrainArgs, log: &Logger) -> Result<World, String> {
     let world = World::init(1)?;
     if !a.no_bind {
-        crate::topo_cmd::bind_at_start(world.local_rank, world.local_size, log);
+        super::topo::bind_at_start(world.local_rank, world.local_size, log);
     }
     let exe = std::env::current_exe()
         .and_then(std::fs::read)
