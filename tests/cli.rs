@@ -2,6 +2,8 @@
 
 use assert_cmd::Command;
 
+mod common;
+
 fn fp8train() -> Command {
     Command::cargo_bin("fp8train").expect("binary is built")
 }
@@ -276,26 +278,14 @@ fn bench_kernels_measures_each_op_against_the_copy() {
 /// their run folders), one row per level; without it the table comes first.
 #[test]
 fn bench_train_json_is_the_document_alone() {
-    let tiny = [
-        "--set",
-        "model.n_layer=1",
-        "--set",
-        "model.n_embd=32",
-        "--set",
-        "model.n_head=2",
-        "--set",
-        "model.seq_len=32",
-        "--set",
-        "train.batch_size=2",
-        "--set",
-        "train.eval_batches=1",
-    ];
-    let out = stdout_of(fp8train().args(["--threads", "2", "bench", "train", "--steps", "2", "--json"]).args(tiny));
+    // The tests' tiny model (bench train takes its settings, not train's flags).
+    let tiny: Vec<&str> = common::TINY.iter().copied().filter(|a| a.starts_with("--set") || a.contains('=')).collect();
+    let out = stdout_of(fp8train().args(["--threads", "2", "bench", "train", "--steps", "2", "--json"]).args(&tiny));
     let doc: serde_json::Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("not one JSON document: {e}\n{out}"));
     assert_eq!(doc["bench"], "train");
     let levels: Vec<&str> = doc["rows"].as_array().unwrap().iter().map(|r| r["level"].as_str().unwrap()).collect();
     assert_eq!(levels, ["bf16", "O1", "O2"]);
-    let out = stdout_of(fp8train().args(["--threads", "2", "bench", "train", "--steps", "2"]).args(tiny));
+    let out = stdout_of(fp8train().args(["--threads", "2", "bench", "train", "--steps", "2"]).args(&tiny));
     assert!(out.lines().any(|l| l.starts_with("level |")) && out.trim_end().ends_with('}'), "{out}");
 }
