@@ -109,10 +109,13 @@ impl Drop for PhaseGuard<'_> {
 /// Events in stream order: where each outermost op starts (with its phase and name) and
 /// where it ends (`Phase::Idle`): the device time between an op's end and the next op's
 /// start is time the GPU had nothing queued (launch and host gaps). Ops called inside
-/// an op (adamw's casts) count as the outer op.
+/// an op (adamw's casts) count as the outer op, except parts marked as their own
+/// (`begin_part`: the FP8 products' transposed copies).
 #[derive(Default)]
 struct Prof {
-    marks: Vec<(Phase, &'static str, cudarc::driver::CudaEvent)>,
+    /// (phase, op, event, whether the mark starts a call of the op: a part of an op
+    /// resumed after a sub-op does not).
+    marks: Vec<(Phase, &'static str, cudarc::driver::CudaEvent, bool)>,
     depth: usize,
 }
 
@@ -159,6 +162,19 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
         block_dim: (32 * warps as u32, 1, 1),
         shared_mem_bytes: bytes(warps) as u32,
     }
+}
+
+/// Device time per (phase, op) from the spans between consecutive profile marks
+/// (phase, op, ms, whether the span starts a call): an op's time is the sum of its
+/// spans, its calls the spans that start one (a part's resumed op does not).
+fn op_times(spans: impl Iterator<Item = (Phase, &'static str, f64, bool)>) -> Vec<OpTime> {
+    let mut per: std::collections::BTreeMap<(Phase, &'static str), (f64, u64)> = Default::default();
+    for (phase, op, ms, call) in spans {
+        let e = per.entry((phase, op)).or_default();
+        e.0 += ms;
+        e.1 += u64::from(call);
+    }
+    per.into_iter().map(|((phase, op), (ms, calls))| OpTime { phase, op, ms, calls }).collect()
 }
 
 /// The passes of the column trees over `chunks` partials, as (partials in, group size,
@@ -324,7 +340,7 @@ impl Cuda {
             p.depth += 1;
             if p.depth == 1 {
                 if let Some(e) = self.event() {
-                    p.marks.push((phase, name, e));
+                    p.marks.push((phase, name, e, true));
                 }
             }
         }
@@ -336,9 +352,29 @@ impl Cuda {
             p.depth = p.depth.saturating_sub(1);
             if p.depth == 0 {
                 if let Some(e) = self.event() {
-                    p.marks.push((Phase::Idle, "idle (launch and host gaps)", e));
+                    p.marks.push((Phase::Idle, "idle (launch and host gaps)", e, false));
                 }
             }
+        }
+    }
+
+    /// Profiling only: the device time from here on, inside the current op, counts as
+    /// `name` (a part worth its own line, e.g. a product's transposed copies) until
+    /// [`Cuda::end_part`] with what this returns (the op to resume).
+    fn begin_part(&self, phase: Phase, name: &'static str) -> Option<(Phase, &'static str)> {
+        let mut prof = self.profile.borrow_mut();
+        let p = prof.as_mut()?;
+        let outer = p.marks.last().filter(|_| p.depth >= 1).map(|m| (m.0, m.1))?;
+        let e = self.event()?;
+        p.marks.push((phase, name, e, true));
+        Some(outer)
+    }
+
+    /// The end of a part begun by [`Cuda::begin_part`]: the op it interrupted resumes.
+    fn end_part(&self, resume: Option<(Phase, &'static str)>) {
+        let Some((phase, name)) = resume else { return };
+        if let (Some(p), Some(e)) = (self.profile.borrow_mut().as_mut(), self.event()) {
+            p.marks.push((phase, name, e, false));
         }
     }
 
@@ -388,7 +424,7 @@ impl Cuda {
         let (pa, _) = self.operand(a);
         let (pb, _) = self.operand(b);
         // Transposed copy of a row-major rows x cols operand, as (pointer, buffer).
-        let tr = |p: u64, ty: LtType, rows: usize, cols: usize| -> BResult<(u64, Box<dyn std::any::Any>)> {
+        let copy_t = |p: u64, ty: LtType, rows: usize, cols: usize| -> BResult<(u64, Box<dyn std::any::Any>)> {
             use cudarc::driver::DevicePtr;
             let (r, c) = (rows as u32, cols as u32);
             let tiles = LaunchConfig {
@@ -417,6 +453,13 @@ impl Cuda {
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 Ok((ptr, Box::new(dst)))
             }
+        };
+        // (In a profile the copies are a line of their own.)
+        let tr = |p: u64, ty: LtType, rows: usize, cols: usize| {
+            let part = self.begin_part(Phase::Matmul, "transposed copies (FP8 products)");
+            let copy = copy_t(p, ty, rows, cols);
+            self.end_part(part);
+            copy
         };
         // BF16 operands are read in place (cuBLASLt transposes them); FP8 ones must be
         // K-major, so the data and weight gradients read transposed copies.
@@ -945,14 +988,13 @@ impl Backend for Cuda {
         // Measurement only: a failed synchronize leaves the events unfinished, and their
         // times read as zero; the next device op reports the error itself.
         let _ = self.gpu.stream.synchronize();
-        let mut per: std::collections::BTreeMap<(Phase, &'static str), (f64, u64)> = Default::default();
-        for w in prof.marks.windows(2) {
-            let e = per.entry((w[0].0, w[0].1)).or_default();
-            e.0 += f64::from(w[0].2.elapsed_ms(&w[1].2).unwrap_or(0.0));
-            e.1 += u64::from(w[0].0 != Phase::Idle);
-        }
+        let spans = prof
+            .marks
+            .windows(2)
+            .map(|w| (w[0].0, w[0].1, f64::from(w[0].2.elapsed_ms(&w[1].2).unwrap_or(0.0)), w[0].3));
+        let times = op_times(spans);
         self.leave();
-        per.into_iter().map(|((phase, op), (ms, calls))| OpTime { phase, op, ms, calls }).collect()
+        times
     }
     fn memory(&self) -> Option<MemoryStats> {
         let (free, total) = self.gpu.ctx.mem_get_info().ok()?;
@@ -1883,6 +1925,30 @@ impl Backend for Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A profile's spans: an op interrupted by a part (its transposed copies) keeps one
+    /// call and the time of both its pieces; the part is a line of its own; idle spans
+    /// count no calls.
+    #[test]
+    fn profile_parts_are_lines_of_their_own() {
+        let (mm, tc, idle) = ("matmul", "transposed copies (FP8 products)", "idle (launch and host gaps)");
+        let spans = [
+            (Phase::Matmul, mm, 1.0, true),
+            (Phase::Matmul, tc, 0.25, true),
+            (Phase::Matmul, mm, 2.0, false),
+            (Phase::Idle, idle, 0.5, false),
+            (Phase::Other, "crossentropy", 3.0, true),
+            (Phase::Idle, idle, 0.125, false),
+            (Phase::Matmul, mm, 4.0, true),
+        ];
+        let times = op_times(spans.into_iter());
+        let get = |op: &str| times.iter().find(|t| t.op == op).map(|t| (t.ms, t.calls));
+        assert_eq!(get(mm), Some((7.0, 2)));
+        assert_eq!(get(tc), Some((0.25, 1)));
+        assert_eq!(get(idle), Some((0.625, 0)));
+        assert_eq!(get("crossentropy"), Some((3.0, 1)));
+        assert_eq!(times.len(), 4);
+    }
 
     /// What the column-tree passes compute (each pass: the contract's tree over each
     /// aligned group, column_tree_block) is the contract's tree over all partials, bit
