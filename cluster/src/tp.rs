@@ -148,6 +148,34 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     Ok(())
 }
 
+/// Column sums over the rows of a sequence-parallel region (a replicated parameter's
+/// gradient: the layernorms' weights and biases, the projections' biases): this rank
+/// holds rows `rank * rows .. (rank + 1) * rows` of the whole `x` (`rows x cols` here, a
+/// multiple of 32 rows, so no chunk of the contract's column sums straddles two ranks).
+/// Each rank sums its own 32-row chunks, the chunk partials are gathered in rank order,
+/// which is the global chunk order, and every rank runs the contract's tree over them:
+/// the unsplit column sums bit for bit, on every rank.
+pub fn column_sums_sequence_parallel<C: Collectives>(
+    g: &C,
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
+    use fp8sim::reduce::{column_chunk_partials, column_tree, CHUNK};
+    if !rows.is_multiple_of(CHUNK) {
+        return Err(format!(
+            "sequence-parallel column sums: {rows} rows per rank; the contract's 32-row chunks must not straddle \
+             ranks (tokens per rank, batch x seq_len / tp, a multiple of 32)"
+        ));
+    }
+    let part = column_chunk_partials(x, rows, cols);
+    let mut all = vec![0f32; part.len() * g.size()];
+    g.all_gather(&part, &mut all);
+    column_tree(&mut all, rows / CHUNK * g.size(), cols, out);
+    Ok(())
+}
+
 /// The token + position embedding with the token table split over the group by
 /// vocabulary rows (rank r holds rows `r * vs .. (r + 1) * vs`, `vs = v / size`) and the
 /// output sequence-parallel (rank r gets rows `r * n / size ..` of the `n = b * t`
@@ -246,6 +274,36 @@ pub fn encoder_vocab_parallel_backward<C: Collectives>(
 mod tests {
     use super::*;
     use crate::world::World;
+
+    /// At 1, 2 and 4 ranks (threads), sequence-parallel column sums are the unsplit ones
+    /// bit for bit on every rank (values of mixed magnitudes, so the order shows, and a
+    /// row count whose chunk tree has odd levels); rows per rank not a multiple of 32 are
+    /// an error.
+    #[test]
+    fn sequence_parallel_column_sums_are_the_unsplit_ones() {
+        let (rows, cols) = (32 * 12, 5);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((((i * 2654435761) % 2001) as f32) - 1000.0) * 2f32.powi((i % 23) as i32 - 11))
+            .collect();
+        let mut want = vec![0f32; cols];
+        fp8sim::reduce::column_sums(&x, rows, cols, &mut want);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for size in [1, 2, 4] {
+            let mine = rows / size;
+            let got = crate::local::run_group(size, |g| {
+                let piece = &x[g.rank() * mine * cols..(g.rank() + 1) * mine * cols];
+                let mut out = vec![0f32; cols];
+                column_sums_sequence_parallel(g, piece, mine, cols, &mut out).unwrap();
+                let odd =
+                    column_sums_sequence_parallel(g, &piece[..(mine - 1) * cols], mine - 1, cols, &mut out.clone());
+                (out, odd.is_err())
+            });
+            for (r, (out, refused)) in got.iter().enumerate() {
+                assert_eq!(bits(out), bits(&want), "{size} ranks, rank {r}");
+                assert!(refused, "{size} ranks: rows per rank not a multiple of 32");
+            }
+        }
+    }
 
     /// At 1, 2 and 4 ranks (threads), the vocabulary-parallel embedding's output rows and
     /// gradient pieces are the unsplit encoder's, bit for bit (a -0.0 table entry

@@ -105,14 +105,16 @@ pub fn amax(x: &[f32]) -> f32 {
 /// order (chunks of 32 rows summed sequentially, then the pairwise tree over chunks).
 /// Used for bias and layernorm parameter gradients (a sum over all tokens).
 pub fn column_sums(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
-    assert_eq!(x.len(), rows * cols, "column_sums: data is not rows x cols");
     assert_eq!(out.len(), cols, "column_sums: output length is not cols");
-    if rows == 0 {
-        out.fill(0.0);
-        return;
-    }
+    let mut partial = column_chunk_partials(x, rows, cols);
+    column_tree(&mut partial, rows.div_ceil(CHUNK), cols, out);
+}
+
+/// The first half of [`column_sums`]: `partial[ch * cols + j]` = rows `32 ch ..` of
+/// column j summed sequentially from +0.
+pub fn column_chunk_partials(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    assert_eq!(x.len(), rows * cols, "column_sums: data is not rows x cols");
     let chunks = rows.div_ceil(CHUNK);
-    // partial[ch][c] = sequential sum over the chunk's rows
     let mut partial = vec![0f32; chunks * cols];
     let work = |ch: usize, p: &mut [f32]| {
         for r in ch * CHUNK..((ch + 1) * CHUNK).min(rows) {
@@ -125,6 +127,19 @@ pub fn column_sums(x: &[f32], rows: usize, cols: usize, out: &mut [f32]) {
         partial.chunks_mut(cols).enumerate().for_each(|(ch, p)| work(ch, p));
     } else {
         partial.par_chunks_mut(cols).enumerate().for_each(|(ch, p)| work(ch, p));
+    }
+    partial
+}
+
+/// The second half of [`column_sums`]: the pairwise tree over `chunks` chunk partials
+/// (chunk major, `cols` per chunk; used as scratch), elementwise across columns; no
+/// chunks give 0.
+pub fn column_tree(partial: &mut [f32], chunks: usize, cols: usize, out: &mut [f32]) {
+    assert_eq!(partial.len(), chunks * cols, "column_tree: partials are not chunks x cols");
+    assert_eq!(out.len(), cols, "column_tree: output length is not cols");
+    if chunks == 0 {
+        out.fill(0.0);
+        return;
     }
     // Tree over chunks, elementwise across columns (same shape as tree_sum).
     let mut n = chunks;
