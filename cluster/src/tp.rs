@@ -176,6 +176,24 @@ pub fn column_sums_sequence_parallel<C: Collectives>(
     Ok(())
 }
 
+/// The gradient norm's sum of squares over a tensor-parallel group: `sums[i]` is this
+/// rank's sum of squares of parameter i's gradient (its piece when `sharded[i]`, else the
+/// whole replicated tensor, the same on every rank). A sharded tensor's sum is its
+/// pieces' sums added in rank order from +0 (gathered, so every rank adds the same
+/// values); the tensors are added in parameter order, as at tp = 1. Every rank gets the
+/// same bits; at one rank it is the tp = 1 sum itself.
+pub fn grad_sum_sq_over_pieces<C: Collectives>(g: &C, sums: &[f32], sharded: &[bool]) -> f32 {
+    assert_eq!(sums.len(), sharded.len(), "grad_sum_sq_over_pieces: one flag per tensor");
+    let n = sums.len();
+    let mut all = vec![0f32; n * g.size()];
+    g.all_gather(sums, &mut all);
+    (0..n).fold(0f32, |total, i| {
+        let s =
+            if sharded[i] && g.size() > 1 { (0..g.size()).fold(0f32, |acc, r| acc + all[r * n + i]) } else { sums[i] };
+        total + s
+    })
+}
+
 /// The token + position embedding with the token table split over the group by
 /// vocabulary rows (rank r holds rows `r * vs .. (r + 1) * vs`, `vs = v / size`) and the
 /// output sequence-parallel (rank r gets rows `r * n / size ..` of the `n = b * t`
@@ -274,6 +292,34 @@ pub fn encoder_vocab_parallel_backward<C: Collectives>(
 mod tests {
     use super::*;
     use crate::world::World;
+
+    /// The gradient norm's sum over pieces: at one rank the parameter-order fold itself;
+    /// at 2 and 4 ranks the same bits on every rank, each sharded tensor's pieces added
+    /// in rank order, a replicated one counted once.
+    #[test]
+    fn the_gradient_norm_over_pieces_is_the_same_on_every_rank() {
+        let whole = [3.5f32, 1e-3, 250.0, 7.25];
+        let sharded = [false, true, true, false];
+        let plain = whole.iter().fold(0f32, |t, &s| t + s);
+        let one = crate::local::run_group(1, |g| grad_sum_sq_over_pieces(g, &whole, &sharded));
+        assert_eq!(one[0].to_bits(), plain.to_bits());
+        for size in [2, 4] {
+            // Rank r's piece of a sharded tensor holds a share of its sum (r + 1 parts).
+            let share = |i: usize, r: usize| whole[i] * (r + 1) as f32 / (size * (size + 1) / 2) as f32;
+            let got = crate::local::run_group(size, |g| {
+                let mine: Vec<f32> =
+                    (0..whole.len()).map(|i| if sharded[i] { share(i, g.rank()) } else { whole[i] }).collect();
+                grad_sum_sq_over_pieces(g, &mine, &sharded)
+            });
+            let want = (0..whole.len()).fold(0f32, |t, i| {
+                t + if sharded[i] { (0..size).fold(0f32, |a, r| a + share(i, r)) } else { whole[i] }
+            });
+            for (r, v) in got.iter().enumerate() {
+                assert_eq!(v.to_bits(), want.to_bits(), "{size} ranks, rank {r}");
+            }
+            assert!((want - plain).abs() <= 1e-4 * plain, "{size} ranks: {want} vs {plain}");
+        }
+    }
 
     /// At 1, 2 and 4 ranks (threads), sequence-parallel column sums are the unsplit ones
     /// bit for bit on every rank (values of mixed magnitudes, so the order shows, and a
