@@ -45,6 +45,21 @@ pub fn shared_scale<C: Collectives>(g: &C, shard: &[f32], fmt: Fp8Format, prev: 
     scale_from_amax(fmt, m[0], 0, prev)
 }
 
+/// A step's amax slots agreed over the group before any scale is recorded (statistics
+/// slots hold `|v|` bit patterns, above 0x7f800000 for a NaN; see the model's slots):
+/// each slot becomes the group's largest, so every rank records the same histories and
+/// keeps the same scales. Order-free; a NaN anywhere reads as infinity on every rank
+/// (MPI's MAX on NaN is unspecified), which the consumers treat alike: not finite, so
+/// not recorded, and the step's overflow.
+pub fn amax_slots_max<C: Collectives>(g: &C, slots: &mut [u64]) {
+    let mut v: Vec<f32> =
+        slots.iter().map(|&b| if b > 0x7f80_0000 { f32::INFINITY } else { f32::from_bits(b as u32) }).collect();
+    g.all_reduce_max(&mut v);
+    for (s, a) in slots.iter_mut().zip(v) {
+        *s = u64::from(a.to_bits());
+    }
+}
+
 /// All-gather of `shard` (the same length on every rank) as FP8 of format `fmt` with
 /// the group's shared scale: the whole tensor's codes in rank order, and the scale
 /// (value = code / scale).
@@ -292,6 +307,26 @@ pub fn encoder_vocab_parallel_backward<C: Collectives>(
 mod tests {
     use super::*;
     use crate::world::World;
+
+    /// Amax slots agreed over the group: each the largest rank's, a NaN anywhere an
+    /// infinity everywhere, the same on every rank; one rank's unchanged (but a NaN).
+    #[test]
+    fn amax_slots_take_the_groups_largest() {
+        let bits = |v: f32| u64::from(v.to_bits());
+        for size in [1, 2, 4] {
+            let got = crate::local::run_group(size, |g| {
+                let r = g.rank() as f32;
+                // slot 0: rank-dependent; 1: zero everywhere; 2: a NaN on the last rank.
+                let nan = if g.rank() + 1 == g.size() { 0x7fc0_0000 } else { bits(1.0) };
+                let mut s = vec![bits(0.5 + r), 0, nan];
+                amax_slots_max(g, &mut s);
+                s
+            });
+            for s in &got {
+                assert_eq!(s, &vec![bits(0.5 + (size - 1) as f32), 0, bits(f32::INFINITY)], "{size} ranks");
+            }
+        }
+    }
 
     /// The gradient norm's sum over pieces: at one rank the parameter-order fold itself;
     /// at 2 and 4 ranks the same bits on every rank, each sharded tensor's pieces added
