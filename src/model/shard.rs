@@ -134,6 +134,24 @@ pub fn gather<T: Copy + Default>(pieces: &[Vec<T>], shape: &[usize], split: Spli
     full
 }
 
+/// The whole tensor from every rank's piece over a tensor-parallel group (the checkpoint
+/// writer's gather: a checkpoint holds whole tensors whatever the layout), on every rank:
+/// the pieces all-gathered in rank order, then [`gather`]. A replicated tensor is this
+/// rank's own (every rank holds the same).
+pub fn gather_pieces<T, C>(g: &C, piece: &[T], shape: &[usize], split: Split) -> Vec<T>
+where
+    T: Copy + Default + fp8cluster::world::Equivalence + bytemuck::Pod,
+    C: fp8cluster::world::Collectives,
+{
+    if split == Split::Replicated || g.size() == 1 {
+        return piece.to_vec();
+    }
+    let mut all = vec![T::default(); piece.len() * g.size()];
+    g.all_gather(piece, &mut all);
+    let pieces: Vec<Vec<T>> = all.chunks(piece.len()).map(<[T]>::to_vec).collect();
+    gather(&pieces, shape, split)
+}
+
 /// Every parameter's split and its shard shape at `tp`, in `params::specs` order.
 pub fn layout(cfg: &ModelConfig, tp: usize) -> Vec<(ParamSpec, Split, Vec<usize>)> {
     params::specs(cfg)
@@ -172,6 +190,25 @@ mod tests {
                     let mut seen: Vec<u32> = pieces.concat();
                     seen.sort_unstable();
                     assert_eq!(seen, full, "{}: pieces overlap or miss", spec.name);
+                }
+            }
+        }
+    }
+
+    /// Over a group of 1, 2 and 4 thread ranks, every parameter's pieces gather back into
+    /// the whole tensor on every rank (what the checkpoint writer needs).
+    #[test]
+    fn pieces_gather_over_a_group_on_every_rank() {
+        let cfg = cfg();
+        for tp in [1, 2, 4] {
+            for (i, (spec, split, _)) in layout(&cfg, tp).into_iter().enumerate() {
+                let full: Vec<f32> = (0..spec.numel()).map(|k| k as f32 * 0.5 - i as f32).collect();
+                let got = fp8cluster::local::run_group(tp, |g| {
+                    let piece = shard(&full, &spec.shape, split, fp8cluster::world::Collectives::rank(g), tp);
+                    gather_pieces(g, &piece, &spec.shape, split)
+                });
+                for (r, whole) in got.iter().enumerate() {
+                    assert_eq!(whole, &full, "{} at tp = {tp}, rank {r}", spec.name);
                 }
             }
         }
