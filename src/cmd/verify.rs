@@ -262,8 +262,8 @@ fn cases() -> Vec<Case> {
         }
     }
     // (GPUs: the backward in 32-row blocks, several rounds of rows each, a short last
-    // block; 257 and 4096 columns take the row kernel and the separate sums; 3000 rows,
-    // trees in two passes.)
+    // block, 1, 2 and 4 column groups per thread (768, 2048, 4096 columns); 257 columns
+    // take the row kernel and the separate sums; 3000 rows, trees in two passes.)
     v.extend(
         [(5, 40), (64, 64), (33, 257), (70, 768), (9, 2048), (4, 4096), (1000, 768), (100, 2048), (3000, 64)]
             .map(|(n, c)| Case::LayerNorm { n, c }),

@@ -164,6 +164,32 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
     }
 }
 
+/// The layernorm backward chunk kernel's launches for `c` channels in the order they are
+/// tried (8 warps first, then 16, 4, 2, 1): (warps, kernel, dynamic shared memory bytes)
+/// for the warp counts whose column groups fit 4 per thread and whose shared memory (the
+/// weights' 32 chunks, then 52 chunks per warp rounded up to a multiple of 4 floats,
+/// layernorm.cu) fits `max_shared`. Empty when c is not a multiple of 4.
+fn ln_chunks_candidates(c: usize, max_shared: usize) -> Vec<(usize, &'static str, usize)> {
+    if c == 0 || !c.is_multiple_of(4) {
+        return Vec::new();
+    }
+    let chunks = c.div_ceil(32);
+    let bytes = |w: usize| (32 * chunks + w * (52 * chunks).next_multiple_of(4)) * 4;
+    [8, 16, 4, 2, 1]
+        .into_iter()
+        .filter_map(|w| {
+            let cols = (c / 4).div_ceil(32 * w).next_power_of_two();
+            let name = match cols {
+                1 => "layernorm_backward_chunks1",
+                2 => "layernorm_backward_chunks2",
+                4 => "layernorm_backward_chunks4",
+                _ => return None,
+            };
+            (bytes(w) <= max_shared).then_some((w, name, bytes(w)))
+        })
+        .collect()
+}
+
 /// Device time per (phase, op) from the spans between consecutive profile marks
 /// (phase, op, ms, whether the span starts a call): an op's time is the sum of its
 /// spans, its calls the spans that start one (a part's resumed op does not).
@@ -664,24 +690,19 @@ impl Cuda {
         if let Some(hit) = self.ln_launch.borrow().get(&c) {
             return Ok(hit.map(|(cfg, name)| (LaunchConfig { grid_dim: (n.div_ceil(32) as u32, 1, 1), ..cfg }, name)));
         }
-        let chunks = c.div_ceil(32);
-        let bytes = |w: usize| (32 * chunks + w * (52 * chunks).next_multiple_of(4)) * 4;
         let forced = std::env::var("FP8TRAIN_LN_WARPS").ok().and_then(|v| v.parse::<usize>().ok());
         let mut pick = None;
-        for w in [8, 16, 4, 2, 1] {
-            let cols = (c / 4).div_ceil(32 * w).next_power_of_two();
-            if cols > 4 || bytes(w) > self.max_shared() as usize || forced.is_some_and(|f| f != w) {
+        for (w, name, bytes) in ln_chunks_candidates(c, self.max_shared() as usize) {
+            if forced.is_some_and(|f| f != w) {
                 continue;
             }
-            let name = ["layernorm_backward_chunks1", "layernorm_backward_chunks2", "layernorm_backward_chunks4"]
-                [cols.trailing_zeros() as usize];
-            let f = self.function(name, bytes(w) as u32)?;
+            let f = self.function(name, bytes as u32)?;
             let blocks = f
-                .occupancy_max_active_blocks_per_multiprocessor(32 * w as u32, bytes(w), None)
+                .occupancy_max_active_blocks_per_multiprocessor(32 * w as u32, bytes, None)
                 .map_err(|e| BackendError::new(format!("CUDA kernel {name}"), e))? as usize;
             if blocks > 0 {
                 let block_dim = (32 * w as u32, 1, 1);
-                pick = Some((LaunchConfig { grid_dim: (1, 1, 1), block_dim, shared_mem_bytes: bytes(w) as u32 }, name));
+                pick = Some((LaunchConfig { grid_dim: (1, 1, 1), block_dim, shared_mem_bytes: bytes as u32 }, name));
                 break;
             }
         }
@@ -1925,6 +1946,30 @@ impl Backend for Cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The layernorm backward's chunk-kernel launches: every candidate's threads cover
+    /// the columns 4 at a time in at most 4 groups each (the kernel's COLS), its shared
+    /// memory fits, 8 warps come first; GPT-2's 768, GPT-1.3B's 2048 and GPT-6.7B's 4096
+    /// channels take 8 warps on an H200 (227 KiB); the 13B shape's 5120 (too wide) and
+    /// channels not a multiple of 4 none (the row kernel and separate sums).
+    #[test]
+    fn layernorm_chunk_launches_cover_their_columns() {
+        let h200 = 227 << 10;
+        for c in [4, 40, 64, 768, 1024, 2048, 4096, 5120, 257] {
+            let cands = ln_chunks_candidates(c, h200);
+            for &(w, name, bytes) in &cands {
+                let cols = [1, 2, 4].into_iter().find(|k| name.ends_with(&k.to_string())).unwrap();
+                assert!(4 * cols * 32 * w >= c, "c {c}, {w} warps: {cols} groups of 4 per thread cover the row");
+                assert!(bytes <= h200 && bytes.is_multiple_of(16), "c {c}, {w} warps: {bytes} bytes");
+            }
+            let first = cands.first().map(|x| x.0);
+            match c {
+                768 | 2048 | 4096 | 40 | 64 | 4 | 1024 => assert_eq!(first, Some(8), "c {c}"),
+                5120 | 257 => assert!(cands.is_empty(), "c {c}: {cands:?}"),
+                _ => unreachable!(),
+            }
+        }
+    }
 
     /// A profile's spans: an op interrupted by a part (its transposed copies) keeps one
     /// call and the time of both its pieces; the part is a line of its own; idle spans
