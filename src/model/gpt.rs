@@ -677,9 +677,9 @@ impl<B: Backend> Gpt<B> {
         slots: &Slots,
     ) -> BResult<()> {
         let ids = LINEARS.map(|(w, _)| params::layer_param(l, w));
+        let weights = params.get_disjoint_mut(ids).expect("a layer's four weights are distinct parameters");
         let mut casts = Vec::new();
-        for (i, p) in params.iter_mut().enumerate() {
-            let Some(j) = ids.iter().position(|&id| id == i) else { continue };
+        for (j, (p, i)) in weights.into_iter().zip(ids).enumerate() {
             match &mut p.grad {
                 GradStore::F32(dst) => std::mem::swap(dst, &mut g_w[j]),
                 GradStore::Fp8 { codes, scale } => casts.push((j, codes, *scale, slots.grad(i))),

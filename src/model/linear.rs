@@ -81,22 +81,8 @@ impl<B: Backend> WeightView<B> {
         })
     }
 
-    /// Re-derive from the master (just-in-time scale for FP8, worked out by the cast
-    /// from its amax, which goes to `amax`; then [`WeightView::settle`] with it). An
-    /// FP16 master is read as its decoded f32 values (`decode_f16`) without writing them.
-    pub fn update(&mut self, be: &B, master: MasterRef<'_, B>, amax: Slot<'_, B>) -> BResult<()> {
-        if let WeightView::Bf16(b) = self {
-            let MasterRef::F32(w) = master else {
-                unreachable!("BF16 weight views come with f32 masters (bf16 level)")
-            };
-            return be.cast_bf16(b, w);
-        }
-        let (codes, src, prev) = self.jit_item(master);
-        be.cast_fp8_jit(codes, src, E4M3, prev, amax)
-    }
-
-    /// A BF16 view's cast as `Backend::cast_bf16_many` takes it (output, f32 master):
-    /// what `update` casts.
+    /// A BF16 view's rounding from its master as `Backend::cast_bf16_many` takes it
+    /// (output, f32 master).
     pub fn bf16_item<'a>(&'a mut self, master: MasterRef<'a, B>) -> (&'a mut B::Buf<bf16>, &'a B::Buf<f32>) {
         match (self, master) {
             (WeightView::Bf16(b), MasterRef::F32(w)) => (b, w),
@@ -104,15 +90,16 @@ impl<B: Backend> WeightView<B> {
         }
     }
 
-    /// An FP8 view's just-in-time cast as `Backend::cast_fp8_jit_many` takes it: codes,
-    /// source, previous scale (what `update` casts; a BF16 view goes through `update`).
+    /// An FP8 view's just-in-time cast from its master as `Backend::cast_fp8_jit_many`
+    /// takes it: codes, source (an FP16 master read as its decoded values without writing
+    /// them), previous scale; then [`WeightView::settle`] with the amax.
     pub fn jit_item<'a>(&'a mut self, master: MasterRef<'a, B>) -> (&'a mut B::Buf<u8>, JitSrc<'a, B>, f32) {
         match (self, master) {
             (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => (codes, JitSrc::F32(w), *scale),
             (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, master_scale)) => {
                 (codes, JitSrc::F16(h, 1.0 / master_scale), *scale)
             }
-            (WeightView::Bf16(_), _) => unreachable!("a BF16 view has no just-in-time cast (use update)"),
+            (WeightView::Bf16(_), _) => unreachable!("a BF16 view has no just-in-time cast (use bf16_item)"),
         }
     }
 
@@ -469,9 +456,13 @@ mod tests {
             }
             let mut stats = be.zeros::<u64>(4).unwrap();
             let mut w = WeightView::new(&be, fp8, d.oc * d.ic).unwrap();
-            w.update(&be, MasterRef::F32(&master), Slot { buf: &mut stats, at: 2 }).unwrap();
             if fp8 {
+                let (q, src, prev) = w.jit_item(MasterRef::F32(&master));
+                be.cast_fp8_jit(q, src, E4M3, prev, Slot { buf: &mut stats, at: 2 }).unwrap();
                 w.settle(crate::backend::slot_amax(be.download(&stats).unwrap()[2]));
+            } else {
+                let (b, m) = w.bf16_item(MasterRef::F32(&master));
+                be.cast_bf16(b, m).unwrap();
             }
             let mut saved = Saved::new(&be, fp8, d.n * d.ic).unwrap();
             cast_input(&be, &mut saved, &x, &sc, Slot { buf: &mut stats, at: 2 }).unwrap();

@@ -55,6 +55,10 @@ pub struct Cuda {
     flash_mma: std::cell::Cell<bool>,
     /// FP8TRAIN_FLASH=mma: the same for the whole process (read once, at start-up).
     flash_mma_env: bool,
+    /// Streaming multiprocessors and the dynamic shared memory a block may opt into
+    /// (bytes), read once at start-up (launch decisions on hot paths use them).
+    sms: u32,
+    max_smem: u32,
     /// The layernorm backward's launch per channel count (see `ln_chunks_launch`).
     ln_launch: std::cell::RefCell<std::collections::HashMap<usize, Option<(LaunchConfig, &'static str)>>>,
 }
@@ -299,8 +303,15 @@ fn e5(fmt: Fp8Format) -> i32 {
 impl Cuda {
     /// The GPU of node-local rank `ordinal`.
     pub fn new(ordinal: usize) -> Result<Cuda, String> {
+        use cudarc::driver::sys::CUdevice_attribute::{
+            CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN,
+            CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS,
+        };
+        let gpu = Gpu::open(ordinal)?;
+        let sms = gpu.ctx.attribute(SMS).map(|c| c.max(1) as u32).unwrap_or(1);
+        let max_smem = gpu.ctx.attribute(OPTIN).map(|b| b as u32).unwrap_or(48 << 10);
         Ok(Cuda {
-            gpu: Gpu::open(ordinal)?,
+            gpu,
             nccl: std::cell::OnceCell::new(),
             lt: std::cell::RefCell::new(None),
             fallbacks: std::cell::Cell::new(0),
@@ -312,6 +323,8 @@ impl Cuda {
             scalars: Default::default(),
             flash_mma: std::cell::Cell::new(false),
             flash_mma_env: std::env::var("FP8TRAIN_FLASH").is_ok_and(|v| v == "mma"),
+            sms,
+            max_smem,
             ln_launch: Default::default(),
         })
     }
@@ -712,14 +725,12 @@ impl Cuda {
 
     /// Streaming multiprocessors of this device.
     fn sm_count(&self) -> u32 {
-        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
-        self.gpu.ctx.attribute(SMS).map(|c| c.max(1) as u32).unwrap_or(1)
+        self.sms
     }
 
     /// Dynamic shared memory a block may opt into on this device (bytes).
     fn max_shared(&self) -> u32 {
-        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN;
-        self.gpu.ctx.attribute(OPTIN).map(|b| b as u32).unwrap_or(48 << 10)
+        self.max_smem
     }
 
     /// A linear layer's product into `out`, f32 or BF16 (see `Backend::matmul_bf16`): fast
