@@ -18,13 +18,16 @@ __device__ __forceinline__ float adam_grad(const float* g32, const u8* gq, float
     return gq ? fp8train_decode(gq[i], 0) * ginv : g32[i];
 }
 
-// AdamW of all tensors in two launches (Backend::adamw_many): pass 1 computes every
-// scaled tensor's new values and keeps only their amax (nothing written); the host
-// reads all amaxes at once and picks the scales; pass 2 computes the same values again
-// (same inputs, same operations: the same bits) and stores them directly in their
-// scaled formats (what an f32 update followed by cast_f16/cast_fp8 stores), without an
-// f32 round trip or a read-back per tensor. Each launch covers every tensor: the host
-// passes a table of tensors and one of chunks (tensor, first element), a block per chunk.
+// AdamW of all tensors in three launches (Backend::adamw_many): pass 1 computes every
+// scaled tensor's new values and keeps only their amax (nothing written); pass 2 derives
+// each new scale from its amax (every block of a tensor alike), computes the same values
+// again (same inputs, same operations: the same bits) and stores them directly in their
+// scaled formats (what an f32 update followed by cast_f16/cast_fp8 stores), decoding
+// with the old scales; adamw_multi_scales then stores the new scales over the old ones.
+// Nothing is read back. Each launch covers every tensor: the host passes a table of
+// tensors and one of chunks (tensor, first element), a block per chunk. With a step
+// controller (ctl), the bias corrections and the gradient multiplier come from it, and
+// a step it marks as overflowed is skipped by every launch.
 
 // Element i's new (master, m, v) at O1: FP16 master (value = code / scale), f32 moments.
 __device__ __forceinline__ void adam_o1_new(const u16* master, float pinv, const float* g32, const u8* gq, float ginv,
@@ -90,16 +93,45 @@ struct AdamItem {
     void* v;          // f32 (levels 0, 1) or FP16 codes (2)
     unsigned long long* amax;  // 3 slots: master, m, v
     u32 n, level;     // level 0: f32 state; 1: O1 (FP16 master, f32 moments); 2: O2
-    float ginv, pinv, minv, vinv, pscale, mscale, vscale, pad;
+    const float* ginv;  // the E4M3 gradient's inverse scale (null: 1)
+    float* ps;          // the FP16 master's [scale, 1/scale] (levels 1, 2)
+    float* mvs;         // m's and v's [scale, 1/scale] (level 2)
+    const float* ctl;   // the step controller's words, or null
     AdamStep h;
 };
+// The step's constants: the host's, the controller's where there is one.
+__device__ __forceinline__ AdamStep adam_step_of(const AdamItem& it) {
+    AdamStep h = it.h;
+    if (it.ctl) {
+        h.grad_scale = it.ctl[3];
+        h.bc1 = it.ctl[4];
+        h.bc2 = it.ctl[5];
+    }
+    return h;
+}
+__device__ __forceinline__ bool adam_skipped(const AdamItem& it) { return it.ctl && it.ctl[8] != 0.0f; }
+// The new scales (pass 2 and adamw_multi_scales alike): master, m, v.
+__device__ __forceinline__ void adam_new_scales(const AdamItem& it, float& ps, float& ms, float& vs) {
+    ps = ms = vs = 1.0f;
+    if (it.level >= 1) ps = fp8train_scale_for_max(65504.0f, fp8train_slot_amax(it.amax[0]), 0, it.ps[0]);
+    if (it.level == 2) {
+        ms = fp8train_scale_for_max(448.0f, fp8train_slot_amax(it.amax[1]), 0, it.mvs[0]);
+        vs = fp8train_scale_for_max(65504.0f, fp8train_slot_amax(it.amax[2]), 0, it.mvs[2]);
+    }
+}
 #define ADAM_CHUNK 16384  // elements per block (a multiple of 8)
 
 template <bool APPLY>
 __device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* chunks) {
     uint2 ch = chunks[blockIdx.x];
     const AdamItem& it = items[ch.x];
-    const AdamStep h = it.h;
+    if (adam_skipped(it)) return;
+    const AdamStep h = adam_step_of(it);
+    const float ginv = fp8train_ld(it.ginv);
+    const float pinv = it.level >= 1 ? it.ps[1] : 1.0f;
+    const float minv = it.level == 2 ? it.mvs[1] : 1.0f, vinv = it.level == 2 ? it.mvs[3] : 1.0f;
+    float pscale = 1.0f, mscale = 1.0f, vscale = 1.0f;
+    if (APPLY) adam_new_scales(it, pscale, mscale, vscale);
     size_t first = ch.y, end = min(first + ADAM_CHUNK, (size_t)it.n);
     const float* g32 = it.g32;
     const u8* gq = it.gq;
@@ -114,7 +146,7 @@ __device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* 
         float *p = (float*)it.master, *m = (float*)it.m, *v = (float*)it.v;
         for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) {
             float pi = p[i], mi = m[i], vi = v[i];
-            adam_update(h, pi, adam_grad(g32, gq, it.ginv, i), mi, vi);
+            adam_update(h, pi, adam_grad(g32, gq, ginv, i), mi, vi);
             p[i] = pi; m[i] = mi; v[i] = vi;
         }
     } else if (it.level == 1) {
@@ -122,10 +154,10 @@ __device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* 
         float *m = (float*)it.m, *v = (float*)it.v;
         for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) {
             float pi, mi, vi;
-            adam_o1_new(master, it.pinv, g32, gq, it.ginv, m, v, i, h, pi, mi, vi);
+            adam_o1_new(master, pinv, g32, gq, ginv, m, v, i, h, pi, mi, vi);
             if (APPLY) {
                 m[i] = mi; v[i] = vi;
-                master[i] = fp8train_to_f16(pi * it.pscale);
+                master[i] = fp8train_to_f16(pi * pscale);
             } else {
                 u32 b = adam_abs_bits(pi); ap = b > ap ? b : ap;
             }
@@ -138,18 +170,18 @@ __device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* 
         size_t vend = adam_o2_vec(master, g32, gq, m8, vh) ? end / 8 : first / 8;
         for (size_t k = first / 8 + threadIdx.x; k < vend; k += blockDim.x) {
             float pi[8], mi[8], vi[8];
-            adam_o2_new8(master, it.pinv, g32, gq, it.ginv, m8, it.minv, vh, it.vinv, k, h, pi, mi, vi);
+            adam_o2_new8(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, k, h, pi, mi, vi);
             if (APPLY) {
                 u32 pw[4], vw[4], mw[2] = {0, 0};
 #pragma unroll
                 for (int u = 0; u < 4; u++) {
-                    pw[u] = (u32)fp8train_to_f16(pi[2 * u] * it.pscale) |
-                            ((u32)fp8train_to_f16(pi[2 * u + 1] * it.pscale) << 16);
-                    vw[u] = (u32)fp8train_to_f16(vi[2 * u] * it.vscale) |
-                            ((u32)fp8train_to_f16(vi[2 * u + 1] * it.vscale) << 16);
+                    pw[u] = (u32)fp8train_to_f16(pi[2 * u] * pscale) |
+                            ((u32)fp8train_to_f16(pi[2 * u + 1] * pscale) << 16);
+                    vw[u] = (u32)fp8train_to_f16(vi[2 * u] * vscale) |
+                            ((u32)fp8train_to_f16(vi[2 * u + 1] * vscale) << 16);
                 }
 #pragma unroll
-                for (int u = 0; u < 8; u++) mw[u / 4] |= (u32)fp8train_encode_sat(mi[u] * it.mscale, 0) << (8 * (u % 4));
+                for (int u = 0; u < 8; u++) mw[u / 4] |= (u32)fp8train_encode_sat(mi[u] * mscale, 0) << (8 * (u % 4));
                 ((uint4*)master)[k] = make_uint4(pw[0], pw[1], pw[2], pw[3]);
                 ((uint4*)vh)[k] = make_uint4(vw[0], vw[1], vw[2], vw[3]);
                 ((uint2*)m8)[k] = make_uint2(mw[0], mw[1]);
@@ -160,11 +192,11 @@ __device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* 
         }
         for (size_t i = 8 * vend + threadIdx.x; i < end; i += blockDim.x) {
             float pi, mi, vi;
-            adam_o2_new(master, it.pinv, g32, gq, it.ginv, m8, it.minv, vh, it.vinv, i, h, pi, mi, vi);
+            adam_o2_new(master, pinv, g32, gq, ginv, m8, minv, vh, vinv, i, h, pi, mi, vi);
             if (APPLY) {
-                master[i] = fp8train_to_f16(pi * it.pscale);
-                m8[i] = fp8train_encode_sat(mi * it.mscale, 0);
-                vh[i] = fp8train_to_f16(vi * it.vscale);
+                master[i] = fp8train_to_f16(pi * pscale);
+                m8[i] = fp8train_encode_sat(mi * mscale, 0);
+                vh[i] = fp8train_to_f16(vi * vscale);
             } else {
                 take(pi, mi, vi);
             }
@@ -192,4 +224,18 @@ extern "C" __global__ void adamw_multi_amax(const AdamItem* items, const uint2* 
 }
 extern "C" __global__ void adamw_multi_apply(const AdamItem* items, const uint2* chunks) {
     adamw_chunk<true>(items, chunks);
+}
+// After pass 2: every scaled tensor's new scales over its old ones (a thread per tensor).
+extern "C" __global__ void adamw_multi_scales(const AdamItem* items, u32 n) {
+    u32 i = fp8train_tid();
+    if (i >= n) return;
+    const AdamItem& it = items[i];
+    if (adam_skipped(it) || it.level == 0) return;
+    float ps, ms, vs;
+    adam_new_scales(it, ps, ms, vs);
+    fp8train_store_scale(it.ps, ps);
+    if (it.level == 2) {
+        fp8train_store_scale(it.mvs, ms);
+        fp8train_store_scale(it.mvs + 2, vs);
+    }
 }

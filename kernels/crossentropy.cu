@@ -23,9 +23,10 @@ __device__ float ce_block_max(float mx, bool nan, float* wmax) {
 // is written over the logits in BF16 (RNE), as the LM head's backward products read it:
 // each element is read and then written by the same thread, after every thread's reads
 // of the row (the barrier before the tree), and the target's logit is read before.
-extern "C" __global__ void crossentropy(float* losses, u16* logits, const u32* targets, float dloss, u32 n, u32 v,
-                                        int with_grad) {
+extern "C" __global__ void crossentropy(float* losses, u16* logits, const u32* targets, const float* mu, float rows,
+                                        u32 n, u32 v, int with_grad) {
     extern __shared__ float ce_sh[];
+    float dloss = __fdiv_rn(*mu, rows);  // backend::LossGrad
     u32 r = blockIdx.x;
     if (r >= n) return;  // whole block
     int chunks = ((int)v + 31) / 32;
@@ -77,8 +78,10 @@ extern "C" __global__ void crossentropy(float* losses, u16* logits, const u32* t
 #define CE_AT(ch, j) ((ch) * 32 + (((j) + 4 * (ch)) & 31))
 #define CE_PREF 7
 extern "C" __global__ void __launch_bounds__(1024, 1)
-    crossentropy_staged(float* losses, u16* logits, const u32* targets, float dloss, u32 n, u32 v, int with_grad) {
+    crossentropy_staged(float* losses, u16* logits, const u32* targets, const float* mu, float rows, u32 n, u32 v,
+                        int with_grad) {
     extern __shared__ __align__(16) float ce_sh[];
+    float dloss = __fdiv_rn(*mu, rows);  // backend::LossGrad
     int chunks = ((int)v + 31) / 32, groups = (int)v / 4;
     float* row = ce_sh;
     float* pa = row + 32 * chunks;

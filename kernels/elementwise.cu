@@ -18,7 +18,9 @@ __device__ __forceinline__ u32 cast_fp8_four(float4 v, float scale, float mx, in
     w |= (u32)cast_fp8_one(v.z, scale, mx, e5m2, amax, sat) << 16;
     return w | (u32)cast_fp8_one(v.w, scale, mx, e5m2, amax, sat) << 24;
 }
-extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, int e5m2, unsigned long long* stats) {
+extern "C" __global__ void cast_fp8(const float* x, u8* q, const float* scale_p, u32 n, int e5m2,
+                                    unsigned long long* stats) {
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     size_t start = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
@@ -41,8 +43,9 @@ extern "C" __global__ void cast_fp8(const float* x, u8* q, float scale, u32 n, i
 }
 // cast_fp8 of BF16 values (widened exactly): the attention output's cast for the
 // projection. Grid-stride, four elements per step (8-byte loads) when aligned.
-extern "C" __global__ void cast_fp8_bf16(const u16* x, u8* q, float scale, u32 n, int e5m2,
+extern "C" __global__ void cast_fp8_bf16(const u16* x, u8* q, const float* scale_p, u32 n, int e5m2,
                                          unsigned long long* stats) {
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     size_t start = (size_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
@@ -65,7 +68,8 @@ extern "C" __global__ void cast_fp8_bf16(const u16* x, u8* q, float scale, u32 n
 // copy), with cast_fp8's statistics (stats[0]: amax bits, stats[1]: saturated; one
 // atomic each per block).
 extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u32 rows, u32 cols, u8* q,
-                                                  float scale, int e5m2, unsigned long long* stats) {
+                                                  const float* scale_p, int e5m2, unsigned long long* stats) {
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(),
@@ -75,7 +79,8 @@ extern "C" __global__ void column_chunk_sums_cast(const float* x, float* part, u
 // The same, four adjacent columns per thread: one 16-byte load and one 4-byte store of
 // codes per row, the same sums and codes.
 extern "C" __global__ void column_chunk_sums_cast4(const float* x, float* part, u32 rows, u32 cols, u8* q,
-                                                   float scale, int e5m2, unsigned long long* stats) {
+                                                   const float* scale_p, int e5m2, unsigned long long* stats) {
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     column_chunk_walk<float4>(x, part, rows, cols, fp8train_tid(), [&](size_t k, float4 v) {
@@ -87,7 +92,9 @@ extern "C" __global__ void column_chunk_sums_cast4(const float* x, float* part, 
 // attention's backward stores in BF16), one or four adjacent columns per thread (`by4`:
 // cols a multiple of 4, x 8-byte and q 4-byte aligned): the values of cast_fp8_bf16.
 extern "C" __global__ void column_chunk_sums_cast_from_bf16(const u16* x, float* part, u32 rows, u32 cols, u8* q,
-                                                            float scale, int e5m2, unsigned long long* stats, int by4) {
+                                                            const float* scale_p, int e5m2, unsigned long long* stats,
+                                                            int by4) {
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     if (by4)
@@ -108,9 +115,10 @@ extern "C" __global__ void column_chunk_sums_bf16_copy(const float* x, float* pa
     else
         column_chunk_walk<float>(x, part, rows, cols, fp8train_tid(), [&](size_t k, float v) { q[k] = fp8train_to_bf16(v); });
 }
-extern "C" __global__ void decode_fp8(const u8* q, float* x, float inv_scale, u32 n, int e5m2) {
+extern "C" __global__ void decode_fp8(const u8* q, float* x, const float* inv_p, u32 n, int e5m2) {
     u32 i = fp8train_tid();
     if (i >= n) return;
+    float inv_scale = fp8train_ld(inv_p);
     float v = fp8train_decode(q[i], e5m2);
     x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;  // one canonical NaN, as the simulator
 }
@@ -146,9 +154,10 @@ extern "C" __global__ void cast_f16(const float* x, u16* y, float scale, u32 n) 
     u32 i = fp8train_tid();
     if (i < n) y[i] = fp8train_to_f16(x[i] * scale);
 }
-extern "C" __global__ void decode_f16(const u16* h, float* x, float inv_scale, u32 n) {
+extern "C" __global__ void decode_f16(const u16* h, float* x, const float* inv_p, u32 n) {
     u32 i = fp8train_tid();
     if (i >= n) return;
+    float inv_scale = fp8train_ld(inv_p);
     float v = fp8train_from_f16(h[i]);
     x[i] = isnan(v) ? FP8TRAIN_NAN : v * inv_scale;
 }
@@ -176,8 +185,9 @@ __device__ __forceinline__ float f16_value(u16 h, float inv_scale) {
 // y = bf16(decode_f16(h)): decode_f16 then cast_bf16 in one pass (the LM head's copy of
 // an FP16 token embedding). Four per thread (8-byte accesses) when aligned; launched
 // over (n + 3) / 4 threads.
-extern "C" __global__ void cast_bf16_from_f16(const u16* h, u16* y, float inv_scale, u32 n) {
+extern "C" __global__ void cast_bf16_from_f16(const u16* h, u16* y, const float* inv_p, u32 n) {
     size_t v = fp8train_tid();
+    float inv_scale = fp8train_ld(inv_p);
     if ((((size_t)h | (size_t)y) & 7) == 0 && 4 * v + 3 < n) {
         uint2 w = ((const uint2*)h)[v];
         ((uint2*)y)[v] = fp8train_to_bf16x4(f16_value(w.x & 0xffffu, inv_scale), f16_value(w.x >> 16, inv_scale),
@@ -188,8 +198,9 @@ extern "C" __global__ void cast_bf16_from_f16(const u16* h, u16* y, float inv_sc
 }
 // amax of the decoded FP16 values (out zeroed before the launch); grid-stride, eight
 // values per thread and step (16-byte loads) when h is aligned.
-extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsigned long long* out) {
+extern "C" __global__ void amax_f16(const u16* h, const float* inv_p, u32 n, unsigned long long* out) {
     u32 am = 0;
+    float inv_scale = fp8train_ld(inv_p);
     auto take = [&](u16 v) {
         u32 b = __float_as_uint(f16_value(v, inv_scale)) & 0x7fffffffu;
         am = b > am ? b : am;
@@ -209,15 +220,17 @@ extern "C" __global__ void amax_f16(const u16* h, float inv_scale, u32 n, unsign
     fp8train_act_flush(am, out);
 }
 // The just-in-time cast (Backend::cast_fp8_jit) after amax_bits / amax_f16 left the
-// source's amax in *slot: every thread derives the scale from it as the host will, then
-// q = sat_encode(x * scale). The source is f32 (f16 = 0) or FP16 codes decoded with
-// inv_scale (f16 = 1).
+// source's amax in *slot: every thread derives the scale from it and the previous one
+// (sslot[0]), thread 0 stores it with its inverse in sslot, then q = sat_encode(x *
+// scale). The source is f32 (f16 = 0) or FP16 codes decoded with *inv_p (f16 = 1).
 // Four elements per thread (launched over (n + 3) / 4 threads).
-extern "C" __global__ void cast_fp8_jit(const void* src, int f16, float inv_scale, u8* q, float prev, u32 n,
+extern "C" __global__ void cast_fp8_jit(const void* src, int f16, const float* inv_p, u8* q, float* sslot, u32 n,
                                         int e5m2, const unsigned long long* slot) {
     size_t i0 = 4 * (size_t)fp8train_tid();
     if (i0 >= n) return;
-    float scale = fp8train_scale_for_max(e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*slot), 0, prev);
+    float inv_scale = fp8train_ld(inv_p);
+    float scale = fp8train_scale_for_max(e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*slot), 0, sslot[0]);
+    if (i0 == 0) fp8train_store_scale(sslot, scale);
     auto load = [&](size_t i) { return f16 ? f16_value(((const u16*)src)[i], inv_scale) : ((const float*)src)[i]; };
     if (i0 + 3 < n && (((size_t)q & 3) == 0)) {
         float v[4];
@@ -250,8 +263,9 @@ struct JitItem {
     const void* src;          // f32 values or FP16 codes
     u8* q;
     unsigned long long* slot; // this tensor's amax slot
-    u32 n, f16;               // f16: src holds FP16 codes, decoded with inv_scale
-    float inv_scale, prev;
+    u32 n, f16;               // f16: src holds FP16 codes, decoded with *inv
+    const float* inv;         // null: 1
+    float* sslot;             // the scale slot: previous scale in, scale and inverse out
     u32 e5m2, pad;
 };
 #define JIT_CHUNK 16384
@@ -260,18 +274,18 @@ struct JitItem {
     uint2 jit_ch = (chunks)[blockIdx.x];                  \
     const JitItem& it = (items)[jit_ch.x];                \
     size_t first = jit_ch.y, end = min(first + JIT_CHUNK, (size_t)it.n)
-__device__ __forceinline__ void jit_load4(const JitItem& it, size_t i, float* v) {
+__device__ __forceinline__ void jit_load4(const JitItem& it, float inv, size_t i, float* v) {
     if (it.f16) {
         uint2 h = *(const uint2*)((const u16*)it.src + i);
-        v[0] = f16_value((u16)(h.x & 0xffff), it.inv_scale); v[1] = f16_value((u16)(h.x >> 16), it.inv_scale);
-        v[2] = f16_value((u16)(h.y & 0xffff), it.inv_scale); v[3] = f16_value((u16)(h.y >> 16), it.inv_scale);
+        v[0] = f16_value((u16)(h.x & 0xffff), inv); v[1] = f16_value((u16)(h.x >> 16), inv);
+        v[2] = f16_value((u16)(h.y & 0xffff), inv); v[3] = f16_value((u16)(h.y >> 16), inv);
     } else {
         float4 x = *(const float4*)((const float*)it.src + i);
         v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
     }
 }
-__device__ __forceinline__ float jit_load1(const JitItem& it, size_t i) {
-    return it.f16 ? f16_value(((const u16*)it.src)[i], it.inv_scale) : ((const float*)it.src)[i];
+__device__ __forceinline__ float jit_load1(const JitItem& it, float inv, size_t i) {
+    return it.f16 ? f16_value(((const u16*)it.src)[i], inv) : ((const float*)it.src)[i];
 }
 // Whether tensor `it` takes 4-element vector accesses (every table entry is checked the same way).
 __device__ __forceinline__ bool jit_vec(const JitItem& it) {
@@ -279,33 +293,36 @@ __device__ __forceinline__ bool jit_vec(const JitItem& it) {
 }
 extern "C" __global__ void jit_amax_multi(const JitItem* items, const uint2* chunks) {
     JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
+    float inv = fp8train_ld(it.inv);
     u32 am = 0;
     size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
     for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
         float v[4];
-        jit_load4(it, i, v);
+        jit_load4(it, inv, i, v);
 #pragma unroll
         for (int k = 0; k < 4; k++) { u32 b = __float_as_uint(v[k]) & 0x7fffffffu; am = b > am ? b : am; }
     }
     for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) {
-        u32 b = __float_as_uint(jit_load1(it, i)) & 0x7fffffffu;
+        u32 b = __float_as_uint(jit_load1(it, inv, i)) & 0x7fffffffu;
         am = b > am ? b : am;
     }
     fp8train_block_flush(am, 0, it.slot, nullptr);
 }
 extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chunks) {
     JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
-    float scale = fp8train_scale_for_max(it.e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*it.slot), 0, it.prev);
+    float inv = fp8train_ld(it.inv);
+    float scale = fp8train_scale_for_max(it.e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*it.slot), 0, it.sslot[0]);
+    if (first == 0 && threadIdx.x == 0) fp8train_store_scale(it.sslot, scale);
     size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
     for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {
         float v[4];
-        jit_load4(it, i, v);
+        jit_load4(it, inv, i, v);
         u32 w = 0;
 #pragma unroll
         for (int k = 0; k < 4; k++) w |= (u32)fp8train_encode_sat(v[k] * scale, it.e5m2) << (8 * k);
         *(u32*)(it.q + i) = w;
     }
-    for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) it.q[i] = fp8train_encode_sat(jit_load1(it, i) * scale, it.e5m2);
+    for (size_t i = vend + threadIdx.x; i < end; i += blockDim.x) it.q[i] = fp8train_encode_sat(jit_load1(it, inv, i) * scale, it.e5m2);
 }
 
 // cast_bf16 of many tensors (Backend::cast_bf16_many): JitItem rows whose src holds f32
@@ -329,7 +346,8 @@ extern "C" __global__ void decode_f16_multi(const JitItem* items, const uint2* c
     JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
     const u16* h = (const u16*)it.src;
     float* x = (float*)it.q;
-    for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) x[i] = f16_value(h[i], it.inv_scale);
+    float inv = fp8train_ld(it.inv);
+    for (size_t i = first + threadIdx.x; i < end; i += blockDim.x) x[i] = f16_value(h[i], inv);
 }
 
 // Row-major [rows x cols] -> [cols x rows] (K-major copies for the fast FP8 GEMM):

@@ -8,12 +8,12 @@ extern "C" __global__ void encoder_forward(float* out, const u32* tokens, const 
 }
 // The same from the FP16 master codes of the table: f16_value (decode_f16's value), then
 // the position's added.
-extern "C" __global__ void encoder_forward_f16(float* out, const u32* tokens, const u16* wte, float inv_scale,
+extern "C" __global__ void encoder_forward_f16(float* out, const u32* tokens, const u16* wte, const float* inv_p,
                                                const float* wpe, u32 b, u32 t, u32 c) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)b * t * c) return;
     size_t n = idx / c, i = idx % c;
-    out[idx] = f16_value(wte[(size_t)tokens[n] * c + i], inv_scale) + wpe[(n % t) * c + i];
+    out[idx] = f16_value(wte[(size_t)tokens[n] * c + i], fp8train_ld(inv_p)) + wpe[(n % t) * c + i];
 }
 // One thread per channel: rows in ascending order, so the additions keep their order.
 extern "C" __global__ void encoder_backward(float* dwte, float* dwpe, const float* dout, const u32* tokens, u32 b,

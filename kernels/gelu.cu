@@ -40,10 +40,11 @@ __device__ __forceinline__ float gelu_lookup(u32 code, const float* sh, const fl
 // y = gelu(x) of the BF16 pre-activation, stored per `mode` (fp8train_act_store); `tab`
 // the gelu_value half of the table. Grid-stride, four elements per step when aligned;
 // one amax atomic per block. Dynamic shared memory: 2 * GT_N floats.
-extern "C" __global__ void gelu_forward(void* y, int mode, float scale, unsigned long long* amax, const u16* x, u32 n,
+extern "C" __global__ void gelu_forward(void* y, int mode, const float* scale_p, unsigned long long* amax, const u16* x, u32 n,
                                         const float* tab) {
     extern __shared__ float gt_sh[];
     gelu_stage_table(gt_sh, tab);
+    float scale = fp8train_ld(scale_p);
     u32 am = 0;
     size_t stride = (size_t)gridDim.x * blockDim.x, start = fp8train_tid();
     size_t vec = ((((size_t)x & 7) | ((size_t)y & 15)) == 0) ? n / 4 : 0;
@@ -79,11 +80,12 @@ extern "C" __global__ void gelu_backward(float* dx, const u16* x, const u16* dy,
 // (mode ACT_BF16) or as the scaled FP8 cast (ACT_E4M3 here means FP8 of format `e5m2`,
 // with cast_fp8's statistics: stats[0] amax bits, stats[1] saturated). One (chunk,
 // column) item per thread and step, grid-stride.
-extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, float scale, int e5m2,
+extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, const float* scale_p, int e5m2,
                                               unsigned long long* stats, const u16* x, const u16* dy, u32 rows,
                                               u32 cols, const float* tab) {
     extern __shared__ float gt_sh[];
     gelu_stage_table(gt_sh, tab);
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     u32 chunks = (rows + 31) / 32;
@@ -110,11 +112,12 @@ extern "C" __global__ void gelu_backward_sums(float* part, void* out, int mode, 
 // gelu_backward_sums with four adjacent columns per thread (cols a multiple of 4, x and
 // dy 8-byte aligned): one 8-byte load of each per row, a 4- (E5M2) or 8-byte (BF16) store;
 // the same sums and codes.
-extern "C" __global__ void gelu_backward_sums4(float* part, void* out, int mode, float scale, int e5m2,
+extern "C" __global__ void gelu_backward_sums4(float* part, void* out, int mode, const float* scale_p, int e5m2,
                                                unsigned long long* stats, const u16* x, const u16* dy, u32 rows,
                                                u32 cols, const float* tab) {
     extern __shared__ float gt_sh[];
     gelu_stage_table(gt_sh, tab);
+    float scale = fp8train_ld(scale_p);
     float mx = e5m2 ? 57344.0f : 448.0f;
     u32 amax = 0, sat = 0;
     u32 chunks = (rows + 31) / 32, groups = cols / 4;

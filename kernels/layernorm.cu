@@ -74,10 +74,11 @@ __device__ float ln_warp_sum(u32 c, float* pa, float* pb, F4 term4, F1 term1) {
 // rounded up to a multiple of 4. Nothing in the loops below waits on a global load.
 // y is stored per `mode` (fp8train_act_store); amax collects max |y| for E4M3. `vec`: x,
 // w, b and y 16-byte aligned and c a multiple of 4.
-extern "C" __global__ void layernorm_forward(void* y, int mode, float scale, unsigned long long* amax, float* mean,
+extern "C" __global__ void layernorm_forward(void* y, int mode, const float* scale_p, unsigned long long* amax, float* mean,
                                              float* rstd, const float* x, const float* w, const float* b, u32 n,
                                              u32 c, int vec) {
     extern __shared__ __align__(16) float ln_sh[];
+    float scale = fp8train_ld(scale_p);
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
     u32 chunks = (c + 31) / 32, per_warp = (34 * chunks + 3) & ~3u;

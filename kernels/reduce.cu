@@ -201,8 +201,8 @@ extern "C" __global__ void f32_reduce_sum(const float* recv, u32 ranks, u32 k, u
 
 // ---- many tensors at once (the gradient norm's per-tensor sums of squares): the same
 // passes as above for every tensor, one launch per pass instead of one per tensor.
-// First pass: descriptor t = 6 words (pointer lo, hi, 1/scale bits, n, E4M3?, first
-// block); block b belongs to the last tensor whose first block is <= b (binary search).
+// First pass: descriptor t = 7 words (pointer lo, hi, the 1/scale's address lo, hi
+// (0: 1), n, E4M3?, first block); block b belongs to the last tensor whose first block is <= b (binary search).
 __device__ __forceinline__ u32 rs_find(const u32* d, u32 words, u32 at, u32 nt, u32 b) {
     u32 lo = 0, hi = nt - 1;
     while (lo < hi) {
@@ -212,11 +212,11 @@ __device__ __forceinline__ u32 rs_find(const u32* d, u32 words, u32 at, u32 nt, 
     return lo;
 }
 extern "C" __global__ void __launch_bounds__(RS_CHUNKS) sq_blocks_multi(const u32* d, u32 nt, float* part) {
-    const u32* t = d + 6 * rs_find(d, 6, 5, nt, blockIdx.x);
+    const u32* t = d + 7 * rs_find(d, 7, 6, nt, blockIdx.x);
     const void* p = (const void*)(((unsigned long long)t[1] << 32) | t[0]);
-    float inv = __uint_as_float(t[2]);
-    u32 n = t[3], blk = blockIdx.x - t[5];
-    bool fp8 = t[4] != 0;
+    float inv = fp8train_ld((const float*)(((unsigned long long)t[3] << 32) | t[2]));
+    u32 n = t[4], blk = blockIdx.x - t[6];
+    bool fp8 = t[5] != 0;
     // One instantiation (its static shared memory counts once); four elements per load
     // where the source is aligned and the four are all in range.
     auto one = [&](size_t g) {

@@ -81,7 +81,7 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
             model.recompute = recompute;
             let mut ws = model.workspace(&be, b, t).unwrap();
             let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
-            let mut mu = 1.0f32;
+            fp8train::train::start_control(&be, &mut model, &tc, &ls).unwrap();
             for _ in 0..2 {
                 fp8train::train::train_step(
                     &be,
@@ -90,7 +90,6 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
                     &tc,
                     (&tokens, &tokens),
                     1e-3,
-                    &mut mu,
                     &mut ls,
                     &world,
                     false,

@@ -150,6 +150,42 @@ impl DelayedScaling {
     }
 }
 
+/// [`DelayedScaling::record`] (window max, margin 0) on state a device can hold: the
+/// last `hist.len()` (the window) recorded amaxes in a ring, `recorded` counting the
+/// amaxes recorded (less a multiple of the window once past two windows: the next goes
+/// to `hist[recorded % window]`, the first `min(recorded, window)` entries are live),
+/// and the scale. The same scales as
+/// `DelayedScaling` for any sequence of amaxes (`record_ring_is_delayed_scaling`); the
+/// GPU's `delayed_scaling_update` (kernels/scaling.cu) runs this per tensor.
+pub fn record_ring(fmt: Fp8Format, hist: &mut [f32], recorded: &mut u32, scale: &mut f32, amax: f32) -> bool {
+    if !amax.is_finite() {
+        return false;
+    }
+    let window = hist.len() as u32;
+    hist[(*recorded % window) as usize] = amax;
+    // (Kept below 2 window, so it never wraps: the position and the live count stay right.)
+    *recorded += 1;
+    if *recorded >= 2 * window {
+        *recorded -= window;
+    }
+    let live = (*recorded).min(window) as usize;
+    let reduced = hist[..live].iter().fold(0.0f32, |m, &a| if a > m { a } else { m });
+    *scale = scale_from_amax(fmt, reduced, 0, *scale);
+    true
+}
+
+/// A ring's live amaxes oldest first (what `DelayedScaling::history` lists), for
+/// checkpoints.
+pub fn ring_history(hist: &[f32], recorded: u32) -> Vec<f32> {
+    let window = hist.len() as u32;
+    if recorded < window {
+        hist[..recorded as usize].to_vec()
+    } else {
+        let at = (recorded % window) as usize;
+        hist[at..].iter().chain(&hist[..at]).copied().collect()
+    }
+}
+
 /// An FP8 tensor with its per-tensor scale: value `~ decode(codes[i]) / scale`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScaledTensor {
@@ -269,6 +305,35 @@ mod tests {
 
         let restored = DelayedScaling::restore(d.config, &[5.0, 1.0, 1.0, 1.0], 256.0);
         assert_eq!(restored, d);
+    }
+
+    #[test]
+    fn record_ring_is_delayed_scaling() {
+        let mut seed = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for window in [1usize, 2, 3, 16] {
+            for fmt in [E4M3, E5M2] {
+                let mut d = DelayedScaling::new(ScalingConfig { window, ..ScalingConfig::delayed(fmt) });
+                let (mut hist, mut recorded, mut scale) = (vec![0f32; window], 0u32, 1.0f32);
+                for step in 0..200 {
+                    let r = next();
+                    let amax = match r % 17 {
+                        0 => f32::NAN,
+                        1 => f32::INFINITY,
+                        2 => 0.0,
+                        _ => f32::from_bits(0x3000_0000 + (r >> 40) as u32 % 0x1800_0000),
+                    };
+                    assert_eq!(record_ring(fmt, &mut hist, &mut recorded, &mut scale, amax), d.record(amax));
+                    assert_eq!(scale.to_bits(), d.scale().to_bits(), "window {window} step {step}");
+                    assert_eq!(ring_history(&hist, recorded), d.history().collect::<Vec<_>>());
+                }
+            }
+        }
     }
 
     #[test]

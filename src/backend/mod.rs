@@ -12,7 +12,7 @@ pub mod sim;
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::World;
 use fp8sim::half16::{bf16, f16};
-use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::adamw::{AdamStep, StepControl};
 use fp8sim::ops::attention::AttnShape;
 use fp8sim::Fp8Format;
 
@@ -29,12 +29,57 @@ impl Elem for u16 {}
 impl Elem for f16 {}
 impl Elem for bf16 {}
 
+/// An f32 an op reads when it runs: a value the host has, or element `at` of a
+/// device buffer (a scale worked out on the device, which the host never reads back:
+/// the fast path's "no host round trip"). Ops take scales, inverse scales and the loss
+/// gradient's mu this way.
+pub enum Scalar<'a, B: Backend + ?Sized> {
+    Host(f32),
+    Dev(&'a B::Buf<f32>, usize),
+}
+impl<B: Backend + ?Sized> Clone for Scalar<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for Scalar<'_, B> {}
+impl<B: Backend + ?Sized> From<f32> for Scalar<'_, B> {
+    fn from(v: f32) -> Self {
+        Scalar::Host(v)
+    }
+}
+
+/// A scale an op works out on the device and stores there: `buf[at]` holds the scale
+/// (read first as the previous one, which a zero or non-finite amax keeps) and
+/// `buf[at + 1]` its inverse, what the products read (`Scalar::Dev(buf, at + 1)`).
+pub struct ScaleSlot<'a, B: Backend + ?Sized> {
+    pub buf: &'a mut B::Buf<f32>,
+    pub at: usize,
+}
+
+/// Delayed scaling's state on the device, `n` tracked tensors (two per linear layer:
+/// its input, E4M3, and its output gradient, E5M2): tensor i's last `window` amaxes at
+/// `hist[i * window..]` with `recorded[i]` (see `fp8sim::scaling::record_ring`), its scale
+/// and inverse at `scales[2 i..]`, and `slots[i]`: its amax slot in the step's statistics,
+/// with bit 31 set for E5M2.
+pub struct Delayed<'a, B: Backend + ?Sized> {
+    pub hist: &'a mut B::Buf<f32>,
+    pub recorded: &'a mut B::Buf<u32>,
+    pub scales: &'a mut B::Buf<f32>,
+    pub slots: &'a B::Buf<u32>,
+    pub window: usize,
+}
+
+/// Bit 31 of a [`Delayed`] slot word: the tensor is E5M2.
+pub const DELAYED_E5M2: u32 = 1 << 31;
+
 /// A GEMM operand held by backend `B`.
 pub enum Operand<'a, B: Backend + ?Sized> {
     F32(&'a B::Buf<f32>),
     Bf16(&'a B::Buf<bf16>),
-    /// FP8 codes (scales go into the GEMM's scale product).
-    Fp8(&'a B::Buf<u8>, Fp8Format),
+    /// FP8 codes and their inverse scale (value = decode(code) * inverse), which
+    /// multiplies the product: `scale * inv(a) * inv(b)`, in that order.
+    Fp8(&'a B::Buf<u8>, Fp8Format, Scalar<'a, B>),
 }
 impl<B: Backend + ?Sized> Clone for Operand<'_, B> {
     fn clone(&self) -> Self {
@@ -48,7 +93,26 @@ impl<B: Backend + ?Sized> Copy for Operand<'_, B> {}
 /// FP16 master needs no f32 copy of the whole table.
 pub enum EmbedTable<'a, B: Backend + ?Sized> {
     F32(&'a B::Buf<f32>),
-    F16(&'a B::Buf<f16>, f32),
+    F16(&'a B::Buf<f16>, Scalar<'a, B>),
+}
+
+/// The loss gradient per row, `mu / rows` (f32 division; rows: the whole batch's, of
+/// which a chunk of the LM head is part), with mu where the step controller keeps it.
+pub struct LossGrad<'a, B: Backend + ?Sized> {
+    pub mu: Scalar<'a, B>,
+    pub rows: f32,
+}
+impl<B: Backend + ?Sized> Clone for LossGrad<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for LossGrad<'_, B> {}
+impl<B: Backend + ?Sized> LossGrad<'_, B> {
+    /// No gradient (evaluation): 0.
+    pub fn none() -> Self {
+        LossGrad { mu: Scalar::Host(0.0), rows: 1.0 }
+    }
 }
 
 /// A slot of a statistics buffer (`Buf<u64>`, zeroed before the step): ops that
@@ -88,7 +152,7 @@ pub enum ActOut<'a, B: Backend + ?Sized> {
     Bf16(&'a mut B::Buf<bf16>),
     /// E4M3 codes of `value * scale` (the saturating scaled cast); the values' amax
     /// goes to the slot, as `cast_fp8` would report it.
-    E4m3(&'a mut B::Buf<u8>, f32, Slot<'a, B>),
+    E4m3(&'a mut B::Buf<u8>, Scalar<'a, B>, Slot<'a, B>),
 }
 
 /// Where an op writes a linear layer's output gradient (that layer's backward reads it
@@ -99,7 +163,7 @@ pub enum ActOut<'a, B: Backend + ?Sized> {
 pub enum GradOut<'a, B: Backend + ?Sized> {
     F32(&'a mut B::Buf<f32>),
     Bf16 { db: &'a mut B::Buf<f32>, q: &'a mut B::Buf<bf16> },
-    Fp8 { db: &'a mut B::Buf<f32>, q: &'a mut B::Buf<u8>, fmt: Fp8Format, scale: f32, stats: Slot<'a, B> },
+    Fp8 { db: &'a mut B::Buf<f32>, q: &'a mut B::Buf<u8>, fmt: Fp8Format, scale: Scalar<'a, B>, stats: Slot<'a, B> },
 }
 
 impl<B: Backend + ?Sized> GradOut<'_, B> {
@@ -121,7 +185,7 @@ impl<B: Backend + ?Sized> GradOut<'_, B> {
 /// `decode_f16` does (`value * inv_scale`) without writing the f32 copy.
 pub enum JitSrc<'a, B: Backend + ?Sized> {
     F32(&'a B::Buf<f32>),
-    F16(&'a B::Buf<f16>, f32),
+    F16(&'a B::Buf<f16>, Scalar<'a, B>),
 }
 
 /// The three products of a linear layer (row-major buffers; see `fp8sim::ops::gemm`).
@@ -144,28 +208,35 @@ pub struct CastStats {
     pub saturated: u64,
 }
 
-/// The optimizer state of one tensor, by level, as the backend holds it.
+/// The optimizer state of one tensor, by level, as the backend holds it. Scales live on
+/// the device beside their tensors (each with its inverse: `[s, 1/s]`), where AdamW
+/// reads and replaces them.
 pub enum AdamState<'a, B: Backend + ?Sized> {
     /// `bf16` level: f32 master, f32 moments.
     F32 { master: &'a mut B::Buf<f32>, m: &'a mut B::Buf<f32>, v: &'a mut B::Buf<f32> },
-    /// `O1`: FP16 master with a scale, f32 moments.
-    O1 { master: &'a mut B::Buf<f16>, master_scale: &'a mut f32, m: &'a mut B::Buf<f32>, v: &'a mut B::Buf<f32> },
-    /// `O2`: FP16 master, E4M3 m, FP16 v, each with a scale.
+    /// `O1`: FP16 master with its scale (`[s, 1/s]`), f32 moments.
+    O1 {
+        master: &'a mut B::Buf<f16>,
+        master_scale: &'a mut B::Buf<f32>,
+        m: &'a mut B::Buf<f32>,
+        v: &'a mut B::Buf<f32>,
+    },
+    /// `O2`: FP16 master, E4M3 m, FP16 v, each with a scale (`moment_scales`: m's
+    /// `[s, 1/s]`, then v's).
     O2 {
         master: &'a mut B::Buf<f16>,
-        master_scale: &'a mut f32,
+        master_scale: &'a mut B::Buf<f32>,
         m: &'a mut B::Buf<u8>,
-        m_scale: &'a mut f32,
         v: &'a mut B::Buf<f16>,
-        v_scale: &'a mut f32,
+        moment_scales: &'a mut B::Buf<f32>,
     },
 }
 
 /// A gradient as the optimizer reads it.
 pub enum GradRef<'a, B: Backend + ?Sized> {
     F32(&'a B::Buf<f32>),
-    /// E4M3 codes and their scale.
-    Fp8(&'a B::Buf<u8>, f32),
+    /// E4M3 codes and their inverse scale.
+    Fp8(&'a B::Buf<u8>, Scalar<'a, B>),
 }
 
 /// Where device time goes, for `bench step`'s breakdown.
@@ -269,6 +340,14 @@ pub trait Backend {
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> BResult<Vec<T>>;
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     fn copy<T: Elem>(&self, dst: &mut Self::Buf<T>, src: &Self::Buf<T>) -> BResult<()>;
+    /// The value of a scalar (a read-back when it is on the device: not for the step's
+    /// hot path).
+    fn scalar(&self, s: Scalar<'_, Self>) -> BResult<f32> {
+        Ok(match s {
+            Scalar::Host(v) => v,
+            Scalar::Dev(buf, at) => self.download(buf)?[at],
+        })
+    }
 
     // ---- casts and reductions
     fn amax(&self, x: &Self::Buf<f32>) -> BResult<f32>;
@@ -280,11 +359,16 @@ pub trait Backend {
     /// `y = to_f16(x * scale)`.
     fn cast_f16(&self, y: &mut Self::Buf<f16>, x: &Self::Buf<f32>, scale: f32) -> BResult<()>;
     /// `x = h * inv_scale`.
-    fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()>;
+    fn decode_f16(&self, x: &mut Self::Buf<f32>, h: &Self::Buf<f16>, inv_scale: Scalar<'_, Self>) -> BResult<()>;
     /// `y = bf16(h * inv_scale)`: `decode_f16` then `cast_bf16` (the LM head's BF16 copy
     /// of an FP16 token embedding), which this default does through an f32 temporary; a
     /// backend may do both in one pass (the same bits).
-    fn cast_bf16_from_f16(&self, y: &mut Self::Buf<bf16>, h: &Self::Buf<f16>, inv_scale: f32) -> BResult<()> {
+    fn cast_bf16_from_f16(
+        &self,
+        y: &mut Self::Buf<bf16>,
+        h: &Self::Buf<f16>,
+        inv_scale: Scalar<'_, Self>,
+    ) -> BResult<()> {
         let mut x = self.zeros::<f32>(self.len(h))?;
         self.decode_f16(&mut x, h, inv_scale)?;
         self.cast_bf16(y, &x)
@@ -297,7 +381,7 @@ pub trait Backend {
         q: &mut Self::Buf<u8>,
         x: &Self::Buf<f32>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()>;
     /// `cast_fp8_to` of BF16 values (each widened to f32 exactly first): the attention
@@ -307,36 +391,37 @@ pub trait Backend {
         q: &mut Self::Buf<u8>,
         x: &Self::Buf<bf16>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()>;
     /// `out = x` widened to f32 (exact).
     fn widen_bf16(&self, out: &mut Self::Buf<f32>, x: &Self::Buf<bf16>) -> BResult<()>;
     /// The just-in-time cast: `q = sat_encode(x * s)` with `s = scale_from_amax(fmt,
-    /// amax(x), 0, prev)`, the amax into the slot. The scale is worked out where the
-    /// data is (on a GPU, by the cast kernel from the slot); the caller derives the same
-    /// `s` from the slot's amax after its read-back.
+    /// amax(x), 0, prev)`, `prev` read from the scale slot, where `s` and `1 / s` are
+    /// then stored; the amax into the statistics slot. The scale is worked out where the
+    /// data is (on a GPU, by the cast kernel from the amax slot), so nothing is read back.
     fn cast_fp8_jit(
         &self,
         q: &mut Self::Buf<u8>,
         x: JitSrc<'_, Self>,
         fmt: Fp8Format,
-        prev: f32,
+        scale: ScaleSlot<'_, Self>,
         amax: Slot<'_, Self>,
     ) -> BResult<()>;
     /// [`Backend::cast_fp8_jit`] of many tensors (the weight views at the start of a
-    /// step): `(codes, source, prev, slot index in stats)` each, one format. The same
-    /// codes and slot values as one call per tensor (which is what this default does);
-    /// a backend may batch them (two launches for all on GPUs).
+    /// step, a layer's weight gradients): `(codes, source, scale slot, statistics slot
+    /// index in stats)` each, one format. The same codes and slot values as one call per
+    /// tensor (which is what this default does); a backend may batch them (two launches
+    /// for all on GPUs).
     #[allow(clippy::type_complexity)]
     fn cast_fp8_jit_many(
         &self,
-        items: Vec<(&mut Self::Buf<u8>, JitSrc<'_, Self>, f32, usize)>,
+        items: Vec<(&mut Self::Buf<u8>, JitSrc<'_, Self>, ScaleSlot<'_, Self>, usize)>,
         fmt: Fp8Format,
         stats: &mut Self::Buf<u64>,
     ) -> BResult<()> {
-        for (q, x, prev, at) in items {
-            self.cast_fp8_jit(q, x, fmt, prev, Slot { buf: stats, at })?;
+        for (q, x, scale, at) in items {
+            self.cast_fp8_jit(q, x, fmt, scale, Slot { buf: stats, at })?;
         }
         Ok(())
     }
@@ -352,7 +437,7 @@ pub trait Backend {
     /// [`Backend::decode_f16`] of many tensors `(out, codes, inv_scale)` (the FP16
     /// masters' f32 copies at the start of a step); a backend may batch them.
     #[allow(clippy::type_complexity)]
-    fn decode_f16_many(&self, items: Vec<(&mut Self::Buf<f32>, &Self::Buf<f16>, f32)>) -> BResult<()> {
+    fn decode_f16_many(&self, items: Vec<(&mut Self::Buf<f32>, &Self::Buf<f16>, Scalar<'_, Self>)>) -> BResult<()> {
         for (x, h, inv) in items {
             self.decode_f16(x, h, inv)?;
         }
@@ -370,6 +455,27 @@ pub trait Backend {
     fn sum_sq(&self, x: &Self::Buf<f32>) -> BResult<f32>;
     /// Mean in the contract's order.
     fn mean(&self, x: &Self::Buf<f32>) -> BResult<f32>;
+    /// [`Backend::mean`] into `out[at]`, left on the device.
+    fn mean_to(&self, x: &Self::Buf<f32>, out: &mut Self::Buf<f32>, at: usize) -> BResult<()>;
+
+    // ---- the step's decisions on the device (no read-back)
+    /// Delayed scaling at the end of a step for every tracked tensor (see [`Delayed`]):
+    /// `fp8sim::scaling::record_ring` of the amax in its statistics slot.
+    fn delayed_scaling_update(&self, d: Delayed<'_, Self>, stats: &Self::Buf<u64>) -> BResult<()>;
+    /// `out[at] = 1` when any of the amax slots `stats[slots[i]]` holds a non-finite
+    /// value (a gradient overflowed), else 0.
+    fn flag_nonfinite(
+        &self,
+        out: &mut Self::Buf<f32>,
+        at: usize,
+        stats: &Self::Buf<u64>,
+        slots: &Self::Buf<u32>,
+    ) -> BResult<()>;
+    /// [`Backend::grad_sq_sums`] into `out` (one f32 per gradient), left on the device.
+    fn grad_sq_sums_to(&self, grads: &[GradRef<'_, Self>], out: &mut Self::Buf<f32>) -> BResult<()>;
+    /// `fp8sim::ops::adamw::step_control` on the controller's words `ctl` with the
+    /// gradients' sums of squares `sq`.
+    fn step_control(&self, ctl: &mut Self::Buf<f32>, sq: &Self::Buf<f32>, c: &StepControl) -> BResult<()>;
 
     // ---- GEMM (exact class) and its neighbours
     fn matmul(
@@ -437,7 +543,7 @@ pub trait Backend {
         rows: usize,
         cols: usize,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()> {
         self.column_sums(out, x, rows, cols)?;
@@ -475,7 +581,7 @@ pub trait Backend {
         rows: usize,
         cols: usize,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()> {
         self.column_sums_bf16(out, x, rows, cols)?;
@@ -616,13 +722,22 @@ pub trait Backend {
         logits: &mut Self::Buf<bf16>,
         with_grad: bool,
         targets: &Self::Buf<u32>,
-        dloss: f32,
+        dloss: LossGrad<'_, Self>,
         n: usize,
         v: usize,
     ) -> BResult<()>;
 
     // ---- optimizer
-    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()>;
+    /// One tensor's AdamW step. With `ctl` (the step controller's words, see
+    /// `fp8sim::ops::adamw::ctl`) the bias corrections and the gradient multiplier come
+    /// from there instead of `step`, and a step it marks as overflowed changes nothing.
+    fn adamw(
+        &self,
+        state: AdamState<'_, Self>,
+        grad: GradRef<'_, Self>,
+        step: &AdamStep,
+        ctl: Option<&Self::Buf<f32>>,
+    ) -> BResult<()>;
 
     /// Each gradient's sum of squares in the contract's order (an E4M3 gradient
     /// decoded with its scale first), as `sum_sq` on each; a backend may batch.
@@ -631,9 +746,9 @@ pub trait Backend {
         for g in grads {
             out.push(match g {
                 GradRef::F32(x) => self.sum_sq(x)?,
-                GradRef::Fp8(codes, scale) => {
+                GradRef::Fp8(codes, inv) => {
                     let mut tmp = self.zeros::<f32>(self.len(*codes))?;
-                    self.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, 1.0 / scale)?;
+                    self.decode_fp8(&mut tmp, codes, Fp8Format::E4M3, self.scalar(*inv)?)?;
                     self.sum_sq(&tmp)?
                 }
             });
@@ -644,9 +759,13 @@ pub trait Backend {
     /// AdamW on many tensors in one go (the whole model's step): the same result as
     /// [`Backend::adamw`] on each in order; a backend may batch (one read-back of all
     /// scale statistics instead of one per tensor).
-    fn adamw_many(&self, items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>) -> BResult<()> {
+    fn adamw_many(
+        &self,
+        items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>,
+        ctl: Option<&Self::Buf<f32>>,
+    ) -> BResult<()> {
         for (state, grad, step) in items {
-            self.adamw(state, grad, &step)?;
+            self.adamw(state, grad, &step, ctl)?;
         }
         Ok(())
     }
@@ -679,12 +798,19 @@ pub trait Backend {
     }
 
     // ---- data-parallel gradient reduction (numerics contract, rule 8)
-    /// Reduce an E4M3 gradient and its scale across the ranks of `world`. The default
-    /// runs the contract's algorithm on host copies over MPI.
-    fn reduce_grad_fp8(&self, world: &World, codes: &mut Self::Buf<u8>, scale: &mut f32) -> BResult<CommBytes> {
+    /// Reduce an E4M3 gradient and its scale (`[scale, 1/scale]`) across the ranks of
+    /// `world`. The default runs the contract's algorithm on host copies over MPI.
+    fn reduce_grad_fp8(
+        &self,
+        world: &World,
+        codes: &mut Self::Buf<u8>,
+        scale: &mut Self::Buf<f32>,
+    ) -> BResult<CommBytes> {
         let mut host = self.download(codes)?;
-        let c = fp8cluster::reduce::reduce_fp8(world, &mut host, scale);
+        let mut s = self.download(scale)?[0];
+        let c = fp8cluster::reduce::reduce_fp8(world, &mut host, &mut s);
         *codes = self.upload(&host)?;
+        *scale = self.upload(&[s, 1.0 / s])?;
         Ok(c)
     }
     /// Reduce an f32 gradient across the ranks of `world` (bf16 level).

@@ -1,16 +1,16 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
 use super::{
-    amax_slot_bits, ActOut, AdamState, BResult, Backend, CastStats, Elem, EmbedTable, GradOut, GradRef, JitSrc,
-    Operand, Product, Slot,
+    amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GradOut,
+    GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
 };
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
-use fp8sim::ops::adamw::{self, AdamStep, Grad, ScaledE4m3, ScaledF16};
+use fp8sim::ops::adamw::{self, AdamStep, Grad, ScaledE4m3, ScaledF16, StepControl};
 use fp8sim::ops::attention::{self, AttnShape};
 use fp8sim::ops::gemm::{self, MatRef};
 use fp8sim::ops::{crossentropy, encoder, gelu, layernorm};
-use fp8sim::scaling::scale_from_amax;
+use fp8sim::scaling::{record_ring, scale_from_amax};
 use fp8sim::{par, reduce};
 
 /// BF16 values as f32 (exact).
@@ -34,6 +34,8 @@ fn product_exact(
     scale: f32,
     accumulate: bool,
 ) {
+    // The host's scale, then the FP8 operands' inverse scales (the kernels' order).
+    let scale = scale * inv_of(a) * inv_of(b);
     let (a, b) = (op(a), op(b));
     let (x, y) = match product {
         Product::Forward => (MatRef::row_major(a, m, k), MatRef::row_major(b, n, k).t()),
@@ -42,6 +44,28 @@ fn product_exact(
     };
     let r = if accumulate { gemm::gemm_exact_accumulate(x, y, out) } else { gemm::gemm_exact(x, y, scale, out) };
     r.expect("model GEMM shapes are consistent");
+}
+
+/// An FP8 operand's inverse scale (1 for others).
+fn inv_of(o: &Operand<'_, Sim>) -> f32 {
+    match *o {
+        Operand::Fp8(_, _, inv) => value(inv),
+        _ => 1.0,
+    }
+}
+
+/// A scalar's value (the simulator's device memory is the host's).
+fn value(s: Scalar<'_, Sim>) -> f32 {
+    match s {
+        Scalar::Host(v) => v,
+        Scalar::Dev(buf, at) => buf[at],
+    }
+}
+
+/// Store a just-in-time scale and its inverse in its slot.
+fn store_scale(slot: ScaleSlot<'_, Sim>, s: f32) {
+    slot.buf[slot.at] = s;
+    slot.buf[slot.at + 1] = 1.0 / s;
 }
 
 /// Record an amax in its slot (the largest pattern stays, as the GPU's atomicMax).
@@ -56,7 +80,7 @@ fn store_act(y: ActOut<'_, Sim>, vals: &[f32]) {
         ActOut::F32(o) => o.copy_from_slice(vals),
         ActOut::Bf16(o) => half16::to_bf16_slice(vals, o),
         ActOut::E4m3(q, scale, slot) => {
-            fp8::encode_scaled(Fp8Format::E4M3, vals, scale, q);
+            fp8::encode_scaled(Fp8Format::E4M3, vals, value(scale), q);
             put_amax(slot, reduce::amax(vals));
         }
     }
@@ -98,7 +122,7 @@ fn op<'a>(o: &Operand<'a, Sim>) -> gemm::Operand<'a> {
     match *o {
         Operand::F32(b) => gemm::Operand::F32(b),
         Operand::Bf16(b) => gemm::Operand::Bf16(b),
-        Operand::Fp8(b, f) => gemm::Operand::Fp8(b, f),
+        Operand::Fp8(b, f, _) => gemm::Operand::Fp8(b, f),
     }
 }
 
@@ -159,7 +183,7 @@ impl Backend for Sim {
         q: &mut Vec<u8>,
         x: &Vec<bf16>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()> {
         self.cast_fp8_to(q, &widen(x)?, fmt, scale, stats)
@@ -175,10 +199,10 @@ impl Backend for Sim {
         q: &mut Vec<u8>,
         x: &Vec<f32>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()> {
-        let st = self.cast_fp8(q, x, fmt, scale)?;
+        let st = self.cast_fp8(q, x, fmt, value(scale))?;
         stats.buf[stats.at + 1] += st.saturated;
         put_amax(stats, st.amax);
         Ok(())
@@ -188,7 +212,7 @@ impl Backend for Sim {
         q: &mut Vec<u8>,
         x: JitSrc<'_, Self>,
         fmt: Fp8Format,
-        prev: f32,
+        scale: ScaleSlot<'_, Self>,
         amax: Slot<'_, Self>,
     ) -> BResult<()> {
         let decoded;
@@ -202,7 +226,9 @@ impl Backend for Sim {
             }
         };
         let a = reduce::amax(x);
-        fp8::encode_scaled(fmt, x, scale_from_amax(fmt, a, 0, prev), q);
+        let s = scale_from_amax(fmt, a, 0, scale.buf[scale.at]);
+        fp8::encode_scaled(fmt, x, s, q);
+        store_scale(scale, s);
         put_amax(amax, a);
         Ok(())
     }
@@ -222,7 +248,8 @@ impl Backend for Sim {
         });
         Ok(())
     }
-    fn decode_f16(&self, x: &mut Vec<f32>, h: &Vec<f16>, inv_scale: f32) -> BResult<()> {
+    fn decode_f16(&self, x: &mut Vec<f32>, h: &Vec<f16>, inv_scale: Scalar<'_, Self>) -> BResult<()> {
+        let inv_scale = value(inv_scale);
         par::for_chunks2(h, x, |hs, xs| {
             for (o, &v) in xs.iter_mut().zip(hs) {
                 *o = v.to_f32() * inv_scale;
@@ -235,6 +262,37 @@ impl Backend for Sim {
     }
     fn mean(&self, x: &Vec<f32>) -> BResult<f32> {
         Ok(crossentropy::mean_loss(x))
+    }
+    fn mean_to(&self, x: &Vec<f32>, out: &mut Vec<f32>, at: usize) -> BResult<()> {
+        out[at] = crossentropy::mean_loss(x);
+        Ok(())
+    }
+    fn delayed_scaling_update(&self, d: Delayed<'_, Self>, stats: &Vec<u64>) -> BResult<()> {
+        let w = d.window;
+        for (i, &slot) in d.slots.iter().enumerate() {
+            let fmt = if slot & DELAYED_E5M2 != 0 { Fp8Format::E5M2 } else { Fp8Format::E4M3 };
+            let amax = slot_amax(stats[(slot & !DELAYED_E5M2) as usize]);
+            let mut s = d.scales[2 * i];
+            if record_ring(fmt, &mut d.hist[i * w..(i + 1) * w], &mut d.recorded[i], &mut s, amax) {
+                d.scales[2 * i] = s;
+                d.scales[2 * i + 1] = 1.0 / s;
+            }
+        }
+        Ok(())
+    }
+    fn flag_nonfinite(&self, out: &mut Vec<f32>, at: usize, stats: &Vec<u64>, slots: &Vec<u32>) -> BResult<()> {
+        let bad = slots.iter().any(|&k| !slot_amax(stats[k as usize]).is_finite());
+        out[at] = if bad { 1.0 } else { 0.0 };
+        Ok(())
+    }
+    fn grad_sq_sums_to(&self, grads: &[GradRef<'_, Self>], out: &mut Vec<f32>) -> BResult<()> {
+        let sums = self.grad_sq_sums(grads)?;
+        out[..sums.len()].copy_from_slice(&sums);
+        Ok(())
+    }
+    fn step_control(&self, ctl: &mut Vec<f32>, sq: &Vec<f32>, c: &StepControl) -> BResult<()> {
+        adamw::step_control(ctl, sq, c);
+        Ok(())
     }
 
     fn matmul(
@@ -306,7 +364,7 @@ impl Backend for Sim {
     ) -> BResult<()> {
         match wte {
             EmbedTable::F32(w) => encoder::encoder_forward(out, tokens, w, wpe, b, t, c),
-            EmbedTable::F16(h, inv) => encoder::encoder_forward_f16(out, tokens, h, inv, wpe, b, t, c),
+            EmbedTable::F16(h, inv) => encoder::encoder_forward_f16(out, tokens, h, value(inv), wpe, b, t, c),
         }
         Ok(())
     }
@@ -418,33 +476,55 @@ impl Backend for Sim {
         logits: &mut Vec<bf16>,
         with_grad: bool,
         targets: &Vec<u32>,
-        dloss: f32,
+        dloss: LossGrad<'_, Self>,
         n: usize,
         v: usize,
     ) -> BResult<()> {
+        let dloss = value(dloss.mu) / dloss.rows;
         let l32 = widen(logits)?;
         let dlogits = with_grad.then_some(logits.as_mut_slice());
         crossentropy::crossentropy_forward_backward(losses, dlogits, &l32, targets, dloss, n, v, half16::to_bf16);
         Ok(())
     }
 
-    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()> {
+    fn adamw(
+        &self,
+        state: AdamState<'_, Self>,
+        grad: GradRef<'_, Self>,
+        step: &AdamStep,
+        ctl: Option<&Vec<f32>>,
+    ) -> BResult<()> {
+        let step = match ctl {
+            Some(w) if w[adamw::ctl::OVERFLOW] != 0.0 => return Ok(()),
+            Some(w) => step.with_control(w),
+            None => *step,
+        };
+        let step = &step;
         let g = match grad {
             GradRef::F32(g) => Grad::F32(g),
-            GradRef::Fp8(codes, scale) => Grad::Fp8 { codes, inv_scale: 1.0 / scale },
+            GradRef::Fp8(codes, inv) => Grad::Fp8 { codes, inv_scale: value(inv) },
         };
+        // (A scale's inverse is stored beside it: [s, 1/s].)
+        let inverse = |s: &mut [f32]| s[1] = 1.0 / s[0];
         match state {
             AdamState::F32 { master, m, v } => adamw::adamw_f32(master, g, m, v, step),
             AdamState::O1 { master, master_scale, m, v } => {
-                adamw::adamw_o1(ScaledF16 { codes: master, scale: master_scale }, g, m, v, step)
+                adamw::adamw_o1(ScaledF16 { codes: master, scale: &mut master_scale[0] }, g, m, v, step);
+                inverse(master_scale);
             }
-            AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => adamw::adamw_o2(
-                ScaledF16 { codes: master, scale: master_scale },
-                g,
-                ScaledE4m3 { codes: m, scale: m_scale },
-                ScaledF16 { codes: v, scale: v_scale },
-                step,
-            ),
+            AdamState::O2 { master, master_scale, m, v, moment_scales } => {
+                let (ms, vs) = moment_scales.split_at_mut(2);
+                adamw::adamw_o2(
+                    ScaledF16 { codes: master, scale: &mut master_scale[0] },
+                    g,
+                    ScaledE4m3 { codes: m, scale: &mut ms[0] },
+                    ScaledF16 { codes: v, scale: &mut vs[0] },
+                    step,
+                );
+                inverse(master_scale);
+                inverse(ms);
+                inverse(vs);
+            }
         }
         Ok(())
     }

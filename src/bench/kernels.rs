@@ -7,7 +7,9 @@
 use super::step::preset;
 use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
-use crate::backend::{ActOut, AdamState, BResult, Backend, GradOut, GradRef, JitSrc, Phase, Slot};
+use crate::backend::{
+    ActOut, AdamState, BResult, Backend, GradOut, GradRef, JitSrc, LossGrad, Phase, Scalar, ScaleSlot, Slot,
+};
 use crate::cli::{Backend as CliBackend, KernelsBenchArgs};
 use fp8sim::fp8::Fp8Format;
 use fp8sim::half16::{bf16, f16, to_bf16, to_f16};
@@ -108,7 +110,7 @@ fn measure<B: Backend>(
     let mut stats = be.zeros::<u64>(4)?;
     let (mut q, mut q4, mut qw) = (be.zeros::<u8>(n * c)?, be.zeros::<u8>(4 * n * c)?, be.zeros::<u8>(4 * c * c)?);
     let ms = time(be, reps, || {
-        let y = ActOut::E4m3(&mut q, 8.0, Slot { buf: &mut stats, at: 0 });
+        let y = ActOut::E4m3(&mut q, Scalar::Host(8.0), Slot { buf: &mut stats, at: 0 });
         be.layernorm_forward(y, &mut mean, &mut rstd, &src, &w, &b, n, c)
     })?;
     row("layernorm forward (f32 in, E4M3 out)", nc.clone(), ms, (5 * n * c + 8 * n) as u64);
@@ -124,7 +126,8 @@ fn measure<B: Backend>(
     let x4: Vec<bf16> = randn(4 * n * c, 3, 2.0).into_iter().map(to_bf16).collect();
     let pre = be.upload(&x4)?;
     let n4 = format!("{n} x {}", 4 * c);
-    let ms = time(be, reps, || be.gelu_forward(ActOut::E4m3(&mut q4, 8.0, Slot { buf: &mut stats, at: 0 }), &pre))?;
+    let ms =
+        time(be, reps, || be.gelu_forward(ActOut::E4m3(&mut q4, 8.0.into(), Slot { buf: &mut stats, at: 0 }), &pre))?;
     row("GELU forward (BF16 in, E4M3 out)", n4.clone(), ms, (12 * n * c) as u64);
 
     let g4: Vec<bf16> = randn(4 * n * c, 4, 1e-3).into_iter().map(to_bf16).collect();
@@ -135,7 +138,7 @@ fn measure<B: Backend>(
             db: &mut db4,
             q: &mut q4,
             fmt: Fp8Format::E5M2,
-            scale: 1024.0,
+            scale: Scalar::Host(1024.0),
             stats: Slot { buf: &mut stats, at: 0 },
         };
         be.gelu_backward(out, &pre, &dg, 4 * c)
@@ -149,13 +152,15 @@ fn measure<B: Backend>(
 
     let ms = time(be, reps, || {
         let st = Slot { buf: &mut stats, at: 0 };
-        be.column_sums_cast(&mut db, &mut q, &src, n, c, Fp8Format::E5M2, 64.0, st)
+        be.column_sums_cast(&mut db, &mut q, &src, n, c, Fp8Format::E5M2, 64.0.into(), st)
     })?;
     row("bias sums + E5M2 cast of dy", nc.clone(), ms, (5 * n * c) as u64);
 
     let wgrad = be.upload(&randn(4 * c * c, 6, 1e-3))?;
+    let mut wscale = be.upload(&[1.0f32, 1.0])?;
     let ms = time(be, reps, || {
-        be.cast_fp8_jit(&mut qw, JitSrc::F32(&wgrad), Fp8Format::E4M3, 1.0, Slot { buf: &mut stats, at: 0 })
+        let scale = ScaleSlot { buf: &mut wscale, at: 0 };
+        be.cast_fp8_jit(&mut qw, JitSrc::F32(&wgrad), Fp8Format::E4M3, scale, Slot { buf: &mut stats, at: 0 })
     })?;
     row("weight-gradient JIT cast (f32 -> E4M3)", format!("{} x {c}", 4 * c), ms, (9 * 4 * c * c) as u64);
 
@@ -164,7 +169,8 @@ fn measure<B: Backend>(
     let mut logits = be.upload(&l16)?;
     let targets = be.upload(&(0..rows_head).map(|i| ((i * 13) % v) as u32).collect::<Vec<_>>())?;
     let mut losses = be.zeros::<f32>(rows_head)?;
-    let ms = time(be, reps, || be.crossentropy(&mut losses, &mut logits, true, &targets, 1e-4, rows_head, v))?;
+    let dloss = LossGrad { mu: Scalar::Host(1.0), rows: 1e4 };
+    let ms = time(be, reps, || be.crossentropy(&mut losses, &mut logits, true, &targets, dloss, rows_head, v))?;
     row("cross-entropy (BF16 logits, gradient in place)", format!("{rows_head} x {v}"), ms, (4 * rows_head * v) as u64);
 
     // AdamW at O2 over one block's linear weights (12 c^2 parameters).
@@ -175,17 +181,16 @@ fn measure<B: Backend>(
     let mut vh = be.zeros::<f16>(p)?;
     let gq = be.upload(&vec![0x38u8; p])?;
     let step = AdamStep::new(1e-4, 0.9, 0.95, 1e-8, 0.1, 1, 1.0);
-    let (mut ps, mut msc, mut vsc) = (1024.0f32, 1.0f32, 1.0f32);
+    let (mut ps, mut mvs) = (be.upload(&[1024.0f32, 1.0 / 1024.0])?, be.upload(&[1.0f32; 4])?);
     let ms = time(be, reps, || {
         let state = AdamState::O2 {
             master: &mut master,
             master_scale: &mut ps,
             m: &mut m8,
-            m_scale: &mut msc,
             v: &mut vh,
-            v_scale: &mut vsc,
+            moment_scales: &mut mvs,
         };
-        be.adamw_many(vec![(state, GradRef::Fp8(&gq, 1.0), step)])
+        be.adamw_many(vec![(state, GradRef::Fp8(&gq, 1.0.into()), step)], None)
     })?;
     row("AdamW O2 (two passes)", format!("{p} params"), ms, (17 * p) as u64);
 

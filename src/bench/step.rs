@@ -153,28 +153,28 @@ fn measure<B: Backend>(
         (r[..n].to_vec(), r[1..].to_vec())
     };
     let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
-    let mut mu = 1.0f32;
+    crate::train::start_control(be, &mut model, &tc, &ls)?;
     let lr = 1e-4f32;
     let mut loss = f32::NAN;
-    let mut step = |k: u64, ls: &mut LoopState, mu: &mut f32| {
+    let mut step = |k: u64, ls: &mut LoopState| {
         let (x, y) = tokens(k);
-        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, mu, ls, &world, false)?;
+        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, ls, &world, false)?;
         be.synchronize()?;
         crate::backend::BResult::Ok(so.stats.loss)
     };
     for k in 0..a.warmup {
         let s = Instant::now();
-        loss = step(k as u64, &mut ls, &mut mu)?;
+        loss = step(k as u64, &mut ls)?;
         info!(log, "warm-up step"; "step" => k + 1, "ms" => s.elapsed().as_secs_f64() * 1e3, "loss" => loss);
     }
     let mut times = Vec::new();
     for k in 0..a.steps {
         let s = Instant::now();
-        loss = step((a.warmup + k) as u64, &mut ls, &mut mu)?;
+        loss = step((a.warmup + k) as u64, &mut ls)?;
         times.push(s.elapsed().as_secs_f64() * 1e3);
     }
     be.set_profiling(true);
-    step((a.warmup + a.steps) as u64, &mut ls, &mut mu)?;
+    step((a.warmup + a.steps) as u64, &mut ls)?;
     let mut ops = be.take_profile();
     be.set_profiling(false);
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));

@@ -5,13 +5,16 @@
 use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
-use crate::backend::{ActOut, AdamState, Backend, EmbedTable, GradOut, GradRef, JitSrc, Operand, Product, Slot};
+use crate::backend::{
+    amax_slot_bits, ActOut, AdamState, Backend, Delayed, EmbedTable, GradOut, GradRef, JitSrc, LossGrad, Operand,
+    Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
+};
 use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use fp8sim::fp8::{encode, Fp8Format};
 use fp8sim::half16::{bf16, f16, to_bf16, to_f16};
 use fp8sim::math;
-use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::adamw::{AdamStep, StepControl};
 use fp8sim::ops::attention::AttnShape;
 use fp8sim::rng;
 use rayon::prelude::*;
@@ -321,19 +324,20 @@ fn operand_bufs<B: Backend>(be: &B, x: &[f32], t: &str) -> BResult<Bufs<B>> {
     })
 }
 
-/// The operand among the one present buffer.
+/// The operand among the one present buffer (FP8 codes with the inverse scale `inv`).
 fn pick<'a, B: Backend>(
     f: &'a Option<B::Buf<f32>>,
     h: &'a Option<B::Buf<bf16>>,
     q: &'a Option<B::Buf<u8>>,
     fmt: Fp8Format,
+    inv: Scalar<'a, B>,
 ) -> Operand<'a, B> {
     if let Some(x) = f.as_ref() {
         Operand::F32(x)
     } else if let Some(x) = h.as_ref() {
         Operand::Bf16(x)
     } else {
-        Operand::Fp8(q.as_ref().expect("one operand buffer"), fmt)
+        Operand::Fp8(q.as_ref().expect("one operand buffer"), fmt, inv)
     }
 }
 
@@ -367,8 +371,9 @@ fn act_rows<B: Backend>(
     produce(ActOut::F32(&mut y))?;
     let mut h = be.zeros::<bf16>(n)?;
     produce(ActOut::Bf16(&mut h))?;
-    let (mut q, mut amax) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
-    produce(ActOut::E4m3(&mut q, 8.0, Slot { buf: &mut amax, at: 1 }))?;
+    // (The scale read from device memory, as the training step passes it.)
+    let (mut q, mut amax, scale) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?, be.upload(&[0.5f32, 8.0])?);
+    produce(ActOut::E4m3(&mut q, Scalar::Dev(&scale, 1), Slot { buf: &mut amax, at: 1 }))?;
     Ok(vec![
         ("y", bits(be, &y)?),
         ("y bf16", be.download(&h)?.iter().map(|v| v.to_bits() as u32).collect()),
@@ -397,11 +402,19 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (a32, a16, a8, fa) = operand_bufs(be, &xa, ta)?;
                 let (b32, b16, b8, fb) = operand_bufs(be, &xb, tb)?;
                 let op = pick::<B>;
-                let scale = if ta == "f32" { 1.0 } else { 1.0 / 4096.0 };
-                be.matmul(&mut out, op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb), product, m, n, k, scale)?;
+                // FP8 operands' inverse scales from device memory (as the step's): 1/4096
+                // in all with the host's scale.
+                let inv = be.upload(&[0.5f32, 0.25])?;
+                let (ia, ib) = (Scalar::Dev(&inv, 0), Scalar::Dev(&inv, 1));
+                let scale = match (ta, a8.is_some() && b8.is_some()) {
+                    ("f32", _) => 1.0,
+                    (_, true) => 1.0 / 512.0,
+                    _ => 1.0 / 4096.0,
+                };
+                let (a, b) = (op(&a32, &a16, &a8, fa, ia), op(&b32, &b16, &b8, fb, ib));
+                be.matmul(&mut out, a, b, product, m, n, k, scale)?;
                 // The same product stored in BF16 (the input gradients, the logits).
                 let mut out16 = be.zeros::<bf16>(out_len)?;
-                let (a, b) = (op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb));
                 be.matmul_bf16(&mut out16, a, b, product, m, n, k, scale)?;
                 vec![("out", bits(be, &out)?), ("out bf16", bits16(be, &out16)?)]
             }
@@ -412,7 +425,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (b32, b16, b8, fb) = operand_bufs(be, &xb, ta)?;
                 let op = pick::<B>;
                 let mut scratch = be.zeros::<bf16>(m * n)?;
-                let (a, b) = (op(&a32, &a16, &a8, fa), op(&b32, &b16, &b8, fb));
+                let (a, b) = (op(&a32, &a16, &a8, fa, 1.0.into()), op(&b32, &b16, &b8, fb, 1.0.into()));
                 if residual {
                     let (res, mut out) = (be.upload(&randn(m * n, 29, 30.0))?, be.zeros::<f32>(m * n)?);
                     be.matmul_bf16(&mut scratch, a, b, Product::Forward, m, n, k, 1.0 / 4096.0)?;
@@ -483,7 +496,9 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 outs.push(("dx bf16", be.download(&q)?.iter().map(|v| v.to_bits() as u32).collect()));
                 let (mut db, mut q, mut st) = (be.zeros(c)?, be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
                 let stats = Slot { buf: &mut st, at: 0 };
-                let fp8 = GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: 16384.0, stats };
+                let s = be.upload(&[16384.0f32])?;
+                let fp8 =
+                    GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: Scalar::Dev(&s, 0), stats };
                 be.gelu_backward(fp8, &x, &dy, c)?;
                 outs.push(("db (with e5m2 dx)", bits(be, &db)?));
                 outs.push(("dx e5m2", be.download(&q)?.iter().map(|&v| v as u32).collect()));
@@ -511,7 +526,8 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 // From FP16 master codes and their scale, as an FP16 token embedding is read.
                 let codes: Vec<f16> = randn(v * c, 9, 1.0).iter().map(|&x| to_f16(x * 1024.0)).collect();
                 let (h, mut out16) = (be.upload(&codes)?, be.zeros(b * t * c)?);
-                be.encoder_forward(&mut out16, &tokens, EmbedTable::F16(&h, 1.0 / 1024.0), &wpe, b, t, c)?;
+                let inv = be.upload(&[1024.0f32, 1.0 / 1024.0])?;
+                be.encoder_forward(&mut out16, &tokens, EmbedTable::F16(&h, Scalar::Dev(&inv, 1)), &wpe, b, t, c)?;
                 let (mut dwte, mut dwpe) = (be.upload(&randn(v * c, 12, 1.0))?, be.zeros(t * c)?);
                 be.encoder_backward(&mut dwte, &mut dwpe, &dout, &tokens, &toks, b, t, c)?;
                 vec![
@@ -543,11 +559,14 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let targets = be.upload(&(0..n).map(|i| ((i * 13) % v) as u32).collect::<Vec<_>>())?;
                 let mut only = be.zeros(n)?;
                 let mut logits = be.upload(&l16)?;
-                be.crossentropy(&mut only, &mut logits, false, &targets, 0.0, n, v)?;
+                be.crossentropy(&mut only, &mut logits, false, &targets, LossGrad::none(), n, v)?;
                 let kept = be.download(&logits)? == l16;
                 // With the gradient, written over the logits.
                 let mut losses = be.zeros(n)?;
-                be.crossentropy(&mut losses, &mut logits, true, &targets, 0.125, n, v)?;
+                // dloss = mu / rows with mu in device memory, as the step's controller has it.
+                let mu = be.upload(&[0.375f32])?;
+                let dloss = LossGrad { mu: Scalar::Dev(&mu, 0), rows: 3.0 };
+                be.crossentropy(&mut losses, &mut logits, true, &targets, dloss, n, v)?;
                 vec![
                     ("losses", bits(be, &losses)?),
                     ("dlogits (bf16, over the logits)", bits16(be, &logits)?),
@@ -568,7 +587,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     rows,
                     cols,
                     Fp8Format::E5M2,
-                    8192.0,
+                    8192.0.into(),
                     Slot { buf: &mut st, at: 0 },
                 )?;
                 // With the BF16 copy instead (the bf16 level).
@@ -579,7 +598,9 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.column_sums_bf16(&mut out4, &h, rows, cols)?;
                 let (mut q2, mut st2) = (be.zeros::<u8>(rows * cols)?, be.zeros::<u64>(2)?);
                 let slot = Slot { buf: &mut st2, at: 0 };
-                be.column_sums_cast_from_bf16(&mut out5, &mut q2, &h, rows, cols, Fp8Format::E5M2, 8192.0, slot)?;
+                let s = be.upload(&[8192.0f32])?;
+                let s = Scalar::Dev(&s, 0);
+                be.column_sums_cast_from_bf16(&mut out5, &mut q2, &h, rows, cols, Fp8Format::E5M2, s, slot)?;
                 vec![
                     ("sums of bf16", bits(be, &out4)?),
                     ("sums of bf16 (with cast)", bits(be, &out5)?),
@@ -624,17 +645,18 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.widen_bf16(&mut wide, &hb)?;
                 outs.push(("bf16 widened", bits(be, &wide)?));
                 let (mut q, mut st) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
-                be.cast_fp8_bf16_to(&mut q, &hb, Fp8Format::E4M3, 4.0, Slot { buf: &mut st, at: 0 })?;
+                be.cast_fp8_bf16_to(&mut q, &hb, Fp8Format::E4M3, 4.0.into(), Slot { buf: &mut st, at: 0 })?;
                 outs.push(("bf16 -> e4m3", be.download(&q)?.iter().map(|&c| c as u32).collect()));
                 outs.push(("its amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()));
                 let mut hh = be.zeros::<f16>(n)?;
                 be.cast_f16(&mut hh, &x, 8.0)?;
                 let mut back = be.zeros::<f32>(n)?;
-                be.decode_f16(&mut back, &hh, 0.125)?;
+                be.decode_f16(&mut back, &hh, 0.125.into())?;
                 outs.push(("f16", be.download(&hh)?.iter().map(|h| h.to_bits() as u32).collect()));
                 outs.push(("f16 decoded", bits(be, &back)?));
                 let mut hb16 = be.zeros::<bf16>(n)?;
-                be.cast_bf16_from_f16(&mut hb16, &hh, 0.125)?;
+                let inv = be.upload(&[8.0f32, 0.125])?;
+                be.cast_bf16_from_f16(&mut hb16, &hh, Scalar::Dev(&inv, 1))?;
                 outs.push(("f16 -> bf16", be.download(&hb16)?.iter().map(|h| h.to_bits() as u32).collect()));
                 // Just-in-time casts (scale worked out on the device from the amax):
                 // a weight view from its FP16 master, a gradient from f32; with and
@@ -645,9 +667,12 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let mut hf = be.zeros::<f16>(n)?;
                 be.cast_f16(&mut hf, &xf, 8.0)?;
                 let mut st = be.zeros::<u64>(8)?;
+                // Each cast's scale slot starts at 0.25 (the previous scale, which a NaN
+                // keeps) and ends with the scale it used and its inverse.
+                let mut scales = be.upload(&[0.25f32, 4.0].repeat(5))?;
                 for (k, (name, src)) in [
-                    ("jit f16 -> e4m3", JitSrc::F16(&hf, 0.125)),
-                    ("jit f16 (NaN) -> e4m3", JitSrc::F16(&hh, 0.125)),
+                    ("jit f16 -> e4m3", JitSrc::F16(&hf, Scalar::Dev(&inv, 1))),
+                    ("jit f16 (NaN) -> e4m3", JitSrc::F16(&hh, 0.125.into())),
                     ("jit f32 -> e4m3", JitSrc::F32(&xf)),
                     ("jit f32 (NaN) -> e4m3", JitSrc::F32(&x)),
                 ]
@@ -655,11 +680,13 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 .enumerate()
                 {
                     let mut q = be.zeros::<u8>(n)?;
-                    be.cast_fp8_jit(&mut q, src, Fp8Format::E4M3, 0.25, Slot { buf: &mut st, at: k })?;
+                    let scale = ScaleSlot { buf: &mut scales, at: 2 * k };
+                    be.cast_fp8_jit(&mut q, src, Fp8Format::E4M3, scale, Slot { buf: &mut st, at: k })?;
                     outs.push((name, be.download(&q)?.iter().map(|&c| c as u32).collect()));
                 }
+                outs.push(("jit scales and inverses", bits(be, &scales)?));
                 let mut q = be.zeros::<u8>(n)?;
-                be.cast_fp8_to(&mut q, &xf, Fp8Format::E5M2, 1e-3, Slot { buf: &mut st, at: 4 })?;
+                be.cast_fp8_to(&mut q, &xf, Fp8Format::E5M2, 1e-3.into(), Slot { buf: &mut st, at: 4 })?;
                 outs.push(("e5m2 (stats in slots)", be.download(&q)?.iter().map(|&c| c as u32).collect()));
                 be.amax_to(&x, Slot { buf: &mut st, at: 6 })?;
                 outs.push(("amaxes and counts in slots", slots(be.download(&st)?)));
@@ -669,14 +696,22 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (mut q0, mut q1, mut q2, mut q3) = (be.zeros(n)?, be.zeros(n)?, be.zeros(n)?, be.zeros(n)?);
                 let mut q4 = be.zeros::<u8>(7)?;
                 let mut st2 = be.zeros::<u64>(5)?;
+                let mut sc: Vec<B::Buf<f32>> = (0..5).map(|_| be.upload(&[0.25f32, 4.0])).collect::<BResult<_>>()?;
+                let [s0, s1, s2, s3, s4] = &mut sc[..] else { unreachable!("five scale slots") };
+                let slot = |buf| ScaleSlot { buf, at: 0 };
                 let items = vec![
-                    (&mut q0, JitSrc::F16(&hf, 0.125), 0.25, 0),
-                    (&mut q1, JitSrc::F16(&hh, 0.125), 0.25, 1),
-                    (&mut q2, JitSrc::F32(&xf), 0.25, 2),
-                    (&mut q3, JitSrc::F32(&x), 0.25, 3),
-                    (&mut q4, JitSrc::F32(&tail), 0.25, 4),
+                    (&mut q0, JitSrc::F16(&hf, Scalar::Dev(&inv, 1)), slot(s0), 0),
+                    (&mut q1, JitSrc::F16(&hh, 0.125.into()), slot(s1), 1),
+                    (&mut q2, JitSrc::F32(&xf), slot(s2), 2),
+                    (&mut q3, JitSrc::F32(&x), slot(s3), 3),
+                    (&mut q4, JitSrc::F32(&tail), slot(s4), 4),
                 ];
                 be.cast_fp8_jit_many(items, Fp8Format::E4M3, &mut st2)?;
+                let mut all = Vec::new();
+                for s in &sc {
+                    all.extend(bits(be, s)?);
+                }
+                outs.push(("jit many: scales and inverses", all));
                 for (name, q) in [("jit many: f16", &q0), ("f16 (NaN)", &q1), ("f32", &q2), ("f32 (NaN)", &q3)] {
                     outs.push((name, be.download(q)?.iter().map(|&c| c as u32).collect()));
                 }
@@ -684,7 +719,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 outs.push(("jit many: amax slots", slots(be.download(&st2)?)));
                 let h7 = be.upload(&be.download(&hf)?[..7])?;
                 let (mut d0, mut d1) = (be.zeros::<f32>(n)?, be.zeros::<f32>(7)?);
-                be.decode_f16_many(vec![(&mut d0, &hf, 0.125), (&mut d1, &h7, 0.5)])?;
+                be.decode_f16_many(vec![(&mut d0, &hf, Scalar::Dev(&inv, 1)), (&mut d1, &h7, 0.5.into())])?;
                 outs.push(("f16 decoded, many", bits(be, &d0)?));
                 outs.push(("f16 decoded, many (7 values)", bits(be, &d1)?));
                 let mut st3 = be.zeros::<u64>(3)?;
@@ -721,36 +756,110 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     f32s.push(be.upload(&x)?);
                 }
                 let mut grads = Vec::new();
+                let inv = be.upload(&[4096.0f32, 1.0 / 4096.0])?;
                 for (k, (x, q)) in f32s.iter().zip(&codes).enumerate() {
-                    grads.push(if k % 2 == 0 { GradRef::F32(x) } else { GradRef::Fp8(q, 4096.0) });
-                    grads.push(if k % 2 == 0 { GradRef::Fp8(q, 4096.0) } else { GradRef::F32(x) });
+                    grads.push(if k % 2 == 0 { GradRef::F32(x) } else { GradRef::Fp8(q, Scalar::Dev(&inv, 1)) });
+                    grads.push(if k % 2 == 0 { GradRef::Fp8(q, (1.0 / 4096.0).into()) } else { GradRef::F32(x) });
                 }
-                vec![("sums", be.grad_sq_sums(&grads)?.iter().map(|v| v.to_bits()).collect())]
+                // Left on the device (the step's norm), then the step controller over them.
+                let mut on_device = be.zeros::<f32>(grads.len())?;
+                be.grad_sq_sums_to(&grads, &mut on_device)?;
+                let mut ctl = be.upload(&fp8sim::ops::adamw::control_words(1024.0, 99_999, 2, 0.9, 0.95))?;
+                let c = StepControl {
+                    grad_clip: 0.5,
+                    ranks: 2.0,
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    mu_growth_interval: 3,
+                    mu_min: 1.0,
+                    mu_max: 65536.0,
+                };
+                be.step_control(&mut ctl, &on_device, &c)?;
+                let after_one = bits(be, &ctl)?;
+                be.step_control(&mut ctl, &on_device, &c)?;
+                // The step's end: the mean loss into a controller word, the overflow flag
+                // of amax slots with and without a NaN, delayed scaling of three tensors
+                // (window 2: the window wraps) over three steps, a NaN and an infinity
+                // among the amaxes (not recorded).
+                let mut words = be.zeros::<f32>(4)?;
+                be.mean_to(&f32s[0], &mut words, 1)?;
+                let amaxes = |a: [f32; 3]| a.map(amax_slot_bits).to_vec();
+                let (clean, bad) = (be.upload(&amaxes([1.0, 3.5, 1e-3]))?, be.upload(&amaxes([1.0, f32::NAN, 2.0]))?);
+                let all = be.upload(&[0u32, 1, 2])?;
+                be.flag_nonfinite(&mut words, 2, &clean, &all)?;
+                be.flag_nonfinite(&mut words, 3, &bad, &all)?;
+                let (mut hist, mut rec) = (be.zeros::<f32>(6)?, be.zeros::<u32>(3)?);
+                let mut dscales = be.upload(&[1.0f32; 6])?;
+                let dslots = be.upload(&[2u32, DELAYED_E5M2, 1])?;
+                for a in [[1.0, 3.5, 1e-3], [1.0, f32::NAN, 2.0], [0.25, f32::INFINITY, 7.0]] {
+                    let stats = be.upload(&amaxes(a))?;
+                    let d = Delayed {
+                        hist: &mut hist,
+                        recorded: &mut rec,
+                        scales: &mut dscales,
+                        slots: &dslots,
+                        window: 2,
+                    };
+                    be.delayed_scaling_update(d, &stats)?;
+                }
+                vec![
+                    ("sums", be.grad_sq_sums(&grads)?.iter().map(|v| v.to_bits()).collect()),
+                    ("mean, overflow flags", bits(be, &words)?),
+                    (
+                        "delayed scaling: windows, counts, scales",
+                        [bits(be, &hist)?, be.download(&rec)?, bits(be, &dscales)?].concat(),
+                    ),
+                    ("sums on the device", bits(be, &on_device)?),
+                    ("step control words (one step, then two)", after_one.into_iter().chain(bits(be, &ctl)?).collect()),
+                ]
             }
             Case::Adam { level, n, fp8_grad } => {
                 let h = AdamStep::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5);
                 let g = randn(n, 19, 0.01);
                 let gq: Vec<u8> = g.iter().map(|&v| encode(Fp8Format::E4M3, v * 8192.0, true)).collect();
-                let (g32, g8) = (be.upload(&g)?, be.upload(&gq)?);
-                let grad = || if fp8_grad { GradRef::Fp8(&g8, 8192.0) } else { GradRef::F32(&g32) };
+                let (g32, g8, ginv) = (be.upload(&g)?, be.upload(&gq)?, be.upload(&[8192.0f32, 1.0 / 8192.0])?);
+                let grad = || if fp8_grad { GradRef::Fp8(&g8, Scalar::Dev(&ginv, 1)) } else { GradRef::F32(&g32) };
                 let p0 = randn(n, 20, 0.02);
                 let (m0, v0) = (randn(n, 21, 0.001), randn(n, 22, 1e-6).iter().map(|x| x.abs()).collect::<Vec<_>>());
+                // Three steps: the host's constants; a step controller's (its bias
+                // corrections and multiplier); the controller marking an overflow (a no-op).
+                let mut w = fp8sim::ops::adamw::control_words(1.0, 4, 0, 0.9, 0.95);
+                w[fp8sim::ops::adamw::ctl::GRAD_SCALE] = 0.25;
+                let ctl = be.upload(&w)?;
+                w[fp8sim::ops::adamw::ctl::OVERFLOW] = 1.0;
+                let skip = be.upload(&w)?;
+                let ctls = [None, Some(&ctl), Some(&skip)];
+                let mut outs = Vec::new();
+                let mut last = Vec::new();
+                let mut unchanged = true;
+                let mut keep = |state: Vec<u32>, k: usize| {
+                    if k == 2 {
+                        unchanged &= state == last;
+                    }
+                    last = state.clone();
+                    state
+                };
                 match level {
                     "f32" => {
                         let (mut p, mut m, mut v) = (be.upload(&p0)?, be.upload(&m0)?, be.upload(&v0)?);
-                        be.adamw(AdamState::F32 { master: &mut p, m: &mut m, v: &mut v }, grad(), &h)?;
-                        vec![("p", bits(be, &p)?), ("m", bits(be, &m)?), ("v", bits(be, &v)?)]
+                        for (k, c) in ctls.into_iter().enumerate() {
+                            be.adamw(AdamState::F32 { master: &mut p, m: &mut m, v: &mut v }, grad(), &h, c)?;
+                            let all = [bits(be, &p)?, bits(be, &m)?, bits(be, &v)?].concat();
+                            outs.push((["p, m, v", "p, m, v (controller)", "p, m, v (skipped)"][k], keep(all, k)));
+                        }
                     }
                     "O1" => {
                         let mut p = be.upload(&p0.iter().map(|&x| to_f16(x * 1024.0)).collect::<Vec<_>>())?;
-                        let (mut ps, mut m, mut v) = (1024.0f32, be.upload(&m0)?, be.upload(&v0)?);
-                        be.adamw(
-                            AdamState::O1 { master: &mut p, master_scale: &mut ps, m: &mut m, v: &mut v },
-                            grad(),
-                            &h,
-                        )?;
-                        let pb: Vec<u32> = be.download(&p)?.iter().map(|x| x.to_bits() as u32).collect();
-                        vec![("p", pb), ("scale", vec![ps.to_bits()]), ("m", bits(be, &m)?), ("v", bits(be, &v)?)]
+                        let (mut ps, mut m, mut v) =
+                            (be.upload(&[1024.0f32, 1.0 / 1024.0])?, be.upload(&m0)?, be.upload(&v0)?);
+                        for (k, c) in ctls.into_iter().enumerate() {
+                            let state = AdamState::O1 { master: &mut p, master_scale: &mut ps, m: &mut m, v: &mut v };
+                            be.adamw(state, grad(), &h, c)?;
+                            let pb: Vec<u32> = be.download(&p)?.iter().map(|x| x.to_bits() as u32).collect();
+                            let all = [pb, bits(be, &ps)?, bits(be, &m)?, bits(be, &v)?].concat();
+                            let names = ["p, scale, m, v", "p, scale, m, v (controller)", "p, scale, m, v (skipped)"];
+                            outs.push((names[k], keep(all, k)));
+                        }
                     }
                     _ => {
                         let mut p = be.upload(&p0.iter().map(|&x| to_f16(x * 1024.0)).collect::<Vec<_>>())?;
@@ -758,30 +867,29 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                             &m0.iter().map(|&x| encode(Fp8Format::E4M3, x * 65536.0, true)).collect::<Vec<_>>(),
                         )?;
                         let mut v = be.upload(&v0.iter().map(|&x| to_f16(x * 1e9)).collect::<Vec<_>>())?;
-                        let (mut ps, mut ms, mut vs) = (1024.0f32, 65536.0f32, 1e9f32);
-                        be.adamw(
-                            AdamState::O2 {
+                        let mut ps = be.upload(&[1024.0f32, 1.0 / 1024.0])?;
+                        let mut mvs = be.upload(&[65536.0f32, 1.0 / 65536.0, 1e9, 1e-9])?;
+                        for (k, c) in ctls.into_iter().enumerate() {
+                            let state = AdamState::O2 {
                                 master: &mut p,
                                 master_scale: &mut ps,
                                 m: &mut m,
-                                m_scale: &mut ms,
                                 v: &mut v,
-                                v_scale: &mut vs,
-                            },
-                            grad(),
-                            &h,
-                        )?;
-                        let pb: Vec<u32> = be.download(&p)?.iter().map(|x| x.to_bits() as u32).collect();
-                        let mb: Vec<u32> = be.download(&m)?.iter().map(|&x| x as u32).collect();
-                        let vb: Vec<u32> = be.download(&v)?.iter().map(|x| x.to_bits() as u32).collect();
-                        vec![
-                            ("p", pb),
-                            ("m", mb),
-                            ("v", vb),
-                            ("scales", vec![ps.to_bits(), ms.to_bits(), vs.to_bits()]),
-                        ]
+                                moment_scales: &mut mvs,
+                            };
+                            be.adamw(state, grad(), &h, c)?;
+                            let pb: Vec<u32> = be.download(&p)?.iter().map(|x| x.to_bits() as u32).collect();
+                            let mb: Vec<u32> = be.download(&m)?.iter().map(|&x| x as u32).collect();
+                            let vb: Vec<u32> = be.download(&v)?.iter().map(|x| x.to_bits() as u32).collect();
+                            let all = [pb, mb, vb, bits(be, &ps)?, bits(be, &mvs)?].concat();
+                            let names =
+                                ["p, m, v, scales", "p, m, v, scales (controller)", "p, m, v, scales (skipped)"];
+                            outs.push((names[k], keep(all, k)));
+                        }
                     }
                 }
+                outs.push(("a skipped step changed nothing", vec![u32::from(unchanged)]));
+                outs
             }
         }
     })

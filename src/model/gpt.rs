@@ -7,15 +7,16 @@
 //! keep it out of FP8).
 
 use super::config::{Level, ModelConfig, Recompute};
-use super::linear::{self, Dims, GradCast, LinearScaling, MasterRef, Saved, WeightView};
+use super::linear::{self, DelayedState, Dims, GradCast, MasterRef, Saved, WeightView};
 use super::params::{self, GradStore, Master, Moments, Param};
 use crate::backend::BResult;
-use crate::backend::{slot_amax, ActOut, AdamState, Backend, EmbedTable, GradRef, JitSrc, Operand, Product, Slot};
+use crate::backend::{
+    ActOut, AdamState, Backend, EmbedTable, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot,
+};
 use fp8cluster::world::{Collectives, World};
 use fp8sim::half16::bf16;
-use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::adamw::{control_words, ctl, AdamStep, StepControl};
 use fp8sim::ops::attention::AttnShape;
-use fp8sim::scaling::scale_from_amax;
 use fp8sim::Fp8Format;
 
 /// The linear layers of a block, in order.
@@ -31,8 +32,16 @@ pub struct Gpt<B: Backend> {
     pub cfg: ModelConfig,
     pub level: Level,
     pub params: Vec<Param<B>>,
-    /// 4 per layer (qkv, proj, fc, fcproj); unused at the bf16 level.
-    pub scaling: Vec<LinearScaling>,
+    /// Delayed scaling of the 4 linear layers per block (qkv, proj, fc, fcproj), on the
+    /// device; unused at the bf16 level.
+    pub delayed: DelayedState<B>,
+    /// The step controller's words (`fp8sim::ops::adamw::ctl`: mu, the loss, the
+    /// overflow flag, the norm, the optimizer step count ...), on the device.
+    pub ctl: B::Buf<f32>,
+    /// Every parameter gradient's amax slot (the overflow check) and their sums of
+    /// squares (the norm), on the device.
+    grad_slots: B::Buf<u32>,
+    grad_sq: B::Buf<f32>,
     /// Activations the backward pass recomputes (`train.recompute`); read when a
     /// workspace is made.
     pub recompute: Recompute,
@@ -112,7 +121,7 @@ pub struct Workspace<B: Backend> {
     g_wpe: B::Buf<f32>,
 }
 
-/// What forward + backward found.
+/// What a step found (read back at its end: [`Gpt::step_record`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BackwardStats {
     pub loss: f32,
@@ -121,6 +130,16 @@ pub struct BackwardStats {
     /// Output-gradient elements clipped by the E5M2 cast, and all cast elements.
     pub saturated: u64,
     pub cast_elements: u64,
+}
+
+/// The step controller's state after a step, as the host reads it back.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ControlState {
+    pub mu: f32,
+    pub mu_before: f32,
+    pub norm: f32,
+    pub opt_steps: u32,
+    pub good_steps: u32,
 }
 
 impl<B: Backend> Gpt<B> {
@@ -151,11 +170,17 @@ impl<B: Backend> Gpt<B> {
                     Param::new(be, spec, level, &values, owners[i], rank)
                 })
                 .collect::<BResult<Vec<_>>>()?;
+            let slots = Slots::new(cfg);
+            let linear_slots: Vec<(usize, usize)> = (0..4 * cfg.n_layer).map(|k| (slots.act(k), slots.dy(k))).collect();
+            let grad_slots: Vec<u32> = (0..params.len()).map(|i| slots.grad(i) as u32).collect();
             Gpt {
                 cfg: cfg.clone(),
                 level,
+                delayed: DelayedState::new(be, amax_window, &linear_slots)?,
+                ctl: be.upload(&control_words(1.0, 0, 0, 0.9, 0.95))?,
+                grad_slots: be.upload(&grad_slots)?,
+                grad_sq: be.zeros(params.len())?,
                 params,
-                scaling: (0..4 * cfg.n_layer).map(|_| LinearScaling::new(amax_window)).collect(),
                 recompute: Recompute::None,
             }
         })
@@ -288,7 +313,7 @@ impl<B: Backend> Gpt<B> {
     fn block_forward(
         be: &B,
         params: &[Param<B>],
-        scaling: &[LinearScaling],
+        ds: &mut DelayedState<B>,
         cfg: &ModelConfig,
         ws: &mut Workspace<B>,
         slots: &Slots,
@@ -305,18 +330,17 @@ impl<B: Backend> Gpt<B> {
         let la = &mut layers[set];
         let (before, from) = res_outs.split_at_mut(l);
         let res_in = if l == 0 { &*encoded } else { &before[l - 1] };
-        let sc = &scaling[4 * l..4 * l + 4];
+        let k = |j: usize| 4 * l + j;
         let views = &views[4 * l..4 * l + 4];
         let dims = layer_dims(n, c);
         let st = stats;
         let act = |k: usize| slots.act(4 * l + k);
         {
-            // A recomputed input goes to its shared buffer; only its scale stays with
-            // the block (copied below).
+            // A recomputed input goes to its shared buffer (its scale is the layer's).
             let [s0, s1, s2, s3] = &mut la.saved;
             let [h0, h1, h2, h3] = &mut *shared_in;
             let (t0, t1, t2, t3) = (pick(h0, s0), pick(h1, s1), pick(h2, s2), pick(h3, s3));
-            linear::produce_input(be, t0, n * c, &sc[0], Slot { buf: st, at: act(0) }, |y| {
+            linear::produce_input(be, t0, n * c, ds, k(0), Slot { buf: st, at: act(0) }, |y| {
                 be.layernorm_forward(
                     y,
                     &mut la.ln1_mean,
@@ -331,13 +355,13 @@ impl<B: Backend> Gpt<B> {
             // The products go through f32 scratch (backward buffers: free in the
             // forward pass and, for a recomputation, between blocks of the backward
             // pass) and are kept in BF16 with their biases.
-            linear::forward_bf16(be, &mut la.qkv, &views[0], t0, p(params::QKV_B), dims[0])?;
+            linear::forward_bf16(be, &mut la.qkv, &views[0], t0, ds, k(0), p(params::QKV_B), dims[0])?;
             let att = match shared_att.as_mut() {
                 Some(a) => a,
                 None => &mut la.att,
             };
             be.attention_forward(att, &mut la.att_stats, &la.qkv, shape)?;
-            linear::cast_input_bf16(be, t1, att, &sc[1], Slot { buf: st, at: act(1) })?;
+            linear::cast_input_bf16(be, t1, att, ds, k(1), Slot { buf: st, at: act(1) })?;
             linear::forward_residual(
                 be,
                 &mut la.res_mid,
@@ -345,10 +369,12 @@ impl<B: Backend> Gpt<B> {
                 res_in,
                 &views[1],
                 t1,
+                ds,
+                k(1),
                 p(params::PROJ_B),
                 dims[1],
             )?;
-            linear::produce_input(be, t2, n * c, &sc[2], Slot { buf: st, at: act(2) }, |y| {
+            linear::produce_input(be, t2, n * c, ds, k(2), Slot { buf: st, at: act(2) }, |y| {
                 be.layernorm_forward(
                     y,
                     &mut la.ln2_mean,
@@ -360,8 +386,8 @@ impl<B: Backend> Gpt<B> {
                     c,
                 )
             })?;
-            linear::forward_bf16(be, &mut la.fc, &views[2], t2, p(params::FC_B), dims[2])?;
-            linear::produce_input(be, t3, n * 4 * c, &sc[3], Slot { buf: st, at: act(3) }, |y| {
+            linear::forward_bf16(be, &mut la.fc, &views[2], t2, ds, k(2), p(params::FC_B), dims[2])?;
+            linear::produce_input(be, t3, n * 4 * c, ds, k(3), Slot { buf: st, at: act(3) }, |y| {
                 be.gelu_forward(y, &la.fc)
             })?;
             if with_out {
@@ -372,14 +398,11 @@ impl<B: Backend> Gpt<B> {
                     &la.res_mid,
                     &views[3],
                     t3,
+                    ds,
+                    k(3),
                     p(params::FCPROJ_B),
                     dims[3],
                 )?;
-            }
-        }
-        for (h, own) in shared_in.iter().zip(la.saved.iter_mut()) {
-            if let (Some(Saved::Fp8 { scale: used, .. }), Saved::Fp8 { scale, .. }) = (h, own) {
-                *scale = *used;
             }
         }
         Ok(())
@@ -394,6 +417,7 @@ impl<B: Backend> Gpt<B> {
     fn recompute_inputs(
         be: &B,
         params: &[Param<B>],
+        ds: &DelayedState<B>,
         cfg: &ModelConfig,
         ws: &mut Workspace<B>,
         slots: &Slots,
@@ -411,13 +435,13 @@ impl<B: Backend> Gpt<B> {
         let at = |k: usize| slots.act(4 * l + k);
         if mlp {
             if let Some(h) = h2 {
-                refill(h, &la.saved[2], Slot { buf: stats, at: at(2) }, |y| {
+                linear::refill(h, ds, 4 * l + 2, Slot { buf: stats, at: at(2) }, |y| {
                     let (w2, b2) = (p(params::LN2_W), p(params::LN2_B));
                     be.layernorm_forward(y, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res_mid, w2, b2, n, c)
                 })?;
             }
             if let Some(h) = h3 {
-                refill(h, &la.saved[3], Slot { buf: stats, at: at(3) }, |y| be.gelu_forward(y, &la.fc))?;
+                linear::refill(h, ds, 4 * l + 3, Slot { buf: stats, at: at(3) }, |y| be.gelu_forward(y, &la.fc))?;
             }
             return Ok(());
         }
@@ -426,7 +450,7 @@ impl<B: Backend> Gpt<B> {
         }
         if let Some(h) = h1 {
             let att = shared_att.as_ref().unwrap_or(&la.att);
-            refill(h, &la.saved[1], Slot { buf: stats, at: at(1) }, |y| match y {
+            linear::refill(h, ds, 4 * l + 1, Slot { buf: stats, at: at(1) }, |y| match y {
                 ActOut::E4m3(codes, s, st) => be.cast_fp8_bf16_to(codes, att, Fp8Format::E4M3, s, st),
                 ActOut::Bf16(h) => be.copy_range(h, 0, att, 0, n * c),
                 ActOut::F32(_) => unreachable!("saved inputs are FP8 or BF16"),
@@ -434,7 +458,7 @@ impl<B: Backend> Gpt<B> {
         }
         if let Some(h) = h0 {
             let res_in = if l == 0 { &*encoded } else { &res_outs[l - 1] };
-            refill(h, &la.saved[0], Slot { buf: stats, at: at(0) }, |y| {
+            linear::refill(h, ds, 4 * l, Slot { buf: stats, at: at(0) }, |y| {
                 let (w1, b1) = (p(params::LN1_W), p(params::LN1_B));
                 be.layernorm_forward(y, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, n, c)
             })?;
@@ -463,7 +487,7 @@ impl<B: Backend> Gpt<B> {
             .iter()
             .zip(ws.work.iter_mut())
             .filter_map(|(p, w)| match (&p.master, w) {
-                (Master::F16 { codes, scale }, Some(w)) => Some((w, codes, 1.0 / scale)),
+                (Master::F16 { codes, scale }, Some(w)) => Some((w, codes, Scalar::Dev(scale, 1))),
                 _ => None,
             })
             .collect();
@@ -476,29 +500,19 @@ impl<B: Backend> Gpt<B> {
             let (l, j) = (k / 4, k % 4);
             let master = match &self.params[params::layer_param(l, LINEARS[j].0)].master {
                 Master::F32(w) => MasterRef::F32(w),
-                Master::F16 { codes, scale } => MasterRef::F16(codes, *scale),
+                Master::F16 { codes, scale } => MasterRef::F16(codes, Scalar::Dev(scale, 1)),
                 Master::Remote => continue, // its owner sends the view (share_weights)
             };
             if view.is_fp8() {
-                let (q, src, prev) = view.jit_item(master);
-                jit.push((q, src, prev, k));
+                let (q, src, scale) = view.jit_item(master);
+                jit.push((q, src, scale, k));
             } else {
                 casts.push(view.bf16_item(master));
             }
         }
         be.cast_bf16_many(casts)?;
+        // (Each view's scale is worked out and stored on the device by its cast.)
         be.cast_fp8_jit_many(jit, fp8sim::Fp8Format::E4M3, &mut ws.view_stats)?;
-        if self.level.fp8() {
-            // One read-back for every view's scale (the forward pass needs them).
-            let amax = be.download(&ws.view_stats)?;
-            for l in 0..self.cfg.n_layer {
-                for (j, (wi, _)) in LINEARS.iter().enumerate() {
-                    if !matches!(self.params[params::layer_param(l, *wi)].master, Master::Remote) {
-                        ws.views[4 * l + j].settle(slot_amax(amax[4 * l + j]));
-                    }
-                }
-            }
-        }
         // At O3 a non-owner's token embedding arrives in share_weights, which casts it.
         if matches!(self.params[params::WTE].master, Master::Remote) {
             return Ok(());
@@ -519,7 +533,7 @@ impl<B: Backend> Gpt<B> {
     /// local FP16 master's codes (no f32 copy is kept of those).
     fn embed_table<'a>(params: &'a [Param<B>], work: &'a [Option<B::Buf<f32>>]) -> EmbedTable<'a, B> {
         match (&params[params::WTE].master, &work[params::WTE]) {
-            (Master::F16 { codes, scale }, None) => EmbedTable::F16(codes, 1.0 / scale),
+            (Master::F16 { codes, scale }, None) => EmbedTable::F16(codes, Scalar::Dev(scale, 1)),
             _ => EmbedTable::F32(Self::weight(params, work, params::WTE)),
         }
     }
@@ -529,7 +543,8 @@ impl<B: Backend> Gpt<B> {
     /// so every rank computes with exactly the weights O2 would. Run by the training
     /// layer's distributed step (`train::dist`) after [`Gpt::prepare_weights`]. The
     /// codes go through the backend (`Backend::broadcast_u8` / `broadcast_f16`: device
-    /// to device over NCCL on GPUs), the scales, four bytes each, over MPI.
+    /// to device over NCCL on GPUs), the scales, four bytes each, over MPI (read back
+    /// and put back: O3 with several ranks is not yet free of host round trips).
     pub fn share_weights(&self, be: &B, ws: &mut Workspace<B>, world: &World) -> BResult<()> {
         let mut view_of = vec![None; self.params.len()];
         for l in 0..self.cfg.n_layer {
@@ -543,23 +558,23 @@ impl<B: Backend> Gpt<B> {
                 let WeightView::Fp8 { codes, scale } = &mut ws.views[v] else {
                     unreachable!("O3 linear weights are FP8")
                 };
-                let mut s = [*scale];
+                let mut s = be.download(scale)?;
                 be.broadcast_u8(world, codes, p.owner)?;
                 world.broadcast(&mut s, p.owner);
-                *scale = s[0];
+                *scale = be.upload(&s)?;
             } else {
                 // The owner's codes into a buffer every rank has, sent from there.
                 let mut codes = be.zeros::<fp8sim::half16::f16>(p.spec.numel())?;
-                let mut s = [1.0f32];
+                let mut s = vec![1.0f32, 1.0];
                 if let (true, Master::F16 { codes: own, scale }) = (mine, &p.master) {
                     be.copy(&mut codes, own)?;
-                    s[0] = *scale;
+                    s = be.download(scale)?;
                 }
                 be.broadcast_f16(world, &mut codes, p.owner)?;
                 world.broadcast(&mut s, p.owner);
                 if !mine {
                     let w = ws.work[i].as_mut().expect("remote parameters have a decoded copy");
-                    be.decode_f16(w, &codes, 1.0 / s[0])?;
+                    be.decode_f16(w, &codes, Scalar::Host(s[1]))?;
                 }
             }
         }
@@ -574,16 +589,29 @@ impl<B: Backend> Gpt<B> {
         self.params.iter().map(|p| p.optimizer_bytes(be)).sum()
     }
 
-    /// Forward pass; returns the mean loss. `train`: leave the loss (and the amax
-    /// histories, from the statistics slots) to `forward_backward` (returns NaN).
-    pub fn forward(
+    /// Forward pass outside training (evaluation, sampling): returns the mean loss
+    /// (`loss`; else NaN, the final layernorm's output left for the LM head). On a fresh
+    /// model the just-in-time casts store their scales in the delayed state; they are
+    /// put back, so evaluating changes nothing that training reads.
+    fn forward_outside_training(
         &mut self,
         be: &B,
         ws: &mut Workspace<B>,
         tokens: &[u32],
         targets: &[u32],
-        train: bool,
+        loss: bool,
     ) -> BResult<f32> {
+        let kept = if self.delayed.fresh && self.level.fp8() { Some(self.delayed.keep(be)?) } else { None };
+        let out = self.forward(be, ws, tokens, targets, !loss);
+        if let Some(k) = kept {
+            self.delayed.put_back(be, &k)?;
+        }
+        out
+    }
+
+    /// Forward pass; returns the mean loss. `train`: leave the loss (and the amax
+    /// histories, from the statistics slots) to `forward_backward` (returns NaN).
+    fn forward(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32], train: bool) -> BResult<f32> {
         Ok({
             let (b, t, c, v) = (ws.b, ws.t, self.cfg.n_embd, self.cfg.vocab_size);
             let n = b * t;
@@ -598,7 +626,7 @@ impl<B: Backend> Gpt<B> {
             let (wte, wpe) = (Self::embed_table(params, &ws.work), Self::weight(params, &ws.work, params::WPE));
             be.encoder_forward(&mut ws.encoded, &ws.tokens, wte, wpe, b, t, c)?;
             for l in 0..self.cfg.n_layer {
-                Self::block_forward(be, params, &self.scaling, &self.cfg, ws, &slots, l, true)?;
+                Self::block_forward(be, params, &mut self.delayed, &self.cfg, ws, &slots, l, true)?;
             }
             let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.res_outs[self.cfg.n_layer - 1] };
             let lf = params::lnf_w(&self.cfg);
@@ -612,7 +640,7 @@ impl<B: Backend> Gpt<B> {
             for r0 in (0..n).step_by(ws.head.rows) {
                 Self::head_logits(be, ws, r0, c, v)?;
                 let h = &mut ws.head;
-                be.crossentropy(&mut h.losses, &mut h.logits, false, &h.targets, 0.0, h.rows, v)?;
+                be.crossentropy(&mut h.losses, &mut h.logits, false, &h.targets, LossGrad::none(), h.rows, v)?;
                 be.copy_range(&mut ws.losses, r0, &h.losses, 0, h.rows)?;
             }
             be.mean(&ws.losses)?
@@ -640,7 +668,7 @@ impl<B: Backend> Gpt<B> {
     /// the forward pass and the LM head's chunk holding that row only.
     pub fn logits_row(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], pos: usize) -> BResult<Vec<f32>> {
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
-        self.forward(be, ws, tokens, &vec![0; tokens.len()], true)?;
+        self.forward_outside_training(be, ws, tokens, &vec![0; tokens.len()], false)?;
         let r0 = pos / ws.head.rows * ws.head.rows;
         Self::head_logits(be, ws, r0, c, v)?;
         let all = be.download(&ws.head.logits)?;
@@ -659,7 +687,9 @@ impl<B: Backend> Gpt<B> {
                 std::mem::swap(dst, g);
                 Ok(())
             }
-            GradStore::Fp8 { codes, scale } => be.cast_fp8_jit(codes, JitSrc::F32(g), Fp8Format::E4M3, *scale, amax),
+            GradStore::Fp8 { codes, scale } => {
+                be.cast_fp8_jit(codes, JitSrc::F32(g), Fp8Format::E4M3, ScaleSlot { buf: scale, at: 0 }, amax)
+            }
         }
     }
 
@@ -682,7 +712,9 @@ impl<B: Backend> Gpt<B> {
         for (j, (p, i)) in weights.into_iter().zip(ids).enumerate() {
             match &mut p.grad {
                 GradStore::F32(dst) => std::mem::swap(dst, &mut g_w[j]),
-                GradStore::Fp8 { codes, scale } => casts.push((j, codes, *scale, slots.grad(i))),
+                GradStore::Fp8 { codes, scale } => {
+                    casts.push((j, codes, ScaleSlot { buf: scale, at: 0 }, slots.grad(i)))
+                }
             }
         }
         if casts.is_empty() {
@@ -690,7 +722,7 @@ impl<B: Backend> Gpt<B> {
         }
         let [g0, g1, g2, g3] = &*g_w;
         let srcs = [g0, g1, g2, g3];
-        let items = casts.into_iter().map(|(j, codes, prev, at)| (codes, JitSrc::F32(srcs[j]), prev, at)).collect();
+        let items = casts.into_iter().map(|(j, codes, scale, at)| (codes, JitSrc::F32(srcs[j]), scale, at)).collect();
         be.cast_fp8_jit_many(items, Fp8Format::E4M3, stats)
     }
 
@@ -730,7 +762,7 @@ impl<B: Backend> Gpt<B> {
         for (i, p) in params.iter_mut().enumerate() {
             match (&mut p.grad, staged.get(i)) {
                 (GradStore::Fp8 { codes, scale }, Some(Some(g))) => {
-                    casts.push((codes, JitSrc::F32(g), *scale, slots.grad(i)))
+                    casts.push((codes, JitSrc::F32(g), ScaleSlot { buf: scale, at: 0 }, slots.grad(i)))
                 }
                 (GradStore::F32(g), _) => amaxes.push((&*g, slots.grad(i))),
                 _ => {}
@@ -740,16 +772,17 @@ impl<B: Backend> Gpt<B> {
         be.amax_many(amaxes, stats)
     }
 
-    /// Forward and backward of one batch. The loss gradient is multiplied by `mu`, so
-    /// every stored gradient is mu times the true one. `inject_nan` poisons the
-    /// token-embedding gradient (fault tests).
+    /// Forward and backward of one batch. The loss gradient is multiplied by mu (the
+    /// step controller's), so every stored gradient is mu times the true one. At the end,
+    /// on the device: the mean loss and the overflow flag into the controller, the
+    /// delayed scales recorded. Nothing is read back (see [`Gpt::step_record`]).
+    /// `inject_nan` poisons the token-embedding gradient (fault tests).
     pub fn forward_backward(
         &mut self,
         be: &B,
         ws: &mut Workspace<B>,
         tokens: &[u32],
         targets: &[u32],
-        mu: f32,
         inject_nan: bool,
     ) -> BResult<BackwardStats> {
         Ok({
@@ -758,14 +791,14 @@ impl<B: Backend> Gpt<B> {
             let n = b * t;
             let mut st = BackwardStats::default();
             let slots = Slots::new(&self.cfg);
-            let Gpt { params, scaling, cfg, recompute, .. } = self;
+            let Gpt { params, delayed, cfg, recompute, ctl, .. } = self;
             // Small parameters' gradients wait here until the batch cast at the end.
             let mut staged = std::mem::take(&mut ws.staged_grads);
 
             // Loss and LM head, in row chunks (no [tokens, vocab] tensor): per row the
             // same logits, loss and gradient; the token-embedding gradient's fma chains
             // continue from chunk to chunk (matmul_acc), the bits of one product.
-            let dloss = mu / n as f32;
+            let dloss = LossGrad { mu: Scalar::Dev(ctl, ctl::MU), rows: n as f32 };
             for r0 in (0..n).step_by(ws.head.rows) {
                 Self::head_logits(be, ws, r0, c, v)?;
                 let h = &mut ws.head;
@@ -825,17 +858,17 @@ impl<B: Backend> Gpt<B> {
                 let idx = |k: usize| params::layer_param(l, k);
                 if *recompute == Recompute::Full {
                     // The block's activations again, from its input (the same bits).
-                    Self::block_forward(be, params, scaling, cfg, ws, &slots, l, false)?;
+                    Self::block_forward(be, params, delayed, cfg, ws, &slots, l, false)?;
                 }
                 let set = set_of(ws.layers.len(), l);
                 let dims = layer_dims(n, c);
-                let sc = &scaling[4 * l..4 * l + 4];
+                let k = |j: usize| 4 * l + j;
 
                 // MLP branch: res_out = res_mid + fcproj(gelu(fc(ln2(res_mid)))).
                 // Recomputed inputs: again, with the forward pass's scales (the same
                 // values; the amax slots get the same amaxes again).
                 if matches!(*recompute, Recompute::Gelu | Recompute::Cheap) {
-                    Self::recompute_inputs(be, params, cfg, ws, &slots, l, true)?;
+                    Self::recompute_inputs(be, params, delayed, cfg, ws, &slots, l, true)?;
                 }
                 let la = &ws.layers[set];
                 let views = &ws.views[4 * l..4 * l + 4];
@@ -853,7 +886,8 @@ impl<B: Backend> Gpt<B> {
                     &ws.dres,
                     &views[3],
                     saved3,
-                    &sc[3],
+                    delayed,
+                    k(3),
                     q3,
                     dims[3],
                     Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 3) },
@@ -875,7 +909,8 @@ impl<B: Backend> Gpt<B> {
                     gb2,
                     &views[2],
                     h2.as_ref().unwrap_or(&la.saved[2]),
-                    &sc[2],
+                    delayed,
+                    k(2),
                     q2,
                     dims[2],
                     Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 2) },
@@ -923,7 +958,7 @@ impl<B: Backend> Gpt<B> {
 
                 // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
                 if *recompute == Recompute::Cheap {
-                    Self::recompute_inputs(be, params, cfg, ws, &slots, l, false)?;
+                    Self::recompute_inputs(be, params, delayed, cfg, ws, &slots, l, false)?;
                 }
                 let la = &ws.layers[set];
                 let res_in = if l == 0 { &ws.encoded } else { &ws.res_outs[l - 1] };
@@ -942,7 +977,8 @@ impl<B: Backend> Gpt<B> {
                     &ws.dres,
                     &views[1],
                     h1.as_ref().unwrap_or(&la.saved[1]),
-                    &sc[1],
+                    delayed,
+                    k(1),
                     q1,
                     dims[1],
                     Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 1) },
@@ -963,7 +999,8 @@ impl<B: Backend> Gpt<B> {
                     &ws.dqkv,
                     &views[0],
                     h0.as_ref().unwrap_or(&la.saved[0]),
-                    &sc[0],
+                    delayed,
+                    k(0),
                     q0,
                     dims[0],
                     Slot { buf: &mut ws.stats, at: slots.dy(4 * l) },
@@ -1028,90 +1065,114 @@ impl<B: Backend> Gpt<B> {
                 &mut ws.g_wpe,
                 Slot { buf: &mut ws.stats, at: slots.grad(params::WPE) },
             )?;
-            // The loss, read here rather than after the LM head: a read-back waits for the
-            // device, and in the middle of the step that wait would leave the device idle
-            // while the host launched the backward pass.
             Self::finish_grads(be, params, &staged, &mut ws.stats, &slots)?;
             ws.staged_grads = staged;
-            st.loss = be.mean(&ws.losses)?;
-            // One read-back for the step's statistics, recorded as if each on the spot.
-            let stats = be.download(&ws.stats)?;
-            let amax = |k: usize| slot_amax(stats[k]);
+            // The step's decisions stay on the device: the loss and the overflow flag go to
+            // the controller, the amaxes into the delayed-scaling windows.
+            be.mean_to(&ws.losses, ctl, ctl::LOSS)?;
+            be.flag_nonfinite(ctl, ctl::OVERFLOW, &ws.stats, &self.grad_slots)?;
             if self.level.fp8() {
-                for (k, sc) in scaling.iter_mut().enumerate() {
-                    sc.record(amax(slots.act(k)), amax(slots.dy(k)));
-                    st.saturated += stats[slots.dy(k) + 1];
-                }
+                delayed.update(be, &ws.stats)?;
             }
-            let mut finite = true;
-            for (i, p) in params.iter_mut().enumerate() {
-                let a = amax(slots.grad(i));
-                finite &= a.is_finite();
-                if let GradStore::Fp8 { scale, .. } = &mut p.grad {
-                    *scale = scale_from_amax(Fp8Format::E4M3, a, 0, *scale);
-                }
-            }
-            st.overflow = !finite;
             st
         })
+    }
+
+    /// What the step left on the device, read back at its end (one read): the loss,
+    /// the overflow flag and the output gradients' saturated count.
+    pub fn step_record(&self, be: &B, ws: &Workspace<B>, st: &mut BackwardStats) -> BResult<ControlState> {
+        let w = be.download(&self.ctl)?;
+        st.loss = w[ctl::LOSS];
+        st.overflow = w[ctl::OVERFLOW] != 0.0;
+        if self.level.fp8() {
+            let stats = be.download(&ws.stats)?;
+            let slots = Slots::new(&self.cfg);
+            st.saturated = (0..slots.linears).map(|k| stats[slots.dy(k) + 1]).sum();
+        }
+        Ok(ControlState {
+            mu: w[ctl::MU],
+            mu_before: w[ctl::MU_BEFORE],
+            norm: w[ctl::NORM],
+            opt_steps: w[ctl::OPT_STEPS].to_bits(),
+            good_steps: w[ctl::GOOD_STEPS].to_bits(),
+        })
+    }
+
+    /// Start the step controller at mu and the given counts (a run's start or resume).
+    pub fn set_control(&mut self, be: &B, mu: f32, opt_steps: u32, good_steps: u32, b1: f32, b2: f32) -> BResult<()> {
+        self.ctl = be.upload(&control_words(mu, opt_steps, good_steps, b1, b2))?;
+        Ok(())
+    }
+
+    /// The rank-agreed loss and overflow flag into the controller (data parallel: the
+    /// agreement runs on the host).
+    pub fn set_agreed(&mut self, be: &B, loss: f32, overflow: bool) -> BResult<()> {
+        let mut w = be.download(&self.ctl)?;
+        w[ctl::LOSS] = loss;
+        w[ctl::OVERFLOW] = if overflow { 1.0 } else { 0.0 };
+        self.ctl = be.upload(&w)?;
+        Ok(())
+    }
+
+    /// The gradient norm, clip factor, optimizer step count and mu's update on the device
+    /// (`Backend::step_control`), after the gradients are final (reduced over ranks).
+    pub fn control_step(&mut self, be: &B, c: &StepControl) -> BResult<()> {
+        let grads = grad_refs(&self.params);
+        be.grad_sq_sums_to(&grads, &mut self.grad_sq)?;
+        be.step_control(&mut self.ctl, &self.grad_sq, c)
     }
 
     /// Sum of squares of the stored gradients (mu-scaled), each tensor in the
     /// contract's order, tensors added in parameter order.
     pub fn grad_sum_sq(&self, be: &B) -> BResult<f32> {
-        let grads: Vec<GradRef<'_, B>> = self
-            .params
-            .iter()
-            .map(|p| match &p.grad {
-                GradStore::F32(g) => GradRef::F32(g),
-                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, *scale),
-            })
-            .collect();
         // Added in parameter order, as one at a time.
-        Ok(be.grad_sq_sums(&grads)?.into_iter().fold(0f32, |total, s| total + s))
+        Ok(be.grad_sq_sums(&grad_refs(&self.params))?.into_iter().fold(0f32, |total, s| total + s))
     }
 
-    /// One AdamW step on every parameter. `t` counts optimizer steps taken (1-based).
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw_step(
-        &mut self,
-        be: &B,
-        lr: f32,
-        beta1: f32,
-        beta2: f32,
-        eps: f32,
-        wd: f32,
-        t: u64,
-        grad_scale: f32,
-    ) -> BResult<()> {
+    /// One AdamW step on every parameter, its bias corrections, gradient multiplier
+    /// (clip / (mu ranks)) and skip decision from the step controller (after
+    /// [`Gpt::control_step`]).
+    pub fn adamw_step(&mut self, be: &B, lr: f32, beta1: f32, beta2: f32, eps: f32, wd: f32) -> BResult<()> {
         let mut items = Vec::with_capacity(self.params.len());
         for p in &mut self.params {
             let decay = if p.spec.decay { wd } else { 0.0 };
-            let h = AdamStep::new(lr, beta1, beta2, eps, decay, t, grad_scale);
+            // (t and the multiplier are the controller's: see AdamStep::with_control.)
+            let h = AdamStep::new(lr, beta1, beta2, eps, decay, 0, 1.0);
             let grad = match &p.grad {
                 GradStore::F32(g) => GradRef::F32(g),
-                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, *scale),
+                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, Scalar::Dev(scale, 1)),
             };
             let state = match (&mut p.master, &mut p.moments) {
                 (Master::F32(master), Moments::F32 { m, v }) => AdamState::F32 { master, m, v },
                 (Master::F16 { codes, scale }, Moments::F32 { m, v }) => {
                     AdamState::O1 { master: codes, master_scale: scale, m, v }
                 }
-                (Master::F16 { codes, scale }, Moments::Scaled { m, m_scale, v, v_scale }) => {
-                    AdamState::O2 { master: codes, master_scale: scale, m, m_scale, v, v_scale }
+                (Master::F16 { codes, scale }, Moments::Scaled { m, v, scales }) => {
+                    AdamState::O2 { master: codes, master_scale: scale, m, v, moment_scales: scales }
                 }
                 (Master::Remote, _) => continue, // O3: the owner updates it
                 _ => unreachable!("no level pairs these masters and moments"),
             };
             items.push((state, grad, h));
         }
-        be.adamw_many(items)
+        be.adamw_many(items, Some(&self.ctl))
     }
 
     /// Mean loss of a batch without touching any state that training keeps.
     pub fn eval_loss(&mut self, be: &B, ws: &mut Workspace<B>, tokens: &[u32], targets: &[u32]) -> BResult<f32> {
-        self.forward(be, ws, tokens, targets, false)
+        self.forward_outside_training(be, ws, tokens, targets, true)
     }
+}
+
+/// Every parameter's gradient as the optimizer and the norm read it.
+fn grad_refs<B: Backend>(params: &[Param<B>]) -> Vec<GradRef<'_, B>> {
+    params
+        .iter()
+        .map(|p| match &p.grad {
+            GradStore::F32(g) => GradRef::F32(g),
+            GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, Scalar::Dev(scale, 1)),
+        })
+        .collect()
 }
 
 /// Bytes of BF16 logits the LM head holds at once (one chunk of rows).
@@ -1193,24 +1254,6 @@ fn pick<'a, B: Backend>(shared: &'a mut Option<Saved<B>>, own: &'a mut Saved<B>)
     }
 }
 
-/// A recomputed input into `shared` by `produce`, with the scale the forward pass used
-/// (kept in the block's own `kept`).
-fn refill<B: Backend>(
-    shared: &mut Saved<B>,
-    kept: &Saved<B>,
-    slot: Slot<'_, B>,
-    produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
-) -> BResult<()> {
-    match (shared, kept) {
-        (Saved::Fp8 { codes, scale }, Saved::Fp8 { scale: s, .. }) => {
-            *scale = *s;
-            produce(ActOut::E4m3(codes, *s, slot))
-        }
-        (Saved::Bf16(h), _) => produce(ActOut::Bf16(h)),
-        (Saved::Fp8 { .. }, _) => unreachable!("a layer's saved input has the level's type"),
-    }
-}
-
 /// Shapes of a block's four linear layers (qkv, proj, fc, fcproj) for `n` rows.
 fn layer_dims(n: usize, c: usize) -> [Dims; 4] {
     [Dims { n, ic: c, oc: 3 * c }, Dims { n, ic: c, oc: c }, Dims { n, ic: c, oc: 4 * c }, Dims { n, ic: 4 * c, oc: c }]
@@ -1250,14 +1293,27 @@ mod tests {
         model.recompute = recompute;
         let mut ws = model.workspace_with_head(&be, b, t, head_rows).unwrap();
         let mut bits = Vec::new();
+        model.set_control(&be, 1.0, 0, 0, 0.9, 0.95).unwrap();
+        let c = StepControl {
+            grad_clip: 0.0,
+            ranks: 1.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            mu_growth_interval: 1000,
+            mu_min: 1.0,
+            mu_max: 1.0,
+        };
         for s in 0..steps {
             let x: Vec<u32> = (0..b * t).map(|i| ((i * 31 + s * 7) % 96) as u32).collect();
             let y: Vec<u32> = (0..b * t).map(|i| ((i * 17 + s * 5 + 1) % 96) as u32).collect();
             model.prepare_weights(&be, &mut ws).unwrap();
-            let st = model.forward_backward(&be, &mut ws, &x, &y, 1.0, false).unwrap();
-            bits.push(st.loss.to_bits());
+            let mut st = model.forward_backward(&be, &mut ws, &x, &y, false).unwrap();
             bits.push(model.grad_sum_sq(&be).unwrap().to_bits());
-            model.adamw_step(&be, 1e-3, 0.9, 0.95, 1e-8, 0.1, s as u64 + 1, 1.0).unwrap();
+            model.control_step(&be, &c).unwrap();
+            model.adamw_step(&be, 1e-3, 0.9, 0.95, 1e-8, 0.1).unwrap();
+            let ctl = model.step_record(&be, &ws, &mut st).unwrap();
+            assert_eq!((ctl.opt_steps, st.overflow), (s as u32 + 1, false));
+            bits.push(st.loss.to_bits());
             bits.push(model.eval_loss(&be, &mut ws, &x, &y).unwrap().to_bits());
         }
         for p in &model.params {

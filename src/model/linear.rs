@@ -24,12 +24,15 @@
 //! small gradients to zero. (Transformer Engine starts from 1.)
 
 use crate::backend::BResult;
-use crate::backend::{ActOut, Backend, GradOut, JitSrc, Operand, Product, Slot};
+use crate::backend::{
+    ActOut, Backend, Delayed, GradOut, JitSrc, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
+};
 use fp8sim::half16::{bf16, f16};
-use fp8sim::scaling::{scale_from_amax, DelayedScaling, ScalingConfig};
+use fp8sim::scaling::{ring_history, DelayedScaling, ScalingConfig};
 use fp8sim::Fp8Format::{E4M3, E5M2};
 
-/// Delayed-scaling state of one FP8 linear layer.
+/// Delayed-scaling state of one FP8 linear layer, as checkpoints hold it (the model
+/// keeps it on the device: [`DelayedState`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct LinearScaling {
     /// Input activations (E4M3).
@@ -39,7 +42,7 @@ pub struct LinearScaling {
 }
 
 impl LinearScaling {
-    /// This step's amaxes of the input and the output gradient, once read back.
+    /// This step's amaxes of the input and the output gradient.
     pub fn record(&mut self, act: f32, grad: f32) {
         self.act.record(act);
         self.grad.record(grad);
@@ -53,28 +56,132 @@ impl LinearScaling {
     }
 }
 
-/// The scale to cast with now: the delayed one, or just-in-time when there is no history.
-fn scale_now<B: Backend>(be: &B, ds: &DelayedScaling, x: &B::Buf<f32>) -> BResult<f32> {
-    Ok({
-        if ds.history().next().is_none() {
-            scale_from_amax(ds.config.fmt, be.amax(x)?, ds.config.margin, ds.scale())
-        } else {
-            ds.scale()
-        }
-    })
+/// Every FP8 linear layer's delayed scaling on the device (`Backend::Delayed`), so no
+/// scale is read back during a step: linear k's input scale and inverse at
+/// `scales[4k..4k + 2]`, its output gradient's at `scales[4k + 2..4k + 4]` (tracked
+/// tensors 2k and 2k + 1), their amax windows and counts beside them. The step's casts
+/// read the scales where they are; `update` records the step's amaxes at its end.
+pub struct DelayedState<B: Backend> {
+    hist: B::Buf<f32>,
+    recorded: B::Buf<u32>,
+    scales: B::Buf<f32>,
+    slots: B::Buf<u32>,
+    window: usize,
+    /// Nothing recorded yet (a fresh model, or a checkpoint saved before any step): the
+    /// casts take their tensor's own amax (just-in-time) instead of the delayed scale,
+    /// so step 1 does not flush small values to zero. (Transformer Engine starts from
+    /// scale 1.) Known to the host, so no step waits on the device to choose.
+    pub fresh: bool,
 }
 
-/// The weight as the GEMMs read it this step.
+impl<B: Backend> DelayedState<B> {
+    /// Scales 1, empty windows of `window`; `slots[k]` = linear k's (input, output
+    /// gradient) amax slots in the step's statistics.
+    pub fn new(be: &B, window: usize, slots: &[(usize, usize)]) -> BResult<Self> {
+        let n = 2 * slots.len();
+        let words: Vec<u32> = slots.iter().flat_map(|&(a, g)| [a as u32, g as u32 | DELAYED_E5M2]).collect();
+        Ok(DelayedState {
+            hist: be.zeros(n * window.max(1))?,
+            recorded: be.zeros(n)?,
+            scales: be.upload(&[1.0f32; 2].repeat(n))?,
+            slots: be.upload(&words)?,
+            window: window.max(1),
+            fresh: true,
+        })
+    }
+
+    /// The amax window's length.
+    pub fn window(&self) -> usize {
+        self.window
+    }
+
+    /// Linear k's input scale (`inv`: its inverse).
+    pub fn act(&self, k: usize, inv: bool) -> Scalar<'_, B> {
+        Scalar::Dev(&self.scales, 4 * k + usize::from(inv))
+    }
+    /// Linear k's output-gradient scale (`inv`: its inverse).
+    pub fn dy(&self, k: usize, inv: bool) -> Scalar<'_, B> {
+        Scalar::Dev(&self.scales, 4 * k + 2 + usize::from(inv))
+    }
+
+    /// Record the step's amaxes (the statistics slots) and derive the next scales.
+    pub fn update(&mut self, be: &B, stats: &B::Buf<u64>) -> BResult<()> {
+        let d = Delayed {
+            hist: &mut self.hist,
+            recorded: &mut self.recorded,
+            scales: &mut self.scales,
+            slots: &self.slots,
+            window: self.window,
+        };
+        be.delayed_scaling_update(d, stats)?;
+        self.fresh = false;
+        Ok(())
+    }
+
+    /// The state as checkpoints hold it (a read-back).
+    pub fn to_host(&self, be: &B) -> BResult<Vec<LinearScaling>> {
+        let (hist, recorded, scales) =
+            (be.download(&self.hist)?, be.download(&self.recorded)?, be.download(&self.scales)?);
+        let w = self.window;
+        let one = |i: usize, fmt| {
+            let cfg = ScalingConfig { window: w, ..ScalingConfig::delayed(fmt) };
+            DelayedScaling::restore(cfg, &ring_history(&hist[i * w..(i + 1) * w], recorded[i]), scales[2 * i])
+        };
+        Ok((0..recorded.len() / 2)
+            .map(|k| LinearScaling { act: one(2 * k, E4M3), grad: one(2 * k + 1, E5M2) })
+            .collect())
+    }
+
+    /// Take a saved state (each history at most the window, oldest first).
+    pub fn restore(&mut self, be: &B, saved: &[LinearScaling]) -> BResult<()> {
+        let w = self.window;
+        let n = 2 * saved.len();
+        let (mut hist, mut recorded, mut scales) = (vec![0f32; n * w], vec![0u32; n], vec![0f32; 2 * n]);
+        let mut any = false;
+        for (k, s) in saved.iter().enumerate() {
+            for (j, ds) in [&s.act, &s.grad].into_iter().enumerate() {
+                let i = 2 * k + j;
+                let h: Vec<f32> = ds.history().collect();
+                let h = &h[h.len().saturating_sub(w)..];
+                hist[i * w..i * w + h.len()].copy_from_slice(h);
+                recorded[i] = h.len() as u32;
+                scales[2 * i] = ds.scale();
+                scales[2 * i + 1] = ds.inv_scale();
+                any |= !h.is_empty();
+            }
+        }
+        self.hist = be.upload(&hist)?;
+        self.recorded = be.upload(&recorded)?;
+        self.scales = be.upload(&scales)?;
+        self.fresh = !any;
+        Ok(())
+    }
+
+    /// A copy of the scales (see [`DelayedState::put_back`]).
+    pub fn keep(&self, be: &B) -> BResult<B::Buf<f32>> {
+        let mut k = be.zeros(be.len(&self.scales))?;
+        be.copy(&mut k, &self.scales)?;
+        Ok(k)
+    }
+    /// Put kept scales back: an evaluation of a fresh model leaves them as they were
+    /// (its just-in-time casts store their scales here).
+    pub fn put_back(&mut self, be: &B, kept: &B::Buf<f32>) -> BResult<()> {
+        be.copy(&mut self.scales, kept)
+    }
+}
+
+/// The weight as the GEMMs read it this step (FP8: its codes and `[scale, 1/scale]`,
+/// which the just-in-time cast works out and stores on the device).
 pub enum WeightView<B: Backend> {
     Bf16(B::Buf<bf16>),
-    Fp8 { codes: B::Buf<u8>, scale: f32 },
+    Fp8 { codes: B::Buf<u8>, scale: B::Buf<f32> },
 }
 
 impl<B: Backend> WeightView<B> {
     pub fn new(be: &B, fp8: bool, numel: usize) -> BResult<Self> {
         Ok({
             if fp8 {
-                WeightView::Fp8 { codes: be.zeros(numel)?, scale: 1.0 }
+                WeightView::Fp8 { codes: be.zeros(numel)?, scale: be.upload(&[1.0, 1.0])? }
             } else {
                 WeightView::Bf16(be.zeros(numel)?)
             }
@@ -92,12 +199,17 @@ impl<B: Backend> WeightView<B> {
 
     /// An FP8 view's just-in-time cast from its master as `Backend::cast_fp8_jit_many`
     /// takes it: codes, source (an FP16 master read as its decoded values without writing
-    /// them), previous scale; then [`WeightView::settle`] with the amax.
-    pub fn jit_item<'a>(&'a mut self, master: MasterRef<'a, B>) -> (&'a mut B::Buf<u8>, JitSrc<'a, B>, f32) {
+    /// them), the view's scale slot.
+    pub fn jit_item<'a>(
+        &'a mut self,
+        master: MasterRef<'a, B>,
+    ) -> (&'a mut B::Buf<u8>, JitSrc<'a, B>, ScaleSlot<'a, B>) {
         match (self, master) {
-            (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => (codes, JitSrc::F32(w), *scale),
-            (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, master_scale)) => {
-                (codes, JitSrc::F16(h, 1.0 / master_scale), *scale)
+            (WeightView::Fp8 { codes, scale }, MasterRef::F32(w)) => {
+                (codes, JitSrc::F32(w), ScaleSlot { buf: scale, at: 0 })
+            }
+            (WeightView::Fp8 { codes, scale }, MasterRef::F16(h, inv)) => {
+                (codes, JitSrc::F16(h, inv), ScaleSlot { buf: scale, at: 0 })
             }
             (WeightView::Bf16(_), _) => unreachable!("a BF16 view has no just-in-time cast (use bf16_item)"),
         }
@@ -107,17 +219,10 @@ impl<B: Backend> WeightView<B> {
         matches!(self, WeightView::Fp8 { .. })
     }
 
-    /// The scale `update` cast with, from its amax (read back).
-    pub fn settle(&mut self, amax: f32) {
-        if let WeightView::Fp8 { scale, .. } = self {
-            *scale = scale_from_amax(E4M3, amax, 0, *scale);
-        }
-    }
-
-    fn operand(&self) -> (Operand<'_, B>, f32) {
+    fn operand(&self) -> Operand<'_, B> {
         match self {
-            WeightView::Bf16(b) => (Operand::Bf16(b), 1.0),
-            WeightView::Fp8 { codes, scale } => (Operand::Fp8(codes, E4M3), 1.0 / scale),
+            WeightView::Bf16(b) => Operand::Bf16(b),
+            WeightView::Fp8 { codes, scale } => Operand::Fp8(codes, E4M3, Scalar::Dev(scale, 1)),
         }
     }
 }
@@ -125,30 +230,31 @@ impl<B: Backend> WeightView<B> {
 /// A linear weight's master as a view is derived from it.
 pub enum MasterRef<'a, B: Backend> {
     F32(&'a B::Buf<f32>),
-    /// FP16 codes and their scale (value = decoded / scale).
-    F16(&'a B::Buf<f16>, f32),
+    /// FP16 codes and their inverse scale (value = decoded * inverse).
+    F16(&'a B::Buf<f16>, Scalar<'a, B>),
 }
 
-/// The layer input kept for backward (BF16 or E4M3 with its scale)?.
+/// The layer input kept for backward: BF16, or E4M3 codes (cast with the layer's input
+/// scale, which stays in [`DelayedState`] until the step ends).
 pub enum Saved<B: Backend> {
     Bf16(B::Buf<bf16>),
-    Fp8 { codes: B::Buf<u8>, scale: f32 },
+    Fp8(B::Buf<u8>),
 }
 
 impl<B: Backend> Saved<B> {
     pub fn new(be: &B, fp8: bool, numel: usize) -> BResult<Self> {
         Ok({
             if fp8 {
-                Saved::Fp8 { codes: be.zeros(numel)?, scale: 1.0 }
+                Saved::Fp8(be.zeros(numel)?)
             } else {
                 Saved::Bf16(be.zeros(numel)?)
             }
         })
     }
-    fn operand(&self) -> (Operand<'_, B>, f32) {
+    fn operand<'a>(&'a self, ds: &'a DelayedState<B>, k: usize) -> Operand<'a, B> {
         match self {
-            Saved::Bf16(b) => (Operand::Bf16(b), 1.0),
-            Saved::Fp8 { codes, scale } => (Operand::Fp8(codes, E4M3), 1.0 / scale),
+            Saved::Bf16(b) => Operand::Bf16(b),
+            Saved::Fp8(codes) => Operand::Fp8(codes, E4M3, ds.act(k, true)),
         }
     }
 }
@@ -169,10 +275,10 @@ impl<B: Backend> GradCast<B> {
             }
         })
     }
-    fn operand(&self) -> Operand<'_, B> {
+    fn operand<'a>(&'a self, ds: &'a DelayedState<B>, k: usize) -> Operand<'a, B> {
         match self {
             GradCast::Bf16(b) => Operand::Bf16(b),
-            GradCast::Fp8(c) => Operand::Fp8(c, E5M2),
+            GradCast::Fp8(c) => Operand::Fp8(c, E5M2, ds.dy(k, true)),
         }
     }
 }
@@ -185,96 +291,107 @@ pub struct Dims {
     pub oc: usize,
 }
 
-/// Fill `saved` with a layer's input, cast from the f32 tensor `x` (BF16, or E4M3 with
-/// the delayed scale, just-in-time when there is no history yet); the cast's
-/// statistics go to `stats` (two slots).
+/// Fill `saved` with linear k's input, cast from the f32 tensor `x` (BF16, or E4M3 with
+/// the delayed scale; just-in-time on a fresh model, the scale stored as the layer's);
+/// the cast's statistics go to `stats` (two slots).
 pub fn cast_input<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     x: &B::Buf<f32>,
-    sc: &LinearScaling,
+    ds: &mut DelayedState<B>,
+    k: usize,
     stats: Slot<'_, B>,
 ) -> BResult<()> {
     match saved {
-        Saved::Bf16(b) => be.cast_bf16(b, x)?,
-        Saved::Fp8 { codes, scale } => {
-            *scale = scale_now(be, &sc.act, x)?;
-            be.cast_fp8_to(codes, x, E4M3, *scale, stats)?;
+        Saved::Bf16(b) => be.cast_bf16(b, x),
+        Saved::Fp8(codes) if ds.fresh => {
+            be.cast_fp8_jit(codes, JitSrc::F32(x), E4M3, ScaleSlot { buf: &mut ds.scales, at: 4 * k }, stats)
         }
+        Saved::Fp8(codes) => be.cast_fp8_to(codes, x, E4M3, ds.act(k, false), stats),
     }
-    Ok(())
 }
 
 /// [`cast_input`] from the BF16 values `x` (the attention output): the
 /// BF16 copy is the values themselves, the E4M3 cast reads them directly with the
-/// delayed scale, and at the first FP8 step (no history yet) they go through an f32
-/// temporary for the just-in-time scale. The same bits as casting their f32 widening.
+/// delayed scale, and on a fresh model they go through an f32 temporary for the
+/// just-in-time scale. The same bits as casting their f32 widening.
 pub fn cast_input_bf16<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     x: &B::Buf<bf16>,
-    sc: &LinearScaling,
+    ds: &mut DelayedState<B>,
+    k: usize,
     stats: Slot<'_, B>,
 ) -> BResult<()> {
     match &mut *saved {
         Saved::Bf16(b) => be.copy_range(b, 0, x, 0, be.len(x)),
-        Saved::Fp8 { codes, scale } if sc.act.history().next().is_some() => {
-            *scale = sc.act.scale();
-            be.cast_fp8_bf16_to(codes, x, E4M3, *scale, stats)
-        }
-        Saved::Fp8 { .. } => {
+        Saved::Fp8(codes) if !ds.fresh => be.cast_fp8_bf16_to(codes, x, E4M3, ds.act(k, false), stats),
+        Saved::Fp8(_) => {
             let mut wide = be.zeros::<f32>(be.len(x))?;
             be.widen_bf16(&mut wide, x)?;
-            cast_input(be, saved, &wide, sc, stats)
+            cast_input(be, saved, &wide, ds, k, stats)
         }
     }
 }
 
-/// Fill `saved` with a layer's input made by `produce`, which writes its values into
+/// Fill `saved` with linear k's input made by `produce`, which writes its values into
 /// the `ActOut` it is given (a layernorm or GELU forward). The values go straight into
-/// the saved copy when their scale is known first (their amax into `stats`); at the
-/// first FP8 step (no history, a just-in-time scale) they go through an f32 temporary
-/// of `n` values and [`cast_input`]. Either way the same bits are saved and measured.
+/// the saved copy when their scale is known first (their amax into `stats`); on a fresh
+/// model (a just-in-time scale) they go through an f32 temporary of `n` values and
+/// [`cast_input`]. Either way the same bits are saved and measured.
 pub fn produce_input<B: Backend>(
     be: &B,
     saved: &mut Saved<B>,
     n: usize,
-    sc: &LinearScaling,
+    ds: &mut DelayedState<B>,
+    k: usize,
     stats: Slot<'_, B>,
     produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
 ) -> BResult<()> {
     match saved {
-        Saved::Bf16(b) => produce(ActOut::Bf16(b))?,
-        Saved::Fp8 { codes, scale } if sc.act.history().next().is_some() => {
-            *scale = sc.act.scale();
-            produce(ActOut::E4m3(codes, *scale, stats))?;
-        }
-        Saved::Fp8 { .. } => {
+        Saved::Bf16(b) => produce(ActOut::Bf16(b)),
+        Saved::Fp8(codes) if !ds.fresh => produce(ActOut::E4m3(codes, ds.act(k, false), stats)),
+        Saved::Fp8(_) => {
             let mut scratch = be.zeros::<f32>(n)?;
             produce(ActOut::F32(&mut scratch))?;
-            cast_input(be, saved, &scratch, sc, stats)?;
+            cast_input(be, saved, &scratch, ds, k, stats)
         }
     }
-    Ok(())
 }
 
-/// `y = bf16(x W^T + bias)` from the saved input, for a layer whose consumer reads
-/// BF16 (see `Backend::matmul_bias_bf16`).
+/// A recomputed input of linear k into `saved` by `produce`, with the scale the
+/// forward pass used (the layer's input scale: unchanged until the step ends).
+pub fn refill<B: Backend>(
+    saved: &mut Saved<B>,
+    ds: &DelayedState<B>,
+    k: usize,
+    slot: Slot<'_, B>,
+    produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
+) -> BResult<()> {
+    match saved {
+        Saved::Fp8(codes) => produce(ActOut::E4m3(codes, ds.act(k, false), slot)),
+        Saved::Bf16(h) => produce(ActOut::Bf16(h)),
+    }
+}
+
+/// `y = bf16(x W^T + bias)` from linear k's saved input, for a layer whose consumer
+/// reads BF16 (see `Backend::matmul_bias_bf16`).
+#[allow(clippy::too_many_arguments)]
 pub fn forward_bf16<B: Backend>(
     be: &B,
     y: &mut B::Buf<bf16>,
     w: &WeightView<B>,
     saved: &Saved<B>,
+    ds: &DelayedState<B>,
+    k: usize,
     bias: &B::Buf<f32>,
     d: Dims,
 ) -> BResult<()> {
-    let (xa, xs) = saved.operand();
-    let (wa, ws) = w.operand();
-    be.matmul_bias_bf16(y, xa, wa, d.n, d.oc, d.ic, xs * ws, bias)
+    be.matmul_bias_bf16(y, saved.operand(ds, k), w.operand(), d.n, d.oc, d.ic, 1.0, bias)
 }
 
-/// `out = res + (bf16(x W^T) + bias)` from the saved input, for a layer whose output
-/// joins the residual stream: the product rounded to BF16 into `scratch` (what
+/// `out = res + (bf16(x W^T) + bias)` from linear k's saved input, for a layer whose
+/// output joins the residual stream: the product rounded to BF16 into `scratch` (what
 /// PyTorch's autocast stores; `matmul_bf16`), then `residual_forward` (cuBLASLt's
 /// residual epilogue measured slower on an H200, so the fast class does the same).
 #[allow(clippy::too_many_arguments)]
@@ -285,18 +402,18 @@ pub fn forward_residual<B: Backend>(
     res: &B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
+    ds: &DelayedState<B>,
+    k: usize,
     bias: &B::Buf<f32>,
     d: Dims,
 ) -> BResult<()> {
-    let (xa, xs) = saved.operand();
-    let (wa, ws) = w.operand();
-    be.matmul_bf16(scratch, xa, wa, Product::Forward, d.n, d.oc, d.ic, xs * ws)?;
+    be.matmul_bf16(scratch, saved.operand(ds, k), w.operand(), Product::Forward, d.n, d.oc, d.ic, 1.0)?;
     be.residual_forward(out, res, scratch, bias)
 }
 
-/// Backward: `dx` (BF16, what layernorm, GELU and attention backward read), `dw`, `db`
-/// (all overwritten) from `dy`; the E5M2 cast's amax and saturated count go to `stats`
-/// (two slots).
+/// Backward of linear k: `dx` (BF16, what layernorm, GELU and attention backward read),
+/// `dw`, `db` (all overwritten) from `dy`; the E5M2 cast's amax and saturated count go
+/// to `stats` (two slots).
 #[allow(clippy::too_many_arguments)]
 pub fn backward<B: Backend>(
     be: &B,
@@ -306,28 +423,28 @@ pub fn backward<B: Backend>(
     dy: &B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
-    sc: &LinearScaling,
+    ds: &mut DelayedState<B>,
+    k: usize,
     dyq: &mut GradCast<B>,
     d: Dims,
     stats: Slot<'_, B>,
 ) -> BResult<()> {
-    let mut dys = 1.0;
     match dyq {
         GradCast::Bf16(b) => be.column_sums_cast_bf16(db, b, dy, d.n, d.oc)?,
-        GradCast::Fp8(codes) => {
-            let s = scale_now(be, &sc.grad, dy)?;
-            be.column_sums_cast(db, codes, dy, d.n, d.oc, E5M2, s, stats)?;
-            dys = 1.0 / s;
+        GradCast::Fp8(codes) if ds.fresh => {
+            be.column_sums(db, dy, d.n, d.oc)?;
+            be.cast_fp8_jit(codes, JitSrc::F32(dy), E5M2, ScaleSlot { buf: &mut ds.scales, at: 4 * k + 2 }, stats)?;
         }
+        GradCast::Fp8(codes) => be.column_sums_cast(db, codes, dy, d.n, d.oc, E5M2, ds.dy(k, false), stats)?,
     }
-    products(be, dx, dw, w, saved, dyq.operand(), dys, d)
+    products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)
 }
 
 /// [`backward`] from a BF16 output gradient (the QKV layer's, which attention's
 /// backward stores in BF16): the bias gradient from its values widened, and at the bf16
 /// level the products read it as it is (`dyq` is not used); at the FP8 levels its E5M2
-/// copy from the same pass, or, at the first FP8 step (a just-in-time scale), through
-/// an f32 temporary and [`backward`]. The same bits as [`backward`] of its widening.
+/// copy from the same pass, or, on a fresh model (a just-in-time scale), through an f32
+/// temporary and [`backward`]. The same bits as [`backward`] of its widening.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_bf16<B: Backend>(
     be: &B,
@@ -337,7 +454,8 @@ pub fn backward_bf16<B: Backend>(
     dy: &B::Buf<bf16>,
     w: &WeightView<B>,
     saved: &Saved<B>,
-    sc: &LinearScaling,
+    ds: &mut DelayedState<B>,
+    k: usize,
     dyq: &mut GradCast<B>,
     d: Dims,
     stats: Slot<'_, B>,
@@ -345,17 +463,16 @@ pub fn backward_bf16<B: Backend>(
     match &mut *dyq {
         GradCast::Bf16(_) => {
             be.column_sums_bf16(db, dy, d.n, d.oc)?;
-            products(be, dx, dw, w, saved, Operand::Bf16(dy), 1.0, d)
+            products(be, dx, dw, w, saved.operand(ds, k), Operand::Bf16(dy), d)
         }
-        GradCast::Fp8(codes) if sc.grad.history().next().is_some() => {
-            let s = sc.grad.scale();
-            be.column_sums_cast_from_bf16(db, codes, dy, d.n, d.oc, E5M2, s, stats)?;
-            products(be, dx, dw, w, saved, dyq.operand(), 1.0 / s, d)
+        GradCast::Fp8(codes) if !ds.fresh => {
+            be.column_sums_cast_from_bf16(db, codes, dy, d.n, d.oc, E5M2, ds.dy(k, false), stats)?;
+            products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)
         }
         GradCast::Fp8(_) => {
             let mut wide = be.zeros::<f32>(d.n * d.oc)?;
             be.widen_bf16(&mut wide, dy)?;
-            backward(be, dx, dw, db, &wide, w, saved, sc, dyq, d, stats)
+            backward(be, dx, dw, db, &wide, w, saved, ds, k, dyq, d, stats)
         }
     }
 }
@@ -363,8 +480,8 @@ pub fn backward_bf16<B: Backend>(
 /// [`backward`] of a layer whose output gradient is made by `produce` (GELU's
 /// backward), which writes it into the `GradOut` it is given: straight into the bias
 /// gradient and the BF16/E5M2 copy when the scale is known first (BF16, or delayed
-/// scaling with a history), else (the first FP8 step) into an f32 temporary and through
-/// [`backward`]. The same bits either way.
+/// scaling), else (a fresh model) into an f32 temporary and through [`backward`]. The
+/// same bits either way.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_from<B: Backend>(
     be: &B,
@@ -373,48 +490,40 @@ pub fn backward_from<B: Backend>(
     db: &mut B::Buf<f32>,
     w: &WeightView<B>,
     saved: &Saved<B>,
-    sc: &LinearScaling,
+    ds: &mut DelayedState<B>,
+    k: usize,
     dyq: &mut GradCast<B>,
     d: Dims,
     stats: Slot<'_, B>,
     produce: impl FnOnce(GradOut<'_, B>) -> BResult<()>,
 ) -> BResult<()> {
-    let dys = match &mut *dyq {
-        GradCast::Bf16(q) => {
-            produce(GradOut::Bf16 { db, q })?;
-            1.0
-        }
-        GradCast::Fp8(q) if sc.grad.history().next().is_some() => {
-            let scale = sc.grad.scale();
-            produce(GradOut::Fp8 { db, q, fmt: E5M2, scale, stats })?;
-            1.0 / scale
+    match &mut *dyq {
+        GradCast::Bf16(q) => produce(GradOut::Bf16 { db, q })?,
+        GradCast::Fp8(q) if !ds.fresh => {
+            produce(GradOut::Fp8 { db, q, fmt: E5M2, scale: ds.dy(k, false), stats })?;
         }
         GradCast::Fp8(_) => {
             let mut scratch = be.zeros::<f32>(d.n * d.oc)?;
             produce(GradOut::F32(&mut scratch))?;
-            return backward(be, dx, dw, db, &scratch, w, saved, sc, dyq, d, stats);
+            return backward(be, dx, dw, db, &scratch, w, saved, ds, k, dyq, d, stats);
         }
-    };
-    products(be, dx, dw, w, saved, dyq.operand(), dys, d)
+    }
+    products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)
 }
 
-/// The two backward products from the output gradient's copy `dy` (`dys`: its inverse
-/// scale).
-#[allow(clippy::too_many_arguments)]
+/// The two backward products from the output gradient's copy `dy` and the saved input
+/// `x` (FP8 operands carry their inverse scales).
 fn products<B: Backend>(
     be: &B,
     dx: &mut B::Buf<bf16>,
     dw: &mut B::Buf<f32>,
     w: &WeightView<B>,
-    saved: &Saved<B>,
+    x: Operand<'_, B>,
     dy: Operand<'_, B>,
-    dys: f32,
     d: Dims,
 ) -> BResult<()> {
-    let (wa, ws) = w.operand();
-    be.matmul_bf16(dx, dy, wa, Product::Dgrad, d.n, d.oc, d.ic, dys * ws)?;
-    let (xa, xs) = saved.operand();
-    be.matmul(dw, dy, xa, Product::Wgrad, d.n, d.oc, d.ic, dys * xs)
+    be.matmul_bf16(dx, dy, w.operand(), Product::Dgrad, d.n, d.oc, d.ic, 1.0)?;
+    be.matmul(dw, dy, x, Product::Wgrad, d.n, d.oc, d.ic, 1.0)
 }
 
 #[cfg(test)]
@@ -450,23 +559,34 @@ mod tests {
         let master = be.upload(&randn(d.oc * d.ic, 4, 0.2)).unwrap();
         let x = be.upload(&randn(d.n * d.ic, 5, 1.0)).unwrap();
         for (fp8, history) in [(false, false), (true, true), (true, false)] {
-            let mut sc = LinearScaling::new(4);
-            if history {
-                sc.record(1.5, 3.0);
-            }
+            let state = || {
+                let mut ds = DelayedState::new(&be, 4, &[(0, 2)]).unwrap();
+                if history {
+                    let mut sc = LinearScaling::new(4);
+                    sc.record(1.5, 3.0);
+                    ds.restore(&be, &[sc]).unwrap();
+                }
+                ds
+            };
             let mut stats = be.zeros::<u64>(4).unwrap();
             let mut w = WeightView::new(&be, fp8, d.oc * d.ic).unwrap();
             if fp8 {
-                let (q, src, prev) = w.jit_item(MasterRef::F32(&master));
-                be.cast_fp8_jit(q, src, E4M3, prev, Slot { buf: &mut stats, at: 2 }).unwrap();
-                w.settle(crate::backend::slot_amax(be.download(&stats).unwrap()[2]));
+                let (q, src, scale) = w.jit_item(MasterRef::F32(&master));
+                be.cast_fp8_jit(q, src, E4M3, scale, Slot { buf: &mut stats, at: 2 }).unwrap();
             } else {
                 let (b, m) = w.bf16_item(MasterRef::F32(&master));
                 be.cast_bf16(b, m).unwrap();
             }
             let mut saved = Saved::new(&be, fp8, d.n * d.ic).unwrap();
-            cast_input(&be, &mut saved, &x, &sc, Slot { buf: &mut stats, at: 2 }).unwrap();
+            let mut ds0 = state();
+            assert_eq!(ds0.fresh, !history);
+            cast_input(&be, &mut saved, &x, &mut ds0, 0, Slot { buf: &mut stats, at: 2 }).unwrap();
             let run = |bf16_in: bool| -> Out {
+                let mut ds = state();
+                if ds0.fresh {
+                    // The input's just-in-time scale as the forward pass stored it.
+                    be.copy(&mut ds.scales, &ds0.scales).unwrap();
+                }
                 let (mut dx, mut dw, mut db) =
                     (be.zeros::<bf16>(d.n * d.ic).unwrap(), be.zeros(d.oc * d.ic).unwrap(), be.zeros(d.oc).unwrap());
                 let mut q = GradCast::new(&be, fp8, d.n * d.oc).unwrap();
@@ -474,10 +594,11 @@ mod tests {
                 let slot = Slot { buf: &mut st, at: 0 };
                 if bf16_in {
                     let dy = be.upload(&dy16).unwrap();
-                    backward_bf16(&be, &mut dx, &mut dw, &mut db, &dy, &w, &saved, &sc, &mut q, d, slot).unwrap();
+                    backward_bf16(&be, &mut dx, &mut dw, &mut db, &dy, &w, &saved, &mut ds, 0, &mut q, d, slot)
+                        .unwrap();
                 } else {
                     let dy = be.upload(&dy32).unwrap();
-                    backward(&be, &mut dx, &mut dw, &mut db, &dy, &w, &saved, &sc, &mut q, d, slot).unwrap();
+                    backward(&be, &mut dx, &mut dw, &mut db, &dy, &w, &saved, &mut ds, 0, &mut q, d, slot).unwrap();
                 }
                 let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 (

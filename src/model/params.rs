@@ -126,22 +126,34 @@ pub fn init_runs(spec: &ParamSpec, seed: u64, idx: usize, runs: &[(usize, usize)
 /// Master weights.
 pub enum Master<B: Backend> {
     F32(B::Buf<f32>),
+    /// FP16 codes with their scale (`[scale, 1/scale]` on the device: value = code / scale).
     F16 {
         codes: B::Buf<f16>,
-        scale: f32,
+        scale: B::Buf<f32>,
     },
     /// O3, owned by another rank: this rank holds only the compute copy it receives
     /// each step (FP8 for linear weights, FP16 for the others).
     Remote,
 }
 
+/// A scale as the device keeps it: `[scale, 1/scale]` (1/scale exact: a power of two).
+pub fn scale_pair<B: Backend>(be: &B, scale: f32) -> BResult<B::Buf<f32>> {
+    be.upload(&[scale, 1.0 / scale])
+}
+
+/// The scale of a `[scale, 1/scale]` pair (a read-back: checkpoints, reports).
+pub fn read_scale<B: Backend>(be: &B, pair: &B::Buf<f32>) -> BResult<f32> {
+    Ok(be.download(pair)?[0])
+}
+
 /// Stored gradient (between backward and the optimizer step).
 pub enum GradStore<B: Backend> {
     F32(B::Buf<f32>),
-    /// E4M3 codes with a just-in-time scale.
+    /// E4M3 codes with a just-in-time scale (`[scale, 1/scale]` on the device, where
+    /// the cast that made the codes stored it).
     Fp8 {
         codes: B::Buf<u8>,
-        scale: f32,
+        scale: B::Buf<f32>,
     },
 }
 
@@ -151,12 +163,12 @@ pub enum Moments<B: Backend> {
         m: B::Buf<f32>,
         v: B::Buf<f32>,
     },
-    /// E4M3 first moment, FP16 second moment, each with a scale.
+    /// E4M3 first moment, FP16 second moment, each with a scale (`scales`: m's
+    /// `[scale, 1/scale]`, then v's, on the device where AdamW keeps them).
     Scaled {
         m: B::Buf<u8>,
-        m_scale: f32,
         v: B::Buf<f16>,
-        v_scale: f32,
+        scales: B::Buf<f32>,
     },
     /// O3, owned by another rank.
     Remote,
@@ -183,7 +195,7 @@ impl<B: Backend> Param<B> {
                     spec,
                     owner,
                     master: Master::Remote,
-                    grad: GradStore::Fp8 { codes: be.zeros(n)?, scale: 1.0 },
+                    grad: GradStore::Fp8 { codes: be.zeros(n)?, scale: scale_pair(be, 1.0)? },
                     moments: Moments::Remote,
                 });
             }
@@ -194,17 +206,17 @@ impl<B: Backend> Param<B> {
                     let scale = fp8sim::scaling::scale_for_max(fp8sim::scaling::F16_MAX, be.amax(&x)?, 0, 1.0);
                     let mut codes = be.zeros::<f16>(n)?;
                     be.cast_f16(&mut codes, &x, scale)?;
-                    Master::F16 { codes, scale }
+                    Master::F16 { codes, scale: scale_pair(be, scale)? }
                 }
             };
             let grad = match level {
                 Level::Bf16 => GradStore::F32(be.zeros(n)?),
-                _ => GradStore::Fp8 { codes: be.zeros(n)?, scale: 1.0 },
+                _ => GradStore::Fp8 { codes: be.zeros(n)?, scale: scale_pair(be, 1.0)? },
             };
             let moments = match level {
                 Level::Bf16 | Level::O1 => Moments::F32 { m: be.zeros(n)?, v: be.zeros(n)? },
                 Level::O2 | Level::O3 => {
-                    Moments::Scaled { m: be.zeros(n)?, m_scale: 1.0, v: be.zeros(n)?, v_scale: 1.0 }
+                    Moments::Scaled { m: be.zeros(n)?, v: be.zeros(n)?, scales: be.upload(&[1.0; 4])? }
                 }
             };
             Param { spec, owner, master, grad, moments }
@@ -266,7 +278,7 @@ impl<B: Backend> Param<B> {
         Ok(match &self.master {
             Master::F32(b) => Some(be.download(b)?),
             Master::F16 { codes, scale } => {
-                let inv = 1.0 / scale;
+                let inv = be.download(scale)?[1];
                 Some(be.download(codes)?.iter().map(|h| h.to_f32() * inv).collect())
             }
             Master::Remote => None,

@@ -262,7 +262,7 @@ mod tests {
                 let (xb, wb, db) = (be.upload(&x).unwrap(), be.upload(wv).unwrap(), be.upload(dv).unwrap());
                 let (xq, wq) = (be.upload(&codes(&x)).unwrap(), be.upload(&codes(wv)).unwrap());
                 let (xa, wa) = if fp8 {
-                    (Operand::Fp8(&xq, Fp8Format::E4M3), Operand::Fp8(&wq, Fp8Format::E4M3))
+                    (Operand::Fp8(&xq, Fp8Format::E4M3, 1.0.into()), Operand::Fp8(&wq, Fp8Format::E4M3, 1.0.into()))
                 } else {
                     (Operand::F32(&xb), Operand::F32(&wb))
                 };

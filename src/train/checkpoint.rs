@@ -14,7 +14,8 @@
 
 use super::config::Config;
 use crate::backend::Backend;
-use crate::model::params::{GradStore, Master, Moments};
+use crate::model::linear::LinearScaling;
+use crate::model::params::{read_scale, scale_pair, GradStore, Master, Moments};
 use crate::model::{Gpt, Level};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::f16;
@@ -227,34 +228,36 @@ fn write_state_file<'a, B: Backend>(
             Master::F32(w) => add(format!("master.{name}"), Dtype::F32, StateSrc::F32(w)),
             Master::F16 { codes, scale } => {
                 add(format!("master.{name}"), Dtype::F16, StateSrc::F16(codes));
-                sc.master = scale.to_bits();
+                sc.master = read_scale(be, scale)?.to_bits();
             }
             Master::Remote => {}
         }
         if let GradStore::Fp8 { scale, .. } = &p.grad {
-            sc.grad = scale.to_bits();
+            sc.grad = read_scale(be, scale)?.to_bits();
         }
         match &p.moments {
             Moments::F32 { m, v } => {
                 add(format!("adam_m.{name}"), Dtype::F32, StateSrc::F32(m));
                 add(format!("adam_v.{name}"), Dtype::F32, StateSrc::F32(v));
             }
-            Moments::Scaled { m, m_scale, v, v_scale } => {
+            Moments::Scaled { m, v, scales } => {
                 add(format!("adam_m.{name}"), Dtype::F8_E4M3, StateSrc::U8(m));
                 add(format!("adam_v.{name}"), Dtype::F16, StateSrc::F16(v));
-                sc.m = m_scale.to_bits();
-                sc.v = v_scale.to_bits();
+                let s = be.download(scales)?;
+                sc.m = s[0].to_bits();
+                sc.v = s[2].to_bits();
             }
             Moments::Remote => {}
         }
         scales.push(sc);
     }
+    let linears = model.delayed.to_host(be)?;
     let smeta = StateMeta {
         level: model.level,
         loop_state: state,
         params: scales,
-        act: model.scaling.iter().map(|s| record(&s.act)).collect(),
-        grad: model.scaling.iter().map(|s| record(&s.grad)).collect(),
+        act: linears.iter().map(|s| record(&s.act)).collect(),
+        grad: linears.iter().map(|s| record(&s.grad)).collect(),
     };
     let mut meta = HashMap::new();
     meta.insert("fp8train_state".to_string(), serde_json::to_string(&smeta).expect("state serialises"));
@@ -555,7 +558,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
     let (cfg, smeta, st) = parse_state(&state_bytes, &state_name)?;
     weights_fit_config(&dir, &manifest, &cfg)?;
     let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks)?;
-    if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
+    if smeta.params.len() != model.params.len() || smeta.act.len() != 4 * model.cfg.n_layer {
         return Err("checkpoint: parameter or layer count does not match its config".into());
     }
     for (p, sc) in model.params.iter_mut().zip(&smeta.params) {
@@ -565,28 +568,28 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
             Master::F32(w) => *w = be.upload(&f32s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F32, n)?))?,
             Master::F16 { codes, scale } => {
                 *codes = be.upload(&f16s(tensor_bytes(&st, &format!("master.{name}"), Dtype::F16, n)?))?;
-                *scale = f32::from_bits(sc.master);
+                *scale = scale_pair(be, f32::from_bits(sc.master))?;
             }
             Master::Remote => {}
         }
         if let GradStore::Fp8 { scale, .. } = &mut p.grad {
-            *scale = f32::from_bits(sc.grad);
+            *scale = scale_pair(be, f32::from_bits(sc.grad))?;
         }
         match &mut p.moments {
             Moments::F32 { m, v } => {
                 *m = be.upload(&f32s(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F32, n)?))?;
                 *v = be.upload(&f32s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F32, n)?))?;
             }
-            Moments::Scaled { m, m_scale, v, v_scale } => {
+            Moments::Scaled { m, v, scales } => {
                 *m = be.upload(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F8_E4M3, n)?)?;
                 *v = be.upload(&f16s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F16, n)?))?;
-                *m_scale = f32::from_bits(sc.m);
-                *v_scale = f32::from_bits(sc.v);
+                let (ms, vs) = (f32::from_bits(sc.m), f32::from_bits(sc.v));
+                *scales = be.upload(&[ms, 1.0 / ms, vs, 1.0 / vs])?;
             }
             Moments::Remote => {}
         }
     }
-    restore_scaling(&mut model, &smeta);
+    restore_scaling(be, &mut model, &smeta)?;
     Ok((cfg, model, smeta.loop_state))
 }
 
@@ -620,12 +623,22 @@ fn parse_state<'a>(bytes: &'a [u8], name: &str) -> Result<(Config, StateMeta, Sa
 }
 
 /// The delayed-scaling histories and scales of every linear layer.
-fn restore_scaling<B: Backend>(model: &mut Gpt<B>, smeta: &StateMeta) {
-    for (s, (a, g)) in model.scaling.iter_mut().zip(smeta.act.iter().zip(&smeta.grad)) {
-        let hist = |r: &ScalingRecord| r.history_bits.iter().map(|&b| f32::from_bits(b)).collect::<Vec<_>>();
-        s.act = DelayedScaling::restore(s.act.config, &hist(a), f32::from_bits(a.scale_bits));
-        s.grad = DelayedScaling::restore(s.grad.config, &hist(g), f32::from_bits(g.scale_bits));
-    }
+fn restore_scaling<B: Backend>(be: &B, model: &mut Gpt<B>, smeta: &StateMeta) -> Result<(), String> {
+    let hist = |r: &ScalingRecord| r.history_bits.iter().map(|&b| f32::from_bits(b)).collect::<Vec<_>>();
+    let window = model.delayed.window();
+    let linears: Vec<LinearScaling> = smeta
+        .act
+        .iter()
+        .zip(&smeta.grad)
+        .map(|(a, g)| {
+            let mut s = LinearScaling::new(window);
+            s.act = DelayedScaling::restore(s.act.config, &hist(a), f32::from_bits(a.scale_bits));
+            s.grad = DelayedScaling::restore(s.grad.config, &hist(g), f32::from_bits(g.scale_bits));
+            s
+        })
+        .collect();
+    model.delayed.restore(be, &linears)?;
+    Ok(())
 }
 
 /// A checkpoint for evaluation or sampling in one process, whatever wrote it: a
@@ -648,11 +661,11 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
         let name = format!("state-rank{r}.safetensors");
         let bytes = verify_file(&dir, &manifest, &name, true)?.ok_or("checkpoint: file not read")?;
         let (_, smeta, st) = parse_state(&bytes, &name)?;
-        if smeta.params.len() != model.params.len() || smeta.act.len() != model.scaling.len() {
+        if smeta.params.len() != model.params.len() || smeta.act.len() != 4 * model.cfg.n_layer {
             return Err(format!("checkpoint: {name}: parameter or layer count does not match its config"));
         }
         if r == 0 {
-            restore_scaling(&mut model, &smeta);
+            restore_scaling(be, &mut model, &smeta)?;
         }
         for ((p, sc), done) in model.params.iter_mut().zip(&smeta.params).zip(filled.iter_mut()) {
             let tname = format!("master.{}", p.spec.name);
@@ -661,7 +674,7 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
             }
             if let Master::F16 { codes, scale } = &mut p.master {
                 *codes = be.upload(&f16s(tensor_bytes(&st, &tname, Dtype::F16, p.spec.numel())?))?;
-                *scale = f32::from_bits(sc.master);
+                *scale = scale_pair(be, f32::from_bits(sc.master))?;
                 *done = true;
             }
         }

@@ -17,6 +17,7 @@ use checkpoint::LoopState;
 use config::Config;
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
+use fp8sim::ops::adamw::StepControl;
 use metrics::{Metrics, Record};
 use slog::{info, warn, Logger};
 use std::path::{Path, PathBuf};
@@ -234,7 +235,7 @@ pub fn train<B: Backend>(
         None => println!("{line}"),
     };
 
-    let mut mu = f32::from_bits(ls.mu_bits);
+    start_control(be, &mut model, tc, &ls)?;
     let mut train_losses = Vec::new();
     let mut skipped = 0u64;
     let run_start = Instant::now();
@@ -253,14 +254,14 @@ pub fn train<B: Backend>(
         let lr = lr_at(tc, step);
         let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
         let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
-        let so = train_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &mut mu, &mut ls, world, inject)?;
+        let so = train_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &mut ls, world, inject)?;
+        let mu = f32::from_bits(ls.mu_bits);
         let (st, comm, norm) = (so.stats, so.comm, so.norm);
         if st.overflow {
             skipped += 1;
             warn!(log, "overflow: non-finite gradients, step skipped"; "step" => step + 1, "mu_old" => so.mu_before, "mu_new" => mu);
         }
         ls.step += 1;
-        ls.mu_bits = mu.to_bits();
         let secs = t0.elapsed().as_secs_f64();
         tokens_done += (b * t * world.size) as u64;
         let tok_s = (b * t * world.size) as f64 / secs;
@@ -367,7 +368,7 @@ pub fn train<B: Backend>(
         meta_bytes,
         num_params: np,
         skipped_steps: skipped,
-        final_mu: mu,
+        final_mu: f32::from_bits(ls.mu_bits),
     })
 }
 
@@ -383,7 +384,11 @@ pub struct StepOutcome {
 
 /// One optimizer step on batch `(x, y)`: weights for this step, forward and backward,
 /// the overflow decision and the loss agreed by every rank, gradient reduction, clipping,
-/// AdamW, and mu's update. The training loop and `bench step` both run exactly this.
+/// AdamW, and mu's update. The decisions run on the device (the step controller,
+/// `fp8sim::ops::adamw::step_control`), so on one rank nothing is read back before the
+/// step's end, where one read gives the loss, the norm and the controller's counts
+/// (into `ls`). With several ranks the loss and the overflow flag are agreed over MPI
+/// first (a read-back mid-step). The training loop and `bench step` both run exactly this.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<B: Backend>(
     be: &B,
@@ -392,41 +397,47 @@ pub fn train_step<B: Backend>(
     tc: &config::TrainConfig,
     (x, y): (&[u32], &[u32]),
     lr: f32,
-    mu: &mut f32,
     ls: &mut LoopState,
     world: &World,
     inject: bool,
 ) -> BResult<StepOutcome> {
     Ok({
-        let mu_before = *mu;
         dist::prepare_weights(be, model, ws, world)?;
-        let mut st = model.forward_backward(be, ws, x, y, *mu, inject)?;
-        dist::agree(world, &mut st);
-        let ranks = world.size as f32;
-        let comm =
-            if st.overflow { CommBytes::default() } else { dist::reduce_gradients(be, world, &mut model.params)? };
-        let mut norm = f32::NAN;
-        if st.overflow {
-            *mu = (*mu * 0.5).max(MU_MIN);
-            ls.good_steps = 0;
-        } else {
-            // Gradients hold mu times the sum over ranks of each rank's mean.
-            let unscale = *mu * ranks;
-            norm = model.grad_sum_sq(be)?.sqrt() / unscale;
-            let clip = if tc.grad_clip > 0.0 && norm > tc.grad_clip { tc.grad_clip / norm } else { 1.0 };
-            ls.opt_steps += 1;
-            model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay, ls.opt_steps, clip / unscale)?;
-            // mu grows after a run of clean steps. (Saturation of the FP8 gradient
-            // reduction, the paper's other trigger, arises once gradients are summed
-            // across ranks; one rank's just-in-time weight gradients cannot saturate.)
-            ls.good_steps += 1;
-            if ls.good_steps >= tc.mu_growth_interval {
-                *mu = (*mu * 2.0).min(MU_MAX);
-                ls.good_steps = 0;
+        let mut st = model.forward_backward(be, ws, x, y, inject)?;
+        let mut comm = CommBytes::default();
+        if world.size > 1 {
+            let mut agreed = st;
+            model.step_record(be, ws, &mut agreed)?;
+            dist::agree(world, &mut agreed);
+            model.set_agreed(be, agreed.loss, agreed.overflow)?;
+            if !agreed.overflow {
+                comm = dist::reduce_gradients(be, world, &mut model.params)?;
             }
         }
-        StepOutcome { stats: st, norm, comm, mu_before }
+        let control = StepControl {
+            grad_clip: tc.grad_clip,
+            ranks: world.size as f32,
+            beta1: tc.beta1,
+            beta2: tc.beta2,
+            mu_growth_interval: u32::try_from(tc.mu_growth_interval).unwrap_or(u32::MAX),
+            mu_min: MU_MIN,
+            mu_max: MU_MAX,
+        };
+        model.control_step(be, &control)?;
+        model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
+        // The step's one read-back, at its end.
+        let c = model.step_record(be, ws, &mut st)?;
+        ls.opt_steps = c.opt_steps as u64;
+        ls.good_steps = c.good_steps as u64;
+        ls.mu_bits = c.mu.to_bits();
+        StepOutcome { stats: st, norm: c.norm, comm, mu_before: c.mu_before }
     })
+}
+
+/// Start the model's step controller from the loop state (a run's start or resume).
+pub fn start_control<B: Backend>(be: &B, model: &mut Gpt<B>, tc: &config::TrainConfig, ls: &LoopState) -> BResult<()> {
+    let count = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    model.set_control(be, f32::from_bits(ls.mu_bits), count(ls.opt_steps), count(ls.good_steps), tc.beta1, tc.beta2)
 }
 
 /// Fault injection for the fault tests: die or stop answering.

@@ -76,6 +76,117 @@ impl AdamStep {
     }
 }
 
+impl AdamStep {
+    /// These constants with the ones the step controller keeps ([`step_control`]:
+    /// the bias corrections and the gradient's multiplier) taken from its words.
+    pub fn with_control(mut self, ctl: &[f32]) -> AdamStep {
+        self.bc1 = ctl[ctl::BC1];
+        self.bc2 = ctl[ctl::BC2];
+        self.grad_scale = ctl[ctl::GRAD_SCALE];
+        self
+    }
+}
+
+/// Word positions of the step controller's state (f32 words; counters are u32 bit
+/// patterns): what the training loop decides between the backward pass and AdamW,
+/// kept where the device can work it out so the step needs no read-back.
+pub mod ctl {
+    /// The gradient scale mu (powers of two) the next backward pass multiplies by.
+    pub const MU: usize = 0;
+    /// The step's mean loss (over ranks once agreed).
+    pub const LOSS: usize = 1;
+    /// The gradient norm (NaN on a skipped step).
+    pub const NORM: usize = 2;
+    /// AdamW's gradient multiplier: clip factor / (mu * ranks).
+    pub const GRAD_SCALE: usize = 3;
+    /// Bias corrections 1 - beta^t and the powers beta^t (t capped at 100000).
+    pub const BC1: usize = 4;
+    pub const BC2: usize = 5;
+    pub const P1: usize = 6;
+    pub const P2: usize = 7;
+    /// 1 when a gradient held a non-finite value (the step is skipped), else 0.
+    pub const OVERFLOW: usize = 8;
+    /// Clean steps since mu last changed (u32 bits).
+    pub const GOOD_STEPS: usize = 9;
+    /// Optimizer steps taken (u32 bits).
+    pub const OPT_STEPS: usize = 10;
+    /// mu as this step's backward pass used it.
+    pub const MU_BEFORE: usize = 11;
+    pub const LEN: usize = 12;
+}
+
+/// Settings of the step controller (the training config's, and the ranks).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepControl {
+    pub grad_clip: f32,
+    pub ranks: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub mu_growth_interval: u32,
+    pub mu_min: f32,
+    pub mu_max: f32,
+}
+
+/// The step's decisions after its backward pass (overflow flag set, gradients summed
+/// over ranks), from `sq`, each stored gradient's sum of squares in parameter order:
+/// a skipped step halves mu; otherwise the gradient norm, the clip factor, the
+/// optimizer step count and its bias corrections, and mu's growth after a run of clean
+/// steps. The contract's definition (the order of these f32 operations is the spec);
+/// the GPU's `step_control` (kernels/scaling.cu) runs it in one thread.
+pub fn step_control(w: &mut [f32], sq: &[f32], c: &StepControl) {
+    let count = |x: f32| x.to_bits();
+    let word = f32::from_bits;
+    let mu = w[ctl::MU];
+    w[ctl::MU_BEFORE] = mu;
+    let mut good = count(w[ctl::GOOD_STEPS]);
+    if w[ctl::OVERFLOW] != 0.0 {
+        w[ctl::MU] = (mu * 0.5).max(c.mu_min);
+        w[ctl::NORM] = f32::NAN;
+        good = 0;
+    } else {
+        // Gradients hold mu times the sum over ranks of each rank's mean.
+        let unscale = mu * c.ranks;
+        let total = sq.iter().fold(0f32, |t, &s| t + s);
+        let norm = total.sqrt() / unscale;
+        let clip = if c.grad_clip > 0.0 && norm > c.grad_clip { c.grad_clip / norm } else { 1.0 };
+        let t = count(w[ctl::OPT_STEPS]).saturating_add(1);
+        w[ctl::OPT_STEPS] = word(t);
+        if t <= 100_000 {
+            w[ctl::P1] *= c.beta1;
+            w[ctl::P2] *= c.beta2;
+        }
+        w[ctl::BC1] = 1.0 - w[ctl::P1];
+        w[ctl::BC2] = 1.0 - w[ctl::P2];
+        w[ctl::GRAD_SCALE] = clip / unscale;
+        w[ctl::NORM] = norm;
+        good += 1;
+        if good >= c.mu_growth_interval {
+            w[ctl::MU] = (mu * 2.0).min(c.mu_max);
+            good = 0;
+        }
+    }
+    w[ctl::GOOD_STEPS] = word(good);
+}
+
+/// A fresh controller's words: mu, no steps taken (beta powers 1).
+pub fn control_words(mu: f32, opt_steps: u32, good_steps: u32, beta1: f32, beta2: f32) -> Vec<f32> {
+    let mut w = vec![0f32; ctl::LEN];
+    w[ctl::MU] = mu;
+    w[ctl::MU_BEFORE] = mu;
+    w[ctl::OPT_STEPS] = f32::from_bits(opt_steps);
+    w[ctl::GOOD_STEPS] = f32::from_bits(good_steps);
+    let (mut p1, mut p2) = (1f32, 1f32);
+    for _ in 0..opt_steps.min(100_000) {
+        p1 *= beta1;
+        p2 *= beta2;
+    }
+    w[ctl::P1] = p1;
+    w[ctl::P2] = p2;
+    w[ctl::BC1] = 1.0 - p1;
+    w[ctl::BC2] = 1.0 - p2;
+    w
+}
+
 /// A gradient as the optimizer reads it.
 #[derive(Clone, Copy, Debug)]
 pub enum Grad<'a> {
@@ -187,6 +298,42 @@ mod tests {
         assert_eq!(m, 0.9f32 * 0.0 + (1.0 - 0.9f32) * 1.0);
         assert_eq!(v, (1.0 - 0.95f32) * 1.0);
         assert!((p - (0.95 - 0.1)).abs() < 1e-6, "{p}");
+    }
+
+    /// The controller's bias corrections are `AdamStep::new`'s for the same step count
+    /// (including past the cap), its norm and multiplier the loop's, and a skipped step
+    /// takes no optimizer step.
+    #[test]
+    fn step_control_matches_the_host_constants() {
+        let c = StepControl {
+            grad_clip: 0.1,
+            ranks: 2.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            mu_growth_interval: 3,
+            mu_min: 1.0,
+            mu_max: 65536.0,
+        };
+        let mut w = control_words(1024.0, 99_998, 0, c.beta1, c.beta2);
+        let sq = [3.0f32, 0.25, 1e6];
+        for t in 99_999..=100_002u64 {
+            step_control(&mut w, &sq, &c);
+            let h = AdamStep::new(1e-3, c.beta1, c.beta2, 1e-8, 0.0, t, 1.0);
+            assert_eq!((w[ctl::BC1], w[ctl::BC2]), (h.bc1, h.bc2), "t {t}");
+            assert_eq!(w[ctl::OPT_STEPS].to_bits() as u64, t);
+        }
+        let mu = w[ctl::MU];
+        let norm = (3.0f32 + 0.25 + 1e6).sqrt() / (mu * 2.0);
+        step_control(&mut w, &sq, &c);
+        assert_eq!(w[ctl::NORM], norm);
+        assert!(norm > 0.1);
+        assert_eq!(w[ctl::GRAD_SCALE], (0.1 / norm) / (mu * 2.0));
+        // Growth after 3 clean steps (steps 99_999..100_001), then a skip halves mu.
+        assert_eq!((mu, w[ctl::MU]), (2048.0, 2048.0));
+        w[ctl::OVERFLOW] = 1.0;
+        step_control(&mut w, &sq, &c);
+        assert_eq!((w[ctl::MU], w[ctl::MU_BEFORE], w[ctl::OPT_STEPS].to_bits()), (1024.0, 2048.0, 100_003));
+        assert!(w[ctl::NORM].is_nan());
     }
 
     /// Minimise sum((p - target)^2) with each level; all reach the target.

@@ -9,7 +9,7 @@
 //! products' last bits, as PyTorch's autotuned kernels do.
 
 use cudarc::cublaslt::{result, sys};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -99,9 +99,11 @@ impl Lt {
         Ok(Lt { handle, workspace, amax_refused: false, algos: Default::default(), refused: Default::default(), tune })
     }
 
-    /// Row-major `C[m x n] = (A x B^T) * scale` for A (m x k) and B (n x k) laid out as
-    /// `ma`, `mb` say. FP8 operands must be K-major (what Hopper's FP8 tensor cores take);
-    /// BF16 ones may be either. `scale` is the host value of `scale_dev`.
+    /// Row-major `C[m x n] = (A x B^T) * scale * sa * sb` for A (m x k) and B (n x k)
+    /// laid out as `ma`, `mb` say; `scale` a host value (alpha), `sa`, `sb` device
+    /// addresses of FP8 operands' inverse scales (cuBLASLt's scale pointers; not read
+    /// for BF16 products). FP8 operands must be K-major (what Hopper's FP8 tensor cores
+    /// take); BF16 ones may be either.
     /// Returns Err when cuBLASLt has no algorithm for the shape (the caller falls back).
     /// With `amax_dev`, FP8 products also ask cuBLASLt for the output's amax; if that
     /// combination is refused, the product runs without it (Ok(false)).
@@ -113,19 +115,19 @@ impl Lt {
         a: (u64, LtType, Major),
         b: (u64, LtType, Major),
         (m, n, k): (usize, usize, usize),
-        scale: (f32, &CudaSlice<f32>),
-        one_dev: &CudaSlice<f32>,
+        scale: f32,
+        scale_ptrs: (u64, u64),
         amax_dev: Option<&mut CudaSlice<f32>>,
         accumulate: bool,
     ) -> Result<bool, String> {
         if let Some(am) = amax_dev.filter(|_| !self.amax_refused) {
             let (ap, _) = am.device_ptr_mut(stream);
-            if self.run(stream, c, a, b, (m, n, k), scale, one_dev, Some(ap), accumulate).is_ok() {
+            if self.run(stream, c, a, b, (m, n, k), scale, scale_ptrs, Some(ap), accumulate).is_ok() {
                 return Ok(true);
             }
             self.amax_refused = true;
         }
-        self.run(stream, c, a, b, (m, n, k), scale, one_dev, None, accumulate).map(|_| false)
+        self.run(stream, c, a, b, (m, n, k), scale, scale_ptrs, None, accumulate).map(|_| false)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -136,8 +138,8 @@ impl Lt {
         (a_ptr, ta, ma): (u64, LtType, Major),
         (b_ptr, tb, mb): (u64, LtType, Major),
         (m, n, k): (usize, usize, usize),
-        (scale, scale_dev): (f32, &CudaSlice<f32>),
-        one_dev: &CudaSlice<f32>,
+        scale: f32,
+        (sa, sb): (u64, u64),
         amax_ptr: Option<u64>,
         accumulate: bool,
     ) -> Result<(), String> {
@@ -161,17 +163,16 @@ impl Lt {
             if fp8 {
                 set(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const i8 as _, 1)
                     .map_err(err)?;
-                let (sp, _) = scale_dev.device_ptr(stream);
-                let (op, _) = one_dev.device_ptr(stream);
+                // (cuBLASLt's A is our B and its B our A: see above.)
                 set(
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                    &sp as *const u64 as _,
+                    &sb as *const u64 as _,
                     8,
                 )
                 .map_err(err)?;
                 set(
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                    &op as *const u64 as _,
+                    &sa as *const u64 as _,
                     8,
                 )
                 .map_err(err)?;
@@ -226,8 +227,8 @@ impl Lt {
             let epilogue = matches!(c, LtOut::Bf16 { bias, .. } if bias != 0);
             let bf16_out = matches!(c, LtOut::Bf16 { .. });
             let key = AlgoKey { ta, tb, ma, mb, m, n, k, amax: amax_ptr.is_some(), epilogue, bf16_out };
-            // alpha carries the scale for BF16; FP8 takes it through the A scale pointer.
-            let alpha: f32 = if fp8 { 1.0 } else { scale };
+            // alpha carries the host's scale; FP8 operands' inverse scales come by pointer.
+            let alpha: f32 = scale;
             // D = C = c: beta 1 adds the product to what c holds.
             let beta: f32 = if accumulate { 1.0 } else { 0.0 };
             let (wptr, _) = self.workspace.device_ptr_mut(stream);

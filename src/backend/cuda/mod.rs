@@ -24,6 +24,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("flash_attention_sm90.cu", include_str!("../../../kernels/flash_attention_sm90.cu")),
     ("adamw.cu", include_str!("../../../kernels/adamw.cu")),
     ("cast_transpose.cu", include_str!("../../../kernels/cast_transpose.cu")),
+    ("scaling.cu", include_str!("../../../kernels/scaling.cu")),
 ];
 
 /// One GPU with the project's kernels loaded.

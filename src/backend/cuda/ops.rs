@@ -6,17 +6,17 @@
 use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Elem, EmbedTable, GradOut, GradRef,
-    JitSrc, MemoryStats, OpTime, Operand, Phase, Product, Slot,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GradOut,
+    GradRef, JitSrc, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
 use fp8sim::half16::{bf16, f16};
-use fp8sim::ops::adamw::AdamStep;
+use fp8sim::ops::adamw::{AdamStep, StepControl};
 use fp8sim::ops::attention::AttnShape;
-use fp8sim::scaling::{scale_for_max, scale_from_amax, F16_MAX};
+use fp8sim::scaling::scale_from_amax;
 use fp8sim::Fp8Format;
 
 /// Words of the kernels' `AdamItem` (adamw.cu) and elements per block of its launches.
@@ -94,8 +94,10 @@ struct JitRow {
     at: usize,
     n: usize,
     f16: u32,
-    inv: f32,
-    prev: f32,
+    /// Device address of the FP16 source's inverse scale (0: 1).
+    inv: u64,
+    /// Device address of the scale slot (scale in, scale and inverse out; 0: none).
+    sslot: u64,
     e5m2: u32,
 }
 
@@ -124,6 +126,12 @@ struct Prof {
 }
 
 /// A buffer's device address.
+/// The device address of element `at` of `b` (4-byte elements).
+fn dptr_at(s: &std::sync::Arc<cudarc::driver::CudaStream>, b: &CudaSlice<f32>, at: usize) -> u64 {
+    assert!(at < b.len(), "scalar {at} of a buffer of {}", b.len());
+    dptr(s, b) + 4 * at as u64
+}
+
 fn dptr<T>(s: &std::sync::Arc<cudarc::driver::CudaStream>, b: &CudaSlice<T>) -> u64 {
     use cudarc::driver::DevicePtr;
     b.device_ptr(s).0
@@ -454,8 +462,8 @@ impl Cuda {
         let mut guard = self.lt.borrow_mut();
         let Some(lt) = guard.as_mut() else { return Ok(Err("exact mode".into())) };
         let kind = |o: &Operand<'_, Self>| match o {
-            Operand::Fp8(_, Fp8Format::E4M3) => Some(LtType::E4M3),
-            Operand::Fp8(_, Fp8Format::E5M2) => Some(LtType::E5M2),
+            Operand::Fp8(_, Fp8Format::E4M3, _) => Some(LtType::E4M3),
+            Operand::Fp8(_, Fp8Format::E5M2, _) => Some(LtType::E5M2),
             Operand::Bf16(_) => Some(LtType::Bf16),
             Operand::F32(_) => None,
         };
@@ -517,14 +525,7 @@ impl Cuda {
                 ((dyt, ta, Major::K), (xt, tb, Major::K), n, k, m, vec![h1, h2])
             }
         };
-        for v in [scale, 1.0f32] {
-            if !self.scalars.borrow().contains_key(&v.to_bits()) {
-                let d = self.upload(&[v])?;
-                self.scalars.borrow_mut().insert(v.to_bits(), d);
-            }
-        }
-        let scalars = self.scalars.borrow();
-        let (scale_dev, one_dev) = (&scalars[&scale.to_bits()], &scalars[&1.0f32.to_bits()]);
+        let scale_ptrs = (self.inv_ptr(a)?, self.inv_ptr(b)?);
         // The output amax only when verify asks for it (a zeroed buffer and a read-back).
         let mut amax = if ta != LtType::Bf16 && self.report_amax.get() { Some(self.alloc::<f32>(1)?) } else { None };
         let got = match lt.matmul(
@@ -533,8 +534,8 @@ impl Cuda {
             a_op,
             b_op,
             (mm, nn, kk),
-            (scale, scale_dev),
-            one_dev,
+            scale,
+            scale_ptrs,
             amax.as_mut(),
             accumulate,
         ) {
@@ -665,6 +666,56 @@ impl Cuda {
         self.scalar(&r)
     }
 
+    /// Every gradient's sum of squares in the contract's order, left on the device: the
+    /// partials buffer and where each tensor's sum is in it (u32::MAX: an empty tensor,
+    /// 0); None when every tensor is empty.
+    #[allow(clippy::type_complexity)]
+    fn sq_sums_device(&self, grads: &[GradRef<'_, Self>]) -> BResult<Option<(CudaSlice<f32>, Vec<u32>)>> {
+        use cudarc::driver::DevicePtr;
+        let s = &self.gpu.stream;
+        // First pass over every tensor in one launch (8192 elements per block).
+        let (mut desc, mut m, mut blocks) = (Vec::with_capacity(7 * grads.len()), Vec::new(), 0u32);
+        for g in grads {
+            let (p, inv, n, fp8) = match g {
+                GradRef::F32(x) => (x.device_ptr(s).0, 0u64, x.len() as u32, 0u32),
+                GradRef::Fp8(q, inv) => (q.device_ptr(s).0, self.sptr(*inv)?, q.len() as u32, 1),
+            };
+            let nb = n.div_ceil(32 * 256);
+            desc.extend_from_slice(&[p as u32, (p >> 32) as u32, inv as u32, (inv >> 32) as u32, n, fp8, blocks]);
+            m.push(nb);
+            blocks += nb;
+        }
+        if blocks == 0 {
+            return Ok(None);
+        }
+        let (d, nt) = (self.upload(&desc)?, grads.len() as u32);
+        let mut part = self.scratch::<f32>(blocks as usize)?;
+        let cf = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "sq_blocks_multi", with cf, [&d, &nt, &mut part]);
+        // Tree passes over 1024 aligned partials per tensor until one is left per tensor
+        // (tensors already down to one partial pass it on: a tree of one is itself).
+        let mut at: Vec<u32> = m.iter().scan(0, |o, &k| Some(std::mem::replace(o, *o + k))).collect();
+        while m.iter().any(|&k| k > 1) {
+            let (mut tdesc, mut outs, mut next_at) = (Vec::new(), 0u32, Vec::with_capacity(m.len()));
+            let live: Vec<usize> = (0..m.len()).filter(|&i| m[i] > 0).collect();
+            for &i in &live {
+                let groups = m[i].div_ceil(1024);
+                tdesc.extend_from_slice(&[at[i], m[i], outs, outs]);
+                next_at.push((i, outs, groups));
+                outs += groups;
+            }
+            let (td, lt) = (self.upload(&tdesc)?, live.len() as u32);
+            let mut next = self.scratch::<f32>(outs as usize)?;
+            let cf = LaunchConfig { grid_dim: (outs, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+            launch!(self, "tree_blocks_multi", with cf, [&td, &lt, &part, &mut next]);
+            for (i, o, g) in next_at {
+                at[i] = o;
+                m[i] = g;
+            }
+            part = next;
+        }
+        Ok(Some((part, (0..grads.len()).map(|i| if m[i] == 0 { u32::MAX } else { at[i] }).collect())))
+    }
     /// The contract's sum over `n` elements left on the device (element 0 of the
     /// result); `first` launches the first pass into the block partials.
     fn csum_device(
@@ -773,6 +824,7 @@ impl Cuda {
         };
         let (pa, ta) = self.operand(&a);
         let (pb, tb) = self.operand(&b);
+        let (sa, sb) = (self.inv_ptr(&a)?, self.inv_ptr(&b)?);
         let (mm, nn, kk) = dims;
         let total = (mm as usize) * (nn as usize);
         match out {
@@ -782,7 +834,7 @@ impl Cuda {
                     self,
                     "gemm_exact",
                     total,
-                    [&ptr, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale, &acc]
+                    [&ptr, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale, &sa, &sb, &acc]
                 );
             }
             ProductOut::Bf16(_) => {
@@ -791,7 +843,7 @@ impl Cuda {
                     self,
                     "gemm_exact_bf16",
                     total,
-                    [&ptr, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale]
+                    [&ptr, &pa, &ta, &a_s.0, &a_s.1, &pb, &tb, &b_s.0, &b_s.1, &mm, &nn, &kk, &scale, &sa, &sb]
                 );
             }
         }
@@ -800,16 +852,38 @@ impl Cuda {
 
     /// An activation output as the kernels take it: (pointer, mode, scale, amax slot
     /// pointer or 0); see fp8train_act_store in fp8train_common.cuh.
-    fn act_out(&self, y: &mut ActOut<'_, Self>) -> (u64, i32, f32, u64) {
+    fn act_out(&self, y: &mut ActOut<'_, Self>) -> BResult<(u64, i32, u64, u64)> {
         use cudarc::driver::DevicePtrMut;
         let s = &self.gpu.stream;
-        match y {
-            ActOut::F32(b) => (b.device_ptr_mut(s).0, 0, 1.0, 0),
-            ActOut::Bf16(b) => (b.device_ptr_mut(s).0, 1, 1.0, 0),
+        Ok(match y {
+            ActOut::F32(b) => (b.device_ptr_mut(s).0, 0, 0, 0),
+            ActOut::Bf16(b) => (b.device_ptr_mut(s).0, 1, 0, 0),
             ActOut::E4m3(b, scale, slot) => {
-                let pa = self.slot_ptr(slot);
-                (b.device_ptr_mut(s).0, 2, *scale, pa)
+                let (pa, sp) = (self.slot_ptr(slot), self.sptr(*scale)?);
+                (b.device_ptr_mut(s).0, 2, sp, pa)
             }
+        })
+    }
+
+    /// The device address of a scalar: its element, or the device copy of a host value
+    /// (uploaded once per bit pattern: host values are powers of two and a few constants).
+    fn sptr(&self, v: Scalar<'_, Self>) -> BResult<u64> {
+        let value = match v {
+            Scalar::Dev(b, at) => return Ok(dptr_at(&self.gpu.stream, b, at)),
+            Scalar::Host(value) => value,
+        };
+        if !self.scalars.borrow().contains_key(&value.to_bits()) {
+            let d = self.upload(&[value])?;
+            self.scalars.borrow_mut().insert(value.to_bits(), d);
+        }
+        Ok(dptr(&self.gpu.stream, &self.scalars.borrow()[&value.to_bits()]))
+    }
+
+    /// An operand's inverse scale as the products read it (0: none, i.e. 1).
+    fn inv_ptr(&self, o: &Operand<'_, Self>) -> BResult<u64> {
+        match o {
+            Operand::Fp8(_, _, inv) => self.sptr(*inv),
+            _ => Ok(0),
         }
     }
 
@@ -864,7 +938,7 @@ impl Cuda {
     /// `slot_base + 8 * at`) and its chunk table, a block per 16384-element chunk.
     fn multi_launch(&self, rows: &[JitRow], slot_base: u64, kernels: &[&'static str]) -> BResult<()> {
         const JIT_CHUNK: usize = 16384;
-        let (mut table, mut chunks) = (Vec::with_capacity(12 * rows.len()), Vec::new());
+        let (mut table, mut chunks) = (Vec::with_capacity(14 * rows.len()), Vec::new());
         for (i, r) in rows.iter().enumerate() {
             let n32 = u32::try_from(r.n).map_err(|_| {
                 BackendError::new("multi-tensor op", format!("a tensor of {} elements (at most 2^32 - 1)", r.n))
@@ -872,7 +946,11 @@ impl Cuda {
             for p in [r.src, r.q, slot_base + 8 * r.at as u64] {
                 table.extend([p as u32, (p >> 32) as u32]);
             }
-            table.extend([n32, r.f16, r.inv.to_bits(), r.prev.to_bits(), r.e5m2, 0]);
+            table.extend([n32, r.f16]);
+            for p in [r.inv, r.sslot] {
+                table.extend([p as u32, (p >> 32) as u32]);
+            }
+            table.extend([r.e5m2, 0]);
             for first in (0..n32).step_by(JIT_CHUNK) {
                 chunks.extend([i as u32, first]);
             }
@@ -906,12 +984,12 @@ impl Cuda {
         n: usize,
         q: &mut CudaSlice<u8>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         mut stats: Slot<'_, Self>,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_fp8");
         assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (nn, f, p) = (n as u32, e5(fmt), self.slot_ptr(&mut stats));
+        let (nn, f, p, scale) = (n as u32, e5(fmt), self.slot_ptr(&mut stats), self.sptr(scale)?);
         launch!(self, kernel, with stride_cfg(n), [&src, q, &scale, &nn, &f, &p]);
         Ok(())
     }
@@ -994,7 +1072,7 @@ impl Cuda {
         match o {
             Operand::F32(b) => (b.device_ptr(s).0, 0),
             Operand::Bf16(b) => (b.device_ptr(s).0, 1),
-            Operand::Fp8(b, f) => (b.device_ptr(s).0, 2 + e5(*f)),
+            Operand::Fp8(b, f, _) => (b.device_ptr(s).0, 2 + e5(*f)),
         }
     }
 }
@@ -1085,16 +1163,16 @@ impl Backend for Cuda {
             let _op = self.op(Phase::Other, "cast_fp8");
             let n = x.len() as u32;
             let mut stats = self.alloc::<u64>(2)?;
-            let f = e5(fmt);
-            launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &scale, &n, &f, &mut stats]);
+            let (f, sp) = (e5(fmt), self.sptr(Scalar::Host(scale))?);
+            launch!(self, "cast_fp8", with stride_cfg(n as usize), [x, q, &sp, &n, &f, &mut stats]);
             let st = self.gpu.stream.clone_dtoh(&stats).map_err(|e| BackendError::new("CUDA copy", e))?;
             CastStats { amax: slot_amax(st[0]), saturated: st[1] }
         })
     }
     fn decode_fp8(&self, x: &mut CudaSlice<f32>, q: &CudaSlice<u8>, fmt: Fp8Format, inv_scale: f32) -> BResult<()> {
         let _op = self.op(Phase::Other, "decode_fp8");
-        let (n, f) = (q.len() as u32, e5(fmt));
-        launch!(self, "decode_fp8", n as usize, [q, x, &inv_scale, &n, &f]);
+        let (n, f, ip) = (q.len() as u32, e5(fmt), self.sptr(Scalar::Host(inv_scale))?);
+        launch!(self, "decode_fp8", n as usize, [q, x, &ip, &n, &f]);
         Ok(())
     }
     fn cast_bf16(&self, y: &mut CudaSlice<bf16>, x: &CudaSlice<f32>) -> BResult<()> {
@@ -1109,16 +1187,21 @@ impl Backend for Cuda {
         launch!(self, "cast_f16", n as usize, [x, y, &scale, &n]);
         Ok(())
     }
-    fn decode_f16(&self, x: &mut CudaSlice<f32>, h: &CudaSlice<f16>, inv_scale: f32) -> BResult<()> {
+    fn decode_f16(&self, x: &mut CudaSlice<f32>, h: &CudaSlice<f16>, inv_scale: Scalar<'_, Self>) -> BResult<()> {
         let _op = self.op(Phase::Other, "decode_f16");
-        let n = h.len() as u32;
-        launch!(self, "decode_f16", n as usize, [h, x, &inv_scale, &n]);
+        let (n, ip) = (h.len() as u32, self.sptr(inv_scale)?);
+        launch!(self, "decode_f16", n as usize, [h, x, &ip, &n]);
         Ok(())
     }
-    fn cast_bf16_from_f16(&self, y: &mut CudaSlice<bf16>, h: &CudaSlice<f16>, inv_scale: f32) -> BResult<()> {
+    fn cast_bf16_from_f16(
+        &self,
+        y: &mut CudaSlice<bf16>,
+        h: &CudaSlice<f16>,
+        inv_scale: Scalar<'_, Self>,
+    ) -> BResult<()> {
         let _op = self.op(Phase::Other, "cast_bf16");
-        let n = h.len() as u32;
-        launch!(self, "cast_bf16_from_f16", (n as usize).div_ceil(4), [h, y, &inv_scale, &n]);
+        let (n, ip) = (h.len() as u32, self.sptr(inv_scale)?);
+        launch!(self, "cast_bf16_from_f16", (n as usize).div_ceil(4), [h, y, &ip, &n]);
         Ok(())
     }
     fn amax_to(&self, x: &CudaSlice<f32>, mut slot: Slot<'_, Self>) -> BResult<()> {
@@ -1132,7 +1215,7 @@ impl Backend for Cuda {
         q: &mut CudaSlice<u8>,
         x: &CudaSlice<bf16>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()> {
         use cudarc::driver::DevicePtr;
@@ -1149,7 +1232,7 @@ impl Backend for Cuda {
         q: &mut CudaSlice<u8>,
         x: &CudaSlice<f32>,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         stats: Slot<'_, Self>,
     ) -> BResult<()> {
         use cudarc::driver::DevicePtr;
@@ -1160,33 +1243,35 @@ impl Backend for Cuda {
         q: &mut CudaSlice<u8>,
         x: JitSrc<'_, Self>,
         fmt: Fp8Format,
-        prev: f32,
+        scale: ScaleSlot<'_, Self>,
         mut amax: Slot<'_, Self>,
     ) -> BResult<()> {
         use cudarc::driver::DevicePtr;
         let _op = self.op(Phase::Other, "cast_fp8_jit");
         let (f, p) = (e5(fmt), self.slot_ptr(&mut amax));
         let s = &self.gpu.stream;
+        assert!(scale.at + 1 < scale.buf.len(), "a scale slot holds the scale and its inverse");
+        let sslot = dptr_at(s, scale.buf, scale.at);
         let (src, f16, inv, n) = match x {
             JitSrc::F32(x) => {
                 let n = x.len() as u32;
                 launch!(self, "amax_bits", with stride_cfg(n as usize), [x, &n, &p]);
-                (x.device_ptr(s).0, 0i32, 1.0f32, n)
+                (x.device_ptr(s).0, 0i32, 0u64, n)
             }
             JitSrc::F16(h, inv) => {
-                let n = h.len() as u32;
-                launch!(self, "amax_f16", with stride_cfg(n as usize), [h, &inv, &n, &p]);
-                (h.device_ptr(s).0, 1, inv, n)
+                let (n, ip) = (h.len() as u32, self.sptr(inv)?);
+                launch!(self, "amax_f16", with stride_cfg(n as usize), [h, &ip, &n, &p]);
+                (h.device_ptr(s).0, 1, ip, n)
             }
         };
-        launch!(self, "cast_fp8_jit", (n as usize).div_ceil(4), [&src, &f16, &inv, q, &prev, &n, &f, &p]);
+        launch!(self, "cast_fp8_jit", (n as usize).div_ceil(4), [&src, &f16, &inv, q, &sslot, &n, &f, &p]);
         Ok(())
     }
     /// All the tensors' amaxes in one launch, all the casts in a second (a block per
     /// 16384-element chunk; the table's rows are JitItem's, elementwise.cu).
     fn cast_fp8_jit_many(
         &self,
-        items: Vec<(&mut CudaSlice<u8>, JitSrc<'_, Self>, f32, usize)>,
+        items: Vec<(&mut CudaSlice<u8>, JitSrc<'_, Self>, ScaleSlot<'_, Self>, usize)>,
         fmt: Fp8Format,
         stats: &mut CudaSlice<u64>,
     ) -> BResult<()> {
@@ -1195,14 +1280,16 @@ impl Backend for Cuda {
         let s = &self.gpu.stream;
         let rows = items
             .into_iter()
-            .map(|(q, x, prev, at)| {
+            .map(|(q, x, sat, at)| {
                 let (src, f16, inv, n) = match x {
-                    JitSrc::F32(x) => (x.device_ptr(s).0, 0u32, 1.0f32, x.len()),
-                    JitSrc::F16(h, inv) => (h.device_ptr(s).0, 1, inv, h.len()),
+                    JitSrc::F32(x) => (x.device_ptr(s).0, 0u32, 0u64, x.len()),
+                    JitSrc::F16(h, inv) => (h.device_ptr(s).0, 1, self.sptr(inv)?, h.len()),
                 };
-                JitRow { src, q: q.device_ptr_mut(s).0, at, n, f16, inv, prev, e5m2: e5(fmt) as u32 }
+                assert!(sat.at + 1 < sat.buf.len(), "a scale slot holds the scale and its inverse");
+                let sslot = dptr_at(s, sat.buf, sat.at);
+                Ok(JitRow { src, q: q.device_ptr_mut(s).0, at, n, f16, inv, sslot, e5m2: e5(fmt) as u32 })
             })
-            .collect::<Vec<_>>();
+            .collect::<BResult<Vec<_>>>()?;
         self.jit_multi(rows, stats, true)
     }
     /// Every tensor's BF16 copy in one launch (the table's `q` is the BF16 output).
@@ -1215,13 +1302,13 @@ impl Backend for Cuda {
             .map(|(y, x)| {
                 assert_eq!(x.len(), y.len(), "cast_bf16_many: sizes");
                 let (src, q) = (x.device_ptr(s).0, y.device_ptr_mut(s).0);
-                JitRow { src, q, at: 0, n: x.len(), f16: 0, inv: 1.0, prev: 1.0, e5m2: 0 }
+                JitRow { src, q, at: 0, n: x.len(), f16: 0, inv: 0, sslot: 0, e5m2: 0 }
             })
             .collect::<Vec<_>>();
         self.multi_launch(&rows, 0, &["cast_bf16_multi"])
     }
     /// Every FP16 master's f32 copy in one launch (the table's `q` is the f32 output).
-    fn decode_f16_many(&self, items: Vec<(&mut CudaSlice<f32>, &CudaSlice<f16>, f32)>) -> BResult<()> {
+    fn decode_f16_many(&self, items: Vec<(&mut CudaSlice<f32>, &CudaSlice<f16>, Scalar<'_, Self>)>) -> BResult<()> {
         use cudarc::driver::{DevicePtr, DevicePtrMut};
         let _op = self.op(Phase::Other, "decode_f16");
         let s = &self.gpu.stream;
@@ -1230,9 +1317,9 @@ impl Backend for Cuda {
             .map(|(x, h, inv)| {
                 assert_eq!(x.len(), h.len(), "decode_f16_many: sizes");
                 let (src, q) = (h.device_ptr(s).0, x.device_ptr_mut(s).0);
-                JitRow { src, q, at: 0, n: h.len(), f16: 1, inv, prev: 1.0, e5m2: 0 }
+                Ok(JitRow { src, q, at: 0, n: h.len(), f16: 1, inv: self.sptr(inv)?, sslot: 0, e5m2: 0 })
             })
-            .collect::<Vec<_>>();
+            .collect::<BResult<Vec<_>>>()?;
         self.multi_launch(&rows, 0, &["decode_f16_multi"])
     }
     /// Every tensor's amax in one launch (jit_amax_multi without the casts).
@@ -1242,69 +1329,78 @@ impl Backend for Cuda {
         let s = &self.gpu.stream;
         let rows = items
             .into_iter()
-            .map(|(x, at)| JitRow {
-                src: x.device_ptr(s).0,
-                q: 0,
-                at,
-                n: x.len(),
-                f16: 0,
-                inv: 1.0,
-                prev: 1.0,
-                e5m2: 0,
-            })
+            .map(|(x, at)| JitRow { src: x.device_ptr(s).0, q: 0, at, n: x.len(), f16: 0, inv: 0, sslot: 0, e5m2: 0 })
             .collect::<Vec<_>>();
         self.jit_multi(rows, stats, false)
     }
     /// Every gradient's sum of squares on the device (E4M3 codes decoded on the fly),
     /// one read-back for all.
     fn grad_sq_sums(&self, grads: &[GradRef<'_, Self>]) -> BResult<Vec<f32>> {
-        use cudarc::driver::DevicePtr;
         let _op = self.op(Phase::Other, "grad_sq_sums");
-        let s = &self.gpu.stream;
-        // First pass over every tensor in one launch (8192 elements per block).
-        let (mut desc, mut m, mut blocks) = (Vec::with_capacity(6 * grads.len()), Vec::new(), 0u32);
-        for g in grads {
-            let (p, inv, n, fp8) = match g {
-                GradRef::F32(x) => (x.device_ptr(s).0, 1.0f32, x.len() as u32, 0u32),
-                GradRef::Fp8(q, scale) => (q.device_ptr(s).0, 1.0 / scale, q.len() as u32, 1),
-            };
-            let nb = n.div_ceil(32 * 256);
-            desc.extend_from_slice(&[p as u32, (p >> 32) as u32, inv.to_bits(), n, fp8, blocks]);
-            m.push(nb);
-            blocks += nb;
-        }
-        if blocks == 0 {
-            return Ok(vec![0.0; grads.len()]);
-        }
-        let (d, nt) = (self.upload(&desc)?, grads.len() as u32);
-        let mut part = self.scratch::<f32>(blocks as usize)?;
-        let cf = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "sq_blocks_multi", with cf, [&d, &nt, &mut part]);
-        // Tree passes over 1024 aligned partials per tensor until one is left per tensor
-        // (tensors already down to one partial pass it on: a tree of one is itself).
-        let mut at: Vec<u32> = m.iter().scan(0, |o, &k| Some(std::mem::replace(o, *o + k))).collect();
-        while m.iter().any(|&k| k > 1) {
-            let (mut tdesc, mut outs, mut next_at) = (Vec::new(), 0u32, Vec::with_capacity(m.len()));
-            let live: Vec<usize> = (0..m.len()).filter(|&i| m[i] > 0).collect();
-            for &i in &live {
-                let groups = m[i].div_ceil(1024);
-                tdesc.extend_from_slice(&[at[i], m[i], outs, outs]);
-                next_at.push((i, outs, groups));
-                outs += groups;
-            }
-            let (td, lt) = (self.upload(&tdesc)?, live.len() as u32);
-            let mut next = self.scratch::<f32>(outs as usize)?;
-            let cf = LaunchConfig { grid_dim: (outs, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
-            launch!(self, "tree_blocks_multi", with cf, [&td, &lt, &part, &mut next]);
-            for (i, o, g) in next_at {
-                at[i] = o;
-                m[i] = g;
-            }
-            part = next;
-        }
+        let Some((part, at)) = self.sq_sums_device(grads)? else { return Ok(vec![0.0; grads.len()]) };
         let host = self.download(&part)?;
-        Ok((0..grads.len()).map(|i| if m[i] == 0 { 0.0 } else { host[at[i] as usize] }).collect())
+        Ok(at.iter().map(|&k| if k == u32::MAX { 0.0 } else { host[k as usize] }).collect())
     }
+    fn grad_sq_sums_to(&self, grads: &[GradRef<'_, Self>], out: &mut CudaSlice<f32>) -> BResult<()> {
+        let _op = self.op(Phase::Other, "grad_sq_sums");
+        let n = grads.len() as u32;
+        assert!(out.len() >= grads.len(), "grad_sq_sums_to: {} sums into {}", grads.len(), out.len());
+        let (part, at) = match self.sq_sums_device(grads)? {
+            Some(found) => found,
+            None => (self.alloc::<f32>(1)?, vec![u32::MAX; grads.len()]),
+        };
+        let idx = self.upload(&at)?;
+        launch!(self, "gather_f32", n as usize, [out, &part, &idx, &n]);
+        Ok(())
+    }
+    fn mean_to(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, at: usize) -> BResult<()> {
+        let _op = self.op(Phase::Other, "mean");
+        let n = x.len() as u32;
+        let o = dptr_at(&self.gpu.stream, out, at);
+        let sum = if n == 0 {
+            self.alloc::<f32>(1)?
+        } else {
+            self.csum_device(n, |c, part| {
+                let mode = 0i32;
+                launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, part]);
+                Ok(())
+            })?
+        };
+        let nf = n as f32;
+        launch!(self, "mean_finish", 1, [&o, &sum, &nf]);
+        Ok(())
+    }
+    fn delayed_scaling_update(&self, d: Delayed<'_, Self>, stats: &CudaSlice<u64>) -> BResult<()> {
+        let _op = self.op(Phase::Other, "delayed_scaling");
+        let (n, w) = (d.slots.len() as u32, d.window as u32);
+        assert!(d.hist.len() >= (n * w) as usize && d.recorded.len() >= n as usize && d.scales.len() >= 2 * n as usize);
+        launch!(self, "delayed_scaling_update", n as usize, [d.hist, d.recorded, d.scales, d.slots, &n, &w, stats]);
+        Ok(())
+    }
+    fn flag_nonfinite(
+        &self,
+        out: &mut CudaSlice<f32>,
+        at: usize,
+        stats: &CudaSlice<u64>,
+        slots: &CudaSlice<u32>,
+    ) -> BResult<()> {
+        let _op = self.op(Phase::Other, "flag_nonfinite");
+        let (o, n) = (dptr_at(&self.gpu.stream, out, at), slots.len() as u32);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "flag_nonfinite", with cfg, [&o, stats, slots, &n]);
+        Ok(())
+    }
+    fn step_control(&self, ctl: &mut CudaSlice<f32>, sq: &CudaSlice<f32>, c: &StepControl) -> BResult<()> {
+        let _op = self.op(Phase::Optimizer, "step_control");
+        assert!(ctl.len() >= fp8sim::ops::adamw::ctl::LEN, "step controller words");
+        let n = sq.len() as u32;
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        let (gc, r, b1, b2, gi, lo, hi) =
+            (c.grad_clip, c.ranks, c.beta1, c.beta2, c.mu_growth_interval, c.mu_min, c.mu_max);
+        launch!(self, "step_control", with cfg, [ctl, sq, &n, &gc, &r, &b1, &b2, &gi, &lo, &hi]);
+        Ok(())
+    }
+
     fn sum_sq(&self, x: &CudaSlice<f32>) -> BResult<f32> {
         Ok({
             let _op = self.op(Phase::Other, "sum_sq");
@@ -1382,12 +1478,12 @@ impl Backend for Cuda {
         rows: usize,
         cols: usize,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         mut stats: Slot<'_, Self>,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums_cast");
         assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (f, p) = (e5(fmt), self.slot_ptr(&mut stats));
+        let (f, p, scale) = (e5(fmt), self.slot_ptr(&mut stats), self.sptr(scale)?);
         let s = &self.gpu.stream;
         let four = by_four(cols as u32, &[(dptr(s, x), 16), (dptr(s, q), 4)]);
         let kernel = if four { "column_chunk_sums_cast4" } else { "column_chunk_sums_cast" };
@@ -1408,12 +1504,12 @@ impl Backend for Cuda {
         rows: usize,
         cols: usize,
         fmt: Fp8Format,
-        scale: f32,
+        scale: Scalar<'_, Self>,
         mut stats: Slot<'_, Self>,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "column_sums_cast");
         assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-        let (f, p) = (e5(fmt), self.slot_ptr(&mut stats));
+        let (f, p, scale) = (e5(fmt), self.slot_ptr(&mut stats), self.sptr(scale)?);
         let s = &self.gpu.stream;
         let four = by_four(cols as u32, &[(dptr(s, x), 8), (dptr(s, q), 4)]);
         self.column_sums_via(out, rows, cols, four, |part, r, c, items| {
@@ -1474,7 +1570,8 @@ impl Backend for Cuda {
         match wte {
             EmbedTable::F32(w) => launch!(self, "encoder_forward", b * t * c, [out, tokens, w, wpe, &bb, &tt, &cc]),
             EmbedTable::F16(h, inv) => {
-                launch!(self, "encoder_forward_f16", b * t * c, [out, tokens, h, &inv, wpe, &bb, &tt, &cc])
+                let ip = self.sptr(inv)?;
+                launch!(self, "encoder_forward_f16", b * t * c, [out, tokens, h, &ip, wpe, &bb, &tt, &cc])
             }
         }
         Ok(())
@@ -1533,7 +1630,7 @@ impl Backend for Cuda {
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "layernorm_forward");
         let (nn, cc) = (n as u32, c as u32);
-        let (py, mode, scale, pa) = self.act_out(&mut y);
+        let (py, mode, scale, pa) = self.act_out(&mut y)?;
         let st = &self.gpu.stream;
         // Staged row and 2 chunks of scratch per warp: 34 chunks.
         let vec = i32::from(by_four(cc, &[(py, 16), (dptr(st, x), 16), (dptr(st, w), 16), (dptr(st, b), 16)]));
@@ -1682,7 +1779,7 @@ impl Backend for Cuda {
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
         let tab = self.gelu_table(0)?;
-        let (py, mode, scale, pa) = self.act_out(&mut y);
+        let (py, mode, scale, pa) = self.act_out(&mut y)?;
         launch!(self, "gelu_forward", with gelu_cfg((n as usize).div_ceil(4)), [&py, &mode, &scale, &pa, x, &n, &tab]);
         Ok(())
     }
@@ -1702,11 +1799,11 @@ impl Backend for Cuda {
                 launch!(self, "gelu_backward", with gelu_cfg((n as usize).div_ceil(4)), [dx, x, dy, &n, &tab]);
                 return Ok(());
             }
-            GradOut::Bf16 { db, q } => (db, q.device_ptr_mut(&self.gpu.stream).0, 1i32, 1.0f32, 0i32, 0u64),
+            GradOut::Bf16 { db, q } => (db, q.device_ptr_mut(&self.gpu.stream).0, 1i32, 0u64, 0i32, 0u64),
             GradOut::Fp8 { db, q, fmt, scale, mut stats } => {
                 assert!(stats.at + 1 < stats.buf.len(), "cast statistics need two slots");
-                let p = self.slot_ptr(&mut stats);
-                (db, q.device_ptr_mut(&self.gpu.stream).0, 2, scale, e5(fmt), p)
+                let (p, sp) = (self.slot_ptr(&mut stats), self.sptr(scale)?);
+                (db, q.device_ptr_mut(&self.gpu.stream).0, 2, sp, e5(fmt), p)
             }
         };
         let (rows, c) = (n / cols.max(1) as u32, cols as u32);
@@ -1763,11 +1860,12 @@ impl Backend for Cuda {
         logits: &mut CudaSlice<bf16>,
         with_grad: bool,
         targets: &CudaSlice<u32>,
-        dloss: f32,
+        dloss: LossGrad<'_, Self>,
         n: usize,
         v: usize,
     ) -> BResult<()> {
         let _op = self.op(Phase::Other, "crossentropy");
+        let (mu, rows) = (self.sptr(dloss.mu)?, dloss.rows);
         let (nn, vv, with) = (n as u32, v as u32, i32::from(with_grad));
         let chunks = v.div_ceil(32);
         let scratch = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
@@ -1779,11 +1877,11 @@ impl Backend for Cuda {
             // loading its next row while it computes this one.
             let blocks = n.clamp(1, self.sm_count() as usize) as u32;
             let c = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: staged };
-            launch!(self, "crossentropy_staged", with c, [losses, logits, targets, &dloss, &nn, &vv, &with]);
+            launch!(self, "crossentropy_staged", with c, [losses, logits, targets, &mu, &rows, &nn, &vv, &with]);
             return Ok(());
         }
         let c = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: scratch };
-        launch!(self, "crossentropy", with c, [losses, logits, targets, &dloss, &nn, &vv, &with]);
+        launch!(self, "crossentropy", with c, [losses, logits, targets, &mu, &rows, &nn, &vv, &with]);
         Ok(())
     }
 
@@ -1809,7 +1907,13 @@ impl Backend for Cuda {
     }
 
     /// The contract's reduction with NCCL moving the bytes and kernels doing the sums.
-    fn reduce_grad_fp8(&self, world: &World, codes: &mut CudaSlice<u8>, scale: &mut f32) -> BResult<CommBytes> {
+    /// (The scales, a few bytes, go over MPI: a read-back per tensor, data parallel only.)
+    fn reduce_grad_fp8(
+        &self,
+        world: &World,
+        codes: &mut CudaSlice<u8>,
+        scale: &mut CudaSlice<f32>,
+    ) -> BResult<CommBytes> {
         Ok({
             let _op = self.op(Phase::Communication, "reduce_grad_fp8");
             let ranks = world.size;
@@ -1825,7 +1929,7 @@ impl Backend for Cuda {
                 .memcpy_dtod(codes, &mut send.slice_mut(0..n))
                 .map_err(|e| BackendError::new("CUDA copy", e))?;
             let recv = self.all_to_all(comm, &send, k)?;
-            let scales = world.all_gather_vec(&[*scale]);
+            let scales = world.all_gather_vec(&[self.download(scale)?[0]]);
             let inv = self.upload(&scales.iter().map(|s| 1.0 / s).collect::<Vec<f32>>())?;
             let mine = n.saturating_sub(world.rank * k).min(k) as u32;
             let (rr, kk) = (ranks as u32, k as u32);
@@ -1839,7 +1943,7 @@ impl Backend for Cuda {
             let mut all = self.alloc::<u8>(k * ranks)?;
             comm.all_gather(&q, &mut all).map_err(|e| BackendError::new("NCCL all-gather", format!("{e:?}")))?;
             self.gpu.stream.memcpy_dtod(&all.slice(0..n), codes).map_err(|e| BackendError::new("CUDA copy", e))?;
-            *scale = shared;
+            *scale = self.upload(&[shared, 1.0 / shared])?;
             let peers = (ranks - 1) as u64;
             CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
         })
@@ -1870,40 +1974,52 @@ impl Backend for Cuda {
         })
     }
 
-    fn adamw(&self, state: AdamState<'_, Self>, grad: GradRef<'_, Self>, step: &AdamStep) -> BResult<()> {
-        self.adamw_many(vec![(state, grad, *step)])
+    fn adamw(
+        &self,
+        state: AdamState<'_, Self>,
+        grad: GradRef<'_, Self>,
+        step: &AdamStep,
+        ctl: Option<&CudaSlice<f32>>,
+    ) -> BResult<()> {
+        self.adamw_many(vec![(state, grad, *step)], ctl)
     }
-    /// Two launches over all tensors with one read-back between them (see adamw.cu).
-    fn adamw_many(&self, items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>) -> BResult<()> {
+    /// Three launches over all tensors, nothing read back (see adamw.cu).
+    fn adamw_many(
+        &self,
+        items: Vec<(AdamState<'_, Self>, GradRef<'_, Self>, AdamStep)>,
+        ctl: Option<&CudaSlice<f32>>,
+    ) -> BResult<()> {
         let _op = self.op(Phase::Optimizer, "adamw");
-        use cudarc::driver::DevicePtr;
+        use cudarc::driver::{DevicePtr, DevicePtrMut};
         let s = &self.gpu.stream;
         let amax = self.alloc::<u64>(3 * items.len().max(1))?;
         let amax_base = amax.device_ptr(s).0;
+        let ctl_ptr = ctl.map(|c| dptr(s, c)).unwrap_or(0);
         let ptr = |p: u64, w: &mut Vec<u32>| w.extend([p as u32, (p >> 32) as u32]);
         // The kernels' AdamItem, 32 words per tensor, and the (tensor, first element)
         // chunk of every block.
         let mut table: Vec<u32> = Vec::with_capacity(ADAM_ITEM_WORDS * items.len());
         let mut chunks: Vec<u32> = Vec::new();
         let mut scaled = false;
-        for (i, (state, grad, step)) in items.iter().enumerate() {
+        for (i, (state, grad, step)) in items.into_iter().enumerate() {
             let (g32, gq, ginv) = match grad {
-                GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 1.0f32),
-                GradRef::Fp8(q, scale) => (0u64, q.device_ptr(s).0, 1.0 / scale),
+                GradRef::F32(g) => (g.device_ptr(s).0, 0u64, 0u64),
+                GradRef::Fp8(q, inv) => (0u64, q.device_ptr(s).0, self.sptr(inv)?),
             };
-            let (master, m, v, n, level, pinv, minv, vinv) = match state {
+            let (master, m, v, n, level, ps, mvs) = match state {
                 AdamState::F32 { master, m, v } => {
                     let n = master.len();
-                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 0u32, 1.0, 1.0, 1.0)
+                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 0u32, 0u64, 0u64)
                 }
                 AdamState::O1 { master, master_scale, m, v } => {
                     let n = master.len();
-                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 1, 1.0 / **master_scale, 1.0, 1.0)
+                    let ps = master_scale.device_ptr_mut(s).0;
+                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 1, ps, 0)
                 }
-                AdamState::O2 { master, master_scale, m, m_scale, v, v_scale } => {
-                    let (ms, mm, vs) = (**master_scale, **m_scale, **v_scale);
+                AdamState::O2 { master, master_scale, m, v, moment_scales } => {
                     let n = master.len();
-                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 2, 1.0 / ms, 1.0 / mm, 1.0 / vs)
+                    let (ps, mvs) = (master_scale.device_ptr_mut(s).0, moment_scales.device_ptr_mut(s).0);
+                    (master.device_ptr(s).0, m.device_ptr(s).0, v.device_ptr(s).0, n, 2, ps, mvs)
                 }
             };
             scaled |= level > 0;
@@ -1913,43 +2029,29 @@ impl Backend for Cuda {
             let n32 = u32::try_from(n)
                 .map_err(|_| BackendError::new("adamw", format!("a tensor of {n} elements (at most 2^32 - 1)")))?;
             table.extend([n32, level]);
-            // ginv, pinv, minv, vinv, then pscale, mscale, vscale (set for pass 2), pad
-            table.extend([ginv, pinv, minv, vinv, 1.0, 1.0, 1.0, 0.0].map(f32::to_bits));
-            table.extend(adam_step_words(step));
+            for p in [ginv, ps, mvs, ctl_ptr] {
+                ptr(p, &mut table);
+            }
+            table.extend(adam_step_words(&step));
             for first in (0..n32).step_by(ADAM_CHUNK) {
                 chunks.extend([i as u32, first]);
             }
         }
-        let chunk_buf = self.upload(&chunks)?;
+        let nt = (table.len() / ADAM_ITEM_WORDS) as u32;
+        let (tb, chunk_buf) = (self.upload(&table)?, self.upload(&chunks)?);
         let cfg = LaunchConfig {
             grid_dim: ((chunks.len() / 2).max(1) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut a = Vec::new();
         if scaled {
-            let tb = self.upload(&table)?;
             launch!(self, "adamw_multi_amax", with cfg, [&tb, &chunk_buf]);
-            a = self.download(&amax)?;
         }
-        for (i, (state, _, _)) in items.into_iter().enumerate() {
-            let scales = &mut table[ADAM_ITEM_WORDS * i + 18..ADAM_ITEM_WORDS * i + 21];
-            match state {
-                AdamState::F32 { .. } => {}
-                AdamState::O1 { master_scale, .. } => {
-                    *master_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i]), 0, *master_scale);
-                    scales[0] = master_scale.to_bits();
-                }
-                AdamState::O2 { master_scale, m_scale, v_scale, .. } => {
-                    *master_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i]), 0, *master_scale);
-                    *m_scale = scale_from_amax(Fp8Format::E4M3, slot_amax(a[3 * i + 1]), 0, *m_scale);
-                    *v_scale = scale_for_max(F16_MAX, slot_amax(a[3 * i + 2]), 0, *v_scale);
-                    scales.copy_from_slice(&[master_scale.to_bits(), m_scale.to_bits(), v_scale.to_bits()]);
-                }
-            }
-        }
-        let tb = self.upload(&table)?;
         launch!(self, "adamw_multi_apply", with cfg, [&tb, &chunk_buf]);
+        if scaled {
+            launch!(self, "adamw_multi_scales", nt as usize, [&tb, &nt]);
+        }
+        drop(amax);
         Ok(())
     }
 }
