@@ -94,8 +94,8 @@ struct AdamItem {
     unsigned long long* amax;  // 3 slots: master, m, v
     u32 n, level;     // level 0: f32 state; 1: O1 (FP16 master, f32 moments); 2: O2
     const float* ginv;  // the E4M3 gradient's inverse scale (null: 1)
-    float* ps;          // the FP16 master's [scale, 1/scale] (levels 1, 2)
-    float* mvs;         // m's and v's [scale, 1/scale] (level 2)
+    float* ps;          // the FP16 master's [1/scale, scale] (levels 1, 2)
+    float* mvs;         // m's and v's [1/scale, scale] (level 2)
     const float* ctl;   // the step controller's words, or null
     AdamStep h;
 };
@@ -113,10 +113,10 @@ __device__ __forceinline__ bool adam_skipped(const AdamItem& it) { return it.ctl
 // The new scales (pass 2 and adamw_multi_scales alike): master, m, v.
 __device__ __forceinline__ void adam_new_scales(const AdamItem& it, float& ps, float& ms, float& vs) {
     ps = ms = vs = 1.0f;
-    if (it.level >= 1) ps = fp8train_scale_for_max(65504.0f, fp8train_slot_amax(it.amax[0]), 0, it.ps[0]);
+    if (it.level >= 1) ps = fp8train_scale_for_max(65504.0f, fp8train_slot_amax(it.amax[0]), 0, it.ps[1]);
     if (it.level == 2) {
-        ms = fp8train_scale_for_max(448.0f, fp8train_slot_amax(it.amax[1]), 0, it.mvs[0]);
-        vs = fp8train_scale_for_max(65504.0f, fp8train_slot_amax(it.amax[2]), 0, it.mvs[2]);
+        ms = fp8train_scale_for_max(448.0f, fp8train_slot_amax(it.amax[1]), 0, it.mvs[1]);
+        vs = fp8train_scale_for_max(65504.0f, fp8train_slot_amax(it.amax[2]), 0, it.mvs[3]);
     }
 }
 #define ADAM_CHUNK 16384  // elements per block (a multiple of 8)
@@ -128,8 +128,8 @@ __device__ __forceinline__ void adamw_chunk(const AdamItem* items, const uint2* 
     if (adam_skipped(it)) return;
     const AdamStep h = adam_step_of(it);
     const float ginv = fp8train_ld(it.ginv);
-    const float pinv = it.level >= 1 ? it.ps[1] : 1.0f;
-    const float minv = it.level == 2 ? it.mvs[1] : 1.0f, vinv = it.level == 2 ? it.mvs[3] : 1.0f;
+    const float pinv = it.level >= 1 ? it.ps[0] : 1.0f;
+    const float minv = it.level == 2 ? it.mvs[0] : 1.0f, vinv = it.level == 2 ? it.mvs[2] : 1.0f;
     float pscale = 1.0f, mscale = 1.0f, vscale = 1.0f;
     if (APPLY) adam_new_scales(it, pscale, mscale, vscale);
     size_t first = ch.y, end = min(first + ADAM_CHUNK, (size_t)it.n);

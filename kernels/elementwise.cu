@@ -221,7 +221,7 @@ extern "C" __global__ void amax_f16(const u16* h, const float* inv_p, u32 n, uns
 }
 // The just-in-time cast (Backend::cast_fp8_jit) after amax_bits / amax_f16 left the
 // source's amax in *slot: every thread derives the scale from it and the previous one
-// (sslot[0]), thread 0 stores it with its inverse in sslot, then q = sat_encode(x *
+// (sslot[1]), thread 0 stores it with its inverse in sslot, then q = sat_encode(x *
 // scale). The source is f32 (f16 = 0) or FP16 codes decoded with *inv_p (f16 = 1).
 // Four elements per thread (launched over (n + 3) / 4 threads).
 extern "C" __global__ void cast_fp8_jit(const void* src, int f16, const float* inv_p, u8* q, float* sslot, u32 n,
@@ -229,7 +229,7 @@ extern "C" __global__ void cast_fp8_jit(const void* src, int f16, const float* i
     size_t i0 = 4 * (size_t)fp8train_tid();
     if (i0 >= n) return;
     float inv_scale = fp8train_ld(inv_p);
-    float scale = fp8train_scale_for_max(e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*slot), 0, sslot[0]);
+    float scale = fp8train_scale_for_max(e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*slot), 0, sslot[1]);
     if (i0 == 0) fp8train_store_scale(sslot, scale);
     auto load = [&](size_t i) { return f16 ? f16_value(((const u16*)src)[i], inv_scale) : ((const float*)src)[i]; };
     if (i0 + 3 < n && (((size_t)q & 3) == 0)) {
@@ -265,7 +265,7 @@ struct JitItem {
     unsigned long long* slot; // this tensor's amax slot
     u32 n, f16;               // f16: src holds FP16 codes, decoded with *inv
     const float* inv;         // null: 1
-    float* sslot;             // the scale slot: previous scale in, scale and inverse out
+    float* sslot;             // the scale slot [1/s, s]: previous scale in, the new pair out
     u32 e5m2, pad;
 };
 #define JIT_CHUNK 16384
@@ -311,7 +311,7 @@ extern "C" __global__ void jit_amax_multi(const JitItem* items, const uint2* chu
 extern "C" __global__ void jit_cast_multi(const JitItem* items, const uint2* chunks) {
     JIT_CHUNK_OF_BLOCK(items, chunks, it, first, end);
     float inv = fp8train_ld(it.inv);
-    float scale = fp8train_scale_for_max(it.e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*it.slot), 0, it.sslot[0]);
+    float scale = fp8train_scale_for_max(it.e5m2 ? 57344.0f : 448.0f, fp8train_slot_amax(*it.slot), 0, it.sslot[1]);
     if (first == 0 && threadIdx.x == 0) fp8train_store_scale(it.sslot, scale);
     size_t vend = jit_vec(it) ? first + (end - first) / 4 * 4 : first;
     for (size_t i = first + 4 * threadIdx.x; i < vend; i += 4 * blockDim.x) {

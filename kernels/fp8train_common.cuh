@@ -403,12 +403,12 @@ __device__ __forceinline__ float fp8train_scale_for_max(float maxv, float amax, 
 // A scale, an inverse scale or mu the host passed by address (backend::Scalar: a
 // value on the device, or a host value the backend keeps a device copy of); null = 1.
 __device__ __forceinline__ float fp8train_ld(const float* p) { return p ? *p : 1.0f; }
-// A just-in-time scale stored where later kernels read it (backend::ScaleSlot): the
-// scale and its inverse (exact: a power of two). Every block of a cast derives the same
-// scale, whichever of them has stored it first.
+// A just-in-time scale stored where later kernels read it (backend::ScaleSlot): its
+// inverse (exact: a power of two), then the scale. Every block of a cast derives the
+// same scale, whichever of them has stored it first.
 __device__ __forceinline__ void fp8train_store_scale(float* slot, float s) {
-    slot[0] = s;
-    slot[1] = __frcp_rn(s);
+    slot[0] = __frcp_rn(s);
+    slot[1] = s;
 }
 // The amax an amax slot holds (backend::slot_amax).
 __device__ __forceinline__ float fp8train_slot_amax(unsigned long long bits) {

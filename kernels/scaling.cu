@@ -6,8 +6,9 @@
 #define DELAYED_E5M2 0x80000000u
 
 // record_ring of tensor i's amax (its statistics slot, slots[i] without bit 31) into its
-// window of amaxes (hist[i * window..]), then its scale and inverse (scales[2i..]) from
-// the window's max; a non-finite amax is not recorded and keeps the scale.
+// window of amaxes (hist[i * window..]), then its [1/s, s] pair (scales[SCALE_STRIDE *
+// i..]) from the window's max; a non-finite amax is not recorded and keeps the scale.
+#define SCALE_STRIDE 64
 extern "C" __global__ void delayed_scaling_update(float* hist, u32* recorded, float* scales, const u32* slots,
                                                   u32 n, u32 window, const unsigned long long* stats) {
     u32 i = fp8train_tid();
@@ -24,8 +25,9 @@ extern "C" __global__ void delayed_scaling_update(float* hist, u32* recorded, fl
     u32 live = r < window ? r : window;
     float m = 0.0f;
     for (u32 k = 0; k < live; k++) m = h[k] > m ? h[k] : m;
-    float s = fp8train_scale_for_max(slot & DELAYED_E5M2 ? 57344.0f : 448.0f, m, 0, scales[2 * i]);
-    fp8train_store_scale(scales + 2 * i, s);
+    float* pair = scales + (size_t)SCALE_STRIDE * i;
+    float s = fp8train_scale_for_max(slot & DELAYED_E5M2 ? 57344.0f : 448.0f, m, 0, pair[1]);
+    fp8train_store_scale(pair, s);
 }
 
 // out[0] = 1 if any amax slot stats[slots[k]] (k < n) holds a non-finite value, else 0.

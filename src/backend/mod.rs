@@ -49,9 +49,11 @@ impl<B: Backend + ?Sized> From<f32> for Scalar<'_, B> {
     }
 }
 
-/// A scale an op works out on the device and stores there: `buf[at]` holds the scale
-/// (read first as the previous one, which a zero or non-finite amax keeps) and
-/// `buf[at + 1]` its inverse, what the products read (`Scalar::Dev(buf, at + 1)`).
+/// A scale an op works out on the device and stores there: `buf[at]` holds its
+/// inverse, what the products read (`Scalar::Dev(buf, at)`: cuBLASLt takes it by
+/// address, which must be 16-byte aligned, so slots start there), and `buf[at + 1]`
+/// the scale (read first as the previous one, which a zero or non-finite amax keeps).
+/// Every device scale is kept as such a pair, `[1/s, s]`.
 pub struct ScaleSlot<'a, B: Backend + ?Sized> {
     pub buf: &'a mut B::Buf<f32>,
     pub at: usize,
@@ -59,9 +61,10 @@ pub struct ScaleSlot<'a, B: Backend + ?Sized> {
 
 /// Delayed scaling's state on the device, `n` tracked tensors (two per linear layer:
 /// its input, E4M3, and its output gradient, E5M2): tensor i's last `window` amaxes at
-/// `hist[i * window..]` with `recorded[i]` (see `fp8sim::scaling::record_ring`), its scale
-/// and inverse at `scales[2 i..]`, and `slots[i]`: its amax slot in the step's statistics,
-/// with bit 31 set for E5M2.
+/// `hist[i * window..]` with `recorded[i]` (see `fp8sim::scaling::record_ring`), its
+/// `[1/s, s]` pair at `scales[SCALE_STRIDE * i..]` (so every inverse is aligned for
+/// cuBLASLt), and `slots[i]`: its amax slot in the step's statistics, with bit 31 set
+/// for E5M2.
 pub struct Delayed<'a, B: Backend + ?Sized> {
     pub hist: &'a mut B::Buf<f32>,
     pub recorded: &'a mut B::Buf<u32>,
@@ -69,6 +72,10 @@ pub struct Delayed<'a, B: Backend + ?Sized> {
     pub slots: &'a B::Buf<u32>,
     pub window: usize,
 }
+
+/// Floats between two tracked tensors' scale pairs in [`Delayed`] (256 bytes: every
+/// inverse starts an aligned block whatever alignment cuBLASLt asks of scale pointers).
+pub const SCALE_STRIDE: usize = 64;
 
 /// Bit 31 of a [`Delayed`] slot word: the tensor is E5M2.
 pub const DELAYED_E5M2: u32 = 1 << 31;
@@ -209,12 +216,12 @@ pub struct CastStats {
 }
 
 /// The optimizer state of one tensor, by level, as the backend holds it. Scales live on
-/// the device beside their tensors (each with its inverse: `[s, 1/s]`), where AdamW
+/// the device beside their tensors (each with its inverse: `[1/s, s]`), where AdamW
 /// reads and replaces them.
 pub enum AdamState<'a, B: Backend + ?Sized> {
     /// `bf16` level: f32 master, f32 moments.
     F32 { master: &'a mut B::Buf<f32>, m: &'a mut B::Buf<f32>, v: &'a mut B::Buf<f32> },
-    /// `O1`: FP16 master with its scale (`[s, 1/s]`), f32 moments.
+    /// `O1`: FP16 master with its scale (`[1/s, s]`), f32 moments.
     O1 {
         master: &'a mut B::Buf<f16>,
         master_scale: &'a mut B::Buf<f32>,
@@ -222,7 +229,7 @@ pub enum AdamState<'a, B: Backend + ?Sized> {
         v: &'a mut B::Buf<f32>,
     },
     /// `O2`: FP16 master, E4M3 m, FP16 v, each with a scale (`moment_scales`: m's
-    /// `[s, 1/s]`, then v's).
+    /// `[1/s, s]`, then v's).
     O2 {
         master: &'a mut B::Buf<f16>,
         master_scale: &'a mut B::Buf<f32>,
@@ -798,7 +805,7 @@ pub trait Backend {
     }
 
     // ---- data-parallel gradient reduction (numerics contract, rule 8)
-    /// Reduce an E4M3 gradient and its scale (`[scale, 1/scale]`) across the ranks of
+    /// Reduce an E4M3 gradient and its scale (`[1/scale, scale]`) across the ranks of
     /// `world`. The default runs the contract's algorithm on host copies over MPI.
     fn reduce_grad_fp8(
         &self,
@@ -807,10 +814,10 @@ pub trait Backend {
         scale: &mut Self::Buf<f32>,
     ) -> BResult<CommBytes> {
         let mut host = self.download(codes)?;
-        let mut s = self.download(scale)?[0];
+        let mut s = self.download(scale)?[1];
         let c = fp8cluster::reduce::reduce_fp8(world, &mut host, &mut s);
         *codes = self.upload(&host)?;
-        *scale = self.upload(&[s, 1.0 / s])?;
+        *scale = self.upload(&[1.0 / s, s])?;
         Ok(c)
     }
     /// Reduce an f32 gradient across the ranks of `world` (bf16 level).

@@ -2,7 +2,7 @@
 
 use super::{
     amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GradOut,
-    GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
+    GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
 };
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
@@ -64,8 +64,8 @@ fn value(s: Scalar<'_, Sim>) -> f32 {
 
 /// Store a just-in-time scale and its inverse in its slot.
 fn store_scale(slot: ScaleSlot<'_, Sim>, s: f32) {
-    slot.buf[slot.at] = s;
-    slot.buf[slot.at + 1] = 1.0 / s;
+    slot.buf[slot.at] = 1.0 / s;
+    slot.buf[slot.at + 1] = s;
 }
 
 /// Record an amax in its slot (the largest pattern stays, as the GPU's atomicMax).
@@ -226,7 +226,7 @@ impl Backend for Sim {
             }
         };
         let a = reduce::amax(x);
-        let s = scale_from_amax(fmt, a, 0, scale.buf[scale.at]);
+        let s = scale_from_amax(fmt, a, 0, scale.buf[scale.at + 1]);
         fp8::encode_scaled(fmt, x, s, q);
         store_scale(scale, s);
         put_amax(amax, a);
@@ -272,10 +272,11 @@ impl Backend for Sim {
         for (i, &slot) in d.slots.iter().enumerate() {
             let fmt = if slot & DELAYED_E5M2 != 0 { Fp8Format::E5M2 } else { Fp8Format::E4M3 };
             let amax = slot_amax(stats[(slot & !DELAYED_E5M2) as usize]);
-            let mut s = d.scales[2 * i];
+            let at = SCALE_STRIDE * i;
+            let mut s = d.scales[at + 1];
             if record_ring(fmt, &mut d.hist[i * w..(i + 1) * w], &mut d.recorded[i], &mut s, amax) {
-                d.scales[2 * i] = s;
-                d.scales[2 * i + 1] = 1.0 / s;
+                d.scales[at] = 1.0 / s;
+                d.scales[at + 1] = s;
             }
         }
         Ok(())
@@ -504,21 +505,21 @@ impl Backend for Sim {
             GradRef::F32(g) => Grad::F32(g),
             GradRef::Fp8(codes, inv) => Grad::Fp8 { codes, inv_scale: value(inv) },
         };
-        // (A scale's inverse is stored beside it: [s, 1/s].)
-        let inverse = |s: &mut [f32]| s[1] = 1.0 / s[0];
+        // (A scale's inverse is stored before it: [1/s, s].)
+        let inverse = |s: &mut [f32]| s[0] = 1.0 / s[1];
         match state {
             AdamState::F32 { master, m, v } => adamw::adamw_f32(master, g, m, v, step),
             AdamState::O1 { master, master_scale, m, v } => {
-                adamw::adamw_o1(ScaledF16 { codes: master, scale: &mut master_scale[0] }, g, m, v, step);
+                adamw::adamw_o1(ScaledF16 { codes: master, scale: &mut master_scale[1] }, g, m, v, step);
                 inverse(master_scale);
             }
             AdamState::O2 { master, master_scale, m, v, moment_scales } => {
                 let (ms, vs) = moment_scales.split_at_mut(2);
                 adamw::adamw_o2(
-                    ScaledF16 { codes: master, scale: &mut master_scale[0] },
+                    ScaledF16 { codes: master, scale: &mut master_scale[1] },
                     g,
-                    ScaledE4m3 { codes: m, scale: &mut ms[0] },
-                    ScaledF16 { codes: v, scale: &mut vs[0] },
+                    ScaledE4m3 { codes: m, scale: &mut ms[1] },
+                    ScaledF16 { codes: v, scale: &mut vs[1] },
                     step,
                 );
                 inverse(master_scale);

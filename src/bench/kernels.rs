@@ -181,7 +181,7 @@ fn measure<B: Backend>(
     let mut vh = be.zeros::<f16>(p)?;
     let gq = be.upload(&vec![0x38u8; p])?;
     let step = AdamStep::new(1e-4, 0.9, 0.95, 1e-8, 0.1, 1, 1.0);
-    let (mut ps, mut mvs) = (be.upload(&[1024.0f32, 1.0 / 1024.0])?, be.upload(&[1.0f32; 4])?);
+    let (mut ps, mut mvs) = (be.upload(&[1.0f32 / 1024.0, 1024.0])?, be.upload(&[1.0f32; 4])?);
     let ms = time(be, reps, || {
         let state = AdamState::O2 {
             master: &mut master,

@@ -372,7 +372,7 @@ fn act_rows<B: Backend>(
     let mut h = be.zeros::<bf16>(n)?;
     produce(ActOut::Bf16(&mut h))?;
     // (The scale read from device memory, as the training step passes it.)
-    let (mut q, mut amax, scale) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?, be.upload(&[0.5f32, 8.0])?);
+    let (mut q, mut amax, scale) = (be.zeros::<u8>(n)?, be.zeros::<u64>(2)?, be.upload(&[0.125f32, 8.0])?);
     produce(ActOut::E4m3(&mut q, Scalar::Dev(&scale, 1), Slot { buf: &mut amax, at: 1 }))?;
     Ok(vec![
         ("y", bits(be, &y)?),
@@ -402,10 +402,10 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (a32, a16, a8, fa) = operand_bufs(be, &xa, ta)?;
                 let (b32, b16, b8, fb) = operand_bufs(be, &xb, tb)?;
                 let op = pick::<B>;
-                // FP8 operands' inverse scales from device memory (as the step's): 1/4096
-                // in all with the host's scale.
-                let inv = be.upload(&[0.5f32, 0.25])?;
-                let (ia, ib) = (Scalar::Dev(&inv, 0), Scalar::Dev(&inv, 1));
+                // FP8 operands' inverse scales from device memory (as the step's), each
+                // 16-byte aligned as cuBLASLt needs: 1/4096 in all with the host's scale.
+                let inv = be.upload(&[0.5f32, 0.0, 0.0, 0.0, 0.25])?;
+                let (ia, ib) = (Scalar::Dev(&inv, 0), Scalar::Dev(&inv, 4));
                 let scale = match (ta, a8.is_some() && b8.is_some()) {
                     ("f32", _) => 1.0,
                     (_, true) => 1.0 / 512.0,
@@ -667,9 +667,9 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let mut hf = be.zeros::<f16>(n)?;
                 be.cast_f16(&mut hf, &xf, 8.0)?;
                 let mut st = be.zeros::<u64>(8)?;
-                // Each cast's scale slot starts at 0.25 (the previous scale, which a NaN
-                // keeps) and ends with the scale it used and its inverse.
-                let mut scales = be.upload(&[0.25f32, 4.0].repeat(5))?;
+                // Each cast's scale slot starts at [4, 0.25] (the previous scale, which a
+                // NaN keeps) and ends with the inverse and the scale it used.
+                let mut scales = be.upload(&[4.0f32, 0.25].repeat(5))?;
                 for (k, (name, src)) in [
                     ("jit f16 -> e4m3", JitSrc::F16(&hf, Scalar::Dev(&inv, 1))),
                     ("jit f16 (NaN) -> e4m3", JitSrc::F16(&hh, 0.125.into())),
@@ -696,7 +696,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (mut q0, mut q1, mut q2, mut q3) = (be.zeros(n)?, be.zeros(n)?, be.zeros(n)?, be.zeros(n)?);
                 let mut q4 = be.zeros::<u8>(7)?;
                 let mut st2 = be.zeros::<u64>(5)?;
-                let mut sc: Vec<B::Buf<f32>> = (0..5).map(|_| be.upload(&[0.25f32, 4.0])).collect::<BResult<_>>()?;
+                let mut sc: Vec<B::Buf<f32>> = (0..5).map(|_| be.upload(&[4.0f32, 0.25])).collect::<BResult<_>>()?;
                 let [s0, s1, s2, s3, s4] = &mut sc[..] else { unreachable!("five scale slots") };
                 let slot = |buf| ScaleSlot { buf, at: 0 };
                 let items = vec![
@@ -789,7 +789,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.flag_nonfinite(&mut words, 2, &clean, &all)?;
                 be.flag_nonfinite(&mut words, 3, &bad, &all)?;
                 let (mut hist, mut rec) = (be.zeros::<f32>(6)?, be.zeros::<u32>(3)?);
-                let mut dscales = be.upload(&[1.0f32; 6])?;
+                let mut dscales = be.upload(&[1.0f32; 3 * crate::backend::SCALE_STRIDE])?;
                 let dslots = be.upload(&[2u32, DELAYED_E5M2, 1])?;
                 for a in [[1.0, 3.5, 1e-3], [1.0, f32::NAN, 2.0], [0.25, f32::INFINITY, 7.0]] {
                     let stats = be.upload(&amaxes(a))?;
@@ -817,8 +817,8 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let h = AdamStep::new(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.5);
                 let g = randn(n, 19, 0.01);
                 let gq: Vec<u8> = g.iter().map(|&v| encode(Fp8Format::E4M3, v * 8192.0, true)).collect();
-                let (g32, g8, ginv) = (be.upload(&g)?, be.upload(&gq)?, be.upload(&[8192.0f32, 1.0 / 8192.0])?);
-                let grad = || if fp8_grad { GradRef::Fp8(&g8, Scalar::Dev(&ginv, 1)) } else { GradRef::F32(&g32) };
+                let (g32, g8, ginv) = (be.upload(&g)?, be.upload(&gq)?, be.upload(&[1.0f32 / 8192.0, 8192.0])?);
+                let grad = || if fp8_grad { GradRef::Fp8(&g8, Scalar::Dev(&ginv, 0)) } else { GradRef::F32(&g32) };
                 let p0 = randn(n, 20, 0.02);
                 let (m0, v0) = (randn(n, 21, 0.001), randn(n, 22, 1e-6).iter().map(|x| x.abs()).collect::<Vec<_>>());
                 // Three steps: the host's constants; a step controller's (its bias
@@ -851,7 +851,7 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     "O1" => {
                         let mut p = be.upload(&p0.iter().map(|&x| to_f16(x * 1024.0)).collect::<Vec<_>>())?;
                         let (mut ps, mut m, mut v) =
-                            (be.upload(&[1024.0f32, 1.0 / 1024.0])?, be.upload(&m0)?, be.upload(&v0)?);
+                            (be.upload(&[1.0f32 / 1024.0, 1024.0])?, be.upload(&m0)?, be.upload(&v0)?);
                         for (k, c) in ctls.into_iter().enumerate() {
                             let state = AdamState::O1 { master: &mut p, master_scale: &mut ps, m: &mut m, v: &mut v };
                             be.adamw(state, grad(), &h, c)?;
@@ -867,8 +867,8 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                             &m0.iter().map(|&x| encode(Fp8Format::E4M3, x * 65536.0, true)).collect::<Vec<_>>(),
                         )?;
                         let mut v = be.upload(&v0.iter().map(|&x| to_f16(x * 1e9)).collect::<Vec<_>>())?;
-                        let mut ps = be.upload(&[1024.0f32, 1.0 / 1024.0])?;
-                        let mut mvs = be.upload(&[65536.0f32, 1.0 / 65536.0, 1e9, 1e-9])?;
+                        let mut ps = be.upload(&[1.0f32 / 1024.0, 1024.0])?;
+                        let mut mvs = be.upload(&[1.0f32 / 65536.0, 65536.0, 1e-9, 1e9])?;
                         for (k, c) in ctls.into_iter().enumerate() {
                             let state = AdamState::O2 {
                                 master: &mut p,

@@ -487,7 +487,7 @@ impl<B: Backend> Gpt<B> {
             .iter()
             .zip(ws.work.iter_mut())
             .filter_map(|(p, w)| match (&p.master, w) {
-                (Master::F16 { codes, scale }, Some(w)) => Some((w, codes, Scalar::Dev(scale, 1))),
+                (Master::F16 { codes, scale }, Some(w)) => Some((w, codes, Scalar::Dev(scale, 0))),
                 _ => None,
             })
             .collect();
@@ -500,7 +500,7 @@ impl<B: Backend> Gpt<B> {
             let (l, j) = (k / 4, k % 4);
             let master = match &self.params[params::layer_param(l, LINEARS[j].0)].master {
                 Master::F32(w) => MasterRef::F32(w),
-                Master::F16 { codes, scale } => MasterRef::F16(codes, Scalar::Dev(scale, 1)),
+                Master::F16 { codes, scale } => MasterRef::F16(codes, Scalar::Dev(scale, 0)),
                 Master::Remote => continue, // its owner sends the view (share_weights)
             };
             if view.is_fp8() {
@@ -533,7 +533,7 @@ impl<B: Backend> Gpt<B> {
     /// local FP16 master's codes (no f32 copy is kept of those).
     fn embed_table<'a>(params: &'a [Param<B>], work: &'a [Option<B::Buf<f32>>]) -> EmbedTable<'a, B> {
         match (&params[params::WTE].master, &work[params::WTE]) {
-            (Master::F16 { codes, scale }, None) => EmbedTable::F16(codes, Scalar::Dev(scale, 1)),
+            (Master::F16 { codes, scale }, None) => EmbedTable::F16(codes, Scalar::Dev(scale, 0)),
             _ => EmbedTable::F32(Self::weight(params, work, params::WTE)),
         }
     }
@@ -574,7 +574,7 @@ impl<B: Backend> Gpt<B> {
                 world.broadcast(&mut s, p.owner);
                 if !mine {
                     let w = ws.work[i].as_mut().expect("remote parameters have a decoded copy");
-                    be.decode_f16(w, &codes, Scalar::Host(s[1]))?;
+                    be.decode_f16(w, &codes, Scalar::Host(s[0]))?;
                 }
             }
         }
@@ -1140,7 +1140,7 @@ impl<B: Backend> Gpt<B> {
             let h = AdamStep::new(lr, beta1, beta2, eps, decay, 0, 1.0);
             let grad = match &p.grad {
                 GradStore::F32(g) => GradRef::F32(g),
-                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, Scalar::Dev(scale, 1)),
+                GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, Scalar::Dev(scale, 0)),
             };
             let state = match (&mut p.master, &mut p.moments) {
                 (Master::F32(master), Moments::F32 { m, v }) => AdamState::F32 { master, m, v },
@@ -1170,7 +1170,7 @@ fn grad_refs<B: Backend>(params: &[Param<B>]) -> Vec<GradRef<'_, B>> {
         .iter()
         .map(|p| match &p.grad {
             GradStore::F32(g) => GradRef::F32(g),
-            GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, Scalar::Dev(scale, 1)),
+            GradStore::Fp8 { codes, scale } => GradRef::Fp8(codes, Scalar::Dev(scale, 0)),
         })
         .collect()
 }

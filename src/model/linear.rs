@@ -25,7 +25,7 @@
 
 use crate::backend::BResult;
 use crate::backend::{
-    ActOut, Backend, Delayed, GradOut, JitSrc, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
+    ActOut, Backend, Delayed, GradOut, JitSrc, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
 };
 use fp8sim::half16::{bf16, f16};
 use fp8sim::scaling::{ring_history, DelayedScaling, ScalingConfig};
@@ -57,9 +57,9 @@ impl LinearScaling {
 }
 
 /// Every FP8 linear layer's delayed scaling on the device (`Backend::Delayed`), so no
-/// scale is read back during a step: linear k's input scale and inverse at
-/// `scales[4k..4k + 2]`, its output gradient's at `scales[4k + 2..4k + 4]` (tracked
-/// tensors 2k and 2k + 1), their amax windows and counts beside them. The step's casts
+/// scale is read back during a step: linear k's input is tracked tensor 2k, its output
+/// gradient 2k + 1, each with its `[1/s, s]` pair `SCALE_STRIDE` floats apart, their
+/// amax windows and counts beside them. The step's casts
 /// read the scales where they are; `update` records the step's amaxes at its end.
 pub struct DelayedState<B: Backend> {
     hist: B::Buf<f32>,
@@ -80,10 +80,14 @@ impl<B: Backend> DelayedState<B> {
     pub fn new(be: &B, window: usize, slots: &[(usize, usize)]) -> BResult<Self> {
         let n = 2 * slots.len();
         let words: Vec<u32> = slots.iter().flat_map(|&(a, g)| [a as u32, g as u32 | DELAYED_E5M2]).collect();
+        let mut scales = vec![0f32; SCALE_STRIDE * n];
+        for pair in scales.chunks_mut(SCALE_STRIDE) {
+            pair[..2].copy_from_slice(&[1.0, 1.0]);
+        }
         Ok(DelayedState {
             hist: be.zeros(n * window.max(1))?,
             recorded: be.zeros(n)?,
-            scales: be.upload(&[1.0f32; 2].repeat(n))?,
+            scales: be.upload(&scales)?,
             slots: be.upload(&words)?,
             window: window.max(1),
             fresh: true,
@@ -95,13 +99,17 @@ impl<B: Backend> DelayedState<B> {
         self.window
     }
 
+    /// Where tracked tensor i's `[1/s, s]` pair starts.
+    fn pair(i: usize) -> usize {
+        SCALE_STRIDE * i
+    }
     /// Linear k's input scale (`inv`: its inverse).
     pub fn act(&self, k: usize, inv: bool) -> Scalar<'_, B> {
-        Scalar::Dev(&self.scales, 4 * k + usize::from(inv))
+        Scalar::Dev(&self.scales, Self::pair(2 * k) + usize::from(!inv))
     }
     /// Linear k's output-gradient scale (`inv`: its inverse).
     pub fn dy(&self, k: usize, inv: bool) -> Scalar<'_, B> {
-        Scalar::Dev(&self.scales, 4 * k + 2 + usize::from(inv))
+        Scalar::Dev(&self.scales, Self::pair(2 * k + 1) + usize::from(!inv))
     }
 
     /// Record the step's amaxes (the statistics slots) and derive the next scales.
@@ -125,7 +133,8 @@ impl<B: Backend> DelayedState<B> {
         let w = self.window;
         let one = |i: usize, fmt| {
             let cfg = ScalingConfig { window: w, ..ScalingConfig::delayed(fmt) };
-            DelayedScaling::restore(cfg, &ring_history(&hist[i * w..(i + 1) * w], recorded[i]), scales[2 * i])
+            let scale = scales[Self::pair(i) + 1];
+            DelayedScaling::restore(cfg, &ring_history(&hist[i * w..(i + 1) * w], recorded[i]), scale)
         };
         Ok((0..recorded.len() / 2)
             .map(|k| LinearScaling { act: one(2 * k, E4M3), grad: one(2 * k + 1, E5M2) })
@@ -136,7 +145,7 @@ impl<B: Backend> DelayedState<B> {
     pub fn restore(&mut self, be: &B, saved: &[LinearScaling]) -> BResult<()> {
         let w = self.window;
         let n = 2 * saved.len();
-        let (mut hist, mut recorded, mut scales) = (vec![0f32; n * w], vec![0u32; n], vec![0f32; 2 * n]);
+        let (mut hist, mut recorded, mut scales) = (vec![0f32; n * w], vec![0u32; n], vec![0f32; SCALE_STRIDE * n]);
         let mut any = false;
         for (k, s) in saved.iter().enumerate() {
             for (j, ds) in [&s.act, &s.grad].into_iter().enumerate() {
@@ -145,8 +154,8 @@ impl<B: Backend> DelayedState<B> {
                 let h = &h[h.len().saturating_sub(w)..];
                 hist[i * w..i * w + h.len()].copy_from_slice(h);
                 recorded[i] = h.len() as u32;
-                scales[2 * i] = ds.scale();
-                scales[2 * i + 1] = ds.inv_scale();
+                scales[Self::pair(i)] = ds.inv_scale();
+                scales[Self::pair(i) + 1] = ds.scale();
                 any |= !h.is_empty();
             }
         }
@@ -170,7 +179,7 @@ impl<B: Backend> DelayedState<B> {
     }
 }
 
-/// The weight as the GEMMs read it this step (FP8: its codes and `[scale, 1/scale]`,
+/// The weight as the GEMMs read it this step (FP8: its codes and `[1/scale, scale]`,
 /// which the just-in-time cast works out and stores on the device).
 pub enum WeightView<B: Backend> {
     Bf16(B::Buf<bf16>),
@@ -222,7 +231,7 @@ impl<B: Backend> WeightView<B> {
     fn operand(&self) -> Operand<'_, B> {
         match self {
             WeightView::Bf16(b) => Operand::Bf16(b),
-            WeightView::Fp8 { codes, scale } => Operand::Fp8(codes, E4M3, Scalar::Dev(scale, 1)),
+            WeightView::Fp8 { codes, scale } => Operand::Fp8(codes, E4M3, Scalar::Dev(scale, 0)),
         }
     }
 }
@@ -305,7 +314,8 @@ pub fn cast_input<B: Backend>(
     match saved {
         Saved::Bf16(b) => be.cast_bf16(b, x),
         Saved::Fp8(codes) if ds.fresh => {
-            be.cast_fp8_jit(codes, JitSrc::F32(x), E4M3, ScaleSlot { buf: &mut ds.scales, at: 4 * k }, stats)
+            let at = DelayedState::<B>::pair(2 * k);
+            be.cast_fp8_jit(codes, JitSrc::F32(x), E4M3, ScaleSlot { buf: &mut ds.scales, at }, stats)
         }
         Saved::Fp8(codes) => be.cast_fp8_to(codes, x, E4M3, ds.act(k, false), stats),
     }
@@ -433,7 +443,8 @@ pub fn backward<B: Backend>(
         GradCast::Bf16(b) => be.column_sums_cast_bf16(db, b, dy, d.n, d.oc)?,
         GradCast::Fp8(codes) if ds.fresh => {
             be.column_sums(db, dy, d.n, d.oc)?;
-            be.cast_fp8_jit(codes, JitSrc::F32(dy), E5M2, ScaleSlot { buf: &mut ds.scales, at: 4 * k + 2 }, stats)?;
+            let at = DelayedState::<B>::pair(2 * k + 1);
+            be.cast_fp8_jit(codes, JitSrc::F32(dy), E5M2, ScaleSlot { buf: &mut ds.scales, at }, stats)?;
         }
         GradCast::Fp8(codes) => be.column_sums_cast(db, codes, dy, d.n, d.oc, E5M2, ds.dy(k, false), stats)?,
     }

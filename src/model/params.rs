@@ -126,7 +126,7 @@ pub fn init_runs(spec: &ParamSpec, seed: u64, idx: usize, runs: &[(usize, usize)
 /// Master weights.
 pub enum Master<B: Backend> {
     F32(B::Buf<f32>),
-    /// FP16 codes with their scale (`[scale, 1/scale]` on the device: value = code / scale).
+    /// FP16 codes with their scale (`[1/scale, scale]` on the device: value = code / scale).
     F16 {
         codes: B::Buf<f16>,
         scale: B::Buf<f32>,
@@ -136,20 +136,21 @@ pub enum Master<B: Backend> {
     Remote,
 }
 
-/// A scale as the device keeps it: `[scale, 1/scale]` (1/scale exact: a power of two).
+/// A scale as the device keeps it: `[1/scale, scale]` (1/scale exact: a power of two;
+/// first, where the products read it: see `backend::ScaleSlot`).
 pub fn scale_pair<B: Backend>(be: &B, scale: f32) -> BResult<B::Buf<f32>> {
-    be.upload(&[scale, 1.0 / scale])
+    be.upload(&[1.0 / scale, scale])
 }
 
-/// The scale of a `[scale, 1/scale]` pair (a read-back: checkpoints, reports).
+/// The scale of a `[1/scale, scale]` pair (a read-back: checkpoints, reports).
 pub fn read_scale<B: Backend>(be: &B, pair: &B::Buf<f32>) -> BResult<f32> {
-    Ok(be.download(pair)?[0])
+    Ok(be.download(pair)?[1])
 }
 
 /// Stored gradient (between backward and the optimizer step).
 pub enum GradStore<B: Backend> {
     F32(B::Buf<f32>),
-    /// E4M3 codes with a just-in-time scale (`[scale, 1/scale]` on the device, where
+    /// E4M3 codes with a just-in-time scale (`[1/scale, scale]` on the device, where
     /// the cast that made the codes stored it).
     Fp8 {
         codes: B::Buf<u8>,
@@ -164,7 +165,7 @@ pub enum Moments<B: Backend> {
         v: B::Buf<f32>,
     },
     /// E4M3 first moment, FP16 second moment, each with a scale (`scales`: m's
-    /// `[scale, 1/scale]`, then v's, on the device where AdamW keeps them).
+    /// `[1/scale, scale]`, then v's, on the device where AdamW keeps them).
     Scaled {
         m: B::Buf<u8>,
         v: B::Buf<f16>,
@@ -278,7 +279,7 @@ impl<B: Backend> Param<B> {
         Ok(match &self.master {
             Master::F32(b) => Some(be.download(b)?),
             Master::F16 { codes, scale } => {
-                let inv = be.download(scale)?[1];
+                let inv = be.download(scale)?[0];
                 Some(be.download(codes)?.iter().map(|h| h.to_f32() * inv).collect())
             }
             Master::Remote => None,

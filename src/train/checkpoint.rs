@@ -244,8 +244,8 @@ fn write_state_file<'a, B: Backend>(
                 add(format!("adam_m.{name}"), Dtype::F8_E4M3, StateSrc::U8(m));
                 add(format!("adam_v.{name}"), Dtype::F16, StateSrc::F16(v));
                 let s = be.download(scales)?;
-                sc.m = s[0].to_bits();
-                sc.v = s[2].to_bits();
+                sc.m = s[1].to_bits();
+                sc.v = s[3].to_bits();
             }
             Moments::Remote => {}
         }
@@ -584,7 +584,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
                 *m = be.upload(tensor_bytes(&st, &format!("adam_m.{name}"), Dtype::F8_E4M3, n)?)?;
                 *v = be.upload(&f16s(tensor_bytes(&st, &format!("adam_v.{name}"), Dtype::F16, n)?))?;
                 let (ms, vs) = (f32::from_bits(sc.m), f32::from_bits(sc.v));
-                *scales = be.upload(&[ms, 1.0 / ms, vs, 1.0 / vs])?;
+                *scales = be.upload(&[1.0 / ms, ms, 1.0 / vs, vs])?;
             }
             Moments::Remote => {}
         }

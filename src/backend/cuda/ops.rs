@@ -525,7 +525,23 @@ impl Cuda {
                 ((dyt, ta, Major::K), (xt, tb, Major::K), n, k, m, vec![h1, h2])
             }
         };
-        let scale_ptrs = (self.inv_ptr(a)?, self.inv_ptr(b)?);
+        // cuBLASLt reads the inverse scales by address, 16-byte aligned (the model's are:
+        // see backend::ScaleSlot); any other is first copied to an aligned scratch.
+        let mut staged = Vec::new();
+        let mut aligned = |p: u64| -> BResult<u64> {
+            if p.is_multiple_of(16) {
+                return Ok(p);
+            }
+            let d = self.scratch::<f32>(1)?;
+            let dp = dptr(&self.gpu.stream, &d);
+            // SAFETY: `p` addresses one f32 of a live buffer the operand borrows, `d` is
+            // a fresh one-float buffer; the copy is ordered on the compute stream.
+            unsafe { cudarc::driver::result::memcpy_dtod_async(dp, p, 4, self.gpu.stream.cu_stream()) }
+                .map_err(|e| BackendError::new("CUDA copy", e))?;
+            staged.push(d);
+            Ok(dp)
+        };
+        let scale_ptrs = (aligned(self.inv_ptr(a)?)?, aligned(self.inv_ptr(b)?)?);
         // The output amax only when verify asks for it (a zeroed buffer and a read-back).
         let mut amax = if ta != LtType::Bf16 && self.report_amax.get() { Some(self.alloc::<f32>(1)?) } else { None };
         let got = match lt.matmul(
@@ -546,6 +562,7 @@ impl Cuda {
             Some(a) if got => Some(self.scalar(&a)?),
             _ => None,
         });
+        drop(staged);
         Ok(Ok(()))
     }
 
@@ -1373,7 +1390,8 @@ impl Backend for Cuda {
     fn delayed_scaling_update(&self, d: Delayed<'_, Self>, stats: &CudaSlice<u64>) -> BResult<()> {
         let _op = self.op(Phase::Other, "delayed_scaling");
         let (n, w) = (d.slots.len() as u32, d.window as u32);
-        assert!(d.hist.len() >= (n * w) as usize && d.recorded.len() >= n as usize && d.scales.len() >= 2 * n as usize);
+        let pairs = crate::backend::SCALE_STRIDE * n as usize;
+        assert!(d.hist.len() >= (n * w) as usize && d.recorded.len() >= n as usize && d.scales.len() >= pairs);
         launch!(self, "delayed_scaling_update", n as usize, [d.hist, d.recorded, d.scales, d.slots, &n, &w, stats]);
         Ok(())
     }
@@ -1929,7 +1947,7 @@ impl Backend for Cuda {
                 .memcpy_dtod(codes, &mut send.slice_mut(0..n))
                 .map_err(|e| BackendError::new("CUDA copy", e))?;
             let recv = self.all_to_all(comm, &send, k)?;
-            let scales = world.all_gather_vec(&[self.download(scale)?[0]]);
+            let scales = world.all_gather_vec(&[self.download(scale)?[1]]);
             let inv = self.upload(&scales.iter().map(|s| 1.0 / s).collect::<Vec<f32>>())?;
             let mine = n.saturating_sub(world.rank * k).min(k) as u32;
             let (rr, kk) = (ranks as u32, k as u32);
@@ -1943,7 +1961,7 @@ impl Backend for Cuda {
             let mut all = self.alloc::<u8>(k * ranks)?;
             comm.all_gather(&q, &mut all).map_err(|e| BackendError::new("NCCL all-gather", format!("{e:?}")))?;
             self.gpu.stream.memcpy_dtod(&all.slice(0..n), codes).map_err(|e| BackendError::new("CUDA copy", e))?;
-            *scale = self.upload(&[shared, 1.0 / shared])?;
+            *scale = self.upload(&[1.0 / shared, shared])?;
             let peers = (ranks - 1) as u64;
             CommBytes { payload: 2 * peers * k as u64, meta: 2 * peers * 4 }
         })
