@@ -122,6 +122,19 @@ impl<B: Backend + ?Sized> LossGrad<'_, B> {
     }
 }
 
+/// Values on their way to the host ([`Backend::download_later`]).
+pub struct Later<T>(Box<dyn FnOnce() -> BResult<Vec<T>>>);
+
+impl<T> Later<T> {
+    pub fn new(f: impl FnOnce() -> BResult<Vec<T>> + 'static) -> Self {
+        Later(Box::new(f))
+    }
+    /// Wait for the copy; its values.
+    pub fn wait(self) -> BResult<Vec<T>> {
+        (self.0)()
+    }
+}
+
 /// A slot of a statistics buffer (`Buf<u64>`, zeroed before the step): ops that
 /// measure what they store leave the figure there instead of returning it, so a step
 /// reads all of them back at once (no wait on the device per op). An amax slot holds
@@ -345,6 +358,13 @@ pub trait Backend {
     fn zeros<T: Elem>(&self, n: usize) -> BResult<Self::Buf<T>>;
     fn upload<T: Elem>(&self, data: &[T]) -> BResult<Self::Buf<T>>;
     fn download<T: Elem>(&self, buf: &Self::Buf<T>) -> BResult<Vec<T>>;
+    /// [`Backend::download`] that completes later: the copy is queued behind the work
+    /// already queued, and [`Later::wait`] returns its values (a GPU backend copies into
+    /// pinned memory and waits on an event then, not now). This default copies now.
+    fn download_later<T: Elem>(&self, buf: &Self::Buf<T>) -> BResult<Later<T>> {
+        let v = self.download(buf)?;
+        Ok(Later::new(move || Ok(v)))
+    }
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
     fn copy<T: Elem>(&self, dst: &mut Self::Buf<T>, src: &Self::Buf<T>) -> BResult<()>;
     /// The value of a scalar (a read-back when it is on the device: not for the step's

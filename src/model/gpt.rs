@@ -132,6 +132,34 @@ pub struct BackwardStats {
     pub cast_elements: u64,
 }
 
+/// A step's figures on their way to the host ([`Gpt::request_record`]).
+pub struct PendingRecord {
+    ctl: crate::backend::Later<f32>,
+    stats: Option<crate::backend::Later<u64>>,
+    slots: Slots,
+}
+
+impl PendingRecord {
+    /// Wait for the figures: the loss, the overflow flag and the output gradients'
+    /// saturated count into `st`; the controller's state.
+    pub fn finish(self, st: &mut BackwardStats) -> BResult<ControlState> {
+        let w = self.ctl.wait()?;
+        st.loss = w[ctl::LOSS];
+        st.overflow = w[ctl::OVERFLOW] != 0.0;
+        if let Some(stats) = self.stats {
+            let stats = stats.wait()?;
+            st.saturated = (0..self.slots.linears).map(|k| stats[self.slots.dy(k) + 1]).sum();
+        }
+        Ok(ControlState {
+            mu: w[ctl::MU],
+            mu_before: w[ctl::MU_BEFORE],
+            norm: w[ctl::NORM],
+            opt_steps: w[ctl::OPT_STEPS].to_bits(),
+            good_steps: w[ctl::GOOD_STEPS].to_bits(),
+        })
+    }
+}
+
 /// The step controller's state after a step, as the host reads it back.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ControlState {
@@ -1078,24 +1106,17 @@ impl<B: Backend> Gpt<B> {
         })
     }
 
-    /// What the step left on the device, read back at its end (one read): the loss,
-    /// the overflow flag and the output gradients' saturated count.
+    /// What the step left on the device, read back now: the loss, the overflow flag and
+    /// the output gradients' saturated count into `st`, and the controller's state.
     pub fn step_record(&self, be: &B, ws: &Workspace<B>, st: &mut BackwardStats) -> BResult<ControlState> {
-        let w = be.download(&self.ctl)?;
-        st.loss = w[ctl::LOSS];
-        st.overflow = w[ctl::OVERFLOW] != 0.0;
-        if self.level.fp8() {
-            let stats = be.download(&ws.stats)?;
-            let slots = Slots::new(&self.cfg);
-            st.saturated = (0..slots.linears).map(|k| stats[slots.dy(k) + 1]).sum();
-        }
-        Ok(ControlState {
-            mu: w[ctl::MU],
-            mu_before: w[ctl::MU_BEFORE],
-            norm: w[ctl::NORM],
-            opt_steps: w[ctl::OPT_STEPS].to_bits(),
-            good_steps: w[ctl::GOOD_STEPS].to_bits(),
-        })
+        self.request_record(be, ws)?.finish(st)
+    }
+
+    /// [`Gpt::step_record`] queued behind the step's work (pinned memory on GPUs): the
+    /// host goes on launching and takes the figures later ([`PendingRecord::finish`]).
+    pub fn request_record(&self, be: &B, ws: &Workspace<B>) -> BResult<PendingRecord> {
+        let stats = if self.level.fp8() { Some(be.download_later(&ws.stats)?) } else { None };
+        Ok(PendingRecord { ctl: be.download_later(&self.ctl)?, stats, slots: Slots::new(&self.cfg) })
     }
 
     /// Start the step controller at mu and the given counts (a run's start or resume).

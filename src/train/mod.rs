@@ -242,27 +242,33 @@ pub fn train<B: Backend>(
     let mut tokens_done = 0u64;
     let mut peak_memory = 0u64;
     let mut last_val = f32::NAN;
-    while ls.step < tc.steps {
-        let step = ls.step;
-        let timeout = std::time::Duration::from_secs(tc.peer_timeout_s);
-        world.set_timeout(timeout);
-        world.heartbeat(step, timeout);
-        if tc.fault_rank == world.rank as u64 && tc.fault_at_step == step + 1 {
-            fault(tc.fault_kind, world.rank);
-        }
-        let t0 = Instant::now();
-        let lr = lr_at(tc, step);
-        let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
-        let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
-        let so = train_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &mut ls, world, inject)?;
+    // Step s + 1 is launched before step s's figures are taken, so the host never waits
+    // on the device between steps (the figures were copied behind step s's work); a step
+    // after which the model is read (evaluation, a checkpoint, the end) is finished first.
+    let boundary = |done: u64| {
+        done == tc.steps
+            || (tc.eval_every > 0 && done.is_multiple_of(tc.eval_every))
+            || (tc.checkpoint_every > 0 && done.is_multiple_of(tc.checkpoint_every))
+    };
+    // `end`: when the next step was launched (the host waited for this one's work before
+    // it could), or now if it is reported first.
+    let mut report = |f: InFlight,
+                      model: &mut Gpt<B>,
+                      ws: &mut Workspace<B>,
+                      ls: &mut LoopState,
+                      end: Instant|
+     -> Result<(), String> {
+        let step = f.step;
+        let so = f.launched.finish(ls)?;
         let mu = f32::from_bits(ls.mu_bits);
         let (st, comm, norm) = (so.stats, so.comm, so.norm);
         if st.overflow {
             skipped += 1;
             warn!(log, "overflow: non-finite gradients, step skipped"; "step" => step + 1, "mu_old" => so.mu_before, "mu_new" => mu);
         }
-        ls.step += 1;
-        let secs = t0.elapsed().as_secs_f64();
+        ls.step = step + 1;
+        // The step's time: from its launch to the next one's (or to now).
+        let secs = end.duration_since(f.t0).as_secs_f64();
         tokens_done += (b * t * world.size) as u64;
         let tok_s = (b * t * world.size) as f64 / secs;
         train_losses.push(st.loss);
@@ -275,7 +281,7 @@ pub fn train<B: Backend>(
             loss: st.loss,
             loss_bits: st.loss.to_bits(),
             grad_norm: norm,
-            lr,
+            lr: f.lr,
             ms: secs * 1e3,
             tok_s,
             mu,
@@ -286,14 +292,14 @@ pub fn train<B: Backend>(
             comm_meta_bytes: comm.meta,
             pool_high_water_bytes: high_water,
         });
-        if ls.step == 1 || ls.step % tc.log_every == 0 || ls.step == tc.steps || st.overflow {
+        if ls.step == 1 || ls.step.is_multiple_of(tc.log_every) || ls.step == tc.steps || st.overflow {
             let mut line = format!(
                 "step {:>5}/{} | loss {:.4} | norm {:.4} | lr {:.2e} | {:.1} ms | {:.0} tok/s",
                 ls.step,
                 tc.steps,
                 st.loss,
                 norm,
-                lr,
+                f.lr,
                 secs * 1e3,
                 tok_s
             );
@@ -312,18 +318,45 @@ pub fn train<B: Backend>(
             pb.set_position(ls.step);
             pb.set_message(format!("loss {:.4}", st.loss));
         }
-        let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step % tc.eval_every == 0);
+        let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step.is_multiple_of(tc.eval_every));
         if eval_now {
-            last_val = val_loss(be, &mut model, &mut ws, &val, world)?;
+            last_val = val_loss(be, model, ws, &val, world)?;
             emit(Record::Eval { step: ls.step, val_loss: last_val });
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
         let at_end = ls.step == tc.steps && tc.checkpoint_at_end;
-        if at_end || (tc.checkpoint_every > 0 && ls.step % tc.checkpoint_every == 0) {
-            if let Some(dir) = checkpoint::save(be, run_dir, &model, cfg, ls, world)? {
+        if at_end || (tc.checkpoint_every > 0 && ls.step.is_multiple_of(tc.checkpoint_every)) {
+            if let Some(dir) = checkpoint::save(be, run_dir, model, cfg, *ls, world)? {
                 info!(log, "checkpoint written"; "dir" => dir.display().to_string());
             }
             world.barrier();
+        }
+        Ok(())
+    };
+    let mut next = ls.step;
+    let mut inflight: Option<InFlight> = None;
+    loop {
+        if let Some(f) = inflight.take_if(|f| boundary(f.step + 1) || next >= tc.steps) {
+            report(f, &mut model, &mut ws, &mut ls, Instant::now())?;
+        }
+        if next >= tc.steps {
+            break;
+        }
+        let step = next;
+        let timeout = std::time::Duration::from_secs(tc.peer_timeout_s);
+        world.set_timeout(timeout);
+        world.heartbeat(step, timeout);
+        if tc.fault_rank == world.rank as u64 && tc.fault_at_step == step + 1 {
+            fault(tc.fault_kind, world.rank);
+        }
+        let t0 = Instant::now();
+        let lr = lr_at(tc, step);
+        let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
+        let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
+        let launched = launch_step(be, &mut model, &mut ws, tc, (&x, &y), lr, world, inject)?;
+        next += 1;
+        if let Some(prev) = inflight.replace(InFlight { step, lr, t0, launched }) {
+            report(prev, &mut model, &mut ws, &mut ls, t0)?;
         }
     }
     if let Some(pb) = pb {
@@ -372,6 +405,15 @@ pub fn train<B: Backend>(
     })
 }
 
+/// A launched step of the training loop, waiting for its figures.
+struct InFlight {
+    /// 0-based.
+    step: u64,
+    lr: f32,
+    t0: Instant,
+    launched: LaunchedStep,
+}
+
 /// What one training step did.
 pub struct StepOutcome {
     pub stats: crate::model::gpt::BackwardStats,
@@ -382,13 +424,9 @@ pub struct StepOutcome {
     pub mu_before: f32,
 }
 
-/// One optimizer step on batch `(x, y)`: weights for this step, forward and backward,
-/// the overflow decision and the loss agreed by every rank, gradient reduction, clipping,
-/// AdamW, and mu's update. The decisions run on the device (the step controller,
-/// `fp8sim::ops::adamw::step_control`), so on one rank nothing is read back before the
-/// step's end, where one read gives the loss, the norm and the controller's counts
-/// (into `ls`). With several ranks the loss and the overflow flag are agreed over MPI
-/// first (a read-back mid-step). The training loop and `bench step` both run exactly this.
+/// One optimizer step on batch `(x, y)`, launched and then read back
+/// ([`launch_step`], [`LaunchedStep::finish`]). `bench step` runs exactly this; the
+/// training loop runs the same two halves with the next step launched in between.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<B: Backend>(
     be: &B,
@@ -401,9 +439,50 @@ pub fn train_step<B: Backend>(
     world: &World,
     inject: bool,
 ) -> BResult<StepOutcome> {
+    launch_step(be, model, ws, tc, (x, y), lr, world, inject)?.finish(ls)
+}
+
+/// A step whose work is queued, with its figures on their way to the host.
+pub struct LaunchedStep {
+    stats: crate::model::gpt::BackwardStats,
+    comm: CommBytes,
+    record: crate::model::gpt::PendingRecord,
+}
+
+impl LaunchedStep {
+    /// Wait for the step's figures (the loss, the norm, the controller's counts, which go
+    /// into `ls`).
+    pub fn finish(self, ls: &mut LoopState) -> BResult<StepOutcome> {
+        let mut st = self.stats;
+        let c = self.record.finish(&mut st)?;
+        ls.opt_steps = c.opt_steps as u64;
+        ls.good_steps = c.good_steps as u64;
+        ls.mu_bits = c.mu.to_bits();
+        Ok(StepOutcome { stats: st, norm: c.norm, comm: self.comm, mu_before: c.mu_before })
+    }
+}
+
+/// Queue one optimizer step on batch `(x, y)`: weights for this step, forward and
+/// backward, the overflow decision and the loss agreed by every rank, gradient
+/// reduction, clipping, AdamW, and mu's update. The decisions run on the device (the
+/// step controller, `fp8sim::ops::adamw::step_control`), so on one rank nothing is read
+/// back: the step's figures are copied behind its work ([`LaunchedStep::finish`] takes
+/// them). With several ranks the loss and the overflow flag are agreed over MPI first
+/// (a read-back mid-step).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_step<B: Backend>(
+    be: &B,
+    model: &mut Gpt<B>,
+    ws: &mut Workspace<B>,
+    tc: &config::TrainConfig,
+    (x, y): (&[u32], &[u32]),
+    lr: f32,
+    world: &World,
+    inject: bool,
+) -> BResult<LaunchedStep> {
     Ok({
         dist::prepare_weights(be, model, ws, world)?;
-        let mut st = model.forward_backward(be, ws, x, y, inject)?;
+        let st = model.forward_backward(be, ws, x, y, inject)?;
         let mut comm = CommBytes::default();
         if world.size > 1 {
             let mut agreed = st;
@@ -425,12 +504,7 @@ pub fn train_step<B: Backend>(
         };
         model.control_step(be, &control)?;
         model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
-        // The step's one read-back, at its end.
-        let c = model.step_record(be, ws, &mut st)?;
-        ls.opt_steps = c.opt_steps as u64;
-        ls.good_steps = c.good_steps as u64;
-        ls.mu_bits = c.mu.to_bits();
-        StepOutcome { stats: st, norm: c.norm, comm, mu_before: c.mu_before }
+        LaunchedStep { stats: st, comm, record: model.request_record(be, ws)? }
     })
 }
 

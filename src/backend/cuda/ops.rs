@@ -7,7 +7,7 @@ use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
     slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GradOut,
-    GradRef, JitSrc, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
+    GradRef, JitSrc, Later, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -1159,6 +1159,14 @@ impl Backend for Cuda {
     }
     fn len<T: Elem>(&self, buf: &CudaSlice<T>) -> usize {
         buf.len()
+    }
+    /// Into pinned host memory, behind the queued work; `wait` waits on its event.
+    fn download_later<T: Elem>(&self, buf: &CudaSlice<T>) -> BResult<Later<T>> {
+        let err = |e| BackendError::new("CUDA copy from the device", e);
+        // SAFETY: every element is written by the copy below before `wait` reads it.
+        let mut host = unsafe { self.gpu.ctx.alloc_pinned_with_flags::<T>(buf.len(), 0) }.map_err(err)?;
+        self.gpu.stream.memcpy_dtoh(buf, &mut host).map_err(err)?;
+        Ok(Later::new(move || Ok(host.as_slice().map_err(err)?.to_vec())))
     }
     fn copy<T: Elem>(&self, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) -> BResult<()> {
         let _op = self.op(Phase::Other, "copy");
