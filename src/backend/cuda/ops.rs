@@ -1166,7 +1166,14 @@ impl Backend for Cuda {
         // SAFETY: every element is written by the copy below before `wait` reads it.
         let mut host = unsafe { self.gpu.ctx.alloc_pinned_with_flags::<T>(buf.len(), 0) }.map_err(err)?;
         self.gpu.stream.memcpy_dtoh(buf, &mut host).map_err(err)?;
-        Ok(Later::new(move || Ok(host.as_slice().map_err(err)?.to_vec())))
+        // (An event of our own: with cudarc's per-buffer event tracking off, the pinned
+        // slice's own event is never recorded, so waiting on it would not wait. Measured:
+        // the first step's figures read as zeros.)
+        let done = self.gpu.stream.record_event(None).map_err(err)?;
+        Ok(Later::new(move || {
+            done.synchronize().map_err(err)?;
+            Ok(host.as_slice().map_err(err)?.to_vec())
+        }))
     }
     fn copy<T: Elem>(&self, dst: &mut CudaSlice<T>, src: &CudaSlice<T>) -> BResult<()> {
         let _op = self.op(Phase::Other, "copy");
