@@ -42,12 +42,6 @@ pub struct LinearScaling {
 }
 
 impl LinearScaling {
-    /// This step's amaxes of the input and the output gradient.
-    pub fn record(&mut self, act: f32, grad: f32) {
-        self.act.record(act);
-        self.grad.record(grad);
-    }
-
     pub fn new(window: usize) -> Self {
         LinearScaling {
             act: DelayedScaling::new(ScalingConfig { window, ..ScalingConfig::delayed(E4M3) }),
@@ -574,7 +568,8 @@ mod tests {
                 let mut ds = DelayedState::new(&be, 4, &[(0, 2)]).unwrap();
                 if history {
                     let mut sc = LinearScaling::new(4);
-                    sc.record(1.5, 3.0);
+                    sc.act.record(1.5);
+                    sc.grad.record(3.0);
                     ds.restore(&be, &[sc]).unwrap();
                 }
                 ds

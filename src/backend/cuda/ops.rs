@@ -48,8 +48,9 @@ pub struct Cuda {
     profile: std::cell::RefCell<Option<Prof>>,
     /// GELU and its derivative factor of every BF16 code (gelu.cu), made at first use.
     gelu_tab: std::cell::OnceCell<CudaSlice<f32>>,
-    /// Device copies of the f32 constants cuBLASLt reads by pointer (the FP8 products'
-    /// power-of-two scales, 1.0), by bit pattern: uploaded once, not once per product.
+    /// Device copies of host scalars that kernels and cuBLASLt read by address
+    /// (`Scalar::Host`: power-of-two scales, 1.0, mu in tests), by bit pattern: uploaded
+    /// once, not once per use.
     scalars: std::cell::RefCell<std::collections::HashMap<u32, CudaSlice<f32>>>,
     /// Keep the `mma.sync` flash kernels on Hopper too (verify runs both kinds).
     flash_mma: std::cell::Cell<bool>,
@@ -672,15 +673,20 @@ impl Cuda {
     /// The contract's sum (mode 0) or sum of squares (mode 1): blocks of 256 chunks,
     /// then aligned sub-trees of 1024 partials until one is left (see reduce.cu).
     fn csum(&self, x: &CudaSlice<f32>, mode: i32) -> BResult<f32> {
+        self.scalar(&self.sum_device(x, mode)?)
+    }
+
+    /// The contract's sum (`mode` 0) or sum of squares (1) of `x`, left on the device in
+    /// element 0 (0 for an empty `x`).
+    fn sum_device(&self, x: &CudaSlice<f32>, mode: i32) -> BResult<CudaSlice<f32>> {
         let n = x.len() as u32;
         if n == 0 {
-            return Ok(0.0);
+            return self.alloc::<f32>(1);
         }
-        let r = self.csum_device(n, |c, part| {
+        self.csum_device(n, |c, part| {
             launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, part]);
             Ok(())
-        })?;
-        self.scalar(&r)
+        })
     }
 
     /// Every gradient's sum of squares in the contract's order, left on the device: the
@@ -1387,18 +1393,9 @@ impl Backend for Cuda {
     }
     fn mean_to(&self, x: &CudaSlice<f32>, out: &mut CudaSlice<f32>, at: usize) -> BResult<()> {
         let _op = self.op(Phase::Other, "mean");
-        let n = x.len() as u32;
         let o = dptr_at(&self.gpu.stream, out, at);
-        let sum = if n == 0 {
-            self.alloc::<f32>(1)?
-        } else {
-            self.csum_device(n, |c, part| {
-                let mode = 0i32;
-                launch!(self, "reduce_sum_blocks", with c, [x, &n, &mode, part]);
-                Ok(())
-            })?
-        };
-        let nf = n as f32;
+        let sum = self.sum_device(x, 0)?;
+        let nf = x.len() as f32;
         launch!(self, "mean_finish", 1, [&o, &sum, &nf]);
         Ok(())
     }
