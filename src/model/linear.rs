@@ -23,10 +23,13 @@
 //! own amax (just-in-time) instead of the initial scale 1, so step 1 does not flush
 //! small gradients to zero. (Transformer Engine starts from 1.)
 
+use super::tp;
 use crate::backend::BResult;
 use crate::backend::{
     ActOut, Backend, Delayed, GradOut, JitSrc, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
 };
+use fp8cluster::tp::TpBytes;
+use fp8cluster::world::Collectives;
 use fp8sim::half16::{bf16, f16};
 use fp8sim::scaling::{ring_history, DelayedScaling, ScalingConfig};
 use fp8sim::Fp8Format::{E4M3, E5M2};
@@ -94,7 +97,7 @@ impl<B: Backend> DelayedState<B> {
     }
 
     /// Where tracked tensor i's `[1/s, s]` pair starts.
-    fn pair(i: usize) -> usize {
+    pub fn pair(i: usize) -> usize {
         SCALE_STRIDE * i
     }
     /// Linear k's input scale (`inv`: its inverse).
@@ -514,6 +517,90 @@ pub fn backward_from<B: Backend>(
         }
     }
     products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)
+}
+
+/// Tensor parallel: linear k's input made by `produce` on this rank's rows into `local`,
+/// then all-gathered into `saved` (every row) with the same scale on every rank: the
+/// delayed scale (the agreed amax histories make it the same), or on a fresh model a
+/// just-in-time scale from the largest of the ranks' amaxes. BF16 at the bf16 level.
+/// `n`: this rank's element count.
+#[allow(clippy::too_many_arguments)]
+pub fn produce_input_gathered<B: Backend, C: Collectives>(
+    be: &B,
+    g: &C,
+    local: &mut Saved<B>,
+    saved: &mut Saved<B>,
+    n: usize,
+    ds: &mut DelayedState<B>,
+    k: usize,
+    stats: Slot<'_, B>,
+    produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
+) -> BResult<TpBytes> {
+    match &mut *local {
+        Saved::Bf16(b) => produce(ActOut::Bf16(b))?,
+        Saved::Fp8(codes) if !ds.fresh => produce(ActOut::E4m3(codes, ds.act(k, false), stats))?,
+        Saved::Fp8(codes) => {
+            let mut scratch = be.zeros::<f32>(n)?;
+            produce(ActOut::F32(&mut scratch))?;
+            tp::shared_jit_scale(be, g, &scratch, E4M3, &mut ds.scales, DelayedState::<B>::pair(2 * k))?;
+            be.cast_fp8_to(codes, &scratch, E4M3, ds.act(k, false), stats)?;
+        }
+    }
+    tp::gather_saved(be, g, local, saved)
+}
+
+/// Tensor parallel, a row-parallel layer's forward product: this rank's partial
+/// `x W^T` over its slice of the input features (BF16, every row) into `partial`, which
+/// the caller reduce-scatters.
+pub fn forward_partial<B: Backend>(
+    be: &B,
+    partial: &mut B::Buf<bf16>,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    ds: &DelayedState<B>,
+    k: usize,
+    d: Dims,
+) -> BResult<()> {
+    be.matmul_bf16(partial, saved.operand(ds, k), w.operand(), Product::Forward, d.n, d.oc, d.ic, 1.0)
+}
+
+/// Tensor parallel, the backward pass of a row-parallel layer (the projections) whose
+/// output gradient `dy` is this rank's `rows` rows (sequence parallel): its bias
+/// gradient (the ranks' column sums added in rank order), its low-precision copy
+/// (E5M2 with a scale every rank shares, or BF16) all-gathered into `dyq` (every row),
+/// then the products of [`backward`] on this rank's slice of the input features.
+/// Returns the gather's bytes and the bias sum's.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_gathered<B: Backend, C: Collectives>(
+    be: &B,
+    g: &C,
+    dx: &mut B::Buf<bf16>,
+    dw: &mut B::Buf<f32>,
+    db: &mut B::Buf<f32>,
+    dy: &B::Buf<f32>,
+    rows: usize,
+    w: &WeightView<B>,
+    saved: &Saved<B>,
+    ds: &mut DelayedState<B>,
+    k: usize,
+    dy_local: &mut GradCast<B>,
+    dyq: &mut GradCast<B>,
+    d: Dims,
+    stats: Slot<'_, B>,
+) -> BResult<(TpBytes, u64)> {
+    match &mut *dy_local {
+        GradCast::Bf16(b) => be.column_sums_cast_bf16(db, b, dy, rows, d.oc)?,
+        GradCast::Fp8(codes) if ds.fresh => {
+            be.column_sums(db, dy, rows, d.oc)?;
+            tp::shared_jit_scale(be, g, dy, E5M2, &mut ds.scales, DelayedState::<B>::pair(2 * k + 1))?;
+            be.cast_fp8_to(codes, dy, E5M2, ds.dy(k, false), stats)?;
+        }
+        GradCast::Fp8(codes) => be.column_sums_cast(db, codes, dy, rows, d.oc, E5M2, ds.dy(k, false), stats)?,
+    }
+    let summed = tp::sum_over_ranks(be, g, db)?;
+    let gathered = tp::gather_grad(be, g, dy_local, dyq)?;
+    products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)?;
+    Ok((gathered, summed))
 }
 
 /// The two backward products from the output gradient's copy `dy` and the saved input

@@ -7,6 +7,7 @@ pub mod linear;
 pub mod memory;
 pub mod params;
 pub mod shard;
+pub mod tp;
 
 pub use config::{Level, ModelConfig, Recompute};
 pub use gpt::Gpt;
