@@ -110,6 +110,10 @@ pub struct TrainArgs {
     /// GEMM class on GPUs (= --set train.gemm=...).
     #[arg(long, value_enum)]
     pub gemm: Option<Gemm>,
+    /// Tensor-parallel size (= --set train.tp=...): groups of N consecutive ranks split
+    /// every block, data parallel across the groups (mpirun -np a multiple of N).
+    #[arg(long, value_parser = at_least_one)]
+    pub tp: Option<usize>,
     /// Folder for run folders (= --set run.out_dir=...).
     #[arg(long)]
     pub out: Option<String>,

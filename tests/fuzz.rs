@@ -186,7 +186,7 @@ fn damaged_checkpoints_are_errors_never_panics() {
             tried.set(tried.get() + 1);
             let dst = dir.path().join(format!("case-{}", tried.get()));
             damage(&src, &dst, which, op, at, byte, agree);
-            let r = checkpoint::load(&Sim, &dst, 0, 1);
+            let r = checkpoint::load(&Sim, &dst, 0, 1, fp8train::model::tp::TpPlace::ONE);
             loaded.set(loaded.get() + u32::from(r.is_ok()));
             let _ = checkpoint::load_for_inference(&Sim, &dst);
             let _ = checkpoint::peek_config(&dst);

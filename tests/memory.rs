@@ -91,7 +91,7 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
                     (&tokens, &tokens),
                     1e-3,
                     &mut ls,
-                    &world,
+                    &fp8train::train::dist::Grid::new(&world),
                     false,
                 )
                 .unwrap();

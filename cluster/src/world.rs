@@ -79,16 +79,25 @@ impl World {
         } else {
             World::single()
         };
+        w.set_grid(tp)?;
+        Ok(w)
+    }
+
+    /// Set the grid: tensor-parallel size `tp` (groups of `tp` consecutive ranks, inside
+    /// one node) and data parallel over the rest. An error names what does not divide.
+    pub fn set_grid(&mut self, tp: usize) -> Result<(), String> {
         let tp = tp.max(1);
-        if !w.local_size.is_multiple_of(tp) {
+        if !self.local_size.is_multiple_of(tp) || !self.size.is_multiple_of(tp) {
             return Err(format!(
-                "tensor-parallel size {tp} does not divide the {} ranks of this node (tensor parallel stays inside a node)",
-                w.local_size
+                "--tp {tp} (train.tp) does not divide the {} rank(s) of this node ({} in all): tensor-parallel \
+                 groups are {tp} consecutive ranks of one node; launch a multiple of {tp} ranks per node \
+                 (mpirun -np N) or choose another --tp",
+                self.local_size, self.size
             ));
         }
-        w.tp = tp;
-        w.dp = w.size / tp;
-        Ok(w)
+        self.tp = tp;
+        self.dp = self.size / tp;
+        Ok(())
     }
 
     /// How long any collective waits for the other ranks before the run stops.

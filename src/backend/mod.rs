@@ -833,18 +833,38 @@ pub trait Backend {
         codes: &mut Self::Buf<u8>,
         scale: &mut Self::Buf<f32>,
     ) -> BResult<CommBytes> {
-        let mut host = self.download(codes)?;
-        let mut s = self.download(scale)?[1];
-        let c = fp8cluster::reduce::reduce_fp8(world, &mut host, &mut s);
-        *codes = self.upload(&host)?;
-        *scale = self.upload(&[1.0 / s, s])?;
-        Ok(c)
+        reduce_grad_fp8_host(self, world, codes, scale)
     }
     /// Reduce an f32 gradient across the ranks of `world` (bf16 level).
     fn reduce_grad_f32(&self, world: &World, g: &mut Self::Buf<f32>) -> BResult<CommBytes> {
-        let mut host = self.download(g)?;
-        let c = fp8cluster::reduce::reduce_f32(world, &mut host);
-        *g = self.upload(&host)?;
-        Ok(c)
+        reduce_grad_f32_host(self, world, g)
     }
+}
+
+/// [`Backend::reduce_grad_fp8`] over any group `c`, through host copies (the default,
+/// and the data-parallel groups of a tensor-parallel run on every backend).
+pub fn reduce_grad_fp8_host<B: Backend + ?Sized, C: fp8cluster::world::Collectives>(
+    be: &B,
+    c: &C,
+    codes: &mut B::Buf<u8>,
+    scale: &mut B::Buf<f32>,
+) -> BResult<CommBytes> {
+    let mut host = be.download(codes)?;
+    let mut s = be.download(scale)?[1];
+    let bytes = fp8cluster::reduce::reduce_fp8(c, &mut host, &mut s);
+    *codes = be.upload(&host)?;
+    *scale = be.upload(&[1.0 / s, s])?;
+    Ok(bytes)
+}
+
+/// [`Backend::reduce_grad_f32`] over any group `c`, through host copies.
+pub fn reduce_grad_f32_host<B: Backend + ?Sized, C: fp8cluster::world::Collectives>(
+    be: &B,
+    c: &C,
+    g: &mut B::Buf<f32>,
+) -> BResult<CommBytes> {
+    let mut host = be.download(g)?;
+    let bytes = fp8cluster::reduce::reduce_f32(c, &mut host);
+    *g = be.upload(&host)?;
+    Ok(bytes)
 }

@@ -134,6 +134,7 @@ fn measure<B: Backend>(
     fast_fallbacks: u64,
 ) -> Result<(), String> {
     let world = World::single();
+    let grid = crate::train::dist::Grid::new(&world);
     let model_cfg = &cfg.model;
     // --set train.recompute=... is the one training setting a step measurement takes.
     let tc = TrainConfig { level, recompute: cfg.train.recompute, ..Default::default() };
@@ -158,7 +159,7 @@ fn measure<B: Backend>(
     let mut loss = f32::NAN;
     let mut step = |k: u64, ls: &mut LoopState| {
         let (x, y) = tokens(k);
-        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, ls, &world, false)?;
+        let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, ls, &grid, false)?;
         be.synchronize()?;
         crate::backend::BResult::Ok(so.stats.loss)
     };

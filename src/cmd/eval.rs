@@ -19,7 +19,7 @@ pub fn eval_cmd(a: &EvalArgs) -> Result<(), String> {
     }
     let mut ws = model.workspace(&be, cfg.train.batch_size, cfg.model.seq_len)?;
     let batches = data::val_batches(&ds.val, cfg.train.batch_size, cfg.model.seq_len, nb);
-    let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &World::single())?;
+    let loss = train::val_loss(&be, &mut model, &mut ws, &batches, &crate::train::dist::Grid::new(&World::single()))?;
     println!(
         "val loss {loss:.4} at step {} ({} batches of {} x {} tokens, level {}; f32 bits {:#010x})",
         step,

@@ -93,11 +93,43 @@ pub fn topo_cmd(a: &TopoArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Bind this process (local rank `local_rank` of `ranks_per_node`) per the live
-/// machine's plan and log what the operating system reports. Failures are warnings:
-/// training runs unbound rather than not at all.
-pub fn bind_at_start(local_rank: usize, ranks_per_node: usize, log: &slog::Logger) {
-    let args = TopoArgs { ranks_per_node: Some(ranks_per_node), ..Default::default() };
+/// Tensor-parallel groups of `tp` consecutive ranks of the `ranks` on machine `m` must
+/// each lie inside one NVLink island (and tile it): an error naming the GPUs otherwise.
+/// A machine without GPUs (the simulator) has nothing to check.
+pub fn check_tp_islands(m: &Machine, isl: &Islands, ranks: usize, tp: usize) -> Result<(), String> {
+    if tp <= 1 || m.gpus.is_empty() {
+        return Ok(());
+    }
+    match plan(m, isl, ranks, tp) {
+        Err(e @ (plan::PlanError::GroupCrossesIslands { .. } | plan::PlanError::TpDoesNotDivideIsland { .. })) => {
+            Err(format!("--tp {tp}: {e}; `fp8train topo --tp {tp}` shows the plan"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Bind this process (local rank `local_rank` of `ranks_per_node`, tensor-parallel
+/// size `tp`) per the live machine's plan and log what the operating system reports.
+/// Binding failures are warnings (training runs unbound rather than not at all); with
+/// `gpus` (a GPU backend), tensor-parallel groups that would cross NVLink islands are an
+/// error. `bind`: false checks the islands only.
+pub fn bind_at_start(
+    local_rank: usize,
+    ranks_per_node: usize,
+    tp: usize,
+    gpus: bool,
+    bind: bool,
+    log: &slog::Logger,
+) -> Result<(), String> {
+    let args = TopoArgs { ranks_per_node: Some(ranks_per_node), tp, ..Default::default() };
+    if gpus && tp > 1 {
+        if let Ok((m, isl)) = machine_and_islands(&args) {
+            check_tp_islands(&m, &isl, ranks_per_node, tp)?;
+        }
+    }
+    if !bind {
+        return Ok(());
+    }
     let placed = placement(&args).and_then(|(_, _, p)| {
         let me = p.into_iter().nth(local_rank).ok_or_else(|| format!("no placement for local rank {local_rank}"))?;
         let got = topo::bind::bind_self(&me)?;
@@ -109,4 +141,5 @@ pub fn bind_at_start(local_rank: usize, ranks_per_node: usize, log: &slog::Logge
         }
         Err(e) => slog::warn!(log, "running unbound"; "reason" => e),
     }
+    Ok(())
 }

@@ -27,6 +27,9 @@ fn with_flags(cfg: &Config, a: &TrainArgs) -> Result<Config, String> {
     if let Some(g) = a.gemm {
         cfg.train.gemm = g;
     }
+    if let Some(tp) = a.tp {
+        cfg.train.tp = tp;
+    }
     if let Some(o) = &a.out {
         cfg.run.out_dir = o.clone();
     }
@@ -55,12 +58,9 @@ fn new_run_dir(cfg: &Config, check: bool) -> Result<PathBuf, String> {
     Ok(dir)
 }
 
-/// Join the run (MPI under mpirun), bind per the node's plan, and agree on the binary.
-fn join(a: &TrainArgs, log: &Logger) -> Result<World, String> {
+/// Join the run (MPI under mpirun) and agree on the binary.
+fn join() -> Result<World, String> {
     let world = World::init(1)?;
-    if !a.no_bind {
-        super::topo::bind_at_start(world.local_rank, world.local_size, log);
-    }
     let exe = std::env::current_exe()
         .and_then(std::fs::read)
         .map_err(|e| format!("cannot read this program's own file to check it against the other ranks: {e}"))?;
@@ -85,8 +85,8 @@ fn check_config(world: &World, cfg: &Config) -> Result<(), String> {
 
 pub fn train_cmd(a: &TrainArgs, log: &Logger) -> Result<(), String> {
     let progress = !a.no_progress && std::io::stderr().is_terminal();
-    let world = join(a, log)?;
-    world_train(a, log, progress, &world).inspect_err(|e| {
+    let mut world = join()?;
+    world_train(a, log, progress, &mut world).inspect_err(|e| {
         if world.size > 1 {
             // One rank's error stops all of them rather than leaving them waiting.
             world.abort(e);
@@ -108,7 +108,7 @@ fn fresh_config(a: &TrainArgs) -> Result<Config, String> {
     Ok(cfg)
 }
 
-fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Result<(), String> {
+fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &mut World) -> Result<(), String> {
     // A fresh run's config is read once here and handed on; a resume reads it from the
     // checkpoint it loads.
     let fresh = if a.resume.is_none() { Some(fresh_config(a)?) } else { None };
@@ -117,6 +117,18 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &World) -> Re
         (None, Some(cfg)) => cfg.train.clone(),
         (None, None) => unreachable!("a fresh run has its config"),
     };
+    // The grid (dp x tp), then this rank's place on the node: bound next to its GPU,
+    // tensor-parallel groups inside NVLink islands.
+    world.set_grid(tc.tp)?;
+    let world = &*world;
+    super::topo::bind_at_start(
+        world.local_rank,
+        world.local_size,
+        world.tp,
+        tc.backend != cli::Backend::Sim,
+        !a.no_bind,
+        log,
+    )?;
     // Waits on silent peers from here on follow the run's setting (not the default).
     world.set_timeout(std::time::Duration::from_secs(tc.peer_timeout_s));
     let gpu = |rank: usize| if tc.gemm == Gemm::Fast { Cuda::new_fast(rank) } else { Cuda::new(rank) };
@@ -146,13 +158,14 @@ fn run_on<B: Backend>(
 ) -> Result<(), String> {
     if let Some(path) = &a.resume {
         let found = checkpoint::resolve(path)?;
-        fits(be, &with_flags(&checkpoint::peek_config(&found.dir)?, a)?, world.size, "this run")?;
+        fits(be, &with_flags(&checkpoint::peek_config(&found.dir)?, a)?, world.dp, "this run")?;
         if world.rank == 0 {
             for why in &found.skipped {
                 warn!(log, "resume: passed over a checkpoint"; "why" => why);
             }
         }
-        let (ckpt_cfg, model, state) = checkpoint::load(be, &found.dir, world.rank, world.size)?;
+        let tp = crate::model::tp::TpPlace { rank: world.rank % world.tp, size: world.tp };
+        let (ckpt_cfg, model, state) = checkpoint::load(be, &found.dir, world.rank / world.tp, world.dp, tp)?;
         let cfg = with_flags(&ckpt_cfg, a)?;
         for (what, same) in [
             ("model", cfg.model == ckpt_cfg.model),
@@ -193,7 +206,7 @@ fn run_on<B: Backend>(
         Some(c) => c,
         None => fresh_config(a)?,
     };
-    fits(be, &cfg, world.size, "this run")?;
+    fits(be, &cfg, world.dp, "this run")?;
     // Rank 0 names the run folder (the default name holds the time).
     let run_dir = PathBuf::from(agree_string(world, &new_run_dir(&cfg, world.rank == 0)?.to_string_lossy()));
     cfg.run.name = run_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -74,7 +74,12 @@ impl TpTraffic {
         to.meta += b.meta;
         to.bf16_payload += b.bf16_payload;
     }
-    /// All bytes sent, and what the FP8-moved collectives would have sent as BF16.
+    /// What the same step would send with the FP8-moved collectives moving BF16 values
+    /// (their scales and amaxes dropped; everything else as it is).
+    pub fn bf16_equivalent(&self) -> u64 {
+        self.all_gather.bf16_payload + self.reduce_scatter.bf16_payload + self.other
+    }
+    /// All bytes sent.
     pub fn total(&self) -> u64 {
         self.all_gather.payload
             + self.all_gather.meta

@@ -8,12 +8,23 @@
 //!   (floats as their bit patterns);
 //! - `manifest.json`: size and SHA-256 of both files, written last.
 //!
+//! A tensor-parallel run (tp > 1) writes whole tensors into `model.safetensors` (the
+//! pieces gathered in rank order) and one state file per piece, `state-tp{r}.safetensors`,
+//! each in its stored formats with its own scales; `manifest.json` records `tp`. Resuming
+//! at the same tensor-parallel size loads each rank's piece as written (bit-identical);
+//! at another size (or on one rank) the loader decodes every piece, rebuilds the whole
+//! tensors and cuts the new pieces, re-encoding scaled state with fresh power-of-two
+//! scales (exact unless a value falls below the new scale's FP16/E4M3 range).
+//!
 //! A checkpoint is written into a temporary folder, every file fsynced, then renamed
 //! into place (and the parent fsynced), so a crash leaves either the old state or the
 //! new one. Loading verifies sizes and checksums before parsing anything.
 
 use super::config::Config;
+use super::dist::Grid;
 use crate::backend::Backend;
+use crate::model::tp::TpPlace;
+use crate::model::{params, shard};
 use crate::model::linear::LinearScaling;
 use crate::model::params::{read_scale, scale_pair, GradStore, Master, Moments};
 use crate::model::{Gpt, Level};
@@ -78,6 +89,9 @@ struct Manifest {
     /// Ranks of the run that wrote it (O3 shards need the same number to resume).
     #[serde(default = "one")]
     world_size: usize,
+    /// Tensor-parallel size of the run that wrote it (state pieces `state-tp{r}`).
+    #[serde(default = "one")]
+    tp: usize,
     files: BTreeMap<String, FileEntry>,
 }
 
@@ -296,22 +310,26 @@ fn finish(tmp: &Path, ckpts: &Path, name: &str, manifest: &Manifest) -> Result<P
 }
 
 /// Write a checkpoint of `model` at `state.step` under `run_dir/checkpoints/`. Below
-/// O3 every rank holds the same state and rank 0 writes it; at O3 with several ranks
-/// each rank writes its shard (`state-rank{r}.safetensors`) into the same folder and
-/// rank 0 writes the weights and the manifest. Returns the folder on rank 0.
-pub fn save<B: Backend, C: Collectives>(
+/// O3 every data-parallel rank holds the same state and rank 0 writes it (at tp > 1 the
+/// first tensor-parallel group: each rank its piece's state, rank 0 the gathered
+/// weights); at O3 with several ranks each rank writes its shard
+/// (`state-rank{r}.safetensors`) into the same folder and rank 0 writes the weights and
+/// the manifest. Returns the folder on rank 0.
+pub fn save<B: Backend>(
     be: &B,
     run_dir: &Path,
     model: &Gpt<B>,
     cfg: &Config,
     state: LoopState,
-    world: &C,
+    grid: &Grid<'_>,
 ) -> Result<Option<PathBuf>, String> {
+    let (world, tp) = (grid.world, &grid.tp);
     let ckpts = run_dir.join("checkpoints");
     let name = format!("step-{:06}", state.step);
     let lead = world.rank() == 0;
     let sharded = model.level == Level::O3 && world.size() > 1;
-    if !sharded && !lead {
+    let pieces = tp.size > 1;
+    if !sharded && (grid.dp.rank != 0 || (!pieces && !lead)) {
         return Ok(None);
     }
     let tmp = ckpts.join(format!(".{name}.tmp"));
@@ -322,23 +340,31 @@ pub fn save<B: Backend, C: Collectives>(
     }
     if sharded {
         world.barrier();
+    } else if pieces {
+        tp.barrier();
     }
     // Weights as f32, one tensor at a time: each owner sends its masters (all local
-    // below O3); rank 0 writes them as they come.
+    // below O3), the pieces of a tensor-parallel group are put together; rank 0 writes
+    // them as they come, as whole tensors.
     let mut weights = if lead {
         let tensors: Vec<(String, Dtype, Vec<usize>)> =
-            model.params.iter().map(|p| (p.spec.name.clone(), Dtype::F32, p.spec.shape.clone())).collect();
+            params::specs(&model.cfg).into_iter().map(|s| (s.name, Dtype::F32, s.shape)).collect();
         Some(Streamed::create(&tmp.join("model.safetensors"), &model_meta(cfg), &tensors)?)
     } else {
         None
     };
-    super::dist::gather_weights(be, model, world, |_, v| match weights.as_mut() {
+    super::dist::gather_weights(be, model, world, tp, |_, v| match weights.as_mut() {
         Some(w) => w.tensor(&bytes_f32(&v)),
         None => Ok(()),
     })?;
     let model_entry = weights.map(Streamed::finish).transpose()?;
-    let state_name =
-        if sharded { format!("state-rank{}.safetensors", world.rank()) } else { "state.safetensors".to_string() };
+    let state_name = if sharded {
+        format!("state-rank{}.safetensors", world.rank())
+    } else if pieces {
+        format!("state-tp{}.safetensors", tp.rank)
+    } else {
+        "state.safetensors".to_string()
+    };
     let mine = write_state_file(be, &tmp.join(&state_name), model, cfg, state)?;
     let mut files = BTreeMap::new();
     if sharded {
@@ -346,17 +372,23 @@ pub fn save<B: Backend, C: Collectives>(
         for (r, (bytes, sha)) in super::dist::gather_digests(world, mine).into_iter().enumerate() {
             files.insert(format!("state-rank{r}.safetensors"), FileEntry { bytes, sha256: hex(&sha) });
         }
+    } else if pieces {
+        for (r, (bytes, sha)) in super::dist::gather_digests(tp, mine).into_iter().enumerate() {
+            files.insert(format!("state-tp{r}.safetensors"), FileEntry { bytes, sha256: hex(&sha) });
+        }
     } else {
         files.insert(state_name, FileEntry { bytes: mine.0, sha256: hex(&mine.1) });
     }
     let mut dest = None;
     if let Some((bytes, sha)) = model_entry {
         files.insert("model.safetensors".to_string(), FileEntry { bytes, sha256: hex(&sha) });
-        let manifest = Manifest { format: FORMAT.into(), step: state.step, world_size: world.size(), files };
+        let manifest = Manifest { format: FORMAT.into(), step: state.step, world_size: world.size(), tp: tp.size, files };
         dest = Some(finish(&tmp, &ckpts, &name, &manifest)?);
     }
     if sharded {
         world.barrier();
+    } else if pieces {
+        tp.barrier();
     }
     Ok(dest)
 }
@@ -536,12 +568,25 @@ fn f16s(b: &[u8]) -> Vec<f16> {
 }
 
 /// Load a checkpoint: its config, the model with all optimizer and scaling state,
-/// and the loop state.
-pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Result<(Config, Gpt<B>, LoopState), String> {
+/// and the loop state, for data-parallel rank `rank` of `ranks` holding tensor-parallel
+/// piece `tp` (whatever layout wrote it; see the module's notes).
+pub fn load<B: Backend>(
+    be: &B,
+    path: &Path,
+    rank: usize,
+    ranks: usize,
+    tp: TpPlace,
+) -> Result<(Config, Gpt<B>, LoopState), String> {
     let dir = resolve(path)?.dir;
     let manifest = manifest_of(&dir)?;
+    let saved_tp = manifest.tp.max(1);
+    if saved_tp != tp.size {
+        return load_relayout(be, &dir, &manifest, rank, ranks, tp);
+    }
     let state_name = if manifest.files.contains_key("state.safetensors") {
         "state.safetensors".to_string()
+    } else if saved_tp > 1 {
+        format!("state-tp{}.safetensors", tp.rank)
     } else {
         if manifest.world_size != ranks {
             return Err(format!(
@@ -557,7 +602,7 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
     let state_bytes = verify_file(&dir, &manifest, &state_name, true)?.ok_or("checkpoint: state not read")?;
     let (cfg, smeta, st) = parse_state(&state_bytes, &state_name)?;
     weights_fit_config(&dir, &manifest, &cfg)?;
-    let mut model = Gpt::new(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks)?;
+    let mut model = Gpt::new_tp(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks, tp)?;
     if smeta.params.len() != model.params.len() || smeta.act.len() != 4 * model.cfg.n_layer {
         return Err("checkpoint: parameter or layer count does not match its config".into());
     }
@@ -591,6 +636,108 @@ pub fn load<B: Backend>(be: &B, path: &Path, rank: usize, ranks: usize) -> Resul
     }
     restore_scaling(be, &mut model, &smeta)?;
     Ok((cfg, model, smeta.loop_state))
+}
+
+/// [`load`] of a checkpoint written at another tensor-parallel size: every saved piece's
+/// state decoded to values, the whole tensors rebuilt (`shard::gather`), this rank's
+/// piece cut (`shard::shard`) and stored in its level's formats with fresh power-of-two
+/// scales (the optimizer's own just-in-time rule). The scaling histories, identical on
+/// every piece, come from the first.
+fn load_relayout<B: Backend>(
+    be: &B,
+    dir: &Path,
+    manifest: &Manifest,
+    rank: usize,
+    ranks: usize,
+    tp: TpPlace,
+) -> Result<(Config, Gpt<B>, LoopState), String> {
+    let saved_tp = manifest.tp.max(1);
+    let names: Vec<String> = if saved_tp == 1 {
+        if !manifest.files.contains_key("state.safetensors") {
+            return Err(format!(
+                "checkpoint {}: O3 shards (written by {} ranks) resume at tensor-parallel size 1 only",
+                dir.display(),
+                manifest.world_size
+            ));
+        }
+        vec!["state.safetensors".to_string()]
+    } else {
+        (0..saved_tp).map(|r| format!("state-tp{r}.safetensors")).collect()
+    };
+    let maps = names
+        .iter()
+        .map(|n| verify_file(dir, manifest, n, true)?.ok_or_else(|| format!("checkpoint: {n} not read")))
+        .collect::<Result<Vec<_>, String>>()?;
+    let parsed = maps.iter().zip(&names).map(|(m, n)| parse_state(m, n)).collect::<Result<Vec<_>, String>>()?;
+    let (cfg, smeta, _) = &parsed[0];
+    weights_fit_config(dir, manifest, cfg)?;
+    shard::check(&cfg.model, tp.size)
+        .map_err(|e| format!("checkpoint {} (saved at tp = {saved_tp}): cannot resume here: {e}", dir.display()))?;
+    let mut model = Gpt::new_tp(be, &cfg.model, smeta.level, cfg.train.seed, cfg.train.amax_window, rank, ranks, tp)?;
+    for (_, m, _) in &parsed {
+        if m.params.len() != model.params.len() || m.act.len() != 4 * model.cfg.n_layer || m.level != smeta.level {
+            return Err("checkpoint: parameter or layer count or level differs between its state pieces".into());
+        }
+    }
+    let whole = params::specs(&cfg.model);
+    for (i, p) in model.params.iter_mut().enumerate() {
+        let split = shard::split_of(&cfg.model, i);
+        let shape = &whole[i].shape;
+        let saved_n: usize = shard::shard_shape(shape, split, saved_tp).iter().product();
+        let name = &whole[i].name;
+        // This rank's piece of one stored tensor, as values: each saved piece decoded
+        // with its own scale (`value = code * (1 / scale)`), then re-cut.
+        let piece = |kind: &str, dtype: Dtype, scale_of: &dyn Fn(&ParamScales) -> u32| -> Result<Vec<f32>, String> {
+            let mut pieces = Vec::with_capacity(parsed.len());
+            for (_, m, st) in &parsed {
+                let b = tensor_bytes(st, &format!("{kind}.{name}"), dtype, saved_n)?;
+                let inv = 1.0 / f32::from_bits(scale_of(&m.params[i]));
+                pieces.push(match dtype {
+                    Dtype::F32 => f32s(b),
+                    Dtype::F16 => f16s(b).iter().map(|h| h.to_f32() * inv).collect(),
+                    _ => b.iter().map(|&q| fp8sim::fp8::decode(fp8sim::Fp8Format::E4M3, q) * inv).collect(),
+                });
+            }
+            let full = if saved_tp == 1 { pieces.pop().expect("one piece") } else { shard::gather(&pieces, shape, split) };
+            Ok(if tp.size == 1 { full } else { shard::shard(&full, shape, split, tp.rank, tp.size) })
+        };
+        let sc0 = &smeta.params[i];
+        let f16_of = |v: &[f32], prev: u32| {
+            let (mut codes, mut s) = (vec![f16::from_bits(0); v.len()], f32::from_bits(prev));
+            fp8sim::ops::adamw::encode_f16_jit(v, &mut codes, &mut s);
+            (codes, s)
+        };
+        match &mut p.master {
+            Master::F32(w) => *w = be.upload(&piece("master", Dtype::F32, &|_| 1f32.to_bits())?)?,
+            Master::F16 { codes, scale } => {
+                let (c, s) = f16_of(&piece("master", Dtype::F16, &|sc| sc.master)?, sc0.master);
+                *codes = be.upload(&c)?;
+                *scale = scale_pair(be, s)?;
+            }
+            Master::Remote => unreachable!("O3 shards are refused above"),
+        }
+        if let GradStore::Fp8 { scale, .. } = &mut p.grad {
+            *scale = scale_pair(be, f32::from_bits(sc0.grad))?;
+        }
+        match &mut p.moments {
+            Moments::F32 { m, v } => {
+                *m = be.upload(&piece("adam_m", Dtype::F32, &|_| 1f32.to_bits())?)?;
+                *v = be.upload(&piece("adam_v", Dtype::F32, &|_| 1f32.to_bits())?)?;
+            }
+            Moments::Scaled { m, v, scales } => {
+                let mv = piece("adam_m", Dtype::F8_E4M3, &|sc| sc.m)?;
+                let (mut mc, mut ms) = (vec![0u8; mv.len()], f32::from_bits(sc0.m));
+                fp8sim::ops::adamw::encode_e4m3_jit(&mv, &mut mc, &mut ms);
+                let (vc, vs) = f16_of(&piece("adam_v", Dtype::F16, &|sc| sc.v)?, sc0.v);
+                *m = be.upload(&mc)?;
+                *v = be.upload(&vc)?;
+                *scales = be.upload(&[1.0 / ms, ms, 1.0 / vs, vs])?;
+            }
+            Moments::Remote => unreachable!("O3 shards are refused above"),
+        }
+    }
+    restore_scaling(be, &mut model, smeta)?;
+    Ok((cfg.clone(), model, smeta.loop_state))
 }
 
 /// The model a config describes must be the one the verified weights file holds (all
@@ -648,8 +795,8 @@ fn restore_scaling<B: Backend>(be: &B, model: &mut Gpt<B>, smeta: &StateMeta) ->
 pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, u64), String> {
     let dir = resolve(path)?.dir;
     let manifest = manifest_of(&dir)?;
-    if manifest.files.contains_key("state.safetensors") {
-        let (cfg, model, ls) = load(be, &dir, 0, 1)?;
+    if manifest.files.contains_key("state.safetensors") || manifest.tp > 1 {
+        let (cfg, model, ls) = load(be, &dir, 0, 1, TpPlace::ONE)?;
         return Ok((cfg, model, ls.step));
     }
     let cfg = config_of(&dir)?;

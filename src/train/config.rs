@@ -91,6 +91,9 @@ pub struct TrainConfig {
     pub peer_timeout_s: u64,
     /// Activations recomputed in the backward pass: "none" or "gelu".
     pub recompute: Recompute,
+    /// Tensor-parallel size: groups of this many consecutive ranks (inside one node's
+    /// NVLink island) split every block Megatron-style, data parallel across the groups.
+    pub tp: usize,
 }
 
 impl Default for TrainConfig {
@@ -123,6 +126,7 @@ impl Default for TrainConfig {
             fault_kind: FaultKind::Exit,
             peer_timeout_s: 30,
             recompute: Recompute::None,
+            tp: 1,
         }
     }
 }
@@ -183,6 +187,25 @@ impl Config {
         range("train.amax_window", t.amax_window, 1, 1024)?;
         range("train.mu_growth_interval", t.mu_growth_interval, 1, 10_000_000)?;
         range("train.peer_timeout_s", t.peer_timeout_s, 1, 3600)?;
+        range("train.tp", t.tp, 1, 1024)?;
+        if t.tp > 1 {
+            crate::model::shard::check(&self.model, t.tp)?;
+            if t.level == Level::O3 {
+                return Err(format!(
+                    "--tp {} with train.level = \"O3\": ZeRO sharding over the data-parallel groups of a \
+                     tensor-parallel run is not built yet; use O2 (the same numerics, optimizer state replicated \
+                     over data-parallel ranks) or --tp 1",
+                    t.tp
+                ));
+            }
+            if t.recompute != Recompute::None {
+                return Err(format!(
+                    "--tp {} with train.recompute = \"{}\": recomputation is not built for tensor-parallel runs \
+                     yet; set train.recompute = \"none\" (the pieces already hold 1/tp of the activations)",
+                    t.tp, t.recompute
+                ));
+            }
+        }
         if self.data.tokenizer.vocab_size() > self.model.vocab_size {
             return Err(format!(
                 "model.vocab_size = {} is smaller than the {:?} tokenizer's vocabulary ({})",

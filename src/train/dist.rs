@@ -9,12 +9,37 @@
 //! agreements, the few-byte scales and the checkpoint gathering (bound for a file on
 //! the host anyway) use the world's host collectives (MPI).
 
-use crate::backend::{BResult, Backend};
+use crate::backend::{self, BResult, Backend};
 use crate::model::gpt::{BackwardStats, Workspace};
-use crate::model::params::{GradStore, Param};
+use crate::model::params::{self, GradStore, Param};
+use crate::model::shard;
+use crate::model::tp::TpPlace;
 use crate::model::{Gpt, Level};
 use fp8cluster::reduce::CommBytes;
-use fp8cluster::world::{Collectives, World};
+use fp8cluster::world::{Collectives, Group, World};
+
+/// This rank's place in the run's grid (`World::groups`): the world, its
+/// tensor-parallel group (`world.tp` consecutive ranks) and its data-parallel group (the
+/// ranks at the same place in their tensor-parallel groups). At tp = 1 the data-parallel
+/// group is the world.
+pub struct Grid<'w> {
+    pub world: &'w World,
+    pub tp: Group<'w>,
+    pub dp: Group<'w>,
+}
+
+impl<'w> Grid<'w> {
+    /// The groups of `world`'s grid. Collective: every rank calls it.
+    pub fn new(world: &'w World) -> Grid<'w> {
+        let (tp, dp) = world.groups();
+        Grid { world, tp, dp }
+    }
+
+    /// This rank's place in its tensor-parallel group, as the model takes it.
+    pub fn tp_place(&self) -> TpPlace {
+        TpPlace { rank: self.tp.rank, size: self.tp.size }
+    }
+}
 
 /// This step's compute weights on every rank: derived from the masters this rank holds,
 /// then, at O3 with several ranks, each tensor's compute form from its owner.
@@ -26,45 +51,59 @@ pub fn prepare_weights<B: Backend>(be: &B, model: &Gpt<B>, ws: &mut Workspace<B>
     Ok(())
 }
 
-/// Every rank takes the same decisions: an overflow anywhere skips the step everywhere,
-/// and the loss is the mean of the ranks' losses.
-pub fn agree<C: Collectives>(world: &C, st: &mut BackwardStats) {
+/// Every rank of the data-parallel group `dp` takes the same decisions: an overflow
+/// anywhere skips the step everywhere, and the loss is the mean of the ranks' losses
+/// (the ranks of a tensor-parallel group agreed theirs already).
+pub fn agree<C: Collectives>(dp: &C, st: &mut BackwardStats) {
     let mut flags = [if st.overflow { 1.0 } else { 0.0 }];
-    world.all_reduce_max(&mut flags);
+    dp.all_reduce_max(&mut flags);
     st.overflow = flags[0] > 0.0;
     let mut losses = [st.loss];
-    world.all_reduce_sum(&mut losses);
-    st.loss = losses[0] / world.size() as f32;
+    dp.all_reduce_sum(&mut losses);
+    st.loss = losses[0] / dp.size() as f32;
 }
 
-/// Every stored gradient summed over the ranks (FP8 by the contract's reduction, f32 in
-/// rank order), tensor by tensor; the bytes moved.
-pub fn reduce_gradients<B: Backend>(be: &B, world: &World, params: &mut [Param<B>]) -> BResult<CommBytes> {
+/// Every stored gradient summed over the data-parallel group (FP8 by the contract's
+/// reduction, f32 in rank order), tensor by tensor; the bytes moved. At tp = 1 the
+/// group is the world and the backend's own transport runs (NCCL on GPUs); the
+/// data-parallel groups of a tensor-parallel run go through host copies for now.
+pub fn reduce_gradients<B: Backend>(be: &B, grid: &Grid<'_>, params: &mut [Param<B>]) -> BResult<CommBytes> {
     let mut comm = CommBytes::default();
-    if world.size > 1 {
-        for p in params.iter_mut() {
-            comm += match &mut p.grad {
-                GradStore::Fp8 { codes, scale } => be.reduce_grad_fp8(world, codes, scale)?,
-                GradStore::F32(g) => be.reduce_grad_f32(world, g)?,
-            };
-        }
+    if grid.dp.size == 1 {
+        return Ok(comm);
+    }
+    let world = grid.world;
+    for p in params.iter_mut() {
+        comm += match (&mut p.grad, world.tp == 1) {
+            (GradStore::Fp8 { codes, scale }, true) => be.reduce_grad_fp8(world, codes, scale)?,
+            (GradStore::F32(g), true) => be.reduce_grad_f32(world, g)?,
+            (GradStore::Fp8 { codes, scale }, false) => backend::reduce_grad_fp8_host(be, &grid.dp, codes, scale)?,
+            (GradStore::F32(g), false) => backend::reduce_grad_f32_host(be, &grid.dp, g)?,
+        };
     }
     Ok(comm)
 }
 
-/// Each parameter's f32 weights, in order, from its owner (all local below O3 or on one
-/// rank), handed to `take` one tensor at a time on every rank.
-pub fn gather_weights<B: Backend, C: Collectives>(
+/// Each parameter's whole f32 weights, in order, from its owner (all local below O3 or
+/// on one rank) and, at tp > 1, from every piece of the tensor-parallel group `tp`
+/// (rebuilt in rank order: `shard::gather_pieces`), handed to `take` one tensor at a
+/// time on every rank of `world` (O3) or of `tp`.
+pub fn gather_weights<B: Backend, C: Collectives, T: Collectives>(
     be: &B,
     model: &Gpt<B>,
     world: &C,
+    tp: &T,
     mut take: impl FnMut(&Param<B>, Vec<f32>) -> Result<(), String>,
 ) -> Result<(), String> {
     let sharded = model.level == Level::O3 && world.size() > 1;
-    for p in &model.params {
+    let whole = params::specs(&model.cfg);
+    for (i, p) in model.params.iter().enumerate() {
         let mut v = p.master_f32(be)?.unwrap_or_else(|| vec![0f32; p.spec.numel()]);
         if sharded {
             world.broadcast(&mut v, p.owner);
+        }
+        if tp.size() > 1 {
+            v = shard::gather_pieces(tp, &v, &whole[i].shape, shard::split_of(&model.cfg, i));
         }
         take(p, v)?;
     }

@@ -39,6 +39,12 @@ pub enum Record<'a> {
         dy_elements: u64,
         comm_bytes: u64,
         comm_meta_bytes: u64,
+        /// Bytes this rank sent in tensor-parallel collectives, and what they would be
+        /// with BF16 instead of FP8 activations and gradients (tp > 1 only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tp_comm_bytes: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tp_comm_bf16_bytes: Option<u64>,
         /// The device pool's high-water mark so far (GPU backends; null elsewhere).
         pool_high_water_bytes: Option<u64>,
     },

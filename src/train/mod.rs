@@ -15,6 +15,7 @@ use crate::model::gpt::Workspace;
 use crate::model::Gpt;
 use checkpoint::LoopState;
 use config::Config;
+use dist::Grid;
 use fp8cluster::reduce::CommBytes;
 use fp8cluster::world::{Collectives, World};
 use fp8sim::ops::adamw::StepControl;
@@ -68,19 +69,19 @@ pub struct RunOutcome {
 }
 
 /// Validation loss: mean over the fixed validation batches (batch means added in
-/// order, then divided by the count).
+/// order, then divided by the count); every rank of a tensor-parallel group the same.
 pub fn val_loss<B: Backend>(
     be: &B,
     model: &mut Gpt<B>,
     ws: &mut Workspace<B>,
     batches: &[(Vec<u32>, Vec<u32>)],
-    world: &World,
+    grid: &Grid<'_>,
 ) -> BResult<f32> {
     Ok({
-        dist::prepare_weights(be, model, ws, world)?;
+        dist::prepare_weights(be, model, ws, grid.world)?;
         let mut sum = 0f32;
         for (x, y) in batches {
-            sum += model.eval_loss(be, ws, x, y)?;
+            sum += if grid.tp.size > 1 { model.eval_loss_tp(be, &grid.tp, ws, x, y)? } else { model.eval_loss(be, ws, x, y)? };
         }
         sum / batches.len() as f32
     })
@@ -140,14 +141,37 @@ pub fn train<B: Backend>(
     } else {
         None
     };
+    if world.tp != tc.tp.max(1) {
+        return Err(format!(
+            "train.tp = {} but the ranks were joined at tensor-parallel size {} (World::set_grid)",
+            tc.tp, world.tp
+        ));
+    }
+    let grid = Grid::new(world);
     let resumed = matches!(start, Start::Resume(..));
     let (mut model, mut ls) = match start {
         Start::Fresh => (
-            Gpt::new(be, &cfg.model, tc.level, tc.seed, tc.amax_window, world.rank, world.size)?,
+            Gpt::new_tp(
+                be,
+                &cfg.model,
+                tc.level,
+                tc.seed,
+                tc.amax_window,
+                grid.dp.rank,
+                grid.dp.size,
+                grid.tp_place(),
+            )?,
             LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 },
         ),
         Start::Resume(m, s) => (*m, s),
     };
+    if model.tp != grid.tp_place() {
+        return Err(format!(
+            "the model holds tensor-parallel piece {:?} but this rank's place is {:?}",
+            model.tp,
+            grid.tp_place()
+        ));
+    }
     model.recompute = tc.recompute;
     let mut metrics = if lead {
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
@@ -184,8 +208,14 @@ pub fn train<B: Backend>(
     info!(log, "run"; "dir" => run_dir.display().to_string(), "backend" => be.name(), "level" => tc.level.to_string(),
           "params" => np, "data" => &ds.description, "resumed_at_step" => if resumed { ls.step } else { 0 });
     if speak {
+        let pieces = if world.tp > 1 {
+            let whole: usize = crate::model::params::specs(&cfg.model).iter().map(|s| s.numel()).sum();
+            format!(" on this rank (its tensor-parallel pieces of the model's {whole})")
+        } else {
+            String::new()
+        };
         println!(
-            "fp8train: {} parameters, level {}: {:.2} bytes/param in weights + gradients + optimizer state \
+            "fp8train: {} parameters{pieces}, level {}: {:.2} bytes/param in weights + gradients + optimizer state \
              (measured from the buffers held; + {} bytes of scale metadata)",
             np, tc.level, bpp, meta_bytes
         );
@@ -196,12 +226,13 @@ pub fn train<B: Backend>(
                 world.size - 1
             );
             println!(
-                "fp8train: {} ranks (data parallel {} x tensor parallel {}), {} rows per rank, {} rows per step",
+                "fp8train: {} ranks (data parallel {} x tensor parallel {}), {} rows per data-parallel rank, {} \
+                 rows per step",
                 world.size,
                 world.dp,
                 world.tp,
                 b,
-                b * world.size
+                b * world.dp
             );
         }
     }
@@ -269,8 +300,8 @@ pub fn train<B: Backend>(
         ls.step = step + 1;
         // The step's time: from its launch to the next one's (or to now).
         let secs = end.duration_since(f.t0).as_secs_f64();
-        tokens_done += (b * t * world.size) as u64;
-        let tok_s = (b * t * world.size) as f64 / secs;
+        tokens_done += (b * t * world.dp) as u64;
+        let tok_s = (b * t * world.dp) as f64 / secs;
         train_losses.push(st.loss);
         // Device memory (GPU backends): the pool's high-water mark so far.
         let mem = be.memory();
@@ -290,6 +321,8 @@ pub fn train<B: Backend>(
             dy_elements: st.cast_elements,
             comm_bytes: comm.payload,
             comm_meta_bytes: comm.meta,
+            tp_comm_bytes: so.tp.map(|x| x.total()),
+            tp_comm_bf16_bytes: so.tp.map(|x| x.bf16_equivalent()),
             pool_high_water_bytes: high_water,
         });
         if ls.step == 1 || ls.step.is_multiple_of(tc.log_every) || ls.step == tc.steps || st.overflow {
@@ -303,8 +336,15 @@ pub fn train<B: Backend>(
                 secs * 1e3,
                 tok_s
             );
-            if world.size > 1 {
+            if world.dp > 1 {
                 line += &format!(" | grad comm {:.1} KiB/rank", comm.payload as f64 / 1024.0);
+            }
+            if let Some(x) = so.tp {
+                line += &format!(
+                    " | tp comm {:.1} KiB/rank (BF16 would move {:.1})",
+                    x.total() as f64 / 1024.0,
+                    x.bf16_equivalent() as f64 / 1024.0
+                );
             }
             if let Some(h) = high_water {
                 line += &format!(" | mem {:.2} GiB", h as f64 / (1u64 << 30) as f64);
@@ -320,13 +360,13 @@ pub fn train<B: Backend>(
         }
         let eval_now = ls.step == tc.steps || (tc.eval_every > 0 && ls.step.is_multiple_of(tc.eval_every));
         if eval_now {
-            last_val = val_loss(be, model, ws, &val, world)?;
+            last_val = val_loss(be, model, ws, &val, &grid)?;
             emit(Record::Eval { step: ls.step, val_loss: last_val });
             say(format!("step {:>5}/{} | val loss {:.4}", ls.step, tc.steps, last_val));
         }
         let at_end = ls.step == tc.steps && tc.checkpoint_at_end;
         if at_end || (tc.checkpoint_every > 0 && ls.step.is_multiple_of(tc.checkpoint_every)) {
-            if let Some(dir) = checkpoint::save(be, run_dir, model, cfg, *ls, world)? {
+            if let Some(dir) = checkpoint::save(be, run_dir, model, cfg, *ls, &grid)? {
                 info!(log, "checkpoint written"; "dir" => dir.display().to_string());
             }
             world.barrier();
@@ -351,9 +391,10 @@ pub fn train<B: Backend>(
         }
         let t0 = Instant::now();
         let lr = lr_at(tc, step);
-        let (x, y) = data::train_batch(&ds.train, tc.seed, step, world.rank * b, b, t);
+        // Every rank of a tensor-parallel group takes its data-parallel rank's rows.
+        let (x, y) = data::train_batch(&ds.train, tc.seed, step, grid.dp.rank * b, b, t);
         let inject = tc.inject_nan_at_step == step + 1 && world.rank == 0;
-        let launched = launch_step(be, &mut model, &mut ws, tc, (&x, &y), lr, world, inject)?;
+        let launched = launch_step(be, &mut model, &mut ws, tc, (&x, &y), lr, &grid, inject)?;
         next += 1;
         if let Some(prev) = inflight.replace(InFlight { step, lr, t0, launched }) {
             report(prev, &mut model, &mut ws, &mut ls, t0)?;
@@ -420,6 +461,8 @@ pub struct StepOutcome {
     /// Gradient norm (NaN on a skipped step).
     pub norm: f32,
     pub comm: CommBytes,
+    /// Bytes this rank sent in tensor-parallel collectives (tp > 1).
+    pub tp: Option<crate::model::tp::TpTraffic>,
     /// mu before the step.
     pub mu_before: f32,
 }
@@ -436,16 +479,17 @@ pub fn train_step<B: Backend>(
     (x, y): (&[u32], &[u32]),
     lr: f32,
     ls: &mut LoopState,
-    world: &World,
+    grid: &Grid<'_>,
     inject: bool,
 ) -> BResult<StepOutcome> {
-    launch_step(be, model, ws, tc, (x, y), lr, world, inject)?.finish(ls)
+    launch_step(be, model, ws, tc, (x, y), lr, grid, inject)?.finish(ls)
 }
 
 /// A step whose work is queued, with its figures on their way to the host.
 pub struct LaunchedStep {
     stats: crate::model::gpt::BackwardStats,
     comm: CommBytes,
+    tp: Option<crate::model::tp::TpTraffic>,
     record: crate::model::gpt::PendingRecord,
 }
 
@@ -458,7 +502,7 @@ impl LaunchedStep {
         ls.opt_steps = c.opt_steps as u64;
         ls.good_steps = c.good_steps as u64;
         ls.mu_bits = c.mu.to_bits();
-        Ok(StepOutcome { stats: st, norm: c.norm, comm: self.comm, mu_before: c.mu_before })
+        Ok(StepOutcome { stats: st, norm: c.norm, comm: self.comm, tp: self.tp, mu_before: c.mu_before })
     }
 }
 
@@ -467,8 +511,10 @@ impl LaunchedStep {
 /// reduction, clipping, AdamW, and mu's update. The decisions run on the device (the
 /// step controller, `fp8sim::ops::adamw::step_control`), so on one rank nothing is read
 /// back: the step's figures are copied behind its work ([`LaunchedStep::finish`] takes
-/// them). With several ranks the loss and the overflow flag are agreed over MPI first
-/// (a read-back mid-step).
+/// them). With several data-parallel ranks the loss and the overflow flag are agreed
+/// over MPI first (a read-back mid-step). At tp > 1 the model's pass runs over the
+/// tensor-parallel group (`Gpt::forward_backward_tp`, `Gpt::control_step_tp`) and the
+/// gradients are reduced over the data-parallel group only.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_step<B: Backend>(
     be: &B,
@@ -477,34 +523,44 @@ pub fn launch_step<B: Backend>(
     tc: &config::TrainConfig,
     (x, y): (&[u32], &[u32]),
     lr: f32,
-    world: &World,
+    grid: &Grid<'_>,
     inject: bool,
 ) -> BResult<LaunchedStep> {
     Ok({
-        dist::prepare_weights(be, model, ws, world)?;
-        let st = model.forward_backward(be, ws, x, y, inject)?;
+        let split = grid.tp.size > 1;
+        dist::prepare_weights(be, model, ws, grid.world)?;
+        let st = if split {
+            model.forward_backward_tp(be, &grid.tp, ws, x, y, inject)?
+        } else {
+            model.forward_backward(be, ws, x, y, inject)?
+        };
         let mut comm = CommBytes::default();
-        if world.size > 1 {
+        if grid.dp.size > 1 {
             let mut agreed = st;
             model.step_record(be, ws, &mut agreed)?;
-            dist::agree(world, &mut agreed);
+            dist::agree(&grid.dp, &mut agreed);
             model.set_agreed(be, agreed.loss, agreed.overflow)?;
             if !agreed.overflow {
-                comm = dist::reduce_gradients(be, world, &mut model.params)?;
+                comm = dist::reduce_gradients(be, grid, &mut model.params)?;
             }
         }
         let control = StepControl {
             grad_clip: tc.grad_clip,
-            ranks: world.size as f32,
+            ranks: grid.dp.size as f32,
             beta1: tc.beta1,
             beta2: tc.beta2,
             mu_growth_interval: u32::try_from(tc.mu_growth_interval).unwrap_or(u32::MAX),
             mu_min: MU_MIN,
             mu_max: MU_MAX,
         };
-        model.control_step(be, &control)?;
+        if split {
+            model.control_step_tp(be, &grid.tp, &control)?;
+        } else {
+            model.control_step(be, &control)?;
+        }
         model.adamw_step(be, lr, tc.beta1, tc.beta2, tc.eps, tc.weight_decay)?;
-        LaunchedStep { stats: st, comm, record: model.request_record(be, ws)? }
+        let tp = split.then_some(ws.tp_traffic);
+        LaunchedStep { stats: st, comm, tp, record: model.request_record(be, ws)? }
     })
 }
 

@@ -244,7 +244,8 @@ pub fn encode_f16_jit(vals: &[f32], codes: &mut [f16], scale: &mut f32) {
     codes.par_iter_mut().zip(vals.par_iter()).for_each(|(c, &x)| *c = to_f16(x * s));
 }
 
-fn encode_e4m3_jit(vals: &[f32], codes: &mut [u8], scale: &mut f32) {
+/// Re-encode `vals` into E4M3 with a fresh scale from their amax.
+pub fn encode_e4m3_jit(vals: &[f32], codes: &mut [u8], scale: &mut f32) {
     *scale = scale_from_amax(Fp8Format::E4M3, reduce::amax(vals), 0, *scale);
     fp8::encode_scaled(Fp8Format::E4M3, vals, *scale, codes);
 }
