@@ -129,6 +129,10 @@ pub struct TrainArgs {
     /// Do not bind this process to the CPUs and memory of its placement.
     #[arg(long)]
     pub no_bind: bool,
+    /// Declare the node's NVLink islands (as `topo --islands`, e.g. "0-7") when neither
+    /// NVML nor the topology reports them; tensor-parallel groups must lie inside one.
+    #[arg(long)]
+    pub islands: Option<String>,
 }
 
 #[derive(Args, Debug, Default, Clone)]

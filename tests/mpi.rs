@@ -3,45 +3,10 @@
 
 mod common;
 
-use common::{records, tensors, TINY};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use common::{binary, loss_bits, mpirun, ok, records, steps, tensors, TINY};
+
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn binary() -> PathBuf {
-    assert_cmd::cargo::cargo_bin("fp8train")
-}
-
-/// `mpirun -np N fp8train --threads 1 train TINY extra` into `out/name`.
-fn mpirun(np: usize, out: &Path, name: &str, extra: &[&str]) -> Output {
-    let o = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", &np.to_string()])
-        .arg(binary())
-        .args(["--threads", "1", "train", "--out", out.to_str().unwrap(), "--name", name])
-        .args(TINY)
-        .args(extra)
-        .output()
-        .expect("mpirun is required for these tests (scripts/bootstrap installs openmpi-bin)");
-    o
-}
-
-fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "run failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn steps(run: &Path) -> Vec<serde_json::Value> {
-    records(run, "step")
-}
-
-fn loss_bits(run: &Path) -> Vec<u64> {
-    steps(run).iter().map(|v| v["loss_bits"].as_u64().unwrap()).collect()
-}
 
 #[test]
 fn n_rank_runs_repeat_bit_for_bit() {

@@ -112,16 +112,18 @@ pub fn check_tp_islands(m: &Machine, isl: &Islands, ranks: usize, tp: usize) -> 
 /// size `tp`) per the live machine's plan and log what the operating system reports.
 /// Binding failures are warnings (training runs unbound rather than not at all); with
 /// `gpus` (a GPU backend), tensor-parallel groups that would cross NVLink islands are an
-/// error. `bind`: false checks the islands only.
+/// error. `bind`: false checks the islands only. `islands`: declared islands (as `topo
+/// --islands`) for a machine that does not report its NVLinks.
 pub fn bind_at_start(
     local_rank: usize,
     ranks_per_node: usize,
     tp: usize,
     gpus: bool,
     bind: bool,
+    islands: Option<String>,
     log: &slog::Logger,
 ) -> Result<(), String> {
-    let args = TopoArgs { ranks_per_node: Some(ranks_per_node), tp, ..Default::default() };
+    let args = TopoArgs { ranks_per_node: Some(ranks_per_node), tp, islands, ..Default::default() };
     if gpus && tp > 1 {
         if let Ok((m, isl)) = machine_and_islands(&args) {
             check_tp_islands(&m, &isl, ranks_per_node, tp)?;
@@ -142,4 +144,37 @@ pub fn bind_at_start(
         Err(e) => slog::warn!(log, "running unbound"; "reason" => e),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/fixtures").join(name)
+    }
+
+    /// Training refuses tensor-parallel groups that would cross NVLink islands, naming
+    /// the GPUs: the g4dn.metal's 8 T4s have no NVLink (each its own island); an NDv5's
+    /// 8 H100s are one NVSwitch island; a machine without GPUs is not checked.
+    #[test]
+    fn tensor_parallel_groups_stay_inside_nvlink_islands() {
+        let g4 = hwloc::machine(Some(&fixture("g4dnmetal.xml"))).unwrap();
+        let isl = islands::resolve(&g4, None, None).unwrap();
+        let e = check_tp_islands(&g4, &isl, 8, 2).unwrap_err();
+        assert!(e.contains("--tp 2") && e.contains("GPUs 0-1") && e.contains("cross NVLink islands"), "{e}");
+        assert!(check_tp_islands(&g4, &isl, 8, 1).is_ok());
+        let declared = islands::resolve(&g4, Some("0-3 4-7"), None).unwrap();
+        assert!(check_tp_islands(&g4, &declared, 8, 4).is_ok());
+        assert!(check_tp_islands(&g4, &declared, 8, 8).unwrap_err().contains("GPUs 0-7"));
+        // Azure's NCCL file for NDv5 lists no NVLink entries: declared, as `--islands 0-7`.
+        let ndv5 = nccl::machine(&fixture("ndv5-topo.xml")).unwrap();
+        let isl = islands::resolve(&ndv5, Some("0-7"), None).unwrap();
+        assert!(check_tp_islands(&ndv5, &isl, 8, 8).is_ok());
+        let undeclared = islands::resolve(&ndv5, None, None).unwrap();
+        assert!(check_tp_islands(&ndv5, &undeclared, 8, 8).is_err());
+        let mut cpu_only = g4.clone();
+        cpu_only.gpus.clear();
+        assert!(check_tp_islands(&cpu_only, &islands::resolve(&cpu_only, None, None).unwrap(), 2, 2).is_ok());
+    }
 }

@@ -127,6 +127,7 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &mut World) -
         world.tp,
         tc.backend != cli::Backend::Sim,
         !a.no_bind,
+        a.islands.clone(),
         log,
     )?;
     // Waits on silent peers from here on follow the run's setting (not the default).

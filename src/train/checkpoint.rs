@@ -23,10 +23,10 @@
 use super::config::Config;
 use super::dist::Grid;
 use crate::backend::Backend;
-use crate::model::tp::TpPlace;
-use crate::model::{params, shard};
 use crate::model::linear::LinearScaling;
 use crate::model::params::{read_scale, scale_pair, GradStore, Master, Moments};
+use crate::model::tp::TpPlace;
+use crate::model::{params, shard};
 use crate::model::{Gpt, Level};
 use fp8cluster::world::Collectives;
 use fp8sim::half16::f16;
@@ -382,7 +382,8 @@ pub fn save<B: Backend>(
     let mut dest = None;
     if let Some((bytes, sha)) = model_entry {
         files.insert("model.safetensors".to_string(), FileEntry { bytes, sha256: hex(&sha) });
-        let manifest = Manifest { format: FORMAT.into(), step: state.step, world_size: world.size(), tp: tp.size, files };
+        let manifest =
+            Manifest { format: FORMAT.into(), step: state.step, world_size: world.size(), tp: tp.size, files };
         dest = Some(finish(&tmp, &ckpts, &name, &manifest)?);
     }
     if sharded {
@@ -698,7 +699,8 @@ fn load_relayout<B: Backend>(
                     _ => b.iter().map(|&q| fp8sim::fp8::decode(fp8sim::Fp8Format::E4M3, q) * inv).collect(),
                 });
             }
-            let full = if saved_tp == 1 { pieces.pop().expect("one piece") } else { shard::gather(&pieces, shape, split) };
+            let full =
+                if saved_tp == 1 { pieces.pop().expect("one piece") } else { shard::gather(&pieces, shape, split) };
             Ok(if tp.size == 1 { full } else { shard::shard(&full, shape, split, tp.rank, tp.size) })
         };
         let sc0 = &smeta.params[i];

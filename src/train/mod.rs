@@ -81,7 +81,11 @@ pub fn val_loss<B: Backend>(
         dist::prepare_weights(be, model, ws, grid.world)?;
         let mut sum = 0f32;
         for (x, y) in batches {
-            sum += if grid.tp.size > 1 { model.eval_loss_tp(be, &grid.tp, ws, x, y)? } else { model.eval_loss(be, ws, x, y)? };
+            sum += if grid.tp.size > 1 {
+                model.eval_loss_tp(be, &grid.tp, ws, x, y)?
+            } else {
+                model.eval_loss(be, ws, x, y)?
+            };
         }
         sum / batches.len() as f32
     })
