@@ -230,7 +230,8 @@ fn o3_sharded_checkpoints_resume_bit_identically_at_the_same_world_size() {
     assert!(ok(&o).len() > 20);
     let o = resume(4, "wrong");
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("written by 2 ranks as O3 shards; resume it with 2 ranks"));
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("written by 2 ranks as O3 shards at --tp 1; resume it with 2 ranks"));
 }
 
 #[test]

@@ -164,7 +164,65 @@ fn bad_tensor_parallel_grids_are_clear_errors() {
     );
     fails_with(&one(d, "f", &["--tp", "2", "--set", "model.seq_len=15"]), "does not divide model.seq_len = 15");
     // What tensor parallelism does not combine with yet.
-    fails_with(&one(d, "g", &["--tp", "2", "--level", "O3"]), "ZeRO sharding over the data-parallel groups");
     fails_with(&one(d, "h", &["--tp", "2", "--set", "train.recompute=gelu"]), "recomputation is not built");
     fails_with(&one(d, "i", &["--tp", "0"]), "must be at least 1");
+}
+
+/// O3 at tp = 2 x dp = 2: the optimizer state sharded over each data-parallel group
+/// (owners numbered in the group), exactly O2's loss bits at the same layout; its
+/// sharded checkpoint resumes bit-identically at the same layout, is refused at another
+/// (naming the layout it needs) and is read by `eval` in one process.
+#[test]
+fn o3_over_the_data_parallel_groups_gives_o2s_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let args = |level: &'static str| {
+        [
+            "--tp",
+            "2",
+            "--level",
+            level,
+            "--steps",
+            "6",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "train.checkpoint_every=3",
+        ]
+    };
+    let o2 = ok(&mpirun(4, d, "o2", &args("O2")));
+    let o3 = ok(&mpirun(4, d, "o3", &args("O3")));
+    assert_eq!(loss_bits(&d.join("o2")), loss_bits(&d.join("o3")));
+    // Each data-parallel rank keeps its owned tensors' state: the two data-parallel
+    // ranks' shares add up to O2's per-rank bytes, and both pieces of a tensor have one
+    // owner (ranks 0 and 1 are one tensor-parallel group, 2 and 3 the other).
+    let per_rank = |out: &str| -> Vec<u64> {
+        let line = out.lines().find(|l| l.contains("optimizer state (masters + moments) per rank")).unwrap();
+        let list = line.rsplit(": ").next().unwrap().split(" bytes").next().unwrap();
+        list.split(" / ").map(|x| x.parse().unwrap()).collect()
+    };
+    let (a, b) = (per_rank(&o2), per_rank(&o3));
+    assert_eq!((b.len(), b[0], b[2]), (4, b[1], b[3]), "{b:?}");
+    assert!(b[0] < a[0] && b[2] < a[0] && b[0] + b[2] == a[0], "O3 {b:?} against O2 {a:?}");
+    let ckpt = d.join("o3/checkpoints/step-000003");
+    let resume = |np: &str, tp: &str, name: &str| {
+        Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
+            .arg(binary())
+            .args(["--threads", "1", "train", "--no-progress", "--resume", ckpt.to_str().unwrap(), "--tp", tp])
+            .args(["--out", d.to_str().unwrap(), "--name", name])
+            .output()
+            .unwrap()
+    };
+    ok(&resume("4", "2", "again"));
+    assert_eq!(&loss_bits(&d.join("o3"))[3..], &loss_bits(&d.join("again"))[..]);
+    for r in 0..4 {
+        let f = format!("state-rank{r}.safetensors");
+        assert!(tensors(&d.join("o3"), 6, &f) == tensors(&d.join("again"), 6, &f), "{f}");
+    }
+    fails_with(&resume("4", "1", "other"), "resume it with 4 ranks and --tp 2");
+    let eval =
+        |run: &str| ok(&Command::new(binary()).args(["--threads", "1", "eval"]).arg(d.join(run)).output().unwrap());
+    let bits = |t: &str| t.split("f32 bits ").nth(1).unwrap().trim().trim_end_matches(')').to_string();
+    assert_eq!(bits(&eval("o3")), bits(&eval("o2")), "eval of the O3 and O2 checkpoints");
 }

@@ -802,26 +802,11 @@ pub trait Backend {
     /// length). The default goes through host memory and MPI; a GPU backend sends it
     /// device to device.
     fn broadcast_u8(&self, world: &World, buf: &mut Self::Buf<u8>, root: usize) -> BResult<()> {
-        use fp8cluster::world::Collectives;
-        let mine = world.rank == root;
-        let mut host = if mine { self.download(buf)? } else { vec![0u8; self.len(buf)] };
-        world.broadcast(&mut host, root);
-        if !mine {
-            *buf = self.upload(&host)?;
-        }
-        Ok(())
+        broadcast_u8_host(self, world, buf, root)
     }
     /// [`Backend::broadcast_u8`] of FP16 codes.
     fn broadcast_f16(&self, world: &World, buf: &mut Self::Buf<f16>, root: usize) -> BResult<()> {
-        use fp8cluster::world::Collectives;
-        let mine = world.rank == root;
-        let mut bits: Vec<u16> =
-            if mine { self.download(buf)?.iter().map(|h| h.to_bits()).collect() } else { vec![0u16; self.len(buf)] };
-        world.broadcast(&mut bits, root);
-        if !mine {
-            *buf = self.upload(&bits.into_iter().map(f16::from_bits).collect::<Vec<_>>())?;
-        }
-        Ok(())
+        broadcast_f16_host(self, world, buf, root)
     }
 
     // ---- data-parallel gradient reduction (numerics contract, rule 8)
@@ -839,6 +824,40 @@ pub trait Backend {
     fn reduce_grad_f32(&self, world: &World, g: &mut Self::Buf<f32>) -> BResult<CommBytes> {
         reduce_grad_f32_host(self, world, g)
     }
+}
+
+/// [`Backend::broadcast_u8`] over any group `c`, through host copies (the default, and
+/// O3's weight exchange over the data-parallel groups of a tensor-parallel run).
+pub fn broadcast_u8_host<B: Backend + ?Sized, C: fp8cluster::world::Collectives>(
+    be: &B,
+    c: &C,
+    buf: &mut B::Buf<u8>,
+    root: usize,
+) -> BResult<()> {
+    let mine = c.rank() == root;
+    let mut host = if mine { be.download(buf)? } else { vec![0u8; be.len(buf)] };
+    c.broadcast(&mut host, root);
+    if !mine {
+        *buf = be.upload(&host)?;
+    }
+    Ok(())
+}
+
+/// [`Backend::broadcast_f16`] over any group `c`, through host copies.
+pub fn broadcast_f16_host<B: Backend + ?Sized, C: fp8cluster::world::Collectives>(
+    be: &B,
+    c: &C,
+    buf: &mut B::Buf<f16>,
+    root: usize,
+) -> BResult<()> {
+    let mine = c.rank() == root;
+    let mut bits: Vec<u16> =
+        if mine { be.download(buf)?.iter().map(|h| h.to_bits()).collect() } else { vec![0u16; be.len(buf)] };
+    c.broadcast(&mut bits, root);
+    if !mine {
+        *buf = be.upload(&bits.into_iter().map(f16::from_bits).collect::<Vec<_>>())?;
+    }
+    Ok(())
 }
 
 /// [`Backend::reduce_grad_fp8`] over any group `c`, through host copies (the default,

@@ -671,6 +671,28 @@ impl<B: Backend> Gpt<B> {
     /// to device over NCCL on GPUs), the scales, four bytes each, over MPI (read back
     /// and put back: O3 with several ranks is not yet free of host round trips).
     pub fn share_weights(&self, be: &B, ws: &mut Workspace<B>, world: &World) -> BResult<()> {
+        self.share_weights_over(be, ws, world, Some(world))
+    }
+
+    /// [`Gpt::share_weights`] over the data-parallel group `g` (whose ranks the owners
+    /// are numbered in): the codes through the backend's own transport when `device`
+    /// (the world, which `g` then is), else through host copies over `g` (the
+    /// data-parallel groups of a tensor-parallel run).
+    pub fn share_weights_over<C: Collectives>(
+        &self,
+        be: &B,
+        ws: &mut Workspace<B>,
+        g: &C,
+        device: Option<&World>,
+    ) -> BResult<()> {
+        let send_u8 = |buf: &mut B::Buf<u8>, root: usize| match device {
+            Some(w) => be.broadcast_u8(w, buf, root),
+            None => crate::backend::broadcast_u8_host(be, g, buf, root),
+        };
+        let send_f16 = |buf: &mut B::Buf<fp8sim::half16::f16>, root: usize| match device {
+            Some(w) => be.broadcast_f16(w, buf, root),
+            None => crate::backend::broadcast_f16_host(be, g, buf, root),
+        };
         let mut view_of = vec![None; self.params.len()];
         for l in 0..self.cfg.n_layer {
             for (j, (wi, _)) in LINEARS.iter().enumerate() {
@@ -678,14 +700,14 @@ impl<B: Backend> Gpt<B> {
             }
         }
         for (i, p) in self.params.iter().enumerate() {
-            let mine = p.owner == world.rank();
+            let mine = p.owner == g.rank();
             if let Some(v) = view_of[i] {
                 let WeightView::Fp8 { codes, scale } = &mut ws.views[v] else {
                     unreachable!("O3 linear weights are FP8")
                 };
                 let mut s = be.download(scale)?;
-                be.broadcast_u8(world, codes, p.owner)?;
-                world.broadcast(&mut s, p.owner);
+                send_u8(codes, p.owner)?;
+                g.broadcast(&mut s, p.owner);
                 *scale = be.upload(&s)?;
             } else {
                 // The owner's codes into a buffer every rank has, sent from there.
@@ -695,15 +717,15 @@ impl<B: Backend> Gpt<B> {
                     be.copy(&mut codes, own)?;
                     s = be.download(scale)?;
                 }
-                be.broadcast_f16(world, &mut codes, p.owner)?;
-                world.broadcast(&mut s, p.owner);
+                send_f16(&mut codes, p.owner)?;
+                g.broadcast(&mut s, p.owner);
                 if !mine {
                     let w = ws.work[i].as_mut().expect("remote parameters have a decoded copy");
                     be.decode_f16(w, &codes, Scalar::Host(s[0]))?;
                 }
             }
         }
-        if self.params[params::WTE].owner == world.rank() {
+        if self.params[params::WTE].owner == g.rank() {
             return Ok(()); // this rank's own: prepare_weights cast it
         }
         self.cast_head(be, ws)

@@ -327,7 +327,7 @@ pub fn save<B: Backend>(
     let ckpts = run_dir.join("checkpoints");
     let name = format!("step-{:06}", state.step);
     let lead = world.rank() == 0;
-    let sharded = model.level == Level::O3 && world.size() > 1;
+    let sharded = model.level == Level::O3 && grid.dp.size > 1;
     let pieces = tp.size > 1;
     if !sharded && (grid.dp.rank != 0 || (!pieces && !lead)) {
         return Ok(None);
@@ -353,7 +353,7 @@ pub fn save<B: Backend>(
     } else {
         None
     };
-    super::dist::gather_weights(be, model, world, tp, |_, v| match weights.as_mut() {
+    super::dist::gather_weights(be, model, &grid.dp, tp, |_, v| match weights.as_mut() {
         Some(w) => w.tensor(&bytes_f32(&v)),
         None => Ok(()),
     })?;
@@ -581,24 +581,27 @@ pub fn load<B: Backend>(
     let dir = resolve(path)?.dir;
     let manifest = manifest_of(&dir)?;
     let saved_tp = manifest.tp.max(1);
+    let o3_shards = manifest.files.contains_key("state-rank0.safetensors");
+    if o3_shards && (manifest.world_size != ranks * tp.size || saved_tp != tp.size) {
+        return Err(format!(
+            "checkpoint {}: written by {} ranks as O3 shards at --tp {saved_tp}; resume it with {} ranks and \
+             --tp {saved_tp} (mpirun -np {}), or read it in one process with eval / sample",
+            dir.display(),
+            manifest.world_size,
+            manifest.world_size,
+            manifest.world_size
+        ));
+    }
     if saved_tp != tp.size {
         return load_relayout(be, &dir, &manifest, rank, ranks, tp);
     }
-    let state_name = if manifest.files.contains_key("state.safetensors") {
-        "state.safetensors".to_string()
+    let state_name = if o3_shards {
+        // World rank: tensor-parallel groups are consecutive ranks.
+        format!("state-rank{}.safetensors", rank * tp.size + tp.rank)
     } else if saved_tp > 1 {
         format!("state-tp{}.safetensors", tp.rank)
     } else {
-        if manifest.world_size != ranks {
-            return Err(format!(
-                "checkpoint {}: written by {} ranks as O3 shards; resume it with {} ranks (mpirun -np {})",
-                dir.display(),
-                manifest.world_size,
-                manifest.world_size,
-                manifest.world_size
-            ));
-        }
-        format!("state-rank{rank}.safetensors")
+        "state.safetensors".to_string()
     };
     let state_bytes = verify_file(&dir, &manifest, &state_name, true)?.ok_or("checkpoint: state not read")?;
     let (cfg, smeta, st) = parse_state(&state_bytes, &state_name)?;
@@ -797,14 +800,25 @@ fn restore_scaling<B: Backend>(be: &B, model: &mut Gpt<B>, smeta: &StateMeta) ->
 pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gpt<B>, u64), String> {
     let dir = resolve(path)?.dir;
     let manifest = manifest_of(&dir)?;
-    if manifest.files.contains_key("state.safetensors") || manifest.tp > 1 {
+    if !manifest.files.contains_key("state-rank0.safetensors") {
         let (cfg, model, ls) = load(be, &dir, 0, 1, TpPlace::ONE)?;
         return Ok((cfg, model, ls.step));
     }
     let cfg = config_of(&dir)?;
     cfg.validate()?;
     weights_fit_config(&dir, &manifest, &cfg)?;
+    let saved_tp = manifest.tp.max(1);
+    if !manifest.world_size.is_multiple_of(saved_tp) {
+        return Err(format!(
+            "checkpoint {}: {} ranks at tp = {saved_tp} in its manifest",
+            dir.display(),
+            manifest.world_size
+        ));
+    }
     let mut model = Gpt::new(be, &cfg.model, Level::O2, cfg.train.seed, cfg.train.amax_window, 0, 1)?;
+    let whole = params::specs(&cfg.model);
+    // At tp > 1: each tensor's master pieces as values, by tensor-parallel rank.
+    let mut pieces: Vec<Vec<Option<Vec<f32>>>> = vec![vec![None; saved_tp]; model.params.len()];
     let mut filled = vec![false; model.params.len()];
     for r in 0..manifest.world_size {
         let name = format!("state-rank{r}.safetensors");
@@ -816,15 +830,36 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
         if r == 0 {
             restore_scaling(be, &mut model, &smeta)?;
         }
-        for ((p, sc), done) in model.params.iter_mut().zip(&smeta.params).zip(filled.iter_mut()) {
+        for (i, (p, sc)) in model.params.iter_mut().zip(&smeta.params).enumerate() {
             let tname = format!("master.{}", p.spec.name);
             if st.tensor(&tname).is_err() {
                 continue; // held by another rank
             }
-            if let Master::F16 { codes, scale } = &mut p.master {
-                *codes = be.upload(&f16s(tensor_bytes(&st, &tname, Dtype::F16, p.spec.numel())?))?;
+            let n: usize =
+                shard::shard_shape(&whole[i].shape, shard::split_of(&cfg.model, i), saved_tp).iter().product();
+            let codes = f16s(tensor_bytes(&st, &tname, Dtype::F16, n)?);
+            if saved_tp > 1 {
+                let inv = 1.0 / f32::from_bits(sc.master);
+                pieces[i][r % saved_tp] = Some(codes.iter().map(|h| h.to_f32() * inv).collect());
+            } else if let Master::F16 { codes: c, scale } = &mut p.master {
+                // One piece: the exact codes and scale.
+                *c = be.upload(&codes)?;
                 *scale = scale_pair(be, f32::from_bits(sc.master))?;
-                *done = true;
+                filled[i] = true;
+            }
+        }
+    }
+    if saved_tp > 1 {
+        // Whole tensors from the pieces, re-encoded with the whole tensor's scale.
+        for (i, p) in model.params.iter_mut().enumerate() {
+            let Some(got) = pieces[i].iter().cloned().collect::<Option<Vec<_>>>() else { continue };
+            let full = shard::gather(&got, &whole[i].shape, shard::split_of(&cfg.model, i));
+            if let Master::F16 { codes, scale } = &mut p.master {
+                let (mut c, mut s) = (vec![f16::from_bits(0); full.len()], 1.0f32);
+                fp8sim::ops::adamw::encode_f16_jit(&full, &mut c, &mut s);
+                *codes = be.upload(&c)?;
+                *scale = scale_pair(be, s)?;
+                filled[i] = true;
             }
         }
     }

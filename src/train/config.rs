@@ -190,14 +190,6 @@ impl Config {
         range("train.tp", t.tp, 1, 1024)?;
         if t.tp > 1 {
             crate::model::shard::check(&self.model, t.tp)?;
-            if t.level == Level::O3 {
-                return Err(format!(
-                    "--tp {} with train.level = \"O3\": ZeRO sharding over the data-parallel groups of a \
-                     tensor-parallel run is not built yet; use O2 (the same numerics, optimizer state replicated \
-                     over data-parallel ranks) or --tp 1",
-                    t.tp
-                ));
-            }
             if t.recompute != Recompute::None {
                 return Err(format!(
                     "--tp {} with train.recompute = \"{}\": recomputation is not built for tensor-parallel runs \

@@ -42,11 +42,14 @@ impl<'w> Grid<'w> {
 }
 
 /// This step's compute weights on every rank: derived from the masters this rank holds,
-/// then, at O3 with several ranks, each tensor's compute form from its owner.
-pub fn prepare_weights<B: Backend>(be: &B, model: &Gpt<B>, ws: &mut Workspace<B>, world: &World) -> BResult<()> {
+/// then, at O3 with several data-parallel ranks, each tensor's compute form from its
+/// owner in the data-parallel group (over the backend's transport at tp = 1, where the
+/// group is the world; through host copies at tp > 1).
+pub fn prepare_weights<B: Backend>(be: &B, model: &Gpt<B>, ws: &mut Workspace<B>, grid: &Grid<'_>) -> BResult<()> {
     model.prepare_weights(be, ws)?;
-    if model.level == Level::O3 && world.size > 1 {
-        model.share_weights(be, ws, world)?;
+    if model.level == Level::O3 && grid.dp.size > 1 {
+        let device = (grid.world.tp == 1).then_some(grid.world);
+        model.share_weights_over(be, ws, &grid.dp, device)?;
     }
     Ok(())
 }

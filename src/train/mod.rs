@@ -78,7 +78,7 @@ pub fn val_loss<B: Backend>(
     grid: &Grid<'_>,
 ) -> BResult<f32> {
     Ok({
-        dist::prepare_weights(be, model, ws, grid.world)?;
+        dist::prepare_weights(be, model, ws, grid)?;
         let mut sum = 0f32;
         for (x, y) in batches {
             sum += if grid.tp.size > 1 {
@@ -532,7 +532,7 @@ pub fn launch_step<B: Backend>(
 ) -> BResult<LaunchedStep> {
     Ok({
         let split = grid.tp.size > 1;
-        dist::prepare_weights(be, model, ws, grid.world)?;
+        dist::prepare_weights(be, model, ws, grid)?;
         let st = if split {
             model.forward_backward_tp(be, &grid.tp, ws, x, y, inject)?
         } else {
