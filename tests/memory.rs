@@ -110,4 +110,55 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
             est as f64 / peak as f64
         );
     }
+    // Tensor parallel 2: both ranks as threads of this process (their host-staged
+    // collectives' buffers included); each rank's estimate bounds its share.
+    for (level, recompute) in
+        [(Level::O2, Recompute::None), (Level::Bf16, Recompute::None), (Level::O2, Recompute::Full)]
+    {
+        let (layers, c, nh, t, v, b) = (2, 64, 4, 64, 256, 4);
+        let cfg = ModelConfig { n_layer: layers, n_embd: c, n_head: nh, seq_len: t, vocab_size: v };
+        let tc = TrainConfig { level, batch_size: b, recompute, ..Default::default() };
+        let tokens: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
+        let base = NOW.load(SeqCst);
+        PEAK.store(base, SeqCst);
+        fp8cluster::local::run_group(2, |g| {
+            use fp8cluster::world::Collectives;
+            let be = Sim;
+            let place = fp8train::model::tp::TpPlace { rank: g.rank(), size: 2 };
+            let mut model = Gpt::new_tp(&be, &cfg, level, 1, tc.amax_window, 0, 1, place).unwrap();
+            model.recompute = recompute;
+            let mut ws = model.workspace(&be, b, t).unwrap();
+            let ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
+            fp8train::train::start_control(&be, &mut model, &tc, &ls).unwrap();
+            let control = fp8sim::ops::adamw::StepControl {
+                grad_clip: 1.0,
+                ranks: 1.0,
+                beta1: 0.9,
+                beta2: 0.95,
+                mu_growth_interval: 1000,
+                mu_min: 1.0,
+                mu_max: 1.0,
+            };
+            for _ in 0..2 {
+                model.prepare_weights(&be, &mut ws).unwrap();
+                model.forward_backward_tp(&be, g, &mut ws, &tokens, &tokens, false).unwrap();
+                model.control_step_tp(&be, g, &control).unwrap();
+                model.adamw_step(&be, 1e-3, 0.9, 0.95, 1e-8, 0.1).unwrap();
+            }
+        });
+        let peak = (PEAK.load(SeqCst) - base) as u64;
+        let scratch = Sim.attention_scratch_bytes(AttnShape { b, t, c: c / 2, nh: nh / 2 });
+        let est = memory::estimate_tp(&cfg, level, recompute, 1, 2, b, t, scratch).total();
+        let one = memory::estimate(&cfg, level, recompute, 1, b, t, scratch).total();
+        eprintln!(
+            "tp 2 {level} recompute {recompute}: both ranks' peak {peak} bytes, 2 x estimate {} ({:.2}x; tp 1 {one})",
+            2 * est,
+            (2 * est) as f64 / peak as f64
+        );
+        assert!(
+            2 * est >= peak,
+            "tp 2 {level} recompute {recompute}: 2 x estimate {est} below the measured peak {peak}"
+        );
+        assert!(est < one, "tp 2 {level}: a rank's estimate {est} is not below one rank alone's {one}");
+    }
 }

@@ -140,7 +140,7 @@ fn measure<B: Backend>(
     let tc = TrainConfig { level, recompute: cfg.train.recompute, ..Default::default() };
     let t = model_cfg.seq_len;
     let n = batch * t;
-    crate::model::memory::check(be, model_cfg, level, tc.recompute, 1, batch, "bench step")?;
+    crate::model::memory::check(be, model_cfg, level, tc.recompute, 1, 1, batch, "bench step")?;
     let t0 = Instant::now();
     let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1)?;
     model.recompute = tc.recompute;

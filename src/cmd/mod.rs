@@ -15,5 +15,6 @@ use crate::train::config::Config;
 
 /// Refuse, before allocating, a run that cannot fit in the backend's memory.
 pub(crate) fn fits<B: Backend>(be: &B, cfg: &Config, ranks: usize, what: &str) -> Result<(), String> {
-    memory::check(be, &cfg.model, cfg.train.level, cfg.train.recompute, ranks, cfg.train.batch_size, what).map(|_| ())
+    let t = &cfg.train;
+    memory::check(be, &cfg.model, t.level, t.recompute, ranks, t.tp, t.batch_size, what).map(|_| ())
 }

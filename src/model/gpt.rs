@@ -274,8 +274,8 @@ impl<B: Backend> Gpt<B> {
         }
         let tp = self.tp.size;
         assert!(
-            tp == 1 || (self.recompute == Recompute::None && (b * t).is_multiple_of(tp)),
-            "tensor parallel: no recomputation yet, and the batch's rows divide over the group"
+            tp == 1 || (self.recompute != Recompute::Cheap && (b * t).is_multiple_of(tp)),
+            "tensor parallel: no \"cheap\" recomputation yet, and the batch's rows divide over the group"
         );
         Ok({
             let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size / tp);
@@ -1717,11 +1717,16 @@ mod tests {
     /// (training loss, evaluation loss, gradient norm) of `steps` steps of a model split
     /// over the tensor-parallel group `g` (every rank the same batches).
     fn run_tp<C: Collectives>(level: Level, g: &C, steps: usize) -> Vec<[f32; 3]> {
+        run_tp_with(level, g, steps, Recompute::None)
+    }
+
+    fn run_tp_with<C: Collectives>(level: Level, g: &C, steps: usize, recompute: Recompute) -> Vec<[f32; 3]> {
         let be = Sim;
         let cfg = ModelConfig { n_layer: 2, n_embd: 32, n_head: 4, seq_len: 16, vocab_size: 128 };
         let (b, t) = (4, 16);
         let place = TpPlace { rank: g.rank(), size: g.size() };
         let mut model = Gpt::new_tp(&be, &cfg, level, 7, 16, 0, 1, place).unwrap();
+        model.recompute = recompute;
         let mut ws = model.workspace(&be, b, t).unwrap();
         model.set_control(&be, 1.0, 0, 0, 0.9, 0.95).unwrap();
         let c = StepControl {
@@ -1778,6 +1783,19 @@ mod tests {
                     }
                 }
                 assert!(runs[0][7][0] < runs[0][0][0], "{level:?} tp {tp}: the loss falls");
+            }
+        }
+    }
+
+    /// At tp > 1 too, recomputing GELU's output or the whole block gives the bits of
+    /// the kept activations (the recomputed forward repeats its collectives).
+    #[test]
+    fn tensor_parallel_recomputation_gives_the_bits_of_the_kept_activations() {
+        for level in [Level::Bf16, Level::O2] {
+            let kept = fp8cluster::local::run_group(2, |g| run_tp(level, g, 3));
+            for r in [Recompute::Gelu, Recompute::Full] {
+                let got = fp8cluster::local::run_group(2, |g| run_tp_with(level, g, 3, r));
+                assert_eq!(got, kept, "{level:?} tp 2 recompute {r}");
             }
         }
     }

@@ -4,7 +4,6 @@
 //! `Gpt::new` (parameters by level) and `Gpt::workspace` (activations) buffer by buffer;
 //! `tests/memory.rs` holds the sum against the peak a counting allocator sees.
 
-use super::params::specs;
 use super::{Level, ModelConfig, Recompute};
 use crate::backend::Backend;
 use fp8sim::ops::attention::AttnShape;
@@ -43,8 +42,30 @@ pub fn estimate(
     t: usize,
     attention_scratch: u64,
 ) -> Estimate {
-    let p: u64 = specs(cfg).iter().map(|s| s.numel() as u64).sum();
-    let largest: u64 = specs(cfg).iter().map(|s| s.numel() as u64).max().unwrap_or(0);
+    estimate_tp(cfg, level, recompute, ranks, 1, b, t, attention_scratch)
+}
+
+/// [`estimate`] for one rank of a tensor-parallel group of `tp` (`ranks`: the
+/// data-parallel ranks): its pieces of the parameters (`shard::layout`), its
+/// sequence-parallel rows and its columns of the column-parallel activations. At tp > 1
+/// the terms shared with tp = 1 that do not shrink (the head's and the workspace's
+/// whole-row buffers) are kept whole, so the figure errs high there.
+#[allow(clippy::too_many_arguments)]
+pub fn estimate_tp(
+    cfg: &ModelConfig,
+    level: Level,
+    recompute: Recompute,
+    ranks: usize,
+    tp: usize,
+    b: usize,
+    t: usize,
+    attention_scratch: u64,
+) -> Estimate {
+    let tp = tp.max(1);
+    let pieces: Vec<u64> =
+        super::shard::layout(cfg, tp).iter().map(|(_, _, shape)| shape.iter().product::<usize>() as u64).collect();
+    let p: u64 = pieces.iter().sum();
+    let largest: u64 = pieces.iter().copied().max().unwrap_or(0);
     let ranks = ranks.max(1) as u64;
     // master + gradient + moments, bytes per parameter (params.rs).
     let state = match level {
@@ -55,6 +76,10 @@ pub fn estimate(
     };
     let (c, v, l, nh) = (cfg.n_embd as u64, cfg.vocab_size as u64, cfg.n_layer as u64, cfg.n_head as u64);
     let (n, b, t) = ((b * t) as u64, b as u64, t as u64);
+    // This rank's rows of the sequence-parallel regions, columns of the column-parallel
+    // ones, heads and vocabulary (all of them at tp = 1).
+    let q = tp as u64;
+    let (nl, cl, nhl, vl) = (n / q, c / q, nh / q, v / q);
     let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
     let f32s = 4u64;
     // A block's activations but its output: f32 res_mid (+ layernorm statistics,
@@ -63,31 +88,34 @@ pub fn estimate(
     // whatever is recomputed. Recomputed inputs (GELU's 4c; with "cheap" all 7c and the
     // attention output) are one buffer each, not one per block; with everything
     // recomputed, one set of activations serves all blocks.
-    let block = f32s * (4 * n + n * c + 2 * b * nh * t) + 2 * 7 * n * c;
-    let att = 2 * n * c;
+    let block = f32s * (4 * nl + nl * c + 2 * b * nhl * t) + 2 * 7 * n * cl;
+    let att = 2 * n * cl;
+    // The saved linear inputs' widths: the two gathered layernorm outputs (c each), the
+    // attention output (its heads' columns) and GELU's output (4c of columns).
+    let (ln_in, att_in, gelu_in) = (2 * c, cl, 4 * cl);
     let (sets, saved_per_set, saved_once, att_sets) = match recompute {
-        Recompute::None => (l, 7, 0, l),
-        Recompute::Gelu => (l, 3, 4, l),
-        Recompute::Cheap => (l, 0, 7, l.min(1)),
-        Recompute::Full => (l.min(1), 7, 0, l.min(1)),
+        Recompute::None => (l, ln_in + att_in + gelu_in, 0, l),
+        Recompute::Gelu => (l, ln_in + att_in, gelu_in, l),
+        Recompute::Cheap => (l, 0, ln_in + att_in + gelu_in, l.min(1)),
+        Recompute::Full => (l.min(1), ln_in + att_in + gelu_in, 0, l.min(1)),
     };
-    let blocks = l * f32s * n * c + sets * (block + w * saved_per_set * n * c) + att_sets * att;
+    let blocks = l * f32s * nl * c + sets * (block + w * saved_per_set * n) + att_sets * att;
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     // (At O1/O2 the token embedding is read from its FP16 codes: no f32 copy; at O3 a
     // rank that does not own it keeps one.)
     let decoded = match level {
         Level::Bf16 => 0,
-        Level::O1 | Level::O2 => f32s * (p - l * 12 * c * c - v * c),
-        Level::O3 => f32s * (p - l * 12 * c * c),
+        Level::O1 | Level::O2 => f32s * (p - l * 12 * c * cl - vl * c),
+        Level::O3 => f32s * (p - l * 12 * c * cl),
     };
-    let views = l * 12 * c * c * w + 2 * v * c;
+    let views = l * 12 * c * cl * w + 2 * vl * c;
     // f32: encoded, dres; BF16: a projection's product (lin_out), the final layernorm's
     // output, the products' input gradients dln, datt, dgelu (4), attention's dqkv (3);
     // the LM head's chunk of r rows:
     // input (BF16), targets, logits (BF16, their gradient written over them), losses,
     // input gradients (BF16).
-    let r = crate::model::gpt::head_rows_for(n as usize, v as usize) as u64;
-    let head_chunk = r * (2 * c + 4 + 2 * v + 4 + 2 * c);
+    let r = crate::model::gpt::head_rows_for(n as usize, vl as usize) as u64;
+    let head_chunk = r * (2 * c + 4 + 2 * vl + 4 + 2 * c);
     let global = f32s * (2 * n * c + 3 * n) + 2 * 11 * n * c + 8 * n + head_chunk;
     // The output gradients' E5M2 / BF16 copies (3c + c + 4c + c; at the bf16 level the
     // QKV layer's products read dqkv itself).
@@ -95,21 +123,21 @@ pub fn estimate(
     // (At the FP8 levels the small parameters' gradients wait in f32 for one batch cast:
     // per block the biases 3c + c + 4c + c and the layernorms' 4c, the final layernorm's 2c.)
     let staged = if level.fp8() { f32s * (l * 13 * c + 2 * c) } else { 0 };
-    let grad_bufs = f32s * (12 * c * c + 9 * c + 2 * c + v * c + cfg.seq_len as u64 * c) + staged;
-    let activations = blocks + w * saved_once * n * c + decoded + views + global + grad_casts + grad_bufs;
+    let grad_bufs = f32s * (12 * c * cl + 9 * c + 2 * c + vl * c + cfg.seq_len as u64 * c) + staged;
+    let activations = blocks + w * saved_once * n + decoded + views + global + grad_casts + grad_bufs;
     // AdamW's new values before re-encoding (three f32 per element of the largest tensor).
     let optimizer = if level.fp8() { 3 * f32s * largest } else { 0 };
     // The LM head's products: f32 copies of the operands of one chunk (the simulator's
     // GEMM packs them) and an f32 copy of its logits (the simulator's product before
     // rounding, its cross-entropy's widening).
-    let head = f32s * (2 * r * v + (r + v) * c);
+    let head = f32s * (2 * r * vl + (r + vl) * c);
     // f32 temporaries of one op: an activation or a gradient computed in f32 before it
     // is stored narrower (the first FP8 step's just-in-time scales, the exact class's
     // QKV / MLP-up products), with f32 copies of its BF16 inputs (the simulator's GELU
     // backward: GELU's gradient, n x 4c, and both inputs widened).
     let act_scratch = f32s * 12 * n * c;
     // The LM head's BF16 copy of an FP16 token embedding is cast through an f32 copy.
-    let head_copy = if level.fp8() { f32s * v * c } else { 0 };
+    let head_copy = if level.fp8() { f32s * vl * c } else { 0 };
     let transient = optimizer.max(attention_scratch + head).max(act_scratch).max(head_copy);
     Estimate { state, activations, transient }
 }
@@ -134,18 +162,45 @@ pub fn check_fits(est: &Estimate, available: Option<(u64, String)>, what: &str) 
 
 /// [`estimate`] for backend `be` (its attention scratch), checked against what `be`
 /// has available; `b` rows of the model's sequence length.
+#[allow(clippy::too_many_arguments)]
 pub fn check<B: Backend>(
     be: &B,
     cfg: &ModelConfig,
     level: Level,
     recompute: Recompute,
     ranks: usize,
+    tp: usize,
     b: usize,
     what: &str,
 ) -> Result<Estimate, String> {
     let t = cfg.seq_len;
-    let shape = AttnShape { b, t, c: cfg.n_embd, nh: cfg.n_head };
-    let est = estimate(cfg, level, recompute, ranks, b, t, be.attention_scratch_bytes(shape));
+    let tp = tp.max(1);
+    let shape = AttnShape { b, t, c: cfg.n_embd / tp, nh: cfg.n_head / tp };
+    let est = estimate_tp(cfg, level, recompute, ranks, tp, b, t, be.attention_scratch_bytes(shape));
     check_fits(&est, be.available_memory(), what)?;
     Ok(est)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One rank of a tensor-parallel group needs a share of what one rank alone does:
+    /// the parameters' pieces exactly (6 bytes each at O2), the activations mostly; at
+    /// tp = 1 the estimate is the plain one.
+    #[test]
+    fn a_tensor_parallel_rank_needs_its_share() {
+        let (cfg, b) = crate::bench::step::preset("gpt-1.3b").unwrap();
+        let t = cfg.seq_len;
+        let one = estimate(&cfg, Level::O2, Recompute::None, 1, b, t, 0);
+        assert_eq!(estimate_tp(&cfg, Level::O2, Recompute::None, 1, 1, b, t, 0), one);
+        let two = estimate_tp(&cfg, Level::O2, Recompute::None, 1, 2, b, t, 0);
+        let pieces: usize =
+            crate::model::shard::layout(&cfg, 2).iter().map(|(_, _, s)| s.iter().product::<usize>()).sum();
+        assert_eq!(two.state, 6 * pieces as u64);
+        let whole: u64 = crate::model::params::specs(&cfg).iter().map(|s| s.numel() as u64).sum();
+        assert!(two.state < 6 * whole * 52 / 100 && two.state > 6 * whole / 2, "{two:?}");
+        let ratio = two.total() as f64 / one.total() as f64;
+        assert!((0.5..0.75).contains(&ratio), "tp 2 / tp 1 = {ratio:.3}: {two:?} vs {one:?}");
+    }
 }
