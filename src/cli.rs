@@ -329,6 +329,10 @@ pub struct StepBenchArgs {
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Tensor-parallel size under mpirun (data parallel over the rest of the ranks;
+    /// --batch rows per data-parallel rank).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub tp: usize,
     /// Print only the JSON document.
     #[arg(long)]
     pub json: bool,

@@ -232,3 +232,29 @@ fn o3_over_the_data_parallel_groups_gives_o2s_bits() {
     let bits = |t: &str| t.split("f32 bits ").nth(1).unwrap().trim().trim_end_matches(')').to_string();
     assert_eq!(bits(&eval("o3")), bits(&eval("o2")), "eval of the O3 and O2 checkpoints");
 }
+
+/// `bench step` under mpirun at tp = 2 x dp = 2: one JSON report from rank 0 with the
+/// grid, the tokens of both data-parallel ranks, and the bytes a rank sent.
+#[test]
+fn bench_step_measures_a_tensor_parallel_grid() {
+    let o = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
+        .arg(binary())
+        .args(["--threads", "1", "bench", "step", "--backend", "sim", "--gemm", "exact", "--model", "default"])
+        .args(["--warmup", "1", "--steps", "2", "--tp", "2", "--batch", "2", "--json"])
+        .output()
+        .unwrap();
+    let out = ok(&o);
+    let docs: Vec<serde_json::Value> =
+        out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(docs.len(), 1, "rank 0 alone reports: {out}");
+    let r = &docs[0];
+    assert_eq!((r["ranks"].as_u64(), r["dp"].as_u64(), r["tp"].as_u64()), (Some(4), Some(2), Some(2)));
+    let (ms, tok_s) = (r["step_ms_median"].as_f64().unwrap(), r["tokens_per_s"].as_f64().unwrap());
+    let tokens = 2.0 * 2.0 * r["seq"].as_f64().unwrap();
+    assert!((tok_s * ms / 1e3 - tokens).abs() < 1e-6 * tokens, "tok/s counts both data-parallel ranks: {r}");
+    let whole = r["params"].as_u64().unwrap();
+    assert!(whole > 100_000, "the whole model's parameters, not a rank's pieces: {whole}");
+    let (tp, bf) = (r["tp_comm_bytes"].as_u64().unwrap(), r["tp_comm_bf16_bytes"].as_u64().unwrap());
+    assert!(tp > 0 && tp < bf && r["grad_comm_bytes"].as_u64().unwrap() > 0, "{r}");
+}

@@ -4,6 +4,11 @@
 //! peaks, peak device memory (the pool's high-water mark and the device total in use),
 //! and where the device time of one profiled step went (CUDA events per phase).
 //!
+//! Under mpirun (`--tp N` for tensor parallel, data parallel over the rest) every rank
+//! runs the step; rank 0 reports tokens/s of all ranks, per-GPU TFLOP/s and MFU, the
+//! largest peak memory of any rank and the bytes a rank sent per step (gradient
+//! reduction; tensor-parallel collectives next to their BF16 equivalent).
+//!
 //! FLOPs per token follow the PaLM / nanoGPT convention: 6 N (N = all parameters,
 //! the tied LM head counted once) + 12 L d T for attention (causal masking not
 //! discounted), times 1 token; MFU = achieved / peak.
@@ -76,6 +81,15 @@ pub struct StepReport {
     pub ops: Vec<OpTime>,
     pub final_loss: f32,
     pub fast_fallbacks: u64,
+    /// Ranks, and their grid (data parallel x tensor parallel).
+    pub ranks: usize,
+    pub dp: usize,
+    pub tp: usize,
+    /// Bytes rank 0 sent per step: the data-parallel gradient reduction, and the
+    /// tensor-parallel collectives with what BF16 values would have needed.
+    pub grad_comm_bytes: u64,
+    pub tp_comm_bytes: Option<u64>,
+    pub tp_comm_bf16_bytes: Option<u64>,
 }
 
 pub fn flops_per_token(cfg: &ModelConfig, params: usize) -> f64 {
@@ -83,7 +97,7 @@ pub fn flops_per_token(cfg: &ModelConfig, params: usize) -> f64 {
 }
 
 pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
-    let (base, batch) = preset(&a.model)?;
+    let (base, batch_default) = preset(&a.model)?;
     let mut cfg = crate::train::config::Config { model: base, ..Default::default() };
     cfg = cfg.with_overrides(&a.sets)?;
     if let Some(t) = a.seq {
@@ -91,12 +105,36 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
     }
     cfg.model.validate()?;
     let level: Level = a.level;
-    if level == Level::O3 {
-        return Err("bench step: O3 shards over ranks; measure it under mpirun with train (one rank is O2)?".into());
-    }
     if a.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
+    let mut world = World::init(1)?;
+    world.set_grid(a.tp)?;
+    if level == Level::O3 && world.dp == 1 {
+        return Err("bench step: O3 shards the optimizer state over data-parallel ranks; at one it is O2 \
+                    (measure O3 under mpirun with more ranks than --tp)"
+            .into());
+    }
+    if a.tp > 1 {
+        crate::model::shard::check(&cfg.model, a.tp)?;
+    }
+    let r = run_on(a, &cfg, level, batch_default, log, &world);
+    if let Err(e) = &r {
+        if world.size > 1 {
+            world.abort(e);
+        }
+    }
+    r
+}
+
+fn run_on(
+    a: &StepBenchArgs,
+    cfg: &crate::train::config::Config,
+    level: Level,
+    batch: usize,
+    log: &Logger,
+    world: &World,
+) -> Result<(), String> {
     let batch = a.batch.unwrap_or(batch);
     if batch == 0 {
         return Err("--batch must be at least 1".into());
@@ -106,13 +144,14 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
             if a.gemm == Gemm::Fast {
                 return Err("bench step --gemm fast needs --backend cuda (the simulator is exact only)".into());
             }
-            measure(&Sim, "cpu".into(), &cfg, level, batch, a, log, 0)
+            measure(&Sim, "cpu".into(), cfg, level, batch, a, log, world, || 0)
         }
         CliBackend::Cuda | CliBackend::Auto => {
-            let gpu = if a.gemm == Gemm::Fast { Cuda::new_fast(0) } else { Cuda::new(0) }
+            let d = crate::cmd::cuda_device(world.local_rank)?;
+            let gpu = if a.gemm == Gemm::Fast { Cuda::new_fast(d) } else { Cuda::new(d) }
                 .map_err(|e| format!("bench step: no usable GPU: {e}"))?;
             let name = gpu.gpu().name.clone();
-            let r = measure(&gpu, name, &cfg, level, batch, a, log, 0);
+            let r = measure(&gpu, name, cfg, level, batch, a, log, world, || gpu.fast_fallbacks());
             let fb = gpu.fast_fallbacks();
             if fb > 0 {
                 info!(log, "fast GEMMs that ran the exact kernel"; "count" => fb);
@@ -131,36 +170,40 @@ fn measure<B: Backend>(
     batch: usize,
     a: &StepBenchArgs,
     log: &Logger,
-    fast_fallbacks: u64,
+    world: &World,
+    fast_fallbacks: impl Fn() -> u64,
 ) -> Result<(), String> {
-    let world = World::single();
-    let grid = crate::train::dist::Grid::new(&world);
+    let grid = crate::train::dist::Grid::new(world);
     let model_cfg = &cfg.model;
     // --set train.recompute=... is the one training setting a step measurement takes.
-    let tc = TrainConfig { level, recompute: cfg.train.recompute, ..Default::default() };
+    let tc = TrainConfig { level, recompute: cfg.train.recompute, tp: world.tp, ..Default::default() };
     let t = model_cfg.seq_len;
     let n = batch * t;
-    crate::model::memory::check(be, model_cfg, level, tc.recompute, 1, 1, batch, "bench step")?;
+    crate::model::memory::check(be, model_cfg, level, tc.recompute, world.dp, world.tp, batch, "bench step")?;
     let t0 = Instant::now();
-    let mut model = Gpt::new(be, model_cfg, level, 1, tc.amax_window, 0, 1)?;
+    let mut model = Gpt::new_tp(be, model_cfg, level, 1, tc.amax_window, grid.dp.rank, grid.dp.size, grid.tp_place())?;
     model.recompute = tc.recompute;
     let mut ws = model.workspace(be, batch, t)?;
     be.synchronize()?;
     info!(log, "model ready"; "params" => model.num_params(), "seconds" => t0.elapsed().as_secs_f64());
+    // Each data-parallel rank its rows; the ranks of a tensor-parallel group the same.
+    let dp_rank = grid.dp.rank as u32;
     let tokens = |step: u64| -> (Vec<u32>, Vec<u32>) {
         let v = model_cfg.vocab_size as u64;
         let r: Vec<u32> =
-            (0..=n as u64).map(|i| (rng::bits(7, rng::stream(9, step as u32, 0), i) as u64 % v) as u32).collect();
+            (0..=n as u64).map(|i| (rng::bits(7, rng::stream(9, step as u32, dp_rank), i) as u64 % v) as u32).collect();
         (r[..n].to_vec(), r[1..].to_vec())
     };
     let mut ls = LoopState { step: 0, opt_steps: 0, mu_bits: 1f32.to_bits(), good_steps: 0 };
     crate::train::start_control(be, &mut model, &tc, &ls)?;
     let lr = 1e-4f32;
     let mut loss = f32::NAN;
+    let mut sent = (0u64, None);
     let mut step = |k: u64, ls: &mut LoopState| {
         let (x, y) = tokens(k);
         let so = crate::train::train_step(be, &mut model, &mut ws, &tc, (&x, &y), lr, ls, &grid, false)?;
         be.synchronize()?;
+        sent = (so.comm.payload + so.comm.meta, so.tp);
         crate::backend::BResult::Ok(so.stats.loss)
     };
     for k in 0..a.warmup {
@@ -184,14 +227,22 @@ fn measure<B: Backend>(
         *per.entry(o.phase).or_default() += o.ms;
     }
     let phases: Vec<(Phase, f64)> = per.into_iter().collect();
-    let memory = be.memory();
+    // The largest pool high-water mark and device use of any rank.
+    let memory = be.memory().map(|mut m| {
+        let all = world.all_gather_vec(&[m.pool_high_water, m.device_used]);
+        m.pool_high_water = all.iter().step_by(2).copied().max().unwrap_or(0);
+        m.device_used = all.iter().skip(1).step_by(2).copied().max().unwrap_or(0);
+        m
+    });
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let params = model.num_params();
+    // The whole model's parameters (a rank holds pieces at tp > 1); tokens of every
+    // data-parallel rank; TFLOP/s and MFU per GPU.
+    let params: usize = crate::model::params::specs(model_cfg).iter().map(|s| s.numel()).sum();
     let fpt = flops_per_token(model_cfg, params);
-    let tok_s = n as f64 / (median / 1e3);
-    let tflops = fpt * tok_s / 1e12;
+    let tok_s = (n * world.dp) as f64 / (median / 1e3);
+    let tflops = fpt * tok_s / 1e12 / world.size as f64;
     let r = StepReport {
         bench: "step",
         model: a.model.clone(),
@@ -220,8 +271,17 @@ fn measure<B: Backend>(
         phases_ms: phases,
         ops,
         final_loss: loss,
-        fast_fallbacks,
+        fast_fallbacks: fast_fallbacks(),
+        ranks: world.size,
+        dp: world.dp,
+        tp: world.tp,
+        grad_comm_bytes: sent.0,
+        tp_comm_bytes: sent.1.map(|x| x.total()),
+        tp_comm_bf16_bytes: sent.1.map(|x| x.bf16_equivalent()),
     };
+    if world.rank != 0 {
+        return Ok(());
+    }
     let json = serde_json::to_string(&r).map_err(|e| e.to_string())?;
     if !a.json {
         print!("{}", table(&r));
@@ -269,6 +329,21 @@ pub fn table(r: &StepReport) -> String {
             gib(m.device_used),
             gib(m.device_total)
         );
+    }
+    if r.ranks > 1 {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        s += &format!(
+            "{} ranks (data parallel {} x tensor parallel {}; tok/s of all, TFLOP/s and MFU per GPU, memory of the \
+             fullest): gradient reduction {:.1} MiB per rank per step",
+            r.ranks,
+            r.dp,
+            r.tp,
+            mib(r.grad_comm_bytes)
+        );
+        if let (Some(x), Some(bf)) = (r.tp_comm_bytes, r.tp_comm_bf16_bytes) {
+            s += &format!(" | tensor parallel {:.1} MiB (BF16 would move {:.1})", mib(x), mib(bf));
+        }
+        s += "\n";
     }
     let total: f64 = r.phases_ms.iter().map(|p| p.1).sum();
     if total > 0.0 {

@@ -18,3 +18,14 @@ pub(crate) fn fits<B: Backend>(be: &B, cfg: &Config, ranks: usize, what: &str) -
     let t = &cfg.train;
     memory::check(be, &cfg.model, t.level, t.recompute, ranks, t.tp, t.batch_size, what).map(|_| ())
 }
+
+/// The CUDA device of local rank `rank`: device `rank`, or the one `FP8TRAIN_CUDA_DEVICE`
+/// names for every rank (several ranks on one GPU, to check multi-rank numerics on a
+/// one-GPU machine: host-staged collectives work so, NCCL refuses two ranks of one
+/// communicator on one device).
+pub(crate) fn cuda_device(rank: usize) -> Result<usize, String> {
+    match std::env::var("FP8TRAIN_CUDA_DEVICE") {
+        Ok(v) => v.trim().parse().map_err(|_| format!("FP8TRAIN_CUDA_DEVICE = {v:?} is not a device number")),
+        Err(_) => Ok(rank),
+    }
+}

@@ -133,7 +133,7 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &mut World) -
     // Waits on silent peers from here on follow the run's setting (not the default).
     world.set_timeout(std::time::Duration::from_secs(tc.peer_timeout_s));
     let gpu = |rank: usize| {
-        let d = cuda_device(rank)?;
+        let d = super::cuda_device(rank)?;
         if tc.gemm == Gemm::Fast {
             Cuda::new_fast(d)
         } else {
@@ -153,17 +153,6 @@ fn world_train(a: &TrainArgs, log: &Logger, progress: bool, world: &mut World) -
                 run_on(&Sim, a, fresh.clone(), log, progress, world)
             }
         },
-    }
-}
-
-/// The CUDA device of local rank `rank`: device `rank`, or the one `FP8TRAIN_CUDA_DEVICE`
-/// names for every rank (several ranks on one GPU, to check multi-rank numerics on a
-/// one-GPU machine: host-staged collectives work so, NCCL refuses two ranks of one
-/// communicator on one device).
-fn cuda_device(rank: usize) -> Result<usize, String> {
-    match std::env::var("FP8TRAIN_CUDA_DEVICE") {
-        Ok(v) => v.trim().parse().map_err(|_| format!("FP8TRAIN_CUDA_DEVICE = {v:?} is not a device number")),
-        Err(_) => Ok(rank),
     }
 }
 
