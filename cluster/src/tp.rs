@@ -124,11 +124,18 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     let lo = me * vs;
     // Row maxima (order-free). A NaN logit makes its row's loss NaN whether or not MPI's
     // MAX passes the NaN on (exp of it is NaN on the rank that holds it).
-    let mut m: Vec<f32> = (0..n).map(|r| max(&logits[r * vs..(r + 1) * vs])).collect();
+    // (Rows in parallel: every element and every chunk's sum as one thread computes it.)
+    use rayon::prelude::*;
+    let mut m: Vec<f32> = logits.par_chunks(vs).map(max).collect();
     g.all_reduce_max(&mut m);
-    let e: Vec<f32> = (0..n * vs).map(|i| exp(logits[i] - m[i / vs])).collect();
+    let mut e = vec![0f32; n * vs];
+    e.par_chunks_mut(vs).zip(logits.par_chunks(vs)).zip(&m).for_each(|((er, lr), &mr)| {
+        for (o, &l) in er.iter_mut().zip(lr) {
+            *o = exp(l - mr);
+        }
+    });
     let cs = vs / CHUNK;
-    let part: Vec<f32> = e.chunks(CHUNK).map(|c| c.iter().fold(0f32, |acc, &x| acc + x)).collect(); // n x cs, row-major
+    let part: Vec<f32> = e.par_chunks(CHUNK).map(|c| c.iter().fold(0f32, |acc, &x| acc + x)).collect(); // n x cs, row-major
     let mut all = vec![0f32; part.len() * ranks];
     g.all_gather(&part, &mut all);
     // The logit of each row's target, from the rank that holds it.
@@ -145,20 +152,21 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     let mut tl = vec![0f32; n * ranks];
     g.all_gather(&mine, &mut tl);
     let mut z = vec![0f32; n];
-    for r in 0..n {
+    z.par_iter_mut().zip(losses.par_iter_mut()).enumerate().for_each(|(r, (zr, loss))| {
         let mut p: Vec<f32> =
             (0..ranks).flat_map(|k| all[k * n * cs + r * cs..k * n * cs + (r + 1) * cs].to_vec()).collect();
-        z[r] = tree_sum(&mut p);
+        *zr = tree_sum(&mut p);
         let t = targets[r] as usize;
-        losses[r] = (log(z[r]) + m[r]) - tl[(t / vs) * n + r];
-    }
+        *loss = (log(*zr) + m[r]) - tl[(t / vs) * n + r];
+    });
     if let Some(d) = dlogits {
         assert_eq!(d.len(), n * vs, "crossentropy_vocab_parallel: gradient size");
-        for (i, out) in d.iter_mut().enumerate() {
-            let (r, j) = (i / vs, lo + i % vs);
-            let ind = if j == targets[r] as usize { 1.0 } else { 0.0 };
-            *out = (e[i] / z[r] - ind) * dloss;
-        }
+        d.par_chunks_mut(vs).zip(e.par_chunks(vs)).enumerate().for_each(|(r, (dr, er))| {
+            for (k, (out, &ek)) in dr.iter_mut().zip(er).enumerate() {
+                let ind = if lo + k == targets[r] as usize { 1.0 } else { 0.0 };
+                *out = (ek / z[r] - ind) * dloss;
+            }
+        });
     }
     Ok(())
 }
