@@ -48,15 +48,17 @@ pub fn fp8_reduction_bytes(n: usize, ranks: usize) -> CommBytes {
 /// +0 (the contract's rule 8), for the first `out.len()` elements of `k`-long chunks:
 /// what [`reduce_fp8`] and the tensor-parallel reduce-scatter add.
 pub fn rank_order_decoded_sums(recv: &[u8], k: usize, scales: &[f32], fmt: Fp8Format, out: &mut [f32]) {
+    use rayon::prelude::*;
     let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
     let table = fmt.decode_table();
-    for (i, o) in out.iter_mut().enumerate() {
+    // (Elements in parallel; each element's sum in rank order as one thread adds it.)
+    out.par_iter_mut().enumerate().for_each(|(i, o)| {
         let mut acc = 0f32;
         for (r, v) in inv.iter().enumerate() {
             acc += table[recv[r * k + i] as usize] * v;
         }
         *o = acc;
-    }
+    });
 }
 
 /// Reduce an E4M3 gradient with scale `scale` (value = code / scale) across ranks; on

@@ -60,13 +60,20 @@ pub fn amax_slots_max<C: Collectives>(g: &C, slots: &mut [u64]) {
     }
 }
 
+/// `fp8::encode_scaled` of `x` in blocks on the thread pool (elementwise: the same codes).
+fn encode_par(fmt: Fp8Format, x: &[f32], scale: f32) -> Vec<u8> {
+    use rayon::prelude::*;
+    let mut q = vec![0u8; x.len()];
+    q.par_chunks_mut(1 << 16).zip(x.par_chunks(1 << 16)).for_each(|(q, x)| fp8::encode_scaled(fmt, x, scale, q));
+    q
+}
+
 /// All-gather of `shard` (the same length on every rank) as FP8 of format `fmt` with
 /// the group's shared scale: the whole tensor's codes in rank order, and the scale
 /// (value = code / scale).
 pub fn all_gather_fp8<C: Collectives>(g: &C, shard: &[f32], fmt: Fp8Format, prev: f32) -> (Vec<u8>, f32, TpBytes) {
     let scale = shared_scale(g, shard, fmt, prev);
-    let mut q = vec![0u8; shard.len()];
-    fp8::encode_scaled(fmt, shard, scale, &mut q);
+    let q = encode_par(fmt, shard, scale);
     let mut all = vec![0u8; shard.len() * g.size()];
     g.all_gather(&q, &mut all);
     let peers = (g.size() - 1) as u64;
@@ -81,8 +88,7 @@ pub fn reduce_scatter_fp8<C: Collectives>(g: &C, partial: &[f32], fmt: Fp8Format
     let (ranks, k) = (g.size(), out.len());
     assert_eq!(partial.len(), k * ranks, "reduce_scatter_fp8: buffer sizes");
     let scale = scale_from_amax(fmt, amax(partial), 0, 1.0);
-    let mut q = vec![0u8; partial.len()];
-    fp8::encode_scaled(fmt, partial, scale, &mut q);
+    let q = encode_par(fmt, partial, scale);
     let mut recv = vec![0u8; partial.len()];
     g.all_to_all(&q, &mut recv);
     let mut scales = vec![0f32; ranks];

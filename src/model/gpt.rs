@@ -853,7 +853,8 @@ impl<B: Backend> Gpt<B> {
         dloss: Option<f32>,
     ) -> BResult<()> {
         let h = &mut ws.head;
-        let logits: Vec<f32> = be.download(&h.logits)?.iter().map(|x| x.to_f32()).collect();
+        use rayon::prelude::*;
+        let logits: Vec<f32> = be.download(&h.logits)?.par_iter().map(|x| x.to_f32()).collect();
         let targets = be.download(&h.targets)?;
         let mut losses = vec![0f32; h.rows];
         let mut dlogits = dloss.map(|_| vec![0f32; logits.len()]);
@@ -871,7 +872,7 @@ impl<B: Backend> Gpt<B> {
         h.losses = be.upload(&losses)?;
         be.copy_range(&mut ws.losses, r0, &h.losses, 0, h.rows)?;
         if let Some(d) = dlogits {
-            h.logits = be.upload(&d.into_iter().map(fp8sim::half16::to_bf16).collect::<Vec<_>>())?;
+            h.logits = be.upload(&d.into_par_iter().map(fp8sim::half16::to_bf16).collect::<Vec<_>>())?;
         }
         let cs = v / g.size() / fp8sim::reduce::CHUNK;
         ws.tp_traffic.other += ((g.size() - 1) * 4 * h.rows * (2 + cs)) as u64;

@@ -22,6 +22,7 @@ use fp8cluster::world::{Collectives, Equivalence};
 use fp8sim::half16::{bf16, to_bf16};
 use fp8sim::scaling::scale_from_amax;
 use fp8sim::Fp8Format;
+use rayon::prelude::*;
 
 /// This rank's place in its tensor-parallel group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -173,7 +174,7 @@ pub fn reduce_scatter<B: Backend, C: Collectives>(
     let mut sum = vec![0f32; k];
     let bytes = match fmt {
         Some(fmt) => {
-            let wide: Vec<f32> = p.iter().map(|v| v.to_f32()).collect();
+            let wide: Vec<f32> = p.par_iter().map(|v| v.to_f32()).collect();
             ctp::reduce_scatter_fp8(g, &wide, fmt, &mut sum)
         }
         None => {
@@ -186,7 +187,7 @@ pub fn reduce_scatter<B: Backend, C: Collectives>(
             TpBytes { payload: b, meta: 0, bf16_payload: b }
         }
     };
-    *out = be.upload(&sum.into_iter().map(to_bf16).collect::<Vec<_>>())?;
+    *out = be.upload(&sum.into_par_iter().map(to_bf16).collect::<Vec<_>>())?;
     Ok(bytes)
 }
 
