@@ -239,7 +239,7 @@ fn measure<B: Backend>(
     let median = sorted[sorted.len() / 2];
     // The whole model's parameters (a rank holds pieces at tp > 1); tokens of every
     // data-parallel rank; TFLOP/s and MFU per GPU.
-    let params: usize = crate::model::params::specs(model_cfg).iter().map(|s| s.numel()).sum();
+    let params = crate::model::params::whole_count(model_cfg);
     let fpt = flops_per_token(model_cfg, params);
     let tok_s = (n * world.dp) as f64 / (median / 1e3);
     let tflops = fpt * tok_s / 1e12 / world.size as f64;

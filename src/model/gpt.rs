@@ -670,15 +670,11 @@ impl<B: Backend> Gpt<B> {
     /// codes go through the backend (`Backend::broadcast_u8` / `broadcast_f16`: device
     /// to device over NCCL on GPUs), the scales, four bytes each, over MPI (read back
     /// and put back: O3 with several ranks is not yet free of host round trips).
-    pub fn share_weights(&self, be: &B, ws: &mut Workspace<B>, world: &World) -> BResult<()> {
-        self.share_weights_over(be, ws, world, Some(world))
-    }
-
-    /// [`Gpt::share_weights`] over the data-parallel group `g` (whose ranks the owners
-    /// are numbered in): the codes through the backend's own transport when `device`
-    /// (the world, which `g` then is), else through host copies over `g` (the
-    /// data-parallel groups of a tensor-parallel run).
-    pub fn share_weights_over<C: Collectives>(
+    /// All of it over the data-parallel group `g` (whose ranks the owners are numbered
+    /// in): the codes through the backend's own transport when `device` (the world,
+    /// which `g` then is), else through host copies over `g` (the data-parallel groups of
+    /// a tensor-parallel run).
+    pub fn share_weights<C: Collectives>(
         &self,
         be: &B,
         ws: &mut Workspace<B>,
@@ -1159,42 +1155,24 @@ impl<B: Backend> Gpt<B> {
                 let [_, _, gb2, gb3] = &mut ws.g_b;
                 let [_, _, h2, h3] = &ws.shared_in;
                 let saved3 = h3.as_ref().unwrap_or(&la.saved[3]);
-                if tp > 1 {
-                    let (gathered, summed) = linear::backward_gathered(
-                        be,
-                        g,
-                        &mut ws.dgelu,
-                        gw3,
-                        gb3,
-                        &ws.dres,
-                        nl,
-                        &views[3],
-                        saved3,
-                        delayed,
-                        k(3),
-                        &mut ws.dy_sp,
-                        q3,
-                        dims[3],
-                        Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 3) },
-                    )?;
-                    TpTraffic::add(&mut ws.tp_traffic.all_gather, gathered);
-                    ws.tp_traffic.other += summed;
-                } else {
-                    linear::backward(
-                        be,
-                        &mut ws.dgelu,
-                        gw3,
-                        gb3,
-                        &ws.dres,
-                        &views[3],
-                        saved3,
-                        delayed,
-                        k(3),
-                        q3,
-                        dims[3],
-                        Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 3) },
-                    )?;
-                }
+                linear::backward_row_parallel(
+                    be,
+                    g,
+                    &mut ws.dgelu,
+                    gw3,
+                    gb3,
+                    &ws.dres,
+                    nl,
+                    &views[3],
+                    saved3,
+                    delayed,
+                    k(3),
+                    &mut ws.dy_sp,
+                    q3,
+                    dims[3],
+                    Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 3) },
+                    &mut ws.tp_traffic,
+                )?;
                 Self::stage_grad(
                     be,
                     &mut params[idx(params::FCPROJ_B)],
@@ -1274,42 +1252,24 @@ impl<B: Backend> Gpt<B> {
                 let [gb0, gb1, _, _] = &mut ws.g_b;
                 let [h0, h1, _, _] = &ws.shared_in;
                 let att = ws.shared_att.as_ref().unwrap_or(&la.att);
-                if tp > 1 {
-                    let (gathered, summed) = linear::backward_gathered(
-                        be,
-                        g,
-                        &mut ws.datt,
-                        gw1,
-                        gb1,
-                        &ws.dres,
-                        nl,
-                        &views[1],
-                        h1.as_ref().unwrap_or(&la.saved[1]),
-                        delayed,
-                        k(1),
-                        &mut ws.dy_sp,
-                        q1,
-                        dims[1],
-                        Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 1) },
-                    )?;
-                    TpTraffic::add(&mut ws.tp_traffic.all_gather, gathered);
-                    ws.tp_traffic.other += summed;
-                } else {
-                    linear::backward(
-                        be,
-                        &mut ws.datt,
-                        gw1,
-                        gb1,
-                        &ws.dres,
-                        &views[1],
-                        h1.as_ref().unwrap_or(&la.saved[1]),
-                        delayed,
-                        k(1),
-                        q1,
-                        dims[1],
-                        Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 1) },
-                    )?;
-                }
+                linear::backward_row_parallel(
+                    be,
+                    g,
+                    &mut ws.datt,
+                    gw1,
+                    gb1,
+                    &ws.dres,
+                    nl,
+                    &views[1],
+                    h1.as_ref().unwrap_or(&la.saved[1]),
+                    delayed,
+                    k(1),
+                    &mut ws.dy_sp,
+                    q1,
+                    dims[1],
+                    Slot { buf: &mut ws.stats, at: slots.dy(4 * l + 1) },
+                    &mut ws.tp_traffic,
+                )?;
                 Self::stage_grad(
                     be,
                     &mut params[idx(params::PROJ_B)],

@@ -564,14 +564,14 @@ pub fn forward_partial<B: Backend>(
     be.matmul_bf16(partial, saved.operand(ds, k), w.operand(), Product::Forward, d.n, d.oc, d.ic, 1.0)
 }
 
-/// Tensor parallel, the backward pass of a row-parallel layer (the projections) whose
-/// output gradient `dy` is this rank's `rows` rows (sequence parallel): its bias
-/// gradient (the ranks' column sums added in rank order), its low-precision copy
-/// (E5M2 with a scale every rank shares, or BF16) all-gathered into `dyq` (every row),
-/// then the products of [`backward`] on this rank's slice of the input features.
-/// Returns the gather's bytes and the bias sum's.
+/// The backward pass of a row-parallel layer (the projections) whose output gradient
+/// `dy` is this rank's `rows` rows of its tensor-parallel group `g` (sequence parallel):
+/// its bias gradient (the ranks' column sums added in rank order), its low-precision
+/// copy (E5M2 with a scale every rank shares, or BF16) all-gathered from `dy_local` into
+/// `dyq` (every row), then the products of [`backward`] on this rank's slice of the
+/// input features; the bytes sent go into `traffic`. A group of one is [`backward`].
 #[allow(clippy::too_many_arguments)]
-pub fn backward_gathered<B: Backend, C: Collectives>(
+pub fn backward_row_parallel<B: Backend, C: Collectives>(
     be: &B,
     g: &C,
     dx: &mut B::Buf<bf16>,
@@ -587,7 +587,11 @@ pub fn backward_gathered<B: Backend, C: Collectives>(
     dyq: &mut GradCast<B>,
     d: Dims,
     stats: Slot<'_, B>,
-) -> BResult<(TpBytes, u64)> {
+    traffic: &mut tp::TpTraffic,
+) -> BResult<()> {
+    if g.size() == 1 {
+        return backward(be, dx, dw, db, dy, w, saved, ds, k, dyq, d, stats);
+    }
     match &mut *dy_local {
         GradCast::Bf16(b) => be.column_sums_cast_bf16(db, b, dy, rows, d.oc)?,
         GradCast::Fp8(codes) if ds.fresh => {
@@ -597,10 +601,9 @@ pub fn backward_gathered<B: Backend, C: Collectives>(
         }
         GradCast::Fp8(codes) => be.column_sums_cast(db, codes, dy, rows, d.oc, E5M2, ds.dy(k, false), stats)?,
     }
-    let summed = tp::sum_over_ranks(be, g, db)?;
-    let gathered = tp::gather_grad(be, g, dy_local, dyq)?;
-    products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)?;
-    Ok((gathered, summed))
+    traffic.other += tp::sum_over_ranks(be, g, db)?;
+    tp::TpTraffic::add(&mut traffic.all_gather, tp::gather_grad(be, g, dy_local, dyq)?);
+    products(be, dx, dw, w, saved.operand(ds, k), dyq.operand(ds, k), d)
 }
 
 /// The two backward products from the output gradient's copy `dy` and the saved input

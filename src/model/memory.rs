@@ -198,7 +198,7 @@ mod tests {
         let pieces: usize =
             crate::model::shard::layout(&cfg, 2).iter().map(|(_, _, s)| s.iter().product::<usize>()).sum();
         assert_eq!(two.state, 6 * pieces as u64);
-        let whole: u64 = crate::model::params::specs(&cfg).iter().map(|s| s.numel() as u64).sum();
+        let whole = crate::model::params::whole_count(&cfg) as u64;
         assert!(two.state < 6 * whole * 52 / 100 && two.state > 6 * whole / 2, "{two:?}");
         let ratio = two.total() as f64 / one.total() as f64;
         assert!((0.5..0.75).contains(&ratio), "tp 2 / tp 1 = {ratio:.3}: {two:?} vs {one:?}");

@@ -62,6 +62,11 @@ pub fn lnf_w(cfg: &ModelConfig) -> usize {
     2 + cfg.n_layer * PER_LAYER
 }
 
+/// Parameters of the whole model (a tensor-parallel rank holds pieces of them).
+pub fn whole_count(cfg: &ModelConfig) -> usize {
+    specs(cfg).iter().map(ParamSpec::numel).sum()
+}
+
 /// All parameters in order: wte, wpe, the blocks, lnf. GPT-2 init: N(0, 0.02),
 /// residual projections N(0, 0.02 / sqrt(2 * n_layer)), biases 0, LN weights 1.
 pub fn specs(cfg: &ModelConfig) -> Vec<ParamSpec> {

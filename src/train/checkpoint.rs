@@ -655,15 +655,9 @@ fn load_relayout<B: Backend>(
     ranks: usize,
     tp: TpPlace,
 ) -> Result<(Config, Gpt<B>, LoopState), String> {
+    // (O3 shards never come here: `load` resumes them at their own layout only.)
     let saved_tp = manifest.tp.max(1);
     let names: Vec<String> = if saved_tp == 1 {
-        if !manifest.files.contains_key("state.safetensors") {
-            return Err(format!(
-                "checkpoint {}: O3 shards (written by {} ranks) resume at tensor-parallel size 1 only",
-                dir.display(),
-                manifest.world_size
-            ));
-        }
         vec!["state.safetensors".to_string()]
     } else {
         (0..saved_tp).map(|r| format!("state-tp{r}.safetensors")).collect()
@@ -698,7 +692,7 @@ fn load_relayout<B: Backend>(
                 let inv = 1.0 / f32::from_bits(scale_of(&m.params[i]));
                 pieces.push(match dtype {
                     Dtype::F32 => f32s(b),
-                    Dtype::F16 => f16s(b).iter().map(|h| h.to_f32() * inv).collect(),
+                    Dtype::F16 => decode_f16(&f16s(b), inv),
                     _ => b.iter().map(|&q| fp8sim::fp8::decode(fp8sim::Fp8Format::E4M3, q) * inv).collect(),
                 });
             }
@@ -707,11 +701,7 @@ fn load_relayout<B: Backend>(
             Ok(if tp.size == 1 { full } else { shard::shard(&full, shape, split, tp.rank, tp.size) })
         };
         let sc0 = &smeta.params[i];
-        let f16_of = |v: &[f32], prev: u32| {
-            let (mut codes, mut s) = (vec![f16::from_bits(0); v.len()], f32::from_bits(prev));
-            fp8sim::ops::adamw::encode_f16_jit(v, &mut codes, &mut s);
-            (codes, s)
-        };
+        let f16_of = |v: &[f32], prev: u32| encode_f16(v, f32::from_bits(prev));
         match &mut p.master {
             Master::F32(w) => *w = be.upload(&piece("master", Dtype::F32, &|_| 1f32.to_bits())?)?,
             Master::F16 { codes, scale } => {
@@ -745,11 +735,24 @@ fn load_relayout<B: Backend>(
     Ok((cfg.clone(), model, smeta.loop_state))
 }
 
+/// Scaled FP16 codes as values (`code * inv_scale`, the masters' and moments' decoding).
+fn decode_f16(codes: &[f16], inv_scale: f32) -> Vec<f32> {
+    codes.iter().map(|h| h.to_f32() * inv_scale).collect()
+}
+
+/// Values as FP16 codes with a fresh power-of-two scale (the optimizer's just-in-time
+/// rule; `prev` kept when the values are all zero): codes and scale.
+fn encode_f16(values: &[f32], prev: f32) -> (Vec<f16>, f32) {
+    let (mut codes, mut scale) = (vec![f16::from_bits(0); values.len()], prev);
+    fp8sim::ops::adamw::encode_f16_jit(values, &mut codes, &mut scale);
+    (codes, scale)
+}
+
 /// The model a config describes must be the one the verified weights file holds (all
 /// parameters as f32): a damaged or foreign config never makes the loader allocate more
 /// than the files justify.
 fn weights_fit_config(dir: &Path, manifest: &Manifest, cfg: &Config) -> Result<(), String> {
-    let params: u64 = crate::model::params::specs(&cfg.model).iter().map(|s| s.numel() as u64).sum();
+    let params = params::whole_count(&cfg.model) as u64;
     let have = manifest.files.get("model.safetensors").map_or(0, |e| e.bytes);
     if have < 4 * params {
         return Err(format!(
@@ -839,8 +842,7 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
                 shard::shard_shape(&whole[i].shape, shard::split_of(&cfg.model, i), saved_tp).iter().product();
             let codes = f16s(tensor_bytes(&st, &tname, Dtype::F16, n)?);
             if saved_tp > 1 {
-                let inv = 1.0 / f32::from_bits(sc.master);
-                pieces[i][r % saved_tp] = Some(codes.iter().map(|h| h.to_f32() * inv).collect());
+                pieces[i][r % saved_tp] = Some(decode_f16(&codes, 1.0 / f32::from_bits(sc.master)));
             } else if let Master::F16 { codes: c, scale } = &mut p.master {
                 // One piece: the exact codes and scale.
                 *c = be.upload(&codes)?;
@@ -855,8 +857,7 @@ pub fn load_for_inference<B: Backend>(be: &B, path: &Path) -> Result<(Config, Gp
             let Some(got) = pieces[i].iter().cloned().collect::<Option<Vec<_>>>() else { continue };
             let full = shard::gather(&got, &whole[i].shape, shard::split_of(&cfg.model, i));
             if let Master::F16 { codes, scale } = &mut p.master {
-                let (mut c, mut s) = (vec![f16::from_bits(0); full.len()], 1.0f32);
-                fp8sim::ops::adamw::encode_f16_jit(&full, &mut c, &mut s);
+                let (c, s) = encode_f16(&full, 1.0);
                 *codes = be.upload(&c)?;
                 *scale = scale_pair(be, s)?;
                 filled[i] = true;

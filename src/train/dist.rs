@@ -49,7 +49,7 @@ pub fn prepare_weights<B: Backend>(be: &B, model: &Gpt<B>, ws: &mut Workspace<B>
     model.prepare_weights(be, ws)?;
     if model.level == Level::O3 && grid.dp.size > 1 {
         let device = (grid.world.tp == 1).then_some(grid.world);
-        model.share_weights_over(be, ws, &grid.dp, device)?;
+        model.share_weights(be, ws, &grid.dp, device)?;
     }
     Ok(())
 }

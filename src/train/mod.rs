@@ -213,7 +213,7 @@ pub fn train<B: Backend>(
           "params" => np, "data" => &ds.description, "resumed_at_step" => if resumed { ls.step } else { 0 });
     if speak {
         let pieces = if world.tp > 1 {
-            let whole: usize = crate::model::params::specs(&cfg.model).iter().map(|s| s.numel()).sum();
+            let whole = crate::model::params::whole_count(&cfg.model);
             format!(" on this rank (its tensor-parallel pieces of the model's {whole})")
         } else {
             String::new()
