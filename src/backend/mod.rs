@@ -175,6 +175,31 @@ pub enum ActOut<'a, B: Backend + ?Sized> {
     E4m3(&'a mut B::Buf<u8>, Scalar<'a, B>, Slot<'a, B>),
 }
 
+/// GELU's pre-activation as its backward pass reads it: the BF16 values the forward
+/// pass read (the bf16 level), or their E4M3 codes at scale 1 (the FP8 levels: half the
+/// bytes kept per layer; |x| > 448 saturates, where gelu' is 0 or 1 either way).
+pub enum GeluIn<'a, B: Backend + ?Sized> {
+    Bf16(&'a B::Buf<bf16>),
+    E4m3(&'a B::Buf<u8>),
+}
+
+impl<B: Backend + ?Sized> Clone for GeluIn<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend + ?Sized> Copy for GeluIn<'_, B> {}
+
+impl<B: Backend> GeluIn<'_, B> {
+    /// Elements.
+    pub fn elements(&self, be: &B) -> usize {
+        match *self {
+            GeluIn::Bf16(x) => be.len(x),
+            GeluIn::E4m3(x) => be.len(x),
+        }
+    }
+}
+
 /// Where an op writes a linear layer's output gradient (that layer's backward reads it
 /// next): f32, or already in the form the backward takes: the bias gradient (`db`, the
 /// contract's column sums) and the gradient's BF16 copy or scaled FP8 cast (statistics
@@ -680,9 +705,13 @@ pub trait Backend {
         t: usize,
         c: usize,
     ) -> BResult<()>;
+    /// `y` stored per `y`, and `xhat`: the normalized input in BF16, what the backward
+    /// pass reads (fp8sim::ops::layernorm).
+    #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
         y: ActOut<'_, Self>,
+        xhat: &mut Self::Buf<bf16>,
         mean: &mut Self::Buf<f32>,
         rstd: &mut Self::Buf<f32>,
         x: &Self::Buf<f32>,
@@ -700,9 +729,8 @@ pub trait Backend {
         dw: &mut Self::Buf<f32>,
         db: &mut Self::Buf<f32>,
         dy: &Self::Buf<bf16>,
-        x: &Self::Buf<f32>,
+        xhat: &Self::Buf<bf16>,
         w: &Self::Buf<f32>,
-        mean: &Self::Buf<f32>,
         rstd: &Self::Buf<f32>,
         n: usize,
         c: usize,
@@ -728,13 +756,15 @@ pub trait Backend {
         stats: &Self::Buf<f32>,
         shape: AttnShape,
     ) -> BResult<()>;
-    /// `y = gelu(x)` of the BF16 pre-activation (computed in f32).
-    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<bf16>) -> BResult<()>;
+    /// `y = gelu(x)` of the BF16 pre-activation (computed in f32); with `x8`, also `x`
+    /// as E4M3 codes at scale 1 (the saturating cast): what the backward pass reads at
+    /// the FP8 levels ([`GeluIn::E4m3`]).
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Self::Buf<bf16>, x8: Option<&mut Self::Buf<u8>>) -> BResult<()>;
     /// `dx = gelu'(x) * dy` (`x`, `dy`: rows of `cols`), stored as `dx` asks.
     fn gelu_backward(
         &self,
         dx: GradOut<'_, Self>,
-        x: &Self::Buf<bf16>,
+        x: GeluIn<'_, Self>,
         dy: &Self::Buf<bf16>,
         cols: usize,
     ) -> BResult<()>;

@@ -1,7 +1,7 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
 use super::{
-    amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GradOut,
+    amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GeluIn, GradOut,
     GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
 };
 use fp8sim::fp8::{self, Fp8Format};
@@ -386,6 +386,7 @@ impl Backend for Sim {
     fn layernorm_forward(
         &self,
         y: ActOut<'_, Self>,
+        xhat: &mut Vec<bf16>,
         mean: &mut Vec<f32>,
         rstd: &mut Vec<f32>,
         x: &Vec<f32>,
@@ -394,7 +395,7 @@ impl Backend for Sim {
         n: usize,
         c: usize,
     ) -> BResult<()> {
-        into_act(y, n * c, |yv| layernorm::layernorm_forward(yv, mean, rstd, x, w, b, n, c))
+        into_act(y, n * c, |yv| layernorm::layernorm_forward(yv, xhat, mean, rstd, x, w, b, n, c))
     }
     fn layernorm_backward(
         &self,
@@ -403,20 +404,19 @@ impl Backend for Sim {
         dw: &mut Vec<f32>,
         db: &mut Vec<f32>,
         dy: &Vec<bf16>,
-        x: &Vec<f32>,
+        xhat: &Vec<bf16>,
         w: &Vec<f32>,
-        mean: &Vec<f32>,
         rstd: &Vec<f32>,
         n: usize,
         c: usize,
     ) -> BResult<()> {
         let dy = &widen(dy)?;
         if !accumulate {
-            layernorm::layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, n, c);
+            layernorm::layernorm_backward(dx, dw, db, dy, xhat, w, rstd, n, c);
             return Ok(());
         }
         let mut g = self.zeros::<f32>(n * c)?;
-        layernorm::layernorm_backward(&mut g, dw, db, dy, x, w, mean, rstd, n, c);
+        layernorm::layernorm_backward(&mut g, dw, db, dy, xhat, w, rstd, n, c);
         par::for_chunks_mut(dx, |start, o| {
             for (i, v) in o.iter_mut().enumerate() {
                 *v += g[start + i];
@@ -452,20 +452,32 @@ impl Backend for Sim {
         half16::to_bf16_slice(&d32, dqkv);
         Ok(())
     }
-    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<bf16>) -> BResult<()> {
+    fn gelu_forward(&self, y: ActOut<'_, Self>, x: &Vec<bf16>, x8: Option<&mut Vec<u8>>) -> BResult<()> {
         let xf = widen(x)?;
+        if let Some(q) = x8 {
+            fp8::encode_scaled(Fp8Format::E4M3, &xf, 1.0, q);
+        }
         into_act(y, x.len(), |yv| gelu::gelu_forward(yv, &xf, None))
     }
-    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: &Vec<bf16>, dy: &Vec<bf16>, cols: usize) -> BResult<()> {
-        let (xf, dy) = (widen(x)?, &widen(dy)?);
+    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: GeluIn<'_, Self>, dy: &Vec<bf16>, cols: usize) -> BResult<()> {
+        let xf = match x {
+            GeluIn::Bf16(x) => widen(x)?,
+            GeluIn::E4m3(q) => {
+                let mut v = host_vec(q.len())?;
+                v.resize(q.len(), 0f32);
+                fp8::decode_scaled(Fp8Format::E4M3, q, 1.0, &mut v);
+                v
+            }
+        };
+        let dy = &widen(dy)?;
         if let GradOut::F32(o) = dx {
             gelu::gelu_backward(o, &xf, None, dy);
             return Ok(());
         }
-        let mut g = host_vec(x.len())?;
-        g.resize(x.len(), 0f32);
+        let mut g = host_vec(xf.len())?;
+        g.resize(xf.len(), 0f32);
         gelu::gelu_backward(&mut g, &xf, None, dy);
-        dx.finish(self, &g, x.len() / cols.max(1), cols)
+        dx.finish(self, &g, xf.len() / cols.max(1), cols)
     }
     fn cast_bf16_bias(&self, y: &mut Vec<bf16>, x: &Vec<f32>, bias: &Vec<f32>) -> BResult<()> {
         half16::to_bf16_slice(&self.with_bias(x, bias)?, y);

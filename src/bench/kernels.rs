@@ -8,7 +8,7 @@ use super::step::preset;
 use crate::backend::cuda::Cuda;
 use crate::backend::sim::Sim;
 use crate::backend::{
-    ActOut, AdamState, BResult, Backend, GradOut, GradRef, JitSrc, LossGrad, Phase, Scalar, ScaleSlot, Slot,
+    ActOut, AdamState, BResult, Backend, GeluIn, GradOut, GradRef, JitSrc, LossGrad, Phase, Scalar, ScaleSlot, Slot,
 };
 use crate::cli::{Backend as CliBackend, KernelsBenchArgs};
 use fp8sim::fp8::Fp8Format;
@@ -106,29 +106,32 @@ fn measure<B: Backend>(
     row("copy (baseline)", nc.clone(), ms, 8 * (n * c) as u64);
 
     let (w, b) = (be.upload(&vec![1.0f32; c])?, be.upload(&vec![0.0f32; c])?);
-    let (mut mean, mut rstd) = (be.zeros::<f32>(n)?, be.zeros::<f32>(n)?);
+    let (mut mean, mut rstd, mut xhat) = (be.zeros::<f32>(n)?, be.zeros::<f32>(n)?, be.zeros::<bf16>(n * c)?);
     let mut stats = be.zeros::<u64>(4)?;
     let (mut q, mut q4, mut qw) = (be.zeros::<u8>(n * c)?, be.zeros::<u8>(4 * n * c)?, be.zeros::<u8>(4 * c * c)?);
     let ms = time(be, reps, || {
         let y = ActOut::E4m3(&mut q, Scalar::Host(8.0), Slot { buf: &mut stats, at: 0 });
-        be.layernorm_forward(y, &mut mean, &mut rstd, &src, &w, &b, n, c)
+        be.layernorm_forward(y, &mut xhat, &mut mean, &mut rstd, &src, &w, &b, n, c)
     })?;
-    row("layernorm forward (f32 in, E4M3 out)", nc.clone(), ms, (5 * n * c + 8 * n) as u64);
+    // x read (f32), y (E4M3) and xhat (BF16) written.
+    row("layernorm forward (f32 in, E4M3 + BF16 xhat out)", nc.clone(), ms, (7 * n * c + 8 * n) as u64);
 
     let dy16: Vec<bf16> = randn(n * c, 2, 1.0).into_iter().map(to_bf16).collect();
     let dy = be.upload(&dy16)?;
     let (mut dw, mut db) = (be.zeros::<f32>(c)?, be.zeros::<f32>(c)?);
-    let ms =
-        time(be, reps, || be.layernorm_backward(&mut dst, true, &mut dw, &mut db, &dy, &src, &w, &mean, &rstd, n, c))?;
-    // dy (BF16) and x read, the residual gradient read and written, dw and db summed.
-    row("layernorm backward (+ dw, db sums)", nc.clone(), ms, (14 * n * c + 8 * n) as u64);
+    let ms = time(be, reps, || be.layernorm_backward(&mut dst, true, &mut dw, &mut db, &dy, &xhat, &w, &rstd, n, c))?;
+    // dy and xhat (BF16) read, the residual gradient read and written, dw and db summed.
+    row("layernorm backward (+ dw, db sums)", nc.clone(), ms, (12 * n * c + 4 * n) as u64);
 
     let x4: Vec<bf16> = randn(4 * n * c, 3, 2.0).into_iter().map(to_bf16).collect();
     let pre = be.upload(&x4)?;
     let n4 = format!("{n} x {}", 4 * c);
-    let ms =
-        time(be, reps, || be.gelu_forward(ActOut::E4m3(&mut q4, 8.0.into(), Slot { buf: &mut stats, at: 0 }), &pre))?;
-    row("GELU forward (BF16 in, E4M3 out)", n4.clone(), ms, (12 * n * c) as u64);
+    let mut x8 = be.zeros::<u8>(4 * n * c)?;
+    let ms = time(be, reps, || {
+        be.gelu_forward(ActOut::E4m3(&mut q4, 8.0.into(), Slot { buf: &mut stats, at: 0 }), &pre, Some(&mut x8))
+    })?;
+    // x read (BF16), y and x's E4M3 copy written.
+    row("GELU forward (BF16 in, E4M3 out + E4M3 x)", n4.clone(), ms, (16 * n * c) as u64);
 
     let g4: Vec<bf16> = randn(4 * n * c, 4, 1e-3).into_iter().map(to_bf16).collect();
     let dg = be.upload(&g4)?;
@@ -141,9 +144,10 @@ fn measure<B: Backend>(
             scale: Scalar::Host(1024.0),
             stats: Slot { buf: &mut stats, at: 0 },
         };
-        be.gelu_backward(out, &pre, &dg, 4 * c)
+        be.gelu_backward(out, GeluIn::E4m3(&x8), &dg, 4 * c)
     })?;
-    row("GELU backward (+ bias sums, E5M2 out)", n4.clone(), ms, (20 * n * c) as u64);
+    // x (E4M3) and dy (BF16) read, dx (E5M2) written.
+    row("GELU backward (E4M3 x, + bias sums, E5M2 out)", n4.clone(), ms, (16 * n * c) as u64);
 
     let res = be.upload(&randn(n * c, 5, 1.0))?;
     let x16 = be.upload(&randn(n * c, 6, 1.0).into_iter().map(fp8sim::half16::to_bf16).collect::<Vec<_>>())?;

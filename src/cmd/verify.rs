@@ -6,7 +6,7 @@ use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
 use crate::backend::{
-    amax_slot_bits, ActOut, AdamState, Backend, Delayed, EmbedTable, GradOut, GradRef, JitSrc, LossGrad, Operand,
+    amax_slot_bits, ActOut, AdamState, Backend, Delayed, EmbedTable, GeluIn, GradOut, GradRef, JitSrc, LossGrad, Operand,
     Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
 };
 use crate::cli::{Backend as CliBackend, VerifyArgs};
@@ -444,15 +444,17 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     be.upload(&randn(c, 5, 1.0))?,
                     be.upload(&randn16(n * c, 6, 1.0))?,
                 );
-                let (mut mean, mut rstd) = (be.zeros(n)?, be.zeros(n)?);
-                let mut outs =
-                    act_rows(be, n * c, |y| be.layernorm_forward(y, &mut mean, &mut rstd, &x, &w, &b, n, c))?;
+                let (mut mean, mut rstd, mut xhat) = (be.zeros(n)?, be.zeros(n)?, be.zeros::<bf16>(n * c)?);
+                let mut outs = act_rows(be, n * c, |y| {
+                    be.layernorm_forward(y, &mut xhat, &mut mean, &mut rstd, &x, &w, &b, n, c)
+                })?;
                 let (mut dx, mut dw, mut db) = (be.zeros(n * c)?, be.zeros(c)?, be.zeros(c)?);
-                be.layernorm_backward(&mut dx, false, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c)?;
+                be.layernorm_backward(&mut dx, false, &mut dw, &mut db, &dy, &xhat, &w, &rstd, n, c)?;
                 let mut dacc = be.upload(&randn(n * c, 26, 1.0))?;
-                be.layernorm_backward(&mut dacc, true, &mut dw, &mut db, &dy, &x, &w, &mean, &rstd, n, c)?;
+                be.layernorm_backward(&mut dacc, true, &mut dw, &mut db, &dy, &xhat, &w, &rstd, n, c)?;
                 outs.push(("dx (accumulated)", bits(be, &dacc)?));
                 outs.extend([
+                    ("xhat", be.download(&xhat)?.iter().map(|v| v.to_bits() as u32).collect()),
                     ("mean", bits(be, &mean)?),
                     ("rstd", bits(be, &rstd)?),
                     ("dx", bits(be, &dx)?),
@@ -484,14 +486,18 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                     be.cast_bf16_bias(&mut x, &x32, &bias)?;
                     outs.push(("x (bf16 of x + bias)", be.download(&x)?.iter().map(|v| v.to_bits() as u32).collect()));
                 }
-                outs.extend(act_rows(be, n, |y| be.gelu_forward(y, &x))?);
+                let mut x8 = be.zeros::<u8>(n)?;
+                outs.extend(act_rows(be, n, |y| be.gelu_forward(y, &x, Some(&mut x8)))?);
+                outs.push(("x e4m3 (scale 1)", be.download(&x8)?.iter().map(|&v| v as u32).collect()));
                 let mut dx = be.zeros(n)?;
-                be.gelu_backward(GradOut::F32(&mut dx), &x, &dy, c)?;
+                be.gelu_backward(GradOut::F32(&mut dx), GeluIn::Bf16(&x), &dy, c)?;
                 outs.push(("dx", bits(be, &dx)?));
+                be.gelu_backward(GradOut::F32(&mut dx), GeluIn::E4m3(&x8), &dy, c)?;
+                outs.push(("dx (e4m3 x)", bits(be, &dx)?));
                 // Straight into the next layer's forms: bias sums + BF16, bias sums + E5M2
                 // (a scale that saturates the largest gradients, so the count is tested).
                 let (mut db, mut q) = (be.zeros(c)?, be.zeros::<bf16>(n)?);
-                be.gelu_backward(GradOut::Bf16 { db: &mut db, q: &mut q }, &x, &dy, c)?;
+                be.gelu_backward(GradOut::Bf16 { db: &mut db, q: &mut q }, GeluIn::Bf16(&x), &dy, c)?;
                 outs.push(("db (with bf16 dx)", bits(be, &db)?));
                 outs.push(("dx bf16", be.download(&q)?.iter().map(|v| v.to_bits() as u32).collect()));
                 let (mut db, mut q, mut st) = (be.zeros(c)?, be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
@@ -499,10 +505,19 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let s = be.upload(&[16384.0f32])?;
                 let fp8 =
                     GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: Scalar::Dev(&s, 0), stats };
-                be.gelu_backward(fp8, &x, &dy, c)?;
+                be.gelu_backward(fp8, GeluIn::Bf16(&x), &dy, c)?;
                 outs.push(("db (with e5m2 dx)", bits(be, &db)?));
                 outs.push(("dx e5m2", be.download(&q)?.iter().map(|&v| v as u32).collect()));
                 outs.push(("amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()));
+                // The FP8 levels' form: the E4M3 input, straight into E5M2 with the sums.
+                let mut st = be.zeros::<u64>(2)?;
+                let stats = Slot { buf: &mut st, at: 0 };
+                let fp8 =
+                    GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: Scalar::Dev(&s, 0), stats };
+                be.gelu_backward(fp8, GeluIn::E4m3(&x8), &dy, c)?;
+                outs.push(("db (e4m3 x, e5m2 dx)", bits(be, &db)?));
+                outs.push(("dx e5m2 (e4m3 x)", be.download(&q)?.iter().map(|&v| v as u32).collect()));
+                outs.push(("amax, saturated slots (e4m3 x)", be.download(&st)?.iter().map(|&v| v as u32).collect()));
                 outs
             }
             Case::Residual { rows, c } => {

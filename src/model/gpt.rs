@@ -13,7 +13,7 @@ use super::shard;
 use super::tp::{self as tpm, Solo, TpPlace, TpTraffic};
 use crate::backend::BResult;
 use crate::backend::{
-    ActOut, AdamState, Backend, EmbedTable, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot,
+    ActOut, AdamState, Backend, EmbedTable, GeluIn, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot,
 };
 use fp8cluster::world::{Collectives, World};
 use fp8sim::half16::bf16;
@@ -52,10 +52,13 @@ pub struct Gpt<B: Backend> {
     pub tp: TpPlace,
 }
 
-/// Activations of one block.
+/// Activations of one block (a buffer that [`Kept`] does not give each block is empty
+/// here: the workspace's shared one serves).
 struct LayerActs<B: Backend> {
     ln1_mean: B::Buf<f32>,
     ln1_rstd: B::Buf<f32>,
+    /// The first layernorm's normalized input, BF16 (what its backward pass reads).
+    ln1_xhat: B::Buf<bf16>,
     /// The QKV layer's output with its bias, in BF16 (what attention reads).
     qkv: B::Buf<bf16>,
     /// The attention output, BF16 (what the projection's cast and backward read).
@@ -64,9 +67,46 @@ struct LayerActs<B: Backend> {
     res_mid: B::Buf<f32>,
     ln2_mean: B::Buf<f32>,
     ln2_rstd: B::Buf<f32>,
+    ln2_xhat: B::Buf<bf16>,
     /// The MLP pre-activation (up projection + bias) in BF16 (what GELU reads).
     fc: B::Buf<bf16>,
+    /// At the FP8 levels its E4M3 copy at scale 1, what GELU's backward pass reads.
+    fc8: B::Buf<u8>,
     saved: [Saved<B>; 4],
+}
+
+/// Which activations each block keeps for the backward pass; the others live in one
+/// buffer for all blocks (recomputed there, or not read there at all), from
+/// `train.recompute` and whether the level is FP8. The layernorms' backward passes read
+/// their normalized inputs (BF16), GELU's its E4M3 pre-activation at the FP8 levels, so
+/// without recomputation neither the f32 residual stream nor the BF16 pre-activation is
+/// kept per block: the same bits whatever is kept.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kept {
+    /// Each block's output (f32), the next block's input: read again only to recompute.
+    pub res: bool,
+    /// The residual stream after attention (f32), the second layernorm's input: likewise.
+    pub res_mid: bool,
+    /// The layernorms' normalized inputs.
+    pub xhat: bool,
+    /// The MLP pre-activation (BF16): read by GELU's backward at the bf16 level and to
+    /// recompute GELU's output.
+    pub fc: bool,
+    /// Its E4M3 copy (FP8 levels only).
+    pub fc8: bool,
+}
+
+impl Kept {
+    pub fn new(recompute: Recompute, fp8: bool) -> Kept {
+        match recompute {
+            Recompute::None => Kept { res: false, res_mid: false, xhat: true, fc: !fp8, fc8: fp8 },
+            Recompute::Gelu => Kept { res: false, res_mid: false, xhat: true, fc: true, fc8: false },
+            Recompute::Cheap => Kept { res: true, res_mid: true, xhat: false, fc: true, fc8: false },
+            // One set of activations for all blocks (the set keeps everything), each
+            // block's input kept to recompute it from.
+            Recompute::Full => Kept { res: true, res_mid: true, xhat: true, fc: true, fc8: fp8 },
+        }
+    }
 }
 
 /// Everything sized by (batch, seq) and reused from step to step: activations, the
@@ -89,8 +129,14 @@ pub struct Workspace<B: Backend> {
     encoded: B::Buf<f32>,
     /// One set per block, or one for all with `Recompute::Full`.
     layers: Vec<LayerActs<B>>,
-    /// Each block's output (the next block's input), kept whatever is recomputed.
+    /// Each block's output (the next block's input) when something is recomputed from
+    /// it; else two buffers in turn (block l writes `res_outs[l % 2]`).
     res_outs: Vec<B::Buf<f32>>,
+    /// The block activations [`Kept`] does not keep per block: one buffer each.
+    res_mid_shared: Option<B::Buf<f32>>,
+    xhat_shared: Option<[B::Buf<bf16>; 2]>,
+    fc_shared: Option<B::Buf<bf16>>,
+    fc8_shared: Option<B::Buf<u8>>,
     lin_out: B::Buf<bf16>,
     /// Tensor parallel (empty at tp = 1): a row-parallel layer's reduce-scattered
     /// product (this rank's rows, BF16), a layernorm's output on this rank's rows before
@@ -113,6 +159,7 @@ pub struct Workspace<B: Backend> {
     shared_att: Option<B::Buf<bf16>>,
     lnf_mean: B::Buf<f32>,
     lnf_rstd: B::Buf<f32>,
+    lnf_xhat: B::Buf<bf16>,
     lnf_bf16: B::Buf<bf16>,
     losses: B::Buf<f32>,
     head: Head<B>,
@@ -294,18 +341,23 @@ impl<B: Backend> Gpt<B> {
             let outs = [3 * c / tp, c, 4 * c / tp, c];
             let ins = [c, c / tp, c, 4 * c / tp];
             let sets = if self.recompute == Recompute::Full { self.cfg.n_layer.min(1) } else { self.cfg.n_layer };
+            let kept = Kept::new(self.recompute, fp8);
+            let own = |keep: bool, len: usize| if keep { len } else { 0 };
             let layers = (0..sets)
                 .map(|_| -> BResult<LayerActs<B>> {
                     Ok(LayerActs {
                         ln1_mean: z(nl)?,
                         ln1_rstd: z(nl)?,
+                        ln1_xhat: be.zeros(own(kept.xhat, nl * c))?,
                         qkv: be.zeros(n * outs[0])?,
                         att: be.zeros(if att_shared { 0 } else { n * ins[1] })?,
                         att_stats: z(b * (self.cfg.n_head / tp) * t * 2)?,
-                        res_mid: z(nl * c)?,
+                        res_mid: z(own(kept.res_mid, nl * c))?,
                         ln2_mean: z(nl)?,
                         ln2_rstd: z(nl)?,
-                        fc: be.zeros(n * outs[2])?,
+                        ln2_xhat: be.zeros(own(kept.xhat, nl * c))?,
+                        fc: be.zeros(own(kept.fc, n * outs[2]))?,
+                        fc8: be.zeros(own(fp8 && kept.fc8, n * outs[2]))?,
                         saved: arr4(|i| Saved::new(be, fp8, if shared[i] { 0 } else { n * ins[i] }))?,
                     })
                 })
@@ -339,7 +391,13 @@ impl<B: Backend> Gpt<B> {
                 targets: be.zeros(n)?,
                 encoded: z(nl * c)?,
                 layers,
-                res_outs: (0..self.cfg.n_layer).map(|_| z(nl * c)).collect::<BResult<Vec<_>>>()?,
+                res_outs: (0..if kept.res { self.cfg.n_layer } else { self.cfg.n_layer.min(2) })
+                    .map(|_| z(nl * c))
+                    .collect::<BResult<Vec<_>>>()?,
+                res_mid_shared: if kept.res_mid { None } else { Some(z(nl * c)?) },
+                xhat_shared: if kept.xhat { None } else { Some([be.zeros(nl * c)?, be.zeros(nl * c)?]) },
+                fc_shared: if kept.fc { None } else { Some(be.zeros(n * outs[2])?) },
+                fc8_shared: if fp8 && !kept.fc8 { Some(be.zeros(n * outs[2])?) } else { None },
                 lin_out: be.zeros(n * c)?,
                 lin_sp: be.zeros(extra)?,
                 in_sp: Saved::new(be, fp8, extra)?,
@@ -351,6 +409,7 @@ impl<B: Backend> Gpt<B> {
                 shared_att: if att_shared { Some(be.zeros(n * c)?) } else { None },
                 lnf_mean: z(nl)?,
                 lnf_rstd: z(nl)?,
+                lnf_xhat: be.zeros(nl * c)?,
                 lnf_bf16: be.zeros(nl * c)?,
                 losses: z(n)?,
                 head: Head::new(be, head_rows.unwrap_or_else(|| head_rows_for(n, v)), c, v)?,
@@ -418,14 +477,25 @@ impl<B: Backend> Gpt<B> {
             lin_sp,
             in_sp,
             tp_traffic,
+            res_mid_shared,
+            xhat_shared,
+            fc_shared,
             ..
         } = ws;
         let w = |i: usize| Self::weight(params, work, i);
         let p = |k: usize| w(params::layer_param(l, k));
         let set = set_of(layers.len(), l);
         let la = &mut layers[set];
-        let (before, from) = res_outs.split_at_mut(l);
-        let res_in = if l == 0 { &*encoded } else { &before[l - 1] };
+        let (res_in, res_out) = block_io(encoded, res_outs, l);
+        let res_mid = res_mid_shared.as_mut().unwrap_or(&mut la.res_mid);
+        let (xhat1, xhat2) = match xhat_shared {
+            Some([a, b]) => (a, b),
+            None => (&mut la.ln1_xhat, &mut la.ln2_xhat),
+        };
+        let fc = fc_shared.as_mut().unwrap_or(&mut la.fc);
+        // GELU's E4M3 input for the backward pass: into the block's own copy when it
+        // keeps one; a shared one is written when GELU is recomputed, not here.
+        let fc8 = if be.len(&la.fc8) > 0 { Some(&mut la.fc8) } else { None };
         let k = |j: usize| 4 * l + j;
         let views = &views[4 * l..4 * l + 4];
         let dims = layer_dims(n, c, tp);
@@ -438,7 +508,7 @@ impl<B: Backend> Gpt<B> {
             let (t0, t1, t2, t3) = (pick(h0, s0), pick(h1, s1), pick(h2, s2), pick(h3, s3));
             let ln1 = |y: ActOut<'_, B>| {
                 let (w1, b1) = (p(params::LN1_W), p(params::LN1_B));
-                be.layernorm_forward(y, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, nl, c)
+                be.layernorm_forward(y, xhat1, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, nl, c)
             };
             if tp > 1 {
                 let bytes = linear::produce_input_gathered(
@@ -471,11 +541,11 @@ impl<B: Backend> Gpt<B> {
                 linear::forward_partial(be, lin_out, &views[1], t1, ds, k(1), dims[1])?;
                 let bytes = tpm::reduce_scatter(be, g, lin_out, lin_sp, fmt_fwd)?;
                 TpTraffic::add(&mut tp_traffic.reduce_scatter, bytes);
-                be.residual_forward(&mut la.res_mid, res_in, lin_sp, p(params::PROJ_B))?;
+                be.residual_forward(res_mid, res_in, lin_sp, p(params::PROJ_B))?;
             } else {
                 linear::forward_residual(
                     be,
-                    &mut la.res_mid,
+                    res_mid,
                     &mut *lin_out,
                     res_in,
                     &views[1],
@@ -488,7 +558,7 @@ impl<B: Backend> Gpt<B> {
             }
             let ln2 = |y: ActOut<'_, B>| {
                 let (w2, b2) = (p(params::LN2_W), p(params::LN2_B));
-                be.layernorm_forward(y, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res_mid, w2, b2, nl, c)
+                be.layernorm_forward(y, xhat2, &mut la.ln2_mean, &mut la.ln2_rstd, res_mid, w2, b2, nl, c)
             };
             if tp > 1 {
                 let bytes = linear::produce_input_gathered(
@@ -506,21 +576,21 @@ impl<B: Backend> Gpt<B> {
             } else {
                 linear::produce_input(be, t2, n * c, ds, k(2), Slot { buf: st, at: act(2) }, ln2)?;
             }
-            linear::forward_bf16(be, &mut la.fc, &views[2], t2, ds, k(2), p(params::FC_B), dims[2])?;
+            linear::forward_bf16(be, fc, &views[2], t2, ds, k(2), p(params::FC_B), dims[2])?;
             linear::produce_input(be, t3, n * dims[3].ic, ds, k(3), Slot { buf: st, at: act(3) }, |y| {
-                be.gelu_forward(y, &la.fc)
+                be.gelu_forward(y, fc, fc8)
             })?;
             if with_out && tp > 1 {
                 linear::forward_partial(be, lin_out, &views[3], t3, ds, k(3), dims[3])?;
                 let bytes = tpm::reduce_scatter(be, g, lin_out, lin_sp, fmt_fwd)?;
                 TpTraffic::add(&mut tp_traffic.reduce_scatter, bytes);
-                be.residual_forward(&mut from[0], &la.res_mid, lin_sp, p(params::FCPROJ_B))?;
+                be.residual_forward(res_out, res_mid, lin_sp, p(params::FCPROJ_B))?;
             } else if with_out {
                 linear::forward_residual(
                     be,
-                    &mut from[0],
+                    res_out,
                     &mut *lin_out,
-                    &la.res_mid,
+                    res_mid,
                     &views[3],
                     t3,
                     ds,
@@ -551,22 +621,43 @@ impl<B: Backend> Gpt<B> {
     ) -> BResult<()> {
         let (b, t, c) = (ws.b, ws.t, cfg.n_embd);
         let n = b * t;
-        let Workspace { work, encoded, layers, res_outs, shared_in, shared_att, stats, .. } = ws;
+        let Workspace {
+            work,
+            encoded,
+            layers,
+            res_outs,
+            shared_in,
+            shared_att,
+            stats,
+            res_mid_shared,
+            xhat_shared,
+            fc_shared,
+            fc8_shared,
+            ..
+        } = ws;
         let w = |i: usize| Self::weight(params, work, i);
         let p = |k: usize| w(params::layer_param(l, k));
         let set = set_of(layers.len(), l);
         let la = &mut layers[set];
         let [h0, h1, h2, h3] = shared_in;
         let at = |k: usize| slots.act(4 * l + k);
+        let (xhat1, xhat2) = match xhat_shared {
+            Some([a, b]) => (a, b),
+            None => (&mut la.ln1_xhat, &mut la.ln2_xhat),
+        };
         if mlp {
             if let Some(h) = h2 {
+                let res_mid = res_mid_shared.as_ref().unwrap_or(&la.res_mid);
                 linear::refill(h, ds, 4 * l + 2, Slot { buf: stats, at: at(2) }, |y| {
                     let (w2, b2) = (p(params::LN2_W), p(params::LN2_B));
-                    be.layernorm_forward(y, &mut la.ln2_mean, &mut la.ln2_rstd, &la.res_mid, w2, b2, n, c)
+                    be.layernorm_forward(y, xhat2, &mut la.ln2_mean, &mut la.ln2_rstd, res_mid, w2, b2, n, c)
                 })?;
             }
             if let Some(h) = h3 {
-                linear::refill(h, ds, 4 * l + 3, Slot { buf: stats, at: at(3) }, |y| be.gelu_forward(y, &la.fc))?;
+                let fc = fc_shared.as_ref().unwrap_or(&la.fc);
+                linear::refill(h, ds, 4 * l + 3, Slot { buf: stats, at: at(3) }, |y| {
+                    be.gelu_forward(y, fc, fc8_shared.as_mut())
+                })?;
             }
             return Ok(());
         }
@@ -582,10 +673,10 @@ impl<B: Backend> Gpt<B> {
             })?;
         }
         if let Some(h) = h0 {
-            let res_in = if l == 0 { &*encoded } else { &res_outs[l - 1] };
+            let (res_in, _) = block_io(encoded, res_outs, l);
             linear::refill(h, ds, 4 * l, Slot { buf: stats, at: at(0) }, |y| {
                 let (w1, b1) = (p(params::LN1_W), p(params::LN1_B));
-                be.layernorm_forward(y, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, n, c)
+                be.layernorm_forward(y, xhat1, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, n, c)
             })?;
         }
         Ok(())
@@ -808,11 +899,12 @@ impl<B: Backend> Gpt<B> {
             for l in 0..self.cfg.n_layer {
                 Self::block_forward(be, g, params, &mut self.delayed, &self.cfg, ws, &slots, l, true)?;
             }
-            let last = if self.cfg.n_layer == 0 { &ws.encoded } else { &ws.res_outs[self.cfg.n_layer - 1] };
+            let nb = self.cfg.n_layer;
+            let last = if nb == 0 { &ws.encoded } else { &ws.res_outs[(nb - 1) % ws.res_outs.len()] };
             let lf = params::lnf_w(&self.cfg);
             let w = |i: usize| Self::weight(params, &ws.work, i);
             let y = ActOut::Bf16(&mut ws.lnf_bf16);
-            be.layernorm_forward(y, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), nl, c)?;
+            be.layernorm_forward(y, &mut ws.lnf_xhat, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), nl, c)?;
             if tp > 1 {
                 let bytes = tpm::all_gather_bf16(be, g, &ws.lnf_bf16, &mut ws.lnf_full)?;
                 TpTraffic::add(&mut ws.tp_traffic.all_gather, bytes);
@@ -1104,12 +1196,11 @@ impl<B: Backend> Gpt<B> {
             // row; the layernorm's backward takes this rank's rows of their sum.
             Self::scatter_dx(be, g, ws, fmt_bwd)?;
             let lf = params::lnf_w(cfg);
-            let last = if cfg.n_layer == 0 { &ws.encoded } else { &ws.res_outs[cfg.n_layer - 1] };
             {
                 let w = Self::weight(params, &ws.work, lf);
                 let [gc0, gc1] = &mut ws.g_c;
                 let dln = if tp > 1 { &ws.dln_sp } else { &ws.dln };
-                be.layernorm_backward(&mut ws.dres, false, gc0, gc1, dln, last, w, &ws.lnf_mean, &ws.lnf_rstd, nl, c)?;
+                be.layernorm_backward(&mut ws.dres, false, gc0, gc1, dln, &ws.lnf_xhat, w, &ws.lnf_rstd, nl, c)?;
                 Self::sum_replicated(be, g, &mut ws.tp_traffic, [gc0, gc1])?;
             }
             {
@@ -1182,7 +1273,12 @@ impl<B: Backend> Gpt<B> {
                 )?;
                 // GELU's backward writes the fc layer's bias gradient and E5M2/BF16
                 // output gradient directly (no f32 gradient once the scale is known).
-                let (dgelu, fc) = (&ws.dgelu, &la.fc);
+                let dgelu = &ws.dgelu;
+                let fc = match (&ws.fc8_shared, be.len(&la.fc8)) {
+                    (Some(q), _) => GeluIn::E4m3(q),
+                    (None, 1..) => GeluIn::E4m3(&la.fc8),
+                    (None, 0) => GeluIn::Bf16(&la.fc),
+                };
                 linear::backward_from(
                     be,
                     &mut ws.dln,
@@ -1211,19 +1307,8 @@ impl<B: Backend> Gpt<B> {
                     let w2 = Self::weight(params, &ws.work, idx(params::LN2_W));
                     let dln = if tp > 1 { &ws.dln_sp } else { &ws.dln };
                     // The branch's gradient joins the residual stream's (dres += dx).
-                    be.layernorm_backward(
-                        &mut ws.dres,
-                        true,
-                        gc0,
-                        gc1,
-                        dln,
-                        &la.res_mid,
-                        w2,
-                        &la.ln2_mean,
-                        &la.ln2_rstd,
-                        nl,
-                        c,
-                    )?;
+                    let xhat = ws.xhat_shared.as_ref().map_or(&la.ln2_xhat, |[_, h]| h);
+                    be.layernorm_backward(&mut ws.dres, true, gc0, gc1, dln, xhat, w2, &la.ln2_rstd, nl, c)?;
                     Self::sum_replicated(be, g, &mut ws.tp_traffic, [gc0, gc1])?;
                 }
                 Self::stage_grad(
@@ -1301,25 +1386,13 @@ impl<B: Backend> Gpt<B> {
                 )?;
                 Self::scatter_dx(be, g, ws, fmt_bwd)?;
                 let la = &ws.layers[set];
-                let res_in = if l == 0 { &ws.encoded } else { &ws.res_outs[l - 1] };
                 {
                     let [gc0, gc1] = &mut ws.g_c;
                     let w1 = Self::weight(params, &ws.work, idx(params::LN1_W));
                     let dln = if tp > 1 { &ws.dln_sp } else { &ws.dln };
                     // The branch's gradient joins the residual stream's (dres += dx).
-                    be.layernorm_backward(
-                        &mut ws.dres,
-                        true,
-                        gc0,
-                        gc1,
-                        dln,
-                        res_in,
-                        w1,
-                        &la.ln1_mean,
-                        &la.ln1_rstd,
-                        nl,
-                        c,
-                    )?;
+                    let xhat = ws.xhat_shared.as_ref().map_or(&la.ln1_xhat, |[h, _]| h);
+                    be.layernorm_backward(&mut ws.dres, true, gc0, gc1, dln, xhat, w1, &la.ln1_rstd, nl, c)?;
                     Self::sum_replicated(be, g, &mut ws.tp_traffic, [gc0, gc1])?;
                 }
                 Self::stage_grad(
@@ -1576,6 +1649,17 @@ impl Slots {
 
 /// The set of activations block `l` uses: its own, or the one shared set
 /// (`Recompute::Full`, `sets` = 1).
+/// Block `l`'s input (the embeddings' output, or the previous block's output) and the
+/// buffer its output goes to (`res_outs`: one per block, or two in turn).
+fn block_io<'a, T>(encoded: &'a T, res_outs: &'a mut [T], l: usize) -> (&'a T, &'a mut T) {
+    let k = res_outs.len();
+    if l == 0 {
+        return (encoded, &mut res_outs[0]);
+    }
+    let [a, b] = res_outs.get_disjoint_mut([(l - 1) % k, l % k]).expect("two output buffers, or one per block");
+    (a, b)
+}
+
 fn set_of(sets: usize, l: usize) -> usize {
     if sets == 1 {
         0
@@ -1630,6 +1714,56 @@ fn arr4<T>(mut f: impl FnMut(usize) -> BResult<T>) -> BResult<[T; 4]> {
 mod tests {
     use super::*;
     use crate::backend::sim::Sim;
+
+    /// Bytes of block `l`'s own activation buffers (what it keeps for its backward pass).
+    fn kept_bytes(ws: &Workspace<Sim>, l: usize) -> usize {
+        let la = &ws.layers[l];
+        let saved: usize = la
+            .saved
+            .iter()
+            .map(|s| match s {
+                Saved::Bf16(v) => 2 * v.len(),
+                Saved::Fp8(v) => v.len(),
+            })
+            .sum();
+        let f32s = la.ln1_mean.len() + la.ln1_rstd.len() + la.ln2_mean.len() + la.ln2_rstd.len();
+        4 * (f32s + la.att_stats.len() + la.res_mid.len())
+            + 2 * (la.ln1_xhat.len() + la.ln2_xhat.len() + la.qkv.len() + la.att.len() + la.fc.len())
+            + la.fc8.len()
+            + saved
+    }
+
+    /// Without recomputation a block keeps, per row of c channels, the layernorms'
+    /// normalized inputs (BF16, 2 x 2c bytes), qkv and the attention output (BF16, 8c),
+    /// GELU's input as E4M3 (4c) and the four linear layers' inputs (E4M3, 7c): 23c bytes
+    /// at O2, 31c with BF16 inputs and pre-activation at the bf16 level, where it was 31c
+    /// and 45c with the f32 residual stream (8c) and the BF16 pre-activation (8c) kept
+    /// per block. The block outputs take two buffers in turn; with everything recomputed
+    /// every block's input (one buffer each) is kept again.
+    #[test]
+    fn a_block_keeps_no_f32_residual_without_recomputation() {
+        let be = Sim;
+        let cfg = ModelConfig { n_layer: 4, n_embd: 32, n_head: 2, seq_len: 16, vocab_size: 96 };
+        let (b, t, c) = (3, 16, 32);
+        let n = b * t;
+        // Statistics: the layernorms' mean and rstd, attention's two per (row, head).
+        let stats = 4 * (4 * n + 2 * b * cfg.n_head * t);
+        for (level, recompute, per_row, outputs) in [
+            (Level::O2, Recompute::None, 23 * c, 2),
+            (Level::O1, Recompute::None, 23 * c, 2),
+            (Level::Bf16, Recompute::None, 34 * c, 2),
+            (Level::O2, Recompute::Gelu, 23 * c, 2),
+            (Level::O2, Recompute::Full, 35 * c, 4),
+        ] {
+            let mut model = Gpt::new(&be, &cfg, level, 7, 16, 0, 1).unwrap();
+            model.recompute = recompute;
+            let ws = model.workspace(&be, b, t).unwrap();
+            for l in 0..ws.layers.len() {
+                assert_eq!(kept_bytes(&ws, l), n * per_row + stats, "{level:?} {recompute:?} block {l}");
+            }
+            assert_eq!(ws.res_outs.len(), outputs, "{level:?} {recompute:?}: block outputs");
+        }
+    }
 
     /// Loss, gradient norm and every stored gradient's bits after `steps` training steps.
     fn run(level: Level, head_rows: Option<usize>, steps: usize) -> Vec<u32> {

@@ -82,13 +82,26 @@ pub fn estimate_tp(
     let (nl, cl, nhl, vl) = (n / q, c / q, nh / q, v / q);
     let w = if level.fp8() { 1 } else { 2 }; // FP8 codes or BF16 views of linear operands
     let f32s = 4u64;
-    // A block's activations but its output: f32 res_mid (+ layernorm statistics,
-    // attention's row statistics); BF16: qkv (3c), fc (4c) and the attention output (c);
-    // the saved linear inputs (7c) in FP8 or BF16. Its output (f32) is kept per block
-    // whatever is recomputed. Recomputed inputs (GELU's 4c; with "cheap" all 7c and the
-    // attention output) are one buffer each, not one per block; with everything
-    // recomputed, one set of activations serves all blocks.
-    let block = f32s * (4 * nl + nl * c + 2 * b * nhl * t) + 2 * 7 * n * cl;
+    // What a block keeps for its backward pass (`gpt::Kept`; per set of activations:
+    // one per block, or one for all with everything recomputed), and the buffers one
+    // serves all blocks: f32 layernorm statistics and attention's row statistics; the
+    // block's output and the residual after attention (f32); the layernorms' normalized
+    // inputs (BF16, 2 x c); qkv (BF16, 3c) and the attention output (BF16, c); the MLP
+    // pre-activation (BF16, 4c) and its E4M3 copy at the FP8 levels; the saved linear
+    // inputs (7c) in FP8 or BF16. Recomputed inputs (GELU's 4c; with "cheap" all 7c and
+    // the attention output) are one buffer each, not one per block.
+    let kept = crate::model::gpt::Kept::new(recompute, level.fp8());
+    let per = |keep: bool, bytes: u64| if keep { bytes } else { 0 };
+    let once = |keep: bool, bytes: u64| if keep { 0 } else { bytes };
+    let (res_mid, xhat, fc, fc8) = (f32s * nl * c, 2 * 2 * nl * c, 2 * 4 * n * cl, 4 * n * cl);
+    let fp8 = level.fp8();
+    let block = f32s * (4 * nl + 2 * b * nhl * t)
+        + 2 * 3 * n * cl
+        + per(kept.res_mid, res_mid)
+        + per(kept.xhat, xhat)
+        + per(kept.fc, fc)
+        + per(fp8 && kept.fc8, fc8);
+    let shared = once(kept.res_mid, res_mid) + once(kept.xhat, xhat) + once(kept.fc, fc) + per(fp8 && !kept.fc8, fc8);
     let att = 2 * n * cl;
     // The saved linear inputs' widths: the two gathered layernorm outputs (c each), the
     // attention output (its heads' columns) and GELU's output (4c of columns).
@@ -99,7 +112,8 @@ pub fn estimate_tp(
         Recompute::Cheap => (l, 0, ln_in + att_in + gelu_in, l.min(1)),
         Recompute::Full => (l.min(1), ln_in + att_in + gelu_in, 0, l.min(1)),
     };
-    let blocks = l * f32s * nl * c + sets * (block + w * saved_per_set * n) + att_sets * att;
+    let outputs = if kept.res { l } else { l.min(2) };
+    let blocks = outputs * f32s * nl * c + sets * (block + w * saved_per_set * n) + att_sets * att + shared;
     // f32 copies of FP16 masters, but not of linear weights (views come from the codes).
     // (At O1/O2 the token embedding is read from its FP16 codes: no f32 copy; at O3 a
     // rank that does not own it keeps one.)
@@ -110,13 +124,14 @@ pub fn estimate_tp(
     };
     let views = l * 12 * c * cl * w + 2 * vl * c;
     // f32: encoded, dres; BF16: a projection's product (lin_out), the final layernorm's
-    // output, the products' input gradients dln, datt, dgelu (4), attention's dqkv (3);
+    // output and normalized input, the products' input gradients dln, datt, dgelu (4),
+    // attention's dqkv (3);
     // the LM head's chunk of r rows:
     // input (BF16), targets, logits (BF16, their gradient written over them), losses,
     // input gradients (BF16).
     let r = crate::model::gpt::head_rows_for(n as usize, vl as usize) as u64;
     let head_chunk = r * (2 * c + 4 + 2 * vl + 4 + 2 * c);
-    let global = f32s * (2 * n * c + 3 * n) + 2 * 11 * n * c + 8 * n + head_chunk;
+    let global = f32s * (2 * n * c + 3 * n) + 2 * 12 * n * c + 8 * n + head_chunk;
     // The output gradients' E5M2 / BF16 copies (3c + c + 4c + c; at the bf16 level the
     // QKV layer's products read dqkv itself).
     let grad_casts = if level.fp8() { 9 * n * c } else { 2 * 6 * n * c };

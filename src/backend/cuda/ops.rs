@@ -6,7 +6,7 @@
 use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GradOut,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GeluIn, GradOut,
     GradRef, JitSrc, Later, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
@@ -151,11 +151,12 @@ fn stride_cfg(n: usize) -> LaunchConfig {
 }
 
 /// A grid-stride kernel over `items` that stages the GELU table slice (gelu.cu: 2 *
-/// GT_N floats of dynamic shared memory per block): at most 8 blocks per SM, so the
+/// GT_N + 256 floats of dynamic shared memory per block, the last 256 the backward's
+/// factors by E4M3 code): at most 8 blocks per SM, so the
 /// copies stay a small part of the work.
 fn gelu_cfg(items: usize) -> LaunchConfig {
     let blocks = items.div_ceil(256).clamp(1, 132 * 8) as u32;
-    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 2 * 24 * 128 * 4 }
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: (2 * 24 * 128 + 256) * 4 }
 }
 
 /// One warp per row; shared memory (floats, see layernorm.cu): `shared_rows` block-wide
@@ -180,14 +181,19 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
 /// The layernorm backward chunk kernel's launches for `c` channels in the order they are
 /// tried (8 warps first, then 16, 4, 2, 1): (warps, kernel, dynamic shared memory bytes)
 /// for the warp counts whose column groups fit 4 per thread and whose shared memory (the
-/// weights' 32 chunks, then 52 chunks per warp rounded up to a multiple of 4 floats,
+/// weights' 32 chunks, then LN_BWD_WARP_CHUNKS per warp rounded up to a multiple of 4 floats,
 /// layernorm.cu) fits `max_shared`. Empty when c is not a multiple of 4.
+/// Shared memory per warp of the layernorm backward kernels, in chunks of 32 floats:
+/// the staged xhat and dy (BF16, 16 each) and 4 of scratch (layernorm.cu's
+/// LN_BWD_WARP_CHUNKS).
+const LN_BWD_WARP_CHUNKS: usize = 36;
+
 fn ln_chunks_candidates(c: usize, max_shared: usize) -> Vec<(usize, &'static str, usize)> {
     if c == 0 || !c.is_multiple_of(4) {
         return Vec::new();
     }
     let chunks = c.div_ceil(32);
-    let bytes = |w: usize| (32 * chunks + w * (52 * chunks).next_multiple_of(4)) * 4;
+    let bytes = |w: usize| (32 * chunks + w * (LN_BWD_WARP_CHUNKS * chunks).next_multiple_of(4)) * 4;
     [8, 16, 4, 2, 1]
         .into_iter()
         .filter_map(|w| {
@@ -765,7 +771,7 @@ impl Cuda {
     /// kernel's name and configuration): a block per 32-row column chunk, its warps (a
     /// divisor of 32) taking that many rows at a time, each thread keeping at most 4
     /// column groups of 4 (`cols` 1, 2 or 4 by the warps). Warps: 8 where a block fits
-    /// (shared memory: the weights' 32 chunks and 52 per warp, as ln_cfg; at least one
+    /// (shared memory: the weights' 32 chunks and 36 per warp, as ln_cfg; at least one
     /// block per SM by the driver's occupancy), else 16, 4, 2, 1: measured on an H200 at
     /// 768 and 2048 channels, 8 beat 16, 4 and 2 (the most resident warps picked 4 at 768,
     /// 30% slower). FP8TRAIN_LN_WARPS=w forces w (measurements). None when c is not a
@@ -1650,6 +1656,7 @@ impl Backend for Cuda {
     fn layernorm_forward(
         &self,
         mut y: ActOut<'_, Self>,
+        xhat: &mut CudaSlice<bf16>,
         mean: &mut CudaSlice<f32>,
         rstd: &mut CudaSlice<f32>,
         x: &CudaSlice<f32>,
@@ -1663,8 +1670,10 @@ impl Backend for Cuda {
         let (py, mode, scale, pa) = self.act_out(&mut y)?;
         let st = &self.gpu.stream;
         // Staged row and 2 chunks of scratch per warp: 34 chunks.
-        let vec = i32::from(by_four(cc, &[(py, 16), (dptr(st, x), 16), (dptr(st, w), 16), (dptr(st, b), 16)]));
-        launch!(self, "layernorm_forward", with ln_cfg(n, c, 2, 34), [&py, &mode, &scale, &pa, mean, rstd, x, w, b, &nn, &cc, &vec]);
+        let aligned = [(py, 16), (dptr(st, x), 16), (dptr(st, w), 16), (dptr(st, b), 16), (dptr(st, xhat), 8)];
+        let vec = i32::from(by_four(cc, &aligned));
+        let cfg = ln_cfg(n, c, 2, 34);
+        launch!(self, "layernorm_forward", with cfg, [&py, &mode, &scale, &pa, xhat, mean, rstd, x, w, b, &nn, &cc, &vec]);
         Ok(())
     }
     fn layernorm_backward(
@@ -1674,9 +1683,8 @@ impl Backend for Cuda {
         dw: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
         dy: &CudaSlice<bf16>,
-        x: &CudaSlice<f32>,
+        xhat: &CudaSlice<bf16>,
         w: &CudaSlice<f32>,
-        mean: &CudaSlice<f32>,
         rstd: &CudaSlice<f32>,
         n: usize,
         c: usize,
@@ -1684,30 +1692,31 @@ impl Backend for Cuda {
         let (nn, cc) = (n as u32, c as u32);
         let acc = i32::from(accumulate);
         let st = &self.gpu.stream;
-        let vec = by_four(cc, &[(dptr(st, dx), 16), (dptr(st, dy), 8), (dptr(st, x), 16), (dptr(st, w), 16)]);
+        let vec = by_four(cc, &[(dptr(st, dx), 16), (dptr(st, dy), 8), (dptr(st, xhat), 8), (dptr(st, w), 16)]);
         let chunks = nn.div_ceil(32);
         let mut pw = self.scratch::<f32>((chunks * cc) as usize)?;
         let mut pb = self.scratch::<f32>((chunks * cc) as usize)?;
         if let Some((cfg, name)) = self.ln_chunks_launch(n, c)?.filter(|_| vec) {
             // dx and both gradients' chunk partials in one pass over x and dy.
             let _op = self.op(Phase::Other, "layernorm_backward");
-            launch!(self, name, with cfg, [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &mut pw, &mut pb]);
+            launch!(self, name, with cfg, [&mut *dx, &acc, dy, xhat, w, rstd, &nn, &cc, &mut pw, &mut pb]);
         } else {
             {
                 let _op = self.op(Phase::Other, "layernorm_backward");
                 let vec = i32::from(vec);
-                // Staged x (32 chunks), BF16 dy (16) and 4 chunks of scratch per warp: 52.
-                let cfg = ln_cfg(n, c, 1, 52);
-                launch!(self, "layernorm_backward_rows", with cfg, [&mut *dx, &acc, dy, x, w, mean, rstd, &nn, &cc, &vec]);
+                // Staged xhat and dy (BF16, 16 chunks each) and 4 chunks of scratch per
+                // warp (LN_BWD_WARP_CHUNKS).
+                let cfg = ln_cfg(n, c, 1, LN_BWD_WARP_CHUNKS);
+                launch!(self, "layernorm_backward_rows", with cfg, [&mut *dx, &acc, dy, xhat, w, rstd, &nn, &cc, &vec]);
             }
             // The weight and bias gradients: both columns' chunk sums in one pass.
             let _op = self.op(Phase::Other, "column_sums");
-            if by_four(cc, &[(dptr(st, x), 16), (dptr(st, dy), 8)]) {
+            if by_four(cc, &[(dptr(st, xhat), 8), (dptr(st, dy), 8)]) {
                 let items = (chunks * cc / 4) as usize;
-                launch!(self, "layernorm_param_sums4", items, [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]);
+                launch!(self, "layernorm_param_sums4", items, [&mut pw, &mut pb, xhat, dy, &nn, &cc]);
             } else {
                 let items = (chunks * cc) as usize;
-                launch!(self, "layernorm_param_sums", items, [&mut pw, &mut pb, x, dy, mean, rstd, &nn, &cc]);
+                launch!(self, "layernorm_param_sums", items, [&mut pw, &mut pb, xhat, dy, &nn, &cc]);
             }
         }
         let _op = self.op(Phase::Other, "column_sums");
@@ -1805,28 +1814,36 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
         Ok(())
     }
-    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<bf16>) -> BResult<()> {
+    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<bf16>, x8: Option<&mut CudaSlice<u8>>) -> BResult<()> {
+        use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
         let tab = self.gelu_table(0)?;
         let (py, mode, scale, pa) = self.act_out(&mut y)?;
-        launch!(self, "gelu_forward", with gelu_cfg((n as usize).div_ceil(4)), [&py, &mode, &scale, &pa, x, &n, &tab]);
+        let p8: u64 = match x8 {
+            Some(q) => {
+                assert_eq!(q.len(), x.len(), "gelu_forward: the E4M3 copy's length");
+                q.device_ptr_mut(&self.gpu.stream).0
+            }
+            None => 0,
+        };
+        launch!(self, "gelu_forward", with gelu_cfg((n as usize).div_ceil(4)), [&py, &mode, &scale, &pa, &p8, x, &n, &tab]);
         Ok(())
     }
-    fn gelu_backward(
-        &self,
-        dx: GradOut<'_, Self>,
-        x: &CudaSlice<bf16>,
-        dy: &CudaSlice<bf16>,
-        cols: usize,
-    ) -> BResult<()> {
+    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: GeluIn<'_, Self>, dy: &CudaSlice<bf16>, cols: usize) -> BResult<()> {
         use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Other, "gelu_backward");
-        let n = x.len() as u32;
+        let n = x.elements(self) as u32;
         let tab = self.gelu_table(1)?;
+        let s = &self.gpu.stream;
+        // The input's address, whether it is E4M3 and the alignment a 4-element load needs.
+        let (px, e4m3, x_align) = match x {
+            GeluIn::Bf16(x) => (dptr(s, x), 0i32, 8),
+            GeluIn::E4m3(q) => (dptr(s, q), 1i32, 4),
+        };
         let (db, q, mode, scale, f, p) = match dx {
             GradOut::F32(dx) => {
-                launch!(self, "gelu_backward", with gelu_cfg((n as usize).div_ceil(4)), [dx, x, dy, &n, &tab]);
+                launch!(self, "gelu_backward", with gelu_cfg((n as usize).div_ceil(4)), [dx, &px, &e4m3, dy, &n, &tab]);
                 return Ok(());
             }
             GradOut::Bf16 { db, q } => (db, q.device_ptr_mut(&self.gpu.stream).0, 1i32, 0u64, 0i32, 0u64),
@@ -1839,12 +1856,11 @@ impl Backend for Cuda {
         let (rows, c) = (n / cols.max(1) as u32, cols as u32);
         let chunks = rows.div_ceil(32);
         let mut part = self.scratch::<f32>((chunks * c) as usize)?;
-        let s = &self.gpu.stream;
-        let args_by_four = by_four(c, &[(dptr(s, x), 8), (dptr(s, dy), 8), (q, if mode == 1 { 8 } else { 4 })]);
+        let args_by_four = by_four(c, &[(px, x_align), (dptr(s, dy), 8), (q, if mode == 1 { 8 } else { 4 })]);
         let (kernel, items) =
             if args_by_four { ("gelu_backward_sums4", chunks * c / 4) } else { ("gelu_backward_sums", chunks * c) };
         let cf = gelu_cfg(items as usize);
-        launch!(self, kernel, with cf, [&mut part, &q, &mode, &scale, &f, &p, x, dy, &rows, &c, &tab]);
+        launch!(self, kernel, with cf, [&mut part, &q, &mode, &scale, &f, &p, &px, &e4m3, dy, &rows, &c, &tab]);
         self.column_tree(db, part, chunks, c)
     }
     fn matmul_bias_bf16(
@@ -2180,7 +2196,7 @@ mod tests {
     #[test]
     fn layernorm_launches_fit_their_shared_memory() {
         for c in [1, 40, 257, 768, 2048, 4096, 5120, 8192] {
-            for (shared_rows, per_warp_chunks) in [(2, 34), (1, 52)] {
+            for (shared_rows, per_warp_chunks) in [(2, 34), (1, LN_BWD_WARP_CHUNKS)] {
                 let n = 16384;
                 let cfg = ln_cfg(n, c, shared_rows, per_warp_chunks);
                 let chunks = c.div_ceil(32);
