@@ -56,7 +56,7 @@ pub fn plan(models: &[String], memory_gib: f64, limit: usize) -> Result<Vec<FitR
         return Err("--models: give at least one shape (gpt2-124m, gpt-1.3b, gpt-6.7b, gpt-13b)".into());
     }
     if !(memory_gib.is_finite() && memory_gib > 0.0) {
-        return Err(format!("--memory {memory_gib}: give the GPU's memory in GiB, e.g. 139.8 for an H200"));
+        return Err(format!("--memory {memory_gib}: give the GPU memory available in GiB, e.g. 139.25 for an H200"));
     }
     let memory = (memory_gib * (1u64 << 30) as f64) as u64;
     let mut rows = Vec::new();
