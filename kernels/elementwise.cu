@@ -391,6 +391,34 @@ extern "C" __global__ void transpose_u8x4(const u8* src, u8* dst, u32 rows, u32 
         *(u32*)(dst + (size_t)c * rows + r) = v;
     }
 }
+// The same with 128 x 128 tiles (16 KiB a block: each thread has 16 loads of 4 bytes in
+// flight, four times transpose_u8x4's, which held too few bytes in flight per SM to
+// reach the copy bandwidth). Words in shared memory are swizzled, word w of tile row r
+// at r * 32 + (w ^ ((r / 4) mod 32)), so that both the row-wise loads (a warp: one row's
+// 32 words) and the column-wise gathers (thread t: rows 4t..4t+3 of one word column)
+// hit 32 distinct banks. Block (32, 8); grid (ceil(cols / 128), ceil(rows / 128)).
+#define TR128_AT(r, w) ((r) * 32u + ((w) ^ (((r) >> 2) & 31u)))
+extern "C" __global__ void transpose_u8x4_128(const u8* src, u8* dst, u32 rows, u32 cols) {
+    __shared__ u32 tile[128 * 32];
+    u32 c0 = blockIdx.x * 128, r0 = blockIdx.y * 128, tx = threadIdx.x, ty = threadIdx.y;
+    u32 c = c0 + 4 * tx;
+#pragma unroll
+    for (u32 k = 0; k < 16; k++) {
+        u32 y = ty + 8 * k, r = r0 + y;
+        tile[TR128_AT(y, tx)] = (r < rows && c < cols) ? *(const u32*)(src + (size_t)r * cols + c) : 0u;
+    }
+    __syncthreads();
+    u32 r = r0 + 4 * tx;
+#pragma unroll 4
+    for (u32 k = 0; k < 16; k++) {  // output row c0 + y = source column y; 4 source rows per thread
+        u32 y = ty + 8 * k, oc = c0 + y, w = y / 4, sh = 8 * (y % 4);
+        if (oc >= cols || r >= rows) continue;
+        u32 v = 0;
+#pragma unroll
+        for (u32 i = 0; i < 4; i++) v |= ((tile[TR128_AT(4 * tx + i, w)] >> sh) & 0xffu) << (8 * i);
+        *(u32*)(dst + (size_t)oc * rows + r) = v;
+    }
+}
 extern "C" __global__ void transpose_u16(const u16* src, u16* dst, u32 rows, u32 cols) {
     transpose_tiled<u16>(src, dst, rows, cols);
 }

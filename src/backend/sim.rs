@@ -1,8 +1,8 @@
 //! The simulator backend: every op is the `fp8sim` reference on host memory.
 
 use super::{
-    amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GeluIn, GradOut,
-    GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
+    amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GeluIn,
+    GradOut, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
 };
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};

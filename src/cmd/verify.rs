@@ -6,8 +6,8 @@ use crate::backend::cuda::{Cuda, Gpu};
 use crate::backend::sim::Sim;
 use crate::backend::BResult;
 use crate::backend::{
-    amax_slot_bits, ActOut, AdamState, Backend, Delayed, EmbedTable, GeluIn, GradOut, GradRef, JitSrc, LossGrad, Operand,
-    Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
+    amax_slot_bits, ActOut, AdamState, Backend, Delayed, EmbedTable, GeluIn, GradOut, GradRef, JitSrc, LossGrad,
+    Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
 };
 use crate::cli::{Backend as CliBackend, VerifyArgs};
 use cudarc::driver::{LaunchConfig, PushKernelArg};

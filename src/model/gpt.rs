@@ -13,7 +13,8 @@ use super::shard;
 use super::tp::{self as tpm, Solo, TpPlace, TpTraffic};
 use crate::backend::BResult;
 use crate::backend::{
-    ActOut, AdamState, Backend, EmbedTable, GeluIn, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot,
+    ActOut, AdamState, Backend, EmbedTable, GeluIn, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot,
+    Slot,
 };
 use fp8cluster::world::{Collectives, World};
 use fp8sim::half16::bf16;
@@ -904,7 +905,17 @@ impl<B: Backend> Gpt<B> {
             let lf = params::lnf_w(&self.cfg);
             let w = |i: usize| Self::weight(params, &ws.work, i);
             let y = ActOut::Bf16(&mut ws.lnf_bf16);
-            be.layernorm_forward(y, &mut ws.lnf_xhat, &mut ws.lnf_mean, &mut ws.lnf_rstd, last, w(lf), w(lf + 1), nl, c)?;
+            be.layernorm_forward(
+                y,
+                &mut ws.lnf_xhat,
+                &mut ws.lnf_mean,
+                &mut ws.lnf_rstd,
+                last,
+                w(lf),
+                w(lf + 1),
+                nl,
+                c,
+            )?;
             if tp > 1 {
                 let bytes = tpm::all_gather_bf16(be, g, &ws.lnf_bf16, &mut ws.lnf_full)?;
                 TpTraffic::add(&mut ws.tp_traffic.all_gather, bytes);

@@ -6,8 +6,8 @@
 use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
-    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GeluIn, GradOut,
-    GradRef, JitSrc, Later, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
+    slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GeluIn,
+    GradOut, GradRef, JitSrc, Later, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
 };
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
@@ -493,12 +493,22 @@ impl Cuda {
                 Ok((ptr, Box::new(dst)))
             } else if rows.is_multiple_of(4) && cols.is_multiple_of(4) && p.is_multiple_of(4) {
                 let mut dst = self.scratch::<u8>(rows * cols)?;
-                let tiles = LaunchConfig {
-                    grid_dim: (c.div_ceil(64), r.div_ceil(64), 1),
-                    block_dim: (16, 16, 1),
-                    shared_mem_bytes: 0,
-                };
-                launch!(self, "transpose_u8x4", with tiles, [&p, &mut dst, &r, &c]);
+                if std::env::var_os("FP8TRAIN_TRANSPOSE64").is_some() {
+                    // (the 64 x 64 tiles, kept for comparison)
+                    let tiles = LaunchConfig {
+                        grid_dim: (c.div_ceil(64), r.div_ceil(64), 1),
+                        block_dim: (16, 16, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    launch!(self, "transpose_u8x4", with tiles, [&p, &mut dst, &r, &c]);
+                } else {
+                    let tiles = LaunchConfig {
+                        grid_dim: (c.div_ceil(128), r.div_ceil(128), 1),
+                        block_dim: (32, 8, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    launch!(self, "transpose_u8x4_128", with tiles, [&p, &mut dst, &r, &c]);
+                }
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 Ok((ptr, Box::new(dst)))
             } else {
@@ -1814,7 +1824,12 @@ impl Backend for Cuda {
         launch!(self, "attention_backward_grads", s.b * s.t * s.c, [dqkv, &pm, &ds, dout, qkv, &b, &t, &c, &nh]);
         Ok(())
     }
-    fn gelu_forward(&self, mut y: ActOut<'_, Self>, x: &CudaSlice<bf16>, x8: Option<&mut CudaSlice<u8>>) -> BResult<()> {
+    fn gelu_forward(
+        &self,
+        mut y: ActOut<'_, Self>,
+        x: &CudaSlice<bf16>,
+        x8: Option<&mut CudaSlice<u8>>,
+    ) -> BResult<()> {
         use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Other, "gelu_forward");
         let n = x.len() as u32;
@@ -1830,7 +1845,13 @@ impl Backend for Cuda {
         launch!(self, "gelu_forward", with gelu_cfg((n as usize).div_ceil(4)), [&py, &mode, &scale, &pa, &p8, x, &n, &tab]);
         Ok(())
     }
-    fn gelu_backward(&self, dx: GradOut<'_, Self>, x: GeluIn<'_, Self>, dy: &CudaSlice<bf16>, cols: usize) -> BResult<()> {
+    fn gelu_backward(
+        &self,
+        dx: GradOut<'_, Self>,
+        x: GeluIn<'_, Self>,
+        dy: &CudaSlice<bf16>,
+        cols: usize,
+    ) -> BResult<()> {
         use cudarc::driver::DevicePtrMut;
         let _op = self.op(Phase::Other, "gelu_backward");
         let n = x.elements(self) as u32;
