@@ -91,6 +91,22 @@ fn bytes_per_param_match_the_levels_table() {
     }
 }
 
+/// `train.recompute = "gelu"` saves nothing at the FP8 levels (GELU's backward keeps an
+/// E4M3 copy either way): the run says so, and only there.
+#[test]
+fn gelu_recomputation_at_fp8_levels_is_flagged_as_saving_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (level, flagged) in [("O2", true), ("O1", true), ("bf16", false)] {
+        let mut cmd = fp8train();
+        cmd.args(["--threads", "2", "train", "--out", dir.path().to_str().unwrap(), "--name", level, "--level", level]);
+        cmd.args(TINY).args(["--set", "train.batch_size=4", "--steps", "1", "--set", "train.recompute=gelu"]);
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.contains("saves no memory at this level"), flagged, "{level}: {err}");
+    }
+}
+
 #[test]
 fn injected_nan_skips_the_step_and_backs_off_mu() {
     let dir = tempfile::tempdir().unwrap();

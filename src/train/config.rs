@@ -89,7 +89,8 @@ pub struct TrainConfig {
     pub fault_kind: FaultKind,
     /// Seconds a silent peer is waited for before the run stops naming it.
     pub peer_timeout_s: u64,
-    /// Activations recomputed in the backward pass: "none" or "gelu".
+    /// Activations recomputed in the backward pass: "none", "gelu", "cheap" or "full"
+    /// (`gpt::Kept` says what each keeps).
     pub recompute: Recompute,
     /// Tensor-parallel size: groups of this many consecutive ranks (inside one node's
     /// NVLink island) split every block Megatron-style, data parallel across the groups.

@@ -177,6 +177,14 @@ pub fn train<B: Backend>(
         ));
     }
     model.recompute = tc.recompute;
+    if lead && tc.recompute == crate::model::Recompute::Gelu && tc.level.fp8() {
+        // (gpt::Kept: at the FP8 levels GELU's backward reads an E4M3 copy of its input,
+        // kept or recomputed alike, and the recomputation needs the BF16 input kept.)
+        warn!(log, "train.recompute = \"gelu\" saves no memory at this level: GELU's backward keeps an E4M3 copy \
+                    of its input, as large as the BF16 input that recomputing GELU needs; it costs one GELU forward \
+                    per layer (\"full\" recomputes each block from its input and saves most activation memory)";
+              "level" => tc.level.to_string());
+    }
     let mut metrics = if lead {
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
             .map_err(|e| format!("cannot write {}: {e}", run_dir.join("config.toml").display()))?;
