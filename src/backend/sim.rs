@@ -463,8 +463,7 @@ impl Backend for Sim {
         let xf = match x {
             GeluIn::Bf16(x) => widen(x)?,
             GeluIn::E4m3(q) => {
-                let mut v = host_vec(q.len())?;
-                v.resize(q.len(), 0f32);
+                let mut v = self.zeros::<f32>(q.len())?;
                 fp8::decode_scaled(Fp8Format::E4M3, q, 1.0, &mut v);
                 v
             }
@@ -474,8 +473,7 @@ impl Backend for Sim {
             gelu::gelu_backward(o, &xf, None, dy);
             return Ok(());
         }
-        let mut g = host_vec(xf.len())?;
-        g.resize(xf.len(), 0f32);
+        let mut g = self.zeros::<f32>(xf.len())?;
         gelu::gelu_backward(&mut g, &xf, None, dy);
         dx.finish(self, &g, xf.len() / cols.max(1), cols)
     }

@@ -500,24 +500,24 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 be.gelu_backward(GradOut::Bf16 { db: &mut db, q: &mut q }, GeluIn::Bf16(&x), &dy, c)?;
                 outs.push(("db (with bf16 dx)", bits(be, &db)?));
                 outs.push(("dx bf16", be.download(&q)?.iter().map(|v| v.to_bits() as u32).collect()));
-                let (mut db, mut q, mut st) = (be.zeros(c)?, be.zeros::<u8>(n)?, be.zeros::<u64>(2)?);
-                let stats = Slot { buf: &mut st, at: 0 };
+                let (mut db, mut q) = (be.zeros(c)?, be.zeros::<u8>(n)?);
                 let s = be.upload(&[16384.0f32])?;
-                let fp8 =
-                    GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: Scalar::Dev(&s, 0), stats };
-                be.gelu_backward(fp8, GeluIn::Bf16(&x), &dy, c)?;
-                outs.push(("db (with e5m2 dx)", bits(be, &db)?));
-                outs.push(("dx e5m2", be.download(&q)?.iter().map(|&v| v as u32).collect()));
-                outs.push(("amax, saturated slots", be.download(&st)?.iter().map(|&v| v as u32).collect()));
-                // The FP8 levels' form: the E4M3 input, straight into E5M2 with the sums.
-                let mut st = be.zeros::<u64>(2)?;
-                let stats = Slot { buf: &mut st, at: 0 };
-                let fp8 =
-                    GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: Scalar::Dev(&s, 0), stats };
-                be.gelu_backward(fp8, GeluIn::E4m3(&x8), &dy, c)?;
-                outs.push(("db (e4m3 x, e5m2 dx)", bits(be, &db)?));
-                outs.push(("dx e5m2 (e4m3 x)", be.download(&q)?.iter().map(|&v| v as u32).collect()));
-                outs.push(("amax, saturated slots (e4m3 x)", be.download(&st)?.iter().map(|&v| v as u32).collect()));
+                // The BF16 input, then the FP8 levels' form (the E4M3 input), straight into
+                // E5M2 with the sums.
+                let forms = [
+                    (GeluIn::Bf16(&x), ["db (with e5m2 dx)", "dx e5m2", "amax, saturated slots"]),
+                    (GeluIn::E4m3(&x8), ["db (e4m3 x, e5m2 dx)", "dx e5m2 (e4m3 x)", "amax, saturated slots (e4m3 x)"]),
+                ];
+                for (input, [db_name, dx_name, stats_name]) in forms {
+                    let mut st = be.zeros::<u64>(2)?;
+                    let stats = Slot { buf: &mut st, at: 0 };
+                    let fp8 =
+                        GradOut::Fp8 { db: &mut db, q: &mut q, fmt: Fp8Format::E5M2, scale: Scalar::Dev(&s, 0), stats };
+                    be.gelu_backward(fp8, input, &dy, c)?;
+                    outs.push((db_name, bits(be, &db)?));
+                    outs.push((dx_name, be.download(&q)?.iter().map(|&v| v as u32).collect()));
+                    outs.push((stats_name, be.download(&st)?.iter().map(|&v| v as u32).collect()));
+                }
                 outs
             }
             Case::Residual { rows, c } => {

@@ -95,18 +95,21 @@ pub(crate) struct Kept {
     pub fc: bool,
     /// Its E4M3 copy (FP8 levels only).
     pub fc8: bool,
+    /// The E4M3 copy in one buffer for all blocks (FP8 levels, recomputed with GELU).
+    pub fc8_shared: bool,
 }
 
 impl Kept {
     pub fn new(recompute: Recompute, fp8: bool) -> Kept {
-        match recompute {
-            Recompute::None => Kept { res: false, res_mid: false, xhat: true, fc: !fp8, fc8: fp8 },
-            Recompute::Gelu => Kept { res: false, res_mid: false, xhat: true, fc: true, fc8: false },
-            Recompute::Cheap => Kept { res: true, res_mid: true, xhat: false, fc: true, fc8: false },
+        let (res, res_mid, xhat, fc, fc8) = match recompute {
+            Recompute::None => (false, false, true, !fp8, fp8),
+            Recompute::Gelu => (false, false, true, true, false),
+            Recompute::Cheap => (true, true, false, true, false),
             // One set of activations for all blocks (the set keeps everything), each
             // block's input kept to recompute it from.
-            Recompute::Full => Kept { res: true, res_mid: true, xhat: true, fc: true, fc8: fp8 },
-        }
+            Recompute::Full => (true, true, true, true, fp8),
+        };
+        Kept { res, res_mid, xhat, fc, fc8, fc8_shared: fp8 && !fc8 }
     }
 }
 
@@ -358,7 +361,7 @@ impl<B: Backend> Gpt<B> {
                         ln2_rstd: z(nl)?,
                         ln2_xhat: be.zeros(own(kept.xhat, nl * c))?,
                         fc: be.zeros(own(kept.fc, n * outs[2]))?,
-                        fc8: be.zeros(own(fp8 && kept.fc8, n * outs[2]))?,
+                        fc8: be.zeros(own(kept.fc8, n * outs[2]))?,
                         saved: arr4(|i| Saved::new(be, fp8, if shared[i] { 0 } else { n * ins[i] }))?,
                     })
                 })
@@ -398,7 +401,7 @@ impl<B: Backend> Gpt<B> {
                 res_mid_shared: if kept.res_mid { None } else { Some(z(nl * c)?) },
                 xhat_shared: if kept.xhat { None } else { Some([be.zeros(nl * c)?, be.zeros(nl * c)?]) },
                 fc_shared: if kept.fc { None } else { Some(be.zeros(n * outs[2])?) },
-                fc8_shared: if fp8 && !kept.fc8 { Some(be.zeros(n * outs[2])?) } else { None },
+                fc8_shared: if kept.fc8_shared { Some(be.zeros(n * outs[2])?) } else { None },
                 lin_out: be.zeros(n * c)?,
                 lin_sp: be.zeros(extra)?,
                 in_sp: Saved::new(be, fp8, extra)?,
@@ -1658,8 +1661,6 @@ impl Slots {
     }
 }
 
-/// The set of activations block `l` uses: its own, or the one shared set
-/// (`Recompute::Full`, `sets` = 1).
 /// Block `l`'s input (the embeddings' output, or the previous block's output) and the
 /// buffer its output goes to (`res_outs`: one per block, or two in turn).
 fn block_io<'a, T>(encoded: &'a T, res_outs: &'a mut [T], l: usize) -> (&'a T, &'a mut T) {
@@ -1671,6 +1672,8 @@ fn block_io<'a, T>(encoded: &'a T, res_outs: &'a mut [T], l: usize) -> (&'a T, &
     (a, b)
 }
 
+/// The set of activations block `l` uses: its own, or the one shared set
+/// (`Recompute::Full`, `sets` = 1).
 fn set_of(sets: usize, l: usize) -> usize {
     if sets == 1 {
         0
@@ -1747,10 +1750,12 @@ mod tests {
     /// Without recomputation a block keeps, per row of c channels, the layernorms'
     /// normalized inputs (BF16, 2 x 2c bytes), qkv and the attention output (BF16, 8c),
     /// GELU's input as E4M3 (4c) and the four linear layers' inputs (E4M3, 7c): 23c bytes
-    /// at O2, 31c with BF16 inputs and pre-activation at the bf16 level, where it was 31c
-    /// and 45c with the f32 residual stream (8c) and the BF16 pre-activation (8c) kept
-    /// per block. The block outputs take two buffers in turn; with everything recomputed
-    /// every block's input (one buffer each) is kept again.
+    /// at O2, 34c with BF16 linear inputs (14c) and pre-activation (8c) at the bf16 level.
+    /// Before, counting each block's f32 output, it was 31c and 38c: the f32 block output
+    /// and mid-block residual (8c) in place of xhat (4c), and at O2 the BF16
+    /// pre-activation (8c) in place of its E4M3 copy. The block outputs take two buffers
+    /// in turn; with everything recomputed every block's input (one buffer each) is kept
+    /// again.
     #[test]
     fn a_block_keeps_no_f32_residual_without_recomputation() {
         let be = Sim;

@@ -94,14 +94,13 @@ pub fn estimate_tp(
     let per = |keep: bool, bytes: u64| if keep { bytes } else { 0 };
     let once = |keep: bool, bytes: u64| if keep { 0 } else { bytes };
     let (res_mid, xhat, fc, fc8) = (f32s * nl * c, 2 * 2 * nl * c, 2 * 4 * n * cl, 4 * n * cl);
-    let fp8 = level.fp8();
     let block = f32s * (4 * nl + 2 * b * nhl * t)
         + 2 * 3 * n * cl
         + per(kept.res_mid, res_mid)
         + per(kept.xhat, xhat)
         + per(kept.fc, fc)
-        + per(fp8 && kept.fc8, fc8);
-    let shared = once(kept.res_mid, res_mid) + once(kept.xhat, xhat) + once(kept.fc, fc) + per(fp8 && !kept.fc8, fc8);
+        + per(kept.fc8, fc8);
+    let shared = once(kept.res_mid, res_mid) + once(kept.xhat, xhat) + once(kept.fc, fc) + per(kept.fc8_shared, fc8);
     let att = 2 * n * cl;
     // The saved linear inputs' widths: the two gathered layernorm outputs (c each), the
     // attention output (its heads' columns) and GELU's output (4c of columns).

@@ -178,16 +178,28 @@ fn ln_cfg(n: usize, c: usize, shared_rows: usize, per_warp_chunks: usize) -> Lau
     }
 }
 
-/// The layernorm backward chunk kernel's launches for `c` channels in the order they are
-/// tried (8 warps first, then 16, 4, 2, 1): (warps, kernel, dynamic shared memory bytes)
-/// for the warp counts whose column groups fit 4 per thread and whose shared memory (the
-/// weights' 32 chunks, then LN_BWD_WARP_CHUNKS per warp rounded up to a multiple of 4 floats,
-/// layernorm.cu) fits `max_shared`. Empty when c is not a multiple of 4.
+/// The byte transpose for 4-aligned FP8 operands (elementwise.cu): kernel, tile side,
+/// block. 128 x 128 tiles; `FP8TRAIN_TRANSPOSE64=1` keeps the 64 x 64 kernel for
+/// comparison (the same bytes). Read once per process, not per copy.
+fn transpose_u8x4_kernel() -> (&'static str, u32, (u32, u32, u32)) {
+    static OLD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OLD.get_or_init(|| std::env::var_os("FP8TRAIN_TRANSPOSE64").is_some()) {
+        ("transpose_u8x4", 64, (16, 16, 1))
+    } else {
+        ("transpose_u8x4_128", 128, (32, 8, 1))
+    }
+}
+
 /// Shared memory per warp of the layernorm backward kernels, in chunks of 32 floats:
 /// the staged xhat and dy (BF16, 16 each) and 4 of scratch (layernorm.cu's
 /// LN_BWD_WARP_CHUNKS).
 const LN_BWD_WARP_CHUNKS: usize = 36;
 
+/// The layernorm backward chunk kernel's launches for `c` channels in the order they are
+/// tried (8 warps first, then 16, 4, 2, 1): (warps, kernel, dynamic shared memory bytes)
+/// for the warp counts whose column groups fit 4 per thread and whose shared memory (the
+/// weights' 32 chunks, then LN_BWD_WARP_CHUNKS per warp rounded up to a multiple of 4 floats,
+/// layernorm.cu) fits `max_shared`. Empty when c is not a multiple of 4.
 fn ln_chunks_candidates(c: usize, max_shared: usize) -> Vec<(usize, &'static str, usize)> {
     if c == 0 || !c.is_multiple_of(4) {
         return Vec::new();
@@ -493,22 +505,10 @@ impl Cuda {
                 Ok((ptr, Box::new(dst)))
             } else if rows.is_multiple_of(4) && cols.is_multiple_of(4) && p.is_multiple_of(4) {
                 let mut dst = self.scratch::<u8>(rows * cols)?;
-                if std::env::var_os("FP8TRAIN_TRANSPOSE64").is_some() {
-                    // (the 64 x 64 tiles, kept for comparison)
-                    let tiles = LaunchConfig {
-                        grid_dim: (c.div_ceil(64), r.div_ceil(64), 1),
-                        block_dim: (16, 16, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    launch!(self, "transpose_u8x4", with tiles, [&p, &mut dst, &r, &c]);
-                } else {
-                    let tiles = LaunchConfig {
-                        grid_dim: (c.div_ceil(128), r.div_ceil(128), 1),
-                        block_dim: (32, 8, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    launch!(self, "transpose_u8x4_128", with tiles, [&p, &mut dst, &r, &c]);
-                }
+                let (kernel, tile, block_dim) = transpose_u8x4_kernel();
+                let tiles =
+                    LaunchConfig { grid_dim: (c.div_ceil(tile), r.div_ceil(tile), 1), block_dim, shared_mem_bytes: 0 };
+                launch!(self, kernel, with tiles, [&p, &mut dst, &r, &c]);
                 let ptr = dst.device_ptr(&self.gpu.stream).0;
                 Ok((ptr, Box::new(dst)))
             } else {
