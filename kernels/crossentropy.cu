@@ -15,9 +15,15 @@ __device__ float ce_block_max(float mx, bool nan, float* wmax) {
     return any_nan ? FP8TRAIN_NAN : m;
 }
 
+// e^(l - m) as the contract's cross-entropy computes it (sim math::exp_from_max): the
+// polynomial 2^y of one fused multiply-add's exponent, ml = m * log2(e) once per row.
+__device__ __forceinline__ float ce_exp(float l, float ml) {
+    return fp8train_exp2_fast(fmaf(l, fp8train_bits(0x3fb8aa3bu), -ml));
+}
+
 // Fused softmax + cross-entropy (sim/src/ops/crossentropy.rs): one block per row of the
 // BF16 logits (computed in f32). The max is order-free (NaN wins); the sum of
-// exponentials is the contract's sum: thread t sums chunks t, t + blockDim, ...
+// exponentials (ce_exp) is the contract's sum: thread t sums chunks t, t + blockDim, ...
 // sequentially, the block runs the tree over the chunk partials (dynamic shared memory:
 // chunks + chunks / 2 + 1 + 64 floats; 2^20 classes fit). With `with_grad` the gradient
 // is written over the logits in BF16 (RNE), as the LM head's backward products read it:
@@ -44,18 +50,20 @@ extern "C" __global__ void crossentropy(float* losses, u16* logits, const u32* t
         mx = a > mx ? a : mx;
     }
     float m = ce_block_max(mx, nan, wmax);
+    float ml = m * fp8train_bits(0x3fb8aa3bu);
     for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
         float acc = 0.0f;
         int end = min((int)v, (ch + 1) * 32);
-        for (int j = ch * 32; j < end; j++) acc = acc + fp8train_exp(fp8train_from_bf16(lr[j]) - m);
+        for (int j = ch * 32; j < end; j++) acc = acc + ce_exp(fp8train_from_bf16(lr[j]), ml);
         pa[ch] = acc;
     }
     __syncthreads();
     float z = fp8train_block_tree(pa, pb, chunks);
     if (with_grad) {
+        float rz = 1.0f / z;
         for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
             float ind = j == tgt ? 1.0f : 0.0f;
-            lr[j] = fp8train_to_bf16((fp8train_exp(fp8train_from_bf16(lr[j]) - m) / z - ind) * dloss);
+            lr[j] = fp8train_to_bf16((ce_exp(fp8train_from_bf16(lr[j]), ml) * rz - ind) * dloss);
         }
     }
     if (threadIdx.x == 0) losses[r] = (fp8train_log(z) + m) - lt;
@@ -140,10 +148,11 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
         // The exponentials first, every thread an equal share of groups of 4 (a chunk per
         // thread would leave the threads with two chunks the critical path: 1572 chunks over
         // 1024 threads at GPT-2's vocabulary), then each chunk's sum in its order.
+        float ml = m * fp8train_bits(0x3fb8aa3bu);
         for (int g = threadIdx.x; g < groups; g += blockDim.x) {
             float4* p = (float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
             float4 q = *p;
-            *p = make_float4(fp8train_exp(q.x - m), fp8train_exp(q.y - m), fp8train_exp(q.z - m), fp8train_exp(q.w - m));
+            *p = make_float4(ce_exp(q.x, ml), ce_exp(q.y, ml), ce_exp(q.z, ml), ce_exp(q.w, ml));
         }
         __syncthreads();
         for (int ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
@@ -161,18 +170,10 @@ extern "C" __global__ void __launch_bounds__(1024, 1)
         __syncthreads();
         float z = fp8train_block_tree(pa, pb, chunks);
         if (with_grad) {
-            // e / z correctly rounded without a division per element: q = e (1/z) and one
-            // correction with the exact residual (Markstein), exact while 1/z is correctly
-            // rounded, z finite and e >= 2^-100 (the quotient far from underflow; z is at
-            // least 1). Groups with a smaller (or NaN) e, or a row with z not finite, divide.
             float rz = 1.0f / z;
-            bool z_ok = z <= fp8train_bits(0x7f7fffffu);
-            auto quot = [&](float e) { float q = e * rz; return fmaf(rz, fmaf(-z, q, e), q); };
             for (int g = threadIdx.x; g < groups; g += blockDim.x) {
                 float4 e = *(const float4*)(row + CE_AT(g / 8, 4 * (g % 8)));
-                float4 q = make_float4(quot(e.x), quot(e.y), quot(e.z), quot(e.w));
-                if (!(z_ok && fminf(fminf(e.x, e.y), fminf(e.z, e.w)) >= fp8train_bits(0x0d800000u) && !isnan(e.x + e.y + e.z + e.w)))
-                    q = make_float4(e.x / z, e.y / z, e.z / z, e.w / z);
+                float4 q = make_float4(e.x * rz, e.y * rz, e.z * rz, e.w * rz);
                 u32 j = 4 * g;
                 float d0 = (q.x - (j == tgt ? 1.0f : 0.0f)) * dloss;
                 float d1 = (q.y - (j + 1 == tgt ? 1.0f : 0.0f)) * dloss;

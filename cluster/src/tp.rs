@@ -101,11 +101,11 @@ pub fn reduce_scatter_fp8<C: Collectives>(g: &C, partial: &[f32], fmt: Fp8Format
 /// Softmax cross-entropy over a vocabulary split across the group: this rank holds
 /// columns `rank * vs .. (rank + 1) * vs` of every row's logits (`logits`: `n x vs`,
 /// `vs = v / size`, a multiple of 32). Per row the maximum is all-reduced (order-free),
-/// each rank sums its own 32-element chunks of `exp(l - m)` sequentially and the chunk
+/// each rank sums its own 32-element chunks of `e^(l - m)` (`exp_from_max`) sequentially and the chunk
 /// partials are gathered in rank order, which is the global chunk order, so the
 /// contract's tree over them gives the sum, the loss and the gradient of the unsplit
 /// cross-entropy bit for bit (`fp8sim::ops::crossentropy`). `losses`: every row's loss
-/// on every rank; `dlogits`: this rank's columns of `(e / z - [j == target]) * dloss`.
+/// on every rank; `dlogits`: this rank's columns of `(e * (1 / z) - [j == target]) * dloss`.
 #[allow(clippy::too_many_arguments)]
 pub fn crossentropy_vocab_parallel<C: Collectives>(
     g: &C,
@@ -117,7 +117,7 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     n: usize,
     v: usize,
 ) -> Result<(), String> {
-    use fp8sim::math::{exp, log};
+    use fp8sim::math::{exp_from_max, log, LOG2E};
     use fp8sim::reduce::{max, tree_sum, CHUNK};
     let (ranks, me) = (g.size(), g.rank());
     if !v.is_multiple_of(CHUNK * ranks) {
@@ -136,8 +136,9 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     g.all_reduce_max(&mut m);
     let mut e = vec![0f32; n * vs];
     e.par_chunks_mut(vs).zip(logits.par_chunks(vs)).zip(&m).for_each(|((er, lr), &mr)| {
+        let ml = mr * LOG2E;
         for (o, &l) in er.iter_mut().zip(lr) {
-            *o = exp(l - mr);
+            *o = exp_from_max(l, ml);
         }
     });
     let cs = vs / CHUNK;
@@ -168,9 +169,10 @@ pub fn crossentropy_vocab_parallel<C: Collectives>(
     if let Some(d) = dlogits {
         assert_eq!(d.len(), n * vs, "crossentropy_vocab_parallel: gradient size");
         d.par_chunks_mut(vs).zip(e.par_chunks(vs)).enumerate().for_each(|(r, (dr, er))| {
+            let rz = 1.0 / z[r];
             for (k, (out, &ek)) in dr.iter_mut().zip(er).enumerate() {
                 let ind = if lo + k == targets[r] as usize { 1.0 } else { 0.0 };
-                *out = (ek / z[r] - ind) * dloss;
+                *out = (ek * rz - ind) * dloss;
             }
         });
     }

@@ -132,6 +132,47 @@ pub fn tanh(x: f32) -> f32 {
     }
 }
 
+/// log2(e) rounded to f32 (the same bits as `INV_LN2`), the cross-entropy's exponent factor.
+pub const LOG2E: f32 = INV_LN2;
+const EXP2_ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer (RNE)
+/// The degree-4 polynomial of `exp2_fast`, fitted for relative error on [-1/2, 1/2],
+/// highest degree first.
+const EXP2_P: [f32; 5] = [c(0x3c1c_cb1a), c(0x3d65_0994), c(0x3e76_036d), c(0x3f31_7070), c(0x3f7f_fff4)];
+
+/// 2^y by a polynomial, without division or branches (the CUDA header's
+/// `fp8train_exp2_fast`, operation for operation): y clamped to [-126, 127] (a NaN
+/// becomes -126 there and is returned at the end), k = round(y) by adding 1.5 * 2^23
+/// (the sum's low bits are k), f = y - k in [-1/2, 1/2], p(f) by Horner with fused
+/// multiply-adds, then k added to p's exponent field. Inputs below -126 (-inf included)
+/// give about 2^-126 instead of 0. Relative error below 2.7e-6 (`exp2_fast_accuracy`):
+/// used where the result is rounded far coarser or only summed (the cross-entropy's
+/// exponentials, the fast-class attention's probabilities), never for a reported figure
+/// on its own.
+#[inline(always)]
+pub fn exp2_fast(y: f32) -> f32 {
+    let cl = y.max(-126.0).min(127.0);
+    let t = cl + EXP2_ROUND;
+    let k = t - EXP2_ROUND;
+    let f = cl - k;
+    let mut p = EXP2_P[0];
+    for &q in &EXP2_P[1..] {
+        p = p.mul_add(f, q);
+    }
+    let r = f32::from_bits(p.to_bits().wrapping_add(t.to_bits() << 23));
+    if y.is_nan() {
+        y
+    } else {
+        r
+    }
+}
+
+/// e^(l - m) as the cross-entropy computes it: 2^(l log2(e) - m log2(e)), the exponent
+/// one fused multiply-add from `m_log2e = m * LOG2E` (one rounded product per row).
+#[inline(always)]
+pub fn exp_from_max(l: f32, m_log2e: f32) -> f32 {
+    exp2_fast(l.mul_add(LOG2E, -m_log2e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +247,43 @@ mod tests {
         assert_eq!(tanh(-0.0).to_bits(), (-0.0f32).to_bits());
         assert_eq!(tanh(50.0), 1.0);
         assert_eq!(tanh(f32::NEG_INFINITY), -1.0);
+    }
+
+    #[test]
+    fn exp2_fast_accuracy() {
+        // Relative error against f64 over [-126, 127] (every 7th f32 pattern of each sign).
+        let mut worst = (0f64, 0f32);
+        for sign in [1.0f32, -1.0] {
+            let mut bits = 0u32;
+            while f32::from_bits(bits) <= if sign > 0.0 { 127.0 } else { 126.0 } {
+                let y = f32::from_bits(bits) * sign;
+                let want = (y as f64).exp2();
+                let rel = ((exp2_fast(y) as f64 - want) / want).abs();
+                if rel > worst.0 {
+                    worst = (rel, y);
+                }
+                bits += 7;
+            }
+        }
+        eprintln!("exp2_fast: max relative error {:.3e} at {:e}", worst.0, worst.1);
+        assert!(worst.0 < 2.7e-6, "exp2_fast: relative error {:e} at {:e}", worst.0, worst.1);
+        // p(0) is the fit's value, not 1; integer inputs are p(0) times exact powers of two.
+        let one = exp2_fast(0.0);
+        assert!((one - 1.0).abs() < 1e-6, "{one}");
+        for k in [-125i32, -20, -1, 1, 10, 127] {
+            assert_eq!(exp2_fast(k as f32), one * 2f32.powi(k), "2^{k}");
+        }
+        assert!(exp2_fast(f32::NAN).is_nan());
+        // Below -126 (-inf too): about 2^-126, not 0.
+        let tiny = exp2_fast(f32::NEG_INFINITY);
+        assert!(tiny > 0.0 && tiny < 2.0 * f32::MIN_POSITIVE, "{tiny:e}");
+        assert_eq!(exp2_fast(-500.0), tiny);
+        // The cross-entropy's form: e^(l - m) within 2e-5 relative for |l - m| < 30 (the
+        // exponent's own rounding adds to the polynomial's error).
+        for &(l, m) in &[(0.0f32, 0.0f32), (-3.25, 1.5), (7.0, 9.5), (-20.0, 9.0), (12.0, 12.0)] {
+            let got = exp_from_max(l, m * LOG2E) as f64;
+            let want = ((l - m) as f64).exp();
+            assert!(((got - want) / want).abs() < 2e-5, "e^({l} - {m}): {got} vs {want}");
+        }
     }
 }

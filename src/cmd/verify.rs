@@ -87,13 +87,14 @@ fn sweep_fp8(gpu: &Gpu, total: u64) -> Result<[Row; 2], String> {
     Ok([row("cast f32 -> e4m3 (saturating)", &bad[0]), row("cast f32 -> e5m2 (saturating)", &bad[1])])
 }
 
-/// One of exp, log, tanh over `total` bit patterns from 0.
+/// One of exp, log, tanh, exp2_fast over `total` bit patterns from 0.
 fn sweep_math(gpu: &Gpu, total: u64, op: i32) -> Result<Row, String> {
     let t = std::time::Instant::now();
     let (name, reference): (&str, fn(f32) -> f32) = match op {
         0 => ("exp", math::exp),
         1 => ("log", math::log),
-        _ => ("tanh", math::tanh),
+        2 => ("tanh", math::tanh),
+        _ => ("exp2_fast (polynomial)", math::exp2_fast),
     };
     let f = gpu.function("math_sweep")?;
     let err = |e: cudarc::driver::DriverError| format!("CUDA: {e}");
@@ -1157,7 +1158,7 @@ pub fn verify_cmd(a: &VerifyArgs, log: &Logger) -> Result<(), String> {
         }),
     }
     rows.extend(sweep_fp8(gpu, total)?);
-    for op in 0..3 {
+    for op in 0..4 {
         rows.push(sweep_math(gpu, total, op)?);
     }
     let failed = rows.iter().filter(|r| r.mismatches > 0).count();
