@@ -308,21 +308,20 @@ __device__ __forceinline__ u32 fp8train_warp_max_u32(u32 v) {
     return v;
 }
 
-// 2^y for the fast-class kernels' softmax (flash attention), the project's own function,
-// cheaper than fp8train_exp (no division, no branches, and no conversion instructions,
-// which issue at a quarter of the FMA rate): k = round(y) by adding 1.5 * 2^23 (the
-// sum's low bits are k), f = y - k in [-1/2, 1/2], p(f) a degree-4 polynomial fitted for
-// relative error (coefficients by their bits; Horner with explicit fmaf, so contraction
-// is as written), scaled by 2^k by adding k to the exponent field. y is clamped to
-// [-126, 127] first, so inputs below -126 (-inf included) give about 2^-126 instead of
-// flushing to 0 (one select fewer: such probabilities are 1e-38, nothing next to the
-// row's largest, which is 1), and NaN gives NaN. Relative error below 2.7e-6 in range
-// (BF16, the probabilities' type, rounds at 2^-9); used only inside fast-class
-// kernels, held to their bound in `verify`.
-__device__ __forceinline__ float fp8train_exp2_fast(float y) {
-    const float MAGIC = 12582912.0f;                    // 1.5 * 2^23
-    float c = fminf(fmaxf(y, -126.0f), 127.0f);         // a NaN becomes -126 here; it is returned below
-    float t = c + MAGIC;                                // 1.5 * 2^23 + round(c), exactly
+// 2^y, the project's polynomial exponential (sim/src/math.rs: exp2_fast, operation for
+// operation): the fast-class kernels' softmax (flash attention) and the contract's
+// cross-entropy. Cheaper than fp8train_exp (no division, no branches, and no conversion
+// instructions, which issue at a quarter of the FMA rate): k = round(y) by adding
+// 1.5 * 2^23 (the sum's low bits are k), f = y - k in [-1/2, 1/2], p(f) a degree-4
+// polynomial fitted for relative error (coefficients by their bits; Horner with explicit
+// fmaf, so contraction is as written), scaled by 2^k by adding k to the exponent field. y
+// is clamped to [-126, 127] first, so inputs below -126 (-inf included) give about
+// 2^-126 instead of flushing to 0 (one select fewer: next to a softmax's largest term,
+// which is 1, such terms are nothing), and NaN gives NaN. Relative error below 2.7e-6.
+// fp8train_exp2_poly: the clamped input's part.
+__device__ __forceinline__ float fp8train_exp2_poly(float c) {
+    const float MAGIC = 12582912.0f;  // 1.5 * 2^23
+    float t = c + MAGIC;              // 1.5 * 2^23 + round(c), exactly
     float k = t - MAGIC;
     float f = c - k;
     float p = fp8train_bits(0x3c1ccb1au);
@@ -330,9 +329,15 @@ __device__ __forceinline__ float fp8train_exp2_fast(float y) {
     p = fmaf(p, f, fp8train_bits(0x3e76036du));
     p = fmaf(p, f, fp8train_bits(0x3f317070u));
     p = fmaf(p, f, fp8train_bits(0x3f7ffff4u));
-    float r = __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // t's low bits: k
+    return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));  // t's low bits: k
+}
+__device__ __forceinline__ float fp8train_exp2_fast(float y) {
+    float c = fminf(fmaxf(y, -126.0f), 127.0f);  // a NaN becomes -126 here; it is returned below
+    float r = fp8train_exp2_poly(c);
     return y != y ? y : r;
 }
+// The same for y known not to be NaN and at most 127 (the same bits, two instructions fewer).
+__device__ __forceinline__ float fp8train_exp2_fast_below(float y) { return fp8train_exp2_poly(fmaxf(y, -126.0f)); }
 
 // ---- activation outputs (backend ActOut): an op computes each value in f32 and stores
 // it as its consumer takes it. mode 0: f32; 1: BF16 (RNE); 2: E4M3 codes of v * scale

@@ -183,9 +183,11 @@ enum Case {
         c: usize,
         nh: usize,
     },
+    /// With `special`, rows 0, 1 and 2 hold a +inf, a NaN and a -inf logit.
     CrossEntropy {
         n: usize,
         v: usize,
+        special: bool,
     },
     ColumnSums {
         rows: usize,
@@ -237,7 +239,10 @@ impl Case {
             ),
             Case::Encoder { b, t, c, v } => ("encoder fwd+bwd".into(), format!("b{b} t{t} c{c} v{v}")),
             Case::Attention { b, t, c, nh } => ("attention fwd+bwd".into(), format!("b{b} t{t} c{c} h{nh}")),
-            Case::CrossEntropy { n, v } => ("softmax cross-entropy".into(), format!("{n}x{v}")),
+            Case::CrossEntropy { n, v, special } => (
+                format!("softmax cross-entropy{}", if *special { " (inf, NaN, -inf logits)" } else { "" }),
+                format!("{n}x{v}"),
+            ),
             Case::ColumnSums { rows, cols } => {
                 ("column sums (bias grad) [+ e5m2 cast, + bf16 copy; of bf16]".into(), format!("{rows}x{cols}"))
             }
@@ -281,12 +286,17 @@ fn cases() -> Vec<Case> {
         [(2, 7, 12, 3), (1, 70, 32, 2), (4, 64, 64, 4), (2, 130, 128, 2), (1, 200, 256, 2)]
             .map(|(b, t, c, nh)| Case::Attention { b, t, c, nh }),
     );
-    // More rows than a GPU has SMs too (its persistent blocks take several rows each,
-    // loading the next while computing one).
+    // More rows than a GPU has SMs too. The GPU's kernels by width: a row per block in
+    // BF16 (v a multiple of 8, up to ~51k; 1000: a last chunk of 8), in f32 with
+    // persistent blocks (up to ~55k, or v a multiple of 4 only: 1004, 52000), else the
+    // plain one (50, 300000).
     v.extend(
-        [(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000), (1000, 64), (300, 50304)]
-            .map(|(n, v)| Case::CrossEntropy { n, v }),
+        [(6, 50), (64, 256), (3, 5000), (5, 50304), (2, 300_000), (1000, 64), (300, 50304), (3, 1000), (7, 1004)]
+            .into_iter()
+            .chain([(4, 52000), (300, 52000)])
+            .map(|(n, v)| Case::CrossEntropy { n, v, special: false }),
     );
+    v.extend([(4, 50), (4, 1004), (4, 5000)].map(|(n, v)| Case::CrossEntropy { n, v, special: true }));
     // (GPUs: the trees over more than 64 and more than 4096 chunk partials take two and
     // three passes when their columns are few, one pass over 66 partials when they are
     // many.)
@@ -570,8 +580,20 @@ fn run_case<B: Backend>(be: &B, case: &Case) -> BResult<Vec<(&'static str, Vec<u
                 let (out, dqkv) = (wide(be.download(&out)?), wide(be.download(&dqkv)?));
                 vec![("out", out), ("stats", bits(be, &stats)?), ("dqkv", dqkv)]
             }
-            Case::CrossEntropy { n, v } => {
-                let l16 = randn16(n * v, 15, 3.0);
+            Case::CrossEntropy { n, v, special } => {
+                let mut l16 = randn16(n * v, 15, 3.0);
+                if special {
+                    for (r, x) in [f32::INFINITY, f32::NAN, f32::NEG_INFINITY].into_iter().enumerate() {
+                        l16[r * v + (7 * r + 3) % v] = to_bf16(x);
+                    }
+                }
+                // (A NaN loss's payload is the hardware's: x86 and GPUs write different NaNs.)
+                let bits = |be: &B, x: &B::Buf<f32>| -> BResult<Vec<u32>> {
+                    Ok(bits(be, x)?
+                        .into_iter()
+                        .map(|b| if f32::from_bits(b).is_nan() { 0x7fc0_0000 } else { b })
+                        .collect())
+                };
                 let targets = be.upload(&(0..n).map(|i| ((i * 13) % v) as u32).collect::<Vec<_>>())?;
                 let mut only = be.zeros(n)?;
                 let mut logits = be.upload(&l16)?;

@@ -71,6 +71,10 @@ fn cfg(n: usize) -> LaunchConfig {
 
 /// Launch kernel `$name` over `$n` threads (or with the launch configuration `with $c`)
 /// with the given arguments.
+/// Kernels sized to run two blocks per SM in its largest shared-memory configuration,
+/// which the driver is asked for (it may otherwise pick a smaller one that holds one).
+const FULL_CARVEOUT: &[&str] = &["crossentropy_rows"];
+
 macro_rules! launch {
     ($self:expr, $name:expr, $n:expr, [$($arg:expr),* $(,)?]) => {
         launch!($self, $name, with cfg($n), [$($arg),*])
@@ -362,6 +366,14 @@ impl Cuda {
         let mut cache = self.functions.borrow_mut();
         if !cache.contains_key(name) {
             let f = self.gpu.function(name).map_err(|e| BackendError::new(format!("CUDA kernel {name}"), e))?;
+            if FULL_CARVEOUT.contains(&name) {
+                use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as CARVEOUT;
+                // SAFETY: the function exists (it was just loaded from the module).
+                unsafe { cudarc::driver::result::function::set_function_attribute(f.cu_function(), CARVEOUT, 100) }
+                    .map_err(|e| {
+                        BackendError::new(format!("CUDA kernel {name}"), format!("shared-memory carveout: {e}"))
+                    })?;
+            }
             cache.insert(name, (f, 48 << 10));
         }
         let entry = cache.get_mut(name).expect("inserted above");
@@ -1936,9 +1948,20 @@ impl Backend for Cuda {
         let (nn, vv, with) = (n as u32, v as u32, i32::from(with_grad));
         let chunks = v.div_ceil(32);
         let scratch = ((chunks + chunks / 2 + 1 + 64) * 4) as u32;
+        // The row as BF16, a row per block and two blocks per SM, when two fit (GPT-2's
+        // 50304 classes: 108 KiB each; an SM has 228 KiB, 1 KiB of it reserved per block).
+        let rows_kernel = scratch + (2 * 32 * chunks) as u32;
+        if v.is_multiple_of(8) && 2 * (rows_kernel + 1024) <= self.max_shared() + 1024 {
+            let c = LaunchConfig {
+                grid_dim: (n.max(1) as u32, 1, 1),
+                block_dim: (512, 1, 1),
+                shared_mem_bytes: rows_kernel,
+            };
+            launch!(self, "crossentropy_rows", with c, [losses, logits, targets, &mu, &rows, &nn, &vv, &with]);
+            return Ok(());
+        }
         let staged = scratch + (4 * 32 * chunks) as u32;
-        // The row's f32 values, then its exponentials, in shared memory when they fit
-        // (GPT-2's 50304 classes: 206 KiB).
+        // Else the row's f32 values, then its exponentials, in shared memory when they fit.
         if v.is_multiple_of(4) && staged <= self.max_shared() {
             // Persistent blocks, one per SM (the shared memory holds one row), each
             // loading its next row while it computes this one.
