@@ -150,7 +150,7 @@ const EXP2_P: [f32; 5] = [c(0x3c1c_cb1a), c(0x3d65_0994), c(0x3e76_036d), c(0x3f
 /// on its own.
 #[inline(always)]
 pub fn exp2_fast(y: f32) -> f32 {
-    let cl = y.max(-126.0).min(127.0);
+    let cl = y.clamp(-126.0, 127.0); // (a NaN stays NaN here; y is returned below)
     let t = cl + EXP2_ROUND;
     let k = t - EXP2_ROUND;
     let f = cl - k;
