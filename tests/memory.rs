@@ -98,7 +98,7 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
             }
         }
         let peak = (PEAK.load(SeqCst) - base) as u64;
-        let scratch = Sim.attention_scratch_bytes(AttnShape { b, t, c, nh });
+        let scratch = Sim.op_scratch(AttnShape { b, t, c, nh });
         let est = memory::estimate(&cfg, level, recompute, 1, b, t, scratch).total();
         assert!(est >= peak, "{level} recompute {recompute}: estimate {est} below the measured peak {peak}");
         assert!(
@@ -147,7 +147,7 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
             }
         });
         let peak = (PEAK.load(SeqCst) - base) as u64;
-        let scratch = Sim.attention_scratch_bytes(AttnShape { b, t, c: c / 2, nh: nh / 2 });
+        let scratch = Sim.op_scratch(AttnShape { b, t, c: c / 2, nh: nh / 2 });
         let est = memory::estimate_tp(&cfg, level, recompute, 1, 2, b, t, scratch).total();
         let one = memory::estimate(&cfg, level, recompute, 1, b, t, scratch).total();
         eprintln!(

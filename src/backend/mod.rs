@@ -346,6 +346,23 @@ pub struct MemoryStats {
     pub device_total: u64,
 }
 
+/// The temporaries a backend's ops allocate beyond their inputs and outputs, as the
+/// memory estimate (`model::memory`) counts them: the largest is what a step needs on
+/// top of its state and workspace.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct OpScratch {
+    /// The attention ops' (`Backend::attention_scratch_bytes`).
+    pub attention: u64,
+    /// Bytes per token and model channel that the activation ops' temporaries hold at
+    /// once (an f32 product or gradient before its narrower store, f32 copies of
+    /// inputs): the simulator 48 (GELU's backward: its f32 gradient, n x 4c, and both
+    /// inputs widened), the GPU 21 (measured: see `cuda::op_scratch_without_attention`).
+    pub activation_bytes_per_token_channel: u64,
+    /// Whether the LM head's products copy a chunk's operands and its logits to f32
+    /// (the simulator's GEMM packs its operands; cuBLASLt reads BF16 in place).
+    pub head_f32_copies: bool,
+}
+
 /// The ops of a training step. Shapes: `n` rows (tokens) of `c` channels, row-major.
 #[allow(clippy::too_many_arguments)]
 pub trait Backend {
@@ -376,6 +393,16 @@ pub trait Backend {
     }
     /// Bytes the attention ops allocate for shape `s` beyond their inputs and outputs.
     fn attention_scratch_bytes(&self, _s: AttnShape) -> u64 {
+        0
+    }
+    /// What this backend's ops allocate beyond their inputs and outputs, for the
+    /// memory estimate (one layer's attention shape `s`).
+    fn op_scratch(&self, s: AttnShape) -> OpScratch {
+        OpScratch { attention: self.attention_scratch_bytes(s), ..OpScratch::default() }
+    }
+    /// Bytes beyond the estimate `est` a run needs on this device (allocator slack,
+    /// library workspaces).
+    fn memory_overhead(&self, _est: &crate::model::memory::Estimate) -> u64 {
         0
     }
 

@@ -2,7 +2,8 @@
 
 use super::{
     amax_slot_bits, slot_amax, ActOut, AdamState, BResult, Backend, CastStats, Delayed, Elem, EmbedTable, GeluIn,
-    GradOut, GradRef, JitSrc, LossGrad, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2, SCALE_STRIDE,
+    GradOut, GradRef, JitSrc, LossGrad, OpScratch, Operand, Product, Scalar, ScaleSlot, Slot, DELAYED_E5M2,
+    SCALE_STRIDE,
 };
 use fp8sim::fp8::{self, Fp8Format};
 use fp8sim::half16::{self, bf16, f16};
@@ -100,6 +101,14 @@ fn into_act(y: ActOut<'_, Sim>, n: usize, f: impl FnOnce(&mut [f32])) -> BResult
     Ok(())
 }
 
+/// The simulator's op temporaries other than attention's: GELU's backward holds its
+/// f32 gradient (n x 4c) and both inputs widened to f32 (12 f32 values per token and
+/// channel); the LM head's GEMM packs a chunk's operands in f32 and its product and
+/// cross-entropy hold the chunk's logits in f32.
+pub fn sim_op_scratch() -> OpScratch {
+    OpScratch { attention: 0, activation_bytes_per_token_channel: 48, head_f32_copies: true }
+}
+
 /// The CPU simulator (uses rayon's current pool).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Sim;
@@ -134,6 +143,9 @@ impl Backend for Sim {
     }
     fn available_memory(&self) -> Option<(u64, String)> {
         host_available().map(|b| (b, "this machine".to_string()))
+    }
+    fn op_scratch(&self, s: AttnShape) -> OpScratch {
+        OpScratch { attention: self.attention_scratch_bytes(s), ..sim_op_scratch() }
     }
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         // Backward: probabilities and their gradients (t x t f32 each) per head in flight.

@@ -4,7 +4,8 @@
 //! `bench step`'s pool high-water mark), with the fast path's attention scratch. A plan
 //! to confirm with `bench step --batch N`, not a measurement.
 
-use crate::backend::cuda::flash_scratch_bytes;
+use crate::backend::cuda::{cuda_memory_overhead, flash_scratch_bytes, op_scratch_without_attention};
+use crate::backend::OpScratch;
 use crate::cli::FitBenchArgs;
 use crate::model::memory::{estimate, gib};
 use crate::model::{Level, Recompute};
@@ -22,10 +23,13 @@ pub struct FitRow {
     pub bytes: u64,
 }
 
-/// Estimated bytes of `model` at `level` / `recompute` for batch `b` on one GPU.
+/// Estimated bytes of `model` at `level` / `recompute` for batch `b` on one GPU, with
+/// the GPU's allocator slack (what `train` and `bench step` check).
 fn bytes(cfg: &crate::model::ModelConfig, level: Level, recompute: Recompute, b: usize) -> u64 {
     let shape = AttnShape { b, t: cfg.seq_len, c: cfg.n_embd, nh: cfg.n_head };
-    estimate(cfg, level, recompute, 1, b, cfg.seq_len, flash_scratch_bytes(shape)).total()
+    let scratch = OpScratch { attention: flash_scratch_bytes(shape), ..op_scratch_without_attention() };
+    let est = estimate(cfg, level, recompute, 1, b, cfg.seq_len, scratch);
+    est.total() + cuda_memory_overhead(&est)
 }
 
 /// The largest batch in 1..=limit whose estimate is within `memory` bytes (0: none).
@@ -126,5 +130,33 @@ mod tests {
         assert!(plan(&["gpt-1.3b".into()], -1.0, 8).unwrap_err().contains("--memory"));
         assert!(plan(&["gpt-99b".into()], 80.0, 8).unwrap_err().contains("unknown shape"));
         assert!(plan(&[], 80.0, 8).unwrap_err().contains("--models"));
+    }
+
+    /// The GPU estimate (with its allocator slack) against what an H200 (139.80 GiB,
+    /// 139.25 free after the context) did with GPT-1.3B O2 (`bench step`, thirteenth
+    /// session, `docs/largest-batch-gpt-1.3b-h200-session13.txt`): every batch that ran
+    /// is allowed and estimated at or above its device memory in use less the context,
+    /// and batch 166 with full recomputation, which failed to allocate, is refused.
+    #[test]
+    fn the_gpu_estimate_brackets_the_h200_runs() {
+        let (cfg, _) = crate::bench::step::preset("gpt-1.3b").unwrap();
+        let gib = |x: f64| (x * (1u64 << 30) as f64) as u64;
+        let (free, context) = (gib(139.25), gib(0.55));
+        for (rc, b, in_use) in [
+            (Recompute::None, 8, 30.36),
+            (Recompute::None, 50, 136.86),
+            (Recompute::Cheap, 53, 138.77),
+            (Recompute::Full, 160, 138.14),
+            (Recompute::Full, 161, 138.92),
+        ] {
+            let need = bytes(&cfg, Level::O2, rc, b);
+            assert!(need <= free, "O2 {rc} b{b} ran, but the estimate refuses it: {}", crate::model::memory::gib(need));
+            assert!(
+                need >= gib(in_use) - context,
+                "O2 {rc} b{b}: estimate {} below the {in_use} GiB it used",
+                crate::model::memory::gib(need)
+            );
+        }
+        assert!(bytes(&cfg, Level::O2, Recompute::Full, 166) > free, "b166 full ran out of memory on the device");
     }
 }

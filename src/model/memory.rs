@@ -5,7 +5,7 @@
 //! `tests/memory.rs` holds the sum against the peak a counting allocator sees.
 
 use super::{Level, ModelConfig, Recompute};
-use crate::backend::Backend;
+use crate::backend::{Backend, OpScratch};
 use fp8sim::ops::attention::AttnShape;
 
 /// Bytes a training (or evaluation) process needs, in three parts.
@@ -31,8 +31,8 @@ pub fn gib(bytes: u64) -> String {
 }
 
 /// The estimate for `cfg` at `level` with `ranks` data-parallel ranks, batch `b`,
-/// sequence `t`; `attention_scratch`: what the backend's attention allocates for this
-/// shape (see `Backend::attention_scratch_bytes`).
+/// sequence `t`; `scratch`: what the backend's ops allocate beyond their inputs and
+/// outputs for this shape (`Backend::op_scratch`).
 pub fn estimate(
     cfg: &ModelConfig,
     level: Level,
@@ -40,9 +40,9 @@ pub fn estimate(
     ranks: usize,
     b: usize,
     t: usize,
-    attention_scratch: u64,
+    scratch: OpScratch,
 ) -> Estimate {
-    estimate_tp(cfg, level, recompute, ranks, 1, b, t, attention_scratch)
+    estimate_tp(cfg, level, recompute, ranks, 1, b, t, scratch)
 }
 
 /// [`estimate`] for one rank of a tensor-parallel group of `tp` (`ranks`: the
@@ -59,7 +59,7 @@ pub fn estimate_tp(
     tp: usize,
     b: usize,
     t: usize,
-    attention_scratch: u64,
+    scratch: OpScratch,
 ) -> Estimate {
     let tp = tp.max(1);
     let pieces: Vec<u64> =
@@ -144,38 +144,49 @@ pub fn estimate_tp(
     // The LM head's products: f32 copies of the operands of one chunk (the simulator's
     // GEMM packs them) and an f32 copy of its logits (the simulator's product before
     // rounding, its cross-entropy's widening).
-    let head = f32s * (2 * r * vl + (r + vl) * c);
-    // f32 temporaries of one op: an activation or a gradient computed in f32 before it
-    // is stored narrower (the first FP8 step's just-in-time scales, the exact class's
-    // QKV / MLP-up products), with f32 copies of its BF16 inputs (the simulator's GELU
-    // backward: GELU's gradient, n x 4c, and both inputs widened).
-    let act_scratch = f32s * 12 * n * c;
+    let head = if scratch.head_f32_copies { f32s * (2 * r * vl + (r + vl) * c) } else { 0 };
+    // f32 temporaries of the activation ops: an activation or a gradient computed in f32
+    // before it is stored narrower (the first FP8 step's just-in-time scales, the exact
+    // class's QKV / MLP-up products), with f32 copies of BF16 inputs where the backend
+    // makes them (the simulator's GELU backward: GELU's gradient, n x 4c, and both
+    // inputs widened: 48 bytes per token and channel; the GPU's, measured: 21).
+    let act_scratch = scratch.activation_bytes_per_token_channel * n * c;
     // The LM head's BF16 copy of an FP16 token embedding is cast through an f32 copy.
     let head_copy = if level.fp8() { f32s * vl * c } else { 0 };
-    let transient = optimizer.max(attention_scratch + head).max(act_scratch).max(head_copy);
+    let transient = optimizer.max(scratch.attention + head).max(act_scratch).max(head_copy);
     Estimate { state, activations, transient }
 }
 
 /// Refuse a run whose estimate exceeds what the device has free, naming both figures.
-pub fn check_fits(est: &Estimate, available: Option<(u64, String)>, what: &str) -> Result<(), String> {
+/// `overhead`: what the device needs beyond the estimate (`Backend::memory_overhead`);
+/// `full`: everything is recomputed already (the message does not suggest it).
+pub fn check_fits(
+    est: &Estimate,
+    overhead: u64,
+    full: bool,
+    available: Option<(u64, String)>,
+    what: &str,
+) -> Result<(), String> {
     let Some((free, device)) = available else { return Ok(()) };
-    if est.total() <= free {
+    if est.total() + overhead <= free {
         return Ok(());
     }
+    let slack = if overhead > 0 { format!(", {} allocator slack", gib(overhead)) } else { String::new() };
     Err(format!(
-        "{what} needs about {} ({} weights + gradients + optimizer state, {} activations, {} largest temporary) \
+        "{what} needs about {} ({} weights + gradients + optimizer state, {} activations, {} largest temporary{slack}) \
          but {device} has {} available; use a smaller model, batch or sequence (train.batch_size, model.seq_len; --batch, --seq), \
-         or a leaner level (O2: 6 bytes of state per parameter)",
-        gib(est.total()),
+         {}or a leaner level (O2: 6 bytes of state per parameter)",
+        gib(est.total() + overhead),
         gib(est.state),
         gib(est.activations),
         gib(est.transient),
-        gib(free)
+        gib(free),
+        if full { "" } else { "more recomputation (train.recompute = \"full\"), " }
     ))
 }
 
-/// [`estimate`] for backend `be` (its attention scratch), checked against what `be`
-/// has available; `b` rows of the model's sequence length.
+/// [`estimate`] for backend `be` (its op temporaries), checked against what `be` has
+/// available less its allocator slack; `b` rows of the model's sequence length.
 #[allow(clippy::too_many_arguments)]
 pub fn check<B: Backend>(
     be: &B,
@@ -190,8 +201,9 @@ pub fn check<B: Backend>(
     let t = cfg.seq_len;
     let tp = tp.max(1);
     let shape = AttnShape { b, t, c: cfg.n_embd / tp, nh: cfg.n_head / tp };
-    let est = estimate_tp(cfg, level, recompute, ranks, tp, b, t, be.attention_scratch_bytes(shape));
-    check_fits(&est, be.available_memory(), what)?;
+    let est = estimate_tp(cfg, level, recompute, ranks, tp, b, t, be.op_scratch(shape));
+    let full = recompute == Recompute::Full;
+    check_fits(&est, be.memory_overhead(&est), full, be.available_memory(), what)?;
     Ok(est)
 }
 
@@ -206,9 +218,10 @@ mod tests {
     fn a_tensor_parallel_rank_needs_its_share() {
         let (cfg, b) = crate::bench::step::preset("gpt-1.3b").unwrap();
         let t = cfg.seq_len;
-        let one = estimate(&cfg, Level::O2, Recompute::None, 1, b, t, 0);
-        assert_eq!(estimate_tp(&cfg, Level::O2, Recompute::None, 1, 1, b, t, 0), one);
-        let two = estimate_tp(&cfg, Level::O2, Recompute::None, 1, 2, b, t, 0);
+        let none = OpScratch::default();
+        let one = estimate(&cfg, Level::O2, Recompute::None, 1, b, t, none);
+        assert_eq!(estimate_tp(&cfg, Level::O2, Recompute::None, 1, 1, b, t, none), one);
+        let two = estimate_tp(&cfg, Level::O2, Recompute::None, 1, 2, b, t, none);
         let pieces: usize =
             crate::model::shard::layout(&cfg, 2).iter().map(|(_, _, s)| s.iter().product::<usize>()).sum();
         assert_eq!(two.state, 6 * pieces as u64);

@@ -164,7 +164,7 @@ mod lt;
 pub mod nccl;
 mod ops;
 pub mod pool;
-pub use ops::{flash_scratch_bytes, Cuda};
+pub use ops::{cuda_memory_overhead, flash_scratch_bytes, op_scratch_without_attention, Cuda};
 
 #[cfg(test)]
 mod tests {

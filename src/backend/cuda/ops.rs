@@ -7,8 +7,10 @@ use super::lt::{Lt, LtOut, LtType, Major};
 use super::Gpu;
 use crate::backend::{
     slot_amax, ActOut, AdamState, BResult, Backend, BackendError, CastStats, Delayed, Elem, EmbedTable, GeluIn,
-    GradOut, GradRef, JitSrc, Later, LossGrad, MemoryStats, OpTime, Operand, Phase, Product, Scalar, ScaleSlot, Slot,
+    GradOut, GradRef, JitSrc, Later, LossGrad, MemoryStats, OpScratch, OpTime, Operand, Phase, Product, Scalar,
+    ScaleSlot, Slot,
 };
+use crate::model::memory::Estimate;
 use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 use cudarc::nccl::{Comm, Id, NcclType};
 use fp8cluster::reduce::CommBytes;
@@ -302,6 +304,31 @@ impl Flash {
 pub fn flash_scratch_bytes(s: AttnShape) -> u64 {
     let (b, t, nh) = (s.b as u64, s.t as u64, s.nh as u64);
     16 * b * nh * t + 2 * flash_ds_len(s) as u64
+}
+
+/// The GPU's op temporaries other than attention's (`Backend::op_scratch`). Its
+/// largest single activation temporary is an f32 product of n x 4c (the MLP-up product
+/// before its BF16 / E4M3 store at the exact class or a fresh model's first FP8 step:
+/// 16 bytes per token and channel), but the pool's high-water mark says more is held
+/// at once: GPT-1.3B O2 on an H200 (`bench step`, thirteenth session) peaked at 130.24
+/// GiB at batch 160 with full recomputation, 13.0 GiB above the state and workspace
+/// (the flash backward's dS tiles and the head's f32 terms give 11.6, 16 bytes 10.0):
+/// 21 bytes per token and channel covers it (13.1 GiB). The LM head's f32 terms are
+/// kept (its BF16 products at the exact class go through f32).
+pub fn op_scratch_without_attention() -> OpScratch {
+    OpScratch { attention: 0, activation_bytes_per_token_channel: 21, head_f32_copies: true }
+}
+
+/// What a run needs on a GPU beyond its estimate: the stream-ordered pool keeps freed
+/// blocks and mixed sizes fragment it, so the device holds more than the pool's live
+/// peak, and more the larger the temporaries that come and go. Measured on an H200
+/// (GPT-1.3B O2, `bench step`; device memory in use less the pool's high-water mark
+/// less the 0.55 GiB context): 0.43 GiB at batch 8 (largest temporary ~1.7 GiB), 2.58
+/// at batch 50 (~4.4), 2.68 at batch 53 with `cheap` (~4.6), 7.35 at batch 160 with
+/// `full` (~13.0); 4/7 of the largest temporary + 256 MiB covers each (batch 166 with
+/// `full`, 0.4 GiB over the device by this rule, failed to allocate).
+pub fn cuda_memory_overhead(est: &Estimate) -> u64 {
+    est.transient / 7 * 4 + (256 << 20)
 }
 
 /// Elements of the flash backward's dS tiles: 64 x 64 per causal (query tile, key tile)
@@ -1171,6 +1198,12 @@ impl Backend for Cuda {
     fn available_memory(&self) -> Option<(u64, String)> {
         let (free, _) = self.gpu.ctx.mem_get_info().ok()?;
         Some((free as u64, format!("GPU {} ({})", self.gpu.ctx.ordinal(), self.gpu.name)))
+    }
+    fn op_scratch(&self, s: AttnShape) -> OpScratch {
+        OpScratch { attention: self.attention_scratch_bytes(s), ..op_scratch_without_attention() }
+    }
+    fn memory_overhead(&self, est: &Estimate) -> u64 {
+        cuda_memory_overhead(est)
     }
     fn attention_scratch_bytes(&self, s: AttnShape) -> u64 {
         let (b, t, c, nh) = (s.b as u64, s.t as u64, s.c as u64, s.nh as u64);
