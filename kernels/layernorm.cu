@@ -69,6 +69,10 @@ __device__ float ln_warp_sum(u32 c, float* pa, float* pb, F4 term4, F1 term1) {
     return fp8train_warp_tree(pa, pb, (int)chunks);
 }
 
+// The dynamic shared memory of the layernorm kernels (one declaration for all of them:
+// NVRTC warns when a template function declares it again).
+extern __shared__ __align__(16) float ln_sh[];
+
 // Dynamic shared memory, in floats (ln_cfg): the weights and the bias (32 chunks each)
 // for the block, then per warp its staged row (32 chunks) and 2 chunks of scratch,
 // rounded up to a multiple of 4. Nothing in the loops below waits on a global load.
@@ -78,7 +82,6 @@ __device__ float ln_warp_sum(u32 c, float* pa, float* pb, F4 term4, F1 term1) {
 extern "C" __global__ void layernorm_forward(void* y, int mode, const float* scale_p, unsigned long long* amax, u16* xhat,
                                              float* mean, float* rstd, const float* x, const float* w, const float* b,
                                              u32 n, u32 c, int vec) {
-    extern __shared__ __align__(16) float ln_sh[];
     float scale = fp8train_ld(scale_p);
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
@@ -199,7 +202,6 @@ extern "C" __global__ void layernorm_backward_rows(float* __restrict__ dx, int a
                                                    const u16* __restrict__ dy, const u16* __restrict__ xhat,
                                                    const float* __restrict__ w, const float* rstd, u32 n, u32 c,
                                                    int vec) {
-    extern __shared__ __align__(16) float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 r = blockIdx.x * warps + warp;
     u32 chunks = (c + 31) / 32, per_warp = (LN_BWD_WARP_CHUNKS * chunks + 3) & ~3u;
@@ -234,7 +236,6 @@ template <int COLS>
 __device__ __forceinline__ void ln_backward_chunk(float* __restrict__ dx, int accumulate, const u16* __restrict__ dy,
                                                   const u16* __restrict__ xhat, const float* __restrict__ w,
                                                   const float* rstd, u32 n, u32 c, float* pw, float* pbias) {
-    extern __shared__ __align__(16) float ln_sh[];
     u32 warp = threadIdx.x / 32, lane = threadIdx.x & 31, warps = blockDim.x / 32;
     u32 chunks = (c + 31) / 32, per_warp = (LN_BWD_WARP_CHUNKS * chunks + 3) & ~3u;
     float* sw = ln_sh;
