@@ -1,10 +1,17 @@
-//! FP8 encode/decode against independent golden vectors: `tests/golden/*.tsv`, written
-//! from ml_dtypes by `scripts/golden_fp8.py` (run by hand, output committed).
+//! FP8 encode/decode against independent golden vectors: `tests/golden/fp8_*.tsv`,
+//! written from ml_dtypes by `scripts/golden_fp8.py`; the polynomial exponential and the
+//! cross-entropy's exponential against `tests/golden/exp*.tsv`, written by
+//! `scripts/golden_exp2.py` from the contract's text with exact rational arithmetic
+//! (both run by hand, output committed).
 
 use fp8sim::fp8::{decode, encode, Fp8Format};
 use std::path::PathBuf;
 
 fn golden(name: &str) -> Vec<Vec<u32>> {
+    golden_n(name, 3)
+}
+
+fn golden_n(name: &str, fields: usize) -> Vec<Vec<u32>> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("golden file {} is required by this test: {e}", path.display()));
@@ -13,7 +20,7 @@ fn golden(name: &str) -> Vec<Vec<u32>> {
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .map(|l| l.split_whitespace().map(|f| u32::from_str_radix(f, 16).expect("hex field")).collect())
         .collect();
-    assert!(rows.iter().all(|r| r.len() == 3), "{name}: every row has 3 fields");
+    assert!(rows.iter().all(|r| r.len() == fields), "{name}: every row has {fields} fields");
     rows
 }
 
@@ -61,4 +68,26 @@ fn encode_matches_every_golden_row() {
         }
     }
     eprintln!("checked {checked} encodings");
+}
+
+#[test]
+fn exp2_fast_matches_every_golden_row() {
+    let rows = golden_n("exp2_fast.tsv", 2);
+    assert!(rows.len() > 9000, "golden exp2_fast file looks truncated ({} rows)", rows.len());
+    for r in rows {
+        let got = fp8sim::math::exp2_fast(f32::from_bits(r[0])).to_bits();
+        assert_eq!(got, r[1], "exp2_fast({:#010x} = {:e}): {got:#010x}", r[0], f32::from_bits(r[0]));
+    }
+}
+
+#[test]
+fn the_cross_entropy_exponential_matches_every_golden_row() {
+    use fp8sim::math::{exp_from_max, LOG2E};
+    let rows = golden_n("exp_from_max.tsv", 3);
+    assert_eq!(rows.len(), 6000);
+    for r in rows {
+        let (l, m) = (f32::from_bits(r[0]), f32::from_bits(r[1]));
+        let got = exp_from_max(l, m * LOG2E).to_bits();
+        assert_eq!(got, r[2], "e^({l:e} - {m:e}): {got:#010x}");
+    }
 }
