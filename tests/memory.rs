@@ -112,9 +112,12 @@ fn estimate_bounds_the_measured_peak_at_every_level() {
     }
     // Tensor parallel 2: both ranks as threads of this process (their host-staged
     // collectives' buffers included); each rank's estimate bounds its share.
-    for (level, recompute) in
-        [(Level::O2, Recompute::None), (Level::Bf16, Recompute::None), (Level::O2, Recompute::Full)]
-    {
+    for (level, recompute) in [
+        (Level::O2, Recompute::None),
+        (Level::Bf16, Recompute::None),
+        (Level::O2, Recompute::Full),
+        (Level::O2, Recompute::Cheap),
+    ] {
         let (layers, c, nh, t, v, b) = (2, 64, 4, 64, 256, 4);
         let cfg = ModelConfig { n_layer: layers, n_embd: c, n_head: nh, seq_len: t, vocab_size: v };
         let tc = TrainConfig { level, batch_size: b, recompute, ..Default::default() };

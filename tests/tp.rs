@@ -45,10 +45,15 @@ fn tp2_and_tp2_by_dp2_repeat_bit_for_bit_and_count_their_bytes() {
         assert_eq!(a.len(), 4);
         assert_eq!(a, loss_bits(&dir.path().join(format!("{level}-{np}-b"))), "tp 2, {np} ranks, {level}");
         if np == 4 {
-            // Recomputing the whole block (its collectives again) changes no bit.
-            let full = [&args[..], &["--set", "train.recompute=full"]].concat();
-            ok(&mpirun(np, dir.path(), &format!("{level}-{np}-full"), &full));
-            assert_eq!(a, loss_bits(&dir.path().join(format!("{level}-{np}-full"))), "tp 2 x dp 2, recompute full");
+            // Recomputing the whole block (its collectives again), or the layernorms'
+            // outputs (gathered again), attention and GELU, changes no bit.
+            for rc in ["full", "cheap"] {
+                let set = format!("train.recompute={rc}");
+                let with = [&args[..], &["--set", &set]].concat();
+                ok(&mpirun(np, dir.path(), &format!("{level}-{np}-{rc}"), &with));
+                let got = loss_bits(&dir.path().join(format!("{level}-{np}-{rc}")));
+                assert_eq!(a, got, "tp 2 x dp 2, recompute {rc}");
+            }
         }
         // Every step says what the tensor-parallel collectives moved: at O2 the
         // activations and gradients go as FP8, so less than BF16 would move.
@@ -169,8 +174,6 @@ fn bad_tensor_parallel_grids_are_clear_errors() {
         "model.vocab_size = 96 must be a multiple of 32 x 2",
     );
     fails_with(&one(d, "f", &["--tp", "2", "--set", "model.seq_len=15"]), "does not divide model.seq_len = 15");
-    // What tensor parallelism does not combine with yet.
-    fails_with(&one(d, "h", &["--tp", "2", "--set", "train.recompute=cheap"]), "use \"gelu\" or \"full\"");
     fails_with(&one(d, "i", &["--tp", "0"]), "must be at least 1");
 }
 

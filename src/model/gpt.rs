@@ -324,10 +324,7 @@ impl<B: Backend> Gpt<B> {
             assert!(r > 0 && (b * t).is_multiple_of(r), "LM head rows {r} must divide the batch's {} rows", b * t);
         }
         let tp = self.tp.size;
-        assert!(
-            tp == 1 || (self.recompute != Recompute::Cheap && (b * t).is_multiple_of(tp)),
-            "tensor parallel: no \"cheap\" recomputation yet, and the batch's rows divide over the group"
-        );
+        assert!(tp == 1 || (b * t).is_multiple_of(tp), "tensor parallel: the batch's rows divide over the group");
         Ok({
             let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size / tp);
             let n = b * t;
@@ -410,7 +407,7 @@ impl<B: Backend> Gpt<B> {
                 dln_sp: be.zeros(extra)?,
                 tp_traffic: TpTraffic::default(),
                 shared_in: arr4(|i| if shared[i] { Saved::new(be, fp8, n * ins[i]).map(Some) } else { Ok(None) })?,
-                shared_att: if att_shared { Some(be.zeros(n * c)?) } else { None },
+                shared_att: if att_shared { Some(be.zeros(n * ins[1])?) } else { None },
                 lnf_mean: z(nl)?,
                 lnf_rstd: z(nl)?,
                 lnf_xhat: be.zeros(nl * c)?,
@@ -613,8 +610,9 @@ impl<B: Backend> Gpt<B> {
     /// used: the same operations on the same values, so the same bits (and the same
     /// amaxes again in the statistics slots).
     #[allow(clippy::too_many_arguments)]
-    fn recompute_inputs(
+    fn recompute_inputs<C: Collectives>(
         be: &B,
+        g: &C,
         params: &[Param<B>],
         ds: &DelayedState<B>,
         cfg: &ModelConfig,
@@ -623,8 +621,8 @@ impl<B: Backend> Gpt<B> {
         l: usize,
         mlp: bool,
     ) -> BResult<()> {
-        let (b, t, c) = (ws.b, ws.t, cfg.n_embd);
-        let n = b * t;
+        let (b, t, c, tp) = (ws.b, ws.t, cfg.n_embd, g.size());
+        let (n, nl) = (b * t, b * t / tp);
         let Workspace {
             work,
             encoded,
@@ -637,6 +635,8 @@ impl<B: Backend> Gpt<B> {
             xhat_shared,
             fc_shared,
             fc8_shared,
+            in_sp,
+            tp_traffic,
             ..
         } = ws;
         let w = |i: usize| Self::weight(params, work, i);
@@ -652,10 +652,17 @@ impl<B: Backend> Gpt<B> {
         if mlp {
             if let Some(h) = h2 {
                 let res_mid = res_mid_shared.as_ref().unwrap_or(&la.res_mid);
-                linear::refill(h, ds, 4 * l + 2, Slot { buf: stats, at: at(2) }, |y| {
-                    let (w2, b2) = (p(params::LN2_W), p(params::LN2_B));
-                    be.layernorm_forward(y, xhat2, &mut la.ln2_mean, &mut la.ln2_rstd, res_mid, w2, b2, n, c)
-                })?;
+                let (w2, b2) = (p(params::LN2_W), p(params::LN2_B));
+                let (mean, rstd) = (&mut la.ln2_mean, &mut la.ln2_rstd);
+                let ln2 = |y: ActOut<'_, B>| be.layernorm_forward(y, xhat2, mean, rstd, res_mid, w2, b2, nl, c);
+                let slot = Slot { buf: &mut *stats, at: at(2) };
+                if tp > 1 {
+                    // This rank's rows, gathered again into the column-parallel input.
+                    let bytes = linear::refill_gathered(be, g, in_sp, h, ds, 4 * l + 2, slot, ln2)?;
+                    TpTraffic::add(&mut tp_traffic.all_gather, bytes);
+                } else {
+                    linear::refill(h, ds, 4 * l + 2, slot, ln2)?;
+                }
             }
             if let Some(h) = h3 {
                 let fc = fc_shared.as_ref().unwrap_or(&la.fc);
@@ -666,22 +673,30 @@ impl<B: Backend> Gpt<B> {
             return Ok(());
         }
         if let Some(att) = shared_att.as_mut() {
-            be.attention_forward(att, &mut la.att_stats, &la.qkv, AttnShape { b, t, c, nh: cfg.n_head })?;
+            let shape = AttnShape { b, t, c: c / tp, nh: cfg.n_head / tp };
+            be.attention_forward(att, &mut la.att_stats, &la.qkv, shape)?;
         }
         if let Some(h) = h1 {
+            // (This rank's heads: the row-parallel projection's input is not gathered.)
             let att = shared_att.as_ref().unwrap_or(&la.att);
             linear::refill(h, ds, 4 * l + 1, Slot { buf: stats, at: at(1) }, |y| match y {
                 ActOut::E4m3(codes, s, st) => be.cast_fp8_bf16_to(codes, att, Fp8Format::E4M3, s, st),
-                ActOut::Bf16(h) => be.copy_range(h, 0, att, 0, n * c),
+                ActOut::Bf16(h) => be.copy_range(h, 0, att, 0, n * c / tp),
                 ActOut::F32(_) => unreachable!("saved inputs are FP8 or BF16"),
             })?;
         }
         if let Some(h) = h0 {
             let (res_in, _) = block_io(encoded, res_outs, l);
-            linear::refill(h, ds, 4 * l, Slot { buf: stats, at: at(0) }, |y| {
-                let (w1, b1) = (p(params::LN1_W), p(params::LN1_B));
-                be.layernorm_forward(y, xhat1, &mut la.ln1_mean, &mut la.ln1_rstd, res_in, w1, b1, n, c)
-            })?;
+            let (w1, b1) = (p(params::LN1_W), p(params::LN1_B));
+            let (mean, rstd) = (&mut la.ln1_mean, &mut la.ln1_rstd);
+            let ln1 = |y: ActOut<'_, B>| be.layernorm_forward(y, xhat1, mean, rstd, res_in, w1, b1, nl, c);
+            let slot = Slot { buf: stats, at: at(0) };
+            if tp > 1 {
+                let bytes = linear::refill_gathered(be, g, in_sp, h, ds, 4 * l, slot, ln1)?;
+                TpTraffic::add(&mut tp_traffic.all_gather, bytes);
+            } else {
+                linear::refill(h, ds, 4 * l, slot, ln1)?;
+            }
         }
         Ok(())
     }
@@ -1251,7 +1266,7 @@ impl<B: Backend> Gpt<B> {
                 // Recomputed inputs: again, with the forward pass's scales (the same
                 // values; the amax slots get the same amaxes again).
                 if matches!(*recompute, Recompute::Gelu | Recompute::Cheap) {
-                    Self::recompute_inputs(be, params, delayed, cfg, ws, &slots, l, true)?;
+                    Self::recompute_inputs(be, g, params, delayed, cfg, ws, &slots, l, true)?;
                 }
                 let la = &ws.layers[set];
                 let views = &ws.views[4 * l..4 * l + 4];
@@ -1342,7 +1357,7 @@ impl<B: Backend> Gpt<B> {
 
                 // Attention branch: res_mid = res_in + proj(attn(qkv(ln1(res_in)))).
                 if *recompute == Recompute::Cheap {
-                    Self::recompute_inputs(be, params, delayed, cfg, ws, &slots, l, false)?;
+                    Self::recompute_inputs(be, g, params, delayed, cfg, ws, &slots, l, false)?;
                 }
                 let la = &ws.layers[set];
                 let views = &ws.views[4 * l..4 * l + 4];

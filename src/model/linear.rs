@@ -381,6 +381,24 @@ pub fn refill<B: Backend>(
     }
 }
 
+/// Tensor parallel, [`refill`] of a column-parallel layer's input: this rank's rows
+/// produced into `local` with the forward pass's (shared) scale, then gathered into
+/// `saved` as the forward pass gathered them ([`produce_input_gathered`]): the same codes.
+#[allow(clippy::too_many_arguments)]
+pub fn refill_gathered<B: Backend, C: Collectives>(
+    be: &B,
+    g: &C,
+    local: &mut Saved<B>,
+    saved: &mut Saved<B>,
+    ds: &DelayedState<B>,
+    k: usize,
+    slot: Slot<'_, B>,
+    produce: impl FnOnce(ActOut<'_, B>) -> BResult<()>,
+) -> BResult<TpBytes> {
+    refill(local, ds, k, slot, produce)?;
+    tp::gather_saved(be, g, local, saved)
+}
+
 /// `y = bf16(x W^T + bias)` from linear k's saved input, for a layer whose consumer
 /// reads BF16 (see `Backend::matmul_bias_bf16`).
 #[allow(clippy::too_many_arguments)]

@@ -191,14 +191,6 @@ impl Config {
         range("train.tp", t.tp, 1, 1024)?;
         if t.tp > 1 {
             crate::model::shard::check(&self.model, t.tp)?;
-            if t.recompute == Recompute::Cheap {
-                return Err(format!(
-                    "--tp {} with train.recompute = \"cheap\": recomputing the layernorm outputs is not built for \
-                     tensor-parallel runs yet (they would be gathered again); use \"gelu\" or \"full\" (both work \
-                     with --tp) or \"none\"",
-                    t.tp
-                ));
-            }
         }
         if self.data.tokenizer.vocab_size() > self.model.vocab_size {
             return Err(format!(
