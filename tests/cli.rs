@@ -183,6 +183,10 @@ fn bench_step_times_training_steps_on_the_simulator() {
     assert_eq!(r["flops_per_token"].as_f64().unwrap(), 6.0 * 120576.0 + 12.0 * 2.0 * 64.0 * 64.0);
     let loss = r["final_loss"].as_f64().unwrap();
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
+    // The memory check's estimate is reported (the simulator has no allocator slack).
+    let est = r["estimate_bytes"].as_u64().unwrap();
+    assert!(est > 120576 * 6 && est < 1 << 30, "estimate {est}");
+    assert_eq!(r["estimate_slack_bytes"].as_u64(), Some(0));
     for (args, says) in [
         (vec!["--model", "gpt-7"], "unknown shape"),
         (vec!["--model", "default", "--backend", "sim", "--gemm", "fast"], "needs --backend cuda"),

@@ -75,6 +75,12 @@ pub struct StepReport {
     pub mfu_bf16: f64,
     pub mfu_fp8: f64,
     pub memory: Option<MemoryStats>,
+    /// What the memory check estimated before allocating (`model::memory`: state,
+    /// workspace and largest temporary) and the device's allocator slack on top
+    /// (`Backend::memory_overhead`), bytes: next to the measured peaks they show how
+    /// far `bench fit`'s plan can be trusted.
+    pub estimate_bytes: u64,
+    pub estimate_slack_bytes: u64,
     /// Device milliseconds of one profiled step, per phase (`idle`: nothing queued).
     pub phases_ms: Vec<(Phase, f64)>,
     /// The same step per op, longest first.
@@ -179,7 +185,7 @@ fn measure<B: Backend>(
     let tc = TrainConfig { level, recompute: cfg.train.recompute, tp: world.tp, ..Default::default() };
     let t = model_cfg.seq_len;
     let n = batch * t;
-    crate::model::memory::check(be, model_cfg, level, tc.recompute, world.dp, world.tp, batch, "bench step")?;
+    let est = crate::model::memory::check(be, model_cfg, level, tc.recompute, world.dp, world.tp, batch, "bench step")?;
     let t0 = Instant::now();
     let mut model = Gpt::new_tp(be, model_cfg, level, 1, tc.amax_window, grid.dp.rank, grid.dp.size, grid.tp_place())?;
     model.recompute = tc.recompute;
@@ -268,6 +274,8 @@ fn measure<B: Backend>(
         mfu_bf16: tflops / PEAK_BF16_TFLOPS,
         mfu_fp8: tflops / PEAK_FP8_TFLOPS,
         memory,
+        estimate_bytes: est.total(),
+        estimate_slack_bytes: be.memory_overhead(&est),
         phases_ms: phases,
         ops,
         final_loss: loss,
@@ -324,11 +332,16 @@ pub fn table(r: &StepReport) -> String {
     );
     if let Some(m) = &r.memory {
         s += &format!(
-            "memory: pool high-water {:.2} GiB | device in use {:.2} of {:.2} GiB\n",
+            "memory: pool high-water {:.2} GiB (estimate {:.2}) | device in use {:.2} of {:.2} GiB (estimate with allocator slack {:.2})\n",
             gib(m.pool_high_water),
+            gib(r.estimate_bytes),
             gib(m.device_used),
-            gib(m.device_total)
+            gib(m.device_total),
+            gib(r.estimate_bytes + r.estimate_slack_bytes)
         );
+    } else {
+        let mib = r.estimate_bytes as f64 / (1u64 << 20) as f64;
+        s += &format!("memory: estimate {mib:.2} MiB (the backend reports no peaks)\n");
     }
     if r.ranks > 1 {
         let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
