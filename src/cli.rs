@@ -327,6 +327,10 @@ pub struct StepBenchArgs {
     /// Steps run before timing.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// On a GPU, warm up for at least this many seconds as well (more steps if needed):
+    /// a GPU that was idle runs its first second or so of work slower.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup_s: f64,
     /// Timed steps (the median is reported).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,

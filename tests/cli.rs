@@ -192,6 +192,7 @@ fn bench_step_times_training_steps_on_the_simulator() {
         (vec!["--model", "default", "--backend", "sim", "--gemm", "fast"], "needs --backend cuda"),
         (vec!["--model", "default", "--backend", "sim", "--gemm", "exact", "--level", "O3"], "O3"),
         (vec!["--model", "default", "--backend", "sim", "--gemm", "exact", "--steps", "0"], "--steps"),
+        (vec!["--model", "default", "--backend", "sim", "--gemm", "exact", "--warmup-s=-1"], "--warmup-s"),
     ] {
         let out = fp8train().args(["bench", "step"]).args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

@@ -111,6 +111,9 @@ pub fn run(a: &StepBenchArgs, log: &Logger) -> Result<(), String> {
     }
     cfg.model.validate()?;
     let level: Level = a.level;
+    if !(a.warmup_s.is_finite() && (0.0..=600.0).contains(&a.warmup_s)) {
+        return Err(format!("--warmup-s {}: give seconds between 0 and 600", a.warmup_s));
+    }
     if a.steps == 0 {
         return Err("--steps must be at least 1".into());
     }
@@ -212,19 +215,39 @@ fn measure<B: Backend>(
         sent = (so.comm.payload + so.comm.meta, so.tp);
         crate::backend::BResult::Ok(so.stats.loss)
     };
-    for k in 0..a.warmup {
+    // At least --warmup steps, and on a GPU at least --warmup-s seconds (in three calls
+    // on an H200 the first `bench step` after an idle spell ran 2% slower than the same
+    // binary right after it; runs after other GPU work agreed within 0.6%). The extra
+    // steps are counted from the slowest rank's figures, so every rank runs as many
+    // (each step has collectives).
+    let (warm_start, min_s) = (Instant::now(), if be.name() == "cuda" { a.warmup_s } else { 0.0 });
+    let mut warm = 0;
+    let mut warm_step = |warm: &mut usize, ls: &mut LoopState| -> Result<f64, String> {
         let s = Instant::now();
-        loss = step(k as u64, &mut ls)?;
-        info!(log, "warm-up step"; "step" => k + 1, "ms" => s.elapsed().as_secs_f64() * 1e3, "loss" => loss);
+        loss = step(*warm as u64, ls)?;
+        *warm += 1;
+        let ms = s.elapsed().as_secs_f64() * 1e3;
+        info!(log, "warm-up step"; "step" => *warm, "ms" => ms, "loss" => loss);
+        Ok(ms)
+    };
+    let mut last_ms = 0.0;
+    while warm < a.warmup.max(usize::from(min_s > 0.0)) {
+        last_ms = warm_step(&mut warm, &mut ls)?;
+    }
+    let left_ms = (min_s * 1e3 - warm_start.elapsed().as_secs_f64() * 1e3).max(0.0);
+    let extra = if last_ms > 0.0 { (left_ms / last_ms).ceil() as u64 } else { 0 };
+    let extra = world.all_gather_vec(&[extra]).into_iter().max().unwrap_or(0);
+    for _ in 0..extra {
+        warm_step(&mut warm, &mut ls)?;
     }
     let mut times = Vec::new();
     for k in 0..a.steps {
         let s = Instant::now();
-        loss = step((a.warmup + k) as u64, &mut ls)?;
+        loss = step((warm + k) as u64, &mut ls)?;
         times.push(s.elapsed().as_secs_f64() * 1e3);
     }
     be.set_profiling(true);
-    step((a.warmup + a.steps) as u64, &mut ls)?;
+    step((warm + a.steps) as u64, &mut ls)?;
     let mut ops = be.take_profile();
     be.set_profiling(false);
     ops.sort_by(|a, b| b.ms.total_cmp(&a.ms));
@@ -264,7 +287,7 @@ fn measure<B: Backend>(
         recompute: tc.recompute.to_string(),
         backend: be.name(),
         device,
-        warmup_steps: a.warmup,
+        warmup_steps: warm,
         timed_steps: a.steps,
         step_ms_median: median,
         step_ms_min: sorted[0],
