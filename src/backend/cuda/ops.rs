@@ -71,12 +71,12 @@ fn cfg(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(128), 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Launch kernel `$name` over `$n` threads (or with the launch configuration `with $c`)
-/// with the given arguments.
 /// Kernels sized to run two blocks per SM in its largest shared-memory configuration,
 /// which the driver is asked for (it may otherwise pick a smaller one that holds one).
 const FULL_CARVEOUT: &[&str] = &["crossentropy_rows"];
 
+/// Launch kernel `$name` over `$n` threads (or with the launch configuration `with $c`)
+/// with the given arguments.
 macro_rules! launch {
     ($self:expr, $name:expr, $n:expr, [$($arg:expr),* $(,)?]) => {
         launch!($self, $name, with cfg($n), [$($arg),*])
